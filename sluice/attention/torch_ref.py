@@ -1,0 +1,56 @@
+"""Reference paged attention in plain torch: the path the tests trust, and the CPU backend.
+
+It loops over requests (fine on CPU, where batches are small), gathers each request's
+K/V through its block table and runs causal softmax attention in float32.
+"""
+from __future__ import annotations
+
+import torch
+
+from sluice.attention.backend import AttentionMetadata
+
+
+class TorchRefBackend:
+    name = "torch_ref"
+
+    def write_kv(self, key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
+                 slot_mapping: torch.Tensor) -> None:
+        num_blocks, block_size = kv_cache.shape[1], kv_cache.shape[2]
+        flat = kv_cache.view(2, num_blocks * block_size, *kv_cache.shape[3:])
+        flat[0].index_copy_(0, slot_mapping, key.to(kv_cache.dtype))
+        flat[1].index_copy_(0, slot_mapping, value.to(kv_cache.dtype))
+
+    def forward(self, query: torch.Tensor, kv_cache: torch.Tensor, metadata: AttentionMetadata,
+                scale: float) -> torch.Tensor:
+        qsl = metadata.query_start_loc_cpu or metadata.query_start_loc.tolist()
+        seq_lens = metadata.seq_lens_cpu or metadata.seq_lens.tolist()
+        block_size = kv_cache.shape[2]
+        num_heads, num_kv_heads = query.shape[1], kv_cache.shape[3]
+        group = num_heads // num_kv_heads
+        out = torch.empty_like(query)
+        for i in range(metadata.num_reqs):
+            start, end = qsl[i], qsl[i + 1]
+            if end == start:
+                continue
+            seq_len = seq_lens[i]
+            num_blocks = (seq_len + block_size - 1) // block_size
+            blocks = metadata.block_table[i, :num_blocks].long()
+            # [num_blocks, block_size, kv_heads, d] -> [seq_len, kv_heads, d]
+            k = kv_cache[0, blocks].reshape(-1, num_kv_heads, kv_cache.shape[4])[:seq_len]
+            v = kv_cache[1, blocks].reshape(-1, num_kv_heads, kv_cache.shape[4])[:seq_len]
+            out[start:end] = _causal_attention(query[start:end], k, v, scale, group)
+        return out
+
+
+def _causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                      group: int) -> torch.Tensor:
+    """q: [Lq, H, D], k/v: [Lk, Hkv, D]; the Lq queries are the last Lq of the Lk positions."""
+    q_len, k_len = q.shape[0], k.shape[0]
+    k = k.repeat_interleave(group, dim=1).float()
+    v = v.repeat_interleave(group, dim=1).float()
+    scores = torch.einsum("qhd,khd->hqk", q.float(), k) * scale
+    q_pos = torch.arange(k_len - q_len, k_len).unsqueeze(1)
+    k_pos = torch.arange(k_len).unsqueeze(0)
+    scores.masked_fill_(k_pos > q_pos, float("-inf"))
+    probs = torch.softmax(scores, dim=-1)
+    return torch.einsum("hqk,khd->qhd", probs, v).to(q.dtype)
