@@ -34,7 +34,7 @@ class NewRequestData:
     output_token_ids: list[int]
     sampling_params: "SamplingParams"
     block_ids: list[int]
-    num_computed_tokens: int
+    num_computed_tokens: int  # before this step's tokens (a prefix-cache hit, or 0)
     eos_token_id: int | None = None
 
 
@@ -43,7 +43,7 @@ class CachedRequestData:
     """A request the runner already holds: only what changed since last step."""
     req_id: str
     new_block_ids: list[int]
-    num_computed_tokens: int
+    num_computed_tokens: int  # before this step's tokens
 
 
 @dataclass(slots=True)
