@@ -1,0 +1,18 @@
+"""sluice: LLM inference and serving with a paged KV cache, prefix caching and continuous batching."""
+from sluice.config import EngineArgs
+from sluice.outputs import CompletionOutput, Logprob, RequestOutput
+from sluice.sampling_params import RequestOutputKind, SamplingParams
+
+__version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    # LLM pulls in torch and transformers: import it lazily so `sluice --help` stays fast.
+    if name == "LLM":
+        from sluice.llm import LLM
+        return LLM
+    raise AttributeError(name)
+
+
+__all__ = ["LLM", "SamplingParams", "EngineArgs", "RequestOutput", "CompletionOutput", "Logprob",
+           "RequestOutputKind", "__version__"]

@@ -1,0 +1,94 @@
+"""LLM: the offline API, shaped like vLLM's (``LLM(...).generate(prompts, SamplingParams(...))``)."""
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from collections.abc import Sequence
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from sluice.config import EngineArgs
+from sluice.engine.llm_engine import LLMEngine, PromptType
+from sluice.outputs import RequestOutput
+from sluice.sampling_params import SamplingParams
+
+_ENGINE_FIELDS = {f.name for f in dataclasses.fields(EngineArgs) if not f.name.startswith("_")}
+_VLLM_ALIASES = {"num_gpu_blocks_override": "num_kv_blocks"}
+
+
+class LLM:
+    """Loads a model once and generates for batches of prompts with continuous batching.
+
+    >>> llm = LLM(model="path/to/hf-folder-or.gguf", max_model_len=2048)
+    >>> outputs = llm.generate(["Hello"], SamplingParams(max_tokens=32))
+    """
+
+    def __init__(self, model: str | None = None, **kwargs: Any) -> None:
+        kwargs = {_VLLM_ALIASES.get(k, k): v for k, v in kwargs.items()}
+        unknown = sorted(set(kwargs) - _ENGINE_FIELDS)
+        if unknown:
+            raise TypeError(f"LLM() got unknown arguments: {', '.join(unknown)}")
+        self.engine_args = EngineArgs(model=model, **kwargs)
+        self.llm_engine = LLMEngine.from_engine_args(self.engine_args)
+        self._request_counter = itertools.count()
+
+    def get_tokenizer(self):
+        return self.llm_engine.tokenizer
+
+    def generate(self, prompts: PromptType | Sequence[PromptType],
+                 sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+                 use_tqdm: bool = True, priority: Sequence[int] | None = None) -> list[RequestOutput]:
+        if isinstance(prompts, (str, dict)) or (
+                isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        return self._run(list(prompts), sampling_params, use_tqdm, priority)
+
+    def chat(self, messages: list[dict] | list[list[dict]],
+             sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+             use_tqdm: bool = True, chat_template: str | None = None,
+             add_generation_prompt: bool = True, **template_kwargs: Any) -> list[RequestOutput]:
+        """Applies the model's chat template to one conversation or a list of them, then generates."""
+        conversations = [messages] if messages and isinstance(messages[0], dict) else messages
+        prompts = [{"prompt_token_ids": self.llm_engine.apply_chat_template(
+            conv, add_generation_prompt=add_generation_prompt, chat_template=chat_template, **template_kwargs)}
+            for conv in conversations]
+        return self._run(prompts, sampling_params, use_tqdm, None)
+
+    def _run(self, prompts: list[PromptType], sampling_params: Any, use_tqdm: bool,
+             priority: Sequence[int] | None) -> list[RequestOutput]:
+        if sampling_params is None:
+            sampling_params = SamplingParams()
+        if isinstance(sampling_params, SamplingParams):
+            sampling_params = [sampling_params] * len(prompts)
+        if len(sampling_params) != len(prompts):
+            raise ValueError(f"got {len(prompts)} prompts but {len(sampling_params)} sampling params")
+        if priority is not None and len(priority) != len(prompts):
+            raise ValueError(f"got {len(prompts)} prompts but {len(priority)} priorities")
+        engine = self.llm_engine
+        request_ids = []
+        try:
+            for i, (prompt, params) in enumerate(zip(prompts, sampling_params)):
+                request_id = str(next(self._request_counter))
+                engine.add_request(request_id, prompt, params, priority=priority[i] if priority else 0)
+                request_ids.append(request_id)
+            return self._run_engine(request_ids, use_tqdm)
+        except BaseException:
+            engine.abort_request(request_ids)  # never leave requests (and their KV blocks) behind
+            raise
+
+    def _run_engine(self, request_ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
+        engine = self.llm_engine
+        finished: dict[str, RequestOutput] = {}
+        bar = tqdm(total=len(request_ids), desc="Processed prompts", disable=not use_tqdm, dynamic_ncols=True)
+        num_output_tokens = 0
+        while engine.has_unfinished_requests():
+            for output in engine.step():
+                if output.finished:
+                    finished[output.request_id] = output
+                    num_output_tokens += sum(len(c.token_ids) for c in output.outputs)
+                    bar.update(1)
+                    elapsed = bar.format_dict["elapsed"] or 1e-9
+                    bar.set_postfix_str(f"output {num_output_tokens / elapsed:.1f} tok/s", refresh=False)
+        bar.close()
+        return [finished[r] for r in request_ids]

@@ -1,0 +1,119 @@
+"""Persistent per-request state of the model runner, kept in row-indexed host arrays.
+
+A request owns one row from admission until it finishes or is preempted. Each step
+only diffs arrive (new requests, appended blocks, sampled tokens); the step's flat
+inputs are then gathered from the rows with vectorised numpy, never a Python loop over
+tokens:
+
+    row 0: token_ids [t0 t1 t2 t3 t4 .  .]   block_table [5 2 . .]   (block_size 4)
+    row 1: token_ids [u0 u1 .  .  .  .  .]   block_table [7 . . .]
+
+    step: row 0 computes positions 3..4, row 1 computes 0..1
+    positions    = [3 4 0 1]
+    input_ids    = [t3 t4 u0 u1]
+    slot_mapping = [5*4+3, 2*4+0, 7*4+0, 7*4+1]
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from sluice.core.interface import NewRequestData
+
+
+@dataclass(slots=True)
+class StepInputs:
+    """Host-side inputs of one step, in scheduled order."""
+    req_ids: list[str]
+    rows: np.ndarray  # int64 [num_reqs]
+    input_ids: np.ndarray  # int64 [num_tokens]
+    positions: np.ndarray  # int64 [num_tokens]
+    slot_mapping: np.ndarray  # int64 [num_tokens]
+    query_start_loc: np.ndarray  # int32 [num_reqs + 1]
+    seq_lens: np.ndarray  # int32 [num_reqs]
+    block_table: np.ndarray  # int32 [num_reqs, max_blocks]
+    # Requests whose step completes all their known tokens: they sample, at these flat indices.
+    sampling_req_ids: list[str]
+    logits_indices: np.ndarray  # int64 [num_sampling_reqs]
+
+
+class InputBatch:
+    def __init__(self, max_num_reqs: int, max_model_len: int, block_size: int) -> None:
+        self.max_model_len = max_model_len
+        self.block_size = block_size
+        max_blocks = -(-max_model_len // block_size)
+        self.token_ids = np.zeros((max_num_reqs, max_model_len), dtype=np.int64)
+        self.num_tokens = np.zeros(max_num_reqs, dtype=np.int64)
+        self.num_prompt_tokens = np.zeros(max_num_reqs, dtype=np.int64)
+        self.num_computed_tokens = np.zeros(max_num_reqs, dtype=np.int64)
+        self.block_table = np.zeros((max_num_reqs, max_blocks), dtype=np.int32)
+        self.num_blocks = np.zeros(max_num_reqs, dtype=np.int64)
+        self.req_id_to_row: dict[str, int] = {}
+        self._free_rows = list(range(max_num_reqs - 1, -1, -1))
+
+    def __contains__(self, req_id: str) -> bool:
+        return req_id in self.req_id_to_row
+
+    def add_request(self, new: NewRequestData) -> int:
+        if not self._free_rows:
+            raise RuntimeError("input batch is full: more running requests than max_num_seqs")
+        row = self._free_rows.pop()
+        self.req_id_to_row[new.req_id] = row
+        tokens = new.prompt_token_ids + new.output_token_ids
+        self.token_ids[row, :len(tokens)] = tokens
+        self.num_tokens[row] = len(tokens)
+        self.num_prompt_tokens[row] = len(new.prompt_token_ids)
+        self.num_computed_tokens[row] = new.num_computed_tokens
+        self.num_blocks[row] = 0
+        self.append_blocks(row, new.block_ids)
+        return row
+
+    def remove_request(self, req_id: str) -> int | None:
+        row = self.req_id_to_row.pop(req_id, None)
+        if row is not None:
+            self._free_rows.append(row)
+        return row
+
+    def append_blocks(self, row: int, block_ids: list[int]) -> None:
+        if block_ids:
+            start = self.num_blocks[row]
+            self.block_table[row, start:start + len(block_ids)] = block_ids
+            self.num_blocks[row] = start + len(block_ids)
+
+    def append_tokens(self, rows: np.ndarray, token_ids: np.ndarray) -> None:
+        """Appends one sampled token per row (rows are distinct)."""
+        self.token_ids[rows, self.num_tokens[rows]] = token_ids
+        self.num_tokens[rows] += 1
+
+    def prepare(self, num_scheduled_tokens: dict[str, int]) -> StepInputs:
+        req_ids = list(num_scheduled_tokens)
+        rows = np.fromiter((self.req_id_to_row[r] for r in req_ids), dtype=np.int64, count=len(req_ids))
+        num_sched = np.fromiter(num_scheduled_tokens.values(), dtype=np.int64, count=len(req_ids))
+        start = self.num_computed_tokens[rows]
+        cu = np.zeros(len(req_ids) + 1, dtype=np.int64)
+        np.cumsum(num_sched, out=cu[1:])
+        total = int(cu[-1])
+        # positions: for token t of request i, start[i] + (t - cu[i]).
+        req_of_token = np.repeat(np.arange(len(req_ids)), num_sched)
+        positions = np.arange(total, dtype=np.int64) - np.repeat(cu[:-1] - start, num_sched)
+        token_rows = rows[req_of_token]
+        input_ids = self.token_ids[token_rows, positions]
+        block_ids = self.block_table[token_rows, positions // self.block_size].astype(np.int64)
+        slot_mapping = block_ids * self.block_size + positions % self.block_size
+        seq_lens = start + num_sched
+        self.num_computed_tokens[rows] = seq_lens
+        samples = seq_lens >= self.num_tokens[rows]
+        max_blocks = int(self.num_blocks[rows].max()) if len(rows) else 0
+        return StepInputs(
+            req_ids=req_ids,
+            rows=rows,
+            input_ids=input_ids,
+            positions=positions,
+            slot_mapping=slot_mapping,
+            query_start_loc=cu.astype(np.int32),
+            seq_lens=seq_lens.astype(np.int32),
+            block_table=self.block_table[rows, :max(max_blocks, 1)],
+            sampling_req_ids=[r for r, s in zip(req_ids, samples) if s],
+            logits_indices=(cu[1:] - 1)[samples],
+        )

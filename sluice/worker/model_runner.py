@@ -1,0 +1,170 @@
+"""ModelRunner: SchedulerOutput -> tensors -> forward -> sample -> ModelRunnerOutput.
+
+It makes no scheduling decisions: it mirrors the scheduler's diffs into the persistent
+InputBatch, gathers one flat batch (prefill chunks and decodes alike), runs the model
+once, and samples for the requests whose known tokens are now all computed.
+"""
+from __future__ import annotations
+
+import logging
+import time
+
+import numpy as np
+import torch
+
+from sluice.attention import AttentionMetadata, get_attention_backend
+from sluice.core.interface import ModelRunnerOutput, SchedulerOutput
+from sluice.models.model_config import ModelConfig
+from sluice.sample.metadata import RequestSamplingState, SamplingMetadata
+from sluice.sample.sampler import Sampler
+from sluice.worker.input_batch import InputBatch, StepInputs
+from sluice.worker.kv_cache import (DEFAULT_CPU_KV_CACHE_BYTES, KVCacheSpec, allocate_kv_caches,
+                                    available_gpu_kv_bytes, num_blocks_for_memory)
+
+logger = logging.getLogger(__name__)
+
+
+class ModelRunner:
+    def __init__(self, model_config: ModelConfig, block_size: int, max_num_seqs: int,
+                 max_num_batched_tokens: int) -> None:
+        self.model_config = model_config
+        self.device = torch.device(model_config.device)
+        self.dtype = getattr(torch, model_config.dtype)
+        self.block_size = block_size
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.attn_backend = get_attention_backend(self.device.type)
+        self.model: torch.nn.Module | None = None
+        self.kv_caches: list[torch.Tensor] = []
+        self.input_batch = InputBatch(max_num_seqs, model_config.max_model_len, block_size)
+        self.sampling_states: dict[str, RequestSamplingState] = {}
+        self.sampler = Sampler()
+        self.kv_spec = KVCacheSpec(model_config.num_layers, model_config.num_kv_heads,
+                                   model_config.head_dim, block_size, self.dtype)
+
+    # ---- setup -------------------------------------------------------------------------
+    def load_model(self) -> None:
+        from sluice.models.loader import build_model, iterate_safetensors
+
+        cfg = self.model_config
+        start = time.perf_counter()
+        if cfg.load_format == "dummy":
+            weights = None
+        elif cfg.is_gguf:
+            from sluice.models.gguf_loader import GGUFCheckpoint
+            weights = GGUFCheckpoint(cfg.model).weights(dtype=self.dtype)
+        else:
+            weights = iterate_safetensors(cfg.model)
+        self.model = build_model(cfg.hf_config, self.dtype, self.device, self.attn_backend,
+                                 weights=weights, load_format=cfg.load_format, seed=cfg.seed)
+        self.model.eval()
+        self.load_seconds = time.perf_counter() - start
+
+    @property
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.model.parameters())
+
+    def determine_num_kv_blocks(self, num_kv_blocks: int | None, kv_cache_memory: int | None,
+                                gpu_memory_utilization: float) -> int:
+        if num_kv_blocks is not None:
+            return num_kv_blocks
+        if self.device.type == "cuda":
+            self._profile_peak_step()
+            available = available_gpu_kv_bytes(self.device, gpu_memory_utilization)
+        else:
+            available = kv_cache_memory or DEFAULT_CPU_KV_CACHE_BYTES
+        num_blocks = num_blocks_for_memory(self.kv_spec, available)
+        if num_blocks == 0:
+            raise ValueError("no memory left for the KV cache: lower max_num_batched_tokens or raise "
+                             "gpu_memory_utilization / kv_cache_memory")
+        return num_blocks
+
+    @torch.inference_mode()
+    def _profile_peak_step(self) -> None:
+        """Runs one step of max_num_batched_tokens tokens to measure peak activation memory."""
+        num_tokens = min(self.max_num_batched_tokens, self.model_config.max_model_len)
+        num_blocks = -(-num_tokens // self.block_size)
+        kv = allocate_kv_caches(self.kv_spec, num_blocks, self.device)
+        self._bind(kv)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        positions = torch.arange(num_tokens, device=self.device)
+        metadata = AttentionMetadata(
+            num_actual_tokens=num_tokens, num_reqs=1,
+            query_start_loc=torch.tensor([0, num_tokens], dtype=torch.int32, device=self.device),
+            seq_lens=torch.tensor([num_tokens], dtype=torch.int32, device=self.device),
+            block_table=torch.arange(num_blocks, dtype=torch.int32, device=self.device).unsqueeze(0),
+            slot_mapping=positions.clone(), max_query_len=num_tokens, max_seq_len=num_tokens,
+            query_start_loc_cpu=[0, num_tokens], seq_lens_cpu=[num_tokens])
+        hidden = self.model(torch.zeros(num_tokens, dtype=torch.long, device=self.device), positions, metadata)
+        self.model.compute_logits(hidden[-self.max_num_seqs:])
+        torch.cuda.synchronize(self.device)
+        self._bind([])
+        del kv, hidden
+        torch.cuda.empty_cache()
+
+    def initialize_kv_cache(self, num_blocks: int) -> None:
+        self.kv_caches = allocate_kv_caches(self.kv_spec, num_blocks, self.device)
+        self._bind(self.kv_caches)
+
+    def _bind(self, kv_caches: list[torch.Tensor]) -> None:
+        from sluice.layers.attention import bind_kv_cache
+        bind_kv_cache(self.model, kv_caches)
+
+    # ---- one step ----------------------------------------------------------------------
+    def _update_states(self, out: SchedulerOutput) -> None:
+        for req_id in out.finished_req_ids | out.preempted_req_ids:
+            self.input_batch.remove_request(req_id)
+            self.sampling_states.pop(req_id, None)
+        for new in out.scheduled_new_reqs:
+            self.input_batch.remove_request(new.req_id)  # resumed after preemption
+            self.input_batch.add_request(new)
+            self.sampling_states[new.req_id] = RequestSamplingState.create(
+                new.sampling_params, new.prompt_token_ids, list(new.output_token_ids), new.eos_token_id,
+                device=self.device)
+        for cached in out.scheduled_cached_reqs:
+            self.input_batch.append_blocks(self.input_batch.req_id_to_row[cached.req_id], cached.new_block_ids)
+
+    def _attention_metadata(self, inputs: StepInputs) -> AttentionMetadata:
+        to_dev = lambda a: torch.from_numpy(a).to(self.device, non_blocking=True)  # noqa: E731
+        return AttentionMetadata(
+            num_actual_tokens=len(inputs.input_ids),
+            num_reqs=len(inputs.req_ids),
+            query_start_loc=to_dev(inputs.query_start_loc),
+            seq_lens=to_dev(inputs.seq_lens),
+            block_table=to_dev(inputs.block_table),
+            slot_mapping=to_dev(inputs.slot_mapping),
+            max_query_len=int(np.diff(inputs.query_start_loc).max()),
+            max_seq_len=int(inputs.seq_lens.max()),
+            query_start_loc_cpu=inputs.query_start_loc.tolist(),
+            seq_lens_cpu=inputs.seq_lens.tolist(),
+        )
+
+    @torch.inference_mode()
+    def execute(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
+        self._update_states(scheduler_output)
+        if scheduler_output.is_empty():
+            return ModelRunnerOutput(req_ids=[], sampled_token_ids={})
+        inputs = self.input_batch.prepare(scheduler_output.num_scheduled_tokens)
+        metadata = self._attention_metadata(inputs)
+        input_ids = torch.from_numpy(inputs.input_ids).to(self.device, non_blocking=True)
+        positions = torch.from_numpy(inputs.positions).to(self.device, non_blocking=True)
+        hidden = self.model(input_ids, positions, metadata)
+
+        sampled: dict[str, list[int]] = {r: [] for r in inputs.req_ids}
+        logprobs = {}
+        if inputs.sampling_req_ids:
+            logits_indices = torch.from_numpy(inputs.logits_indices).to(self.device, non_blocking=True)
+            logits = self.model.compute_logits(hidden[logits_indices])
+            states = [self.sampling_states[r] for r in inputs.sampling_req_ids]
+            metadata = SamplingMetadata.build(states, logits.shape[-1], self.device)
+            result = self.sampler.sample(logits, metadata)
+            token_ids = result.sampled_token_ids.cpu().numpy()
+            rows = np.fromiter((self.input_batch.req_id_to_row[r] for r in inputs.sampling_req_ids),
+                               dtype=np.int64, count=len(states))
+            self.input_batch.append_tokens(rows, token_ids)
+            for req_id, state, token_id in zip(inputs.sampling_req_ids, states, token_ids.tolist()):
+                state.output_token_ids.append(token_id)
+                sampled[req_id] = [token_id]
+            if result.logprobs is not None:
+                logprobs = result.logprobs
+        return ModelRunnerOutput(req_ids=inputs.req_ids, sampled_token_ids=sampled, logprobs=logprobs)
