@@ -42,6 +42,20 @@ class LLMEngine:
         self.output_processor = OutputProcessor(self.tokenizer)
         self.stat_loggers = list(stat_loggers or [])
         self.max_model_len = model_config.max_model_len
+        self._log_startup()
+
+    def _log_startup(self) -> None:
+        cfg, core = self.model_config, self.core
+        cache = core.cache_config
+        logger.info("model %s (%s): %.1fM parameters, %s on %s, loaded in %.1f s",
+                    cfg.served_model_name, cfg.model, core.runner.num_parameters / 1e6, cfg.dtype, cfg.device,
+                    core.runner.load_seconds)
+        logger.info("KV cache: %d blocks of %d tokens = %d tokens (%.1f MiB); max_model_len %d, "
+                    "max_num_seqs %d, max_num_batched_tokens %d, prefix caching %s",
+                    cache.num_blocks, cache.block_size, core.num_kv_tokens,
+                    cache.num_blocks * core.runner.kv_spec.bytes_per_block / 2**20, cfg.max_model_len,
+                    core.scheduler_config.max_num_seqs, core.scheduler_config.max_num_batched_tokens,
+                    "on" if cache.enable_prefix_caching else "off")
 
     @classmethod
     def from_engine_args(cls, args: EngineArgs, stat_loggers: list[StatLogger] | None = None) -> "LLMEngine":
