@@ -1,0 +1,175 @@
+"""KVCacheManager: each request's block table, prefix-cache lookups, allocation and freeing.
+
+A request's tokens fill its blocks in order; ``block_size`` = 4 here:
+
+    tokens:       t0 t1 t2 t3 | t4 t5 t6 t7 | t8 t9
+    block_table:  [    b3     |     b7      |  b1  ..]
+    block_hashes: [ h0        | h1          ]          (full blocks only)
+                    h0 = H(None, (t0..t3), extra)
+                    h1 = H(h0,   (t4..t7), extra)
+
+A block's hash chains its parent's, so equal hashes mean equal whole prefixes; the
+extra keys (LoRA id, cache salt) keep identical tokens of different tenants apart.
+
+Prefix hits walk the hashes from the first block and stop at the first miss. A hit
+never covers the last token: the model must run at least one token to produce logits.
+
+    prompt of 8 tokens, both blocks cached -> hit = 4 tokens (cap 7, rounded down to blocks)
+
+The cache holds only blocks whose KV is written by the end of the current step:
+blocks become hashed when allocate_slots sees them full of computed-or-scheduled tokens,
+and ``free`` un-hashes blocks beyond ``num_computed_tokens`` (a request preempted after
+being scheduled, before its KV was written).
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+from sluice.core.block_pool import BlockPool, KVBlock
+from sluice.core.request import Request
+
+
+@dataclass(slots=True)
+class PrefixCacheStats:
+    """Cumulative, in tokens: a query is a request admitted with a lookup; hits are the tokens found."""
+    queries: int = 0
+    hits: int = 0
+
+    @property
+    def hit_rate(self) -> float:
+        return self.hits / self.queries if self.queries else 0.0
+
+
+def hash_block_tokens(parent_hash: int | None, token_ids: tuple[int, ...],
+                      extra_keys: tuple | None) -> int:
+    """Deterministic across processes (unlike ``hash`` of a str); 128 bits keep collisions out of reach."""
+    payload = repr((parent_hash, token_ids, extra_keys)).encode()
+    return int.from_bytes(hashlib.sha256(payload).digest()[:16], "little")
+
+
+def block_extra_keys(request: Request) -> tuple | None:
+    if request.lora_int_id == 0 and request.cache_salt is None:
+        return None
+    return (request.lora_int_id, request.cache_salt)
+
+
+def update_block_hashes(request: Request, block_size: int) -> None:
+    """Extends ``request.block_hashes`` to cover every full block of its known tokens."""
+    hashes = request.block_hashes
+    num_full_blocks = request.num_tokens // block_size
+    if len(hashes) >= num_full_blocks:
+        return
+    tokens = request.all_token_ids
+    extra_keys = block_extra_keys(request)
+    parent = hashes[-1] if hashes else None
+    for i in range(len(hashes), num_full_blocks):
+        parent = hash_block_tokens(parent, tuple(tokens[i * block_size:(i + 1) * block_size]), extra_keys)
+        hashes.append(parent)
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+class KVCacheManager:
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True) -> None:
+        if block_size < 1:
+            raise ValueError(f"block_size must be at least 1, got {block_size}")
+        self.block_size = block_size
+        self.enable_prefix_caching = enable_prefix_caching
+        self.block_pool = BlockPool(num_blocks)
+        # req_id -> block table, in token order.
+        self.req_to_blocks: dict[str, list[KVBlock]] = {}
+        # req_id -> how many leading blocks of its table are already in the prefix cache.
+        self.num_cached_blocks: dict[str, int] = {}
+        self.prefix_cache_stats = PrefixCacheStats()
+
+    @property
+    def num_free_blocks(self) -> int:
+        return self.block_pool.num_free_blocks
+
+    @property
+    def usage(self) -> float:
+        return self.block_pool.usage
+
+    def get_block_ids(self, req_id: str) -> list[int]:
+        return [block.block_id for block in self.req_to_blocks.get(req_id, ())]
+
+    def get_computed_blocks(self, request: Request) -> tuple[list[KVBlock], int]:
+        """Longest run of cached full blocks at the start of the request, and the tokens they hold.
+
+        Read-only: the caller passes the blocks to ``allocate_slots``, which takes the references.
+        """
+        if not self.enable_prefix_caching:
+            return [], 0
+        update_block_hashes(request, self.block_size)
+        max_hit_blocks = (request.num_tokens - 1) // self.block_size
+        blocks: list[KVBlock] = []
+        for block_hash in request.block_hashes[:max_hit_blocks]:
+            block = self.block_pool.get_cached_block(block_hash)
+            if block is None:
+                break
+            blocks.append(block)
+        return blocks, len(blocks) * self.block_size
+
+    def allocate_slots(self, request: Request, num_new_tokens: int,
+                       new_computed_blocks: list[KVBlock] | None = None) -> list[int] | None:
+        """Grows the block table to hold ``num_new_tokens`` more tokens; returns the new block ids.
+
+        ``new_computed_blocks`` are prefix hits from ``get_computed_blocks`` (a request's first
+        allocation); ``request.num_computed_tokens`` must not count them yet. Returns None, and
+        changes nothing, when the free blocks do not suffice.
+
+            before:  [b3 full][b7 2/4]              num_computed=6, num_new_tokens=5
+            after:   [b3 full][b7 full][b1 3/4]     new block ids: [1]
+        """
+        if num_new_tokens < 1:
+            raise ValueError(f"num_new_tokens must be at least 1, got {num_new_tokens}")
+        hits = new_computed_blocks or []
+        req_blocks = self.req_to_blocks.get(request.request_id, [])
+        num_computed = request.num_computed_tokens + len(hits) * self.block_size
+        num_total = num_computed + num_new_tokens
+        num_new_blocks = max(0, _cdiv(num_total, self.block_size) - len(req_blocks) - len(hits))
+        # Hits sitting in the free queue stop being free once touched.
+        num_revived = sum(1 for block in hits if block.ref_cnt == 0)
+        if num_new_blocks + num_revived > self.block_pool.num_free_blocks:
+            return None
+
+        if request.request_id not in self.req_to_blocks:
+            self.req_to_blocks[request.request_id] = req_blocks
+            self.num_cached_blocks[request.request_id] = len(hits)
+            if self.enable_prefix_caching:
+                self.prefix_cache_stats.queries += request.num_tokens
+                self.prefix_cache_stats.hits += len(hits) * self.block_size
+        self.block_pool.touch(hits)
+        req_blocks.extend(hits)
+        new_blocks = self.block_pool.get_new_blocks(num_new_blocks)
+        req_blocks.extend(new_blocks)
+        if self.enable_prefix_caching:
+            self._cache_full_blocks(request, min(num_total, request.num_tokens) // self.block_size)
+        return [block.block_id for block in new_blocks]
+
+    def _cache_full_blocks(self, request: Request, num_full_blocks: int) -> None:
+        num_cached = self.num_cached_blocks[request.request_id]
+        if num_full_blocks <= num_cached:
+            return
+        update_block_hashes(request, self.block_size)
+        req_blocks = self.req_to_blocks[request.request_id]
+        for i in range(num_cached, num_full_blocks):
+            self.block_pool.cache_full_block(req_blocks[i], request.block_hashes[i])
+        self.num_cached_blocks[request.request_id] = num_full_blocks
+
+    def free(self, request: Request) -> None:
+        """Releases the request's blocks, tail first so its tail is evicted before its head.
+
+        Blocks past ``num_computed_tokens`` lose their hash: their KV was never written.
+        """
+        blocks = self.req_to_blocks.pop(request.request_id, [])
+        self.num_cached_blocks.pop(request.request_id, None)
+        for block in blocks[request.num_computed_tokens // self.block_size:]:
+            self.block_pool.evict_cached_block(block)
+        self.block_pool.free_blocks(reversed(blocks))
+
+    def reset_prefix_cache(self) -> None:
+        self.block_pool.reset_prefix_cache()
