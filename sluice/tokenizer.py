@@ -1,0 +1,123 @@
+"""Tokenizers and chat templates for every kind of model path sluice accepts.
+
+- An HF folder: ``AutoTokenizer`` (tokenizer.json / tokenizer_config.json / chat_template.jinja), never the network.
+- A ``.gguf`` file: the tokenizer and chat template stored in its metadata (see ``models/gguf_loader.py``).
+
+Chat prompts are rendered to text by the model's Jinja template and then encoded without adding special tokens
+(the template writes its own BOS, as vLLM does). ``end_of_turn_token_ids`` finds the token a template closes an
+assistant turn with (``<|im_end|>`` for ChatML, ``<|eot_id|>`` for Llama 3), so a chat stops there even when the
+tokenizer's eos is a different token.
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import Any
+
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+ChatMessage = dict[str, Any]  # {"role": "user", "content": "..."}, as the OpenAI API and HF templates use
+
+# Tried when the template cannot be probed: end-of-turn tokens of the common template families.
+_KNOWN_END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<|eom_id|>", "<end_of_turn>", "<|end|>", "<|endoftext|>")
+_PROBE = "sluice-probe-7f3a"
+
+
+def is_gguf_path(path: str) -> bool:
+    return path.lower().endswith(".gguf") and not os.path.isdir(path)
+
+
+def get_tokenizer(model_path: str, tokenizer_path: str | None = None) -> PreTrainedTokenizerBase:
+    """The tokenizer for ``tokenizer_path`` if given, else for ``model_path`` (an HF folder or a .gguf file)."""
+    path = tokenizer_path or model_path
+    if not path:
+        raise ValueError("tokenizer: no model or tokenizer path given")
+    if is_gguf_path(path):
+        from sluice.models.gguf_loader import load_gguf_tokenizer
+
+        return load_gguf_tokenizer(path)
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"tokenizer: {path} is neither a model folder nor a .gguf file")
+    return AutoTokenizer.from_pretrained(path, local_files_only=True)
+
+
+def get_chat_template(tokenizer: PreTrainedTokenizerBase, chat_template: str | None = None) -> str | None:
+    """The template to render chats with: ``chat_template`` if given (Jinja text or a path to a file holding it),
+    else the model's own (tokenizer_config.json / chat_template.jinja, or the GGUF's metadata); None if neither."""
+    if chat_template is not None:
+        if os.path.isfile(chat_template):
+            with open(chat_template, encoding="utf-8") as f:
+                return f.read()
+        return chat_template
+    template = getattr(tokenizer, "chat_template", None)
+    if isinstance(template, dict):  # several named templates: the "default" one is for chat
+        template = template.get("default")
+    return template
+
+
+def render_chat(tokenizer: PreTrainedTokenizerBase, messages: Sequence[ChatMessage],
+                chat_template: str | None = None, add_generation_prompt: bool = True) -> str:
+    """The conversation as the prompt text the model was trained on."""
+    template = get_chat_template(tokenizer, chat_template)
+    if template is None:
+        raise ValueError("chat_template: the model has no chat template; pass one (Jinja text or a file path)")
+    if not messages:
+        raise ValueError("messages: a chat needs at least one message")
+    for index, message in enumerate(messages):
+        if not isinstance(message, dict) or "role" not in message:
+            raise ValueError(f"messages[{index}]: expected a dict with 'role' and 'content', got {message!r}")
+    return tokenizer.apply_chat_template(list(messages), chat_template=template, tokenize=False,
+                                         add_generation_prompt=add_generation_prompt)
+
+
+def apply_chat_template(tokenizer: PreTrainedTokenizerBase, messages: Sequence[ChatMessage],
+                        chat_template: str | None = None, add_generation_prompt: bool = True,
+                        tokenize: bool = True) -> list[int] | str:
+    """Render ``messages`` with the chat template; token ids when ``tokenize`` (the default), else the text.
+
+    Encoding adds no special tokens: the template already wrote any BOS the model wants.
+    """
+    text = render_chat(tokenizer, messages, chat_template, add_generation_prompt)
+    if not tokenize:
+        return text
+    return tokenizer.encode(text, add_special_tokens=False)
+
+
+def end_of_turn_token_ids(tokenizer: PreTrainedTokenizerBase, chat_template: str | None = None) -> list[int]:
+    """Token ids that end an assistant turn under this template, to stop on besides ``tokenizer.eos_token_id``.
+
+    Renders a one-exchange chat and reads the special token that follows the assistant's text; falls back to
+    the known end-of-turn tokens the template mentions. May include the eos id itself; empty if none found.
+    """
+    template = get_chat_template(tokenizer, chat_template)
+    if template is None:
+        return []
+    ids = _probe_end_of_turn(tokenizer, template)
+    if not ids:
+        ids = [tid for token in _KNOWN_END_OF_TURN if token in template
+               for tid in [_special_token_id(tokenizer, token)] if tid is not None]
+    return sorted(set(ids))
+
+
+def _probe_end_of_turn(tokenizer: PreTrainedTokenizerBase, template: str) -> list[int]:
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": _PROBE}]
+    try:
+        text = tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False,
+                                             add_generation_prompt=False)
+    except Exception:  # templates may raise on shapes they reject; fall back to the known tokens
+        return []
+    _, found, after = text.rpartition(_PROBE)
+    if not found:
+        return []
+    after_ids = tokenizer.encode(after.lstrip(" "), add_special_tokens=False)
+    special_ids = set(tokenizer.all_special_ids) | {
+        tid for tid, token in tokenizer.added_tokens_decoder.items() if token.special}
+    # Only the first token counts: later ones (e.g. a newline) belong to the next turn.
+    return [after_ids[0]] if after_ids and after_ids[0] in special_ids else []
+
+
+def _special_token_id(tokenizer: PreTrainedTokenizerBase, token: str) -> int | None:
+    tid = tokenizer.convert_tokens_to_ids(token)
+    if tid is None or tid == tokenizer.unk_token_id:
+        return None
+    return int(tid)
