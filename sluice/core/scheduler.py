@@ -1,0 +1,302 @@
+"""Scheduler: hands each step's token budget across requests so num_computed_tokens catches up with num_tokens.
+
+One step, budget 16, block_size 4 (A and B decode, C is a 30-token prompt chunked):
+
+    running:  A  num_tokens=9   computed=8   -> 1 token   (decode, samples)
+              B  num_tokens=21  computed=20  -> 1 token   (decode, samples)
+    waiting:  C  num_tokens=30  computed=0   -> 14 tokens (chunk, samples nothing yet)
+
+Running requests go first, in order; then waiting ones in policy order (fcfs: arrival;
+priority: lowest (priority, arrival_time) first), while budget, ``max_num_seqs`` and free
+blocks last. A running request that cannot get a block preempts the lowest-priority running
+request (recompute: its blocks are freed, num_computed_tokens drops to 0, it goes back to the
+front of the waiting queue); waiting requests never preempt. A request samples in a step iff
+its tokens are all computed after it; ``update_from_output`` appends the samples and checks stops.
+
+``num_computed_tokens`` advances inside ``schedule()``: the runner executes the step before the
+next ``schedule()``. Outputs carry the value from before the step.
+"""
+from __future__ import annotations
+
+import bisect
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from sluice.config import CacheConfig, SchedulerConfig
+from sluice.core.interface import (
+    CachedRequestData, EngineCoreOutput, LogprobsLists, ModelRunnerOutput, NewRequestData, SchedulerOutput,
+)
+from sluice.core.kv_cache_manager import KVCacheManager
+from sluice.core.request import Request, RequestStatus
+from sluice.engine.stats import SchedulerStats
+
+logger = logging.getLogger(__name__)
+
+_POLICIES = ("fcfs", "priority")
+
+
+def _priority_key(request: Request) -> tuple[int, float]:
+    return (request.priority, request.arrival_time)
+
+
+@dataclass(slots=True)
+class _StepPlan:
+    """What one schedule() call has decided so far."""
+    token_budget: int
+    num_scheduled_tokens: dict[str, int] = field(default_factory=dict)
+    # Requests admitted from the waiting queue: the runner gets them in full.
+    new_reqs: list[Request] = field(default_factory=list)
+    # Running requests: block ids appended this step.
+    new_block_ids: dict[str, list[int]] = field(default_factory=dict)
+    preempted_req_ids: set[str] = field(default_factory=set)
+
+    def add_running(self, request: Request, num_tokens: int, new_block_ids: list[int]) -> None:
+        self.num_scheduled_tokens[request.request_id] = num_tokens
+        self.new_block_ids[request.request_id] = new_block_ids
+        self.token_budget -= num_tokens
+
+    def add_new(self, request: Request, num_tokens: int) -> None:
+        self.num_scheduled_tokens[request.request_id] = num_tokens
+        self.new_reqs.append(request)
+        self.token_budget -= num_tokens
+
+    def unschedule(self, request: Request) -> None:
+        """Undoes add_running for a request preempted later in the same step."""
+        num_tokens = self.num_scheduled_tokens.pop(request.request_id, 0)
+        self.new_block_ids.pop(request.request_id, None)
+        self.token_budget += num_tokens
+
+
+class Scheduler:
+    def __init__(self, scheduler_config: SchedulerConfig, cache_config: CacheConfig) -> None:
+        if scheduler_config.policy not in _POLICIES:
+            raise ValueError(f"policy must be one of {', '.join(_POLICIES)}, got {scheduler_config.policy!r}")
+        self.scheduler_config = scheduler_config
+        self.cache_config = cache_config
+        self.max_num_seqs = scheduler_config.max_num_seqs
+        self.max_num_batched_tokens = scheduler_config.max_num_batched_tokens
+        # A request longer than the whole KV cache could never run, even alone: cap lengths at its size.
+        kv_capacity = cache_config.num_blocks * cache_config.block_size
+        self.max_model_len = min(scheduler_config.max_model_len, kv_capacity)
+        if kv_capacity < scheduler_config.max_model_len:
+            logger.warning("The KV cache holds %d tokens, less than max_model_len=%d: requests stop at %d tokens",
+                           kv_capacity, scheduler_config.max_model_len, kv_capacity)
+        self.policy = scheduler_config.policy
+        self.kv_cache_manager = KVCacheManager(
+            cache_config.num_blocks, cache_config.block_size, cache_config.enable_prefix_caching)
+        self.requests: dict[str, Request] = {}
+        # fcfs: arrival order, preempted requests in front; priority: sorted by (priority, arrival_time).
+        self.waiting: list[Request] = []
+        self.running: list[Request] = []
+        # Finished or aborted since the last schedule(): the runner drops their state.
+        self.finished_req_ids: set[str] = set()
+        self.num_preemptions = 0
+
+    # ---- requests in and out ------------------------------------------------------------
+
+    def add_request(self, request: Request) -> None:
+        if request.request_id in self.requests:
+            raise ValueError(f"request_id {request.request_id!r} is already in the scheduler")
+        if request.num_tokens > self.max_model_len:
+            raise ValueError(f"prompt_token_ids has {request.num_tokens} tokens, more than max_model_len="
+                             f"{self.max_model_len} (or the KV cache capacity, if smaller)")
+        if request.status != RequestStatus.WAITING:
+            raise ValueError(f"status of a new request must be WAITING, got {request.status.name}")
+        self.requests[request.request_id] = request
+        self._enqueue_waiting(request)
+
+    def finish_requests(self, req_ids: str | Iterable[str], finished_status: RequestStatus) -> None:
+        """Ends requests now (aborts, stop strings); unknown or already finished ids are ignored."""
+        if not RequestStatus.is_finished(finished_status):
+            raise ValueError(f"finished_status must be a finished status, got {finished_status.name}")
+        if isinstance(req_ids, str):
+            req_ids = (req_ids,)
+        for req_id in req_ids:
+            request = self.requests.get(req_id)
+            if request is None:
+                continue
+            if request.status == RequestStatus.RUNNING:
+                self.running.remove(request)
+            else:
+                self.waiting.remove(request)
+            request.status = finished_status
+            self._free_request(request)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.running or self.waiting)
+
+    def get_num_unfinished_requests(self) -> int:
+        return len(self.running) + len(self.waiting)
+
+    def make_stats(self) -> SchedulerStats:
+        prefix_stats = self.kv_cache_manager.prefix_cache_stats
+        return SchedulerStats(
+            num_running_reqs=len(self.running),
+            num_waiting_reqs=len(self.waiting),
+            kv_cache_usage=self.kv_cache_manager.usage,
+            prefix_cache_queries=prefix_stats.queries,
+            prefix_cache_hits=prefix_stats.hits,
+            num_preemptions=self.num_preemptions,
+        )
+
+    # ---- one step -----------------------------------------------------------------------
+
+    def schedule(self) -> SchedulerOutput:
+        step = _StepPlan(token_budget=self.max_num_batched_tokens)
+        self._schedule_running(step)
+        # After a preemption blocks are short: admitting waiting requests would only thrash.
+        if not step.preempted_req_ids:
+            self._schedule_waiting(step)
+        return self._make_output(step)
+
+    def _schedule_running(self, step: _StepPlan) -> None:
+        for request in list(self.running):
+            if step.token_budget == 0:
+                break
+            if request.status != RequestStatus.RUNNING:  # preempted earlier in this loop
+                continue
+            num_new_tokens = min(request.num_tokens - request.num_computed_tokens, step.token_budget)
+            if num_new_tokens <= 0:
+                continue
+            new_block_ids = self.kv_cache_manager.allocate_slots(request, num_new_tokens)
+            while new_block_ids is None:
+                victim = self._pick_victim()
+                self._preempt(victim, step)
+                if victim is request:
+                    break
+                new_block_ids = self.kv_cache_manager.allocate_slots(request, num_new_tokens)
+            if new_block_ids is not None:
+                step.add_running(request, num_new_tokens, new_block_ids)
+
+    def _schedule_waiting(self, step: _StepPlan) -> None:
+        while self.waiting and step.token_budget > 0 and len(self.running) < self.max_num_seqs:
+            request = self.waiting[0]
+            computed_blocks, num_computed = self.kv_cache_manager.get_computed_blocks(request)
+            num_new_tokens = min(request.num_tokens - num_computed, step.token_budget)
+            if self.kv_cache_manager.allocate_slots(request, num_new_tokens, computed_blocks) is None:
+                break
+            self.waiting.pop(0)
+            request.num_computed_tokens = num_computed
+            if request.num_cached_tokens < 0:
+                request.num_cached_tokens = num_computed
+            request.status = RequestStatus.RUNNING
+            self.running.append(request)
+            step.add_new(request, num_new_tokens)
+
+    def _pick_victim(self) -> Request:
+        if self.policy == "priority":
+            return max(self.running, key=_priority_key)
+        return self.running[-1]
+
+    def _preempt(self, request: Request, step: _StepPlan) -> None:
+        """Recompute preemption: drop the KV, restart from zero (prefix hits make that cheap)."""
+        self.running.remove(request)
+        step.unschedule(request)
+        self.kv_cache_manager.free(request)
+        request.status = RequestStatus.PREEMPTED
+        request.num_computed_tokens = 0
+        request.num_preemptions += 1
+        self.num_preemptions += 1
+        self._enqueue_waiting(request, front=True)
+        step.preempted_req_ids.add(request.request_id)
+
+    def _enqueue_waiting(self, request: Request, front: bool = False) -> None:
+        if self.policy == "priority":
+            bisect.insort(self.waiting, request, key=_priority_key)
+        elif front:
+            self.waiting.insert(0, request)
+        else:
+            self.waiting.append(request)
+
+    def _make_output(self, step: _StepPlan) -> SchedulerOutput:
+        new_reqs = [
+            NewRequestData(
+                req_id=request.request_id,
+                prompt_token_ids=request.prompt_token_ids,
+                output_token_ids=list(request.output_token_ids),
+                sampling_params=request.sampling_params,
+                block_ids=self.kv_cache_manager.get_block_ids(request.request_id),
+                num_computed_tokens=request.num_computed_tokens,
+                eos_token_id=request.eos_token_id,
+            )
+            for request in step.new_reqs
+        ]
+        cached_reqs = [
+            CachedRequestData(req_id, block_ids, self.requests[req_id].num_computed_tokens)
+            for req_id, block_ids in step.new_block_ids.items()
+        ]
+        for req_id, num_tokens in step.num_scheduled_tokens.items():
+            self.requests[req_id].num_computed_tokens += num_tokens
+        finished_req_ids, self.finished_req_ids = self.finished_req_ids, set()
+        return SchedulerOutput(
+            scheduled_new_reqs=new_reqs,
+            scheduled_cached_reqs=cached_reqs,
+            num_scheduled_tokens=step.num_scheduled_tokens,
+            total_num_scheduled_tokens=sum(step.num_scheduled_tokens.values()),
+            finished_req_ids=finished_req_ids,
+            preempted_req_ids=step.preempted_req_ids,
+        )
+
+    # ---- after the runner ---------------------------------------------------------------
+
+    def update_from_output(self, scheduler_output: SchedulerOutput,
+                           model_runner_output: ModelRunnerOutput) -> list[EngineCoreOutput]:
+        outputs: list[EngineCoreOutput] = []
+        for req_id in scheduler_output.num_scheduled_tokens:
+            request = self.requests.get(req_id)
+            if request is None:  # aborted since schedule()
+                continue
+            sampled = model_runner_output.sampled_token_ids.get(req_id, [])
+            new_token_ids = self._append_until_stop(request, sampled)
+            logprobs = model_runner_output.logprobs.get(req_id)
+            if logprobs is not None and len(new_token_ids) < len(sampled):
+                logprobs = _truncate_logprobs(logprobs, len(new_token_ids))
+            prompt_logprobs = model_runner_output.prompt_logprobs.get(req_id)
+            if new_token_ids or request.is_finished() or prompt_logprobs is not None:
+                outputs.append(EngineCoreOutput(
+                    req_id=req_id,
+                    new_token_ids=new_token_ids,
+                    finish_reason=request.get_finish_reason(),
+                    stop_reason=request.stop_reason,
+                    new_logprobs=logprobs,
+                    new_prompt_logprobs=prompt_logprobs,
+                    num_cached_tokens=max(request.num_cached_tokens, 0),
+                ))
+            if request.is_finished():
+                self.running.remove(request)
+                self._free_request(request)
+        return outputs
+
+    def _append_until_stop(self, request: Request, sampled: list[int]) -> list[int]:
+        """Appends sampled tokens one by one; the first that ends the request is the last kept."""
+        for i, token_id in enumerate(sampled):
+            request.append_output_token_ids([token_id])
+            if self._check_stop(request, token_id):
+                return sampled[:i + 1]
+        return list(sampled)
+
+    def _check_stop(self, request: Request, token_id: int) -> bool:
+        params = request.sampling_params
+        if request.num_output_tokens >= params.min_tokens:
+            if token_id in params.all_stop_token_ids:
+                request.status = RequestStatus.FINISHED_STOPPED
+                request.stop_reason = token_id
+                return True
+            if not params.ignore_eos and token_id == request.eos_token_id:
+                request.status = RequestStatus.FINISHED_STOPPED
+                return True
+        max_tokens_reached = params.max_tokens is not None and request.num_output_tokens >= params.max_tokens
+        if max_tokens_reached or request.num_tokens >= self.max_model_len:
+            request.status = RequestStatus.FINISHED_LENGTH_CAPPED
+            return True
+        return False
+
+    def _free_request(self, request: Request) -> None:
+        self.kv_cache_manager.free(request)
+        self.finished_req_ids.add(request.request_id)
+        del self.requests[request.request_id]
+
+
+def _truncate_logprobs(logprobs: LogprobsLists, num_rows: int) -> LogprobsLists:
+    return LogprobsLists(logprobs.token_ids[:num_rows], logprobs.logprobs[:num_rows], logprobs.ranks[:num_rows])
