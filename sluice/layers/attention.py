@@ -1,0 +1,48 @@
+"""The attention layer the models call: writes this step's K/V to the paged cache, then attends.
+
+The math lives in the backend (``sluice.attention``: torch reference on CPU, Triton on CUDA);
+this module only reshapes packed [T, heads * head_dim] tensors to [T, heads, head_dim] and back.
+Its ``kv_cache`` ([2, num_blocks, block_size, num_kv_heads, head_dim]) is not a parameter or
+buffer: the model runner allocates the caches once memory is measured and binds them with
+``bind_kv_cache``, one per Attention module in layer order.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from sluice.attention.backend import AttentionBackend, AttentionMetadata
+
+
+class Attention(nn.Module):
+    def __init__(self, num_heads: int, head_dim: int, scale: float, num_kv_heads: int,
+                 backend: AttentionBackend) -> None:
+        super().__init__()
+        if num_heads % num_kv_heads:
+            raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
+        self.num_heads, self.head_dim, self.num_kv_heads = num_heads, head_dim, num_kv_heads
+        self.scale = scale
+        self.backend = backend
+        self.kv_cache = torch.empty(0)  # bound by bind_kv_cache
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                attn_metadata: AttentionMetadata) -> torch.Tensor:
+        """q: [T, H * D], k/v: [T, Hkv * D] -> [T, H * D]."""
+        if self.kv_cache.numel() == 0:
+            raise RuntimeError("Attention has no KV cache: call bind_kv_cache(model, kv_caches) first")
+        num_tokens = q.shape[0]
+        q = q.view(num_tokens, self.num_heads, self.head_dim)
+        k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
+        v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
+        self.backend.write_kv(k, v, self.kv_cache, attn_metadata.slot_mapping)
+        out = self.backend.forward(q, self.kv_cache, attn_metadata, self.scale)
+        return out.reshape(num_tokens, self.num_heads * self.head_dim)
+
+
+def bind_kv_cache(model: nn.Module, kv_caches: list[torch.Tensor]) -> None:
+    """Gives the i-th Attention module (in layer order) ``kv_caches[i]``; an empty list unbinds all."""
+    layers = [m for m in model.modules() if isinstance(m, Attention)]
+    if kv_caches and len(kv_caches) != len(layers):
+        raise ValueError(f"kv_caches has {len(kv_caches)} tensors but the model has {len(layers)} attention layers")
+    for i, layer in enumerate(layers):
+        layer.kv_cache = kv_caches[i] if kv_caches else torch.empty(0)

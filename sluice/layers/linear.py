@@ -1,0 +1,161 @@
+"""Linear layers whose parameters load themselves: each carries ``weight_loader(param, loaded_weight, shard_id)``.
+
+Merged projections take HF's separate tensors one shard at a time:
+
+    qkv_proj.weight      [q rows | k rows | v rows]     <- q_proj (shard "q"), k_proj ("k"), v_proj ("v")
+    gate_up_proj.weight  [gate rows | up rows]          <- gate_proj (shard 0), up_proj (shard 1)
+
+Tensor parallelism (not wired yet) would split column-parallel layers by output rows and
+row-parallel layers by input columns; the loaders already narrow by ``tp_rank`` over
+``tp_size`` so that only ``get_tp_rank_and_size`` has to change. Quantization attaches as the
+layer's ``linear_method`` (how the weight is created and applied), never inside the models.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def get_tp_rank_and_size() -> tuple[int, int]:
+    """(rank, world size) of the tensor-parallel group; a single rank until TP lands."""
+    return 0, 1
+
+
+def _copy_checked(target: torch.Tensor, loaded_weight: torch.Tensor, name: str) -> None:
+    if target.shape != loaded_weight.shape:
+        raise ValueError(f"{name}: checkpoint tensor has shape {tuple(loaded_weight.shape)}, "
+                         f"expected {tuple(target.shape)}")
+    target.copy_(loaded_weight)
+
+
+def default_weight_loader(param: nn.Parameter, loaded_weight: torch.Tensor, shard_id=None) -> None:
+    with torch.no_grad():
+        _copy_checked(param.data, loaded_weight, "parameter")
+
+
+class UnquantizedLinearMethod:
+    """The default ``linear_method``: a dense weight and ``F.linear``. Quant methods replace it."""
+
+    def apply(self, layer: "LinearBase", x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, layer.weight, layer.bias)
+
+
+class LinearBase(nn.Module):
+    """y = x W^T + b with W [output_size / tp, input_size] (column) or [output_size, input_size / tp] (row).
+
+    ``tp_dim`` is the weight dimension split across ranks (0 rows, 1 columns, None replicated).
+    ``num_shards`` tells the loader how many checkpoint tensors fill the weight (3 for qkv).
+    """
+
+    tp_dim: int | None = None
+
+    def __init__(self, input_size: int, output_size: int, bias: bool, num_shards: int = 1) -> None:
+        super().__init__()
+        self.tp_rank, self.tp_size = get_tp_rank_and_size()
+        self.input_size, self.output_size = input_size, output_size
+        self.linear_method = UnquantizedLinearMethod()
+        self.weight = nn.Parameter(torch.empty(output_size, input_size), requires_grad=False)
+        self.weight.weight_loader = self.weight_loader
+        self.weight.num_shards = num_shards
+        if bias:
+            self.bias = nn.Parameter(torch.empty(output_size), requires_grad=False)
+            self.bias.weight_loader = self.weight_loader
+            self.bias.num_shards = num_shards
+        else:
+            self.register_parameter("bias", None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear_method.apply(self, x)
+
+    def _narrow_to_rank(self, loaded_weight: torch.Tensor, dim: int) -> torch.Tensor:
+        """This rank's slice of a full checkpoint tensor along ``dim``."""
+        if self.tp_size == 1:
+            return loaded_weight
+        size = loaded_weight.shape[dim] // self.tp_size
+        return loaded_weight.narrow(dim, self.tp_rank * size, size)
+
+    def weight_loader(self, param: nn.Parameter, loaded_weight: torch.Tensor, shard_id=None) -> None:
+        if self.tp_dim is not None and self.tp_dim < loaded_weight.dim():
+            loaded_weight = self._narrow_to_rank(loaded_weight, self.tp_dim)
+        with torch.no_grad():
+            _copy_checked(param.data, loaded_weight, type(self).__name__)
+
+
+class ReplicatedLinear(LinearBase):
+    """Same full weight on every rank."""
+
+
+class ColumnParallelLinear(LinearBase):
+    """Output features split across ranks; no communication needed after it."""
+
+    tp_dim = 0
+
+    def __init__(self, input_size: int, output_size: int, bias: bool = False, num_shards: int = 1) -> None:
+        _, tp_size = get_tp_rank_and_size()
+        super().__init__(input_size, output_size // tp_size, bias, num_shards)
+
+
+class MergedColumnParallelLinear(ColumnParallelLinear):
+    """Several column-parallel projections of the same input stacked in one matmul (gate_up_proj)."""
+
+    def __init__(self, input_size: int, output_sizes: list[int], bias: bool = False) -> None:
+        self.output_sizes = list(output_sizes)
+        super().__init__(input_size, sum(output_sizes), bias, num_shards=len(output_sizes))
+
+    def weight_loader(self, param: nn.Parameter, loaded_weight: torch.Tensor, shard_id: int | None = None) -> None:
+        if shard_id is None or not 0 <= shard_id < len(self.output_sizes):
+            raise ValueError(f"shard_id must be in 0..{len(self.output_sizes) - 1}, got {shard_id!r}")
+        offset = sum(self.output_sizes[:shard_id]) // self.tp_size
+        size = self.output_sizes[shard_id] // self.tp_size
+        with torch.no_grad():
+            _copy_checked(param.data.narrow(0, offset, size), self._narrow_to_rank(loaded_weight, 0),
+                          f"{type(self).__name__} shard {shard_id}")
+
+
+class QKVParallelLinear(ColumnParallelLinear):
+    """q, k and v projections in one matmul; output rows are [q heads | k heads | v heads]."""
+
+    def __init__(self, hidden_size: int, head_dim: int, total_num_heads: int, total_num_kv_heads: int,
+                 bias: bool = False) -> None:
+        _, tp_size = get_tp_rank_and_size()
+        self.head_dim = head_dim
+        self.num_heads = total_num_heads // tp_size
+        # With more ranks than KV heads, each KV head would be replicated; not needed at tp_size 1.
+        self.num_kv_heads = max(1, total_num_kv_heads // tp_size)
+        output_size = (total_num_heads + 2 * total_num_kv_heads) * head_dim
+        super().__init__(hidden_size, output_size, bias, num_shards=3)
+
+    @property
+    def output_sizes(self) -> tuple[int, int, int]:
+        """Per-rank sizes of the q, k and v parts of the output."""
+        kv_size = self.num_kv_heads * self.head_dim
+        return self.num_heads * self.head_dim, kv_size, kv_size
+
+    def weight_loader(self, param: nn.Parameter, loaded_weight: torch.Tensor, shard_id: str | None = None) -> None:
+        if shard_id not in ("q", "k", "v"):
+            raise ValueError(f"shard_id must be 'q', 'k' or 'v', got {shard_id!r}")
+        index = "qkv".index(shard_id)
+        offset, size = sum(self.output_sizes[:index]), self.output_sizes[index]
+        with torch.no_grad():
+            _copy_checked(param.data.narrow(0, offset, size), self._narrow_to_rank(loaded_weight, 0),
+                          f"{type(self).__name__} shard {shard_id}")
+
+
+class RowParallelLinear(LinearBase):
+    """Input features split across ranks; partial outputs would be all-reduced (TP > 1).
+
+    The bias is not split (1-D tensors are never narrowed along dim 1).
+    """
+
+    tp_dim = 1
+
+    def __init__(self, input_size: int, output_size: int, bias: bool = False) -> None:
+        _, tp_size = get_tp_rank_and_size()
+        super().__init__(input_size // tp_size, output_size, bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.linear_method.apply(self, x)
+        if self.tp_size > 1:
+            raise NotImplementedError("tensor-parallel all-reduce is not wired yet")
+        return out

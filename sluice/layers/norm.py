@@ -1,0 +1,32 @@
+"""RMSNorm, with the fused residual-add variant every decoder layer uses.
+
+``norm(x)`` returns the normalized ``x``; ``norm(x, residual)`` first adds the residual
+stream (``x + residual`` becomes the new residual) and returns ``(normed, new_residual)``,
+so decoder layers never materialize the add separately.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, hidden_size: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+
+    def _norm(self, x: torch.Tensor) -> torch.Tensor:
+        # Variance in float32 and the cast back before the weight multiply, as HF does,
+        # so that half-precision outputs match the reference bit for bit where possible.
+        input_dtype = x.dtype
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(input_dtype)
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None
+                ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        if residual is None:
+            return self._norm(x)
+        residual = x + residual
+        return self._norm(residual), residual

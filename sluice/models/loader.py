@@ -1,0 +1,103 @@
+"""Turns a local HF folder (or nothing, with dummy weights) into a ready model.
+
+    load_hf_config(folder)          config.json -> transformers.PretrainedConfig (never the hub)
+    iterate_safetensors(folder)     (name, tensor) over every *.safetensors shard, one at a time
+    resolve_dtype(config, "auto")   the checkpoint's dtype, but float32 on CPU for 16-bit checkpoints
+    build_model(...)                instantiate on the target device, then load or fill dummy weights
+
+The model is constructed directly on the target device in the target dtype (parameters are
+``torch.empty``), so weights stream from the mmapped safetensors into their final place with no
+intermediate full copy.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+import torch
+from safetensors import safe_open
+from tqdm import tqdm
+
+from sluice.attention.backend import AttentionBackend
+from sluice.models.registry import get_model_class
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_SAFETENSORS_INDEX = "model.safetensors.index.json"
+
+
+def load_hf_config(model_path: str | os.PathLike) -> Any:
+    """The transformers config of a local model folder; nothing is downloaded."""
+    from transformers import AutoConfig
+
+    path = Path(model_path)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"model path {str(path)!r} has no config.json (sluice loads local HF folders only)")
+    return AutoConfig.from_pretrained(str(path), local_files_only=True)
+
+
+def safetensors_files(folder: str | os.PathLike) -> list[Path]:
+    """The checkpoint's shards: those the index names if there is one, else every *.safetensors."""
+    folder = Path(folder)
+    index = folder / _SAFETENSORS_INDEX
+    if index.is_file():
+        # The index rules out stray files sometimes shipped alongside (e.g. consolidated.safetensors).
+        weight_map = json.loads(index.read_text())["weight_map"]
+        files = [folder / name for name in sorted(set(weight_map.values()))]
+    else:
+        files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors files in {str(folder)!r}")
+    return files
+
+
+def iterate_safetensors(folder: str | os.PathLike) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yields (HF tensor name, CPU tensor) shard by shard, so only one tensor is materialized at a time."""
+    for file in safetensors_files(folder):
+        with safe_open(str(file), framework="pt", device="cpu") as f:
+            for name in f.keys():
+                yield name, f.get_tensor(name)
+
+
+def resolve_dtype(hf_config: Any, dtype_str: str, device_type: str) -> torch.dtype:
+    """dtype flag -> torch dtype. "auto": the checkpoint's dtype, float32 on CPU for 16-bit ones."""
+    if dtype_str != "auto":
+        if dtype_str not in _DTYPES:
+            raise ValueError(f"dtype must be one of auto, {', '.join(_DTYPES)}, got {dtype_str!r}")
+        return _DTYPES[dtype_str]
+    checkpoint_dtype = getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None)
+    if isinstance(checkpoint_dtype, str):
+        checkpoint_dtype = _DTYPES.get(checkpoint_dtype.removeprefix("torch."))
+    if checkpoint_dtype not in _DTYPES.values():
+        return torch.float32
+    if device_type == "cpu" and checkpoint_dtype in (torch.float16, torch.bfloat16):
+        return torch.float32  # CPU is the reference path: exact float32 math, and fast 16-bit kernels are rare
+    return checkpoint_dtype
+
+
+@torch.no_grad()
+def initialize_dummy_weights(model: torch.nn.Module, seed: int, low: float = -1e-3, high: float = 1e-3) -> None:
+    """Fills every parameter with uniform(low, high) noise, reproducibly for a seed (as vLLM's dummy format)."""
+    generator: torch.Generator | None = None
+    for param in model.parameters():
+        if generator is None or generator.device != param.device:
+            generator = torch.Generator(device=param.device).manual_seed(seed)
+        param.uniform_(low, high, generator=generator)
+
+
+def build_model(hf_config: Any, dtype: torch.dtype, device: torch.device | str, attn_backend: AttentionBackend,
+                weights: Iterable[tuple[str, torch.Tensor]] | None = None, load_format: str = "auto",
+                seed: int = 0) -> torch.nn.Module:
+    """A model on ``device`` in ``dtype`` with its weights loaded (or dummy ones), in eval mode."""
+    model_class = get_model_class(hf_config)
+    model = model_class(hf_config, dtype, torch.device(device), attn_backend)
+    if load_format == "dummy":
+        initialize_dummy_weights(model, seed)
+    elif weights is None:
+        raise ValueError(f"load_format {load_format!r} needs a weights iterator (only 'dummy' loads without one)")
+    else:
+        progress = tqdm(weights, desc="Loading weights", unit="tensor", disable=not sys.stderr.isatty())
+        model.load_weights(progress)
+    return model.eval()

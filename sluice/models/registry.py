@@ -1,0 +1,41 @@
+"""HF architecture name (``config.architectures[0]``) -> sluice model class.
+
+Classes are imported lazily so that listing or checking architectures costs no model imports.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+# architecture -> (module under sluice.models, class name)
+_MODELS: dict[str, tuple[str, str]] = {
+    "LlamaForCausalLM": ("llama", "LlamaForCausalLM"),
+    "MistralForCausalLM": ("llama", "MistralForCausalLM"),
+    "Qwen2ForCausalLM": ("qwen2", "Qwen2ForCausalLM"),
+    "Qwen3ForCausalLM": ("qwen3", "Qwen3ForCausalLM"),
+}
+
+
+def supported_architectures() -> list[str]:
+    return sorted(_MODELS)
+
+
+def resolve_model_class(architecture: str) -> type:
+    if architecture not in _MODELS:
+        raise ValueError(f"architecture {architecture!r} is not supported; supported: "
+                         f"{', '.join(supported_architectures())}")
+    module_name, class_name = _MODELS[architecture]
+    return getattr(importlib.import_module(f"sluice.models.{module_name}"), class_name)
+
+
+def get_model_class(hf_config: Any) -> type:
+    """The class for the first architecture of ``hf_config.architectures`` that sluice knows."""
+    architectures = list(getattr(hf_config, "architectures", None) or [])
+    if not architectures:
+        raise ValueError("architectures is missing from the model config (config.json); supported: "
+                         f"{', '.join(supported_architectures())}")
+    for architecture in architectures:
+        if architecture in _MODELS:
+            return resolve_model_class(architecture)
+    raise ValueError(f"architectures {architectures} are not supported; supported: "
+                     f"{', '.join(supported_architectures())}")
