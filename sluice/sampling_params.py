@@ -1,15 +1,20 @@
 """SamplingParams: how one request is sampled and when it stops (vLLM's field names).
 
 Validation happens at construction, so a bad value fails before it reaches the
-engine, with a ValueError that names the field.
+engine, with a ValueError that names the field. Checks that need the model or the
+engine's limits (vocab size, ``max_logprobs``) are methods the engine front calls:
+``verify_against_vocab``, ``verify_max_logprobs``; ``update_bad_words_from_tokenizer``
+turns ``bad_words`` into the token id sequences the sampler bans.
 """
 from __future__ import annotations
 
 import copy
 import enum
 from dataclasses import dataclass, field
+from typing import Any
 
 _SAMPLING_EPS = 1e-5
+_MAX_LOGIT_BIAS = 100.0  # OpenAI's range: biases are clamped to [-100, 100]
 
 
 class RequestOutputKind(enum.IntEnum):
@@ -36,6 +41,16 @@ class SamplingParams:
     spaces_between_special_tokens: bool = True
     detokenize: bool = True
     output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
+    presence_penalty: float = 0.0  # subtracted once from every token already generated
+    frequency_penalty: float = 0.0  # subtracted per occurrence in the generated tokens
+    repetition_penalty: float = 1.0  # HF semantics over prompt + generated tokens; 1 disables
+    logit_bias: dict[int, float] | None = None  # token id -> added to its logit
+    allowed_token_ids: list[int] | None = None  # when set, every other token is masked
+    bad_words: list[str] | None = None  # words never generated (multi-token aware)
+    logprobs: int | None = None  # top logprobs per generated token (0: the sampled one only)
+    prompt_logprobs: int | None = None  # top logprobs per prompt position
+    # Filled by the engine front from bad_words (update_bad_words_from_tokenizer).
+    _bad_words_token_ids: list[list[int]] | None = field(default=None, repr=False)
     # Filled by the engine front: token ids that end generation besides eos (e.g. a chat
     # template's end-of-turn token).
     _all_stop_token_ids: set[int] = field(default_factory=set, repr=False)
@@ -50,7 +65,16 @@ class SamplingParams:
         self.stop_token_ids = list(self.stop_token_ids or [])
         if self.top_k == 0:
             self.top_k = -1
+        if self.logit_bias is not None:
+            self.logit_bias = _normalize_logit_bias(self.logit_bias)
+        if self.allowed_token_ids is not None:
+            self.allowed_token_ids = list(self.allowed_token_ids)
+        if isinstance(self.bad_words, str):
+            self.bad_words = [self.bad_words]
+        elif self.bad_words is not None:
+            self.bad_words = list(self.bad_words)
         self._verify()
+        self._verify_penalties_and_logprobs()
         self._all_stop_token_ids = set(self.stop_token_ids)
 
     def _verify(self) -> None:
@@ -80,6 +104,72 @@ class SamplingParams:
         if self.seed is not None and not isinstance(self.seed, int):
             bad("seed", f"must be an integer, got {self.seed!r}")
 
+    def _verify_penalties_and_logprobs(self) -> None:
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not -2.0 <= value <= 2.0:
+                raise ValueError(f"{name} must be in [-2, 2], got {value!r}")
+        if not isinstance(self.repetition_penalty, (int, float)) or not self.repetition_penalty > 0.0:
+            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty!r}")
+        if self.allowed_token_ids is not None:
+            if not self.allowed_token_ids:
+                raise ValueError("allowed_token_ids must not be empty")
+            if any(not _is_int(t) or t < 0 for t in self.allowed_token_ids):
+                raise ValueError("allowed_token_ids must be non-negative integers")
+        if self.bad_words is not None and any(not isinstance(w, str) or not w.strip() for w in self.bad_words):
+            raise ValueError("bad_words must be non-empty strings")
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is not None and (not _is_int(value) or value < 0):
+                raise ValueError(f"{name} must be None or an integer >= 0, got {value!r}")
+
+    def verify_max_logprobs(self, max_logprobs: int) -> None:
+        """Raises when logprobs or prompt_logprobs ask for more than the engine's cap."""
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is not None and value > max_logprobs:
+                raise ValueError(f"{name}={value} exceeds the maximum allowed value max_logprobs={max_logprobs}")
+
+    def verify_against_vocab(self, vocab_size: int) -> None:
+        """Raises when a token id in logit_bias, allowed_token_ids or bad_words is outside the vocab."""
+        checks = {
+            "logit_bias": list(self.logit_bias or ()),
+            "allowed_token_ids": self.allowed_token_ids or [],
+            "bad_words": [t for ids in self._bad_words_token_ids or [] for t in ids],
+        }
+        for name, token_ids in checks.items():
+            bad = [t for t in token_ids if not 0 <= t < vocab_size]
+            if bad:
+                raise ValueError(f"{name} contains token id {bad[0]}, outside the vocab of size {vocab_size}")
+
+    def update_bad_words_from_tokenizer(self, tokenizer: Any) -> None:
+        """Encodes bad_words into token id sequences, as vLLM does.
+
+        Each word is encoded as-is and with a leading space, so that it is banned both at
+        the start of the text and mid-text; the spaced form is kept only when it is a
+        different first token of the same length (otherwise it adds nothing).
+        """
+        if not self.bad_words:
+            return
+        sequences: list[list[int]] = []
+        for word in self.bad_words:
+            plain = tokenizer.encode(word.lstrip(), add_special_tokens=False)
+            sequences.append(plain)
+            spaced = tokenizer.encode(" " + word.lstrip(), add_special_tokens=False)
+            if spaced and spaced[0] != plain[0] and len(spaced) == len(plain):
+                sequences.append(spaced)
+        self._bad_words_token_ids = sequences
+
+    @property
+    def bad_words_token_ids(self) -> list[list[int]] | None:
+        """Token id sequences to ban; None until update_bad_words_from_tokenizer ran."""
+        return self._bad_words_token_ids
+
+    @property
+    def uses_penalties(self) -> bool:
+        return (self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+                or self.repetition_penalty != 1.0)
+
     @property
     def is_greedy(self) -> bool:
         return self.temperature < _SAMPLING_EPS
@@ -94,3 +184,24 @@ class SamplingParams:
 
     def clone(self) -> "SamplingParams":
         return copy.deepcopy(self)
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _normalize_logit_bias(logit_bias: dict) -> dict[int, float]:
+    """Int keys (JSON sends strings), float values clamped to [-100, 100]."""
+    if not isinstance(logit_bias, dict):
+        raise ValueError(f"logit_bias must be a dict of token id -> bias, got {type(logit_bias).__name__}")
+    normalized: dict[int, float] = {}
+    for token_id, bias in logit_bias.items():
+        try:
+            key = int(token_id)
+            value = float(bias)
+        except (TypeError, ValueError):
+            raise ValueError(f"logit_bias must map integer token ids to numbers, got {token_id!r}: {bias!r}") from None
+        if key < 0:
+            raise ValueError(f"logit_bias contains negative token id {key}")
+        normalized[key] = min(max(value, -_MAX_LOGIT_BIAS), _MAX_LOGIT_BIAS)
+    return normalized
