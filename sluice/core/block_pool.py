@@ -32,6 +32,7 @@ class KVBlock:
     prev_free_block: KVBlock | None = None
     next_free_block: KVBlock | None = None
 
+    # Not the generated repr: that one would walk the whole free list through the links.
     def __repr__(self) -> str:
         return f"KVBlock(id={self.block_id}, ref_cnt={self.ref_cnt}, hash={self.block_hash})"
 

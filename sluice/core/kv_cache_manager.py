@@ -60,12 +60,19 @@ def update_block_hashes(request: Request, block_size: int) -> None:
     num_full_blocks = request.num_tokens // block_size
     if len(hashes) >= num_full_blocks:
         return
-    tokens = request.all_token_ids
     extra_keys = block_extra_keys(request)
     parent = hashes[-1] if hashes else None
     for i in range(len(hashes), num_full_blocks):
-        parent = hash_block_tokens(parent, tuple(tokens[i * block_size:(i + 1) * block_size]), extra_keys)
+        parent = hash_block_tokens(parent, _token_ids_between(request, i * block_size, (i + 1) * block_size),
+                                   extra_keys)
         hashes.append(parent)
+
+
+def _token_ids_between(request: Request, start: int, end: int) -> tuple[int, ...]:
+    """Tokens [start, end) without concatenating the whole prompt and output (hot on long contexts)."""
+    n = request.num_prompt_tokens
+    return (tuple(request.prompt_token_ids[start:end])
+            + tuple(request.output_token_ids[max(start - n, 0):max(end - n, 0)]))
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -128,6 +135,8 @@ class KVCacheManager:
             raise ValueError(f"num_new_tokens must be at least 1, got {num_new_tokens}")
         hits = new_computed_blocks or []
         req_blocks = self.req_to_blocks.get(request.request_id, [])
+        if hits and req_blocks:
+            raise ValueError("new_computed_blocks are only allowed on a request's first allocation")
         num_computed = request.num_computed_tokens + len(hits) * self.block_size
         num_total = num_computed + num_new_tokens
         num_new_blocks = max(0, _cdiv(num_total, self.block_size) - len(req_blocks) - len(hits))

@@ -10,7 +10,7 @@ Running requests go first, in order; then waiting ones in policy order (fcfs: ar
 priority: lowest (priority, arrival_time) first), while budget, ``max_num_seqs`` and free
 blocks last. A running request that cannot get a block preempts the lowest-priority running
 request (recompute: its blocks are freed, num_computed_tokens drops to 0, it goes back to the
-front of the waiting queue); waiting requests never preempt. A request samples in a step iff
+front of the waiting queue, or to its (priority, arrival_time) place); waiting requests never preempt. A request samples in a step iff
 its tokens are all computed after it; ``update_from_output`` appends the samples and checks stops.
 
 ``num_computed_tokens`` advances inside ``schedule()``: the runner executes the step before the
@@ -125,6 +125,10 @@ class Scheduler:
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.running or self.waiting)
+
+    def has_requests(self) -> bool:
+        """Whether a schedule() call is still due: unfinished requests, or finished ids the runner must drop."""
+        return self.has_unfinished_requests() or bool(self.finished_req_ids)
 
     def get_num_unfinished_requests(self) -> int:
         return len(self.running) + len(self.waiting)

@@ -198,3 +198,21 @@ def test_usage_counts_referenced_blocks_only():
     assert manager.usage == pytest.approx(0.5)
     manager.free(request)
     assert manager.usage == 0.0
+
+
+def test_block_hashes_span_prompt_and_output_tokens_alike():
+    grown = make_request("a", [0, 1, 2])
+    grown.append_output_token_ids([3, 4, 5, 6, 7])
+    update_block_hashes(grown, BLOCK_SIZE)
+    whole_prompt = make_request("b", list(range(8)))
+    update_block_hashes(whole_prompt, BLOCK_SIZE)
+    assert grown.block_hashes == whole_prompt.block_hashes
+
+
+def test_prefix_hits_are_only_accepted_on_a_first_allocation():
+    manager = KVCacheManager(num_blocks=8, block_size=BLOCK_SIZE)
+    first = make_request("a", list(range(9)))
+    _admit(manager, first)
+    hits, _ = manager.get_computed_blocks(make_request("b", list(range(9))))
+    with pytest.raises(ValueError, match="new_computed_blocks"):
+        manager.allocate_slots(first, 1, hits)

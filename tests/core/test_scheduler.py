@@ -178,7 +178,7 @@ def test_aborting_a_running_request_frees_its_blocks_at_once_and_tells_the_runne
     scheduler.kv_cache_manager.block_pool.check_all_free()
 
 
-def test_aborting_waiting_and_preempted_requests_removes_them_from_the_queue():
+def test_aborting_a_waiting_request_removes_it_and_unknown_ids_are_ignored():
     scheduler = make_scheduler(max_num_seqs=1)
     scheduler.add_request(make_request("running", [1, 2, 3]))
     scheduler.add_request(make_request("waiting", [4, 5, 6]))
@@ -189,7 +189,22 @@ def test_aborting_waiting_and_preempted_requests_removes_them_from_the_queue():
     assert scheduler.schedule().finished_req_ids == {"waiting"}
     scheduler.finish_requests(["running"], RequestStatus.FINISHED_STOPPED)
     assert not scheduler.has_unfinished_requests()
+    assert scheduler.has_requests()  # one more schedule() tells the runner about "running"
+    assert scheduler.schedule().finished_req_ids == {"running"}
+    assert not scheduler.has_requests()
     scheduler.kv_cache_manager.block_pool.check_all_free()
+
+
+def test_aborting_a_preempted_request_removes_it_from_the_waiting_queue():
+    scheduler = make_scheduler(num_blocks=8, block_size=4, max_model_len=32)
+    runner = FakeRunner.for_scheduler(scheduler)
+    _two_growing_requests(scheduler)
+    while not run_step(scheduler, runner)[0].preempted_req_ids:
+        pass
+    scheduler.finish_requests(["b"], RequestStatus.FINISHED_ABORTED)
+    assert scheduler.waiting == []
+    result = run_to_completion(scheduler, runner)
+    assert set(result.finish_reasons) == {"a"}
 
 
 def test_finish_requests_needs_a_finished_status():
