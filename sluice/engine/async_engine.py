@@ -1,0 +1,323 @@
+"""AsyncLLM: the asyncio front of the engine, used by the OpenAI server.
+
+One background thread owns the LLMEngine and is the only thread that ever touches it.
+The event loop talks to it through two one-way channels:
+
+    event loop (HTTP handlers)                      engine thread
+    --------------------------                      -------------
+    add_request() / abort() --> command queue -->   drain commands (add_request / abort_request)
+                                                    engine.step() -> [RequestOutput]
+    RequestStream.queue  <-- call_soon_threadsafe --  route the batch of outputs by request id
+
+Only plain commands and RequestOutputs cross that boundary, so moving the engine into its
+own process later (ZMQ) replaces ``_EngineLoop``'s transport and nothing above it.
+
+A stream that is closed before its request finished (the client went away, the handler
+was cancelled) aborts the request, which frees its KV blocks on the engine's next turn.
+An exception in the engine thread fails every in-flight stream with EngineDeadError and
+flips ``is_healthy`` to False.
+"""
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import queue
+import threading
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from sluice.config import EngineArgs
+from sluice.engine.stats import IterationStats, SchedulerStats, StatLogger
+from sluice.outputs import RequestOutput
+from sluice.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+
+class EngineDeadError(RuntimeError):
+    """The engine thread died; no request can make progress any more."""
+
+
+class QueueFullError(RuntimeError):
+    """Admission control refused a request: too many requests are already waiting."""
+
+
+class RequestAbortedError(RuntimeError):
+    """The server aborted an in-flight request (a drain ran out of time)."""
+
+
+@dataclass(slots=True)
+class _AddCommand:
+    request_id: str
+    prompt: Any
+    params: SamplingParams
+    priority: int
+    # Resolved by the engine thread: None once added, or the ValueError add_request raised.
+    done: concurrent.futures.Future = field(default_factory=concurrent.futures.Future)
+
+
+@dataclass(slots=True)
+class _AbortCommand:
+    request_ids: list[str]
+
+
+_STOP = object()
+
+
+class RequestStream:
+    """The outputs of one request, fed by the engine thread, read by one coroutine.
+
+    Iterating yields RequestOutputs until the finished one; leaving the iteration early
+    (break, exception, cancellation) aborts the request.
+    """
+
+    def __init__(self, request_id: str, owner: "AsyncLLM") -> None:
+        self.request_id = request_id
+        self.finished = False
+        self._queue: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
+        self._owner = owner
+
+    def put(self, item: RequestOutput | BaseException) -> None:
+        self._queue.put_nowait(item)
+
+    def close(self) -> None:
+        """Aborts the request unless it already finished (idempotent)."""
+        if not self.finished:
+            self.finished = True
+            self._owner._abort_nowait(self.request_id)
+
+    async def __aiter__(self) -> AsyncIterator[RequestOutput]:
+        try:
+            while not self.finished:
+                item = await self._queue.get()
+                if isinstance(item, BaseException):
+                    self.finished = True
+                    raise item
+                if item.finished:
+                    self.finished = True
+                yield item
+        finally:
+            self.close()
+
+
+class _LatestSchedulerStats:
+    """Keeps the last SchedulerStats so admission control can see the waiting queue."""
+
+    def __init__(self) -> None:
+        self.stats = SchedulerStats()
+
+    def record(self, scheduler_stats: SchedulerStats, iteration_stats: IterationStats) -> None:
+        self.stats = scheduler_stats
+
+
+class AsyncLLM:
+    """Asyncio front of LLMEngine: per-request streams, aborts, health, shutdown."""
+
+    def __init__(self, engine: Any, max_num_queued_reqs: int | None = None,
+                 latest_stats: _LatestSchedulerStats | None = None) -> None:
+        self.engine = engine
+        self.max_num_queued_reqs = max_num_queued_reqs
+        self._latest_stats = latest_stats or _LatestSchedulerStats()
+        self._streams: dict[str, RequestStream] = {}  # touched only on the event loop
+        self._commands: queue.Queue[Any] = queue.Queue()
+        self._dead_lock = threading.Lock()  # orders "enqueue a command" against "engine died"
+        self._dead_error: BaseException | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+
+    @classmethod
+    def from_engine_args(cls, engine_args: EngineArgs, stat_loggers: list[StatLogger] | None = None,
+                         max_num_queued_reqs: int | None = None) -> "AsyncLLM":
+        from sluice.engine.llm_engine import LLMEngine
+
+        latest = _LatestSchedulerStats()
+        engine = LLMEngine.from_engine_args(engine_args, stat_loggers=[latest, *(stat_loggers or [])])
+        return cls(engine, max_num_queued_reqs=max_num_queued_reqs, latest_stats=latest)
+
+    # ---- read-only views (safe from any thread: set once at construction) ----------------
+    @property
+    def tokenizer(self) -> Any:
+        return self.engine.tokenizer
+
+    @property
+    def model_config(self) -> Any:
+        return self.engine.model_config
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
+                            chat_template: str | None = None, **kwargs: Any) -> list[int]:
+        """Renders and tokenizes a chat. Tokenizer-only (no engine state), so any thread may call it;
+        an engine in another process would keep a tokenizer here in the front."""
+        return self.engine.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
+                                               chat_template=chat_template, **kwargs)
+
+    @property
+    def errored(self) -> bool:
+        return self._dead_error is not None
+
+    @property
+    def is_healthy(self) -> bool:
+        return self._dead_error is None and self._thread is not None and self._thread.is_alive()
+
+    @property
+    def num_in_flight(self) -> int:
+        """Requests added through this front and not yet finished or aborted."""
+        return len(self._streams)
+
+    # ---- lifecycle -----------------------------------------------------------------------
+    def start(self) -> None:
+        """Starts the engine thread, bound to the running event loop (idempotent)."""
+        if self._thread is not None:
+            return
+        self._loop = asyncio.get_running_loop()
+        self._thread = threading.Thread(target=self._engine_loop, name="sluice-engine", daemon=True)
+        self._thread.start()
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        """Stops the engine thread; in-flight streams end with EngineDeadError."""
+        if self._thread is None:
+            return
+        self._commands.put(_STOP)
+        self._thread.join(timeout)
+        self._thread = None
+
+    # ---- requests ------------------------------------------------------------------------
+    async def add_request(self, request_id: str, prompt: Any, params: SamplingParams,
+                          priority: int = 0) -> RequestStream:
+        """Adds a request and returns its stream once the engine accepted it.
+
+        Raises ValueError (bad input, from the engine), QueueFullError or EngineDeadError.
+        """
+        self.start()
+        if request_id in self._streams:
+            raise ValueError(f"request_id {request_id!r} is already in flight")
+        self._check_admission()
+        stream = RequestStream(request_id, self)
+        self._streams[request_id] = stream
+        command = _AddCommand(request_id, prompt, params, priority)
+        try:
+            self._send(command)
+            await asyncio.wrap_future(command.done)
+        except asyncio.CancelledError:
+            stream.close()  # it may have been added after all
+            raise
+        except BaseException:
+            stream.finished = True
+            self._streams.pop(request_id, None)  # never added: nothing to abort
+            raise
+        return stream
+
+    async def generate(self, prompt: Any, params: SamplingParams, request_id: str,
+                       priority: int = 0) -> AsyncIterator[RequestOutput]:
+        """Yields the request's outputs; closing the iterator early aborts the request."""
+        stream = await self.add_request(request_id, prompt, params, priority)
+        async for output in stream:
+            yield output
+
+    async def abort(self, request_id: str) -> None:
+        self._abort_nowait(request_id)
+
+    def _abort_nowait(self, request_id: str) -> None:
+        if self._streams.pop(request_id, None) is not None and not self.errored:
+            self._send(_AbortCommand([request_id]))
+
+    def abort_all(self, reason: str) -> int:
+        """Aborts every in-flight request, ending each stream with RequestAbortedError(reason)."""
+        streams = list(self._streams.values())
+        for stream in streams:
+            stream.put(RequestAbortedError(reason))
+            self._abort_nowait(stream.request_id)
+        return len(streams)
+
+    def _check_admission(self) -> None:
+        if self.errored:
+            raise EngineDeadError(f"the engine is dead: {self._dead_error!r}")
+        if self.max_num_queued_reqs is None:
+            return
+        # Requests known to this front that the scheduler is not running yet: the waiting queue
+        # as of the last step plus those added since.
+        num_queued = max(self._latest_stats.stats.num_waiting_reqs,
+                         len(self._streams) - self._latest_stats.stats.num_running_reqs)
+        if num_queued >= self.max_num_queued_reqs:
+            raise QueueFullError(f"the server is at capacity: {num_queued} requests are already waiting "
+                                 f"(--max-num-queued-reqs {self.max_num_queued_reqs}); retry later")
+
+    def _send(self, command: Any) -> None:
+        with self._dead_lock:
+            if self._dead_error is not None:
+                raise EngineDeadError(f"the engine is dead: {self._dead_error!r}")
+            self._commands.put(command)
+
+    # ---- the event-loop side of output routing -------------------------------------------
+    def _dispatch(self, outputs: list[RequestOutput]) -> None:
+        for output in outputs:
+            stream = self._streams.get(output.request_id)
+            if stream is None:
+                continue  # aborted meanwhile
+            stream.put(output)
+            if output.finished:
+                del self._streams[output.request_id]
+
+    def _fail_all(self, error: BaseException) -> None:
+        for stream in self._streams.values():
+            stream.put(error)
+        self._streams.clear()
+
+    # ---- the engine thread -----------------------------------------------------------------
+    def _engine_loop(self) -> None:
+        stats_dirty = False  # an abort freed blocks: step once more so stat loggers see it
+        try:
+            while True:
+                busy = stats_dirty or self.engine.has_unfinished_requests()
+                commands = self._drain_commands(block=not busy)
+                if any(c is _STOP for c in commands):
+                    break
+                for command in commands:
+                    stats_dirty |= self._apply(command)
+                if not (self.engine.has_unfinished_requests() or stats_dirty):
+                    continue
+                stats_dirty = False
+                outputs = self.engine.step()
+                if outputs:
+                    self._loop.call_soon_threadsafe(self._dispatch, outputs)
+        except BaseException as e:  # noqa: BLE001 - every failure must reach the clients
+            logger.exception("engine loop died")
+            self._die(e)
+            return
+        self._die(EngineDeadError("the engine was shut down"))
+
+    def _drain_commands(self, block: bool) -> list[Any]:
+        commands = [self._commands.get()] if block else []
+        while True:
+            try:
+                commands.append(self._commands.get_nowait())
+            except queue.Empty:
+                return commands
+
+    def _apply(self, command: Any) -> bool:
+        """Runs one command on the engine; returns True if it freed KV blocks."""
+        if isinstance(command, _AbortCommand):
+            self.engine.abort_request(command.request_ids)
+            return True
+        if not command.done.set_running_or_notify_cancel():
+            return False  # the caller gave up before the engine saw it
+        try:
+            self.engine.add_request(command.request_id, command.prompt, command.params,
+                                    priority=command.priority)
+        except ValueError as e:
+            command.done.set_exception(e)
+        else:
+            command.done.set_result(None)
+        return False
+
+    def _die(self, error: BaseException) -> None:
+        dead = error if isinstance(error, EngineDeadError) else EngineDeadError(f"engine error: {error!r}")
+        with self._dead_lock:
+            self._dead_error = dead
+            pending = self._drain_commands(block=False)
+        for command in pending:
+            if isinstance(command, _AddCommand):
+                command.done.set_exception(dead)
+        if self._loop is not None and not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(self._fail_all, dead)

@@ -1,0 +1,194 @@
+"""`sluice serve`: the OpenAI-compatible HTTP server (FastAPI + uvicorn) over AsyncLLM.
+
+    sluice serve path/to/model --port 8000 --api-key sk-... --served-model-name my-model
+
+Routes: /v1/completions, /v1/chat/completions, /v1/models, /tokenize, /detokenize,
+/health, /version, /metrics. Graceful shutdown: the first SIGTERM/SIGINT starts a drain
+(new requests get 503, /health turns 503), in-flight requests get up to
+``--shutdown-timeout`` seconds, the rest are aborted, and the process exits 0. A second
+signal exits at once.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+
+from sluice import __version__
+from sluice.config import EngineArgs
+from sluice.engine.async_engine import AsyncLLM
+from sluice.entrypoints.openai.errors import OpenAIError, install_exception_handlers
+from sluice.entrypoints.openai.middleware import ServerGuard
+from sluice.entrypoints.openai.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
+                                                TokenizeRequest)
+from sluice.entrypoints.openai.sampling import ServingLimits
+from sluice.entrypoints.openai.serving_completion import OpenAIServingCompletion
+from sluice.entrypoints.openai.serving_engine import ServingConfig
+from sluice.entrypoints.openai.serving_models import OpenAIServingModels
+from sluice.metrics import METRICS_CONTENT_TYPE, PrometheusStatLogger
+
+logger = logging.getLogger("sluice.server")
+
+
+@dataclass
+class ServerState:
+    """What the routes share; ``draining`` flips on the first shutdown signal."""
+
+    engine: AsyncLLM
+    metrics: PrometheusStatLogger
+    draining: bool = False
+
+
+def build_app(engine: AsyncLLM, config: ServingConfig, metrics: PrometheusStatLogger,
+              api_key: str | None = None, max_body_bytes: int = 10 * 2**20,
+              chat_template: str | None = None) -> tuple[FastAPI, ServerGuard, ServerState]:
+    """The ASGI app (wrapped in ServerGuard), the guard (for its in-flight count) and the shared state."""
+    state = ServerState(engine, metrics)
+    tokenizer_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sluice-tokenizer")
+    completions = OpenAIServingCompletion(engine, config, tokenizer_pool)
+    chat = OpenAIServingModels(engine, config, tokenizer_pool, default_chat_template=chat_template)
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI):
+        engine.start()
+        yield
+        engine.shutdown()
+        tokenizer_pool.shutdown(wait=False, cancel_futures=True)
+
+    app = FastAPI(title="sluice", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None)
+    install_exception_handlers(app)
+
+    @app.post("/v1/completions")
+    async def create_completion(request: CompletionRequest, raw_request: Request) -> Any:
+        return await completions.create_completion(request, raw_request)
+
+    @app.post("/v1/chat/completions")
+    async def create_chat_completion(request: ChatCompletionRequest, raw_request: Request) -> Any:
+        return await chat.create_chat_completion(request, raw_request)
+
+    @app.get("/v1/models")
+    async def list_models() -> Any:
+        return JSONResponse(chat.list_models().model_dump())
+
+    @app.post("/tokenize")
+    async def tokenize(request: TokenizeRequest) -> Any:
+        return JSONResponse((await chat.tokenize(request)).model_dump())
+
+    @app.post("/detokenize")
+    async def detokenize(request: DetokenizeRequest) -> Any:
+        return JSONResponse((await chat.detokenize(request)).model_dump())
+
+    @app.get("/health")
+    async def health() -> Response:
+        if state.draining:
+            return OpenAIError("the server is draining", 503, code="draining").response()
+        if not engine.is_healthy:
+            return OpenAIError("the engine is dead", 503, code="engine_dead").response()
+        return Response(status_code=200)
+
+    @app.get("/version")
+    async def version() -> Any:
+        return {"version": __version__}
+
+    @app.get("/metrics")
+    async def metrics_endpoint() -> Response:
+        return Response(metrics.render(), media_type=METRICS_CONTENT_TYPE)
+
+    guard = ServerGuard(app, api_key, max_body_bytes, is_draining=lambda: state.draining)
+    return app, guard, state
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn, with a drain before exit instead of its own abrupt signal handling."""
+
+    def __init__(self, config: uvicorn.Config, state: ServerState, guard: ServerGuard,
+                 shutdown_timeout: float) -> None:
+        super().__init__(config)
+        self.state, self.guard, self.shutdown_timeout = state, guard, shutdown_timeout
+        self._drain_deadline = 0.0
+
+    def handle_exit(self, sig: int, frame: Any) -> None:
+        # Runs in the signal handler: only flips flags; on_tick does the work. Unlike uvicorn's own
+        # handler it does not re-raise the signal afterwards, so a drained server exits 0.
+        if self.state.draining:
+            self.should_exit = True  # second signal: stop waiting
+            return
+        self.state.draining = True
+        self._drain_deadline = time.monotonic() + self.shutdown_timeout
+
+    async def on_tick(self, counter: int) -> bool:
+        if self.state.draining and not self.should_exit:
+            if self.guard.num_in_flight == 0 or time.monotonic() >= self._drain_deadline:
+                num_aborted = self.state.engine.abort_all("the server is shutting down")
+                logger.info("drain finished; %d request(s) aborted", num_aborted)
+                self.should_exit = True
+        return await super().on_tick(counter)
+
+
+# ---- command line ------------------------------------------------------------------------------
+def add_parser(subparsers: Any) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser("serve", help="OpenAI-compatible HTTP server",
+                                   description="Serve a model over the OpenAI API (completions, chat, models).")
+    parser.add_argument("model", nargs="?", default=None, help=EngineArgs._HELP["model"])
+    EngineArgs.add_cli_args(parser, model_positional=True)
+    server = parser.add_argument_group("server")
+    server.add_argument("--host", default="0.0.0.0", help="address to bind")
+    server.add_argument("--port", type=int, default=8000)
+    server.add_argument("--api-key", default=os.environ.get("SLUICE_API_KEY"),
+                        help="require 'Authorization: Bearer KEY' on /v1 routes (default: $SLUICE_API_KEY)")
+    server.add_argument("--chat-template", default=None, help="chat template (Jinja text or file) overriding the model's")
+    server.add_argument("--enable-log-requests", action="store_true", help="log every request's prompt and params")
+    server.add_argument("--max-log-len", type=int, default=None,
+                        help="characters of prompt and prompt token ids to log (default: all)")
+    server.add_argument("--shutdown-timeout", type=float, default=10.0,
+                        help="seconds in-flight requests get to finish after SIGTERM before they are aborted")
+    server.add_argument("--max-num-queued-reqs", type=int, default=None,
+                        help="beyond this many waiting requests, new ones get 503 (default: unbounded)")
+    server.add_argument("--max-n", type=int, default=128, help="largest n a request may ask for")
+    server.add_argument("--max-request-body-bytes", type=int, default=10 * 2**20, help="larger bodies get 413")
+    server.add_argument("--uvicorn-log-level", default="info",
+                        choices=["critical", "error", "warning", "info", "debug", "trace"])
+    server.add_argument("--disable-uvicorn-access-log", action="store_true")
+    parser.set_defaults(func=run_server)
+    return parser
+
+
+def run_server(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.max_n < 1 or (args.max_num_queued_reqs is not None and args.max_num_queued_reqs < 0):
+        raise ValueError("--max-n must be at least 1 and --max-num-queued-reqs non-negative")
+    engine_args = EngineArgs.from_cli_args(args)
+    engine_args.model = args.model
+    model_config = _peek_model_config(engine_args)
+    metrics = PrometheusStatLogger(model_config.served_model_name)
+    engine = AsyncLLM.from_engine_args(engine_args, stat_loggers=[metrics],
+                                       max_num_queued_reqs=args.max_num_queued_reqs)
+    model_config = engine.model_config
+    limits = ServingLimits(max_model_len=model_config.max_model_len, vocab_size=model_config.vocab_size,
+                           max_n=args.max_n, max_logprobs=engine_args.max_logprobs,
+                           priority_scheduling=engine_args.scheduling_policy == "priority")
+    config = ServingConfig([model_config.served_model_name], limits, args.enable_log_requests, args.max_log_len)
+    _, guard, state = build_app(engine, config, metrics, args.api_key, args.max_request_body_bytes,
+                                args.chat_template)
+    uvicorn_config = uvicorn.Config(guard, host=args.host, port=args.port, log_level=args.uvicorn_log_level,
+                                    access_log=not args.disable_uvicorn_access_log, timeout_graceful_shutdown=5,
+                                    lifespan="on")
+    logger.info("serving %s as %r on http://%s:%d", model_config.model, model_config.served_model_name,
+                args.host, args.port)
+    DrainingServer(uvicorn_config, state, guard, args.shutdown_timeout).run()
+    return 0
+
+
+def _peek_model_config(engine_args: EngineArgs) -> Any:
+    """The model config, read before the engine so metrics carry the served name from the first step."""
+    from sluice.models.model_config import ModelConfig
+    return ModelConfig.from_engine_args(engine_args)

@@ -1,0 +1,162 @@
+"""Request fields -> SamplingParams, with the server's caps and the explicit rejections.
+
+Everything a client can ask for is either mapped onto SamplingParams, checked against a
+cap (``--max-n``, ``--max-logprobs``, the context length), or rejected with a 400 that
+says it is not supported. A parameter is never dropped silently: if SamplingParams does
+not have a field yet (penalties, logit_bias, ...), asking for a non-default value is a 400.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+from sluice.entrypoints.openai.errors import OpenAIError, bad_request
+from sluice.entrypoints.openai.protocol import ChatCompletionRequest, SamplingFields
+from sluice.sampling_params import RequestOutputKind, SamplingParams
+
+_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
+
+# request field -> (SamplingParams field, value that means "off"). Mapped only when the
+# engine's SamplingParams has the field; otherwise a non-default value is rejected.
+_OPTIONAL_FIELDS = {
+    "presence_penalty": ("presence_penalty", 0.0),
+    "frequency_penalty": ("frequency_penalty", 0.0),
+    "repetition_penalty": ("repetition_penalty", 1.0),
+    "logit_bias": ("logit_bias", None),
+    "allowed_token_ids": ("allowed_token_ids", None),
+    "bad_words": ("bad_words", None),
+}
+
+
+@dataclass(frozen=True, slots=True)
+class ServingLimits:
+    """Caps applied before a request reaches the engine (a huge value is a 400, never a 500)."""
+
+    max_model_len: int
+    vocab_size: int
+    max_n: int = 128
+    max_logprobs: int = 20
+    priority_scheduling: bool = False
+
+
+def sampling_param_names() -> set[str]:
+    return {f.name for f in dataclasses.fields(SamplingParams)}
+
+
+def check_context_length(num_prompt_tokens: int, max_tokens: int | None, limits: ServingLimits) -> int:
+    """Returns the max_tokens to use; 400 when prompt + completion cannot fit max_model_len."""
+    max_len = limits.max_model_len
+    if num_prompt_tokens >= max_len:
+        raise bad_request(f"This model's maximum context length is {max_len} tokens. However, your prompt is "
+                          f"{num_prompt_tokens} tokens, which leaves no room for the completion. Please reduce "
+                          "the length of the prompt.", "prompt")
+    if max_tokens is None:
+        return max_len - num_prompt_tokens
+    if num_prompt_tokens + max_tokens > max_len:
+        raise bad_request(f"This model's maximum context length is {max_len} tokens. However, you requested "
+                          f"{num_prompt_tokens + max_tokens} tokens ({num_prompt_tokens} in the prompt, "
+                          f"{max_tokens} in the completion). Please reduce the length of the prompt or "
+                          "max_tokens.", "max_tokens")
+    return max_tokens
+
+
+def check_common(request: SamplingFields, limits: ServingLimits) -> None:
+    """Caps and rejections that do not depend on the prompt."""
+    if not 1 <= request.n <= limits.max_n:
+        raise bad_request(f"n must be between 1 and {limits.max_n} (--max-n), got {request.n}", "n")
+    if request.seed is not None and not _INT64_MIN <= request.seed <= _INT64_MAX:
+        raise bad_request(f"seed must fit in a signed 64-bit integer, got {request.seed}", "seed")
+    if request.priority != 0 and not limits.priority_scheduling:
+        raise bad_request(f"priority {request.priority} was given but the server schedules fcfs; start it "
+                          "with --scheduling-policy priority", "priority")
+    if not _INT64_MIN <= request.priority <= _INT64_MAX:
+        raise bad_request("priority must fit in a signed 64-bit integer", "priority")
+    if request.stream_options is not None and not request.stream:
+        raise bad_request("stream_options is only allowed when stream is true", "stream_options")
+    if request.stream_options is not None and request.stream_options.continuous_usage_stats:
+        raise bad_request("stream_options.continuous_usage_stats is not supported by sluice",
+                          "stream_options.continuous_usage_stats")
+    if any(not 0 <= t < limits.vocab_size for t in request.stop_token_ids or []):
+        raise bad_request(f"stop_token_ids must be token ids below the vocab size {limits.vocab_size}",
+                          "stop_token_ids")
+    known = sampling_param_names()
+    for name, (param_name, off) in _OPTIONAL_FIELDS.items():
+        value = getattr(request, name)
+        if value is not None and value != off and param_name not in known:
+            raise bad_request(f"{name} is not supported by this engine yet", name)
+
+
+def check_chat_only(request: ChatCompletionRequest) -> None:
+    """Chat features sluice cannot honour yet: tools and structured output."""
+    if request.tools:
+        raise bad_request("tools (function calling) are not supported by sluice yet", "tools")
+    if request.tool_choice not in (None, "none"):
+        raise bad_request("tool_choice is not supported by sluice yet (only 'none')", "tool_choice")
+    if request.response_format is not None and request.response_format.type != "text":
+        raise bad_request(f"response_format {request.response_format.type!r} (structured output) is not supported "
+                          "by sluice yet; only 'text'", "response_format")
+    if any(m.name for m in request.messages):
+        raise bad_request("messages[].name is not supported by sluice (the chat template cannot render it)",
+                          "messages")
+
+
+def check_logprobs(num: int | None, limits: ServingLimits, param: str) -> None:
+    if num is not None and not 0 <= num <= limits.max_logprobs:
+        raise bad_request(f"{param} must be between 0 and {limits.max_logprobs} (--max-logprobs), got {num}", param)
+
+
+def _logit_bias(bias: dict[str, float], limits: ServingLimits) -> dict[int, float]:
+    out: dict[int, float] = {}
+    for key, value in bias.items():
+        try:
+            token_id = int(key)
+        except ValueError:
+            raise bad_request(f"logit_bias keys must be token ids, got {key!r}", "logit_bias") from None
+        if not 0 <= token_id < limits.vocab_size:
+            raise bad_request(f"logit_bias token id {token_id} is out of range for vocab size {limits.vocab_size}",
+                              "logit_bias")
+        if not -100.0 <= value <= 100.0:
+            raise bad_request(f"logit_bias values must be in [-100, 100], got {value}", "logit_bias")
+        out[token_id] = value
+    return out
+
+
+def build_sampling_params(request: SamplingFields, *, max_tokens: int, logprobs: int | None,
+                          prompt_logprobs: int | None, limits: ServingLimits) -> SamplingParams:
+    """The SamplingParams for one prompt of ``request`` (after check_common)."""
+    known = sampling_param_names()
+    top_k = request.top_k if request.top_k is not None else -1
+    if top_k >= limits.vocab_size:
+        top_k = -1  # keeping every token is what "no top-k" means
+    kwargs: dict[str, Any] = dict(
+        n=request.n,
+        temperature=1.0 if request.temperature is None else request.temperature,
+        top_p=1.0 if request.top_p is None else request.top_p,
+        top_k=top_k,
+        min_p=0.0 if request.min_p is None else request.min_p,
+        seed=request.seed,
+        max_tokens=max_tokens,
+        min_tokens=request.min_tokens,
+        stop=request.stop,
+        stop_token_ids=request.stop_token_ids,
+        ignore_eos=request.ignore_eos,
+        include_stop_str_in_output=request.include_stop_str_in_output,
+        skip_special_tokens=request.skip_special_tokens,
+        spaces_between_special_tokens=request.spaces_between_special_tokens,
+        output_kind=RequestOutputKind.DELTA if request.stream else RequestOutputKind.FINAL_ONLY,
+    )
+    for name, (param_name, off) in _OPTIONAL_FIELDS.items():
+        value = getattr(request, name)
+        if value is not None and value != off and param_name in known:
+            kwargs[param_name] = _logit_bias(value, limits) if name == "logit_bias" else value
+    for name, value in (("logprobs", logprobs), ("prompt_logprobs", prompt_logprobs)):
+        if value is None:
+            continue
+        if name not in known:
+            raise bad_request(f"{name} is not supported by this engine yet", name)
+        kwargs[name] = value
+    try:
+        return SamplingParams(**kwargs)
+    except (ValueError, TypeError) as e:
+        raise OpenAIError(str(e), 400) from None

@@ -1,0 +1,121 @@
+"""POST /v1/chat/completions: messages -> chat template -> one engine request -> n choices.
+
+Streams follow OpenAI: a first chunk per choice carrying ``role: assistant``, then content
+deltas, the last one with ``finish_reason``, then (with include_usage) a usage chunk.
+"""
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from sluice.engine.async_engine import RequestStream
+from sluice.entrypoints.openai.errors import bad_request
+from sluice.entrypoints.openai.protocol import (ChatChoice, ChatChoiceLogprobs, ChatCompletionRequest,
+                                                ChatCompletionResponse, ChatCompletionStreamResponse,
+                                                ChatMessage, ChatResponseMessage, ChatStreamChoice, DeltaMessage,
+                                                UsageInfo)
+from sluice.entrypoints.openai.sampling import (build_sampling_params, check_chat_only, check_common,
+                                                check_context_length, check_logprobs)
+from sluice.entrypoints.openai.serving_engine import (SSE_DONE, EnginePrompt, OpenAIServing, cancel_on_disconnect,
+                                                      engine_error_to_openai, merge_streams, random_id, sse)
+from sluice.outputs import CompletionOutput, RequestOutput
+
+
+class OpenAIServingChat(OpenAIServing):
+    async def create_chat_completion(self, request: ChatCompletionRequest, raw_request: Request) -> Any:
+        model = self.model_name(request.model)
+        check_common(request, self.limits)
+        check_chat_only(request)
+        num_top = self._num_top_logprobs(request)
+        prompt = EnginePrompt(None, await self.render_chat(request.messages, request.add_generation_prompt,
+                                                           request.chat_template, request.chat_template_kwargs))
+        max_tokens = request.max_completion_tokens if request.max_completion_tokens is not None \
+            else request.max_tokens
+        params = build_sampling_params(
+            request, max_tokens=check_context_length(len(prompt.token_ids), max_tokens, self.limits),
+            logprobs=num_top, prompt_logprobs=None, limits=self.limits)
+        request_id = random_id("chatcmpl")
+        streams = await self.add_prompts(request_id, [prompt], [params], request.priority)
+        if request.stream:
+            return StreamingResponse(self._stream(request, model, request_id, prompt, streams[0], num_top),
+                                     media_type="text/event-stream")
+        final: RequestOutput | None = await cancel_on_disconnect(raw_request, _last_output(streams[0]))
+        return JSONResponse(self._response(model, request_id, prompt, final, num_top).model_dump())
+
+    def _num_top_logprobs(self, request: ChatCompletionRequest) -> int | None:
+        if request.top_logprobs is not None and not request.logprobs:
+            raise bad_request("top_logprobs requires logprobs to be true", "top_logprobs")
+        check_logprobs(request.top_logprobs, self.limits, "top_logprobs")
+        return (request.top_logprobs or 0) if request.logprobs else None
+
+    async def render_chat(self, messages: list[ChatMessage], add_generation_prompt: bool,
+                          chat_template: str | None, template_kwargs: dict[str, Any] | None) -> list[int]:
+        """Chat template -> token ids, in the tokenizer pool; template failures are 400s."""
+        conversation = [{"role": m.role, "content": m.text()} for m in messages]
+        render = self.engine.apply_chat_template
+        chat_template = (chat_template or self.default_chat_template
+                         or getattr(self.engine.tokenizer, "chat_template", None))
+        try:
+            return await self.run_in_tokenizer_pool(render, conversation, add_generation_prompt=add_generation_prompt,
+                                                    chat_template=chat_template, **(template_kwargs or {}))
+        except (ValueError, TypeError) as e:
+            raise bad_request(f"could not apply the chat template: {e}", "messages") from None
+        except Exception as e:  # noqa: BLE001 - jinja2 errors from a user-supplied template
+            if type(e).__module__.startswith("jinja2"):
+                raise bad_request(f"chat template error: {e}", "chat_template") from None
+            raise
+
+    def _logprobs(self, completion: CompletionOutput, num_top: int | None) -> ChatChoiceLogprobs | None:
+        if num_top is None:
+            return None
+        return self.chat_logprobs(completion.token_ids, completion.logprobs or [], num_top)
+
+    def _response(self, model: str, request_id: str, prompt: EnginePrompt, final: RequestOutput,
+                  num_top: int | None) -> ChatCompletionResponse:
+        choices = [ChatChoice(index=c.index, message=ChatResponseMessage(content=c.text),
+                              logprobs=self._logprobs(c, num_top), finish_reason=c.finish_reason,
+                              stop_reason=c.stop_reason)
+                   for c in sorted(final.outputs, key=lambda c: c.index)]
+        num_generated = sum(len(c.token_ids) for c in final.outputs)
+        usage = UsageInfo(prompt_tokens=len(prompt.token_ids), completion_tokens=num_generated,
+                          total_tokens=len(prompt.token_ids) + num_generated)
+        return ChatCompletionResponse(id=request_id, model=model, choices=choices, usage=usage)
+
+    async def _stream(self, request: ChatCompletionRequest, model: str, request_id: str, prompt: EnginePrompt,
+                      stream: RequestStream, num_top: int | None) -> AsyncIterator[str]:
+        chunk = ChatCompletionStreamResponse(id=request_id, model=model, choices=[])
+        finished: set[int] = set()
+        num_generated = 0
+        try:
+            for index in range(request.n):
+                role = ChatStreamChoice(index=index, delta=DeltaMessage(role="assistant", content=""))
+                yield sse(chunk.model_copy(update={"choices": [role]}))
+            async for _, output in merge_streams([stream]):
+                for c in output.outputs:
+                    if c.index in finished or not (c.text or c.token_ids or c.finish_reason):
+                        continue
+                    if c.finish_reason is not None:
+                        finished.add(c.index)
+                    num_generated += len(c.token_ids)
+                    choice = ChatStreamChoice(index=c.index, delta=DeltaMessage(content=c.text),
+                                              logprobs=self._logprobs(c, num_top),
+                                              finish_reason=c.finish_reason, stop_reason=c.stop_reason)
+                    yield sse(chunk.model_copy(update={"choices": [choice]}))
+            if request.stream_options is not None and request.stream_options.include_usage:
+                num_prompt = len(prompt.token_ids)
+                usage = UsageInfo(prompt_tokens=num_prompt, completion_tokens=num_generated,
+                                  total_tokens=num_prompt + num_generated)
+                yield sse(chunk.model_copy(update={"choices": [], "usage": usage}))
+        except Exception as e:  # noqa: BLE001 - after the 200 went out, errors travel as an event
+            yield engine_error_to_openai(e).sse_event()
+        yield SSE_DONE
+
+
+async def _last_output(stream: RequestStream) -> RequestOutput | None:
+    final = None
+    async for _, output in merge_streams([stream]):
+        final = output
+    return final

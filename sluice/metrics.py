@@ -1,0 +1,93 @@
+"""Prometheus metrics with vLLM's names under the ``sluice:`` prefix.
+
+``PrometheusStatLogger`` is a stat logger (``record(scheduler_stats, iteration_stats)``,
+called by the engine after every step, from the engine thread; prometheus_client is
+thread-safe). Each logger owns its CollectorRegistry so that several servers or tests in
+one process never collide; ``render()`` gives the text exposition for ``GET /metrics``.
+"""
+from __future__ import annotations
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from sluice.engine.stats import IterationStats, SchedulerStats
+
+PREFIX = "sluice:"
+METRICS_CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+# Bucket edges as vLLM uses them, so dashboards built for vLLM read the same.
+_TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0,
+                 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0)
+_ITL_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0,
+                2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
+_REQUEST_LATENCY_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0,
+                            40.0, 50.0, 60.0, 120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0)
+_FINISH_REASONS = ("stop", "length", "abort")
+
+
+class PrometheusStatLogger:
+    """Turns engine stats into Prometheus series labelled with the served model name."""
+
+    def __init__(self, model_name: str, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        labels = ["model_name"]
+        self._model_name = model_name
+
+        def gauge(name: str, doc: str) -> Gauge:
+            return Gauge(PREFIX + name, doc, labels, registry=self.registry).labels(model_name)
+
+        def counter(name: str, doc: str) -> Counter:
+            return Counter(PREFIX + name, doc, labels, registry=self.registry).labels(model_name)
+
+        def histogram(name: str, doc: str, buckets: tuple[float, ...]) -> Histogram:
+            return Histogram(PREFIX + name, doc, labels, buckets=buckets,
+                             registry=self.registry).labels(model_name)
+
+        self.num_requests_running = gauge("num_requests_running", "Requests in the running batch.")
+        self.num_requests_waiting = gauge("num_requests_waiting", "Requests waiting to be scheduled.")
+        self.kv_cache_usage = gauge("kv_cache_usage_perc", "KV cache usage; 1 means 100 percent.")
+        self.prefix_cache_queries = counter("prefix_cache_queries", "Prompt tokens looked up in the prefix cache.")
+        self.prefix_cache_hits = counter("prefix_cache_hits", "Prompt tokens found in the prefix cache.")
+        self.num_preemptions = counter("num_preemptions", "Cumulative number of preemptions.")
+        self.prompt_tokens = counter("prompt_tokens", "Prefill tokens processed.")
+        self.generation_tokens = counter("generation_tokens", "Generation tokens processed.")
+        self._request_success = Counter(PREFIX + "request_success", "Finished requests by finish reason.",
+                                        labels + ["finished_reason"], registry=self.registry)
+        for reason in _FINISH_REASONS:  # expose zeros up front, as vLLM does
+            self._request_success.labels(model_name, reason)
+        self.time_to_first_token = histogram("time_to_first_token_seconds", "Time to first token.",
+                                             _TTFT_BUCKETS)
+        self.inter_token_latency = histogram("inter_token_latency_seconds", "Time between output tokens.",
+                                             _ITL_BUCKETS)
+        self.e2e_request_latency = histogram("e2e_request_latency_seconds", "Arrival to finish.",
+                                             _REQUEST_LATENCY_BUCKETS)
+        self.request_queue_time = histogram("request_queue_time_seconds", "Time spent waiting.",
+                                            _REQUEST_LATENCY_BUCKETS)
+        # The scheduler reports cumulative totals; counters take increments.
+        self._last_cumulative = SchedulerStats()
+
+    def record(self, scheduler_stats: SchedulerStats, iteration_stats: IterationStats) -> None:
+        self.num_requests_running.set(scheduler_stats.num_running_reqs)
+        self.num_requests_waiting.set(scheduler_stats.num_waiting_reqs)
+        self.kv_cache_usage.set(scheduler_stats.kv_cache_usage)
+        last = self._last_cumulative
+        self.prefix_cache_queries.inc(max(0, scheduler_stats.prefix_cache_queries - last.prefix_cache_queries))
+        self.prefix_cache_hits.inc(max(0, scheduler_stats.prefix_cache_hits - last.prefix_cache_hits))
+        self.num_preemptions.inc(max(0, scheduler_stats.num_preemptions - last.num_preemptions))
+        self._last_cumulative = SchedulerStats(
+            prefix_cache_queries=scheduler_stats.prefix_cache_queries,
+            prefix_cache_hits=scheduler_stats.prefix_cache_hits,
+            num_preemptions=scheduler_stats.num_preemptions)
+
+        self.prompt_tokens.inc(iteration_stats.num_prompt_tokens)
+        self.generation_tokens.inc(iteration_stats.num_generation_tokens)
+        for ttft in iteration_stats.time_to_first_tokens:
+            self.time_to_first_token.observe(ttft)
+        for itl in iteration_stats.inter_token_latencies:
+            self.inter_token_latency.observe(itl)
+        for finished in iteration_stats.finished_requests:
+            self._request_success.labels(self._model_name, finished.finish_reason).inc()
+            self.e2e_request_latency.observe(finished.e2e_latency)
+            self.request_queue_time.observe(finished.queue_time)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
