@@ -1,0 +1,354 @@
+"""The CUDA attention path: Triton kernels for writing K/V into the paged cache and for
+paged attention over a whole mixed batch (prefill chunks and decodes) in one launch.
+
+Layout (see backend.py): kv_cache[2, num_blocks, block_size, num_kv_heads, head_dim].
+One program of the attention kernel owns one KV head and a tile of BLOCK_M query rows:
+the GROUP query heads that share that KV head, for BLOCK_Q = BLOCK_M // GROUP
+consecutive tokens of one request, so every K/V tile is loaded once per group.
+
+    rows of one program (GROUP = 4, BLOCK_M = 16):
+      row:   0  1  2  3 | 4  5  6  7 | ... | 12 13 14 15
+      token: t  t  t  t | t+1 ...    | ... | t+3
+      head:  4g ... 4g+3| 4g ... 4g+3|
+
+It walks the request's context in tiles of TILE_N positions, gathering each position's
+block id from the block table, with an online softmax in fp32 (exp2 domain).
+
+Grid without host-device sync: request i's query tiles are numbered from
+``query_start_loc[i] // BLOCK_Q + i``, an upper bound that needs only host ints
+(num_tokens // BLOCK_Q + num_reqs programs); each program finds its request by binary
+search and exits if it falls in a gap. Decode-only batches (max_query_len == 1) skip
+the search: program i is request i. Few long decodes split each context over
+``num_splits`` programs (flash-decoding) and merge the partial results in a second kernel.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from sluice.attention.backend import AttentionMetadata
+
+LOG2E = 1.4426950408889634
+MAX_SPLITS = 16
+
+
+@dataclass(frozen=True, slots=True)
+class KernelConfig:
+    """Launch shape for one batch kind; the defaults were picked on the H100 (benchmarks/notes)."""
+    block_m: int
+    tile_n: int
+    num_warps: int
+    num_stages: int
+
+
+DECODE_CONFIG = KernelConfig(block_m=16, tile_n=64, num_warps=4, num_stages=3)
+MIXED_CONFIG = KernelConfig(block_m=64, tile_n=64, num_warps=4, num_stages=2)
+
+
+@triton.jit
+def _write_kv_kernel(key_ptr, value_ptr, kv_ptr, slot_ptr,
+                     stride_key_t, stride_key_h, stride_val_t, stride_val_h,
+                     stride_kv, stride_kb, stride_kt, stride_kh,
+                     NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
+                     HEADS_PAD: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr):
+    token = tl.program_id(0).to(tl.int64)
+    slot = tl.load(slot_ptr + token).to(tl.int64)
+    if slot < 0:  # padded token (CUDA graph bucket): nothing to write
+        return
+    offs_h = tl.arange(0, HEADS_PAD)
+    offs_d = tl.arange(0, HEAD_DIM_PAD)
+    mask = (offs_h[:, None] < NUM_KV_HEADS) & (offs_d[None, :] < HEAD_DIM)
+    key = tl.load(key_ptr + token * stride_key_t + offs_h[:, None] * stride_key_h + offs_d[None, :],
+                  mask=mask)
+    value = tl.load(value_ptr + token * stride_val_t + offs_h[:, None] * stride_val_h + offs_d[None, :],
+                    mask=mask)
+    dst = (kv_ptr + (slot // BLOCK_SIZE) * stride_kb + (slot % BLOCK_SIZE) * stride_kt
+           + offs_h[:, None] * stride_kh + offs_d[None, :])
+    tl.store(dst, key.to(kv_ptr.dtype.element_ty), mask=mask)
+    tl.store(dst + stride_kv, value.to(kv_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _find_request(query_start_loc_ptr, q_tile, num_reqs, BLOCK_Q: tl.constexpr):
+    """Largest request i whose first query tile ``qsl[i] // BLOCK_Q + i`` is <= q_tile."""
+    lo = 0
+    hi = num_reqs
+    while lo < hi:
+        mid = (lo + hi) // 2
+        first_tile = tl.load(query_start_loc_ptr + mid) // BLOCK_Q + mid
+        if first_tile <= q_tile:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo - 1
+
+
+@triton.jit
+def _paged_attention_kernel(
+        out_ptr, q_ptr, kv_ptr, block_table_ptr, seq_lens_ptr, query_start_loc_ptr,
+        part_out_ptr, part_lse_ptr,
+        scale_log2, num_reqs, num_splits,
+        stride_qt, stride_qh, stride_ot, stride_oh,
+        stride_kv, stride_kb, stride_kt, stride_kh, stride_bt,
+        stride_ps, stride_pt, stride_ph, stride_ls, stride_lt,
+        GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr,
+        HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+        TILE_N: tl.constexpr, DECODE_ONLY: tl.constexpr, SPLIT: tl.constexpr,
+        DOT_PRECISION: tl.constexpr):
+    q_tile = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+    if DECODE_ONLY:
+        req = q_tile
+        local_tile = 0
+    else:
+        req = _find_request(query_start_loc_ptr, q_tile, num_reqs, BLOCK_Q)
+        local_tile = q_tile - (tl.load(query_start_loc_ptr + req) // BLOCK_Q + req)
+    q_start = tl.load(query_start_loc_ptr + req)
+    q_len = tl.load(query_start_loc_ptr + req + 1) - q_start
+    if local_tile * BLOCK_Q >= q_len:
+        return
+    seq_len = tl.load(seq_lens_ptr + req)
+    context_len = seq_len - q_len  # query row j sits at position context_len + j
+
+    offs_m = tl.arange(0, BLOCK_M)
+    q_local = local_tile * BLOCK_Q + offs_m // GROUP
+    head = kv_head * GROUP + offs_m % GROUP
+    row_valid = (offs_m // GROUP < BLOCK_Q) & (q_local < q_len)
+    q_pos = context_len + q_local
+    offs_d = tl.arange(0, HEAD_DIM_PAD)
+    d_valid = offs_d < HEAD_DIM
+    q_token = (q_start + q_local).to(tl.int64)
+    q = tl.load(q_ptr + q_token[:, None] * stride_qt + head[:, None] * stride_qh + offs_d[None, :],
+                mask=row_valid[:, None] & d_valid[None, :], other=0.0)
+
+    # Causal: this tile of rows sees positions < kv_end, nothing later.
+    kv_end = context_len + tl.minimum((local_tile + 1) * BLOCK_Q, q_len)
+    num_tiles = tl.cdiv(kv_end, TILE_N)
+    tile_lo = 0
+    tile_hi = num_tiles
+    if SPLIT:
+        tiles_per_split = tl.cdiv(num_tiles, num_splits)
+        tile_lo = split * tiles_per_split
+        tile_hi = tl.minimum(tile_lo + tiles_per_split, num_tiles)
+
+    offs_n = tl.arange(0, TILE_N)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
+    block_row = block_table_ptr + req.to(tl.int64) * stride_bt
+    for tile in range(tile_lo, tile_hi):
+        kv_pos = tile * TILE_N + offs_n
+        kv_valid = kv_pos < kv_end
+        block_id = tl.load(block_row + kv_pos // BLOCK_SIZE, mask=kv_valid, other=0).to(tl.int64)
+        kv_offset = block_id * stride_kb + (kv_pos % BLOCK_SIZE) * stride_kt + kv_head * stride_kh
+        kv_mask = kv_valid[:, None] & d_valid[None, :]
+        k = tl.load(kv_ptr + kv_offset[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(kv_ptr + stride_kv + kv_offset[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
+        scores = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=DOT_PRECISION) * scale_log2
+        visible = (kv_pos[None, :] <= q_pos[:, None]) & kv_valid[None, :]
+        scores = tl.where(visible, scores, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(scores, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row that has seen nothing yet
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(scores - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision=DOT_PRECISION)
+        m_i = m_new
+
+    l_safe = tl.where(l_i == 0.0, 1.0, l_i)
+    out = acc / l_safe[:, None]
+    out_mask = row_valid[:, None] & d_valid[None, :]
+    if SPLIT:
+        part = (part_out_ptr + split * stride_ps + q_token[:, None] * stride_pt + head[:, None] * stride_ph
+                + offs_d[None, :])
+        tl.store(part, out, mask=out_mask)
+        tl.store(part_lse_ptr + split * stride_ls + q_token * stride_lt + head, m_i + tl.log2(l_safe),
+                 mask=row_valid)
+    else:
+        tl.store(out_ptr + q_token[:, None] * stride_ot + head[:, None] * stride_oh + offs_d[None, :],
+                 out.to(out_ptr.dtype.element_ty), mask=out_mask)
+
+
+@triton.jit
+def _merge_splits_kernel(out_ptr, part_out_ptr, part_lse_ptr, query_start_loc_ptr, num_splits,
+                         stride_ot, stride_oh, stride_ps, stride_pt, stride_ph, stride_ls, stride_lt,
+                         HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, SPLITS_PAD: tl.constexpr):
+    """Combines the per-split softmax results of one decode row: weights exp2(lse_s - max lse)."""
+    req = tl.program_id(0)
+    head = tl.program_id(1)
+    q_start = tl.load(query_start_loc_ptr + req)
+    if tl.load(query_start_loc_ptr + req + 1) == q_start:
+        return
+    token = q_start.to(tl.int64)
+    offs_s = tl.arange(0, SPLITS_PAD)
+    offs_d = tl.arange(0, HEAD_DIM_PAD)
+    s_valid = offs_s < num_splits
+    lse = tl.load(part_lse_ptr + offs_s * stride_ls + token * stride_lt + head, mask=s_valid,
+                  other=float("-inf"))
+    lse_max = tl.max(lse, 0)
+    weight = tl.exp2(lse - lse_max)  # empty splits carry lse = -inf: weight 0
+    part = tl.load(part_out_ptr + offs_s[:, None] * stride_ps + token * stride_pt + head * stride_ph
+                   + offs_d[None, :], mask=s_valid[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
+    out = tl.sum(part * weight[:, None], 0) / tl.sum(weight, 0)
+    tl.store(out_ptr + token * stride_ot + head * stride_oh + offs_d, out.to(out_ptr.dtype.element_ty),
+             mask=offs_d < HEAD_DIM)
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 4  # Triton interpreter on CPU tensors: any small number exercises the split path
+    return _cuda_num_sms(device.index if device.index is not None else torch.cuda.current_device())
+
+
+_SM_COUNTS: dict[int, int] = {}
+
+
+def _cuda_num_sms(index: int) -> int:
+    if index not in _SM_COUNTS:
+        _SM_COUNTS[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return _SM_COUNTS[index]
+
+
+def choose_num_splits(num_reqs: int, num_kv_heads: int, max_seq_len: int, num_sms: int,
+                      tile_n: int) -> int:
+    """Flash-decoding split count: enough programs for ~2 waves, each split >= 4 KV tiles."""
+    programs = max(1, num_reqs * num_kv_heads)
+    if programs >= num_sms:
+        return 1
+    wanted = triton.cdiv(2 * num_sms, programs)
+    return max(1, min(wanted, max_seq_len // (4 * tile_n), MAX_SPLITS))
+
+
+class TritonPagedBackend:
+    """AttentionBackend for CUDA; launch-only (no host-device sync), so CUDA-graph capturable.
+
+    Under graph capture, the choices made from host ints (decode-only or mixed, split count)
+    are frozen at capture: capture decode graphs with max_query_len == 1 and a representative
+    max_seq_len; any split count stays correct for any sequence lengths.
+    """
+    name = "triton_paged"
+
+    def __init__(self, decode_config: KernelConfig = DECODE_CONFIG,
+                 mixed_config: KernelConfig = MIXED_CONFIG, enable_split_kv: bool = True) -> None:
+        self.decode_config = decode_config
+        self.mixed_config = mixed_config
+        self.enable_split_kv = enable_split_kv
+
+    def write_kv(self, key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
+                 slot_mapping: torch.Tensor) -> None:
+        _check_kv_cache(kv_cache)
+        num_kv_heads, head_dim = kv_cache.shape[3], kv_cache.shape[4]
+        for name, t in (("key", key), ("value", value)):
+            if t.dim() != 3 or tuple(t.shape[1:]) != (num_kv_heads, head_dim):
+                raise ValueError(f"{name} must be [num_tokens, {num_kv_heads}, {head_dim}], got {tuple(t.shape)}")
+            if t.shape[0] < slot_mapping.shape[0]:
+                raise ValueError(f"{name} has {t.shape[0]} tokens, slot_mapping {slot_mapping.shape[0]}")
+        key, value = _last_dim_contiguous(key), _last_dim_contiguous(value)
+        num_tokens = slot_mapping.shape[0]
+        if num_tokens == 0:
+            return
+        _write_kv_kernel[(num_tokens,)](
+            key, value, kv_cache, slot_mapping,
+            key.stride(0), key.stride(1), value.stride(0), value.stride(1),
+            kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3),
+            NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim,
+            HEADS_PAD=triton.next_power_of_2(num_kv_heads), HEAD_DIM_PAD=triton.next_power_of_2(head_dim),
+            BLOCK_SIZE=kv_cache.shape[2])
+
+    def forward(self, query: torch.Tensor, kv_cache: torch.Tensor, metadata: AttentionMetadata,
+                scale: float, out: torch.Tensor | None = None) -> torch.Tensor:
+        """As AttentionBackend.forward; ``out`` (same shape as query) may be given, e.g. a static
+        buffer under CUDA graphs. Rows of tokens past ``query_start_loc[num_reqs]`` are left as is."""
+        _check_kv_cache(kv_cache)
+        num_kv_heads, head_dim = kv_cache.shape[3], kv_cache.shape[4]
+        if query.dim() != 3 or query.shape[2] != head_dim:
+            raise ValueError(f"query must be [num_tokens, num_heads, {head_dim}], got {tuple(query.shape)}")
+        if query.shape[1] % num_kv_heads:
+            raise ValueError(f"query num_heads {query.shape[1]} is not a multiple of num_kv_heads {num_kv_heads}")
+        query = _last_dim_contiguous(query)
+        if out is None:
+            out = torch.empty(query.shape, dtype=query.dtype, device=query.device)
+        elif out.shape != query.shape or out.stride(-1) != 1:
+            raise ValueError(f"out must be {tuple(query.shape)} with a contiguous last dim, got {tuple(out.shape)}")
+        if metadata.num_reqs == 0 or query.shape[0] == 0:
+            return out
+        launch = _LaunchPlan.build(self, query, num_kv_heads, metadata)
+        launch.run(query, kv_cache, metadata, scale, out)
+        return out
+
+
+@dataclass(frozen=True, slots=True)
+class _LaunchPlan:
+    """Everything about one forward's launch that is decided on the host from shapes and host ints."""
+    config: KernelConfig
+    group: int
+    block_q: int
+    decode_only: bool
+    num_splits: int
+
+    @staticmethod
+    def build(backend: TritonPagedBackend, query: torch.Tensor, num_kv_heads: int,
+              metadata: AttentionMetadata) -> "_LaunchPlan":
+        group = query.shape[1] // num_kv_heads
+        decode_only = metadata.max_query_len <= 1
+        config = backend.decode_config if decode_only else backend.mixed_config
+        block_m = max(config.block_m, triton.next_power_of_2(group), 16)
+        config = KernelConfig(block_m, config.tile_n, config.num_warps, config.num_stages)
+        num_splits = 1
+        if decode_only and backend.enable_split_kv:
+            num_splits = choose_num_splits(metadata.num_reqs, num_kv_heads, metadata.max_seq_len,
+                                           _num_sms(query.device), config.tile_n)
+        return _LaunchPlan(config, group, block_m // group, decode_only, num_splits)
+
+    def run(self, query: torch.Tensor, kv_cache: torch.Tensor, metadata: AttentionMetadata,
+            scale: float, out: torch.Tensor) -> None:
+        num_tokens, num_heads, head_dim = query.shape
+        num_kv_heads = kv_cache.shape[3]
+        split = self.num_splits > 1
+        if split:
+            part_out = torch.empty((self.num_splits, num_tokens, num_heads, head_dim), dtype=torch.float32,
+                                   device=query.device)
+            part_lse = torch.empty((self.num_splits, num_tokens, num_heads), dtype=torch.float32,
+                                   device=query.device)
+        else:  # unused by the kernel; any tensor gives valid pointers and strides
+            part_out, part_lse = out, out[:, :, 0]
+        if self.decode_only:
+            num_q_tiles = metadata.num_reqs
+        else:
+            num_q_tiles = num_tokens // self.block_q + metadata.num_reqs
+        head_dim_pad = triton.next_power_of_2(max(head_dim, 16))
+        cfg = self.config
+        _paged_attention_kernel[(num_q_tiles, num_kv_heads, self.num_splits)](
+            out, query, kv_cache, metadata.block_table, metadata.seq_lens, metadata.query_start_loc,
+            part_out, part_lse, scale * LOG2E, metadata.num_reqs, self.num_splits,
+            query.stride(0), query.stride(1), out.stride(0), out.stride(1),
+            kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3),
+            metadata.block_table.stride(0),
+            part_out.stride(0), part_out.stride(1), part_out.stride(2), part_lse.stride(0), part_lse.stride(1),
+            GROUP=self.group, BLOCK_M=cfg.block_m, BLOCK_Q=self.block_q, HEAD_DIM=head_dim,
+            HEAD_DIM_PAD=head_dim_pad, BLOCK_SIZE=kv_cache.shape[2], TILE_N=cfg.tile_n,
+            DECODE_ONLY=self.decode_only, SPLIT=split,
+            DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        if split:
+            _merge_splits_kernel[(metadata.num_reqs, num_heads)](
+                out, part_out, part_lse, metadata.query_start_loc, self.num_splits,
+                out.stride(0), out.stride(1), part_out.stride(0), part_out.stride(1), part_out.stride(2),
+                part_lse.stride(0), part_lse.stride(1),
+                HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, SPLITS_PAD=MAX_SPLITS)
+
+
+def _check_kv_cache(kv_cache: torch.Tensor) -> None:
+    if kv_cache.dim() != 5 or kv_cache.shape[0] != 2:
+        raise ValueError(f"kv_cache must be [2, num_blocks, block_size, num_kv_heads, head_dim], "
+                         f"got {tuple(kv_cache.shape)}")
+    if kv_cache.stride(4) != 1:
+        raise ValueError("kv_cache head_dim must be contiguous (stride 1)")
+
+
+def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
