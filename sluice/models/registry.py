@@ -14,6 +14,11 @@ _MODELS: dict[str, tuple[str, str]] = {
     "Qwen2ForCausalLM": ("qwen2", "Qwen2ForCausalLM"),
     "Qwen3ForCausalLM": ("qwen3", "Qwen3ForCausalLM"),
 }
+# Configs built in code (not read from config.json) have no ``architectures``; their model_type decides.
+_MODEL_TYPES: dict[str, str] = {
+    "llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
+    "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
+}
 
 
 def supported_architectures() -> list[str]:
@@ -29,11 +34,17 @@ def resolve_model_class(architecture: str) -> type:
 
 
 def get_model_class(hf_config: Any) -> type:
-    """The class for the first architecture of ``hf_config.architectures`` that sluice knows."""
+    """The class for the first architecture of ``hf_config.architectures`` that sluice knows.
+
+    Without ``architectures``, the ``model_type`` picks the family's causal-LM class.
+    """
     architectures = list(getattr(hf_config, "architectures", None) or [])
     if not architectures:
-        raise ValueError("architectures is missing from the model config (config.json); supported: "
-                         f"{', '.join(supported_architectures())}")
+        model_type = getattr(hf_config, "model_type", None)
+        if model_type in _MODEL_TYPES:
+            return resolve_model_class(_MODEL_TYPES[model_type])
+        raise ValueError(f"architectures is missing from the model config and model_type {model_type!r} is not "
+                         f"known; supported architectures: {', '.join(supported_architectures())}")
     for architecture in architectures:
         if architecture in _MODELS:
             return resolve_model_class(architecture)
