@@ -22,7 +22,7 @@ def get_tp_rank_and_size() -> tuple[int, int]:
     return 0, 1
 
 
-def _copy_checked(target: torch.Tensor, loaded_weight: torch.Tensor, name: str) -> None:
+def copy_weight_checked(target: torch.Tensor, loaded_weight: torch.Tensor, name: str) -> None:
     if target.shape != loaded_weight.shape:
         raise ValueError(f"{name}: checkpoint tensor has shape {tuple(loaded_weight.shape)}, "
                          f"expected {tuple(target.shape)}")
@@ -31,7 +31,7 @@ def _copy_checked(target: torch.Tensor, loaded_weight: torch.Tensor, name: str) 
 
 def default_weight_loader(param: nn.Parameter, loaded_weight: torch.Tensor, shard_id=None) -> None:
     with torch.no_grad():
-        _copy_checked(param.data, loaded_weight, "parameter")
+        copy_weight_checked(param.data, loaded_weight, "parameter")
 
 
 class UnquantizedLinearMethod:
@@ -79,7 +79,7 @@ class LinearBase(nn.Module):
         if self.tp_dim is not None and self.tp_dim < loaded_weight.dim():
             loaded_weight = self._narrow_to_rank(loaded_weight, self.tp_dim)
         with torch.no_grad():
-            _copy_checked(param.data, loaded_weight, type(self).__name__)
+            copy_weight_checked(param.data, loaded_weight, type(self).__name__)
 
 
 class ReplicatedLinear(LinearBase):
@@ -109,7 +109,7 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
         offset = sum(self.output_sizes[:shard_id]) // self.tp_size
         size = self.output_sizes[shard_id] // self.tp_size
         with torch.no_grad():
-            _copy_checked(param.data.narrow(0, offset, size), self._narrow_to_rank(loaded_weight, 0),
+            copy_weight_checked(param.data.narrow(0, offset, size), self._narrow_to_rank(loaded_weight, 0),
                           f"{type(self).__name__} shard {shard_id}")
 
 
@@ -138,7 +138,7 @@ class QKVParallelLinear(ColumnParallelLinear):
         index = "qkv".index(shard_id)
         offset, size = sum(self.output_sizes[:index]), self.output_sizes[index]
         with torch.no_grad():
-            _copy_checked(param.data.narrow(0, offset, size), self._narrow_to_rank(loaded_weight, 0),
+            copy_weight_checked(param.data.narrow(0, offset, size), self._narrow_to_rank(loaded_weight, 0),
                           f"{type(self).__name__} shard {shard_id}")
 
 

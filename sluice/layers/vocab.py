@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sluice.layers.linear import _copy_checked, get_tp_rank_and_size
+from sluice.layers.linear import copy_weight_checked, get_tp_rank_and_size
 
 
 class VocabEmbedding(nn.Module):
@@ -26,7 +26,7 @@ class VocabEmbedding(nn.Module):
     def weight_loader(self, param: nn.Parameter, loaded_weight: torch.Tensor, shard_id=None) -> None:
         rows = self.num_embeddings_per_rank
         with torch.no_grad():
-            _copy_checked(param.data, loaded_weight.narrow(0, self.tp_rank * rows, rows), type(self).__name__)
+            copy_weight_checked(param.data, loaded_weight.narrow(0, self.tp_rank * rows, rows), type(self).__name__)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         if self.tp_size > 1:
