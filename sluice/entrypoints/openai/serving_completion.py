@@ -69,7 +69,10 @@ class OpenAIServingCompletion(OpenAIServing):
             return None
         if request.logprobs is not None:
             logprobs = CompletionLogprobs()
-            if echo_now and output.prompt_logprobs is not None:
+            if echo_now:
+                if output.prompt_logprobs is None:
+                    raise bad_request("echo with logprobs needs prompt logprobs, which this engine does not "
+                                      "produce yet; use echo or logprobs alone", "echo")
                 logprobs = self.completion_logprobs(prompt.token_ids, output.prompt_logprobs, request.logprobs, 0)
             start = state.num_chars + (len(prompt.text or "") if echo_now else 0)
             generated = self.completion_logprobs(completion.token_ids, completion.logprobs or [],
