@@ -44,8 +44,12 @@ class KernelConfig:
     num_stages: int
 
 
-DECODE_CONFIG = KernelConfig(block_m=16, tile_n=64, num_warps=4, num_stages=3)
+DECODE_CONFIG = KernelConfig(block_m=16, tile_n=128, num_warps=4, num_stages=3)
+# Mixed batches: mostly decodes (a few short chunks) keep the small row tile; batches with
+# real prefill work take the larger one, which runs the tensor cores 3x better on prefill.
+MOSTLY_DECODE_CONFIG = KernelConfig(block_m=16, tile_n=64, num_warps=4, num_stages=2)
 MIXED_CONFIG = KernelConfig(block_m=64, tile_n=64, num_warps=4, num_stages=2)
+MOSTLY_DECODE_TOKENS_PER_REQ = 4  # num_tokens <= this x num_reqs counts as mostly decodes
 
 
 @triton.jit
@@ -74,8 +78,8 @@ def _write_kv_kernel(key_ptr, value_ptr, kv_ptr, slot_ptr,
 @triton.jit
 def _find_request(query_start_loc_ptr, q_tile, num_reqs, BLOCK_Q: tl.constexpr):
     """Largest request i whose first query tile ``qsl[i] // BLOCK_Q + i`` is <= q_tile."""
-    lo = 0
-    hi = num_reqs
+    lo: tl.int32 = 0
+    hi: tl.int32 = num_reqs
     while lo < hi:
         mid = (lo + hi) // 2
         first_tile = tl.load(query_start_loc_ptr + mid) // BLOCK_Q + mid
@@ -233,9 +237,12 @@ class TritonPagedBackend:
     name = "triton_paged"
 
     def __init__(self, decode_config: KernelConfig = DECODE_CONFIG,
-                 mixed_config: KernelConfig = MIXED_CONFIG, enable_split_kv: bool = True) -> None:
+                 mixed_config: KernelConfig = MIXED_CONFIG,
+                 mostly_decode_config: KernelConfig | None = MOSTLY_DECODE_CONFIG,
+                 enable_split_kv: bool = True) -> None:
         self.decode_config = decode_config
         self.mixed_config = mixed_config
+        self.mostly_decode_config = mostly_decode_config
         self.enable_split_kv = enable_split_kv
 
     def write_kv(self, key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
@@ -295,7 +302,13 @@ class _LaunchPlan:
               metadata: AttentionMetadata) -> "_LaunchPlan":
         group = query.shape[1] // num_kv_heads
         decode_only = metadata.max_query_len <= 1
-        config = backend.decode_config if decode_only else backend.mixed_config
+        if decode_only:
+            config = backend.decode_config
+        elif (backend.mostly_decode_config is not None
+              and query.shape[0] <= MOSTLY_DECODE_TOKENS_PER_REQ * metadata.num_reqs):
+            config = backend.mostly_decode_config
+        else:
+            config = backend.mixed_config
         block_m = max(config.block_m, triton.next_power_of_2(group), 16)
         config = KernelConfig(block_m, config.tile_n, config.num_warps, config.num_stages)
         num_splits = 1

@@ -139,6 +139,22 @@ def test_decode_only_batch(backend):
     run_and_compare(backend, batch)
 
 
+@pytest.mark.parametrize("group", [4, 8, 16])
+def test_mostly_decode_batch_with_a_short_chunk(backend, group):
+    """Few prefill tokens per request: the small row tile (BLOCK_Q = 16 // group tokens)."""
+    query_lens, seq_lens = [1, 1, 7, 1, 1, 2], [30, 70, 40, 1, 129, 2]
+    batch = make_batch(query_lens, seq_lens, 2 * group, 2, 64, 16, torch.bfloat16, seed=group)
+    run_and_compare(backend, batch)
+
+
+@needs_cuda
+def test_mostly_decode_batch_long_contexts(backend):
+    query_lens = [1] * 30 + [64]
+    seq_lens = [4096 + 37 * i for i in range(30)] + [5000]
+    batch = make_batch(query_lens, seq_lens, 32, 8, 128, 16, torch.bfloat16, seed=31)
+    run_and_compare(backend, batch)
+
+
 def test_prefill_only_from_empty_cache_is_causal(backend):
     query_lens = [40, 7, 64]
     batch = make_batch(query_lens, query_lens, 4, 1, 64, 16, torch.float32, seed=5)
