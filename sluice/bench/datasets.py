@@ -1,0 +1,144 @@
+"""Seeded synthetic workloads W1-W4 of BENCHMARKS.md: lists of (prompt_token_ids, output_len).
+
+    W1 chat-like   1000 requests, prompt clip(round(lognormal(ln 150, 0.9)), 4, 1024),
+                   output clip(round(lognormal(ln 140, 0.9)), 4, 2048 - prompt)
+    W2 prefill     1000 requests, 1024 prompt tokens, 128 output tokens
+    W3 decode      256 requests, prompt and output lengths uniform in [100, 1024]
+    W4 prefix      1000 requests, one shared 2048-token prefix + 128 unique tokens, 128 output tokens
+
+Token ids are uniform over ``[FIRST_TOKEN_ID, vocab_size)`` so that the low ids, where tokenizers keep their
+special tokens (bos, eos, pad), never appear in a prompt. Everything comes from one ``numpy`` generator seeded
+with ``seed``: the same arguments give the same requests on every machine.
+
+Small models: ``length_scale`` multiplies every nominal length (W1's lognormal medians and clip bounds too),
+and ``max_model_len`` fits each request into the model's context (see ``fit_to_context``), so the shape of a
+workload survives on a model with a 512-token context.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+FIRST_TOKEN_ID = 10  # ids below this are left out: special tokens live there in most vocabularies
+
+
+@dataclass(frozen=True, slots=True)
+class BenchRequest:
+    prompt_token_ids: list[int]
+    output_len: int
+
+    def __iter__(self):  # unpacks like the (prompt_token_ids, output_len) pair it is
+        return iter((self.prompt_token_ids, self.output_len))
+
+
+@dataclass(frozen=True, slots=True)
+class WorkloadSpec:
+    name: str
+    default_num_prompts: int
+    description: str
+
+
+WORKLOADS: dict[str, WorkloadSpec] = {
+    "W1": WorkloadSpec("W1", 1000, "chat-like: lognormal prompt (median 150) and output (median 140) lengths"),
+    "W2": WorkloadSpec("W2", 1000, "prefill-heavy: 1024 prompt tokens, 128 output tokens"),
+    "W3": WorkloadSpec("W3", 256, "decode-heavy: prompt and output lengths uniform in [100, 1024]"),
+    "W4": WorkloadSpec("W4", 1000, "shared prefix: 2048-token prefix + 128 unique tokens, 128 output tokens"),
+}
+
+
+def fit_to_context(prompt_len: int, output_len: int, max_model_len: int) -> tuple[int, int]:
+    """Shrinks a request that does not fit ``max_model_len``: the prompt first (down to half the context),
+    then the output. Requests that fit come back unchanged."""
+    excess = prompt_len + output_len - max_model_len
+    if excess <= 0:
+        return prompt_len, output_len
+    prompt_len = max(prompt_len - excess, min(prompt_len, max_model_len // 2))
+    return prompt_len, min(output_len, max_model_len - prompt_len)
+
+
+def generate_workload(workload: str, vocab_size: int, num_prompts: int | None = None, seed: int = 0,
+                      max_model_len: int | None = None, length_scale: float = 1.0) -> list[BenchRequest]:
+    """The requests of ``workload`` ("W1".."W4"); ``num_prompts`` defaults to the workload's own count."""
+    spec = WORKLOADS.get(workload)
+    if spec is None:
+        raise ValueError(f"workload must be one of {', '.join(WORKLOADS)}, got {workload!r}")
+    num_prompts = spec.default_num_prompts if num_prompts is None else num_prompts
+    if num_prompts < 1:
+        raise ValueError(f"num_prompts must be at least 1, got {num_prompts}")
+    if vocab_size <= FIRST_TOKEN_ID:
+        raise ValueError(f"vocab_size must be larger than {FIRST_TOKEN_ID}, got {vocab_size}")
+    if not length_scale > 0:
+        raise ValueError(f"length_scale must be positive, got {length_scale}")
+    if max_model_len is not None and max_model_len < 8:
+        raise ValueError(f"max_model_len must be at least 8 to hold a benchmark request, got {max_model_len}")
+    rng = np.random.default_rng(seed)
+    context = max_model_len or 1 << 62
+    if workload == "W4":
+        return _shared_prefix(rng, vocab_size, num_prompts, context, length_scale)
+    lengths = _LENGTHS[workload](rng, num_prompts, length_scale)
+    requests = []
+    for prompt_len, output_len in lengths:
+        prompt_len, output_len = fit_to_context(prompt_len, output_len, context)
+        requests.append(BenchRequest(_token_ids(rng, vocab_size, prompt_len), output_len))
+    return requests
+
+
+def _scaled(length: float, scale: float) -> int:
+    return max(1, round(length * scale))
+
+
+def _token_ids(rng: np.random.Generator, vocab_size: int, n: int) -> list[int]:
+    return rng.integers(FIRST_TOKEN_ID, vocab_size, size=n).tolist()
+
+
+def _chat_like(rng: np.random.Generator, n: int, scale: float) -> list[tuple[int, int]]:
+    # BENCHMARKS.md: prompt clip(round(lognormal(ln 150, 0.9)), 4, 1024); output clip(..., 4, 2048 - prompt).
+    # With a scale, the medians and the bounds 1024 / 2048 scale together; the floor of 4 stays.
+    prompts = rng.lognormal(np.log(150 * scale), 0.9, size=n)
+    outputs = rng.lognormal(np.log(140 * scale), 0.9, size=n)
+    prompt_max, total_max = _scaled(1024, scale), _scaled(2048, scale)
+    lengths = []
+    for p, o in zip(prompts, outputs):
+        prompt_len = int(np.clip(round(p), 4, max(4, prompt_max)))
+        output_len = int(np.clip(round(o), 4, max(4, total_max - prompt_len)))
+        lengths.append((prompt_len, output_len))
+    return lengths
+
+
+def _prefill_heavy(rng: np.random.Generator, n: int, scale: float) -> list[tuple[int, int]]:
+    return [(_scaled(1024, scale), _scaled(128, scale))] * n
+
+
+def _decode_heavy(rng: np.random.Generator, n: int, scale: float) -> list[tuple[int, int]]:
+    low, high = _scaled(100, scale), _scaled(1024, scale)
+    prompts = rng.integers(low, high + 1, size=n)
+    outputs = rng.integers(low, high + 1, size=n)
+    return [(int(p), int(o)) for p, o in zip(prompts, outputs)]
+
+
+_LENGTHS = {"W1": _chat_like, "W2": _prefill_heavy, "W3": _decode_heavy}
+
+
+def _shared_prefix(rng: np.random.Generator, vocab_size: int, n: int, context: int,
+                   scale: float) -> list[BenchRequest]:
+    # The prefix, not the unique part, gives way to a short context: every prompt must stay distinct.
+    unique_len, output_len = _scaled(128, scale), _scaled(128, scale)
+    prefix_len = min(_scaled(2048, scale), context - unique_len - output_len)
+    if prefix_len < 1:
+        raise ValueError(f"max_model_len {context} is too short for W4 ({unique_len} unique + {output_len} output "
+                         "tokens after the prefix); lower --length-scale")
+    prefix = _token_ids(rng, vocab_size, prefix_len)
+    return [BenchRequest(prefix + _token_ids(rng, vocab_size, unique_len), output_len) for _ in range(n)]
+
+
+def shared_prefix_len(requests: list[BenchRequest]) -> int:
+    """Length of the prefix every prompt starts with (W4's system prefix)."""
+    first = requests[0].prompt_token_ids
+    length = len(first)
+    for request in requests[1:]:
+        ids = request.prompt_token_ids
+        length = min(length, len(ids))
+        mismatch = next((i for i in range(length) if ids[i] != first[i]), length)
+        length = mismatch
+    return length

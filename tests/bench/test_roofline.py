@@ -1,0 +1,58 @@
+"""Roofline lower bounds against the hand numbers of BENCHMARKS.md's Limits."""
+from __future__ import annotations
+
+import pytest
+
+from sluice.bench.roofline import ModelShape, count_prefill_tokens, workload_roofline
+
+L8 = ModelShape(num_layers=32, hidden_size=4096, num_heads=32, num_kv_heads=8, head_dim=128,
+                intermediate_size=14336, vocab_size=128256, tie_word_embeddings=False, dtype_bytes=2)
+
+
+def test_l8_shape_has_8b_parameters_and_128_kib_of_kv_per_token():
+    assert L8.num_params == pytest.approx(8.03e9, rel=1e-3)
+    assert L8.kv_bytes_per_token == 128 * 1024
+
+
+def test_one_decode_step_reading_only_weights_takes_about_5_ms_on_the_h100():
+    roofline = workload_roofline(L8, prompt_lens=[1], output_lens=[1], avg_batch=1)
+    assert roofline.decode_s == pytest.approx(5.0e-3, rel=0.02)
+
+
+def test_decode_step_of_256_sequences_at_1k_context_reads_weights_plus_kv():
+    # 256 requests each producing one token at context 1024: one step of 15 GB weights + 32 GiB of KV.
+    roofline = workload_roofline(L8, prompt_lens=[1024] * 256, output_lens=[1] * 256, avg_batch=256)
+    expected = (L8.decode_weight_bytes + 256 * 1024 * L8.kv_bytes_per_token) / 3.0e12
+    assert roofline.decode_s == pytest.approx(expected)
+    assert 14e-3 < roofline.decode_s < 17e-3
+
+
+def test_prefill_bound_is_two_flops_per_parameter_per_token_plus_attention():
+    roofline = workload_roofline(L8, prompt_lens=[1000], output_lens=[1], avg_batch=1, peak_flops=1e15)
+    matmul_s = 2 * L8.matmul_params * 1000 / 1e15
+    assert matmul_s < roofline.prefill_s < matmul_s * 1.1
+
+
+def test_fraction_is_lower_bound_over_measured_time():
+    roofline = workload_roofline(L8, prompt_lens=[1], output_lens=[1], avg_batch=1)
+    assert roofline.fraction(roofline.lower_bound_s * 4) == pytest.approx(0.25)
+
+
+def test_prefix_caching_computes_a_shared_prefix_once_and_always_the_last_token():
+    prefix = list(range(64))
+    prompts = [prefix + [1000 + i] * 16 for i in range(3)]
+    assert count_prefill_tokens(prompts, block_size=16, prefix_caching=False) == 3 * 80
+    assert count_prefill_tokens(prompts, block_size=16, prefix_caching=True) == 80 + 2 * 16
+    repeated = [prefix, prefix]
+    assert count_prefill_tokens(repeated, block_size=16, prefix_caching=True) == 64 + 1
+
+
+def test_a_hit_must_start_at_the_first_block():
+    # Same second block after a different first block: the chained hash does not match.
+    prompts = [[1] * 16 + [2] * 16, [3] * 16 + [2] * 16]
+    assert count_prefill_tokens(prompts, block_size=16, prefix_caching=True) == 64
+
+
+def test_bad_constants_are_refused():
+    with pytest.raises(ValueError, match="avg_batch"):
+        workload_roofline(L8, [1], [1], avg_batch=0)
