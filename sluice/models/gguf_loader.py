@@ -111,6 +111,36 @@ class _Reader(GGUFReader):
         return super()._get(*args, **kwargs)
 
 
+def llama3_freq_factors(head_dim: int, rope_theta: float, factor: float, low_freq_factor: float,
+                        high_freq_factor: float, original_max_position_embeddings: int) -> np.ndarray:
+    """The per-frequency divisors of Llama 3.1 rope scaling, as convert_hf_to_gguf writes them to rope_freqs."""
+    freqs = 1.0 / rope_theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+    wavelen = 2 * np.pi / freqs
+    smooth = (original_max_position_embeddings / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+    factors = 1.0 / ((1 - smooth) / factor + smooth)
+    factors = np.where(wavelen < original_max_position_embeddings / high_freq_factor, 1.0, factors)
+    return np.where(wavelen > original_max_position_embeddings / low_freq_factor, factor, factors)
+
+
+# (low_freq_factor, high_freq_factor, original_max_position_embeddings) of the released Llama 3.1 / 3.2 models.
+_LLAMA3_ROPE_CANDIDATES = ((1.0, 4.0, 8192),)
+
+
+def llama3_rope_parameters(freq_factors: np.ndarray, rope_theta: float, path: str) -> dict[str, Any]:
+    """HF's llama3 rope parameters recovered from a file's rope_freqs tensor.
+
+    The file stores only the resulting factors, so the released models' parameters are tried and checked
+    against them; anything else is refused rather than run with silently wrong positions.
+    """
+    factor = float(freq_factors.max())
+    for low, high, original in _LLAMA3_ROPE_CANDIDATES:
+        expected = llama3_freq_factors(2 * len(freq_factors), rope_theta, factor, low, high, original)
+        if np.allclose(expected, freq_factors, rtol=1e-3):
+            return {"rope_type": "llama3", "factor": factor, "low_freq_factor": low, "high_freq_factor": high,
+                    "original_max_position_embeddings": original}
+    raise ValueError(f"GGUF file {path} has rope_freqs.weight that matches no known llama3 rope scaling")
+
+
 def _check_is_gguf(path: str) -> None:
     if not os.path.exists(path):
         raise FileNotFoundError(f"GGUF file not found: {path}")
@@ -198,12 +228,16 @@ class GGUFCheckpoint:
                 rope["original_max_position_embeddings"] = int(original)
         elif scaling not in (None, "none"):
             raise ValueError(f"unsupported rope scaling {scaling!r} in GGUF file {self.path}")
-        if "rope_freqs.weight" in self._tensor_names:
-            # Llama 3.1-style frequency factors; the HF config would need the llama3 rope parameters,
-            # which the file does not store. Loud rather than silently wrong at long context.
-            raise ValueError(f"GGUF file {self.path} has rope_freqs.weight (llama3 rope scaling), "
-                             "which sluice cannot load yet")
+        freq_factors = self._rope_freq_factors()
+        if freq_factors is not None:
+            rope.update(llama3_rope_parameters(freq_factors, rope["rope_theta"], self.path))
         return rope
+
+    def _rope_freq_factors(self) -> np.ndarray | None:
+        for tensor in self._reader.tensors:
+            if tensor.name == "rope_freqs.weight":
+                return np.asarray(dequantize(tensor.data, GGMLQuantizationType(tensor.tensor_type))).ravel()
+        return None
 
     def _vocab_size_from_tensors(self) -> int:
         """Older files omit ``<arch>.vocab_size``; the embedding's row count is the truth (GGUF: [hidden, vocab])."""

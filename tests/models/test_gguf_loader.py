@@ -16,7 +16,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 from sluice.models.default_model import default_model_path
-from sluice.models.gguf_loader import GGUFCheckpoint, gguf_to_hf_name
+from sluice.models.gguf_loader import GGUFCheckpoint, gguf_to_hf_name, llama3_freq_factors
 
 Q8_0, F16, F32 = GGMLQuantizationType.Q8_0, GGMLQuantizationType.F16, GGMLQuantizationType.F32
 
@@ -239,14 +239,44 @@ def test_default_model_weights_match_transformers_gguf_loading(default_checkpoin
         torch.testing.assert_close(tensor, reference[name], rtol=1e-6, atol=1e-6, msg=name)
 
 
+# ---- Llama 3.1-style rope scaling, stored by llama.cpp as a rope_freqs tensor ----
+
+def test_llama3_rope_scaling_is_recovered_from_rope_freqs(tmp_path):
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    freq_factors = llama3_freq_factors(16, 500000.0, 32.0, 1.0, 4.0, 8192)
+    assert 1.0 < freq_factors[4] < 32.0  # the file covers all three bands, smoothed middle included
+    ckpt = GGUFCheckpoint(_write_minimal_gguf(tmp_path / "llama3.gguf", rope_freqs=freq_factors))
+    config = ckpt.hf_config
+    assert config.rope_parameters == {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0,
+                                      "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                      "original_max_position_embeddings": 8192}
+    # transformers' own llama3 rotary frequencies are the plain ones divided by the file's factors
+    inv_freq, _ = ROPE_INIT_FUNCTIONS["llama3"](config, "cpu")
+    plain = 1.0 / 500000.0 ** (torch.arange(0, 16, 2, dtype=torch.float64) / 16)
+    torch.testing.assert_close(inv_freq.double(), plain / torch.from_numpy(freq_factors), rtol=1e-5, atol=0)
+    assert all(not name.startswith("rope_freqs") for name, _ in ckpt.weights())
+
+
+def test_unknown_rope_freqs_are_refused(tmp_path):
+    factors = np.linspace(1.0, 7.0, 8)
+    with pytest.raises(ValueError, match="rope_freqs"):
+        GGUFCheckpoint(_write_minimal_gguf(tmp_path / "odd-rope.gguf", rope_freqs=factors))
+
+
 # ---- bad input: one line naming the problem ----
 
-def _write_minimal_gguf(path, architecture: str = "llama", qtype: GGMLQuantizationType = F32) -> str:
+def _write_minimal_gguf(path, architecture: str = "llama", qtype: GGMLQuantizationType = F32,
+                        rope_freqs: np.ndarray | None = None) -> str:
+    """One embedding tensor, hidden 32, 2 heads of 16; enough metadata to open."""
     writer = GGUFWriter(os.fspath(path), architecture)
     writer.add_block_count(1)
     writer.add_embedding_length(32)
     writer.add_feed_forward_length(64)
     writer.add_head_count(2)
+    writer.add_rope_freq_base(500000.0)
+    if rope_freqs is not None:
+        writer.add_tensor("rope_freqs.weight", rope_freqs.astype(np.float32))
     if qtype == F32:
         writer.add_tensor("token_embd.weight", np.zeros((4, 32), dtype=np.float32))
     else:  # raw blocks of the right byte size; their values do not matter, loading must stop first
