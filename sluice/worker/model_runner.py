@@ -165,6 +165,5 @@ class ModelRunner:
             for req_id, state, token_id in zip(inputs.sampling_req_ids, states, token_ids.tolist()):
                 state.output_token_ids.append(token_id)
                 sampled[req_id] = [token_id]
-            if result.logprobs is not None:
-                logprobs = result.logprobs
+            logprobs = result.logprobs_by_request(inputs.sampling_req_ids)
         return ModelRunnerOutput(req_ids=inputs.req_ids, sampled_token_ids=sampled, logprobs=logprobs)
