@@ -1,0 +1,98 @@
+"""Graceful shutdown: SIGTERM drains in-flight requests (up to --shutdown-timeout), refuses new ones with 503,
+aborts what is left at the deadline, and exits 0."""
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import httpx
+import pytest
+
+from tests.entrypoints.server_utils import RemoteServer
+from tests.tiny_models import save_tiny_model
+
+
+@pytest.fixture(scope="module")
+def model_path(tmp_path_factory):
+    return save_tiny_model(tmp_path_factory.mktemp("tiny-llama"))
+
+
+class StreamingRequest(threading.Thread):
+    """One streamed completion read line by line on its own thread; ``started`` is set at the first token."""
+
+    def __init__(self, server: RemoteServer, max_tokens: int) -> None:
+        super().__init__(daemon=True)
+        self.server, self.max_tokens = server, max_tokens
+        self.started = threading.Event()
+        self.events: list[dict] = []
+
+    def run(self) -> None:
+        body = {"prompt": "drain me", "max_tokens": self.max_tokens, "ignore_eos": True, "stream": True,
+                "stream_options": {"include_usage": True}}
+        with httpx.stream("POST", self.server.url("/v1/completions"), json=body, timeout=120) as r:
+            for line in r.iter_lines():
+                if line.startswith("data: ") and line != "data: [DONE]":
+                    self.events.append(json.loads(line[len("data: "):]))
+                    self.started.set()
+
+    def completion_tokens(self) -> int | None:
+        usage = [e["usage"] for e in self.events if e.get("usage")]
+        return usage[-1]["completion_tokens"] if usage else None
+
+
+def wait_for(predicate, timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def health_status(server: RemoteServer) -> int | None:
+    try:
+        return httpx.get(server.url("/health"), timeout=2).status_code
+    except httpx.HTTPError:
+        return None
+
+
+def test_sigterm_lets_in_flight_requests_finish_refuses_new_ones_and_exits_zero(model_path):
+    server = RemoteServer(model_path, ["--max-model-len", "256", "--num-kv-blocks", "128", "--max-num-seqs", "2",
+                                       "--shutdown-timeout", "60"])
+    try:
+        requests = [StreamingRequest(server, max_tokens=100) for _ in range(3)]  # the third waits its turn
+        for request in requests:
+            request.start()
+        assert requests[0].started.wait(60)
+        server.send_signal()
+        assert wait_for(lambda: health_status(server) == 503)
+        refused = httpx.post(server.url("/v1/completions"), json={"prompt": "late", "max_tokens": 1}, timeout=10)
+        assert refused.status_code == 503 and refused.json()["error"]["code"] == "draining"
+        for request in requests:
+            request.join(120)
+        assert [r.completion_tokens() for r in requests] == [100, 100, 100]
+        assert all("error" not in e for r in requests for e in r.events)
+        assert server.proc.wait(60) == 0
+    finally:
+        server.stop()
+
+
+def test_requests_still_running_at_the_shutdown_timeout_are_aborted_and_exit_is_zero(model_path):
+    server = RemoteServer(model_path, ["--max-model-len", "256", "--num-kv-blocks", "128", "--max-num-seqs", "1",
+                                       "--shutdown-timeout", "1"])
+    try:
+        requests = [StreamingRequest(server, max_tokens=250) for _ in range(4)]  # about 1000 serial steps
+        for request in requests:
+            request.start()
+        assert requests[0].started.wait(60)
+        signalled = time.monotonic()
+        server.send_signal()
+        assert server.proc.wait(60) == 0
+        assert time.monotonic() - signalled < 30
+        for request in requests:
+            request.join(30)
+        errors = [e["error"] for r in requests for e in r.events if "error" in e]
+        assert errors and all(e["code"] == "aborted" for e in errors)
+    finally:
+        server.stop()
