@@ -78,13 +78,16 @@ class RequestSamplingState:
 
     def draw_exponential(self, vocab_size: int, device: torch.device) -> torch.Tensor:
         """One Exp(1) vector from this request's generator, for the output position now sampled."""
-        assert self.generator is not None
+        generator = self.generator
+        assert generator is not None
         # Rebuilt after preemption: skip the draws its earlier output tokens consumed.
         while self.num_draws < len(self.output_token_ids):
-            torch.empty(vocab_size, device=device).exponential_(generator=self.generator)
+            torch.empty(vocab_size, device=generator.device).exponential_(generator=generator)
             self.num_draws += 1
         self.num_draws += 1
-        return torch.empty(vocab_size, device=device).exponential_(generator=self.generator)
+        # Drawn where the generator lives (the stream is device-specific), then moved.
+        noise = torch.empty(vocab_size, device=generator.device).exponential_(generator=generator)
+        return noise.to(device, non_blocking=True)
 
     def prompt_ids_tensor(self, device: torch.device) -> torch.Tensor:
         """The prompt as a device tensor, built once (the prompt never changes)."""

@@ -8,8 +8,10 @@ from sluice.sampling_params import SamplingParams
 VOCAB_SIZE = 64
 
 
-def make_state(params: SamplingParams, prompt=(1, 2, 3), output=(), eos_token_id=None) -> RequestSamplingState:
-    return RequestSamplingState.create(params, list(prompt), list(output), eos_token_id=eos_token_id)
+def make_state(params: SamplingParams, prompt=(1, 2, 3), output=(), eos_token_id=None,
+               device="cpu") -> RequestSamplingState:
+    return RequestSamplingState.create(params, list(prompt), list(output), eos_token_id=eos_token_id,
+                                       device=device)
 
 
 def build(states, vocab_size=VOCAB_SIZE) -> SamplingMetadata:

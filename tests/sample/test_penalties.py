@@ -7,7 +7,11 @@ import torch
 from sluice.sample.sampler import Sampler
 from sluice.sampling_params import SamplingParams
 
+from sluice.sample.metadata import SamplingMetadata
+
 from .conftest import VOCAB_SIZE, build, make_state
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
 def random_history(py_rng: random.Random, length: int) -> list[int]:
@@ -29,7 +33,8 @@ def reference_penalties(logits: list[float], prompt: list[int], output: list[int
 @pytest.mark.parametrize("presence, frequency, repetition", [
     (0.7, 0.0, 1.0), (0.0, -1.3, 1.0), (0.0, 0.0, 1.8), (0.0, 0.0, 0.6), (-0.5, 1.1, 1.4),
 ])
-def test_penalties_match_reference(presence, frequency, repetition, rng):
+@pytest.mark.parametrize("device", DEVICES)
+def test_penalties_match_reference(presence, frequency, repetition, device, rng):
     py_rng = random.Random(7)
     histories = [(random_history(py_rng, 9), random_history(py_rng, n)) for n in (0, 1, 5, 17)]
     states = [make_state(SamplingParams(presence_penalty=presence, frequency_penalty=frequency,
@@ -38,7 +43,8 @@ def test_penalties_match_reference(presence, frequency, repetition, rng):
     # An unpenalized row in the middle must be left untouched.
     states.insert(2, make_state(SamplingParams(), *histories[3]))
     logits = torch.randn(len(states), VOCAB_SIZE, generator=rng)
-    processed = Sampler.process_logits(logits, build(states))
+    metadata = SamplingMetadata.build(states, VOCAB_SIZE, device)
+    processed = Sampler.process_logits(logits.to(device), metadata).cpu()
     for row, state in enumerate(states):
         params = state.params
         expected = reference_penalties(logits[row].tolist(), state.prompt_token_ids, state.output_token_ids,
@@ -136,3 +142,16 @@ def test_penalty_counts_are_built_for_penalized_rows_only():
     assert penalties.output_counts.shape == (1, VOCAB_SIZE)
     assert penalties.output_counts[0, 4] == 2 and penalties.output_counts[0, 6] == 1
     assert penalties.prompt_mask is None  # only repetition_penalty needs the prompt
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_all_processing_together_matches_the_cpu_result(device, rng):
+    params = SamplingParams(logit_bias={3: 2.0}, allowed_token_ids=list(range(0, 60, 2)), min_tokens=4,
+                            stop_token_ids=[8], repetition_penalty=1.2, frequency_penalty=0.3)
+    params._bad_words_token_ids = [[10], [5, 12]]
+    states = [make_state(params, output=[5, 6, 5]), make_state(SamplingParams(presence_penalty=1.0), output=[2])]
+    logits = torch.randn(2, VOCAB_SIZE, generator=rng)
+    on_cpu = Sampler.process_logits(logits, build(states))
+    on_device = Sampler.process_logits(logits.to(device), SamplingMetadata.build(states, VOCAB_SIZE, device))
+    torch.testing.assert_close(on_device.cpu(), on_cpu)
+    assert not torch.isfinite(on_cpu[0, [1, 8, 10, 12]]).any()  # disallowed, min_tokens stop, bad words

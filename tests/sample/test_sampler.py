@@ -108,18 +108,19 @@ def run_steps(states_per_step, logits_per_step, target_row, device="cpu"):
     return states_per_step[target_row].output_token_ids
 
 
-def neighbour(i: int) -> RequestSamplingState:
+def neighbour(i: int, device: str) -> RequestSamplingState:
     kinds = [SamplingParams(temperature=0.0), SamplingParams(temperature=0.9),
              SamplingParams(seed=100 + i, top_k=7), SamplingParams(top_p=0.5, presence_penalty=0.5)]
-    return make_state(kinds[i % 4])
+    return make_state(kinds[i % 4], device=device)
 
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_seeded_request_gives_the_same_tokens_alone_or_among_32_others(device, rng):
     steps = [torch.randn(33, VOCAB_SIZE, generator=rng) for _ in range(8)]
     params = SamplingParams(temperature=1.0, seed=42, top_p=0.95)
-    alone = run_steps([make_state(params)], [s[17:18] for s in steps], 0, device)
-    batch = [neighbour(i) for i in range(17)] + [make_state(params)] + [neighbour(i) for i in range(17, 32)]
+    alone = run_steps([make_state(params, device=device)], [s[17:18] for s in steps], 0, device)
+    batch = ([neighbour(i, device) for i in range(17)] + [make_state(params, device=device)]
+             + [neighbour(i, device) for i in range(17, 32)])
     in_batch = run_steps(batch, steps, 17, device)
     assert alone == in_batch
 
@@ -133,12 +134,14 @@ def test_different_seeds_give_different_tokens():
     assert first != other
 
 
-def test_seeded_request_rebuilt_after_preemption_continues_its_stream(rng):
+@pytest.mark.parametrize("device", DEVICES)
+def test_seeded_request_rebuilt_after_preemption_continues_its_stream(device, rng):
     steps = [torch.randn(1, VOCAB_SIZE, generator=rng) for _ in range(6)]
     params = SamplingParams(seed=7)
-    uninterrupted = run_steps([make_state(params)], steps, 0)
-    resumed = make_state(params, output=uninterrupted[:3])  # the runner rebuilds state on resume
-    assert run_steps([resumed], steps[3:], 0) == uninterrupted
+    uninterrupted = run_steps([make_state(params, device=device)], steps, 0, device)
+    # The runner rebuilds a resumed request's state from its output so far.
+    resumed = make_state(params, output=uninterrupted[:3], device=device)
+    assert run_steps([resumed], steps[3:], 0, device) == uninterrupted
 
 
 def test_mixed_greedy_and_random_batch_keeps_greedy_rows_exact(rng):
