@@ -20,7 +20,8 @@ from sluice.entrypoints.openai.protocol import (ChatChoice, ChatChoiceLogprobs, 
 from sluice.entrypoints.openai.sampling import (build_sampling_params, check_chat_only, check_common,
                                                 check_context_length, check_logprobs)
 from sluice.entrypoints.openai.serving_engine import (SSE_DONE, EnginePrompt, OpenAIServing, cancel_on_disconnect,
-                                                      engine_error_to_openai, merge_streams, random_id, sse)
+                                                      engine_error_to_openai, merge_streams, random_id, sse,
+                                                      usage_chunk)
 from sluice.outputs import CompletionOutput, RequestOutput
 
 
@@ -80,8 +81,7 @@ class OpenAIServingChat(OpenAIServing):
                               stop_reason=c.stop_reason)
                    for c in sorted(final.outputs, key=lambda c: c.index)]
         num_generated = sum(len(c.token_ids) for c in final.outputs)
-        usage = UsageInfo(prompt_tokens=len(prompt.token_ids), completion_tokens=num_generated,
-                          total_tokens=len(prompt.token_ids) + num_generated)
+        usage = UsageInfo.of(len(prompt.token_ids), num_generated)
         return ChatCompletionResponse(id=request_id, model=model, choices=choices, usage=usage)
 
     async def _stream(self, request: ChatCompletionRequest, model: str, request_id: str, prompt: EnginePrompt,
@@ -104,11 +104,9 @@ class OpenAIServingChat(OpenAIServing):
                                               logprobs=self._logprobs(c, num_top),
                                               finish_reason=c.finish_reason, stop_reason=c.stop_reason)
                     yield sse(chunk.model_copy(update={"choices": [choice]}))
-            if request.stream_options is not None and request.stream_options.include_usage:
-                num_prompt = len(prompt.token_ids)
-                usage = UsageInfo(prompt_tokens=num_prompt, completion_tokens=num_generated,
-                                  total_tokens=num_prompt + num_generated)
-                yield sse(chunk.model_copy(update={"choices": [], "usage": usage}))
+            final = usage_chunk(request, chunk, lambda: UsageInfo.of(len(prompt.token_ids), num_generated))
+            if final is not None:
+                yield final
         except Exception as e:  # noqa: BLE001 - after the 200 went out, errors travel as an event
             yield engine_error_to_openai(e).sse_event()
         yield SSE_DONE

@@ -19,7 +19,7 @@ from sluice.entrypoints.openai.sampling import (build_sampling_params, check_com
                                                 check_logprobs)
 from sluice.entrypoints.openai.serving_engine import (SSE_DONE, ChoiceState, EnginePrompt, OpenAIServing,
                                                       cancel_on_disconnect, engine_error_to_openai,
-                                                      merge_streams, random_id, sse)
+                                                      merge_streams, random_id, sse, usage_chunk)
 from sluice.outputs import CompletionOutput, RequestOutput
 
 
@@ -101,8 +101,7 @@ class OpenAIServingCompletion(OpenAIServing):
                 num_generated += state.num_tokens
         choices.sort(key=lambda c: c.index)
         num_prompt = sum(len(p.token_ids) for p in prompts)
-        usage = UsageInfo(prompt_tokens=num_prompt, completion_tokens=num_generated,
-                          total_tokens=num_prompt + num_generated)
+        usage = UsageInfo.of(num_prompt, num_generated)
         return CompletionResponse(id=request_id, model=model, choices=choices, usage=usage)
 
     async def _stream(self, request: CompletionRequest, model: str, request_id: str, prompts: list[EnginePrompt],
@@ -119,12 +118,10 @@ class OpenAIServingCompletion(OpenAIServing):
                     choice = self._choice(request, prompts[i], output, completion, index, state)
                     if choice is not None:
                         yield sse(chunk.model_copy(update={"choices": [choice]}))
-            if request.stream_options is not None and request.stream_options.include_usage:
-                num_prompt = sum(len(p.token_ids) for p in prompts)
-                num_generated = sum(s.num_tokens for s in states.values())
-                usage = UsageInfo(prompt_tokens=num_prompt, completion_tokens=num_generated,
-                                  total_tokens=num_prompt + num_generated)
-                yield sse(chunk.model_copy(update={"choices": [], "usage": usage}))
+            final = usage_chunk(request, chunk, lambda: UsageInfo.of(
+                sum(len(p.token_ids) for p in prompts), sum(s.num_tokens for s in states.values())))
+            if final is not None:
+                yield final
         except Exception as e:  # noqa: BLE001 - after the 200 went out, errors travel as an event
             yield engine_error_to_openai(e).sse_event()
         yield SSE_DONE

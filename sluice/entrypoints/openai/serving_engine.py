@@ -8,6 +8,7 @@ logging, and cancelling a non-streaming request when its client disconnects.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import math
 import uuid
@@ -23,7 +24,7 @@ from sluice.engine.async_engine import (AsyncLLM, EngineDeadError, QueueFullErro
                                         RequestStream)
 from sluice.entrypoints.openai.errors import OpenAIError
 from sluice.entrypoints.openai.protocol import (ChatChoiceLogprobs, ChatLogprobToken, ChatTopLogprob,
-                                                CompletionLogprobs)
+                                                CompletionLogprobs, SamplingFields, UsageInfo)
 from sluice.entrypoints.openai.sampling import ServingLimits
 from sluice.outputs import Logprob, RequestOutput
 from sluice.sampling_params import SamplingParams
@@ -78,11 +79,17 @@ def engine_error_to_openai(error: BaseException) -> OpenAIError:
 def sse(payload: BaseModel | dict) -> str:
     if isinstance(payload, BaseModel):
         return f"data: {payload.model_dump_json()}\n\n"
-    import json
     return f"data: {json.dumps(payload)}\n\n"
 
 
 SSE_DONE = "data: [DONE]\n\n"
+
+
+def usage_chunk(request: SamplingFields, chunk: BaseModel, usage: Callable[[], UsageInfo]) -> str | None:
+    """The final usage-only chunk of a stream, when the client asked for it (stream_options.include_usage)."""
+    if request.stream_options is None or not request.stream_options.include_usage:
+        return None
+    return sse(chunk.model_copy(update={"choices": [], "usage": usage()}))
 
 
 def random_id(prefix: str) -> str:
