@@ -48,6 +48,9 @@ class RequestSamplingState:
         if params.seed is not None:
             generator = torch.Generator(device=torch.device(device))
             generator.manual_seed(params.seed)
+        if params.bad_words and params.bad_words_token_ids is None:
+            logger.warning("bad_words were never converted to token ids (the engine front must call "
+                           "SamplingParams.update_bad_words_from_tokenizer); they are ignored")
         return cls(params, generator, list(prompt_token_ids), output_token_ids, eos_token_id)
 
     def stop_token_ids_to_mask(self) -> list[int]:
@@ -64,9 +67,6 @@ class RequestSamplingState:
         """Last tokens of bad words whose earlier tokens end the generated text (vLLM's rule)."""
         sequences = self.params.bad_words_token_ids
         if sequences is None:
-            if self.params.bad_words:
-                logger.warning("bad_words were never converted to token ids (the engine front must call "
-                               "SamplingParams.update_bad_words_from_tokenizer); they are ignored")
             return []
         output = self.output_token_ids
         banned = []

@@ -3,25 +3,15 @@ import pytest
 
 from sluice.engine.detokenizer import IncrementalDetokenizer
 from sluice.sampling_params import SamplingParams
+from tests.tiny_models import build_tokenizer
 
 TEXT = "héllo 日本語 🙂 wörld, the quick brown fox"
 
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    # A tiny vocab: multi-byte characters stay split across several byte tokens.
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<s>", "</s>"], show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    corpus = ["hello world, the quick brown fox jumps over the lazy dog.",
-              "héllo 日本語 🙂 and more text here", "stop here STOP now", "the end of the story"] * 5
-    bpe.train_from_iterator(corpus, trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<s>", eos_token="</s>")
+    # A small byte-level BPE: multi-byte characters stay split across several byte tokens.
+    return build_tokenizer()
 
 
 def encode(tokenizer, text):
