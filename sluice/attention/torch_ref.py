@@ -49,8 +49,8 @@ def _causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: 
     k = k.repeat_interleave(group, dim=1).float()
     v = v.repeat_interleave(group, dim=1).float()
     scores = torch.einsum("qhd,khd->hqk", q.float(), k) * scale
-    q_pos = torch.arange(k_len - q_len, k_len).unsqueeze(1)
-    k_pos = torch.arange(k_len).unsqueeze(0)
+    q_pos = torch.arange(k_len - q_len, k_len, device=q.device).unsqueeze(1)
+    k_pos = torch.arange(k_len, device=q.device).unsqueeze(0)
     scores.masked_fill_(k_pos > q_pos, float("-inf"))
     probs = torch.softmax(scores, dim=-1)
     return torch.einsum("hqk,khd->qhd", probs, v).to(q.dtype)
