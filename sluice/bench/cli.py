@@ -1,0 +1,256 @@
+"""`sluice bench ...`: benchmark subcommands. This file owns the `bench` parser and `bench throughput`.
+
+    sluice bench throughput --workload W1 [--num-prompts N] [--peers hf,hf-cb] [--peer-num-prompts M]
+                            [--model PATH|L8] [engine flags...] [--output-json FILE]
+
+`bench throughput` resolves the model (``L8`` is the Llama-3.1-8B shape of BENCHMARKS.md, written as a
+config-only folder and loaded with dummy weights), builds the workload's requests, times the engine on them
+(W4: prefix caching on and off), then each peer on the first ``--peer-num-prompts`` of the same requests, and
+reports tokens per second, ratios (engine over peer, output tokens per second: fair across subsets) and the
+roofline fraction. Other benchmark subcommands (``serve``) live in their own modules of this package and register
+themselves through their ``add_parser(bench_subparsers)``.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import os
+import re
+import subprocess
+import tempfile
+from typing import Any
+
+from sluice.config import EngineArgs
+
+L8_NAME = "L8"
+DEFAULT_RESULTS_DIR = os.path.join("benchmarks", "results")
+_OTHER_BENCHMARKS = ("sluice.bench.serve",)  # optional modules exposing add_parser(bench_subparsers)
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    bench = subparsers.add_parser("bench", help="benchmark the engine against its peers",
+                                  description="Benchmarks defined in BENCHMARKS.md.")
+    bench_subparsers = bench.add_subparsers(dest="bench_command", metavar="{throughput,...}")
+    add_throughput_parser(bench_subparsers)
+    for module_name in _OTHER_BENCHMARKS:
+        import importlib
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as e:
+            if e.name == module_name:
+                continue  # not written yet
+            raise
+        module.add_parser(bench_subparsers)
+    bench.set_defaults(func=lambda args: bench.print_help() or 2)
+    return bench
+
+
+def add_throughput_parser(bench_subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    from sluice.bench.datasets import WORKLOADS
+    from sluice.bench.roofline import H100_HBM_BYTES_PER_S, H100_PEAK_FLOPS
+
+    parser = bench_subparsers.add_parser(
+        "throughput", help="offline throughput on workloads W1-W4, with Hugging Face peers in the same run",
+        description="Offline throughput (BENCHMARKS.md). --model L8 builds the Llama-3.1-8B shape with dummy "
+                    "weights; --seed seeds both the workload and dummy weights.")
+    bench = parser.add_argument_group("benchmark")
+    bench.add_argument("--workload", default="W1", choices=sorted(WORKLOADS),
+                       help="; ".join(f"{w.name}: {w.description}" for w in WORKLOADS.values()))
+    bench.add_argument("--num-prompts", type=int, default=None, help="requests (default: the workload's count)")
+    bench.add_argument("--length-scale", type=float, default=1.0,
+                       help="multiply every nominal prompt/output length (for small models on CPU)")
+    bench.add_argument("--peers", default="", help="comma-separated peers to run in the same process: hf, hf-cb")
+    bench.add_argument("--peer-num-prompts", type=int, default=None,
+                       help="run peers on the first N requests only (compare tokens/s); default all")
+    bench.add_argument("--hf-batch-size", type=int, default=64, help="static batch size of the hf peer")
+    bench.add_argument("--num-warmup-prompts", type=int, default=4, help="untimed short requests before timing")
+    bench.add_argument("--disable-detokenize", action="store_true", help="do not detokenize outputs")
+    bench.add_argument("--hbm-bandwidth", type=float, default=H100_HBM_BYTES_PER_S,
+                       help="bytes/s for the roofline (default: measured H100 copy bandwidth)")
+    bench.add_argument("--peak-flops", type=float, default=H100_PEAK_FLOPS,
+                       help="FLOP/s for the roofline (default: measured H100 bf16 matmul)")
+    bench.add_argument("--output-json", default=None,
+                       help=f"result file (default: {DEFAULT_RESULTS_DIR}/throughput_<workload>_<model>_<device>_"
+                            "<date>.json)")
+    bench.add_argument("--no-progress", action="store_true", help="no progress bar")
+    EngineArgs.add_cli_args(parser)
+    parser.set_defaults(func=run_throughput_command)
+    return parser
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ResolvedModel:
+    name: str  # what the JSON calls it: "L8", "S135" or the path
+    engine_args: EngineArgs
+
+
+def resolve_model(engine_args: EngineArgs, scratch_dir: str) -> ResolvedModel:
+    """Turns ``--model L8`` into a config-only folder with dummy weights; names the default model S135."""
+    if engine_args.model == L8_NAME:
+        if engine_args.load_format not in ("auto", "dummy"):
+            raise ValueError(f"load_format: L8 has no checkpoint, only dummy weights (got {engine_args.load_format!r})")
+        if engine_args.tokenizer is None:
+            raise ValueError("tokenizer: L8 is a config-only folder and the engine needs a tokenizer; pass "
+                             "--tokenizer (any tokenizer folder or .gguf will do: prompts are token ids; "
+                             "add --disable-detokenize if its vocabulary is smaller than 128256)")
+        folder = write_l8_config(scratch_dir)
+        return ResolvedModel(L8_NAME, dataclasses.replace(engine_args, model=folder, load_format="dummy"))
+    return ResolvedModel("S135" if engine_args.model is None else engine_args.model, engine_args)
+
+
+def write_l8_config(folder: str) -> str:
+    """BENCHMARKS.md's L8: the Llama-3.1-8B shape in bfloat16, as config.json only."""
+    from transformers import LlamaConfig
+
+    config = LlamaConfig(
+        vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+        num_attention_heads=32, num_key_value_heads=8, head_dim=128, max_position_embeddings=131072,
+        rms_norm_eps=1e-5, tie_word_embeddings=False, bos_token_id=128000, eos_token_id=128001,
+        rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+                         "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
+        dtype="bfloat16")
+    path = os.path.join(folder, "L8")
+    os.makedirs(path, exist_ok=True)
+    with open(os.path.join(path, "config.json"), "w") as f:
+        f.write(config.to_json_string())
+    return path
+
+
+def run_throughput_command(args: argparse.Namespace) -> int:
+    from sluice.bench.peers import parse_peers
+
+    peers = parse_peers(args.peers)  # fail on a bad name before any model loads
+    for name in ("num_prompts", "peer_num_prompts", "hf_batch_size"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise ValueError(f"{name} must be at least 1, got {value}")
+    with tempfile.TemporaryDirectory(prefix="sluice-bench-") as scratch:
+        model = resolve_model(EngineArgs.from_cli_args(args), scratch)
+        report = run_throughput_benchmark(args, model, peers)
+    print(format_table(report))
+    path = args.output_json or default_output_path(report)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(report, f, indent=2)
+        f.write("\n")
+    print(f"wrote {path}")
+    return 0
+
+
+def run_throughput_benchmark(args: argparse.Namespace, model: ResolvedModel, peers: list[str]) -> dict[str, Any]:
+    """Engine (and for W4 the engine without prefix caching), then peers; returns the JSON report."""
+    from sluice.bench.datasets import generate_workload
+    from sluice.bench.peers import PEER_RUNNERS, PeerConfig
+    from sluice.bench.throughput import run_sluice
+    from sluice.models.model_config import ModelConfig
+
+    engine_args = model.engine_args
+    engine_args.validate()
+    model_config = ModelConfig.from_engine_args(engine_args)
+    requests = generate_workload(args.workload, model_config.vocab_size, args.num_prompts, engine_args.seed,
+                                 model_config.max_model_len, args.length_scale)
+    run_kwargs = dict(detokenize=not args.disable_detokenize, num_warmup=args.num_warmup_prompts,
+                      use_tqdm=not args.no_progress)
+    runs = {}
+    if args.workload == "W4":  # BENCHMARKS.md: W4 runs with prefix caching on and off
+        runs["engine"] = run_sluice(dataclasses.replace(engine_args, enable_prefix_caching=True), requests,
+                                    **run_kwargs)
+        runs["engine_prefix_caching_off"] = run_sluice(
+            dataclasses.replace(engine_args, enable_prefix_caching=False), requests, name="sluice-no-prefix-cache",
+            **run_kwargs)
+    else:
+        runs["engine"] = run_sluice(engine_args, requests, **run_kwargs)
+    peer_requests = requests[:args.peer_num_prompts] if args.peer_num_prompts else requests
+    peer_config = PeerConfig(batch_size=args.hf_batch_size)
+    peer_results = {name: PEER_RUNNERS[name](model_config, peer_requests, peer_config) for name in peers}
+    return build_report(args, model, model_config, requests, runs, peer_results)
+
+
+def build_report(args: argparse.Namespace, model: ResolvedModel, model_config: Any, requests: list,
+                 runs: dict[str, Any], peer_results: dict[str, Any]) -> dict[str, Any]:
+    from sluice.bench.roofline import ModelShape, count_prefill_tokens, workload_roofline
+
+    engine_run = runs["engine"]
+    engine = engine_run.result
+    dtype_bytes = {"float32": 4, "bfloat16": 2, "float16": 2}[model_config.dtype]
+    shape = ModelShape.from_hf_config(model_config.hf_config, dtype_bytes)
+    prompts = [r.prompt_token_ids for r in requests]
+    prefill_tokens = count_prefill_tokens(prompts, model.engine_args.block_size,
+                                          engine.extra["enable_prefix_caching"])
+    roofline = workload_roofline(shape, [len(p) for p in prompts], [r.output_len for r in requests],
+                                 max(engine_run.avg_batch, 1.0), prefill_tokens, args.hbm_bandwidth, args.peak_flops)
+    engine_settings = {f.name: getattr(model.engine_args, f.name) for f in dataclasses.fields(EngineArgs)
+                       if not f.name.startswith("_")}
+    report: dict[str, Any] = {
+        "workload": args.workload, "device": device_name(model_config.device), "model": model.name,
+        "dtype": model_config.dtype, "sluice_commit": git_commit(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "num_prompts": len(requests), "seed": model.engine_args.seed, "length_scale": args.length_scale,
+        "max_model_len": model_config.max_model_len, "num_kv_blocks": engine_run.num_kv_blocks,
+        "engine": {"name": engine.name, **engine.to_dict(), "engine_args": engine_settings},
+        "peers": {name: {**result.to_dict()} for name, result in peer_results.items()},
+        "peer_num_prompts": len(requests[:args.peer_num_prompts]) if args.peer_num_prompts else len(requests),
+        "peer_weights": ("dummy: same shapes and dtype as the engine, different random values"
+                         if model_config.load_format == "dummy" else "the engine's checkpoint weights"),
+        "ratio_metric": "output_tokens_per_s",
+        "ratios": {name: engine.output_tokens_per_s / result.output_tokens_per_s
+                   for name, result in peer_results.items()},
+        "roofline_fraction": roofline.fraction(engine.elapsed_s),
+        "roofline": {**roofline.to_dict(), "prefill_tokens": prefill_tokens,
+                     "decode_weight_bytes": shape.decode_weight_bytes, "kv_bytes_per_token": shape.kv_bytes_per_token},
+    }
+    if "engine_prefix_caching_off" in runs:
+        off = runs["engine_prefix_caching_off"].result
+        report["engine_prefix_caching_off"] = {"name": off.name, **off.to_dict()}
+        report["prefix_caching_speedup"] = off.elapsed_s / engine.elapsed_s
+    return report
+
+
+def format_table(report: dict[str, Any]) -> str:
+    """The report as a fixed-width table: one row per contender, ratio = engine over that row."""
+    rows = [(report["engine"]["name"], report["engine"], None)]
+    if "engine_prefix_caching_off" in report:
+        off = report["engine_prefix_caching_off"]
+        rows.append((off["name"], off, report["engine"]["output_tokens_per_s"] / off["output_tokens_per_s"]))
+    rows += [(name, peer, report["ratios"][name]) for name, peer in report["peers"].items()]
+    header = f"{'':<24}{'requests':>9}{'req/s':>10}{'output tok/s':>14}{'total tok/s':>13}{'engine/this':>13}"
+    lines = [f"{report['workload']} on {report['device']}, model {report['model']} ({report['dtype']}), "
+             f"{report['num_prompts']} requests, peers on {report['peer_num_prompts']}", header]
+    for name, result, ratio in rows:
+        ratio_text = "-" if ratio is None else f"{ratio:.2f}x"
+        lines.append(f"{name:<24}{result['num_requests']:>9}{result['requests_per_s']:>10.2f}"
+                     f"{result['output_tokens_per_s']:>14.1f}{result['total_tokens_per_s']:>13.1f}{ratio_text:>13}")
+    roofline = report["roofline"]
+    lines.append(f"roofline fraction {report['roofline_fraction']:.3f} (lower bound {roofline['lower_bound_s']:.3g} s "
+                 f"at avg batch {roofline['avg_batch']:.1f}; {roofline['hbm_bytes_per_s'] / 1e12:.2f} TB/s, "
+                 f"{roofline['peak_flops'] / 1e12:.0f} TFLOP/s)")
+    if "prefix_caching_speedup" in report:
+        lines.append(f"prefix caching on vs off: {report['prefix_caching_speedup']:.2f}x")
+    return "\n".join(lines)
+
+
+def device_name(device: str) -> str:
+    if device == "cuda":
+        import torch
+        return torch.cuda.get_device_name()
+    return device
+
+
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
+                             cwd=os.path.dirname(os.path.abspath(__file__)))
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def default_output_path(report: dict[str, Any]) -> str:
+    def slug(text: str) -> str:
+        return re.sub(r"[^a-z0-9]+", "-", os.path.basename(str(text)).lower()).strip("-")
+
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    name = f"throughput_{report['workload']}_{slug(report['model'])}_{slug(report['device'])}_{stamp}.json"
+    return os.path.join(DEFAULT_RESULTS_DIR, name)

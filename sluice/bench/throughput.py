@@ -1,0 +1,155 @@
+"""Offline throughput of the sluice engine on a list of BenchRequests, through the public ``LLM`` API.
+
+Every request samples with temperature 1.0 and top_p 1.0, ignores eos and asks for exactly its ``output_len``
+tokens. The clock runs from the first ``add_request`` to the last finished output (``LLM.generate`` covers both),
+after an untimed warmup of a few short requests (kernel compilation and CUDA graph capture are start-up cost, not
+throughput). A stat logger attached to the engine records how many output tokens each step produced: their mean
+is the average decode batch the roofline uses.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from sluice.bench.datasets import BenchRequest
+from sluice.config import EngineArgs
+from sluice.engine.stats import IterationStats, SchedulerStats
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class ThroughputResult:
+    """One contender's run over a list of requests; tokens per second count useful tokens only."""
+    name: str
+    num_requests: int
+    elapsed_s: float
+    prompt_tokens: int
+    output_tokens: int
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_requests(cls, name: str, requests: Sequence[BenchRequest], elapsed_s: float,
+                      output_tokens: int | None = None, extra: dict[str, Any] | None = None) -> "ThroughputResult":
+        expected = sum(r.output_len for r in requests)
+        if output_tokens is not None and output_tokens != expected:
+            logger.warning("%s produced %d output tokens, the requests asked for %d", name, output_tokens, expected)
+        return cls(name, len(requests), elapsed_s, sum(len(r.prompt_token_ids) for r in requests),
+                   expected if output_tokens is None else output_tokens, dict(extra or {}))
+
+    @property
+    def requests_per_s(self) -> float:
+        return self.num_requests / self.elapsed_s
+
+    @property
+    def output_tokens_per_s(self) -> float:
+        return self.output_tokens / self.elapsed_s
+
+    @property
+    def total_tokens_per_s(self) -> float:
+        return (self.prompt_tokens + self.output_tokens) / self.elapsed_s
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"num_requests": self.num_requests, "elapsed_s": self.elapsed_s,
+                "prompt_tokens": self.prompt_tokens, "output_tokens": self.output_tokens,
+                "requests_per_s": self.requests_per_s, "output_tokens_per_s": self.output_tokens_per_s,
+                "total_tokens_per_s": self.total_tokens_per_s, **self.extra}
+
+
+class StepRecorder:
+    """A StatLogger that counts engine steps that produced output tokens, and prefix-cache hits."""
+
+    def __init__(self, baseline: SchedulerStats | None = None) -> None:
+        # Scheduler counters are cumulative since the engine started: keep the warmup's out.
+        self._baseline = baseline or SchedulerStats()
+        self.decode_steps = 0
+        self.generation_tokens = 0
+        self.prefix_cache_queries = 0
+        self.prefix_cache_hits = 0
+        self.num_preemptions = 0
+
+    def record(self, scheduler_stats: SchedulerStats, iteration_stats: IterationStats) -> None:
+        if iteration_stats.num_generation_tokens:
+            self.decode_steps += 1
+            self.generation_tokens += iteration_stats.num_generation_tokens
+        self.prefix_cache_queries = scheduler_stats.prefix_cache_queries - self._baseline.prefix_cache_queries
+        self.prefix_cache_hits = scheduler_stats.prefix_cache_hits - self._baseline.prefix_cache_hits
+        self.num_preemptions = scheduler_stats.num_preemptions - self._baseline.num_preemptions
+
+    @property
+    def avg_batch(self) -> float:
+        """Output tokens per step that produced any: the batch a decode step ran at, on average."""
+        return self.generation_tokens / self.decode_steps if self.decode_steps else 0.0
+
+
+@dataclass(slots=True)
+class EngineRun:
+    result: ThroughputResult
+    avg_batch: float
+    model_config: Any  # sluice.models.model_config.ModelConfig
+    num_kv_blocks: int
+
+
+def sampling_params_for(requests: Sequence[BenchRequest], detokenize: bool) -> list[Any]:
+    from sluice.sampling_params import SamplingParams
+
+    return [SamplingParams(temperature=1.0, top_p=1.0, ignore_eos=True, max_tokens=r.output_len,
+                           detokenize=detokenize) for r in requests]
+
+
+def run_sluice(engine_args: EngineArgs, requests: Sequence[BenchRequest], name: str = "sluice",
+               detokenize: bool = True, num_warmup: int = 4, use_tqdm: bool = True) -> EngineRun:
+    """Loads the engine, warms it up, and times ``LLM.generate`` over ``requests``. The engine is dropped after."""
+    from sluice.llm import LLM
+
+    kwargs = {f.name: getattr(engine_args, f.name) for f in dataclasses.fields(engine_args)
+              if not f.name.startswith("_")}
+    llm = LLM(**kwargs)
+    engine = llm.llm_engine
+    if num_warmup:
+        # Reversed prompts: the same lengths, but no block the timed run could find in the prefix cache.
+        warmup = [BenchRequest(r.prompt_token_ids[::-1], min(r.output_len, 8)) for r in requests[:num_warmup]]
+        llm.generate(_prompts(warmup), sampling_params_for(warmup, detokenize), use_tqdm=False)
+    recorder = StepRecorder(engine.core.make_stats())
+    engine.stat_loggers.append(recorder)
+    prompts, params = _prompts(requests), sampling_params_for(requests, detokenize)
+    _sync(engine.model_config.device)
+    start = time.perf_counter()
+    outputs = llm.generate(prompts, params, use_tqdm=use_tqdm)
+    _sync(engine.model_config.device)
+    elapsed = time.perf_counter() - start
+    engine.stat_loggers.remove(recorder)
+    generated = sum(len(o.outputs[0].token_ids) for o in outputs)
+    cache_hit_rate = recorder.prefix_cache_hits / recorder.prefix_cache_queries if recorder.prefix_cache_queries else 0.0
+    extra = {"enable_prefix_caching": engine_args.enable_prefix_caching, "avg_batch": recorder.avg_batch,
+             "prefix_cache_hit_rate": cache_hit_rate, "num_preemptions": recorder.num_preemptions}
+    run = EngineRun(ThroughputResult.from_requests(name, requests, elapsed, output_tokens=generated, extra=extra),
+                    recorder.avg_batch, engine.model_config, engine.core.cache_config.num_blocks)
+    del outputs, engine, llm
+    free_device_memory()
+    return run
+
+
+def free_device_memory() -> None:
+    """Returns freed device memory to the allocator's pool, so that the next contender can load (call it after
+    dropping the last reference to the previous one)."""
+    import gc
+
+    gc.collect()
+    import torch
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _prompts(requests: Sequence[BenchRequest]) -> list[dict[str, list[int]]]:
+    return [{"prompt_token_ids": list(r.prompt_token_ids)} for r in requests]
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        import torch
+        torch.cuda.synchronize()

@@ -1,0 +1,69 @@
+"""`sluice bench throughput` end to end on a tiny random model, peers included, in-process."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from sluice.bench.datasets import generate_workload
+from sluice.entrypoints.cli import main
+from tests.tiny_models import save_tiny_model
+
+# Tiny requests (W1 lengths x 0.05: prompts and outputs of about 4-20 tokens) and a 4 MiB KV cache keep this fast.
+SMALL = ["--length-scale", "0.05", "--kv-cache-memory", str(4 << 20), "--num-warmup-prompts", "1", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    return str(save_tiny_model(tmp_path_factory.mktemp("bench") / "tiny"))
+
+
+def _run(tiny_model: str, out, *extra: str) -> dict:
+    argv = ["bench", "throughput", "--model", tiny_model, "--output-json", str(out), *SMALL, *extra]
+    assert main(argv) == 0
+    return json.loads(out.read_text())
+
+
+def test_w1_with_both_peers_writes_a_complete_report(tiny_model, tmp_path, capsys):
+    report = _run(tiny_model, tmp_path / "w1.json", "--workload", "W1", "--num-prompts", "4",
+                  "--peers", "hf,hf-cb", "--peer-num-prompts", "2")
+    for key in ("workload", "device", "model", "sluice_commit", "date", "engine", "peers", "ratios",
+                "roofline_fraction"):
+        assert key in report, key
+    assert (report["workload"], report["device"], report["model"]) == ("W1", "cpu", tiny_model)
+    requests = generate_workload("W1", 384, 4, seed=0, max_model_len=512, length_scale=0.05)
+    engine = report["engine"]
+    assert engine["num_requests"] == 4
+    assert engine["output_tokens"] == sum(r.output_len for r in requests)  # ignore_eos: every token asked for
+    assert engine["prompt_tokens"] == sum(len(r.prompt_token_ids) for r in requests)
+    assert set(report["peers"]) == {"hf", "hf-cb"}
+    for name, peer in report["peers"].items():
+        assert peer["num_requests"] == 2
+        assert peer["output_tokens"] == sum(r.output_len for r in requests[:2]), name
+        for metric in ("requests_per_s", "output_tokens_per_s", "total_tokens_per_s"):
+            assert peer[metric] > 0
+        assert report["ratios"][name] == pytest.approx(engine["output_tokens_per_s"] / peer["output_tokens_per_s"])
+    assert 0 < report["roofline_fraction"] < 1
+    table = capsys.readouterr().out
+    assert "sluice" in table and "hf-cb" in table and "roofline fraction" in table
+
+
+def test_w4_runs_prefix_caching_on_and_off(tiny_model, tmp_path):
+    report = _run(tiny_model, tmp_path / "w4.json", "--workload", "W4", "--num-prompts", "3",
+                  "--length-scale", "0.1", "--max-model-len", "256")
+    on, off = report["engine"], report["engine_prefix_caching_off"]
+    assert on["enable_prefix_caching"] and not off["enable_prefix_caching"]
+    assert on["prefix_cache_hit_rate"] > 0.5  # two of three prompts find the 205-token prefix
+    assert off["prefix_cache_hit_rate"] == 0
+    assert report["prefix_caching_speedup"] == pytest.approx(off["elapsed_s"] / on["elapsed_s"])
+    assert report["peers"] == {} and report["ratios"] == {}
+
+
+def test_bad_peer_name_fails_before_loading_anything(tiny_model, tmp_path, capsys):
+    assert main(["bench", "throughput", "--model", tiny_model, "--peers", "hf,vllm"]) == 1
+    assert "peers" in capsys.readouterr().err
+
+
+def test_l8_without_a_tokenizer_says_which_flag_is_missing(capsys):
+    assert main(["bench", "throughput", "--model", "L8", "--num-prompts", "1"]) == 1
+    assert "tokenizer" in capsys.readouterr().err
