@@ -314,11 +314,16 @@ def load_gguf_tokenizer(path: str | os.PathLike[str]):  # -> transformers.PreTra
     """The tokenizer stored in a GGUF (vocabulary, merges, special tokens, bos/eos, chat template).
 
     transformers builds it from the metadata (byte-level BPE and SentencePiece vocabularies alike) without
-    reading the tensors or touching the network.
+    reading the tensors or touching the network. ``TokenizersBackend`` is what ``AutoTokenizer`` returns for a
+    GGUF anyway, but asked directly it skips AutoTokenizer's model-config pass, which re-parses the whole file
+    with the slow reader: 0.4 s instead of 5.6 s of CPU for SmolLM2.
     """
-    from transformers import AutoTokenizer
+    try:
+        from transformers import TokenizersBackend as tokenizer_class  # transformers >= 5
+    except ImportError:
+        from transformers import AutoTokenizer as tokenizer_class
 
     path = os.fspath(path)
     _check_is_gguf(path)
     folder, filename = os.path.split(os.path.abspath(path))
-    return AutoTokenizer.from_pretrained(folder, gguf_file=filename, local_files_only=True)
+    return tokenizer_class.from_pretrained(folder, gguf_file=filename, local_files_only=True)

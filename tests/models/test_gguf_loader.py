@@ -67,6 +67,15 @@ def llama_cpp_permute(weight: np.ndarray, n_head: int) -> np.ndarray:
             .swapaxes(1, 2).reshape(weight.shape))
 
 
+def finish_gguf(writer: GGUFWriter) -> str:
+    """Write out everything added to ``writer``; returns the file's path."""
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return os.fspath(writer.path)
+
+
 def default_tensor_type(hf_name: str) -> GGMLQuantizationType:
     """Mixed like real files: norms F32, q/v/gate/down/embeddings Q8_0, the rest F16."""
     if hf_name.endswith("norm.weight"):
@@ -113,11 +122,7 @@ def write_llama_gguf(path: str | os.PathLike[str], model: LlamaForCausalLM,
         data = values if qtype == F32 else values.astype(np.float16) if qtype == F16 else quantize(values, qtype)
         writer.add_tensor(_hf_to_gguf_name(hf_name, config.num_hidden_layers), data,
                           raw_dtype=None if qtype in (F32, F16) else qtype)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return os.fspath(path)
+    return finish_gguf(writer)
 
 
 # ---- a tiny file written here ----
@@ -269,11 +274,7 @@ def test_unknown_rope_freqs_are_refused(tmp_path):
 def _write_minimal_gguf(path, architecture: str = "llama", qtype: GGMLQuantizationType = F32,
                         rope_freqs: np.ndarray | None = None) -> str:
     """One embedding tensor, hidden 32, 2 heads of 16; enough metadata to open."""
-    writer = GGUFWriter(os.fspath(path), architecture)
-    writer.add_block_count(1)
-    writer.add_embedding_length(32)
-    writer.add_feed_forward_length(64)
-    writer.add_head_count(2)
+    writer = _minimal_writer(path, architecture)
     writer.add_rope_freq_base(500000.0)
     if rope_freqs is not None:
         writer.add_tensor("rope_freqs.weight", rope_freqs.astype(np.float32))
@@ -283,11 +284,16 @@ def _write_minimal_gguf(path, architecture: str = "llama", qtype: GGMLQuantizati
         block_elems, block_bytes = gguf_quant_size(qtype)
         writer.add_tensor("token_embd.weight", np.zeros((4, 32 // block_elems * block_bytes), dtype=np.uint8),
                           raw_dtype=qtype)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return os.fspath(path)
+    return finish_gguf(writer)
+
+
+def _minimal_writer(path, architecture: str = "llama") -> GGUFWriter:
+    writer = GGUFWriter(os.fspath(path), architecture)
+    writer.add_block_count(1)
+    writer.add_embedding_length(32)
+    writer.add_feed_forward_length(64)
+    writer.add_head_count(2)
+    return writer
 
 
 def gguf_quant_size(qtype: GGMLQuantizationType) -> tuple[int, int]:
@@ -346,3 +352,26 @@ def test_unsupported_quantization_type_is_named_at_open(tmp_path):
 def test_unknown_tensor_name_is_named():
     with pytest.raises(ValueError, match="blk.0.attn_qkv.weight"):
         gguf_to_hf_name("blk.0.attn_qkv.weight")
+
+
+def test_sentencepiece_vocabulary_tokenizer(tmp_path):
+    """llama-2 style: '▁' word starts, <0xNN> byte fallback, scores instead of merges, BOS added."""
+    tokens = (["<unk>", "<s>", "</s>"] + [f"<0x{i:02X}>" for i in range(256)]
+              + ["▁", "h", "e", "l", "o", "w", "r", "d", "▁h", "he", "ll", "▁he", "▁hell", "▁w", "or"])
+    writer = _minimal_writer(tmp_path / "spm.gguf")
+    writer.add_tokenizer_model("llama")
+    writer.add_token_list(tokens)
+    writer.add_token_types([TokenType.UNKNOWN, TokenType.CONTROL, TokenType.CONTROL] + [TokenType.BYTE] * 256
+                           + [TokenType.NORMAL] * 15)
+    writer.add_token_scores([0.0] * 259 + [-float(i) for i in range(15)])
+    writer.add_bos_token_id(1)
+    writer.add_eos_token_id(2)
+    writer.add_unk_token_id(0)
+    writer.add_tensor("token_embd.weight", np.zeros((len(tokens), 32), dtype=np.float32))
+    tokenizer = GGUFCheckpoint(finish_gguf(writer)).tokenizer()
+    assert tokenizer.convert_ids_to_tokens(tokenizer.encode("hello world")) == \
+        ["<s>", "▁hell", "o", "▁w", "or", "l", "d"]
+    ids = tokenizer.encode("héllo\n", add_special_tokens=False)
+    assert tokenizer.convert_ids_to_tokens(ids)[1:3] == ["<0xC3>", "<0xA9>"]  # é, byte fallback
+    assert tokenizer.decode(ids) == "héllo\n"
+    assert (tokenizer.bos_token, tokenizer.eos_token, tokenizer.unk_token) == ("<s>", "</s>", "<unk>")
