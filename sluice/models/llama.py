@@ -186,6 +186,8 @@ class LlamaForCausalLM(nn.Module):
 
 def _warn_if_sliding_window(config: Any) -> None:
     window = getattr(config, "sliding_window", None)
+    if getattr(config, "use_sliding_window", True) is False:  # Qwen2 configs carry a window they do not use
+        return
     layer_types = getattr(config, "layer_types", None) or []
     uses_window = "sliding_attention" in layer_types or (window is not None and not layer_types)
     if uses_window and window < getattr(config, "max_position_embeddings", 0):
