@@ -111,6 +111,8 @@ class KVCacheManager:
         if not self.enable_prefix_caching:
             return [], 0
         update_block_hashes(request, self.block_size)
+        if request.sampling_params.prompt_logprobs is not None:
+            return [], 0  # every prompt position must run to produce its logprobs
         max_hit_blocks = (request.num_tokens - 1) // self.block_size
         blocks: list[KVBlock] = []
         for block_hash in request.block_hashes[:max_hit_blocks]:

@@ -34,7 +34,7 @@ class LLMEngine:
         self.model_config = model_config
         self.args = args
         self.tokenizer = get_tokenizer(model_config.model, args.tokenizer)
-        self.chat_template = get_chat_template(self.tokenizer, model_config.model)
+        self.chat_template = get_chat_template(self.tokenizer)
         self.eos_token_id, extra_eos = _eos_ids(model_config.hf_config, self.tokenizer)
         self.extra_stop_token_ids = sorted(set(extra_eos) | set(
             end_of_turn_token_ids(self.tokenizer, self.chat_template)) - {self.eos_token_id})
@@ -81,6 +81,8 @@ class LLMEngine:
                     priority: int = 0, arrival_time: float | None = None) -> None:
         params = (params or SamplingParams()).clone()
         prompt_text, prompt_ids = self.tokenize_prompt(prompt)
+        if params.bad_words:
+            params.update_bad_words_from_tokenizer(self.tokenizer)
         self._validate(prompt_ids, params)
         params.update_from_tokenizer(self.eos_token_id, self.extra_stop_token_ids)
         arrival_time = time.monotonic() if arrival_time is None else arrival_time
@@ -107,12 +109,8 @@ class LLMEngine:
         if needed > kv_tokens and params.max_tokens is not None:
             params.max_tokens = kv_tokens - len(prompt_ids)
             logger.warning("max_tokens lowered to %d: the KV cache holds %d tokens", params.max_tokens, kv_tokens)
-        verify = getattr(params, "verify_max_logprobs", None)
-        if verify is not None:
-            verify(self.args.max_logprobs)
-        verify_vocab = getattr(params, "verify_against_vocab", None)
-        if verify_vocab is not None:
-            verify_vocab(vocab_size)
+        params.verify_max_logprobs(self.args.max_logprobs)
+        params.verify_against_vocab(vocab_size)
 
     def abort_request(self, request_ids: str | Iterable[str]) -> None:
         if isinstance(request_ids, str):

@@ -29,7 +29,6 @@ class ChildState:
     finish_reason: str | None = None
     stop_reason: int | str | None = None
     num_sent_tokens: int = 0  # for delta outputs
-    num_sent_chars: int = 0
     last_token_time: float | None = None
 
 
@@ -67,6 +66,8 @@ class OutputProcessor:
         self.tokenizer = tokenizer
         self.child_to_parent: dict[str, ParentRequestState] = {}
         self.parents: dict[str, ParentRequestState] = {}
+        # Aborted requests, reported with the next step's stats.
+        self._aborted_stats: list[FinishedRequestStats] = []
 
     @property
     def num_unfinished_requests(self) -> int:
@@ -92,15 +93,21 @@ class OutputProcessor:
             parent = self.parents.pop(request_id, None)
             if parent is None:
                 continue
-            for child_id in parent.children_states:
+            now = time.monotonic()
+            for child_id, child in parent.children_states.items():
                 self.child_to_parent.pop(child_id, None)
                 child_ids.append(child_id)
+                if child.finish_reason is None:
+                    child.finish_reason = "abort"
+                    self._aborted_stats.append(self._finished_stats(parent, child, now))
         return child_ids
 
     def process(self, core_outputs: list[EngineCoreOutput],
                 stats: IterationStats) -> tuple[list[RequestOutput], list[str]]:
         """Returns the RequestOutputs to emit and the child ids a stop string ended."""
         now = time.monotonic()
+        stats.finished_requests.extend(self._aborted_stats)
+        self._aborted_stats.clear()
         touched: dict[str, ParentRequestState] = {}
         stopped: list[str] = []
         for out in core_outputs:
@@ -139,7 +146,9 @@ class OutputProcessor:
             if out.new_logprobs is not None:
                 self._append_logprobs(child, out)
             if child.detokenizer is not None:
-                stop_str = child.detokenizer.update(out.new_token_ids)
+                # A stop token (eos or a stop id) ending the request leaves its text out.
+                stop_str = child.detokenizer.update(out.new_token_ids,
+                                                    stop_terminated=out.finish_reason == "stop")
                 if stop_str is not None and out.finish_reason is None:
                     child.finish_reason, child.stop_reason = "stop", stop_str
                     stopped_by_string = True
@@ -166,13 +175,13 @@ class OutputProcessor:
         delta = kind == RequestOutputKind.DELTA
         completions = []
         for child in parent.children_states.values():
-            text = child.detokenizer.output_text if child.detokenizer is not None else ""
+            child_finished = child.finish_reason is not None
+            text = (child.detokenizer.get_next_output_text(child_finished, delta)
+                    if child.detokenizer is not None else "")
             token_ids, logprobs = child.token_ids, child.logprobs
             if delta:
-                text = text[child.num_sent_chars:]
                 token_ids = token_ids[child.num_sent_tokens:]
                 logprobs = logprobs[child.num_sent_tokens:] if logprobs is not None else None
-                child.num_sent_chars += len(text)
                 child.num_sent_tokens += len(token_ids)
             completions.append(CompletionOutput(
                 index=child.index, text=text, token_ids=list(token_ids),
@@ -188,9 +197,13 @@ class OutputProcessor:
         self.parents.pop(parent.request_id, None)
         for child_id, child in parent.children_states.items():
             self.child_to_parent.pop(child_id, None)
-            stats.finished_requests.append(FinishedRequestStats(
-                finish_reason=child.finish_reason or "abort",
-                e2e_latency=now - parent.metrics.arrival_time,
-                queue_time=(parent.metrics.first_token_time or now) - parent.metrics.arrival_time,
-                num_prompt_tokens=len(parent.prompt_token_ids),
-                num_generation_tokens=len(child.token_ids)))
+            stats.finished_requests.append(self._finished_stats(parent, child, now))
+
+    @staticmethod
+    def _finished_stats(parent: ParentRequestState, child: ChildState, now: float) -> FinishedRequestStats:
+        return FinishedRequestStats(
+            finish_reason=child.finish_reason or "abort",
+            e2e_latency=now - parent.metrics.arrival_time,
+            queue_time=(parent.metrics.first_token_time or now) - parent.metrics.arrival_time,
+            num_prompt_tokens=len(parent.prompt_token_ids),
+            num_generation_tokens=len(child.token_ids))

@@ -13,8 +13,9 @@ import numpy as np
 import torch
 
 from sluice.attention import AttentionMetadata, get_attention_backend
-from sluice.core.interface import ModelRunnerOutput, SchedulerOutput
+from sluice.core.interface import LogprobsLists, ModelRunnerOutput, SchedulerOutput
 from sluice.models.model_config import ModelConfig
+from sluice.sample.logprobs import compute_prompt_logprobs
 from sluice.sample.metadata import RequestSamplingState, SamplingMetadata
 from sluice.sample.sampler import Sampler
 from sluice.worker.input_batch import InputBatch, StepInputs
@@ -166,4 +167,28 @@ class ModelRunner:
                 state.output_token_ids.append(token_id)
                 sampled[req_id] = [token_id]
             logprobs = result.logprobs_by_request(inputs.sampling_req_ids)
-        return ModelRunnerOutput(req_ids=inputs.req_ids, sampled_token_ids=sampled, logprobs=logprobs)
+        return ModelRunnerOutput(req_ids=inputs.req_ids, sampled_token_ids=sampled, logprobs=logprobs,
+                                 prompt_logprobs=self._prompt_logprobs(inputs, hidden))
+
+    def _prompt_logprobs(self, inputs: StepInputs, hidden: torch.Tensor) -> dict[str, LogprobsLists]:
+        """Logprobs of the prompt tokens this step computed, for requests that asked for them.
+
+        Hidden state at position p predicts token p + 1, so a chunk covering positions
+        [start, end) yields the logprobs of prompt tokens start + 1 .. min(end, P - 1).
+        """
+        result: dict[str, LogprobsLists] = {}
+        for i, req_id in enumerate(inputs.req_ids):
+            num_logprobs = self.sampling_states[req_id].params.prompt_logprobs
+            if num_logprobs is None:
+                continue
+            row = inputs.rows[i]
+            end = int(inputs.seq_lens[i])
+            start = end - int(inputs.query_start_loc[i + 1] - inputs.query_start_loc[i])
+            stop = min(end, int(self.input_batch.num_prompt_tokens[row]) - 1)
+            if stop <= start:
+                continue
+            flat = int(inputs.query_start_loc[i])
+            logits = self.model.compute_logits(hidden[flat:flat + stop - start])
+            targets = torch.from_numpy(self.input_batch.token_ids[row, start + 1:stop + 1]).to(self.device)
+            result[req_id] = compute_prompt_logprobs(logits, targets, num_logprobs)
+        return result
