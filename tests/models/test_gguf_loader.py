@@ -49,15 +49,16 @@ def tiny_llama(seed: int = 0, tie_word_embeddings: bool = False) -> LlamaForCaus
 
 
 def _hf_to_gguf_name(hf_name: str, num_layers: int) -> str:
+    suffix = hf_name.rsplit(".", 1)[1]
     for layer in range(num_layers):
         for gguf_module in ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down",
                             "attn_norm", "ffn_norm"):
-            candidate = f"blk.{layer}.{gguf_module}.weight"
+            candidate = f"blk.{layer}.{gguf_module}.{suffix}"
             if gguf_to_hf_name(candidate) == hf_name:
                 return candidate
-    for candidate in ("token_embd.weight", "output_norm.weight", "output.weight"):
-        if gguf_to_hf_name(candidate) == hf_name:
-            return candidate
+    for module in ("token_embd", "output_norm", "output"):
+        if gguf_to_hf_name(f"{module}.{suffix}") == hf_name:
+            return f"{module}.{suffix}"
     raise KeyError(hf_name)
 
 
@@ -87,8 +88,9 @@ def default_tensor_type(hf_name: str) -> GGMLQuantizationType:
 
 def write_llama_gguf(path: str | os.PathLike[str], model: LlamaForCausalLM,
                      tensor_type=default_tensor_type, architecture: str = "llama") -> str:
-    """Write ``model`` as llama.cpp would: GGUF names, Q/K permuted, quantized per ``tensor_type(hf_name)``,
-    with the tiny byte-level BPE tokenizer and a ChatML template. Returns the path."""
+    """Write ``model`` as llama.cpp would: GGUF names, Q/K permuted (llama only), quantized per
+    ``tensor_type(hf_name)``, with the tiny byte-level BPE tokenizer and a ChatML template. Returns the path."""
+    permute = architecture == "llama"
     config = model.config
     writer = GGUFWriter(os.fspath(path), architecture)
     writer.add_block_count(config.num_hidden_layers)
@@ -114,9 +116,9 @@ def write_llama_gguf(path: str | os.PathLike[str], model: LlamaForCausalLM,
         if hf_name == "lm_head.weight" and config.tie_word_embeddings:
             continue
         values = tensor.detach().float().numpy()
-        if "q_proj" in hf_name:
+        if permute and "q_proj" in hf_name:
             values = llama_cpp_permute(values, config.num_attention_heads)
-        elif "k_proj" in hf_name:
+        elif permute and "k_proj" in hf_name:
             values = llama_cpp_permute(values, config.num_key_value_heads)
         qtype = tensor_type(hf_name)
         data = values if qtype == F32 else values.astype(np.float16) if qtype == F16 else quantize(values, qtype)
@@ -199,6 +201,22 @@ def test_tokenizer_and_chat_template_come_from_the_file(tiny):
     ids = tokenizer.encode("<|im_start|>hello<|im_end|>", add_special_tokens=False)
     assert ids[0] == vocab.index("<|im_start|>") and ids[-1] == vocab.index("<|im_end|>")
     assert tokenizer.decode(tokenizer.encode("héllo, wörld", add_special_tokens=False)) == "héllo, wörld"
+
+
+def test_qwen2_file_keeps_qk_order_and_biases(tmp_path):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(2)
+    model = Qwen2ForCausalLM(Qwen2Config(
+        vocab_size=len(tiny_vocab()), hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)).eval()
+    ckpt = GGUFCheckpoint(write_llama_gguf(tmp_path / "qwen2.gguf", model, lambda name: F32, "qwen2"))
+    assert ckpt.hf_config.architectures == ["Qwen2ForCausalLM"] and ckpt.hf_config.model_type == "qwen2"
+    loaded = dict(ckpt.weights())
+    original = {k: v for k, v in model.state_dict().items() if k != "lm_head.weight"}
+    assert set(loaded) == set(original) and "model.layers.0.self_attn.q_proj.bias" in loaded
+    for name, tensor in loaded.items():
+        assert torch.equal(tensor, original[name]), name
 
 
 # ---- the embedded default model against transformers' own GGUF loading ----
