@@ -8,10 +8,11 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from sluice.beam_search import BeamSearchOutput, beam_search
 from sluice.config import EngineArgs
 from sluice.engine.llm_engine import LLMEngine, PromptType
 from sluice.outputs import RequestOutput
-from sluice.sampling_params import SamplingParams
+from sluice.sampling_params import BeamSearchParams, SamplingParams
 
 _ENGINE_FIELDS = {f.name for f in dataclasses.fields(EngineArgs) if not f.name.startswith("_")}
 _VLLM_ALIASES = {"num_gpu_blocks_override": "num_kv_blocks"}
@@ -43,6 +44,11 @@ class LLM:
                 isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
         return self._run(list(prompts), sampling_params, use_tqdm, priority)
+
+    def beam_search(self, prompts: Sequence[PromptType], params: BeamSearchParams) -> list[BeamSearchOutput]:
+        """The best ``params.beam_width`` sequences per prompt (vLLM's API; semantics in sluice/beam_search.py)."""
+        return beam_search(self.llm_engine, prompts, params,
+                           lambda batch, step_params: self.generate(batch, step_params, use_tqdm=False))
 
     def chat(self, messages: list[dict] | list[list[dict]],
              sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,

@@ -205,3 +205,33 @@ def _normalize_logit_bias(logit_bias: dict) -> dict[int, float]:
             raise ValueError(f"logit_bias contains negative token id {key}")
         normalized[key] = min(max(value, -_MAX_LOGIT_BIAS), _MAX_LOGIT_BIAS)
     return normalized
+
+
+@dataclass
+class BeamSearchParams:
+    """Parameters of ``LLM.beam_search`` (vLLM's names; see sluice/beam_search.py for the semantics).
+
+    ``length_penalty`` is HF's: a finished beam scores ``cum_logprob / num_generated ** length_penalty``.
+    ``temperature`` is accepted for vLLM compatibility; candidates are ranked by the model's raw
+    logprobs, so it does not change the result.
+    """
+    beam_width: int
+    max_tokens: int
+    ignore_eos: bool = False
+    temperature: float = 0.0
+    length_penalty: float = 1.0
+    include_stop_str_in_output: bool = False
+
+    def __post_init__(self) -> None:
+        if not _is_int(self.beam_width) or self.beam_width < 1:
+            raise ValueError(f"beam_width must be an integer >= 1, got {self.beam_width!r}")
+        if not _is_int(self.max_tokens) or self.max_tokens < 1:
+            raise ValueError(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
+        if not isinstance(self.temperature, (int, float)) or self.temperature < 0.0:
+            raise ValueError(f"temperature must be non-negative, got {self.temperature!r}")
+        if not isinstance(self.length_penalty, (int, float)) or not _is_finite(self.length_penalty):
+            raise ValueError(f"length_penalty must be a finite number, got {self.length_penalty!r}")
+
+
+def _is_finite(value: float) -> bool:
+    return value == value and abs(value) != float("inf")
