@@ -1,4 +1,5 @@
-"""Persistent per-request state of the model runner, kept in row-indexed host arrays.
+"""Persistent per-request state of the model runner: row-indexed host arrays, and the
+device-side step buffers (``StepBuffers``) they are uploaded into each step.
 
 A request owns one row from admission until it finishes or is preempted. Each step
 only diffs arrive (new requests, appended blocks, sampled tokens); the step's flat
@@ -26,16 +27,18 @@ from sluice.core.interface import NewRequestData
 class StepInputs:
     """Host-side inputs of one step, in scheduled order."""
     req_ids: list[str]
-    rows: np.ndarray  # int64 [num_reqs]
+    rows: np.ndarray  # int64 [num_reqs]: each request's row in InputBatch
     input_ids: np.ndarray  # int64 [num_tokens]
     positions: np.ndarray  # int64 [num_tokens]
     slot_mapping: np.ndarray  # int64 [num_tokens]
     query_start_loc: np.ndarray  # int32 [num_reqs + 1]
     seq_lens: np.ndarray  # int32 [num_reqs]
-    block_table: np.ndarray  # int32 [num_reqs, max_blocks]
+    max_query_len: int
+    max_seq_len: int
     # Requests whose step completes all their known tokens: they sample, at these flat indices.
     sampling_req_ids: list[str]
     logits_indices: np.ndarray  # int64 [num_sampling_reqs]
+    sampling_rows: np.ndarray  # int64 [num_sampling_reqs]: their rows in InputBatch
 
 
 class InputBatch:
@@ -51,6 +54,9 @@ class InputBatch:
         self.num_blocks = np.zeros(max_num_reqs, dtype=np.int64)
         self.req_id_to_row: dict[str, int] = {}
         self._free_rows = list(range(max_num_reqs - 1, -1, -1))
+        # Block-table entries written since the last pop_block_diffs(): (row, first column, block ids).
+        # The device copy of the block table is updated from these diffs, never rebuilt.
+        self._block_diffs: list[tuple[int, int, list[int]]] = []
 
     def __contains__(self, req_id: str) -> bool:
         return req_id in self.req_id_to_row
@@ -77,9 +83,28 @@ class InputBatch:
 
     def append_blocks(self, row: int, block_ids: list[int]) -> None:
         if block_ids:
-            start = self.num_blocks[row]
+            start = int(self.num_blocks[row])
+            if start + len(block_ids) > self.block_table.shape[1]:
+                raise ValueError(f"block_ids: row {row} would hold {start + len(block_ids)} blocks, "
+                                 f"more than max_model_len allows ({self.block_table.shape[1]})")
             self.block_table[row, start:start + len(block_ids)] = block_ids
             self.num_blocks[row] = start + len(block_ids)
+            self._block_diffs.append((row, start, block_ids))
+
+    def pop_block_diffs(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(rows, columns, block ids) of every block-table entry written since the last call."""
+        diffs, self._block_diffs = self._block_diffs, []
+        if not diffs:
+            empty = np.zeros(0, dtype=np.int64)
+            return empty, empty, empty
+        lengths = np.fromiter((len(ids) for _, _, ids in diffs), dtype=np.int64, count=len(diffs))
+        rows = np.repeat(np.fromiter((r for r, _, _ in diffs), dtype=np.int64, count=len(diffs)), lengths)
+        starts = np.fromiter((c for _, c, _ in diffs), dtype=np.int64, count=len(diffs))
+        # column of entry j of diff i: starts[i] + j
+        offsets = np.arange(int(lengths.sum()), dtype=np.int64) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+        cols = np.repeat(starts, lengths) + offsets
+        block_ids = np.fromiter((b for _, _, ids in diffs for b in ids), dtype=np.int64, count=len(rows))
+        return rows, cols, block_ids
 
     def append_tokens(self, rows: np.ndarray, token_ids: np.ndarray) -> None:
         """Appends one sampled token per row (rows are distinct)."""
@@ -104,7 +129,6 @@ class InputBatch:
         seq_lens = start + num_sched
         self.num_computed_tokens[rows] = seq_lens
         samples = seq_lens >= self.num_tokens[rows]
-        max_blocks = int(self.num_blocks[rows].max()) if len(rows) else 0
         return StepInputs(
             req_ids=req_ids,
             rows=rows,
@@ -113,7 +137,9 @@ class InputBatch:
             slot_mapping=slot_mapping,
             query_start_loc=cu.astype(np.int32),
             seq_lens=seq_lens.astype(np.int32),
-            block_table=self.block_table[rows, :max(max_blocks, 1)],
-            sampling_req_ids=[r for r, s in zip(req_ids, samples) if s],
+            max_query_len=int(num_sched.max()) if len(req_ids) else 0,
+            max_seq_len=int(seq_lens.max()) if len(req_ids) else 0,
+            sampling_req_ids=[r for r, s in zip(req_ids, samples.tolist()) if s],
             logits_indices=(cu[1:] - 1)[samples],
+            sampling_rows=rows[samples],
         )

@@ -1,8 +1,11 @@
 """ModelRunner: SchedulerOutput -> tensors -> forward -> sample -> ModelRunnerOutput.
 
 It makes no scheduling decisions: it mirrors the scheduler's diffs into the persistent
-InputBatch, gathers one flat batch (prefill chunks and decodes alike), runs the model
-once, and samples for the requests whose known tokens are now all computed.
+InputBatch, gathers one flat batch (prefill chunks and decodes alike) with vectorised numpy,
+uploads it into the persistent device StepBuffers (two pinned non-blocking copies, block-table
+diffs applied on the device), runs the model once -- a captured CUDA graph for decode-only
+steps, eagerly otherwise -- and samples for the requests whose known tokens are now all
+computed. The only host-device synchronisation of a step is reading the sampled token ids.
 """
 from __future__ import annotations
 
@@ -18,16 +21,18 @@ from sluice.models.model_config import ModelConfig
 from sluice.sample.logprobs import compute_prompt_logprobs
 from sluice.sample.metadata import RequestSamplingState, SamplingMetadata
 from sluice.sample.sampler import Sampler
+from sluice.worker.cuda_graphs import DecodeGraphs, capture_sizes
 from sluice.worker.input_batch import InputBatch, StepInputs
 from sluice.worker.kv_cache import (DEFAULT_CPU_KV_CACHE_BYTES, KVCacheSpec, allocate_kv_caches,
                                     available_gpu_kv_bytes, num_blocks_for_memory)
+from sluice.worker.step_buffers import StepBuffers
 
 logger = logging.getLogger(__name__)
 
 
 class ModelRunner:
     def __init__(self, model_config: ModelConfig, block_size: int, max_num_seqs: int,
-                 max_num_batched_tokens: int) -> None:
+                 max_num_batched_tokens: int, enforce_eager: bool = False) -> None:
         self.model_config = model_config
         self.device = torch.device(model_config.device)
         self.dtype = getattr(torch, model_config.dtype)
@@ -38,7 +43,13 @@ class ModelRunner:
         self.model: torch.nn.Module | None = None
         self.kv_caches: list[torch.Tensor] = []
         self.input_batch = InputBatch(max_num_seqs, model_config.max_model_len, block_size)
+        max_blocks_per_req = -(-model_config.max_model_len // block_size)
+        self.step_buffers = StepBuffers(max_num_seqs, max_num_batched_tokens, max_blocks_per_req, self.device)
+        # Decode CUDA graphs, captured once the KV cache exists; None on CPU or with enforce_eager.
+        self.enforce_eager = enforce_eager
+        self.decode_graphs: DecodeGraphs | None = None
         self.sampling_states: dict[str, RequestSamplingState] = {}
+        self._prompt_logprob_req_ids: set[str] = set()
         self.sampler = Sampler()
         self.kv_spec = KVCacheSpec(model_config.num_layers, model_config.num_kv_heads,
                                    model_config.head_dim, block_size, self.dtype)
@@ -106,6 +117,21 @@ class ModelRunner:
     def initialize_kv_cache(self, num_blocks: int) -> None:
         self.kv_caches = allocate_kv_caches(self.kv_spec, num_blocks, self.device)
         self._bind(self.kv_caches)
+        if self.device.type == "cuda" and not self.enforce_eager:
+            self.capture_cuda_graphs()
+
+    def capture_cuda_graphs(self) -> None:
+        """Captures the decode graphs (after the KV cache is bound: the graphs read its address)."""
+        graphs = DecodeGraphs(self.model, self.step_buffers, capture_sizes(self.max_num_seqs),
+                              max_seq_len=self.model_config.max_model_len)
+        graphs.capture()
+        self.decode_graphs = graphs
+
+    def release_cuda_graphs(self) -> None:
+        """Drops the decode graphs: every later step runs eagerly."""
+        self.decode_graphs = None
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
 
     def _bind(self, kv_caches: list[torch.Tensor]) -> None:
         from sluice.layers.attention import bind_kv_cache
@@ -116,29 +142,28 @@ class ModelRunner:
         for req_id in out.finished_req_ids | out.preempted_req_ids:
             self.input_batch.remove_request(req_id)
             self.sampling_states.pop(req_id, None)
+            self._prompt_logprob_req_ids.discard(req_id)
         for new in out.scheduled_new_reqs:
             self.input_batch.remove_request(new.req_id)  # resumed after preemption
             self.input_batch.add_request(new)
             self.sampling_states[new.req_id] = RequestSamplingState.create(
                 new.sampling_params, new.prompt_token_ids, list(new.output_token_ids), new.eos_token_id,
                 device=self.device)
+            if new.sampling_params.prompt_logprobs is not None:
+                self._prompt_logprob_req_ids.add(new.req_id)
+        row_of = self.input_batch.req_id_to_row
         for cached in out.scheduled_cached_reqs:
-            self.input_batch.append_blocks(self.input_batch.req_id_to_row[cached.req_id], cached.new_block_ids)
+            if cached.new_block_ids:
+                self.input_batch.append_blocks(row_of[cached.req_id], cached.new_block_ids)
 
-    def _attention_metadata(self, inputs: StepInputs) -> AttentionMetadata:
-        to_dev = lambda a: torch.from_numpy(a).to(self.device, non_blocking=True)  # noqa: E731
-        return AttentionMetadata(
-            num_actual_tokens=len(inputs.input_ids),
-            num_reqs=len(inputs.req_ids),
-            query_start_loc=to_dev(inputs.query_start_loc),
-            seq_lens=to_dev(inputs.seq_lens),
-            block_table=to_dev(inputs.block_table),
-            slot_mapping=to_dev(inputs.slot_mapping),
-            max_query_len=int(np.diff(inputs.query_start_loc).max()),
-            max_seq_len=int(inputs.seq_lens.max()),
-            query_start_loc_cpu=inputs.query_start_loc.tolist(),
-            seq_lens_cpu=inputs.seq_lens.tolist(),
-        )
+    def _forward(self, inputs: StepInputs) -> torch.Tensor:
+        """Uploads the step and runs the model: hidden states [num_tokens (+ padding), hidden]."""
+        graphs = self.decode_graphs
+        bucket = graphs.bucket_for(len(inputs.rows)) if graphs is not None and inputs.max_query_len == 1 else None
+        step = self.step_buffers.upload(inputs, self.input_batch.pop_block_diffs(), num_padded_reqs=bucket)
+        if bucket is not None:
+            return graphs.run(bucket)
+        return self.model(step.input_ids, step.positions, step.metadata)
 
     @torch.inference_mode()
     def execute(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
@@ -146,29 +171,25 @@ class ModelRunner:
         if scheduler_output.is_empty():
             return ModelRunnerOutput(req_ids=[], sampled_token_ids={})
         inputs = self.input_batch.prepare(scheduler_output.num_scheduled_tokens)
-        metadata = self._attention_metadata(inputs)
-        input_ids = torch.from_numpy(inputs.input_ids).to(self.device, non_blocking=True)
-        positions = torch.from_numpy(inputs.positions).to(self.device, non_blocking=True)
-        hidden = self.model(input_ids, positions, metadata)
+        hidden = self._forward(inputs)
 
         sampled: dict[str, list[int]] = {r: [] for r in inputs.req_ids}
         logprobs = {}
         if inputs.sampling_req_ids:
-            logits_indices = torch.from_numpy(inputs.logits_indices).to(self.device, non_blocking=True)
-            logits = self.model.compute_logits(hidden[logits_indices])
+            num_sampling = len(inputs.sampling_req_ids)
+            logits = self.model.compute_logits(hidden[self.step_buffers.logits_indices[:num_sampling]])
             states = [self.sampling_states[r] for r in inputs.sampling_req_ids]
             metadata = SamplingMetadata.build(states, logits.shape[-1], self.device)
             result = self.sampler.sample(logits, metadata)
-            token_ids = result.sampled_token_ids.cpu().numpy()
-            rows = np.fromiter((self.input_batch.req_id_to_row[r] for r in inputs.sampling_req_ids),
-                               dtype=np.int64, count=len(states))
-            self.input_batch.append_tokens(rows, token_ids)
+            token_ids = result.sampled_token_ids.cpu().numpy()  # the step's one device sync
+            self.input_batch.append_tokens(inputs.sampling_rows, token_ids)
             for req_id, state, token_id in zip(inputs.sampling_req_ids, states, token_ids.tolist()):
                 state.output_token_ids.append(token_id)
                 sampled[req_id] = [token_id]
             logprobs = result.logprobs_by_request(inputs.sampling_req_ids)
+        prompt_logprobs = self._prompt_logprobs(inputs, hidden) if self._prompt_logprob_req_ids else {}
         return ModelRunnerOutput(req_ids=inputs.req_ids, sampled_token_ids=sampled, logprobs=logprobs,
-                                 prompt_logprobs=self._prompt_logprobs(inputs, hidden))
+                                 prompt_logprobs=prompt_logprobs)
 
     def _prompt_logprobs(self, inputs: StepInputs, hidden: torch.Tensor) -> dict[str, LogprobsLists]:
         """Logprobs of the prompt tokens this step computed, for requests that asked for them.
@@ -178,9 +199,9 @@ class ModelRunner:
         """
         result: dict[str, LogprobsLists] = {}
         for i, req_id in enumerate(inputs.req_ids):
-            num_logprobs = self.sampling_states[req_id].params.prompt_logprobs
-            if num_logprobs is None:
+            if req_id not in self._prompt_logprob_req_ids:
                 continue
+            num_logprobs = self.sampling_states[req_id].params.prompt_logprobs
             row = inputs.rows[i]
             end = int(inputs.seq_lens[i])
             start = end - int(inputs.query_start_loc[i + 1] - inputs.query_start_loc[i])

@@ -1,0 +1,152 @@
+"""Device-side step inputs: persistent buffers that each step is uploaded into.
+
+The runner keeps per-request state on the host (``InputBatch``); each step its flat inputs
+reach the device in two copies from pinned host memory, never one small copy per tensor:
+
+    int64 region: [input_ids T | positions T | slot_mapping T | rows R | logits_indices R
+                   | diff rows D | diff cols D | diff block ids D]          (copied up to D's end)
+    int32 region: [query_start_loc R + 1 | seq_lens R]
+
+    T = max tokens per step, R = max_num_seqs, D = block-table entries written this step.
+
+The block table lives on the device by *row* (``block_table_by_row``) and is updated from the
+diffs of ``InputBatch.pop_block_diffs``; each step gathers the scheduled rows, in step order,
+into ``block_table`` with one ``index_select`` on the device. The buffers live as long as
+the runner, so CUDA graphs captured over views of them (cuda_graphs.py) stay valid; the runner
+only refills them. Host regions are double-buffered and guarded by CUDA events, so filling
+step t+1 never races the still-running copy of step t, and nothing here synchronises the device.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from sluice.attention.backend import AttentionMetadata
+from sluice.worker.input_batch import StepInputs
+
+
+@dataclass(slots=True)
+class DeviceStep:
+    """One step's inputs on the device (views of StepBuffers), padded to ``num_padded_reqs``."""
+    input_ids: torch.Tensor  # [num_padded_tokens]
+    positions: torch.Tensor  # [num_padded_tokens]
+    logits_indices: torch.Tensor  # [num_sampling_reqs]
+    metadata: AttentionMetadata
+    num_padded_reqs: int
+
+
+class _HostRegions:
+    """One set of (pinned, on CUDA) host staging arrays and the event of its last upload."""
+
+    def __init__(self, size64: int, size32: int, pin: bool) -> None:
+        self.i64_t = torch.zeros(size64, dtype=torch.int64, pin_memory=pin)
+        self.i32_t = torch.zeros(size32, dtype=torch.int32, pin_memory=pin)
+        self.i64, self.i32 = self.i64_t.numpy(), self.i32_t.numpy()
+        self.event = torch.cuda.Event() if pin else None
+
+
+class StepBuffers:
+    def __init__(self, max_num_reqs: int, max_num_tokens: int, max_blocks_per_req: int,
+                 device: torch.device) -> None:
+        self.device = device
+        self.max_num_reqs = R = max_num_reqs
+        self.max_num_tokens = T = max(max_num_tokens, max_num_reqs)  # a padded decode step has R tokens
+        self._diff_base = 3 * T + 2 * R
+        size64 = self._diff_base + 3 * R * max_blocks_per_req
+        size32 = 2 * R + 1
+        pin = device.type == "cuda"
+        self._hosts = [_HostRegions(size64, size32, pin) for _ in range(2 if pin else 1)]
+        self._next_host = 0
+        self.i64 = torch.zeros(size64, dtype=torch.int64, device=device)
+        self.i32 = torch.zeros(size32, dtype=torch.int32, device=device)
+        self.input_ids = self.i64[0:T]
+        self.positions = self.i64[T:2 * T]
+        self.slot_mapping = self.i64[2 * T:3 * T]
+        self.rows = self.i64[3 * T:3 * T + R]
+        self.logits_indices = self.i64[3 * T + R:3 * T + 2 * R]
+        self.query_start_loc = self.i32[0:R + 1]
+        self.seq_lens = self.i32[R + 1:2 * R + 1]
+        self.block_table_by_row = torch.zeros((R, max_blocks_per_req), dtype=torch.int32, device=device)
+        self.block_table = torch.zeros((R, max_blocks_per_req), dtype=torch.int32, device=device)
+
+    def _host(self) -> _HostRegions:
+        host = self._hosts[self._next_host]
+        self._next_host = (self._next_host + 1) % len(self._hosts)
+        if host.event is not None:
+            host.event.synchronize()  # the copy two steps ago; long done unless the GPU is far behind
+        return host
+
+    def upload(self, inputs: StepInputs, block_diffs: tuple[np.ndarray, np.ndarray, np.ndarray],
+               num_padded_reqs: int | None = None) -> DeviceStep:
+        """Copies one step's inputs to the device and applies the block-table diffs.
+
+        ``num_padded_reqs`` (decode-only steps, for a CUDA graph bucket) pads with requests of
+        query length 0 and seq_len 0, and tokens with id 0, position 0 and slot -1.
+        """
+        T, R = self.max_num_tokens, self.max_num_reqs
+        num_tokens, num_reqs = len(inputs.input_ids), len(inputs.rows)
+        padded_reqs = num_padded_reqs or num_reqs
+        if padded_reqs != num_reqs and inputs.max_query_len != 1:
+            raise ValueError("num_padded_reqs: only decode-only steps (max_query_len 1) are padded")
+        padded_tokens = num_tokens + (padded_reqs - num_reqs)
+        if padded_tokens > T or padded_reqs > R:
+            raise ValueError(f"step of {padded_tokens} tokens / {padded_reqs} requests exceeds the buffers "
+                             f"({T} / {R})")
+        host = self._host()
+        h64, h32 = host.i64, host.i32
+        for offset, values, pad in ((0, inputs.input_ids, 0), (T, inputs.positions, 0),
+                                    (2 * T, inputs.slot_mapping, -1)):
+            h64[offset:offset + num_tokens] = values
+            h64[offset + num_tokens:offset + padded_tokens] = pad
+        h64[3 * T:3 * T + num_reqs] = inputs.rows
+        num_logits = len(inputs.logits_indices)
+        h64[3 * T + R:3 * T + R + num_logits] = inputs.logits_indices
+        diff_rows, diff_cols, diff_ids = block_diffs
+        num_diffs = len(diff_rows)
+        base = self._diff_base
+        h64[base:base + num_diffs] = diff_rows
+        h64[base + num_diffs:base + 2 * num_diffs] = diff_cols
+        h64[base + 2 * num_diffs:base + 3 * num_diffs] = diff_ids
+        h32[0:num_reqs + 1] = inputs.query_start_loc
+        h32[num_reqs + 1:padded_reqs + 1] = num_tokens  # padded requests: empty queries
+        h32[R + 1:R + 1 + num_reqs] = inputs.seq_lens
+        h32[R + 1 + num_reqs:R + 1 + padded_reqs] = 0
+        end = base + 3 * num_diffs
+        self.i64[:end].copy_(host.i64_t[:end], non_blocking=True)
+        self.i32.copy_(host.i32_t, non_blocking=True)
+        if host.event is not None:
+            host.event.record()
+        if num_diffs:
+            d = self.i64[base:end].view(3, num_diffs)
+            self.block_table_by_row[d[0], d[1]] = d[2].to(torch.int32)
+        torch.index_select(self.block_table_by_row, 0, self.rows[:num_reqs], out=self.block_table[:num_reqs])
+        on_cpu = self.device.type == "cpu"
+        metadata = AttentionMetadata(
+            num_actual_tokens=num_tokens, num_reqs=num_reqs,
+            query_start_loc=self.query_start_loc[:num_reqs + 1], seq_lens=self.seq_lens[:num_reqs],
+            block_table=self.block_table[:num_reqs], slot_mapping=self.slot_mapping[:num_tokens],
+            max_query_len=inputs.max_query_len, max_seq_len=inputs.max_seq_len,
+            # Host copies only where a backend loops over requests on the host (the CPU reference).
+            query_start_loc_cpu=inputs.query_start_loc.tolist() if on_cpu else None,
+            seq_lens_cpu=inputs.seq_lens.tolist() if on_cpu else None)
+        return DeviceStep(self.input_ids[:padded_tokens], self.positions[:padded_tokens],
+                          self.logits_indices[:num_logits], metadata, padded_reqs)
+
+    def decode_metadata(self, num_reqs: int, max_seq_len: int) -> AttentionMetadata:
+        """Metadata over the first ``num_reqs`` rows of the buffers, for capturing a decode graph."""
+        return AttentionMetadata(
+            num_actual_tokens=num_reqs, num_reqs=num_reqs,
+            query_start_loc=self.query_start_loc[:num_reqs + 1], seq_lens=self.seq_lens[:num_reqs],
+            block_table=self.block_table[:num_reqs], slot_mapping=self.slot_mapping[:num_reqs],
+            max_query_len=1, max_seq_len=max_seq_len)
+
+    def fill_dummy_decode(self, num_reqs: int) -> None:
+        """Harmless decode inputs for graph warm-up and capture: 1-token contexts, no KV writes."""
+        self.input_ids[:num_reqs].zero_()
+        self.positions[:num_reqs].zero_()
+        self.slot_mapping[:num_reqs].fill_(-1)
+        self.query_start_loc[:num_reqs + 1].copy_(torch.arange(num_reqs + 1, dtype=torch.int32))
+        self.seq_lens[:num_reqs].fill_(1)
+        self.block_table[:num_reqs].zero_()
