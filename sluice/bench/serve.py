@@ -1,0 +1,375 @@
+"""`sluice bench serve`: workload W5 against any OpenAI-compatible server (sluice, vLLM, SGLang ...).
+
+    sluice bench serve --base-url http://127.0.0.1:8000 --model NAME [--tokenizer PATH | --vocab-size V]
+                       [--request-rate 16 | inf] [--burstiness 1] [--max-concurrency N] [--num-prompts 1000]
+                       [--goodput ttft:500 tpot:50] [--output-json FILE]
+
+Requests are W1's shapes (sluice/bench/datasets.py), sent as streaming ``/v1/completions`` with
+``ignore_eos`` and ``max_tokens`` = the request's output length. Arrivals: gaps drawn from
+Gamma(shape=burstiness, scale=1 / (rate * burstiness)), i.e. Poisson at burstiness 1, burstier below it.
+
+Metric definitions follow vLLM's ``bench serve`` (``calculate_metrics``):
+
+    TTFT  send -> first chunk with choices             per request
+    TPOT  (E2E - TTFT) / (output_tokens - 1)           per request with more than one output token
+    ITL   gap between consecutive chunks               every gap of every request
+    E2E   send -> last chunk                           per request
+    goodput  requests meeting every SLO / duration     (SLO values in ms, metric <= SLO)
+
+Prompts are token ids (sluice and vLLM accept them); ``--prompt-format text`` decodes them with the
+tokenizer first, for servers that want strings (then the server's own count of prompt tokens may differ).
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime
+import json
+import os
+import re
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+_METRICS = ("ttft", "tpot", "itl", "e2e")
+_SLO_NAMES = ("ttft", "tpot", "e2e")
+DEFAULT_GOODPUT = ["ttft:500", "tpot:50"]  # BENCHMARKS.md W5's SLO
+
+
+@dataclass(frozen=True, slots=True)
+class ServeRequest:
+    prompt: list[int] | str
+    prompt_len: int
+    output_len: int
+
+
+@dataclass(slots=True)
+class RequestResult:
+    """One request as the client saw it (seconds, perf_counter clock)."""
+    success: bool = False
+    prompt_len: int = 0
+    output_tokens: int = 0
+    ttft: float = 0.0
+    latency: float = 0.0
+    itl: list[float] = field(default_factory=list)
+    error: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class ServeMetrics:
+    completed: int
+    failed: int
+    duration_s: float
+    total_input_tokens: int
+    total_output_tokens: int
+    requests_per_s: float
+    output_tokens_per_s: float
+    total_tokens_per_s: float
+    goodput_requests_per_s: float | None
+    latency_ms: dict[str, float]  # "<metric>_ms_<stat>": mean, std, p50, p90, p99 of ttft, tpot, itl, e2e
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out.update(out.pop("latency_ms"))
+        return out
+
+
+# ---- one request ---------------------------------------------------------------------------------------
+async def send_completion(client: Any, url: str, model: str, request: ServeRequest,
+                          headers: dict[str, str]) -> RequestResult:
+    """Streams one completion; never raises (a failure is a result with ``success`` False)."""
+    payload = {"model": model, "prompt": request.prompt, "max_tokens": request.output_len, "temperature": 1.0,
+               "top_p": 1.0, "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
+    result = RequestResult(prompt_len=request.prompt_len)
+    num_chunks = 0
+    start = last = time.perf_counter()
+    try:
+        async with client.stream("POST", url, json=payload, headers=headers) as response:
+            if response.status_code != 200:
+                result.error = f"HTTP {response.status_code}: {(await response.aread()).decode(errors='replace')}"
+                return result
+            async for line in response.aiter_lines():
+                if not line.startswith("data:"):
+                    continue
+                data = line[5:].strip()
+                if data == "[DONE]":
+                    break
+                chunk = json.loads(data)
+                if "error" in chunk:
+                    result.error = str(chunk["error"])
+                    return result
+                now = time.perf_counter()
+                if chunk.get("choices"):
+                    if num_chunks == 0:
+                        result.ttft = now - start
+                    else:
+                        result.itl.append(now - last)
+                    num_chunks += 1
+                    last = now
+                if chunk.get("usage"):
+                    result.output_tokens = int(chunk["usage"].get("completion_tokens") or 0)
+        result.latency = last - start
+        # A server without usage in streams: with ignore_eos each content chunk is one token.
+        result.output_tokens = result.output_tokens or num_chunks
+        result.success = num_chunks > 0
+        if not result.success:
+            result.error = "the stream carried no tokens"
+    except Exception as e:  # noqa: BLE001 - the benchmark reports failures, it does not stop on them
+        result.error = f"{type(e).__name__}: {e}"
+    return result
+
+
+# ---- arrivals and the run --------------------------------------------------------------------------------
+def arrival_gaps(num_requests: int, request_rate: float, burstiness: float, seed: int) -> list[float]:
+    """Seconds to wait before each request: Gamma(burstiness, 1 / (rate * burstiness)); zeros at rate inf."""
+    if request_rate == float("inf"):
+        return [0.0] * num_requests
+    theta = 1.0 / (request_rate * burstiness)
+    return np.random.default_rng(seed).gamma(shape=burstiness, scale=theta, size=num_requests).tolist()
+
+
+async def run_requests(base_url: str, endpoint: str, model: str, requests: list[ServeRequest], gaps: list[float],
+                       max_concurrency: int | None, headers: dict[str, str], show_progress: bool = True,
+                       timeout_s: float = 6 * 3600) -> tuple[list[RequestResult], float]:
+    """Sends every request on its arrival schedule; returns the results (request order) and the wall time."""
+    import httpx
+    from tqdm import tqdm
+
+    limits = httpx.Limits(max_connections=max_concurrency or len(requests), max_keepalive_connections=None)
+    semaphore = asyncio.Semaphore(max_concurrency) if max_concurrency else None
+    url = base_url.rstrip("/") + endpoint
+    progress = tqdm(total=len(requests), disable=not show_progress, desc="requests")
+    async with httpx.AsyncClient(timeout=httpx.Timeout(timeout_s), limits=limits) as client:
+        async def one(request: ServeRequest) -> RequestResult:
+            if semaphore is None:
+                result = await send_completion(client, url, model, request, headers)
+            else:
+                async with semaphore:
+                    result = await send_completion(client, url, model, request, headers)
+            progress.update(1)
+            return result
+
+        start = time.perf_counter()
+        tasks = []
+        for request, gap in zip(requests, gaps):
+            if gap > 0:
+                await asyncio.sleep(gap)
+            tasks.append(asyncio.create_task(one(request)))
+        results = await asyncio.gather(*tasks)
+        duration = time.perf_counter() - start
+    progress.close()
+    return list(results), duration
+
+
+# ---- metrics --------------------------------------------------------------------------------------------------
+def parse_goodput(items: list[str] | None) -> dict[str, float]:
+    """["ttft:500", "tpot:50"] -> {"ttft": 500.0, "tpot": 50.0} (milliseconds)."""
+    slos: dict[str, float] = {}
+    for item in items or []:
+        name, _, value = item.partition(":")
+        if name not in _SLO_NAMES:
+            raise ValueError(f"goodput: SLO name must be one of {', '.join(_SLO_NAMES)}, got {item!r}")
+        try:
+            slos[name] = float(value)
+        except ValueError:
+            raise ValueError(f"goodput: {item!r} needs a number of milliseconds, e.g. {name}:500") from None
+        if slos[name] <= 0:
+            raise ValueError(f"goodput: the {name} SLO must be positive, got {value}")
+    return slos
+
+
+def _tpot(result: RequestResult) -> float | None:
+    if result.output_tokens <= 1:
+        return None
+    return (result.latency - result.ttft) / (result.output_tokens - 1)
+
+
+def calculate_metrics(results: list[RequestResult], duration_s: float, slos_ms: dict[str, float],
+                      percentiles: tuple[int, ...] = (50, 90, 99)) -> ServeMetrics:
+    """vLLM's definitions over the successful requests; latency statistics in milliseconds."""
+    good = [r for r in results if r.success]
+    series = {"ttft": [r.ttft for r in good], "tpot": [t for r in good if (t := _tpot(r)) is not None],
+              "itl": [gap for r in good for gap in r.itl], "e2e": [r.latency for r in good]}
+    latency_ms: dict[str, float] = {}
+    for name in _METRICS:
+        values = np.asarray(series[name] or [0.0]) * 1000.0
+        latency_ms[f"{name}_ms_mean"] = float(values.mean())
+        latency_ms[f"{name}_ms_std"] = float(values.std())
+        for p in percentiles:
+            latency_ms[f"{name}_ms_p{p}"] = float(np.percentile(values, p))
+    goodput = None
+    if slos_ms:
+        def meets_slos(r: RequestResult) -> bool:
+            observed = {"ttft": r.ttft, "tpot": _tpot(r) or 0.0, "e2e": r.latency}
+            return all(observed[name] * 1000.0 <= slo for name, slo in slos_ms.items())
+        goodput = sum(meets_slos(r) for r in good) / duration_s
+    total_in = sum(r.prompt_len for r in good)
+    total_out = sum(r.output_tokens for r in good)
+    return ServeMetrics(
+        completed=len(good), failed=len(results) - len(good), duration_s=duration_s, total_input_tokens=total_in,
+        total_output_tokens=total_out, requests_per_s=len(good) / duration_s,
+        output_tokens_per_s=total_out / duration_s, total_tokens_per_s=(total_in + total_out) / duration_s,
+        goodput_requests_per_s=goodput, latency_ms=latency_ms)
+
+
+def format_table(report: dict[str, Any]) -> str:
+    """vLLM's result block, so numbers can be compared side by side."""
+    e = report["engine"]
+    rate = report["request_rate"]
+    lines = [f"{' Serving Benchmark Result (W5) ':=^56}",
+             f"{'Server / model:':<40}{report['base_url']} {report['model']}",
+             f"{'Request rate (req/s) / burstiness:':<40}{rate} / {report['burstiness']}",
+             f"{'Max concurrency:':<40}{report['max_concurrency'] or '-'}",
+             f"{'Successful requests:':<40}{e['completed']}", f"{'Failed requests:':<40}{e['failed']}",
+             f"{'Benchmark duration (s):':<40}{e['duration_s']:.2f}",
+             f"{'Total input tokens:':<40}{e['total_input_tokens']}",
+             f"{'Total generated tokens:':<40}{e['total_output_tokens']}",
+             f"{'Request throughput (req/s):':<40}{e['requests_per_s']:.2f}",
+             f"{'Output token throughput (tok/s):':<40}{e['output_tokens_per_s']:.2f}",
+             f"{'Total token throughput (tok/s):':<40}{e['total_tokens_per_s']:.2f}"]
+    if e["goodput_requests_per_s"] is not None:
+        slo = " ".join(f"{k}<={v:g}ms" for k, v in report["goodput_slo_ms"].items())
+        lines.append(f"{'Goodput (req/s):':<40}{e['goodput_requests_per_s']:.2f}  ({slo})")
+    titles = {"ttft": "Time to First Token", "tpot": "Time per Output Token (excl. 1st token)",
+              "itl": "Inter-token Latency", "e2e": "End-to-end Latency"}
+    for name in _METRICS:
+        lines.append(f"{' ' + titles[name] + ' ':-^56}")
+        for stat, label in (("mean", "Mean"), ("p50", "Median"), ("p99", "P99")):
+            lines.append(f"{f'{label} {name.upper()} (ms):':<40}{e[f'{name}_ms_{stat}']:.2f}")
+    lines.append("=" * 56)
+    return "\n".join(lines)
+
+
+# ---- the command ------------------------------------------------------------------------------------------------
+def add_parser(bench_subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    parser = bench_subparsers.add_parser(
+        "serve", help="online serving benchmark (W5) against an OpenAI-compatible server",
+        description="Workload W5 of BENCHMARKS.md: W1 requests, streamed, with Poisson/Gamma arrivals.")
+    parser.add_argument("--base-url", default="http://127.0.0.1:8000", help="the server, without /v1")
+    parser.add_argument("--endpoint", default="/v1/completions", choices=["/v1/completions"])
+    parser.add_argument("--model", required=True, help="the served model name (also the tokenizer, if a path)")
+    parser.add_argument("--tokenizer", default=None, help="tokenizer folder or .gguf: vocab size and text prompts")
+    parser.add_argument("--vocab-size", type=int, default=None, help="token id range of prompts (no tokenizer)")
+    parser.add_argument("--max-model-len", type=int, default=None,
+                        help="fit requests into this context (default: the server's /v1/models max_model_len)")
+    parser.add_argument("--prompt-format", default="token-ids", choices=["token-ids", "text"])
+    parser.add_argument("--num-prompts", type=int, default=1000)
+    parser.add_argument("--length-scale", type=float, default=1.0, help="multiply W1's lengths (small models)")
+    parser.add_argument("--request-rate", type=float, default=float("inf"), help="requests per second, or inf")
+    parser.add_argument("--burstiness", type=float, default=1.0, help="Gamma shape: 1 is Poisson, < 1 burstier")
+    parser.add_argument("--max-concurrency", type=int, default=None, help="at most this many requests in flight")
+    parser.add_argument("--goodput", nargs="*", default=DEFAULT_GOODPUT, metavar="NAME:MS",
+                        help="SLOs for goodput, names ttft, tpot, e2e (default: ttft:500 tpot:50)")
+    parser.add_argument("--seed", type=int, default=0, help="seeds the workload and the arrival times")
+    parser.add_argument("--api-key", default=os.environ.get("SLUICE_API_KEY") or os.environ.get("OPENAI_API_KEY"))
+    parser.add_argument("--num-warmup-prompts", type=int, default=1, help="untimed requests first (also a check)")
+    parser.add_argument("--device-name", default=None, help="the server's device for the report (default: local)")
+    parser.add_argument("--output-json", default=None, help="result file (default: benchmarks/results/serve_...)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.set_defaults(func=run_serve_command)
+    return parser
+
+
+def _validate(args: argparse.Namespace) -> None:
+    if args.num_prompts < 1:
+        raise ValueError(f"num_prompts must be at least 1, got {args.num_prompts}")
+    if not args.request_rate > 0:
+        raise ValueError(f"request_rate must be positive (or inf), got {args.request_rate}")
+    if not args.burstiness > 0:
+        raise ValueError(f"burstiness must be positive, got {args.burstiness}")
+    if args.max_concurrency is not None and args.max_concurrency < 1:
+        raise ValueError(f"max_concurrency must be at least 1, got {args.max_concurrency}")
+    if args.num_warmup_prompts < 0:
+        raise ValueError(f"num_warmup_prompts must not be negative, got {args.num_warmup_prompts}")
+
+
+def build_requests(args: argparse.Namespace, headers: dict[str, str]) -> list[ServeRequest]:
+    """W1 shapes for the server's vocabulary and context; text prompts when asked."""
+    import httpx
+
+    from sluice.bench.datasets import generate_workload
+
+    tokenizer = None
+    tokenizer_path = args.tokenizer or (args.model if os.path.exists(args.model) else None)
+    if tokenizer_path:
+        from sluice.tokenizer import get_tokenizer
+        tokenizer = get_tokenizer(tokenizer_path)
+    if args.prompt_format == "text" and tokenizer is None:
+        raise ValueError("tokenizer: --prompt-format text needs --tokenizer")
+    vocab_size = args.vocab_size or (len(tokenizer) if tokenizer is not None else None)
+    if vocab_size is None:
+        raise ValueError("vocab_size: give --vocab-size or --tokenizer so that prompt token ids are valid")
+    max_model_len = args.max_model_len
+    if max_model_len is None:
+        models = httpx.get(args.base_url.rstrip("/") + "/v1/models", headers=headers, timeout=30).json()
+        max_model_len = next((m.get("max_model_len") for m in models.get("data", []) if m["id"] == args.model), None)
+    workload = generate_workload("W1", vocab_size, args.num_prompts, args.seed, max_model_len, args.length_scale)
+    return [ServeRequest(tokenizer.decode(r.prompt_token_ids) if args.prompt_format == "text" else r.prompt_token_ids,
+                         len(r.prompt_token_ids), r.output_len) for r in workload]
+
+
+def run_serve_command(args: argparse.Namespace) -> int:
+    _validate(args)
+    slos = parse_goodput(args.goodput)
+    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+    requests = build_requests(args, headers)
+    if args.num_warmup_prompts:
+        warmup = [ServeRequest(r.prompt, r.prompt_len, min(r.output_len, 4))
+                  for r in requests[:args.num_warmup_prompts]]
+        results, _ = asyncio.run(run_requests(args.base_url, args.endpoint, args.model, warmup, [0.0] * len(warmup),
+                                              None, headers, show_progress=False))
+        if not all(r.success for r in results):
+            raise ValueError(f"base_url: the warmup request failed: {next(r.error for r in results if not r.success)}")
+    gaps = arrival_gaps(len(requests), args.request_rate, args.burstiness, args.seed)
+    results, duration = asyncio.run(run_requests(args.base_url, args.endpoint, args.model, requests, gaps,
+                                                 args.max_concurrency, headers, not args.no_progress))
+    report = build_report(args, calculate_metrics(results, duration, slos), slos, results)
+    print(format_table(report))
+    path = args.output_json or _default_output_path(report)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(report, f, indent=2)
+        f.write("\n")
+    print(f"wrote {path}")
+    return 0 if report["engine"]["failed"] == 0 else 1
+
+
+def build_report(args: argparse.Namespace, metrics: ServeMetrics, slos: dict[str, float],
+                 results: list[RequestResult]) -> dict[str, Any]:
+    """BENCHMARKS.md's fields; the server under test is ``engine`` (W5 has no in-run peers)."""
+    from sluice.bench.cli import git_commit
+
+    errors = sorted({r.error for r in results if not r.success})
+    rate = args.request_rate
+    return {
+        "workload": "W5", "device": args.device_name or _local_device_name(), "model": args.model,
+        "sluice_commit": git_commit(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "base_url": args.base_url, "endpoint": args.endpoint, "num_prompts": args.num_prompts,
+        "request_rate": "inf" if rate == float("inf") else rate, "burstiness": args.burstiness,
+        "max_concurrency": args.max_concurrency, "seed": args.seed, "length_scale": args.length_scale,
+        "prompt_format": args.prompt_format, "goodput_slo_ms": slos,
+        "engine": {"name": args.base_url, **metrics.to_dict(), "errors": errors[:10]},
+        "peers": {}, "ratios": {}, "roofline_fraction": None,
+    }
+
+
+def _local_device_name() -> str:
+    try:
+        import torch
+        if torch.cuda.is_available():
+            return torch.cuda.get_device_name()
+    except ImportError:
+        pass
+    return "cpu"
+
+
+def _default_output_path(report: dict[str, Any]) -> str:
+    def slug(text: str) -> str:
+        return re.sub(r"[^a-z0-9.]+", "-", os.path.basename(str(text)).lower()).strip("-")
+
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    name = f"serve_W5_{slug(report['model'])}_{slug(report['device'])}_rate-{report['request_rate']}_{stamp}.json"
+    return os.path.join("benchmarks", "results", name)
