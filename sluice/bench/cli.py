@@ -239,12 +239,14 @@ def device_name(device: str) -> str:
 
 
 def git_commit() -> str | None:
+    """``git rev-parse HEAD`` of the sluice checkout, else $SLUICE_COMMIT (for copies of the tree without .git)."""
+    fallback = os.environ.get("SLUICE_COMMIT") or None
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
                              cwd=os.path.dirname(os.path.abspath(__file__)))
     except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip() or None if out.returncode == 0 else None
+        return fallback
+    return (out.stdout.strip() if out.returncode == 0 else "") or fallback
 
 
 def default_output_path(report: dict[str, Any]) -> str:
