@@ -1,0 +1,2 @@
+"""Benchmarks of BENCHMARKS.md: workloads (datasets), offline throughput, peers (transformers), roofline;
+`sluice bench ...` is registered in cli.py."""
