@@ -49,6 +49,7 @@ class DecodeGraphs:
         self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self._outputs: dict[int, torch.Tensor] = {}
         self.capture_seconds = 0.0
+        self.num_replays = 0
 
     @property
     def num_graphs(self) -> int:
@@ -85,4 +86,5 @@ class DecodeGraphs:
     def run(self, bucket: int) -> torch.Tensor:
         """Replays the graph of ``bucket`` over the current buffer contents; hidden [bucket, H]."""
         self._graphs[bucket].replay()
+        self.num_replays += 1
         return self._outputs[bucket]

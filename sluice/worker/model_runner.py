@@ -50,6 +50,10 @@ class ModelRunner:
         self.decode_graphs: DecodeGraphs | None = None
         self.sampling_states: dict[str, RequestSamplingState] = {}
         self._prompt_logprob_req_ids: set[str] = set()
+        # Sampling metadata is reused while the same requests sample and none of them uses a
+        # feature that changes per step (penalties, bad words, min_tokens).
+        self._per_step_sampling_req_ids: set[str] = set()
+        self._cached_sampling: tuple[list[str], SamplingMetadata] | None = None
         self.sampler = Sampler()
         self.kv_spec = KVCacheSpec(model_config.num_layers, model_config.num_kv_heads,
                                    model_config.head_dim, block_size, self.dtype)
@@ -143,14 +147,18 @@ class ModelRunner:
             self.input_batch.remove_request(req_id)
             self.sampling_states.pop(req_id, None)
             self._prompt_logprob_req_ids.discard(req_id)
+            self._per_step_sampling_req_ids.discard(req_id)
         for new in out.scheduled_new_reqs:
             self.input_batch.remove_request(new.req_id)  # resumed after preemption
             self.input_batch.add_request(new)
             self.sampling_states[new.req_id] = RequestSamplingState.create(
                 new.sampling_params, new.prompt_token_ids, list(new.output_token_ids), new.eos_token_id,
                 device=self.device)
-            if new.sampling_params.prompt_logprobs is not None:
+            params = new.sampling_params
+            if params.prompt_logprobs is not None:
                 self._prompt_logprob_req_ids.add(new.req_id)
+            if params.uses_penalties or params.bad_words_token_ids or params.bad_words or params.min_tokens > 0:
+                self._per_step_sampling_req_ids.add(new.req_id)
         row_of = self.input_batch.req_id_to_row
         for cached in out.scheduled_cached_reqs:
             if cached.new_block_ids:
@@ -179,7 +187,7 @@ class ModelRunner:
             num_sampling = len(inputs.sampling_req_ids)
             logits = self.model.compute_logits(hidden[self.step_buffers.logits_indices[:num_sampling]])
             states = [self.sampling_states[r] for r in inputs.sampling_req_ids]
-            metadata = SamplingMetadata.build(states, logits.shape[-1], self.device)
+            metadata = self._sampling_metadata(inputs.sampling_req_ids, states, logits.shape[-1])
             result = self.sampler.sample(logits, metadata)
             token_ids = result.sampled_token_ids.cpu().numpy()  # the step's one device sync
             self.input_batch.append_tokens(inputs.sampling_rows, token_ids)
@@ -190,6 +198,16 @@ class ModelRunner:
         prompt_logprobs = self._prompt_logprobs(inputs, hidden) if self._prompt_logprob_req_ids else {}
         return ModelRunnerOutput(req_ids=inputs.req_ids, sampled_token_ids=sampled, logprobs=logprobs,
                                  prompt_logprobs=prompt_logprobs)
+
+    def _sampling_metadata(self, req_ids: list[str], states: list[RequestSamplingState],
+                           vocab_size: int) -> SamplingMetadata:
+        cached = self._cached_sampling
+        if (cached is not None and cached[0] == req_ids
+                and self._per_step_sampling_req_ids.isdisjoint(req_ids)):
+            return cached[1]
+        metadata = SamplingMetadata.build(states, vocab_size, self.device)
+        self._cached_sampling = (list(req_ids), metadata)
+        return metadata
 
     def _prompt_logprobs(self, inputs: StepInputs, hidden: torch.Tensor) -> dict[str, LogprobsLists]:
         """Logprobs of the prompt tokens this step computed, for requests that asked for them.
