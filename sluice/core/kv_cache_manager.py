@@ -20,6 +20,17 @@ The cache holds only blocks whose KV is written by the end of the current step:
 blocks become hashed when allocate_slots sees them full of computed-or-scheduled tokens,
 and ``free`` un-hashes blocks beyond ``num_computed_tokens`` (a request preempted after
 being scheduled, before its KV was written).
+
+Siblings share the prompt even with prefix caching off. The children of an ``n > 1``
+request (``"{index}_{parent_id}"``, named by engine/output_processor.py) hash their full
+prompt blocks with the parent id as an extra key, so they find each other's blocks and no
+one else's; a block loses that hash when its last reference goes, so nothing outlives the
+siblings (no caching across requests):
+
+    n = 3, prompt of 10 tokens, block_size 4, prefix caching off:
+      0_r: [b0 b1 | b2]     b0, b1: ref_cnt 3, hashed H(.., "r") while any child lives
+      1_r: [b0 b1 | b5]     b2, b5, b7: each child's own partial block and outputs
+      2_r: [b0 b1 | b7]
 """
 from __future__ import annotations
 
@@ -48,19 +59,31 @@ def hash_block_tokens(parent_hash: int | None, token_ids: tuple[int, ...],
     return int.from_bytes(hashlib.sha256(payload).digest()[:16], "little")
 
 
-def block_extra_keys(request: Request) -> tuple | None:
+def block_extra_keys(request: Request, sibling_group: str | None = None) -> tuple | None:
+    if sibling_group is not None:
+        return (request.lora_int_id, request.cache_salt, sibling_group)
     if request.lora_int_id == 0 and request.cache_salt is None:
         return None
     return (request.lora_int_id, request.cache_salt)
 
 
-def update_block_hashes(request: Request, block_size: int) -> None:
-    """Extends ``request.block_hashes`` to cover every full block of its known tokens."""
+def sibling_group(request: Request) -> str | None:
+    """The parent id of a child of an ``n > 1`` request (``"{index}_{parent_id}"``), else None."""
+    index, sep, parent_id = request.request_id.partition("_")
+    return parent_id if sep and parent_id and index.isdigit() else None
+
+
+def update_block_hashes(request: Request, block_size: int, sibling_group: str | None = None) -> None:
+    """Extends ``request.block_hashes`` to cover every full block of its known tokens.
+
+    ``sibling_group`` keys the hashes to one n > 1 request (prefix caching off); a manager
+    always passes the same value for a request, so the lazily grown list stays consistent.
+    """
     hashes = request.block_hashes
     num_full_blocks = request.num_tokens // block_size
     if len(hashes) >= num_full_blocks:
         return
-    extra_keys = block_extra_keys(request)
+    extra_keys = block_extra_keys(request, sibling_group)
     parent = hashes[-1] if hashes else None
     for i in range(len(hashes), num_full_blocks):
         parent = hash_block_tokens(parent, _token_ids_between(request, i * block_size, (i + 1) * block_size),
@@ -108,12 +131,13 @@ class KVCacheManager:
 
         Read-only: the caller passes the blocks to ``allocate_slots``, which takes the references.
         """
-        if not self.enable_prefix_caching:
+        num_shareable_tokens = self._num_shareable_tokens(request)
+        if num_shareable_tokens == 0:
             return [], 0
-        update_block_hashes(request, self.block_size)
+        update_block_hashes(request, self.block_size, self._hash_group(request))
         if request.sampling_params.prompt_logprobs is not None:
             return [], 0  # every prompt position must run to produce its logprobs
-        max_hit_blocks = (request.num_tokens - 1) // self.block_size
+        max_hit_blocks = min(request.num_tokens - 1, num_shareable_tokens) // self.block_size
         blocks: list[KVBlock] = []
         for block_hash in request.block_hashes[:max_hit_blocks]:
             block = self.block_pool.get_cached_block(block_hash)
@@ -157,15 +181,26 @@ class KVCacheManager:
         req_blocks.extend(hits)
         new_blocks = self.block_pool.get_new_blocks(num_new_blocks)
         req_blocks.extend(new_blocks)
-        if self.enable_prefix_caching:
-            self._cache_full_blocks(request, min(num_total, request.num_tokens) // self.block_size)
+        num_shareable_tokens = self._num_shareable_tokens(request)
+        if num_shareable_tokens:
+            self._cache_full_blocks(request, min(num_total, num_shareable_tokens) // self.block_size)
         return [block.block_id for block in new_blocks]
+
+    def _hash_group(self, request: Request) -> str | None:
+        """The sibling group keying this request's hashes: only when prefix caching is off."""
+        return None if self.enable_prefix_caching else sibling_group(request)
+
+    def _num_shareable_tokens(self, request: Request) -> int:
+        """Leading tokens whose full blocks may be shared: all with prefix caching, a sibling's prompt without."""
+        if self.enable_prefix_caching:
+            return request.num_tokens
+        return request.num_prompt_tokens if sibling_group(request) is not None else 0
 
     def _cache_full_blocks(self, request: Request, num_full_blocks: int) -> None:
         num_cached = self.num_cached_blocks[request.request_id]
         if num_full_blocks <= num_cached:
             return
-        update_block_hashes(request, self.block_size)
+        update_block_hashes(request, self.block_size, self._hash_group(request))
         req_blocks = self.req_to_blocks[request.request_id]
         for i in range(num_cached, num_full_blocks):
             self.block_pool.cache_full_block(req_blocks[i], request.block_hashes[i])
@@ -174,13 +209,18 @@ class KVCacheManager:
     def free(self, request: Request) -> None:
         """Releases the request's blocks, tail first so its tail is evicted before its head.
 
-        Blocks past ``num_computed_tokens`` lose their hash: their KV was never written.
+        Blocks past ``num_computed_tokens`` lose their hash: their KV was never written. Without
+        prefix caching, a sibling-shared block loses it with its last reference.
         """
         blocks = self.req_to_blocks.pop(request.request_id, [])
         self.num_cached_blocks.pop(request.request_id, None)
         for block in blocks[request.num_computed_tokens // self.block_size:]:
             self.block_pool.evict_cached_block(block)
         self.block_pool.free_blocks(reversed(blocks))
+        if not self.enable_prefix_caching:
+            for block in blocks:
+                if block.ref_cnt == 0:
+                    self.block_pool.evict_cached_block(block)
 
     def reset_prefix_cache(self) -> None:
         self.block_pool.reset_prefix_cache()

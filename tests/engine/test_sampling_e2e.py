@@ -60,10 +60,25 @@ def hf_model(model_path):
     return _hf_model(model_path)
 
 
+def _llm(model_path, enable_prefix_caching: bool) -> LLM:
+    return LLM(model=str(model_path), dtype="float32", device="cpu", max_model_len=128,
+               block_size=BLOCK_SIZE, num_kv_blocks=256, enable_prefix_caching=enable_prefix_caching)
+
+
 @pytest.fixture(scope="module")
 def llm(model_path):
-    return LLM(model=str(model_path), dtype="float32", device="cpu", max_model_len=128,
-               block_size=BLOCK_SIZE, num_kv_blocks=256, enable_prefix_caching=True)
+    return _llm(model_path, enable_prefix_caching=True)
+
+
+@pytest.fixture(scope="module")
+def llm_without_prefix_caching(model_path):
+    return _llm(model_path, enable_prefix_caching=False)
+
+
+@pytest.fixture(params=["prefix_caching_on", "prefix_caching_off"])
+def any_llm(request, llm, llm_without_prefix_caching):
+    """n > 1 children share the prompt's full blocks either way (off: only among siblings)."""
+    return llm if request.param == "prefix_caching_on" else llm_without_prefix_caching
 
 
 # ---- logprobs ---------------------------------------------------------------------------
@@ -178,7 +193,8 @@ def test_beam_search_rejects_a_width_above_the_logprobs_cap(beam_model):
 
 # ---- n > 1 ------------------------------------------------------------------------------
 
-def test_n_completions_share_the_prompts_full_blocks_and_return_them_all(llm):
+def test_n_completions_share_the_prompts_full_blocks_and_return_them_all(any_llm):
+    llm = any_llm
     engine = llm.llm_engine
     kv_manager = engine.core.scheduler.kv_cache_manager
     pool = kv_manager.block_pool
@@ -205,6 +221,16 @@ def test_n_completions_share_the_prompts_full_blocks_and_return_them_all(llm):
     assert all(len(c.token_ids) == 8 and c.finish_reason == "length" for c in completions)
     assert len({tuple(c.token_ids) for c in completions}) > 1  # each child samples on its own
     assert_no_leaked_blocks(llm)
+
+
+def test_n_greedy_completions_on_shared_blocks_equal_transformers_greedy(any_llm, hf_model):
+    """Children admitted together read prompt KV a sibling writes in the same step."""
+    prompt = _random_prompt(random.Random(6), 19)
+    params = SamplingParams(n=3, temperature=0.0, max_tokens=8, ignore_eos=True)
+    output = any_llm.generate({"prompt_token_ids": prompt}, params, use_tqdm=False)[0]
+    want = _hf_generate(hf_model, prompt, do_sample=False, max_new_tokens=8, eos_token_id=None, pad_token_id=0)[0]
+    assert [c.token_ids for c in output.outputs] == [want] * 3
+    assert_no_leaked_blocks(any_llm)
 
 
 def test_n_completions_with_a_seed_are_reproducible(llm):
