@@ -179,8 +179,13 @@ class SamplingParams:
         return self._all_stop_token_ids
 
     def update_from_tokenizer(self, eos_token_id: int | None, extra_stop_ids: list[int]) -> None:
-        """Adds the model's end-of-turn ids; eos itself is handled by the scheduler."""
-        self._all_stop_token_ids = set(self.stop_token_ids) | set(extra_stop_ids)
+        """Adds the model's other end-of-generation ids (e.g. a chat template's end-of-turn token).
+
+        eos itself is checked by the scheduler. Under ``ignore_eos`` these ids are ignored too, as vLLM
+        does: only explicit ``stop_token_ids`` still stop the request.
+        """
+        extra = () if self.ignore_eos else extra_stop_ids
+        self._all_stop_token_ids = set(self.stop_token_ids) | set(extra)
 
     def clone(self) -> "SamplingParams":
         return copy.deepcopy(self)

@@ -48,8 +48,6 @@ def test_w1_with_both_peers_writes_a_complete_report(tiny_model, tmp_path, capsy
     assert "sluice" in table and "hf-cb" in table and "roofline fraction" in table
 
 
-@pytest.mark.xfail(strict=True, reason="the engine adds the chat template's end-of-turn id (<|im_end|>) to the "
-                   "stop ids even with ignore_eos (SamplingParams.update_from_tokenizer); remove this mark once fixed")
 def test_engine_ignores_eos_and_end_of_turn_so_every_asked_token_is_produced(tiny_model, tmp_path):
     report = _run(tiny_model, tmp_path / "eos.json", "--workload", "W1", "--num-prompts", "8", "--seed", "3")
     requests = generate_workload("W1", 384, 8, seed=3, max_model_len=512, length_scale=0.05)
