@@ -123,6 +123,11 @@ class SamplingParams:
             if value is not None and (not _is_int(value) or value < 0):
                 raise ValueError(f"{name} must be None or an integer >= 0, got {value!r}")
 
+    def verify(self) -> None:
+        """Checks every field again (the params may have been changed since construction)."""
+        self._verify()
+        self._verify_penalties_and_logprobs()
+
     def verify_max_logprobs(self, max_logprobs: int) -> None:
         """Raises when logprobs or prompt_logprobs ask for more than the engine's cap."""
         for name in ("logprobs", "prompt_logprobs"):

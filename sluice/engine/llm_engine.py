@@ -109,6 +109,7 @@ class LLMEngine:
         if needed > kv_tokens and params.max_tokens is not None:
             params.max_tokens = kv_tokens - len(prompt_ids)
             logger.warning("max_tokens lowered to %d: the KV cache holds %d tokens", params.max_tokens, kv_tokens)
+        params.verify()
         params.verify_max_logprobs(self.args.max_logprobs)
         params.verify_against_vocab(vocab_size)
 
