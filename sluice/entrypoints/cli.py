@@ -27,9 +27,21 @@ def build_parser() -> argparse.ArgumentParser:
         except ModuleNotFoundError as e:
             if e.name and e.name.startswith("sluice"):
                 continue  # subcommand not available in this build
-            raise
+            _add_unavailable(subparsers, name, e.name)
+            continue
         module.add_parser(subparsers)
     return parser
+
+
+def _add_unavailable(subparsers: argparse._SubParsersAction, name: str, missing: str | None) -> None:
+    """A subcommand whose dependencies are missing still shows up, and says what to install."""
+    def fail(_args: argparse.Namespace) -> int:
+        print(f"sluice {name}: needs the Python package {missing!r}, which is not installed "
+              f"(pip install {missing})", file=sys.stderr)
+        return 1
+    parser = subparsers.add_parser(name, help=f"(unavailable: {missing} is not installed)")
+    parser.add_argument("args", nargs=argparse.REMAINDER)
+    parser.set_defaults(func=fail)
 
 
 def main(argv: list[str] | None = None) -> int:
