@@ -167,7 +167,8 @@ def main() -> int:
 def _git_commit() -> str | None:
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
-        return out.stdout.strip() or None
+        sha = out.stdout.strip()
+        return sha if len(sha) == 40 else None  # a copy without git history (the device) has none
     except (OSError, subprocess.SubprocessError):
         return None
 
