@@ -28,7 +28,7 @@ class EngineCore:
             policy=args.scheduling_policy,
         )
         self.runner = ModelRunner(model_config, args.block_size, args.max_num_seqs,
-                                  self.scheduler_config.max_num_batched_tokens)
+                                  self.scheduler_config.max_num_batched_tokens, enforce_eager=args.enforce_eager)
         self.runner.load_model()
         num_blocks = self.runner.determine_num_kv_blocks(
             args.num_kv_blocks, args.kv_cache_memory, args.gpu_memory_utilization)
