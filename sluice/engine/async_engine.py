@@ -9,8 +9,11 @@ The event loop talks to it through two one-way channels:
                                                     engine.step() -> [RequestOutput]
     RequestStream.queue  <-- call_soon_threadsafe --  route the batch of outputs by request id
 
-Only plain commands and RequestOutputs cross that boundary, so moving the engine into its
-own process later (ZMQ) replaces ``_EngineLoop``'s transport and nothing above it.
+Only plain commands and RequestOutputs cross that boundary. With ``process_split`` the
+engine is a SplitLLMEngine (engine/core_client.py): tokenization, detokenization and stop
+strings stay in this process, on that same thread, and only the EngineCore (scheduler +
+model runner) runs in a process of its own. While idle, the thread checks every
+``_HEALTH_CHECK_S`` that the core process is still alive.
 
 A stream that is closed before its request finished (the client went away, the handler
 was cancelled) aborts the request, which frees its KV blocks on the engine's next turn.
@@ -34,6 +37,8 @@ from sluice.outputs import RequestOutput
 from sluice.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
+
+_HEALTH_CHECK_S = 0.5  # an idle engine thread wakes this often to ask the engine whether it is alive
 
 
 class EngineDeadError(RuntimeError):
@@ -126,14 +131,20 @@ class AsyncLLM:
         self._dead_error: BaseException | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
+        # An engine whose core lives in another process can die while this thread waits for commands.
+        self._check_engine_health = getattr(engine, "check_health", None)
 
     @classmethod
     def from_engine_args(cls, engine_args: EngineArgs, stat_loggers: list[StatLogger] | None = None,
-                         max_num_queued_reqs: int | None = None) -> "AsyncLLM":
-        from sluice.engine.llm_engine import LLMEngine
+                         max_num_queued_reqs: int | None = None, process_split: bool = False) -> "AsyncLLM":
+        """``process_split``: run the EngineCore in its own process (engine/core_proc.py)."""
+        if process_split:
+            from sluice.engine.core_client import SplitLLMEngine as engine_class
+        else:
+            from sluice.engine.llm_engine import LLMEngine as engine_class
 
         latest = _LatestSchedulerStats()
-        engine = LLMEngine.from_engine_args(engine_args, stat_loggers=[latest, *(stat_loggers or [])])
+        engine = engine_class.from_engine_args(engine_args, stat_loggers=[latest, *(stat_loggers or [])])
         return cls(engine, max_num_queued_reqs=max_num_queued_reqs, latest_stats=latest)
 
     # ---- read-only views (safe from any thread: set once at construction) ----------------
@@ -175,12 +186,14 @@ class AsyncLLM:
         self._thread.start()
 
     def shutdown(self, timeout: float = 10.0) -> None:
-        """Stops the engine thread; in-flight streams end with EngineDeadError."""
-        if self._thread is None:
-            return
-        self._commands.put(_STOP)
-        self._thread.join(timeout)
-        self._thread = None
+        """Stops the engine thread (and an engine-core process); in-flight streams end with EngineDeadError."""
+        if self._thread is not None:
+            self._commands.put(_STOP)
+            self._thread.join(timeout)
+            self._thread = None
+        engine_shutdown = getattr(self.engine, "shutdown", None)
+        if engine_shutdown is not None:
+            engine_shutdown()
 
     # ---- requests ------------------------------------------------------------------------
     async def add_request(self, request_id: str, prompt: Any, params: SamplingParams,
@@ -288,12 +301,21 @@ class AsyncLLM:
         self._die(EngineDeadError("the engine was shut down"))
 
     def _drain_commands(self, block: bool) -> list[Any]:
-        commands = [self._commands.get()] if block else []
+        commands = [self._wait_for_command()] if block else []
         while True:
             try:
                 commands.append(self._commands.get_nowait())
             except queue.Empty:
                 return commands
+
+    def _wait_for_command(self) -> Any:
+        if self._check_engine_health is None:
+            return self._commands.get()
+        while True:
+            try:
+                return self._commands.get(timeout=_HEALTH_CHECK_S)
+            except queue.Empty:
+                self._check_engine_health()  # raises if the engine died: the loop's handler takes over
 
     def _apply(self, command: Any) -> bool:
         """Runs one command on the engine; returns True if it freed KV blocks."""

@@ -7,6 +7,11 @@ Routes: /v1/completions, /v1/chat/completions, /v1/models, /tokenize, /detokeniz
 (new requests get 503, /health turns 503), in-flight requests get up to
 ``--shutdown-timeout`` seconds, the rest are aborted, and the process exits 0. A second
 signal exits at once.
+
+Process split (``--process-split``, the default): the EngineCore (scheduler + model runner) runs in its own
+process (engine/core_proc.py) and this process keeps HTTP, tokenization, detokenization and streaming. If the
+engine dies (the core process exits, or the engine thread fails), /health turns 503, in-flight streams get an
+error event, and after ``DEAD_ENGINE_GRACE_S`` the server exits with status 1 instead of hanging.
 """
 from __future__ import annotations
 
@@ -37,6 +42,9 @@ from sluice.entrypoints.openai.serving_models import OpenAIServingModels
 from sluice.metrics import METRICS_CONTENT_TYPE, PrometheusStatLogger
 
 logger = logging.getLogger("sluice.server")
+
+DEAD_ENGINE_GRACE_S = 1.0  # a dead engine's server keeps answering 503 this long (health checks see it), then exits
+EXIT_ENGINE_DEAD = 1
 
 
 @dataclass
@@ -115,6 +123,8 @@ class DrainingServer(uvicorn.Server):
         super().__init__(config)
         self.state, self.guard, self.shutdown_timeout = state, guard, shutdown_timeout
         self._drain_deadline = 0.0
+        self._engine_dead_since: float | None = None
+        self.exit_code = 0
 
     def handle_exit(self, sig: int, frame: Any) -> None:
         # Runs in the signal handler: only flips flags; on_tick does the work. Unlike uvicorn's own
@@ -126,12 +136,23 @@ class DrainingServer(uvicorn.Server):
         self._drain_deadline = time.monotonic() + self.shutdown_timeout
 
     async def on_tick(self, counter: int) -> bool:
+        if self.state.engine.errored and not self.should_exit:
+            self._exit_after_engine_death()
         if self.state.draining and not self.should_exit:
             if self.guard.num_in_flight == 0 or time.monotonic() >= self._drain_deadline:
                 num_aborted = self.state.engine.abort_all("the server is shutting down")
                 logger.info("drain finished; %d request(s) aborted", num_aborted)
                 self.should_exit = True
         return await super().on_tick(counter)
+
+    def _exit_after_engine_death(self) -> None:
+        now = time.monotonic()
+        if self._engine_dead_since is None:
+            self._engine_dead_since = now
+            logger.error("the engine died; /health answers 503 and the server exits in %.1f s", DEAD_ENGINE_GRACE_S)
+        elif now - self._engine_dead_since >= DEAD_ENGINE_GRACE_S:
+            self.exit_code = EXIT_ENGINE_DEAD
+            self.should_exit = True
 
 
 # ---- command line ------------------------------------------------------------------------------
@@ -155,6 +176,11 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                         help="beyond this many waiting requests, new ones get 503 (default: unbounded)")
     server.add_argument("--max-n", type=int, default=128, help="largest n a request may ask for")
     server.add_argument("--max-request-body-bytes", type=int, default=10 * 2**20, help="larger bodies get 413")
+    server.add_argument("--process-split", action=argparse.BooleanOptionalAction, default=True,
+                        help="run the engine core (scheduler + model runner) in its own process; "
+                             "--no-process-split keeps it on a thread of the API server")
+    server.add_argument("--api-server-count", type=int, default=1,
+                        help="API server (front-end) processes sharing one engine core; only 1 is supported yet")
     server.add_argument("--uvicorn-log-level", default="info",
                         choices=["critical", "error", "warning", "info", "debug", "trace"])
     server.add_argument("--disable-uvicorn-access-log", action="store_true")
@@ -166,12 +192,17 @@ def run_server(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.max_n < 1 or (args.max_num_queued_reqs is not None and args.max_num_queued_reqs < 0):
         raise ValueError("--max-n must be at least 1 and --max-num-queued-reqs non-negative")
+    if args.api_server_count != 1:
+        raise ValueError(f"--api-server-count: only 1 API server process is supported yet, got "
+                         f"{args.api_server_count} (one front end already keeps the engine core busy on CPU; "
+                         "scaling the front end is future work)")
     engine_args = EngineArgs.from_cli_args(args)
     engine_args.model = args.model
     model_config = _peek_model_config(engine_args)
     metrics = PrometheusStatLogger(model_config.served_model_name)
     engine = AsyncLLM.from_engine_args(engine_args, stat_loggers=[metrics],
-                                       max_num_queued_reqs=args.max_num_queued_reqs)
+                                       max_num_queued_reqs=args.max_num_queued_reqs,
+                                       process_split=args.process_split)
     model_config = engine.model_config
     limits = ServingLimits(max_model_len=model_config.max_model_len, vocab_size=model_config.vocab_size,
                            max_n=args.max_n, max_logprobs=engine_args.max_logprobs,
@@ -184,8 +215,9 @@ def run_server(args: argparse.Namespace) -> int:
                                     lifespan="on")
     logger.info("serving %s as %r on http://%s:%d", model_config.model, model_config.served_model_name,
                 args.host, args.port)
-    DrainingServer(uvicorn_config, state, guard, args.shutdown_timeout).run()
-    return 0
+    server = DrainingServer(uvicorn_config, state, guard, args.shutdown_timeout)
+    server.run()
+    return server.exit_code
 
 
 def _peek_model_config(engine_args: EngineArgs) -> Any:
