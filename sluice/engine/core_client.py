@@ -8,10 +8,11 @@
 
 CoreClient answers the calls LLMEngine makes on an in-process EngineCore (add_request, abort_requests,
 stop_requests, has_unfinished_requests, step, make_stats, num_kv_tokens), so the front half of LLMEngine runs
-unchanged. ``step()`` returns the outputs of every core step that arrived since the last call, waiting for at
-least one while requests are in flight, and with none in flight until the core has applied every command sent
-(so the stats after an abort show its freed KV blocks). The core process's sentinel is polled next to the output socket, so a
-dead core raises EngineCoreDeadError at once instead of hanging; ``check_health()`` lets an idle caller ask.
+unchanged. ``step()`` returns the outputs of every core step that arrived since the last call, waiting for
+at least one while requests are in flight, and with none in flight until the core has applied every command
+sent (so the stats after an abort show its freed KV blocks). The core process's sentinel is polled next to
+the output socket, so a dead core raises EngineCoreDeadError at once instead of hanging; ``check_health()``
+lets an idle caller ask.
 """
 from __future__ import annotations
 
@@ -148,7 +149,7 @@ class CoreClient:
             raise self._dead_error
 
     def shutdown(self, timeout_s: float = 5.0) -> None:
-        """Asks the core to stop, then terminates it if it does not; idempotent."""
+        """Asks the core to stop, then kills it if it does not (it ignores SIGTERM); idempotent."""
         if self._closed:
             return
         self._closed = True
@@ -159,7 +160,7 @@ class CoreClient:
                 pass
             self.process.join(timeout_s)
             if self.process.is_alive():
-                self.process.terminate()
+                self.process.kill()
                 self.process.join(timeout_s)
         self._context.destroy(linger=0)
         shutil.rmtree(self._socket_dir, ignore_errors=True)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import os
 import pickle
+import signal
 import traceback
 
 import msgspec
@@ -83,6 +84,10 @@ CoreOutput = CoreReady | CoreStep | CoreFailed
 def run_engine_core(args: EngineArgs, input_address: str, output_address: str, parent_pid: int) -> None:
     """The spawned process's entry point: build the core, report ready (or the failure), run the busy loop."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s[core]: %(message)s")
+    # Ctrl-C and a SIGTERM to the process group are the API server's to handle (it drains, then sends Shutdown);
+    # the core must outlive them so in-flight requests can finish.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     context = zmq.Context()
     input_socket = context.socket(zmq.PULL)
     input_socket.connect(input_address)

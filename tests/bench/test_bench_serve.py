@@ -51,7 +51,7 @@ def test_goodput_spec_names_the_bad_part():
 @pytest.fixture(scope="module")
 def tiny_server(tmp_path_factory):
     model = save_tiny_model(tmp_path_factory.mktemp("bench-serve") / "tiny")
-    server = RemoteServer(model, ["--served-model-name", "tiny", "--num-kv-blocks", "256"])
+    server = RemoteServer(model, ["--process-split", "--served-model-name", "tiny", "--num-kv-blocks", "256"])
     yield server, model
     server.stop()
 

@@ -62,7 +62,7 @@ def test_split_engine_matches_in_process_engine_and_frees_aborted_blocks(tiny_mo
 
 
 def test_killed_engine_core_turns_health_503_and_server_exits_with_an_error(tiny_model):
-    server = RemoteServer(tiny_model, ["--num-kv-blocks", "128"])
+    server = RemoteServer(tiny_model, ["--process-split", "--num-kv-blocks", "128"])
     try:
         core_pid = int(re.search(r"engine core in process (\d+)", server.log()).group(1))
         with httpx.stream("POST", server.url("/v1/completions"), timeout=30,
