@@ -34,8 +34,7 @@ from sluice.core.request import Request
 from sluice.engine.async_engine import EngineDeadError
 from sluice.engine.core_proc import (AddRequest, CoreFailed, CoreInput, CoreOutput, CoreReady, CoreStep,
                                      FinishRequests, Shutdown, run_engine_core)
-from sluice.engine.llm_engine import LLMEngine, _eos_ids
-from sluice.engine.output_processor import OutputProcessor
+from sluice.engine.llm_engine import LLMEngine
 from sluice.engine.stats import SchedulerStats, StatLogger
 from sluice.models.model_config import ModelConfig
 
@@ -198,33 +197,8 @@ class SplitLLMEngine(LLMEngine):
 
     def __init__(self, model_config: ModelConfig, args: EngineArgs,
                  stat_loggers: list[StatLogger] | None = None) -> None:
-        # Not LLMEngine.__init__: that builds an in-process EngineCore (see the report: a `core` argument
-        # there would fold these lines back into it).
-        from sluice.tokenizer import end_of_turn_token_ids, get_chat_template, get_tokenizer
-
-        self.model_config = model_config
-        self.args = args
-        self.tokenizer = get_tokenizer(model_config.model, args.tokenizer)
-        self.chat_template = get_chat_template(self.tokenizer)
-        self.eos_token_id, extra_eos = _eos_ids(model_config.hf_config, self.tokenizer)
-        self.extra_stop_token_ids = sorted(set(extra_eos) | set(
-            end_of_turn_token_ids(self.tokenizer, self.chat_template)) - {self.eos_token_id})
-        self.core = CoreClient(args)
-        self.output_processor = OutputProcessor(self.tokenizer)
-        self.stat_loggers = list(stat_loggers or [])
-        self.max_model_len = model_config.max_model_len
-        self._log_startup()
-
-    def _log_startup(self) -> None:
-        cfg, core, cache = self.model_config, self.core, self.core.cache_config
-        logger.info("engine core in process %d: model %s (%s), %.1fM parameters, %s on %s, loaded in %.1f s",
-                    core.process.pid, cfg.served_model_name, cfg.model, core.num_parameters / 1e6, cfg.dtype,
-                    cfg.device, core.load_seconds)
-        logger.info("KV cache: %d blocks of %d tokens = %d tokens (%.1f MiB); max_model_len %d, max_num_seqs %d, "
-                    "max_num_batched_tokens %d, prefix caching %s", cache.num_blocks, cache.block_size,
-                    core.num_kv_tokens, cache.num_blocks * core.kv_bytes_per_block / 2**20, cfg.max_model_len,
-                    core.scheduler_config.max_num_seqs, core.scheduler_config.max_num_batched_tokens,
-                    "on" if cache.enable_prefix_caching else "off")
+        super().__init__(model_config, args, stat_loggers, core=CoreClient(args))
+        logger.info("engine core in process %d", self.core.process.pid)
 
     def check_health(self) -> None:
         self.core.check_health()

@@ -41,6 +41,18 @@ class EngineCore:
         self.scheduler = Scheduler(self.scheduler_config, self.cache_config)
 
     @property
+    def num_parameters(self) -> int:
+        return self.runner.num_parameters
+
+    @property
+    def load_seconds(self) -> float:
+        return self.runner.load_seconds
+
+    @property
+    def kv_bytes_per_block(self) -> int:
+        return self.runner.kv_spec.bytes_per_block
+
+    @property
     def num_kv_tokens(self) -> int:
         return self.cache_config.num_blocks * self.cache_config.block_size
 

@@ -28,7 +28,9 @@ PromptType = str | list[int] | dict[str, Any]
 
 class LLMEngine:
     def __init__(self, model_config: ModelConfig, args: EngineArgs,
-                 stat_loggers: list[StatLogger] | None = None) -> None:
+                 stat_loggers: list[StatLogger] | None = None, core: EngineCore | None = None) -> None:
+        """``core``: the engine core to drive; by default an in-process EngineCore (the server may pass a
+        client of a core running in its own process, with the same calls)."""
         from sluice.tokenizer import end_of_turn_token_ids, get_chat_template, get_tokenizer
 
         self.model_config = model_config
@@ -38,7 +40,7 @@ class LLMEngine:
         self.eos_token_id, extra_eos = _eos_ids(model_config.hf_config, self.tokenizer)
         self.extra_stop_token_ids = sorted(set(extra_eos) | set(
             end_of_turn_token_ids(self.tokenizer, self.chat_template)) - {self.eos_token_id})
-        self.core = EngineCore(model_config, args)
+        self.core = core if core is not None else EngineCore(model_config, args)
         self.output_processor = OutputProcessor(self.tokenizer)
         self.stat_loggers = list(stat_loggers or [])
         self.max_model_len = model_config.max_model_len
@@ -48,12 +50,12 @@ class LLMEngine:
         cfg, core = self.model_config, self.core
         cache = core.cache_config
         logger.info("model %s (%s): %.1fM parameters, %s on %s, loaded in %.1f s",
-                    cfg.served_model_name, cfg.model, core.runner.num_parameters / 1e6, cfg.dtype, cfg.device,
-                    core.runner.load_seconds)
+                    cfg.served_model_name, cfg.model, core.num_parameters / 1e6, cfg.dtype, cfg.device,
+                    core.load_seconds)
         logger.info("KV cache: %d blocks of %d tokens = %d tokens (%.1f MiB); max_model_len %d, "
                     "max_num_seqs %d, max_num_batched_tokens %d, prefix caching %s",
                     cache.num_blocks, cache.block_size, core.num_kv_tokens,
-                    cache.num_blocks * core.runner.kv_spec.bytes_per_block / 2**20, cfg.max_model_len,
+                    cache.num_blocks * core.kv_bytes_per_block / 2**20, cfg.max_model_len,
                     core.scheduler_config.max_num_seqs, core.scheduler_config.max_num_batched_tokens,
                     "on" if cache.enable_prefix_caching else "off")
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import logging
 import time
 
-import numpy as np
 import torch
 
 from sluice.attention import AttentionMetadata, get_attention_backend
