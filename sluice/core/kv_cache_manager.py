@@ -22,7 +22,7 @@ and ``free`` un-hashes blocks beyond ``num_computed_tokens`` (a request preempte
 being scheduled, before its KV was written).
 
 Siblings share the prompt even with prefix caching off. The children of an ``n > 1``
-request (``"{index}_{parent_id}"``, named by engine/output_processor.py) hash their full
+request (``Request.parent_request_id``, set by the engine front) hash their full
 prompt blocks with the parent id as an extra key, so they find each other's blocks and no
 one else's; a block loses that hash when its last reference goes, so nothing outlives the
 siblings (no caching across requests):
@@ -68,9 +68,8 @@ def block_extra_keys(request: Request, sibling_group: str | None = None) -> tupl
 
 
 def sibling_group(request: Request) -> str | None:
-    """The parent id of a child of an ``n > 1`` request (``"{index}_{parent_id}"``), else None."""
-    index, sep, parent_id = request.request_id.partition("_")
-    return parent_id if sep and parent_id and index.isdigit() else None
+    """The parent id of a child of an ``n > 1`` request, else None."""
+    return request.parent_request_id
 
 
 def update_block_hashes(request: Request, block_size: int, sibling_group: str | None = None) -> None:

@@ -47,7 +47,7 @@ class Request:
         "request_id", "prompt_token_ids", "output_token_ids", "sampling_params",
         "eos_token_id", "priority", "arrival_time", "status", "stop_reason",
         "num_computed_tokens", "num_cached_tokens", "num_preemptions",
-        "block_hashes", "lora_int_id", "cache_salt",
+        "block_hashes", "lora_int_id", "cache_salt", "parent_request_id",
     )
 
     def __init__(
@@ -60,6 +60,7 @@ class Request:
         arrival_time: float | None = None,
         lora_int_id: int = 0,
         cache_salt: str | None = None,
+        parent_request_id: str | None = None,
     ) -> None:
         if not prompt_token_ids:
             raise ValueError("prompt_token_ids must not be empty")
@@ -80,6 +81,8 @@ class Request:
         self.block_hashes: list[int] = []
         self.lora_int_id = lora_int_id
         self.cache_salt = cache_salt
+        # The user request this one is a child of, when it asked for n > 1 completions.
+        self.parent_request_id = parent_request_id
 
     @property
     def num_prompt_tokens(self) -> int:

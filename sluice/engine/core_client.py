@@ -98,7 +98,8 @@ class CoreClient:
     # ---- EngineCore's interface --------------------------------------------------------------------------
     def add_request(self, request: Request) -> None:
         self._send(AddRequest(request.request_id, request.prompt_token_ids, pickle.dumps(request.sampling_params),
-                              request.eos_token_id, request.priority, request.arrival_time))
+                              request.eos_token_id, request.priority, request.arrival_time,
+                              request.parent_request_id))
         self._unfinished.add(request.request_id)
 
     def abort_requests(self, request_ids: Iterable[str]) -> None:

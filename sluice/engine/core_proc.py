@@ -43,6 +43,7 @@ class AddRequest(msgspec.Struct, tag="add", array_like=True):
     eos_token_id: int | None
     priority: int
     arrival_time: float  # time.monotonic(): one clock for every process of the machine
+    parent_request_id: str | None  # set for the children of an n > 1 request
 
 
 class FinishRequests(msgspec.Struct, tag="finish", array_like=True):
@@ -147,7 +148,8 @@ def _apply(core, message: AddRequest | FinishRequests) -> None:
     if isinstance(message, AddRequest):
         core.add_request(Request(message.request_id, message.prompt_token_ids, pickle.loads(message.sampling_params),
                                  eos_token_id=message.eos_token_id, priority=message.priority,
-                                 arrival_time=message.arrival_time))
+                                 arrival_time=message.arrival_time,
+                                 parent_request_id=message.parent_request_id))
     elif message.aborted:
         core.abort_requests(message.request_ids)
     else:

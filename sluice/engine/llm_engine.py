@@ -90,8 +90,9 @@ class LLMEngine:
         arrival_time = time.monotonic() if arrival_time is None else arrival_time
         parent = ParentRequestState(request_id, prompt_text, prompt_ids, params, arrival_time)
         for child_id, child_params in self.output_processor.add_request(parent):
-            self.core.add_request(Request(child_id, prompt_ids, child_params, eos_token_id=self.eos_token_id,
-                                          priority=priority, arrival_time=arrival_time))
+            self.core.add_request(Request(
+                child_id, prompt_ids, child_params, eos_token_id=self.eos_token_id, priority=priority,
+                arrival_time=arrival_time, parent_request_id=request_id if params.n > 1 else None))
 
     def _validate(self, prompt_ids: list[int], params: SamplingParams) -> None:
         if not prompt_ids:

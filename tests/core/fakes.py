@@ -40,10 +40,10 @@ def reference_output(prompt: list[int], max_tokens: int, next_token: NextToken =
 
 def make_request(req_id: str, prompt: list[int], *, max_tokens: int | None = 16, arrival_time: float = 0.0,
                  priority: int = 0, eos_token_id: int | None = None, cache_salt: str | None = None,
-                 **sampling_kwargs) -> Request:
+                 parent_request_id: str | None = None, **sampling_kwargs) -> Request:
     return Request(req_id, prompt, SamplingParams(max_tokens=max_tokens, **sampling_kwargs),
                    eos_token_id=eos_token_id, priority=priority, arrival_time=arrival_time,
-                   cache_salt=cache_salt)
+                   cache_salt=cache_salt, parent_request_id=parent_request_id)
 
 
 def make_scheduler(*, num_blocks: int = 64, block_size: int = 4, max_num_batched_tokens: int = 64,

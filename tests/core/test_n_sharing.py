@@ -26,17 +26,16 @@ def _manager(num_blocks: int = 16) -> KVCacheManager:
     return KVCacheManager(num_blocks=num_blocks, block_size=BLOCK_SIZE, enable_prefix_caching=False)
 
 
-def test_sibling_group_is_the_parent_id_of_an_indexed_child():
-    assert sibling_group(make_request("3_cmpl-ab_c", [1])) == "cmpl-ab_c"
-    assert sibling_group(make_request("cmpl-ab_c", [1])) is None
+def test_sibling_group_is_the_parent_request_id():
+    assert sibling_group(make_request("3_cmpl-ab_c", [1], parent_request_id="cmpl-ab_c")) == "cmpl-ab_c"
+    assert sibling_group(make_request("0_looks_like_a_child", [1])) is None
     assert sibling_group(make_request("12", [1])) is None
-    assert sibling_group(make_request("x_r", [1])) is None
 
 
 def test_siblings_share_the_prompts_full_blocks_without_prefix_caching():
     manager = _manager()
     prompt = list(range(10))  # 2 full blocks + 2 tokens
-    children = [make_request(f"{i}_r", prompt) for i in range(4)]
+    children = [make_request(f"{i}_r", prompt, parent_request_id="r") for i in range(4)]
     assert [_admit(manager, child) for child in children] == [0, 8, 8, 8]
     tables = [manager.get_block_ids(child.request_id) for child in children]
     assert all(table[:2] == tables[0][:2] for table in tables)
@@ -49,8 +48,8 @@ def test_siblings_share_the_prompts_full_blocks_without_prefix_caching():
 def test_requests_that_are_not_siblings_share_nothing_without_prefix_caching():
     manager = _manager()
     prompt = list(range(10))
-    requests = [make_request("a", prompt), make_request("b", prompt), make_request("0_r", prompt),
-                make_request("0_s", prompt)]
+    requests = [make_request("a", prompt), make_request("b", prompt), make_request("0_r", prompt, parent_request_id="r"),
+                make_request("0_s", prompt, parent_request_id="s")]
     assert [_admit(manager, request) for request in requests] == [0, 0, 0, 0]
     assert manager.num_free_blocks == 16 - 4 * 3
 
@@ -58,7 +57,7 @@ def test_requests_that_are_not_siblings_share_nothing_without_prefix_caching():
 def test_shared_blocks_outlive_a_finished_sibling_but_not_the_last_one():
     manager = _manager()
     prompt = list(range(9))
-    first, second, third, late = (make_request(f"{i}_r", prompt) for i in range(4))
+    first, second, third, late = (make_request(f"{i}_r", prompt, parent_request_id="r") for i in range(4))
     _admit(manager, first)
     _admit(manager, second)
     manager.free(first)
@@ -74,7 +73,7 @@ def test_shared_blocks_outlive_a_finished_sibling_but_not_the_last_one():
 def test_only_prompt_blocks_are_shared_never_output_blocks():
     manager = _manager()
     prompt = list(range(6))
-    first, second = make_request("0_r", prompt), make_request("1_r", prompt)
+    first, second = make_request("0_r", prompt, parent_request_id="r"), make_request("1_r", prompt, parent_request_id="r")
     _admit(manager, first)
     first.append_output_token_ids([50, 51, 52])  # tokens 6..8: block 1 is full of prompt + output
     assert manager.allocate_slots(first, 3) is not None
@@ -94,7 +93,7 @@ def test_sibling_streams_match_the_reference_under_a_tiny_budget_and_pool():
     for parent in ("p", "q"):
         prompt = [rng.randrange(1000) for _ in range(rng.randrange(9, 20))]
         for i in range(4):
-            scheduler.add_request(make_request(f"{i}_{parent}", prompt, max_tokens=10))
+            scheduler.add_request(make_request(f"{i}_{parent}", prompt, parent_request_id=parent, max_tokens=10))
             expected[f"{i}_{parent}"] = reference_output(prompt, 10)
     result = run_to_completion(scheduler)
     assert result.tokens == expected
@@ -106,7 +105,7 @@ def test_siblings_admitted_together_compute_the_shared_prompt_once():
     runner = FakeRunner.for_scheduler(scheduler)
     prompt = list(range(100, 113))  # 3 full blocks + 1 token
     for i in range(3):
-        scheduler.add_request(make_request(f"{i}_r", prompt, max_tokens=3))
+        scheduler.add_request(make_request(f"{i}_r", prompt, parent_request_id="r", max_tokens=3))
     output, _ = run_step(scheduler, runner)
     assert output.num_scheduled_tokens == {"0_r": 13, "1_r": 1, "2_r": 1}
     result = run_to_completion(scheduler, runner)
