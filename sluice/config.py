@@ -56,7 +56,7 @@ class EngineArgs:
         "gpu_memory_utilization": "fraction of GPU memory for weights, activations and KV cache",
         "kv_cache_memory": "bytes of KV cache when running on the CPU",
         "num_kv_blocks": "number of KV blocks, overriding the memory-based size",
-        "swap_space": "GiB of CPU memory for preempted requests' KV blocks",
+        "swap_space": "GiB of CPU memory for preempted requests' KV blocks (not supported yet: must be 0)",
         "max_num_seqs": "most requests in one step",
         "max_num_batched_tokens": "token budget of one step (default 2048, at least max_model_len if chunked prefill is off)",
         "scheduling_policy": "fcfs or priority (lower value first)",
@@ -106,6 +106,9 @@ class EngineArgs:
             raise ValueError(f"num_kv_blocks must be at least 1, got {self.num_kv_blocks}")
         if self.swap_space < 0:
             raise ValueError(f"swap_space must be non-negative, got {self.swap_space}")
+        if self.swap_space > 0:
+            raise ValueError("swap_space > 0 (swapping preempted requests' KV to the CPU) is not supported yet: "
+                             "preempted requests are recomputed, usually from the prefix cache")
         if self.tensor_parallel_size != 1:
             raise ValueError("tensor_parallel_size > 1 is not supported yet")
 
