@@ -1,6 +1,8 @@
 """Per-step statistics the engine hands to stat loggers (Prometheus, periodic log lines)."""
 from __future__ import annotations
 
+import logging
+import time
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -41,9 +43,6 @@ class LoggingStatLogger:
     """Logs throughput and cache state every ``interval`` seconds, like vLLM's periodic engine log line."""
 
     def __init__(self, interval: float = 5.0, logger_name: str = "sluice.stats") -> None:
-        import logging
-        import time
-
         self._clock = time.monotonic
         self._logger = logging.getLogger(logger_name)
         self.interval = interval
