@@ -15,17 +15,15 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
-import json
 import os
-import re
 import subprocess
 import tempfile
 from typing import Any
 
+from sluice.bench.report import DEFAULT_RESULTS_DIR, default_output_path, write_report
 from sluice.config import EngineArgs
 
 L8_NAME = "L8"
-DEFAULT_RESULTS_DIR = os.path.join("benchmarks", "results")
 _OTHER_BENCHMARKS = ("sluice.bench.serve",)  # optional modules exposing add_parser(bench_subparsers)
 
 
@@ -128,12 +126,7 @@ def run_throughput_command(args: argparse.Namespace) -> int:
         model = resolve_model(EngineArgs.from_cli_args(args), scratch)
         report = run_throughput_benchmark(args, model, peers)
     print(format_table(report))
-    path = args.output_json or default_output_path(report)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(report, f, indent=2)
-        f.write("\n")
-    print(f"wrote {path}")
+    write_report(report, args.output_json or default_output_path("throughput", report))
     return 0
 
 
@@ -247,10 +240,3 @@ def git_commit() -> str | None:
     return (out.stdout.strip() if out.returncode == 0 else "") or fallback
 
 
-def default_output_path(report: dict[str, Any]) -> str:
-    def slug(text: str) -> str:
-        return re.sub(r"[^a-z0-9]+", "-", os.path.basename(str(text)).lower()).strip("-")
-
-    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    name = f"throughput_{report['workload']}_{slug(report['model'])}_{slug(report['device'])}_{stamp}.json"
-    return os.path.join(DEFAULT_RESULTS_DIR, name)

@@ -26,12 +26,13 @@ import asyncio
 import datetime
 import json
 import os
-import re
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
+
+from sluice.bench.report import default_output_path, write_report
 
 _METRICS = ("ttft", "tpot", "itl", "e2e")
 _SLO_NAMES = ("ttft", "tpot", "e2e")
@@ -327,12 +328,7 @@ def run_serve_command(args: argparse.Namespace) -> int:
                                                  args.max_concurrency, headers, not args.no_progress))
     report = build_report(args, calculate_metrics(results, duration, slos), slos, results)
     print(format_table(report))
-    path = args.output_json or _default_output_path(report)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(report, f, indent=2)
-        f.write("\n")
-    print(f"wrote {path}")
+    write_report(report, args.output_json or default_output_path("serve", report, f"rate-{report['request_rate']}"))
     return 0 if report["engine"]["failed"] == 0 else 1
 
 
@@ -366,10 +362,3 @@ def _local_device_name() -> str:
     return "cpu"
 
 
-def _default_output_path(report: dict[str, Any]) -> str:
-    def slug(text: str) -> str:
-        return re.sub(r"[^a-z0-9.]+", "-", os.path.basename(str(text)).lower()).strip("-")
-
-    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    name = f"serve_W5_{slug(report['model'])}_{slug(report['device'])}_rate-{report['request_rate']}_{stamp}.json"
-    return os.path.join("benchmarks", "results", name)
