@@ -44,13 +44,15 @@ class ServerGuard:
             await _reply(send, OpenAIError("invalid or missing API key: send 'Authorization: Bearer <key>'", 401,
                                            code="invalid_api_key"), [(b"www-authenticate", b"Bearer")])
             return
-        body = await self._read_body(scope, receive)
-        if body is None:
-            await _reply(send, OpenAIError(f"request body exceeds the limit of {self.max_body_bytes} bytes "
-                                           "(--max-request-body-bytes)", 413))
-            return
+        # Counted from the moment it got past the drain check: a request whose body is still arriving
+        # when the signal lands was accepted, and the drain must wait for it instead of finishing early.
         self.num_in_flight += 1
         try:
+            body = await self._read_body(scope, receive)
+            if body is None:
+                await _reply(send, OpenAIError(f"request body exceeds the limit of {self.max_body_bytes} bytes "
+                                               "(--max-request-body-bytes)", 413))
+                return
             await self.app(scope, _replay(body, receive), send)
         finally:
             self.num_in_flight -= 1
