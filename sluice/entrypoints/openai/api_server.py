@@ -8,7 +8,7 @@ Routes: /v1/completions, /v1/chat/completions, /v1/models, /tokenize, /detokeniz
 ``--shutdown-timeout`` seconds, the rest are aborted, and the process exits 0. A second
 signal exits at once.
 
-Process split (``--process-split``; off by default until the end-to-end suite is stable with it): the
+Process split (``--process-split``, the default; ``--no-process-split`` keeps the core on a thread): the
 EngineCore (scheduler + model runner) runs in its own process (engine/core_proc.py) and this process keeps HTTP,
 tokenization, detokenization and streaming. If the engine dies (the core process exits, or the engine thread
 fails), /health turns 503, in-flight streams get an error event, and after ``DEAD_ENGINE_GRACE_S`` the server
@@ -177,7 +177,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                         help="beyond this many waiting requests, new ones get 503 (default: unbounded)")
     server.add_argument("--max-n", type=int, default=128, help="largest n a request may ask for")
     server.add_argument("--max-request-body-bytes", type=int, default=10 * 2**20, help="larger bodies get 413")
-    server.add_argument("--process-split", action=argparse.BooleanOptionalAction, default=False,
+    server.add_argument("--process-split", action=argparse.BooleanOptionalAction, default=True,
                         help="run the engine core (scheduler + model runner) in its own process; "
                              "--no-process-split keeps it on a thread of the API server")
     server.add_argument("--api-server-count", type=int, default=1,
