@@ -40,6 +40,7 @@ from sluice.entrypoints.openai.sampling import ServingLimits
 from sluice.entrypoints.openai.serving_completion import OpenAIServingCompletion
 from sluice.entrypoints.openai.serving_engine import ServingConfig
 from sluice.entrypoints.openai.serving_models import OpenAIServingModels
+from sluice.engine.stats import LoggingStatLogger
 from sluice.metrics import METRICS_CONTENT_TYPE, PrometheusStatLogger
 
 logger = logging.getLogger("sluice.server")
@@ -201,7 +202,8 @@ def run_server(args: argparse.Namespace) -> int:
     engine_args.model = args.model
     model_config = _peek_model_config(engine_args)
     metrics = PrometheusStatLogger(model_config.served_model_name)
-    engine = AsyncLLM.from_engine_args(engine_args, stat_loggers=[metrics],
+    stat_loggers = [metrics] if engine_args.disable_log_stats else [metrics, LoggingStatLogger()]
+    engine = AsyncLLM.from_engine_args(engine_args, stat_loggers=stat_loggers,
                                        max_num_queued_reqs=args.max_num_queued_reqs,
                                        process_split=args.process_split)
     model_config = engine.model_config
