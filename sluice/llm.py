@@ -12,7 +12,7 @@ from sluice.beam_search import BeamSearchOutput, beam_search
 from sluice.config import EngineArgs
 from sluice.engine.llm_engine import LLMEngine, PromptType
 from sluice.outputs import RequestOutput
-from sluice.sampling_params import BeamSearchParams, SamplingParams
+from sluice.sampling_params import BeamSearchParams, RequestOutputKind, SamplingParams
 
 _ENGINE_FIELDS = {f.name for f in dataclasses.fields(EngineArgs) if not f.name.startswith("_")}
 _VLLM_ALIASES = {"num_gpu_blocks_override": "num_kv_blocks"}
@@ -76,6 +76,10 @@ class LLM:
         try:
             for i, (prompt, params) in enumerate(zip(prompts, sampling_params)):
                 request_id = str(next(self._request_counter))
+                # Offline, only the finished result is read: building a cumulative output for every
+                # request at every step would be wasted work (vLLM does the same).
+                params = params.clone()
+                params.output_kind = RequestOutputKind.FINAL_ONLY
                 engine.add_request(request_id, prompt, params, priority=priority[i] if priority else 0)
                 request_ids.append(request_id)
             return self._run_engine(request_ids, use_tqdm)

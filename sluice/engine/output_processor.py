@@ -155,7 +155,9 @@ class OutputProcessor:
         if out.new_prompt_logprobs is not None:
             from sluice.sample.logprobs import to_logprob_dicts
             dicts = to_logprob_dicts(out.new_prompt_logprobs, self.tokenizer)
-            parent.prompt_logprobs = (parent.prompt_logprobs or [None]) + dicts
+            if parent.prompt_logprobs is None:
+                parent.prompt_logprobs = [None]  # the first prompt token has no logprob
+            parent.prompt_logprobs.extend(dicts)
         if out.finish_reason is not None and child.finish_reason is None:
             child.finish_reason, child.stop_reason = out.finish_reason, out.stop_reason
         return stopped_by_string
@@ -163,7 +165,9 @@ class OutputProcessor:
     def _append_logprobs(self, child: ChildState, out: EngineCoreOutput) -> None:
         from sluice.sample.logprobs import to_logprob_dicts
         dicts = to_logprob_dicts(out.new_logprobs, self.tokenizer)
-        child.logprobs = (child.logprobs or []) + dicts
+        if child.logprobs is None:
+            child.logprobs = []
+        child.logprobs.extend(dicts)  # in place: a copy per token would be quadratic in the output length
         sampled = [d[t].logprob for d, t in zip(dicts, out.new_token_ids)]
         child.cumulative_logprob = (child.cumulative_logprob or 0.0) + sum(sampled)
 
