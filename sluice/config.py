@@ -15,6 +15,7 @@ _DTYPES = ("auto", "float32", "bfloat16", "float16")
 _LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy")
 _POLICIES = ("fcfs", "priority")
 _DEVICES = ("auto", "cpu", "cuda")
+_USAGE_CONTEXTS = ("llm", "server")
 
 
 @dataclass
@@ -33,13 +34,16 @@ class EngineArgs:
     kv_cache_memory: int | None = None  # bytes of KV cache on CPU; default 1 GiB
     num_kv_blocks: int | None = None  # overrides the size computed from memory (vLLM: num_gpu_blocks_override)
     swap_space: float = 0.0  # GiB of CPU memory for swapped-out KV blocks
-    max_num_seqs: int = 256
+    max_num_seqs: int | None = None  # default: 1024 on GPUs with 70 GiB or more (not A100), else 256
     max_num_batched_tokens: int | None = None
     scheduling_policy: str = "fcfs"
     max_logprobs: int = 20
     enforce_eager: bool = False
+    async_scheduling: bool | None = None  # default: on for CUDA
     tensor_parallel_size: int = 1
     disable_log_stats: bool = False
+    # Not a flag: who drives the engine ("llm": offline LLM, "server": the API server); picks batch defaults.
+    usage_context: str = "llm"
 
     # Help text per flag, shown by `sluice ... --help`.
     _HELP = {
@@ -57,14 +61,17 @@ class EngineArgs:
         "kv_cache_memory": "bytes of KV cache when running on the CPU",
         "num_kv_blocks": "number of KV blocks, overriding the memory-based size",
         "swap_space": "GiB of CPU memory for preempted requests' KV blocks (not supported yet: must be 0)",
-        "max_num_seqs": "most requests in one step",
-        "max_num_batched_tokens": "token budget of one step (default 2048, at least max_model_len if chunked prefill is off)",
+        "max_num_seqs": "most requests in one step (default 1024 on GPUs of 70 GiB or more except A100, else 256)",
+        "max_num_batched_tokens": "token budget of one step (default: 16384 offline / 8192 serving on GPUs of 70 GiB "
+                                  "or more except A100; 8192 / 2048 on other GPUs; 2048 on CPU)",
         "scheduling_policy": "fcfs or priority (lower value first)",
         "max_logprobs": "largest logprobs / prompt_logprobs a request may ask for",
         "enforce_eager": "never capture CUDA graphs",
+        "async_scheduling": "schedule step t+1 while step t runs on the GPU (default: on for CUDA)",
         "tensor_parallel_size": "GPUs to shard the model over",
         "disable_log_stats": "do not log engine stats",
     }
+    _NOT_FLAGS = {"usage_context"}
     _CHOICES = {"dtype": _DTYPES, "load_format": _LOAD_FORMATS,
                 "scheduling_policy": _POLICIES, "device": _DEVICES}
 
@@ -72,11 +79,11 @@ class EngineArgs:
     def add_cli_args(cls, parser: argparse.ArgumentParser, model_positional: bool = False) -> argparse.ArgumentParser:
         group = parser.add_argument_group("engine")
         for f in dataclasses.fields(cls):
-            if f.name.startswith("_") or (model_positional and f.name == "model"):
+            if f.name.startswith("_") or f.name in cls._NOT_FLAGS or (model_positional and f.name == "model"):
                 continue
             flag = "--" + f.name.replace("_", "-")
             kwargs: dict[str, Any] = {"default": f.default, "help": cls._HELP.get(f.name, "")}
-            if f.type in ("bool", bool):
+            if f.type in ("bool", bool, "bool | None"):
                 kwargs["action"] = argparse.BooleanOptionalAction
             else:
                 kwargs["type"] = _flag_type(f.type)
@@ -96,7 +103,9 @@ class EngineArgs:
                 raise ValueError(f"{name} must be one of {', '.join(choices)}, got {getattr(self, name)!r}")
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
             raise ValueError(f"block_size must be a power of two, got {self.block_size}")
-        if self.max_num_seqs < 1:
+        if self.usage_context not in _USAGE_CONTEXTS:
+            raise ValueError(f"usage_context must be one of {', '.join(_USAGE_CONTEXTS)}, got {self.usage_context!r}")
+        if self.max_num_seqs is not None and self.max_num_seqs < 1:
             raise ValueError(f"max_num_seqs must be at least 1, got {self.max_num_seqs}")
         if self.max_num_batched_tokens is not None and self.max_num_batched_tokens < 1:
             raise ValueError(f"max_num_batched_tokens must be at least 1, got {self.max_num_batched_tokens}")
@@ -128,6 +137,7 @@ class SchedulerConfig:
     max_num_batched_tokens: int
     max_model_len: int
     policy: str = "fcfs"
+    async_scheduling: bool = False
 
 
 @dataclass(frozen=True)
@@ -139,7 +149,27 @@ class CacheConfig:
     num_cpu_blocks: int = 0
 
 
-def default_max_num_batched_tokens(args: EngineArgs, max_model_len: int) -> int:
-    if args.max_num_batched_tokens is not None:
-        return args.max_num_batched_tokens
-    return 2048 if max_model_len >= 2048 else max(max_model_len, 512)
+@dataclass(frozen=True)
+class BatchLimits:
+    max_num_seqs: int
+    max_num_batched_tokens: int
+
+
+def resolve_batch_limits(args: EngineArgs, max_model_len: int, device_type: str, large_gpu: bool) -> BatchLimits:
+    """``max_num_seqs`` and ``max_num_batched_tokens``, where not given, as vLLM picks them.
+
+        device                      max_num_seqs   max_num_batched_tokens (offline LLM / server)
+        GPU >= 70 GiB, not A100     1024           16384 / 8192
+        other GPUs                  256            8192 / 2048
+        CPU                         256            2048 (max_model_len, at least 512, if shorter)
+    """
+    serving = args.usage_context == "server"
+    if device_type == "cuda" and large_gpu:
+        seqs, tokens = 1024, (8192 if serving else 16384)
+    elif device_type == "cuda":
+        seqs, tokens = 256, (2048 if serving else 8192)
+    else:
+        seqs, tokens = 256, (2048 if max_model_len >= 2048 else max(max_model_len, 512))
+    return BatchLimits(
+        max_num_seqs=args.max_num_seqs if args.max_num_seqs is not None else seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens if args.max_num_batched_tokens is not None else tokens)

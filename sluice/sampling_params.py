@@ -176,6 +176,11 @@ class SamplingParams:
                 or self.repetition_penalty != 1.0)
 
     @property
+    def uses_per_step_state(self) -> bool:
+        """Whether sampling reads the request's earlier output tokens (penalties, bad words, min_tokens)."""
+        return bool(self.uses_penalties or self._bad_words_token_ids or self.bad_words or self.min_tokens > 0)
+
+    @property
     def is_greedy(self) -> bool:
         return self.temperature < _SAMPLING_EPS
 

@@ -47,7 +47,7 @@ class Request:
         "request_id", "prompt_token_ids", "output_token_ids", "sampling_params",
         "eos_token_id", "priority", "arrival_time", "status", "stop_reason",
         "num_computed_tokens", "num_cached_tokens", "num_preemptions",
-        "block_hashes", "lora_int_id", "cache_salt", "parent_request_id",
+        "block_hashes", "lora_int_id", "cache_salt", "parent_request_id", "num_output_placeholders",
     )
 
     def __init__(
@@ -74,6 +74,9 @@ class Request:
         self.status = RequestStatus.WAITING
         self.stop_reason: int | str | None = None
         self.num_computed_tokens = 0
+        # Async scheduling: tokens a launched step will sample that have not come back yet. The next step
+        # already computes them (its input id is taken from the previous step's samples on the device).
+        self.num_output_placeholders = 0
         # Prompt tokens served from the prefix cache at first schedule (for metrics/usage).
         self.num_cached_tokens = -1
         self.num_preemptions = 0

@@ -15,6 +15,20 @@ its tokens are all computed after it; ``update_from_output`` appends the samples
 
 ``num_computed_tokens`` advances inside ``schedule()``: the runner executes the step before the
 next ``schedule()``. Outputs carry the value from before the step.
+
+Async scheduling (``SchedulerConfig.async_scheduling``): step t+1 is scheduled while step t still runs
+on the GPU, before t's samples are known. A request that samples in step t gets an output
+placeholder; the next schedule() counts it as a token to compute, and the runner feeds it the
+sample of step t straight from the device:
+
+    schedule(t):    A num_tokens=9 computed=8  -> 1 token, samples      placeholders 0 -> 1
+    schedule(t+1):  A num_tokens=9 computed=9  -> 1 token (the pending one), samples    placeholders 2
+    update(t):      A gets token 10            num_tokens=10            placeholders 1
+
+A request whose pending samples will end it (max_tokens, max_model_len) is not scheduled again;
+one that stops on eos or a stop token wastes the one step already scheduled, whose sample is
+dropped. ``update_from_output(t)`` always runs before ``schedule(t+2)``, so at most one sample
+per request is pending.
 """
 from __future__ import annotations
 
@@ -160,7 +174,10 @@ class Scheduler:
                 break
             if request.status != RequestStatus.RUNNING:  # preempted earlier in this loop
                 continue
-            num_new_tokens = min(request.num_tokens - request.num_computed_tokens, step.token_budget)
+            if request.num_output_placeholders and self._pending_samples_end(request):
+                continue
+            num_new_tokens = min(request.num_tokens + request.num_output_placeholders - request.num_computed_tokens,
+                                 step.token_budget)
             if num_new_tokens <= 0:
                 continue
             new_block_ids = self.kv_cache_manager.allocate_slots(request, num_new_tokens)
@@ -187,6 +204,13 @@ class Scheduler:
             request.status = RequestStatus.RUNNING
             self.running.append(request)
             step.add_new(request, num_new_tokens)
+
+    def _pending_samples_end(self, request: Request) -> bool:
+        """Whether the samples still on their way will finish the request by length."""
+        max_tokens = request.sampling_params.max_tokens
+        num_output = request.num_output_tokens + request.num_output_placeholders
+        return ((max_tokens is not None and num_output >= max_tokens)
+                or request.num_tokens + request.num_output_placeholders >= self.max_model_len)
 
     def _pick_victim(self) -> Request:
         if self.policy == "priority":
@@ -230,8 +254,12 @@ class Scheduler:
             CachedRequestData(req_id, block_ids, self.requests[req_id].num_computed_tokens)
             for req_id, block_ids in step.new_block_ids.items()
         ]
+        async_scheduling = self.scheduler_config.async_scheduling
         for req_id, num_tokens in step.num_scheduled_tokens.items():
-            self.requests[req_id].num_computed_tokens += num_tokens
+            request = self.requests[req_id]
+            request.num_computed_tokens += num_tokens
+            if async_scheduling and request.num_computed_tokens >= request.num_tokens + request.num_output_placeholders:
+                request.num_output_placeholders += 1  # it samples in this step
         finished_req_ids, self.finished_req_ids = self.finished_req_ids, set()
         return SchedulerOutput(
             scheduled_new_reqs=new_reqs,
@@ -252,6 +280,10 @@ class Scheduler:
             if request is None:  # aborted since schedule()
                 continue
             sampled = model_runner_output.sampled_token_ids.get(req_id, [])
+            if request.num_output_placeholders:
+                request.num_output_placeholders = max(0, request.num_output_placeholders - len(sampled))
+            # Async scheduling: a request preempted after its step was launched waits, yet samples.
+            was_running = request.status == RequestStatus.RUNNING
             new_token_ids = self._append_until_stop(request, sampled)
             logprobs = model_runner_output.logprobs.get(req_id)
             if logprobs is not None and len(new_token_ids) < len(sampled):
@@ -268,7 +300,7 @@ class Scheduler:
                     num_cached_tokens=max(request.num_cached_tokens, 0),
                 ))
             if request.is_finished():
-                self.running.remove(request)
+                (self.running if was_running else self.waiting).remove(request)
                 self._free_request(request)
         return outputs
 

@@ -1,18 +1,30 @@
 """EngineCore: the loop body. Token ids in, token ids out; no text, no tokenizer.
 
     step():  scheduler.schedule() -> runner.execute() -> scheduler.update_from_output()
+
+With async scheduling (the default on CUDA) one step is always in flight, so the GPU never waits
+for the host's bookkeeping:
+
+    step() t+1:  schedule(t+1)  ->  launch(t+1)  ->  collect(t)  ->  update_from_output(t)
+                 (GPU runs t)       (queued behind t)  (waits for t)  (GPU runs t+1)
+
+and the outputs a call returns are those of the previous step. The step is collected before the
+next one launches when that one needs its samples on the host (penalties, bad words, min_tokens),
+or when nothing else is scheduled.
 """
 from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
 
-from sluice.config import CacheConfig, EngineArgs, SchedulerConfig, default_max_num_batched_tokens
-from sluice.core.interface import EngineCoreOutput
+import torch
+
+from sluice.config import CacheConfig, EngineArgs, SchedulerConfig, resolve_batch_limits
+from sluice.core.interface import EngineCoreOutput, SchedulerOutput
 from sluice.core.request import Request, RequestStatus
 from sluice.core.scheduler import Scheduler
 from sluice.models.model_config import ModelConfig
-from sluice.worker.model_runner import ModelRunner
+from sluice.worker.model_runner import LaunchedStep, ModelRunner, is_large_gpu
 
 logger = logging.getLogger(__name__)
 
@@ -21,14 +33,19 @@ class EngineCore:
     def __init__(self, model_config: ModelConfig, args: EngineArgs) -> None:
         self.model_config = model_config
         max_model_len = model_config.max_model_len
+        device_type = torch.device(model_config.device).type
+        limits = resolve_batch_limits(args, max_model_len, device_type,
+                                      large_gpu=device_type == "cuda" and is_large_gpu(model_config.device))
+        async_scheduling = args.async_scheduling if args.async_scheduling is not None else device_type == "cuda"
         self.scheduler_config = SchedulerConfig(
-            max_num_seqs=args.max_num_seqs,
-            max_num_batched_tokens=default_max_num_batched_tokens(args, max_model_len),
+            max_num_seqs=limits.max_num_seqs,
+            max_num_batched_tokens=limits.max_num_batched_tokens,
             max_model_len=max_model_len,
             policy=args.scheduling_policy,
+            async_scheduling=async_scheduling,
         )
-        self.runner = ModelRunner(model_config, args.block_size, args.max_num_seqs,
-                                  self.scheduler_config.max_num_batched_tokens, enforce_eager=args.enforce_eager)
+        self.runner = ModelRunner(model_config, args.block_size, limits.max_num_seqs,
+                                  limits.max_num_batched_tokens, enforce_eager=args.enforce_eager)
         self.runner.load_model()
         num_blocks = self.runner.determine_num_kv_blocks(
             args.num_kv_blocks, args.kv_cache_memory, args.gpu_memory_utilization)
@@ -39,6 +56,7 @@ class EngineCore:
             num_blocks=num_blocks,
         )
         self.scheduler = Scheduler(self.scheduler_config, self.cache_config)
+        self._in_flight: tuple[SchedulerOutput, LaunchedStep] | None = None
 
     @property
     def num_parameters(self) -> int:
@@ -71,8 +89,24 @@ class EngineCore:
 
     def step(self) -> list[EngineCoreOutput]:
         scheduler_output = self.scheduler.schedule()
-        runner_output = self.runner.execute(scheduler_output)
-        return self.scheduler.update_from_output(scheduler_output, runner_output)
+        if not self.scheduler_config.async_scheduling:
+            return self.scheduler.update_from_output(scheduler_output, self.runner.execute(scheduler_output))
+        previous, self._in_flight = self._in_flight, None
+        outputs: list[EngineCoreOutput] = []
+        if previous is not None and (scheduler_output.is_empty() or self.runner.must_collect_first(scheduler_output)):
+            outputs, previous = self._finish(previous), None
+        launched = self.runner.launch(scheduler_output)
+        if previous is not None:
+            outputs = self._finish(previous)
+        if scheduler_output.is_empty():
+            outputs += self._finish((scheduler_output, launched))
+        else:
+            self._in_flight = (scheduler_output, launched)
+        return outputs
+
+    def _finish(self, step: tuple[SchedulerOutput, LaunchedStep]) -> list[EngineCoreOutput]:
+        scheduler_output, launched = step
+        return self.scheduler.update_from_output(scheduler_output, self.runner.collect(launched))
 
     def make_stats(self):
         return self.scheduler.make_stats()

@@ -39,6 +39,10 @@ class StepInputs:
     sampling_req_ids: list[str]
     logits_indices: np.ndarray  # int64 [num_sampling_reqs]
     sampling_rows: np.ndarray  # int64 [num_sampling_reqs]: their rows in InputBatch
+    # Async scheduling: tokens whose id is the previous step's sample, not yet on the host
+    # (their input_ids entry is a stale placeholder the runner overwrites on the device).
+    pending_token_indices: np.ndarray  # int64 [num_pending]: flat token indices
+    pending_rows: np.ndarray  # int64 [num_pending]: the rows those tokens belong to
 
 
 class InputBatch:
@@ -129,6 +133,8 @@ class InputBatch:
         seq_lens = start + num_sched
         self.num_computed_tokens[rows] = seq_lens
         samples = seq_lens >= self.num_tokens[rows]
+        # A position at or past a row's known tokens is a sample still on its way (async scheduling).
+        pending = np.flatnonzero(positions >= self.num_tokens[token_rows])
         return StepInputs(
             req_ids=req_ids,
             rows=rows,
@@ -142,4 +148,6 @@ class InputBatch:
             sampling_req_ids=[r for r, s in zip(req_ids, samples.tolist()) if s],
             logits_indices=(cu[1:] - 1)[samples],
             sampling_rows=rows[samples],
+            pending_token_indices=pending,
+            pending_rows=token_rows[pending],
         )

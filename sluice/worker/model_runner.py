@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from sluice.attention import AttentionMetadata, get_attention_backend
@@ -19,14 +21,31 @@ from sluice.core.interface import LogprobsLists, ModelRunnerOutput, SchedulerOut
 from sluice.models.model_config import ModelConfig
 from sluice.sample.logprobs import compute_prompt_logprobs
 from sluice.sample.metadata import RequestSamplingState, SamplingMetadata
-from sluice.sample.sampler import Sampler
+from sluice.sample.sampler import Sampler, SamplerOutput
 from sluice.worker.cuda_graphs import DecodeGraphs, capture_sizes
 from sluice.worker.input_batch import InputBatch, StepInputs
 from sluice.worker.kv_cache import (DEFAULT_CPU_KV_CACHE_BYTES, KVCacheSpec, allocate_kv_caches,
                                     available_gpu_kv_bytes, num_blocks_for_memory)
-from sluice.worker.step_buffers import StepBuffers
+from sluice.worker.step_buffers import PendingSampledIds, SampledIdsReadback, StepBuffers
 
 logger = logging.getLogger(__name__)
+
+
+def is_large_gpu(device: str | torch.device) -> bool:
+    """A GPU of 70 GiB or more that is not an A100: vLLM's larger batch defaults suit it."""
+    props = torch.cuda.get_device_properties(torch.device(device))
+    return props.total_memory >= 70 * 2 ** 30 and "a100" not in props.name.lower()
+
+
+@dataclass(slots=True)
+class LaunchedStep:
+    """A step queued on the device whose samples ``ModelRunner.collect`` has not read yet."""
+    req_ids: list[str]
+    sampling_req_ids: list[str]
+    states: list[RequestSamplingState]  # of sampling_req_ids, as they were at launch
+    sampler_output: SamplerOutput | None
+    host_ids: PendingSampledIds | None
+    prompt_logprobs: dict[str, LogprobsLists]
 
 
 class ModelRunner:
@@ -54,6 +73,9 @@ class ModelRunner:
         self._per_step_sampling_req_ids: set[str] = set()
         self._cached_sampling: tuple[list[str], SamplingMetadata] | None = None
         self.sampler = Sampler()
+        # The last launched step's sampled ids (device) and, per InputBatch row, the index of its sample.
+        self._last_sampled: tuple[torch.Tensor, np.ndarray] | None = None
+        self._sampled_host = SampledIdsReadback(max_num_seqs, self.device)
         self.kv_spec = KVCacheSpec(model_config.num_layers, model_config.num_kv_heads,
                                    model_config.head_dim, block_size, self.dtype)
 
@@ -156,7 +178,7 @@ class ModelRunner:
             params = new.sampling_params
             if params.prompt_logprobs is not None:
                 self._prompt_logprob_req_ids.add(new.req_id)
-            if params.uses_penalties or params.bad_words_token_ids or params.bad_words or params.min_tokens > 0:
+            if params.uses_per_step_state:
                 self._per_step_sampling_req_ids.add(new.req_id)
         row_of = self.input_batch.req_id_to_row
         for cached in out.scheduled_cached_reqs:
@@ -167,36 +189,88 @@ class ModelRunner:
         """Uploads the step and runs the model: hidden states [num_tokens (+ padding), hidden]."""
         graphs = self.decode_graphs
         bucket = graphs.bucket_for(len(inputs.rows)) if graphs is not None and inputs.max_query_len == 1 else None
-        step = self.step_buffers.upload(inputs, self.input_batch.pop_block_diffs(), num_padded_reqs=bucket)
+        step = self.step_buffers.upload(inputs, self.input_batch.pop_block_diffs(), num_padded_reqs=bucket,
+                                        pending_sources=self._pending_sources(inputs))
+        if len(step.pending_token_indices):
+            # The previous step's samples, still on the device, become this step's input ids.
+            self.step_buffers.input_ids.index_copy_(
+                0, step.pending_token_indices, self._last_sampled[0].index_select(0, step.pending_sources))
         if bucket is not None:
             return graphs.run(bucket)
         return self.model(step.input_ids, step.positions, step.metadata)
 
+    def _pending_sources(self, inputs: StepInputs) -> np.ndarray | None:
+        """For each pending token, the index of its sample in the previous step's sampled ids."""
+        if not len(inputs.pending_rows):
+            return None
+        last = self._last_sampled
+        if last is None:
+            raise RuntimeError("a step needs samples of a previous step that was never launched")
+        sources = last[1][inputs.pending_rows]
+        if (sources < 0).any():
+            raise RuntimeError("a pending token has no sample in the previous step")
+        return sources
+
+    def must_collect_first(self, scheduler_output: SchedulerOutput) -> bool:
+        """Whether the previous step's samples must reach the host before this step launches:
+        penalties, bad words and min_tokens read every earlier output token on the host."""
+        if any(new.sampling_params.uses_per_step_state for new in scheduler_output.scheduled_new_reqs):
+            return True
+        per_step = self._per_step_sampling_req_ids
+        return bool(per_step) and not per_step.isdisjoint(scheduler_output.num_scheduled_tokens)
+
     @torch.inference_mode()
     def execute(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
+        """One step, start to end: ``collect(launch(scheduler_output))``."""
+        return self.collect(self.launch(scheduler_output))
+
+    @torch.inference_mode()
+    def launch(self, scheduler_output: SchedulerOutput) -> LaunchedStep:
+        """Queues the step's work on the device and returns without waiting for it.
+
+        The sampled ids are copied to the host asynchronously; ``collect`` waits for them. The
+        next step may launch first: its pending tokens read these samples on the device.
+        """
         self._update_states(scheduler_output)
         if scheduler_output.is_empty():
-            return ModelRunnerOutput(req_ids=[], sampled_token_ids={})
+            return LaunchedStep([], [], [], None, None, {})
         inputs = self.input_batch.prepare(scheduler_output.num_scheduled_tokens)
         hidden = self._forward(inputs)
-
-        sampled: dict[str, list[int]] = {r: [] for r in inputs.req_ids}
-        logprobs = {}
+        result, host_ids = None, None
+        states = [self.sampling_states[r] for r in inputs.sampling_req_ids]
         if inputs.sampling_req_ids:
             num_sampling = len(inputs.sampling_req_ids)
             logits = self.model.compute_logits(hidden[self.step_buffers.logits_indices[:num_sampling]])
-            states = [self.sampling_states[r] for r in inputs.sampling_req_ids]
             metadata = self._sampling_metadata(inputs.sampling_req_ids, states, logits.shape[-1])
             result = self.sampler.sample(logits, metadata)
-            token_ids = result.sampled_token_ids.cpu().numpy()  # the step's one device sync
-            self.input_batch.append_tokens(inputs.sampling_rows, token_ids)
-            for req_id, state, token_id in zip(inputs.sampling_req_ids, states, token_ids.tolist()):
-                state.output_token_ids.append(token_id)
-                sampled[req_id] = [token_id]
-            logprobs = result.logprobs_by_request(inputs.sampling_req_ids)
+            host_ids = self._sampled_host.copy_async(result.sampled_token_ids)
+            row_to_index = np.full(self.max_num_seqs, -1, dtype=np.int64)
+            row_to_index[inputs.sampling_rows] = np.arange(num_sampling)
+            self._last_sampled = (result.sampled_token_ids, row_to_index)
         prompt_logprobs = self._prompt_logprobs(inputs, hidden) if self._prompt_logprob_req_ids else {}
-        return ModelRunnerOutput(req_ids=inputs.req_ids, sampled_token_ids=sampled, logprobs=logprobs,
-                                 prompt_logprobs=prompt_logprobs)
+        return LaunchedStep(inputs.req_ids, inputs.sampling_req_ids, states, result, host_ids, prompt_logprobs)
+
+    def collect(self, step: LaunchedStep) -> ModelRunnerOutput:
+        """Waits for a launched step's samples and records them (the step's one device sync)."""
+        sampled: dict[str, list[int]] = {r: [] for r in step.req_ids}
+        logprobs = {}
+        if step.sampling_req_ids:
+            token_ids = step.host_ids.wait()
+            rows, kept = [], []
+            for i, (req_id, state, token_id) in enumerate(zip(step.sampling_req_ids, step.states,
+                                                               token_ids.tolist())):
+                sampled[req_id] = [token_id]
+                # A request finished or preempted since the launch has left the batch: its sample
+                # still goes to the scheduler, but no longer into the runner's state.
+                if self.sampling_states.get(req_id) is state:
+                    state.output_token_ids.append(token_id)
+                    rows.append(self.input_batch.req_id_to_row[req_id])
+                    kept.append(i)
+            if rows:
+                self.input_batch.append_tokens(np.asarray(rows, dtype=np.int64), token_ids[kept])
+            logprobs = step.sampler_output.logprobs_by_request(step.sampling_req_ids)
+        return ModelRunnerOutput(req_ids=step.req_ids, sampled_token_ids=sampled, logprobs=logprobs,
+                                 prompt_logprobs=step.prompt_logprobs)
 
     def _sampling_metadata(self, req_ids: list[str], states: list[RequestSamplingState],
                            vocab_size: int) -> SamplingMetadata:

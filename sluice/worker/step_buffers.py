@@ -4,10 +4,13 @@ The runner keeps per-request state on the host (``InputBatch``); each step its f
 reach the device in two copies from pinned host memory, never one small copy per tensor:
 
     int64 region: [input_ids T | positions T | slot_mapping T | rows R | logits_indices R
+                   | pending tokens R | pending sources R
                    | diff rows D | diff cols D | diff block ids D]          (copied up to D's end)
     int32 region: [query_start_loc R + 1 | seq_lens R]
 
     T = max tokens per step, R = max_num_seqs, D = block-table entries written this step.
+    pending: with async scheduling, the flat indices of tokens whose id is a sample of the previous
+    step still on the device, and that sample's index (``scatter_pending`` fills them in).
 
 The block table lives on the device by *row* (``block_table_by_row``) and is updated from the
 diffs of ``InputBatch.pop_block_diffs``; each step gathers the scheduled rows, in step order,
@@ -35,6 +38,8 @@ class DeviceStep:
     logits_indices: torch.Tensor  # [num_sampling_reqs]
     metadata: AttentionMetadata
     num_padded_reqs: int
+    pending_token_indices: torch.Tensor  # [num_pending]
+    pending_sources: torch.Tensor  # [num_pending]: indices into the previous step's sampled ids
 
 
 class _HostRegions:
@@ -53,7 +58,7 @@ class StepBuffers:
         self.device = device
         self.max_num_reqs = R = max_num_reqs
         self.max_num_tokens = T = max(max_num_tokens, max_num_reqs)  # a padded decode step has R tokens
-        self._diff_base = 3 * T + 2 * R
+        self._diff_base = 3 * T + 4 * R
         size64 = self._diff_base + 3 * R * max_blocks_per_req
         size32 = 2 * R + 1
         pin = device.type == "cuda"
@@ -66,6 +71,8 @@ class StepBuffers:
         self.slot_mapping = self.i64[2 * T:3 * T]
         self.rows = self.i64[3 * T:3 * T + R]
         self.logits_indices = self.i64[3 * T + R:3 * T + 2 * R]
+        self.pending_token_indices = self.i64[3 * T + 2 * R:3 * T + 3 * R]
+        self.pending_sources = self.i64[3 * T + 3 * R:3 * T + 4 * R]
         self.query_start_loc = self.i32[0:R + 1]
         self.seq_lens = self.i32[R + 1:2 * R + 1]
         self.block_table_by_row = torch.zeros((R, max_blocks_per_req), dtype=torch.int32, device=device)
@@ -79,7 +86,7 @@ class StepBuffers:
         return host
 
     def upload(self, inputs: StepInputs, block_diffs: tuple[np.ndarray, np.ndarray, np.ndarray],
-               num_padded_reqs: int | None = None) -> DeviceStep:
+               num_padded_reqs: int | None = None, pending_sources: np.ndarray | None = None) -> DeviceStep:
         """Copies one step's inputs to the device and applies the block-table diffs.
 
         ``num_padded_reqs`` (decode-only steps, for a CUDA graph bucket) pads with requests of
@@ -103,6 +110,10 @@ class StepBuffers:
         h64[3 * T:3 * T + num_reqs] = inputs.rows
         num_logits = len(inputs.logits_indices)
         h64[3 * T + R:3 * T + R + num_logits] = inputs.logits_indices
+        num_pending = len(inputs.pending_token_indices)
+        if num_pending:
+            h64[3 * T + 2 * R:3 * T + 2 * R + num_pending] = inputs.pending_token_indices
+            h64[3 * T + 3 * R:3 * T + 3 * R + num_pending] = pending_sources
         diff_rows, diff_cols, diff_ids = block_diffs
         num_diffs = len(diff_rows)
         base = self._diff_base
@@ -132,7 +143,8 @@ class StepBuffers:
             query_start_loc_cpu=inputs.query_start_loc.tolist() if on_cpu else None,
             seq_lens_cpu=inputs.seq_lens.tolist() if on_cpu else None)
         return DeviceStep(self.input_ids[:padded_tokens], self.positions[:padded_tokens],
-                          self.logits_indices[:num_logits], metadata, padded_reqs)
+                          self.logits_indices[:num_logits], metadata, padded_reqs,
+                          self.pending_token_indices[:num_pending], self.pending_sources[:num_pending])
 
     def decode_metadata(self, num_reqs: int, max_seq_len: int) -> AttentionMetadata:
         """Metadata over the first ``num_reqs`` rows of the buffers, for capturing a decode graph."""
@@ -150,3 +162,39 @@ class StepBuffers:
         self.query_start_loc[:num_reqs + 1].copy_(torch.arange(num_reqs + 1, dtype=torch.int32))
         self.seq_lens[:num_reqs].fill_(1)
         self.block_table[:num_reqs].zero_()
+
+
+class PendingSampledIds:
+    """Sampled ids on their way to the host; ``wait`` blocks until they are there."""
+
+    def __init__(self, host: torch.Tensor, event: "torch.cuda.Event | None") -> None:
+        self._host, self._event = host, event
+
+    def wait(self) -> np.ndarray:
+        if self._event is not None:
+            self._event.synchronize()
+        return self._host.numpy().copy()
+
+
+class SampledIdsReadback:
+    """Copies each step's sampled ids into pinned host memory without waiting for them.
+
+    Two buffers alternate: step t+1 may launch (and queue its own copy) before step t's ids are
+    read, and step t+2 launches only after they are.
+    """
+
+    def __init__(self, max_num_reqs: int, device: torch.device) -> None:
+        self._on_cuda = device.type == "cuda"
+        self._buffers = [torch.zeros(max_num_reqs, dtype=torch.int64, pin_memory=self._on_cuda)
+                         for _ in range(2 if self._on_cuda else 0)]
+        self._next = 0
+
+    def copy_async(self, sampled: torch.Tensor) -> PendingSampledIds:
+        if not self._on_cuda:
+            return PendingSampledIds(sampled, None)
+        buffer = self._buffers[self._next][:sampled.shape[0]]
+        self._next ^= 1
+        buffer.copy_(sampled, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        return PendingSampledIds(buffer, event)

@@ -1,7 +1,8 @@
 """Greedy sluice output equals transformers' generate token for token (float32, CPU).
 
 Exercised under prefix caching on and off, a 16-token step budget (chunked prefill
-everywhere), a KV pool so small that requests must be preempted, and shared prefixes.
+everywhere), a KV pool so small that requests must be preempted, shared prefixes, and
+async scheduling (steps scheduled before the previous samples are known).
 After every run, every KV block is back in the pool.
 """
 from __future__ import annotations
@@ -46,6 +47,11 @@ ENGINE_CONFIGS = {
     "chunked_prefill_budget_16": dict(max_num_batched_tokens=16),
     "forced_preemption": dict(num_kv_blocks=24, block_size=4, max_num_batched_tokens=32),
     "preemption_without_prefix_cache": dict(num_kv_blocks=24, block_size=4, enable_prefix_caching=False),
+    # Async scheduling: each step is scheduled before the previous one's samples are back.
+    "async_chunked_prefill_budget_16": dict(async_scheduling=True, max_num_batched_tokens=16),
+    "async_forced_preemption": dict(async_scheduling=True, num_kv_blocks=24, block_size=4, max_num_batched_tokens=32),
+    "async_preemption_without_prefix_cache": dict(async_scheduling=True, num_kv_blocks=24, block_size=4,
+                                                  enable_prefix_caching=False),
 }
 
 
@@ -63,7 +69,7 @@ def test_greedy_matches_transformers(tiny_model, config_name):
             assert output.outputs[0].finish_reason == "length"
         assert_no_leaked_blocks(llm)
     stats = llm.llm_engine.core.make_stats()
-    if config_name.startswith("forced_preemption") or config_name.startswith("preemption"):
+    if "preemption" in config_name:
         assert stats.num_preemptions > 0
     if config_name == "prefix_caching_on":
         assert stats.prefix_cache_hits > 0

@@ -29,7 +29,7 @@ def _batch_and_buffers(max_reqs: int = 8) -> tuple[InputBatch, StepBuffers]:
 def test_block_diffs_rebuild_the_host_block_table_on_the_device():
     batch, buffers = _batch_and_buffers()
     row_a = batch.add_request(_new("a", 9, [7, 3, 5]))
-    row_b = batch.add_request(_new("b", 2, [1]))
+    row_b = batch.add_request(_new("b", 5, [1]))
     batch.append_blocks(row_a, [11])
     rows, cols, ids = batch.pop_block_diffs()
     assert sorted(zip(rows.tolist(), cols.tolist(), ids.tolist())) == sorted(
@@ -86,6 +86,8 @@ def test_upload_leaves_no_stale_padding_from_a_longer_step():
 
 def test_capture_sizes_follow_vllm_buckets():
     assert capture_sizes(256) == [1, 2, 4] + list(range(8, 257, 8))
+    assert capture_sizes(1024) == [1, 2, 4] + list(range(8, 256, 8)) + list(range(256, 513, 16))
+    assert capture_sizes(300) == [1, 2, 4] + list(range(8, 256, 8)) + [256, 272, 288, 300]
     assert capture_sizes(20) == [1, 2, 4, 8, 16, 20]
     assert capture_sizes(1) == [1]
 
