@@ -158,8 +158,16 @@ class KVCacheManager:
         """
         if num_new_tokens < 1:
             raise ValueError(f"num_new_tokens must be at least 1, got {num_new_tokens}")
+        req_blocks = self.req_to_blocks.get(request.request_id)
+        if req_blocks is not None and not new_computed_blocks:
+            num_total = request.num_computed_tokens + num_new_tokens
+            if num_total <= len(req_blocks) * self.block_size:  # the common decode step: no new block
+                num_shareable_tokens = self._num_shareable_tokens(request)
+                if num_shareable_tokens:
+                    self._cache_full_blocks(request, min(num_total, num_shareable_tokens) // self.block_size)
+                return []
+        req_blocks = req_blocks if req_blocks is not None else []
         hits = new_computed_blocks or []
-        req_blocks = self.req_to_blocks.get(request.request_id, [])
         if hits and req_blocks:
             raise ValueError("new_computed_blocks are only allowed on a request's first allocation")
         num_computed = request.num_computed_tokens + len(hits) * self.block_size

@@ -306,6 +306,10 @@ class Scheduler:
 
     def _append_until_stop(self, request: Request, sampled: list[int]) -> list[int]:
         """Appends sampled tokens one by one; the first that ends the request is the last kept."""
+        if len(sampled) == 1:  # every step without speculative tokens
+            request.output_token_ids.append(sampled[0])
+            self._check_stop(request, sampled[0])
+            return sampled
         for i, token_id in enumerate(sampled):
             request.append_output_token_ids([token_id])
             if self._check_stop(request, token_id):
