@@ -9,7 +9,7 @@ ends by reading the sampled ids, so the GPU work is done), and GPU busy time per
 kernel and copy times under torch.profiler, taken on separate steps so that the profiler's host
 overhead does not inflate the wall time). GPU idle fraction = 1 - busy / wall. Runs once with
 the decode CUDA graphs and once with them released (eager), and splits the host time into
-the model runner's ``execute`` and the rest (scheduler, output processing).
+the model runner's ``launch`` / ``collect`` and the rest (scheduler, output processing).
 """
 from __future__ import annotations
 
@@ -58,20 +58,28 @@ def fill_with_decodes(llm: LLM, args: argparse.Namespace) -> None:
 
 
 def time_steps(llm: LLM, num_steps: int) -> dict[str, float]:
-    """Wall time per step, and how much of it the runner's execute() took."""
+    """Wall time per step, and how much of it the runner's launch() and collect() took.
+
+    With async scheduling (the default on CUDA) a step() launches step t+1 before it waits for
+    step t, so the host's work overlaps the GPU's and the wall time is the GPU time whenever the
+    host keeps up; collect() then holds the time the host waited for the GPU.
+    """
     engine = llm.llm_engine
     runner = engine.core.runner
-    execute = runner.execute
-    execute_s = [0.0]
+    timers = {"execute": 0.0, "launch": 0.0, "collect": 0.0}
+    originals = {name: getattr(runner, name) for name in timers}
 
-    def timed_execute(scheduler_output):
-        start = time.perf_counter()
-        try:
-            return execute(scheduler_output)
-        finally:
-            execute_s[0] += time.perf_counter() - start
+    def timed(name):
+        def call(*a):
+            start = time.perf_counter()
+            try:
+                return originals[name](*a)
+            finally:
+                timers[name] += time.perf_counter() - start
+        return call
 
-    runner.execute = timed_execute
+    for name in timers:
+        setattr(runner, name, timed(name))
     walls = []
     try:
         for _ in range(num_steps):
@@ -79,10 +87,14 @@ def time_steps(llm: LLM, num_steps: int) -> dict[str, float]:
             engine.step()
             walls.append(time.perf_counter() - start)
     finally:
-        del runner.execute
+        for name in timers:
+            delattr(runner, name)
+    in_runner = timers["launch"] + timers["collect"] + timers["execute"]
     return {"step_ms_median": 1e3 * float(np.median(walls)), "step_ms_mean": 1e3 * float(np.mean(walls)),
-            "runner_execute_ms_mean": 1e3 * execute_s[0] / num_steps,
-            "host_outside_runner_ms_mean": 1e3 * (sum(walls) - execute_s[0]) / num_steps}
+            "async_scheduling": engine.core.scheduler_config.async_scheduling,
+            "runner_launch_ms_mean": 1e3 * (timers["launch"] + timers["execute"]) / num_steps,
+            "runner_collect_wait_ms_mean": 1e3 * timers["collect"] / num_steps,
+            "host_outside_runner_ms_mean": 1e3 * (sum(walls) - in_runner) / num_steps}
 
 
 def gpu_busy_per_step(llm: LLM, num_steps: int) -> float:
@@ -159,7 +171,8 @@ def main() -> int:
     for mode in ("cuda_graphs", "eager"):
         r = report[mode]
         print(f"{mode:12s} step {r['step_ms_median']:.2f} ms  GPU busy {r['gpu_busy_ms_per_step']:.2f} ms  "
-              f"idle {100 * r['gpu_idle_fraction']:.1f}%  runner.execute {r['runner_execute_ms_mean']:.2f} ms  "
+              f"idle {100 * r['gpu_idle_fraction']:.1f}%  runner launch {r['runner_launch_ms_mean']:.2f} ms  "
+              f"collect (waiting) {r['runner_collect_wait_ms_mean']:.2f} ms  "
               f"host outside runner {r['host_outside_runner_ms_mean']:.2f} ms")
     return 0
 
