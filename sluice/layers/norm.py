@@ -3,11 +3,19 @@
 ``norm(x)`` returns the normalized ``x``; ``norm(x, residual)`` first adds the residual
 stream (``x + residual`` becomes the new residual) and returns ``(normed, new_residual)``,
 so decoder layers never materialize the add separately.
+
+On CUDA both forms run as one Triton kernel (``fused_kernels.rms_norm``); elsewhere, and for
+shapes the kernel does not take, ``forward_torch`` runs: the reference the kernel follows.
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
+
+try:  # CPU-only installs have no triton; they run forward_torch
+    from sluice.layers import fused_kernels
+except ImportError:
+    fused_kernels = None
 
 
 class RMSNorm(nn.Module):
@@ -26,6 +34,12 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None
                 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        if fused_kernels is not None and fused_kernels.can_rms_norm(x, self.weight, residual):
+            return fused_kernels.rms_norm(x, self.weight, self.eps, residual)
+        return self.forward_torch(x, residual)
+
+    def forward_torch(self, x: torch.Tensor, residual: torch.Tensor | None = None
+                      ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         if residual is None:
             return self._norm(x)
         residual = x + residual

@@ -9,6 +9,9 @@ Rope settings come from either transformers layout:
 ("default"), "linear" and "llama3". cos/sin are computed from the positions each step
 (a [T, rotary_dim / 2] product, negligible next to the projections) rather than cached up to
 max_position_embeddings, which keeps memory flat and has no length limit.
+
+On CUDA one Triton kernel (``fused_kernels.apply_rotary_``) rotates q and k in place, computing
+cos/sin from the positions itself; elsewhere ``forward_torch`` runs: the reference it follows.
 """
 from __future__ import annotations
 
@@ -18,6 +21,11 @@ from typing import Any
 
 import torch
 from torch import nn
+
+try:  # CPU-only installs have no triton; they run forward_torch
+    from sluice.layers import fused_kernels
+except ImportError:
+    fused_kernels = None
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 
@@ -85,7 +93,11 @@ def _llama3_scale(inv_freq: torch.Tensor, rope: RopeSettings) -> torch.Tensor:
 
 
 class RotaryEmbedding(nn.Module):
-    """Applies rope to packed q [T, H * D] and k [T, Hkv * D] at their absolute positions [T]."""
+    """Applies rope to packed q [T, H * D] and k [T, Hkv * D] at their absolute positions [T].
+
+    Returns the rotated (q, k). On CUDA these are the inputs themselves, rotated in place (q and k
+    may be strided column slices of the qkv projection); on CPU they are new tensors.
+    """
 
     def __init__(self, head_dim: int, rope: RopeSettings) -> None:
         super().__init__()
@@ -97,6 +109,14 @@ class RotaryEmbedding(nn.Module):
 
     def forward(self, positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor
                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        if fused_kernels is not None and fused_kernels.can_apply_rotary(positions, query, key, self.inv_freq,
+                                                                        self.head_dim, self.rotary_dim):
+            fused_kernels.apply_rotary_(positions, query, key, self.inv_freq, self.head_dim, self.rotary_dim)
+            return query, key
+        return self.forward_torch(positions, query, key)
+
+    def forward_torch(self, positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
         freqs = positions.float().unsqueeze(-1) * self.inv_freq  # [T, rotary_dim / 2]
         cos = freqs.cos().to(query.dtype).unsqueeze(1)  # [T, 1, rotary_dim / 2]: broadcast over heads
         sin = freqs.sin().to(query.dtype).unsqueeze(1)
