@@ -153,8 +153,9 @@ def test_rotary_in_place_matches_torch(num_tokens, layout, dtype):
     assert_within_ulps(q, expected_q)
     assert_within_ulps(k, expected_k)
     assert torch.equal(v, v_before)
-    if dtype != torch.float32:  # the torch path's roundings are reproduced, so nearly every element agrees
-        assert (q == expected_q).float().mean() > 0.995 and (k == expected_k).float().mean() > 0.995
+    # No exact-equality check in half precision: at positions near 131072 the float32 cos/sin of
+    # CUDA's libm and of Triton's libdevice differ in the last bit often enough (H100: 21% of bf16
+    # elements at position 131071) to flip bf16 roundings; within_ulps above is the criterion.
 
 
 def test_rotary_leaves_the_passthrough_dims_of_each_head_alone():
