@@ -1,10 +1,13 @@
-"""Tiny random Hugging Face checkpoints (model + tokenizer) written to a folder, for end-to-end tests.
+"""Tiny Hugging Face checkpoints (model + tokenizer) written to a folder, for end-to-end tests.
 
-Nothing is downloaded: configs are built in code, weights are random (seeded), and the
-tokenizer is a small byte-level BPE trained on a few sentences.
+Nothing is downloaded: configs are built in code, and the tokenizer is a small byte-level BPE
+trained on a few sentences. `save_tiny_model` writes random (seeded) weights; `save_trained_tiny_model`
+trains the tiny Llama for a few seconds on a copy task, so its greedy continuations have the wide
+logit margins of a trained model (what reduced-precision agreement tests need).
 """
 from __future__ import annotations
 
+import random
 from pathlib import Path
 
 import torch
@@ -93,3 +96,69 @@ def hf_greedy(path: str | Path, prompts: list[list[int]], max_new_tokens: int) -
             out = model.generate(ids, attention_mask=torch.ones_like(ids), generation_config=config)
             outputs.append(out[0, len(prompt):].tolist())
     return outputs
+
+
+# The copy task: a random prefix, then a random pattern of COPY_PERIOD tokens repeated. Every token
+# after the first period equals the token COPY_PERIOD positions back, so the model must attend to
+# that position (a bigram table cannot do it) and, once trained, continues any such prompt by
+# repeating its last COPY_PERIOD tokens with a wide margin. 7 is coprime to the tests' block sizes,
+# so copy sources fall at every offset of a KV block.
+COPY_PERIOD = 7
+_FIRST_ORDINARY_ID = len(SPECIAL_TOKENS)  # patterns never contain bos / eos / chat markers
+
+
+def copy_task_sequence(rng: random.Random, length: int, prefix_len: int = 0,
+                       vocab_size: int = 384) -> list[int]:
+    """`prefix_len` random tokens, then a random COPY_PERIOD-token pattern repeated up to `length`."""
+    prefix = [rng.randrange(_FIRST_ORDINARY_ID, vocab_size) for _ in range(prefix_len)]
+    pattern = [rng.randrange(_FIRST_ORDINARY_ID, vocab_size) for _ in range(COPY_PERIOD)]
+    return (prefix + pattern * (length // COPY_PERIOD + 1))[:length]
+
+
+def copy_task_prompts(seed: int = 0, vocab_size: int = 384) -> list[list[int]]:
+    """16 prompts drawn like the training data, each holding at least one whole pattern. Lengths are
+    mixed so long prompts prefill in chunks; the last three share a 48-token prefix (prefix cache hits)."""
+    rng = random.Random(seed)
+    prompts = []
+    for length in (8, 9, 12, 16, 17, 20, 23, 31, 40, 50, 64, 90, 11):
+        prefix_len = rng.randrange(0, min(16, length - COPY_PERIOD) + 1)
+        prompts.append(copy_task_sequence(rng, length, prefix_len, vocab_size))
+    shared = copy_task_sequence(rng, 48 + 16, rng.randrange(0, 17), vocab_size)
+    return prompts + [shared[:48 + k] for k in (1, 9, 16)]
+
+
+def _copy_task_batch(rng: random.Random, batch_size: int, seq_len: int,
+                     vocab_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(inputs, next-token targets); targets are -100 (ignored) where the context cannot tell them."""
+    inputs = torch.empty(batch_size, seq_len, dtype=torch.long)
+    targets = torch.full((batch_size, seq_len), -100, dtype=torch.long)
+    for row in range(batch_size):
+        prefix_len = rng.randrange(0, 17)
+        sequence = torch.tensor(copy_task_sequence(rng, seq_len + 1, prefix_len, vocab_size))
+        inputs[row] = sequence[:-1]
+        first_copy = prefix_len + COPY_PERIOD  # first position whose token repeats an earlier one
+        targets[row, first_copy - 1:] = sequence[first_copy:]
+    return inputs, targets
+
+
+def save_trained_tiny_model(path: str | Path, arch: str = "llama", steps: int = 300, seed: int = 0,
+                            **overrides) -> Path:
+    """Trains `tiny_config(arch)` on the copy task (Adam, CPU, seconds), then saves it like `save_tiny_model`."""
+    from transformers import AutoModelForCausalLM
+
+    path = Path(path)
+    torch.manual_seed(seed)
+    config = tiny_config(arch, **overrides)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).train()
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    rng = random.Random(seed)
+    for _ in range(steps):
+        inputs, targets = _copy_task_batch(rng, batch_size=16, seq_len=128, vocab_size=config.vocab_size)
+        logits = model(inputs).logits
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.eval().save_pretrained(path)
+    build_tokenizer().save_pretrained(path)
+    return path
