@@ -86,7 +86,8 @@ def test_upload_leaves_no_stale_padding_from_a_longer_step():
 
 def test_capture_sizes_follow_vllm_buckets():
     assert capture_sizes(256) == [1, 2, 4] + list(range(8, 257, 8))
-    assert capture_sizes(1024) == [1, 2, 4] + list(range(8, 256, 8)) + list(range(256, 513, 16))
+    assert capture_sizes(1024) == ([1, 2, 4] + list(range(8, 256, 8)) + list(range(256, 512, 16))
+                                   + list(range(512, 1025, 32)))
     assert capture_sizes(300) == [1, 2, 4] + list(range(8, 256, 8)) + [256, 272, 288, 300]
     assert capture_sizes(20) == [1, 2, 4, 8, 16, 20]
     assert capture_sizes(1) == [1]
