@@ -4,14 +4,26 @@
 called by the engine after every step, from the engine thread; prometheus_client is
 thread-safe). Each logger owns its CollectorRegistry so that several servers or tests in
 one process never collide; ``render()`` gives the text exposition for ``GET /metrics``.
+
+Several API server processes (``--api-server-count``) report as one server, as vLLM does:
+prometheus_client's multiprocess mode, switched on by ``PROMETHEUS_MULTIPROC_DIR`` in the
+environment before prometheus_client is imported (the parent process sets it for them). Each
+process writes its samples there and every process's /metrics renders the merge: counters and
+histograms summed over the API servers (each counts its own requests; the engine core hands
+each increment of its own cumulative counters, such as prefix-cache hits, to exactly one
+API server), gauges of the engine core's state as most recently reported by any of them.
 """
 from __future__ import annotations
 
+import os
+
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import multiprocess
 
 from sluice.engine.stats import IterationStats, SchedulerStats
 
 PREFIX = "sluice:"
+MULTIPROC_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"
 METRICS_CONTENT_TYPE = CONTENT_TYPE_LATEST
 
 # Bucket edges as vLLM uses them, so dashboards built for vLLM read the same.
@@ -33,7 +45,9 @@ class PrometheusStatLogger:
         self._model_name = model_name
 
         def gauge(name: str, doc: str) -> Gauge:
-            return Gauge(PREFIX + name, doc, labels, registry=self.registry).labels(model_name)
+            # The engine core's state, which every API server hears: the latest report wins.
+            return Gauge(PREFIX + name, doc, labels, registry=self.registry,
+                         multiprocess_mode="mostrecent").labels(model_name)
 
         def counter(name: str, doc: str) -> Counter:
             return Counter(PREFIX + name, doc, labels, registry=self.registry).labels(model_name)
@@ -90,4 +104,9 @@ class PrometheusStatLogger:
             self.request_queue_time.observe(finished.queue_time)
 
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        multiproc_dir = os.environ.get(MULTIPROC_DIR_ENV)
+        if not multiproc_dir:
+            return generate_latest(self.registry)
+        merged = CollectorRegistry()
+        multiprocess.MultiProcessCollector(merged, path=multiproc_dir)
+        return generate_latest(merged)

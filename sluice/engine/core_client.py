@@ -10,9 +10,14 @@ CoreClient answers the calls LLMEngine makes on an in-process EngineCore (add_re
 stop_requests, has_unfinished_requests, step, make_stats, num_kv_tokens), so the front half of LLMEngine runs
 unchanged. ``step()`` returns the outputs of every core step that arrived since the last call, waiting for
 at least one while requests are in flight, and with none in flight until the core has applied every command
-sent (so the stats after an abort show its freed KV blocks). The core process's sentinel is polled next to
-the output socket, so a dead core raises EngineCoreDeadError at once instead of hanging; ``check_health()``
-lets an idle caller ask.
+sent (so the stats after an abort show its freed KV blocks).
+
+Two ways to get one: ``CoreClient.spawn(args)`` starts a core of its own (one API server, the default), and
+``CoreClient.attach(addresses, index, core_pid)`` joins a core that another process started for several API
+servers (``--api-server-count``). Either way the core process is watched through a file descriptor that turns
+readable when it exits (the multiprocessing sentinel of a child, a pidfd otherwise), polled next to the output
+socket, so a dead core raises EngineCoreDeadError at once instead of hanging; ``check_health()`` lets an idle
+caller ask.
 """
 from __future__ import annotations
 
@@ -20,10 +25,10 @@ import logging
 import multiprocessing
 import os
 import pickle
-import shutil
-import tempfile
+import select
 import time
 from collections.abc import Iterable
+from multiprocessing.process import BaseProcess
 
 import msgspec
 import zmq
@@ -32,40 +37,75 @@ from sluice.config import EngineArgs
 from sluice.core.interface import EngineCoreOutput
 from sluice.core.request import Request
 from sluice.engine.async_engine import EngineDeadError
-from sluice.engine.core_proc import (AddRequest, CoreFailed, CoreInput, CoreOutput, CoreReady, CoreStep,
-                                     FinishRequests, Shutdown, run_engine_core)
+from sluice.engine.core_proc import (AddRequest, CoreAddresses, CoreFailed, CoreInput, CoreOutput, CoreReady,
+                                     CoreStep, FinishRequests, Shutdown, run_engine_core)
 from sluice.engine.llm_engine import LLMEngine
 from sluice.engine.stats import SchedulerStats, StatLogger
 from sluice.models.model_config import ModelConfig
 
 logger = logging.getLogger(__name__)
 
+DEFAULT_STARTUP_TIMEOUT_S = 600.0
+
 
 class EngineCoreDeadError(EngineDeadError):
     """The engine-core process exited or reported a failure."""
 
 
-class CoreClient:
-    """Starts the engine core in a spawned process and talks to it; the same calls as EngineCore."""
+def spawn_engine_core(args: EngineArgs, addresses: CoreAddresses) -> BaseProcess:
+    """Starts the core process for ``addresses``' clients; it exits if this process goes away."""
+    process = multiprocessing.get_context("spawn").Process(
+        target=run_engine_core, args=(args, addresses, os.getpid()), name="sluice-engine-core", daemon=True)
+    process.start()
+    return process
 
-    def __init__(self, args: EngineArgs, startup_timeout_s: float = 600.0) -> None:
-        self._socket_dir = tempfile.mkdtemp(prefix="sluice-core-")
-        input_address = f"ipc://{self._socket_dir}/input"
-        output_address = f"ipc://{self._socket_dir}/output"
+
+class _CoreWatch:
+    """Whether the core process still runs: ``fd`` turns readable when it exits.
+
+    A child (``process`` given) is watched through its multiprocessing sentinel and reports its exit code; any
+    other process through a pidfd (Linux 5.3+), which cannot tell the exit code.
+    """
+
+    def __init__(self, pid: int, process: BaseProcess | None = None) -> None:
+        self.pid, self.process = pid, process
+        if process is not None:
+            self.fd = process.sentinel
+        else:
+            try:
+                self.fd = os.pidfd_open(pid)
+            except ProcessLookupError:
+                raise EngineCoreDeadError(f"the engine core process {pid} is gone") from None
+
+    def exit_description(self) -> str | None:
+        """None while the process runs, else how it ended."""
+        if self.process is not None:
+            return None if self.process.is_alive() else f"exit code {self.process.exitcode}"
+        return "it is gone" if select.select([self.fd], [], [], 0)[0] else None
+
+    def close(self) -> None:
+        if self.process is None:
+            os.close(self.fd)
+
+
+class CoreClient:
+    """One front end's connection to the engine core; the same calls as EngineCore."""
+
+    def __init__(self, addresses: CoreAddresses, client_index: int, watch: _CoreWatch,
+                 startup_timeout_s: float = DEFAULT_STARTUP_TIMEOUT_S) -> None:
+        """Use ``spawn`` or ``attach``."""
+        self.addresses, self.client_index = addresses, client_index
+        self._watch = watch
         self._context = zmq.Context()
         self._input = self._context.socket(zmq.PUSH)
-        self._input.bind(input_address)
+        self._input.bind(addresses.input(client_index))
         self._output = self._context.socket(zmq.PULL)
-        self._output.bind(output_address)
+        self._output.bind(addresses.output(client_index))
         self._encoder = msgspec.msgpack.Encoder()
         self._decoder = msgspec.msgpack.Decoder(CoreOutput)
-        self.process = multiprocessing.get_context("spawn").Process(
-            target=run_engine_core, args=(args, input_address, output_address, os.getpid()),
-            name="sluice-engine-core", daemon=True)
-        self.process.start()
         self._poller = zmq.Poller()
         self._poller.register(self._output, zmq.POLLIN)
-        self._poller.register(self.process.sentinel, zmq.POLLIN)
+        self._poller.register(watch.fd, zmq.POLLIN)
         self._unfinished: set[str] = set()  # request ids the core may still produce outputs for
         self._stats = SchedulerStats()
         self._num_inputs_sent = 0
@@ -82,6 +122,28 @@ class CoreClient:
         self.num_parameters = ready.num_parameters
         self.load_seconds = ready.load_seconds
         self.kv_bytes_per_block = ready.kv_bytes_per_block
+
+    @classmethod
+    def spawn(cls, args: EngineArgs, startup_timeout_s: float = DEFAULT_STARTUP_TIMEOUT_S) -> "CoreClient":
+        """Starts an engine core of its own (this client is its only one) and waits until it is ready."""
+        addresses = CoreAddresses.create(num_clients=1)
+        process = spawn_engine_core(args, addresses)
+        return cls(addresses, 0, _CoreWatch(process.pid, process), startup_timeout_s)
+
+    @classmethod
+    def attach(cls, addresses: CoreAddresses, client_index: int, core_pid: int,
+               startup_timeout_s: float = DEFAULT_STARTUP_TIMEOUT_S) -> "CoreClient":
+        """Joins, as client ``client_index``, a core that another process started; waits until it is ready."""
+        return cls(addresses, client_index, _CoreWatch(core_pid), startup_timeout_s)
+
+    @property
+    def process(self) -> BaseProcess | None:
+        """The core process, when this client started it."""
+        return self._watch.process
+
+    @property
+    def core_pid(self) -> int:
+        return self._watch.pid
 
     def _wait_ready(self, timeout_s: float) -> CoreReady:
         message = self._receive(timeout_s)
@@ -142,28 +204,36 @@ class CoreClient:
     # ---- health and lifecycle -------------------------------------------------------------------------------
     def check_health(self) -> None:
         """Raises EngineCoreDeadError if the core process is gone."""
-        if self._dead_error is None and not self._closed and not self.process.is_alive():
-            self._dead_error = EngineCoreDeadError(
-                f"the engine core process exited unexpectedly (exit code {self.process.exitcode})")
+        if self._dead_error is None and not self._closed:
+            gone = self._watch.exit_description()
+            if gone is not None:
+                self._dead_error = EngineCoreDeadError(f"the engine core process exited unexpectedly ({gone})")
         if self._dead_error is not None:
             raise self._dead_error
 
     def shutdown(self, timeout_s: float = 5.0) -> None:
-        """Asks the core to stop, then kills it if it does not (it ignores SIGTERM); idempotent."""
+        """Tells the core this client is done; a core this client started is then waited for (it ignores
+        SIGTERM) and killed if it does not stop. Idempotent."""
         if self._closed:
             return
         self._closed = True
-        if self.process.is_alive():
+        core_alive = self._watch.exit_description() is None
+        if core_alive:
             try:
                 self._input.send(self._encoder.encode(Shutdown()), zmq.NOBLOCK)
             except zmq.ZMQError:
                 pass
-            self.process.join(timeout_s)
-            if self.process.is_alive():
-                self.process.kill()
-                self.process.join(timeout_s)
-        self._context.destroy(linger=0)
-        shutil.rmtree(self._socket_dir, ignore_errors=True)
+        process = self._watch.process
+        if process is not None:
+            process.join(timeout_s)
+            if process.is_alive():
+                process.kill()
+                process.join(timeout_s)
+            self._context.destroy(linger=0)
+            self.addresses.remove()
+        else:  # the core belongs to the process that started it: let the Shutdown reach it, then go
+            self._context.destroy(linger=int(timeout_s * 1000) if core_alive else 0)
+        self._watch.close()
 
     def _send(self, message: CoreInput) -> None:
         self.check_health()
@@ -183,8 +253,9 @@ class CoreClient:
                     self._dead_error = EngineCoreDeadError(f"the engine core failed:\n{message.error}")
                     raise self._dead_error
                 return message
-            if self.process.sentinel in events:
-                self.process.join(1.0)
+            if self._watch.fd in events:
+                if self._watch.process is not None:
+                    self._watch.process.join(1.0)
                 self.check_health()  # the core exited without a word (killed): raise
             if deadline is not None and time.monotonic() >= deadline:
                 return None
@@ -193,13 +264,14 @@ class CoreClient:
 class SplitLLMEngine(LLMEngine):
     """LLMEngine's front half (tokenizer, validation, n > 1, detokenization, stats) over a CoreClient.
 
-    Built like LLMEngine, except that ``core`` is the engine core in its own process.
+    Built like LLMEngine, except that ``core`` is the engine core in its own process: by default one this engine
+    starts, or ``core``, a client attached to a core shared by several API servers.
     """
 
     def __init__(self, model_config: ModelConfig, args: EngineArgs,
-                 stat_loggers: list[StatLogger] | None = None) -> None:
-        super().__init__(model_config, args, stat_loggers, core=CoreClient(args))
-        logger.info("engine core in process %d", self.core.process.pid)
+                 stat_loggers: list[StatLogger] | None = None, core: CoreClient | None = None) -> None:
+        super().__init__(model_config, args, stat_loggers, core=core if core is not None else CoreClient.spawn(args))
+        logger.info("engine core in process %d", self.core.core_pid)
 
     def check_health(self) -> None:
         self.core.check_health()

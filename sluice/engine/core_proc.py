@@ -1,14 +1,18 @@
-"""The engine core in its own process, and the messages it exchanges with the API server's front end.
+"""The engine core in its own process, and the messages it exchanges with its front-end clients.
 
-    API server process (core_client.py)                engine-core process (this file)
-    ----------------------------------                 --------------------------------
-    CoreClient.add_request / abort / stop  --PUSH-->   PULL  input socket:  AddRequest | FinishRequests | Shutdown
-    CoreClient.step()                      <--PULL--   PUSH  output socket: CoreReady, then one CoreStep per step
+    front end i (core_client.py)                         engine-core process (this file)
+    ----------------------------                         --------------------------------
+    CoreClient.add_request / abort / stop  --PUSH i-->   PULL input i:   AddRequest | FinishRequests | Shutdown
+    CoreClient.step()                      <--PULL i--   PUSH output i:  CoreReady, then CoreSteps
 
-The core owns the scheduler and the model runner and knows only token ids. Its busy loop blocks on the input
-socket while it has nothing to run (waking each second to check that the front end still exists), then drains
-every queued command, runs one step and sends that step's outputs together with the scheduler's stats. A batch of
-commands on an idle core also gets a CoreStep, so the front sees the KV blocks an abort freed.
+One front end (``sluice serve``, the default) is client 0. With ``--api-server-count N`` every API server
+process is a client with its own pair of sockets; the core remembers which client added each request and sends
+each client only its own requests' outputs (ClientRouter). The core owns the scheduler and the model runner and
+knows only token ids. Its busy loop blocks on the input sockets while it has nothing to run (waking each second
+to check that its parent process still exists), then drains every queued command, runs one step and sends that
+step's outputs together with the scheduler's stats. A client gets a CoreStep when the step has outputs for it,
+when it sent commands since the last one (so it sees the KV blocks an abort freed), or while it has requests in
+the core; a client with nothing in flight is left alone. The core exits once every client has sent Shutdown.
 
 Encoding: msgspec msgpack for every message. SamplingParams travel pickled inside AddRequest: msgspec leaves out
 a dataclass's underscore fields (``_all_stop_token_ids``, ``_bad_words_token_ids``, which the front fills in), and a
@@ -17,11 +21,15 @@ a step's outputs, is msgspec: 256 EngineCoreOutputs encode and decode in about 0
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import pickle
+import shutil
 import signal
+import tempfile
 import traceback
+from dataclasses import dataclass
 
 import msgspec
 import zmq
@@ -32,7 +40,7 @@ from sluice.engine.stats import SchedulerStats
 
 logger = logging.getLogger(__name__)
 
-_PARENT_CHECK_MS = 1000  # how often an idle core checks that its front end still exists
+_PARENT_CHECK_MS = 1000  # how often an idle core checks that its parent process still exists
 
 
 # ---- front end -> core -----------------------------------------------------------------------------------
@@ -52,7 +60,7 @@ class FinishRequests(msgspec.Struct, tag="finish", array_like=True):
 
 
 class Shutdown(msgspec.Struct, tag="shutdown", array_like=True):
-    pass
+    pass  # this client is done; its requests still in the core are aborted
 
 
 CoreInput = AddRequest | FinishRequests | Shutdown
@@ -69,9 +77,9 @@ class CoreReady(msgspec.Struct, tag="ready", array_like=True):
 
 
 class CoreStep(msgspec.Struct, tag="step", array_like=True):
-    outputs: list[EngineCoreOutput]
+    outputs: list[EngineCoreOutput]  # this client's requests only
     stats: SchedulerStats
-    num_inputs_applied: int  # input messages applied so far: the front knows when the stats include its abort
+    num_inputs_applied: int  # this client's input messages applied so far: it knows when the stats include its abort
 
 
 class CoreFailed(msgspec.Struct, tag="failed", array_like=True):
@@ -81,19 +89,121 @@ class CoreFailed(msgspec.Struct, tag="failed", array_like=True):
 CoreOutput = CoreReady | CoreStep | CoreFailed
 
 
+# ---- where the sockets live ----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class CoreAddresses:
+    """The ipc endpoints of one core and its clients: client i binds ``input(i)`` and ``output(i)``."""
+    socket_dir: str
+    num_clients: int
+
+    @classmethod
+    def create(cls, num_clients: int) -> "CoreAddresses":
+        return cls(tempfile.mkdtemp(prefix="sluice-core-"), num_clients)
+
+    def input(self, client_index: int) -> str:
+        return f"ipc://{self.socket_dir}/input-{client_index}"
+
+    def output(self, client_index: int) -> str:
+        return f"ipc://{self.socket_dir}/output-{client_index}"
+
+    def remove(self) -> None:
+        shutil.rmtree(self.socket_dir, ignore_errors=True)
+
+
+# ---- which client a request belongs to -------------------------------------------------------------------------
+class ClientRouter:
+    """Remembers which client added each request, splits a step's outputs by client, and splits the scheduler's
+    cumulative counters so that, summed over the clients' metrics, each count appears once.
+
+    With one client there is nothing to remember: every step goes to it, with the stats as they are.
+    """
+
+    _CUMULATIVE = ("prefix_cache_queries", "prefix_cache_hits", "num_preemptions")
+
+    def __init__(self, num_clients: int) -> None:
+        self.num_clients = num_clients
+        self._owner: dict[str, int] = {}
+        self._num_owned = [0] * num_clients
+        self._open = [True] * num_clients
+        # Per client: the share of each cumulative counter handed to it so far; the unassigned rest of a counter
+        # goes to the next client that gets a CoreStep.
+        self._counters = [dict.fromkeys(self._CUMULATIVE, 0) for _ in range(num_clients)]
+        self._assigned = dict.fromkeys(self._CUMULATIVE, 0)
+
+    @property
+    def all_closed(self) -> bool:
+        return not any(self._open)
+
+    def add(self, request_id: str, client: int) -> None:
+        if self.num_clients > 1:
+            self._owner[request_id] = client
+            self._num_owned[client] += 1
+
+    def forget(self, request_ids: list[str]) -> None:
+        if self.num_clients > 1:
+            for request_id in request_ids:
+                client = self._owner.pop(request_id, None)
+                if client is not None:
+                    self._num_owned[client] -= 1
+
+    def close(self, client: int) -> list[str]:
+        """Marks a client gone; returns its requests still in the core (to abort)."""
+        self._open[client] = False
+        owned = [request_id for request_id, owner in self._owner.items() if owner == client]
+        self.forget(owned)
+        return owned
+
+    def route(self, outputs: list[EngineCoreOutput], senders: set[int]) -> list[tuple[int, list[EngineCoreOutput]]]:
+        """(client, its outputs) for every client that gets a CoreStep this turn (see the module docstring)."""
+        if self.num_clients == 1:
+            return [(0, outputs)] if self._open[0] else []
+        per_client: list[list[EngineCoreOutput]] = [[] for _ in range(self.num_clients)]
+        finished = []
+        for output in outputs:
+            client = self._owner.get(output.req_id)
+            if client is not None:
+                per_client[client].append(output)
+                if output.finish_reason is not None:
+                    finished.append(output.req_id)
+        recipients = [c for c in range(self.num_clients) if self._open[c] and
+                      (per_client[c] or c in senders or self._num_owned[c])]
+        self.forget(finished)
+        return [(c, per_client[c]) for c in recipients]
+
+    def stats_for(self, client: int, stats: SchedulerStats) -> SchedulerStats:
+        if self.num_clients == 1:
+            return stats
+        counters = self._counters[client]
+        for name in self._CUMULATIVE:
+            total = getattr(stats, name)
+            counters[name] += total - self._assigned[name]
+            self._assigned[name] = total
+        return dataclasses.replace(stats, **counters)
+
+
 # ---- the process -----------------------------------------------------------------------------------------
-def run_engine_core(args: EngineArgs, input_address: str, output_address: str, parent_pid: int) -> None:
+@dataclass
+class _ClientSockets:
+    input: zmq.Socket
+    output: zmq.Socket
+    num_inputs_applied: int = 0
+
+
+def run_engine_core(args: EngineArgs, addresses: CoreAddresses, parent_pid: int) -> None:
     """The spawned process's entry point: build the core, report ready (or the failure), run the busy loop."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s[core]: %(message)s")
-    # Ctrl-C and a SIGTERM to the process group are the API server's to handle (it drains, then sends Shutdown);
+    # Ctrl-C and a SIGTERM to the process group are the API servers' to handle (they drain, then send Shutdown);
     # the core must outlive them so in-flight requests can finish.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     context = zmq.Context()
-    input_socket = context.socket(zmq.PULL)
-    input_socket.connect(input_address)
-    output_socket = context.socket(zmq.PUSH)
-    output_socket.connect(output_address)
+    clients = []
+    for index in range(addresses.num_clients):
+        input_socket = context.socket(zmq.PULL)
+        input_socket.connect(addresses.input(index))
+        output_socket = context.socket(zmq.PUSH)
+        output_socket.connect(addresses.output(index))
+        clients.append(_ClientSockets(input_socket, output_socket))
     encoder = msgspec.msgpack.Encoder()
     try:
         from sluice.engine.engine_core import EngineCore
@@ -101,57 +211,82 @@ def run_engine_core(args: EngineArgs, input_address: str, output_address: str, p
 
         core = EngineCore(ModelConfig.from_engine_args(args), args)
         runner = core.runner
-        output_socket.send(encoder.encode(CoreReady(
-            core.cache_config, core.scheduler_config, runner.num_parameters, runner.load_seconds,
-            runner.kv_spec.bytes_per_block)))
-        _busy_loop(core, input_socket, output_socket, parent_pid)
-    except BaseException:  # noqa: BLE001 - the front end must hear why the core stopped
+        ready = encoder.encode(CoreReady(core.cache_config, core.scheduler_config, runner.num_parameters,
+                                         runner.load_seconds, runner.kv_spec.bytes_per_block))
+        for client in clients:
+            client.output.send(ready)
+        _busy_loop(core, clients, parent_pid)
+    except BaseException:  # noqa: BLE001 - the front ends must hear why the core stopped
         logger.exception("engine core failed")
-        output_socket.send(encoder.encode(CoreFailed(traceback.format_exc())))
-        output_socket.close(linger=1000)
-        context.term()
-        os._exit(1)  # skip interpreter teardown: the front end is waiting for the exit code
-    output_socket.close(linger=1000)
-    input_socket.close(linger=0)
+        failed = encoder.encode(CoreFailed(traceback.format_exc()))
+        for client in clients:
+            try:
+                client.output.send(failed, zmq.NOBLOCK)
+            except zmq.ZMQError:
+                pass  # that client is not listening: it sees the exit instead
+        context.destroy(linger=1000)
+        os._exit(1)  # skip interpreter teardown: the front ends are waiting for the exit code
+    for client in clients:
+        client.output.close(linger=1000)
+        client.input.close(linger=0)
     context.term()
 
 
-def _busy_loop(core, input_socket: zmq.Socket, output_socket: zmq.Socket, parent_pid: int) -> None:
+def _busy_loop(core, clients: list[_ClientSockets], parent_pid: int) -> None:
     decoder = msgspec.msgpack.Decoder(CoreInput)
     encoder = msgspec.msgpack.Encoder()
-    num_inputs_applied = 0
+    router = ClientRouter(len(clients))
+    poller = zmq.Poller()
+    for client in clients:
+        poller.register(client.input, zmq.POLLIN)
     while True:
-        idle = not core.has_unfinished_requests()
-        if idle:
-            while not input_socket.poll(_PARENT_CHECK_MS):
+        if not core.has_unfinished_requests():
+            while not poller.poll(_PARENT_CHECK_MS):
                 if os.getppid() != parent_pid:
-                    logger.warning("the API server process is gone; the engine core exits")
+                    logger.warning("the process that started the engine core is gone; the engine core exits")
                     return
-        messages = []
-        while True:
-            try:
-                messages.append(decoder.decode(input_socket.recv(zmq.NOBLOCK)))
-            except zmq.Again:
-                break
-        for message in messages:
-            if isinstance(message, Shutdown):
-                return
-            _apply(core, message)
-        num_inputs_applied += len(messages)
+        senders: set[int] = set()
+        for index, client in enumerate(clients):
+            num_applied = _apply_queued(core, router, index, client.input, decoder)
+            if num_applied:
+                client.num_inputs_applied += num_applied
+                senders.add(index)
+        if router.all_closed:
+            return
         outputs = core.step() if core.has_unfinished_requests() else []
-        output_socket.send(encoder.encode(CoreStep(outputs, core.make_stats(), num_inputs_applied)), copy=False)
+        stats = core.make_stats()
+        for index, client_outputs in router.route(outputs, senders):
+            client = clients[index]
+            message = CoreStep(client_outputs, router.stats_for(index, stats), client.num_inputs_applied)
+            client.output.send(encoder.encode(message), copy=False)
 
 
-def _apply(core, message: AddRequest | FinishRequests) -> None:
+def _apply_queued(core, router: ClientRouter, client: int, input_socket: zmq.Socket,
+                  decoder: msgspec.msgpack.Decoder) -> int:
+    """Applies every message the client has queued; returns how many there were."""
     from sluice.core.request import Request
 
-    if isinstance(message, AddRequest):
-        core.add_request(Request(message.request_id, message.prompt_token_ids, pickle.loads(message.sampling_params),
-                                 eos_token_id=message.eos_token_id, priority=message.priority,
-                                 arrival_time=message.arrival_time,
-                                 parent_request_id=message.parent_request_id))
-    elif message.aborted:
-        core.abort_requests(message.request_ids)
-    else:
-        core.stop_requests(message.request_ids)
-
+    num_messages = 0
+    while True:
+        try:
+            message = decoder.decode(input_socket.recv(zmq.NOBLOCK))
+        except zmq.Again:
+            return num_messages
+        num_messages += 1
+        if isinstance(message, AddRequest):
+            core.add_request(Request(message.request_id, message.prompt_token_ids,
+                                     pickle.loads(message.sampling_params), eos_token_id=message.eos_token_id,
+                                     priority=message.priority, arrival_time=message.arrival_time,
+                                     parent_request_id=message.parent_request_id))
+            router.add(message.request_id, client)
+        elif isinstance(message, FinishRequests):
+            router.forget(message.request_ids)
+            if message.aborted:
+                core.abort_requests(message.request_ids)
+            else:
+                core.stop_requests(message.request_ids)
+        else:  # Shutdown: nothing this client sends later counts
+            left_over = router.close(client)
+            if left_over:
+                core.abort_requests(left_over)
+            return num_messages

@@ -13,7 +13,6 @@ import pytest
 from sluice.config import EngineArgs
 from sluice.engine.core_client import EngineCoreDeadError, SplitLLMEngine
 from sluice.engine.llm_engine import LLMEngine
-from sluice.entrypoints.cli import main
 from sluice.sampling_params import SamplingParams
 from tests.entrypoints.server_utils import RemoteServer
 from tests.tiny_models import save_tiny_model
@@ -87,7 +86,3 @@ def test_killed_engine_core_turns_health_503_and_server_exits_with_an_error(tiny
     finally:
         server.stop()
 
-
-def test_more_than_one_api_server_is_refused_with_a_clear_error(tiny_model, capsys):
-    assert main(["serve", tiny_model, "--api-server-count", "2"]) == 1
-    assert "--api-server-count: only 1 API server process is supported" in capsys.readouterr().err

@@ -12,13 +12,15 @@ Process split (``--process-split``, the default; ``--no-process-split`` keeps th
 EngineCore (scheduler + model runner) runs in its own process (engine/core_proc.py) and this process keeps HTTP,
 tokenization, detokenization and streaming. If the engine dies (the core process exits, or the engine thread
 fails), /health turns 503, in-flight streams get an error event, and after ``DEAD_ENGINE_GRACE_S`` the server
-exits with status 1 instead of hanging.
+exits with status 1 instead of hanging. ``--api-server-count N`` runs N such API server processes in front of
+one engine core, on one port (api_server_pool.py).
 """
 from __future__ import annotations
 
 import argparse
 import logging
 import os
+import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
@@ -182,7 +184,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                         help="run the engine core (scheduler + model runner) in its own process; "
                              "--no-process-split keeps it on a thread of the API server")
     server.add_argument("--api-server-count", type=int, default=1,
-                        help="API server (front-end) processes sharing one engine core; only 1 is supported yet")
+                        help="API server processes (HTTP, tokenization, detokenization, streaming) sharing one "
+                             "engine core and one port; more than 1 needs --process-split")
     server.add_argument("--uvicorn-log-level", default="info",
                         choices=["critical", "error", "warning", "info", "debug", "trace"])
     server.add_argument("--disable-uvicorn-access-log", action="store_true")
@@ -192,25 +195,54 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 def run_server(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if args.max_n < 1 or (args.max_num_queued_reqs is not None and args.max_num_queued_reqs < 0):
-        raise ValueError("--max-n must be at least 1 and --max-num-queued-reqs non-negative")
-    if args.api_server_count != 1:
-        raise ValueError(f"--api-server-count: only 1 API server process is supported yet, got "
-                         f"{args.api_server_count} (one front end already keeps the engine core busy on CPU; "
-                         "scaling the front end is future work)")
-    engine_args = EngineArgs.from_cli_args(args)
-    engine_args.model = args.model
+    validate_server_args(args)
+    engine_args = engine_args_from(args)
+    if args.api_server_count > 1:
+        from sluice.entrypoints.openai.api_server_pool import run_api_server_pool
+        return run_api_server_pool(args, engine_args)
     model_config = _peek_model_config(engine_args)
     metrics = PrometheusStatLogger(model_config.served_model_name)
-    stat_loggers = [metrics] if engine_args.disable_log_stats else [metrics, LoggingStatLogger()]
-    engine = AsyncLLM.from_engine_args(engine_args, stat_loggers=stat_loggers,
+    engine = AsyncLLM.from_engine_args(engine_args, stat_loggers=server_stat_loggers(engine_args, metrics),
                                        max_num_queued_reqs=args.max_num_queued_reqs,
                                        process_split=args.process_split)
+    return serve(args, engine_args, engine, metrics)
+
+
+def validate_server_args(args: argparse.Namespace) -> None:
+    if args.max_n < 1 or (args.max_num_queued_reqs is not None and args.max_num_queued_reqs < 0):
+        raise ValueError("--max-n must be at least 1 and --max-num-queued-reqs non-negative")
+    if args.api_server_count < 1:
+        raise ValueError(f"--api-server-count must be at least 1, got {args.api_server_count}")
+    if args.api_server_count > 1 and not args.process_split:
+        raise ValueError(f"--api-server-count {args.api_server_count} needs the engine core in its own process, "
+                         "which the API servers share: drop --no-process-split")
+
+
+def engine_args_from(args: argparse.Namespace) -> EngineArgs:
+    engine_args = EngineArgs.from_cli_args(args)
+    engine_args.model = args.model
+    return engine_args
+
+
+def server_stat_loggers(engine_args: EngineArgs, metrics: PrometheusStatLogger) -> list[Any]:
+    return [metrics] if engine_args.disable_log_stats else [metrics, LoggingStatLogger()]
+
+
+def serve(args: argparse.Namespace, engine_args: EngineArgs, engine: AsyncLLM, metrics: PrometheusStatLogger,
+          sockets: list[socket.socket] | None = None, api_server_index: int | None = None,
+          server_class: type[DrainingServer] = DrainingServer) -> int:
+    """Runs the HTTP server over ``engine`` until it is shut down; returns the exit code.
+
+    ``sockets``: listening sockets made by the caller (several API servers share one port); by default uvicorn
+    binds ``--host``/``--port`` itself. ``api_server_index`` marks request ids with the API server that made
+    them, so that ids of several API servers never collide.
+    """
     model_config = engine.model_config
     limits = ServingLimits(max_model_len=model_config.max_model_len, vocab_size=model_config.vocab_size,
                            max_n=args.max_n, max_logprobs=engine_args.max_logprobs,
                            priority_scheduling=engine_args.scheduling_policy == "priority")
-    config = ServingConfig([model_config.served_model_name], limits, args.enable_log_requests, args.max_log_len)
+    config = ServingConfig([model_config.served_model_name], limits, args.enable_log_requests, args.max_log_len,
+                           api_server_index=api_server_index)
     _, guard, state = build_app(engine, config, metrics, args.api_key, args.max_request_body_bytes,
                                 args.chat_template)
     uvicorn_config = uvicorn.Config(guard, host=args.host, port=args.port, log_level=args.uvicorn_log_level,
@@ -218,8 +250,8 @@ def run_server(args: argparse.Namespace) -> int:
                                     lifespan="on")
     logger.info("serving %s as %r on http://%s:%d", model_config.model, model_config.served_model_name,
                 args.host, args.port)
-    server = DrainingServer(uvicorn_config, state, guard, args.shutdown_timeout)
-    server.run()
+    server = server_class(uvicorn_config, state, guard, args.shutdown_timeout)
+    server.run(sockets=sockets)
     return server.exit_code
 
 

@@ -39,6 +39,7 @@ class ServingConfig:
     limits: ServingLimits
     enable_log_requests: bool = False
     max_log_len: int | None = None
+    api_server_index: int | None = None  # set when several API server processes share one engine core
 
 
 @dataclass(slots=True)
@@ -92,8 +93,12 @@ def usage_chunk(request: SamplingFields, chunk: BaseModel, usage: Callable[[], U
     return sse(chunk.model_copy(update={"choices": [], "usage": usage()}))
 
 
-def random_id(prefix: str) -> str:
-    return f"{prefix}-{uuid.uuid4().hex}"
+def random_id(prefix: str, api_server_index: int | None = None) -> str:
+    """``prefix-<uuid4>``; with several API servers ``prefix-<index>-<uuid4>``, so that the ids they send to
+    their shared engine core differ by construction (and a response names the API server that made it)."""
+    if api_server_index is None:
+        return f"{prefix}-{uuid.uuid4().hex}"
+    return f"{prefix}-{api_server_index}-{uuid.uuid4().hex}"
 
 
 class OpenAIServing:

@@ -1,0 +1,203 @@
+"""`sluice serve --api-server-count N`: N API server processes in front of one engine-core process, one port.
+
+    parent process (run_api_server_pool)
+      binds N listening sockets on host:port (SO_REUSEPORT: the kernel spreads new connections over them)
+      starts the engine core (engine/core_proc.py) with N clients, then N API servers (run_api_server_worker)
+      forwards SIGTERM / SIGINT to the API servers, watches every child, exits with their verdict
+
+    API server i: the single-process server (api_server.serve) on socket i, over CoreClient.attach(..., i):
+      HTTP, tokenization, detokenization, streaming for the connections it accepted; request ids carry i
+
+Shutdown: the first SIGTERM (or Ctrl-C, which the API servers leave to the parent) reaches every API server as
+SIGTERM: each drains its own requests as one server does, sends the core Shutdown and exits 0; the core exits
+once all of them have; the parent exits 0. A second signal is forwarded too (each API server exits at once).
+
+A killed engine core: every API server sees it through a pidfd, answers /health with 503 and exits 1 after
+``DEAD_ENGINE_GRACE_S``; the parent exits 1. An API server that exits with an error takes the others down
+(drained, with SIGTERM) and the parent exits 1.
+
+/metrics: prometheus_client's multiprocess mode over a directory the parent creates and removes; each API
+server's /metrics shows the whole server (see sluice/metrics.py for how the series merge).
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import multiprocessing
+import os
+import shutil
+import signal
+import socket
+import sys
+import tempfile
+import time
+from multiprocessing.process import BaseProcess
+from typing import Any
+
+from sluice.config import EngineArgs
+from sluice.engine.core_client import spawn_engine_core
+from sluice.engine.core_proc import CoreAddresses
+from sluice.entrypoints.openai.api_server import (DEAD_ENGINE_GRACE_S, DrainingServer, serve,
+                                                  server_stat_loggers)
+from sluice.metrics import MULTIPROC_DIR_ENV, PrometheusStatLogger
+
+logger = logging.getLogger("sluice.server")
+
+_CORE_EXIT_WAIT_S = 10.0  # after the last API server exits, the core has this long to follow before it is killed
+_DEAD_CORE_WAIT_S = DEAD_ENGINE_GRACE_S + 30.0  # API servers that outlive a dead core this long are killed
+_LISTEN_BACKLOG = 2048  # uvicorn's default
+_POLL_S = 0.1  # how often the parent looks at its children
+
+
+def bind_listening_sockets(host: str, port: int, count: int) -> list[socket.socket]:
+    """``count`` listening sockets on one address, so a port already taken fails here, before anything starts.
+    Port 0 picks a free port for the first socket and the others share it."""
+    family, _, _, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+    sockets: list[socket.socket] = []
+    try:
+        for _ in range(count):
+            sock = socket.socket(family, socket.SOCK_STREAM)
+            sockets.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            sock.bind(address)
+            sock.listen(_LISTEN_BACKLOG)
+            address = sock.getsockname()
+    except OSError as e:
+        for sock in sockets:
+            sock.close()
+        raise ValueError(f"--port: cannot listen on {host}:{port}: {e.strerror or e}") from None
+    return sockets
+
+
+def run_api_server_pool(args: argparse.Namespace, engine_args: EngineArgs) -> int:
+    """The parent process: starts the core and the API servers, supervises them; returns the exit code."""
+    engine_args.validate()
+    sockets = bind_listening_sockets(args.host, args.port, args.api_server_count)
+    metrics_dir = tempfile.mkdtemp(prefix="sluice-metrics-")
+    os.environ[MULTIPROC_DIR_ENV] = metrics_dir  # inherited by the API servers (see sluice/metrics.py)
+    addresses = CoreAddresses.create(args.api_server_count)
+    pool = _ProcessPool()
+    try:
+        pool.start(args, engine_args, sockets, addresses)
+        return pool.supervise()
+    finally:
+        for sock in sockets:
+            sock.close()
+        pool.kill_leftovers()
+        shutil.rmtree(metrics_dir, ignore_errors=True)
+        addresses.remove()
+
+
+class _ProcessPool:
+    """The engine core and the API server processes, as the parent sees them."""
+
+    def __init__(self) -> None:
+        self.core: BaseProcess | None = None
+        self.workers: list[BaseProcess] = []
+        self.stopping = False  # a shutdown signal arrived: API servers killed by the forwarded SIGTERM are fine
+
+    def start(self, args: argparse.Namespace, engine_args: EngineArgs, sockets: list[socket.socket],
+              addresses: CoreAddresses) -> None:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, self.forward_signal)
+        self.core = spawn_engine_core(engine_args, addresses)
+        logger.info("engine core in process %d; %d API servers on http://%s:%d", self.core.pid, len(sockets),
+                    args.host, sockets[0].getsockname()[1])
+        spawn = multiprocessing.get_context("spawn")
+        for index, sock in enumerate(sockets):
+            worker = spawn.Process(target=run_api_server_worker, name=f"sluice-api-server-{index}", daemon=True,
+                                   args=(args, engine_args, index, sock, addresses, self.core.pid))
+            worker.start()
+            self.workers.append(worker)
+            if self.stopping:  # the signal came while it was starting
+                self._terminate(worker)
+
+    def forward_signal(self, sig: int, frame: Any) -> None:
+        """SIGTERM / SIGINT to the parent: SIGTERM to every API server (each drains on its own)."""
+        self.stopping = True
+        for worker in self.workers:
+            self._terminate(worker)
+
+    @staticmethod
+    def _terminate(worker: BaseProcess) -> None:
+        if worker.exitcode is None:
+            try:
+                os.kill(worker.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+
+    def supervise(self) -> int:
+        """Waits for every API server, then the core. 0 only if all of them ended cleanly."""
+        core, workers = self.core, self.workers
+        failed = False
+        core_dead_since: float | None = None
+        while any(worker.exitcode is None for worker in workers):
+            time.sleep(_POLL_S)  # polled: waiting on the children's sentinels spun here while one was exiting
+            if core_dead_since is None and not core.is_alive() and core.exitcode != 0:
+                # (It exits 0 only after every API server said Shutdown.) Each API server notices on its own,
+                # answers 503 for a grace period and exits 1.
+                core_dead_since, failed = time.monotonic(), True
+                logger.error("the engine core exited unexpectedly (exit code %s)", core.exitcode)
+            if core_dead_since is not None:
+                if time.monotonic() - core_dead_since > _DEAD_CORE_WAIT_S:
+                    for worker in workers:
+                        if worker.exitcode is None:
+                            worker.kill()
+                continue
+            bad = [w for w in workers
+                   if w.exitcode not in (None, 0) and not (self.stopping and w.exitcode == -signal.SIGTERM)]
+            if bad and not failed:
+                failed = True
+                logger.error("API server process %d exited with %d; stopping the others", bad[0].pid,
+                             bad[0].exitcode)
+                self.forward_signal(signal.SIGTERM, None)
+        core.join(_CORE_EXIT_WAIT_S)  # it exits once every API server has said Shutdown
+        if core.is_alive():
+            logger.warning("the engine core did not exit after the API servers; killing it")
+        return 1 if failed else 0
+
+    def kill_leftovers(self) -> None:
+        for child in [*self.workers, *([self.core] if self.core is not None else [])]:
+            if child.is_alive():
+                child.kill()
+                child.join(5)
+
+
+class FrontEndServer(DrainingServer):
+    """One API server of several: Ctrl-C reaches the whole process group, and only the parent acts on it (it
+    forwards SIGTERM), so that each API server sees one signal, not two (a second one cuts the drain short)."""
+
+    def handle_exit(self, sig: int, frame: Any) -> None:
+        if sig != signal.SIGINT:
+            super().handle_exit(sig, frame)
+
+
+def run_api_server_worker(args: argparse.Namespace, engine_args: EngineArgs, index: int, sock: socket.socket,
+                          addresses: CoreAddresses, core_pid: int) -> None:
+    """API server ``index``: the spawned process's entry point; exits with the server's exit code."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # see FrontEndServer
+    logging.basicConfig(level=logging.INFO,
+                        format=f"%(asctime)s %(levelname)s %(name)s[api-server-{index}]: %(message)s")
+    from sluice.engine.async_engine import AsyncLLM, _LatestSchedulerStats
+    from sluice.engine.core_client import CoreClient, SplitLLMEngine
+    from sluice.models.model_config import ModelConfig
+
+    model_config = ModelConfig.from_engine_args(engine_args)
+    metrics = PrometheusStatLogger(model_config.served_model_name)
+    latest = _LatestSchedulerStats()  # admission control reads it, as AsyncLLM.from_engine_args wires it
+    core = CoreClient.attach(addresses, index, core_pid)
+    try:
+        engine = SplitLLMEngine(model_config, engine_args, [latest, *server_stat_loggers(engine_args, metrics)],
+                                core=core)
+    except BaseException:
+        core.shutdown()
+        raise
+    async_llm = AsyncLLM(engine, max_num_queued_reqs=args.max_num_queued_reqs, latest_stats=latest)
+    exit_code = serve(args, engine_args, async_llm, metrics, sockets=[sock], api_server_index=index,
+                      server_class=FrontEndServer)
+    # Everything is closed by now; skip the interpreter's teardown, which takes seconds with torch loaded.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(exit_code)
