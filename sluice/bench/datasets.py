@@ -142,3 +142,31 @@ def shared_prefix_len(requests: list[BenchRequest]) -> int:
         mismatch = next((i for i in range(length) if ids[i] != first[i]), length)
         length = mismatch
     return length
+
+
+# ---- the long-prompt mix of `bench serve` ---------------------------------------------------------------------
+def long_prompt_requests(vocab_size: int, num_prompts: int, prompt_len: int, output_len: int,
+                         seed: int = 0) -> list[BenchRequest]:
+    """``num_prompts`` prompts of exactly ``prompt_len`` token ids, for the stall check of the server: do short
+    requests keep streaming while a long prompt is prefilled? Drawn from their own generator (``seed`` + 1), so
+    the short requests beside them are the same as in a run without them."""
+    if num_prompts < 1 or prompt_len < 1 or output_len < 1:
+        raise ValueError(f"long prompts: count, length and output length must be at least 1, got {num_prompts}, "
+                         f"{prompt_len}, {output_len}")
+    rng = np.random.default_rng(seed + 1)
+    return [BenchRequest(_token_ids(rng, vocab_size, prompt_len), output_len) for _ in range(num_prompts)]
+
+
+def spread_evenly(requests: list, extra: list) -> list[tuple[object, bool]]:
+    """``requests`` in order with ``extra`` placed at even intervals among them, as (item, is_extra) pairs. With
+    Poisson arrivals over the list, the extras arrive spread over the run."""
+    positions = [max(1, round((j + 1) * len(requests) / (len(extra) + 1))) for j in range(len(extra))]
+    mixed: list[tuple[object, bool]] = []
+    next_extra = 0
+    for index, request in enumerate(requests):
+        while next_extra < len(extra) and positions[next_extra] <= index:
+            mixed.append((extra[next_extra], True))
+            next_extra += 1
+        mixed.append((request, False))
+    mixed.extend((item, True) for item in extra[next_extra:])
+    return mixed

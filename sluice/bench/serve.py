@@ -18,6 +18,11 @@ Metric definitions follow vLLM's ``bench serve`` (``calculate_metrics``):
 
 Prompts are token ids (sluice and vLLM accept them); ``--prompt-format text`` decodes them with the
 tokenizer first, for servers that want strings (then the server's own count of prompt tokens may differ).
+
+Long-prompt mix (``--long-prompt-len 32768 --num-long-prompts 4``): that many long prompts join the W1 requests,
+at even intervals of the arrival order, so they arrive while short requests stream. The report then has the
+short requests' own latencies under ``engine.short_requests`` (``itl_ms_p50``, ``itl_ms_p99`` and
+``itl_p99_over_p50``: does a long prefill stall the decodes?) and the long ones' under ``engine.long_requests``.
 """
 from __future__ import annotations
 
@@ -44,6 +49,7 @@ class ServeRequest:
     prompt: list[int] | str
     prompt_len: int
     output_len: int
+    is_long: bool = False  # one of the long-prompt mix's
 
 
 @dataclass(slots=True)
@@ -239,6 +245,16 @@ def format_table(report: dict[str, Any]) -> str:
         lines.append(f"{' ' + titles[name] + ' ':-^56}")
         for stat, label in (("mean", "Mean"), ("p50", "Median"), ("p99", "P99")):
             lines.append(f"{f'{label} {name.upper()} (ms):':<40}{e[f'{name}_ms_{stat}']:.2f}")
+    if "short_requests" in e:
+        short, long = e["short_requests"], e["long_requests"]
+        title = f" Short requests among {report['num_long_prompts']} long prompts "
+        lines.append(f"{title:-^56}")
+        lines += [f"{'Long prompt length (tokens):':<40}{report['long_prompt_len']}",
+                  f"{'Median ITL, short requests (ms):':<40}{short['itl_ms_p50']:.2f}",
+                  f"{'P99 ITL, short requests (ms):':<40}{short['itl_ms_p99']:.2f}",
+                  f"{'P99 / median ITL, short requests:':<40}{short['itl_p99_over_p50'] or float('nan'):.2f}",
+                  f"{'Median TTFT, short requests (ms):':<40}{short['ttft_ms_p50']:.2f}",
+                  f"{'Mean TTFT, long prompts (ms):':<40}{long['ttft_ms_mean']:.2f}"]
     lines.append("=" * 56)
     return "\n".join(lines)
 
@@ -263,6 +279,10 @@ def add_parser(bench_subparsers: argparse._SubParsersAction) -> argparse.Argumen
     parser.add_argument("--max-concurrency", type=int, default=None, help="at most this many requests in flight")
     parser.add_argument("--goodput", nargs="*", default=DEFAULT_GOODPUT, metavar="NAME:MS",
                         help="SLOs for goodput, names ttft, tpot, e2e (default: ttft:500 tpot:50)")
+    parser.add_argument("--long-prompt-len", type=int, default=0,
+                        help="tokens of each long prompt mixed among the W1 requests (0: none)")
+    parser.add_argument("--num-long-prompts", type=int, default=4, help="how many long prompts, spread evenly")
+    parser.add_argument("--long-prompt-output-len", type=int, default=16, help="output tokens of a long prompt")
     parser.add_argument("--seed", type=int, default=0, help="seeds the workload and the arrival times")
     parser.add_argument("--api-key", default=os.environ.get("SLUICE_API_KEY") or os.environ.get("OPENAI_API_KEY"))
     parser.add_argument("--num-warmup-prompts", type=int, default=1, help="untimed requests first (also a check)")
@@ -284,13 +304,15 @@ def _validate(args: argparse.Namespace) -> None:
         raise ValueError(f"max_concurrency must be at least 1, got {args.max_concurrency}")
     if args.num_warmup_prompts < 0:
         raise ValueError(f"num_warmup_prompts must not be negative, got {args.num_warmup_prompts}")
+    if args.long_prompt_len < 0 or (args.long_prompt_len and args.num_long_prompts < 1):
+        raise ValueError("long_prompt_len must not be negative, and num_long_prompts must be at least 1 with it")
 
 
 def build_requests(args: argparse.Namespace, headers: dict[str, str]) -> list[ServeRequest]:
     """W1 shapes for the server's vocabulary and context; text prompts when asked."""
     import httpx
 
-    from sluice.bench.datasets import generate_workload
+    from sluice.bench.datasets import generate_workload, spread_evenly
 
     tokenizer = None
     tokenizer_path = args.tokenizer or (args.model if os.path.exists(args.model) else None)
@@ -307,8 +329,22 @@ def build_requests(args: argparse.Namespace, headers: dict[str, str]) -> list[Se
         models = httpx.get(args.base_url.rstrip("/") + "/v1/models", headers=headers, timeout=30).json()
         max_model_len = next((m.get("max_model_len") for m in models.get("data", []) if m["id"] == args.model), None)
     workload = generate_workload("W1", vocab_size, args.num_prompts, args.seed, max_model_len, args.length_scale)
+    mixed = [(r, False) for r in workload]
+    if args.long_prompt_len:
+        mixed = spread_evenly(workload, _long_prompts(args, vocab_size, max_model_len))
     return [ServeRequest(tokenizer.decode(r.prompt_token_ids) if args.prompt_format == "text" else r.prompt_token_ids,
-                         len(r.prompt_token_ids), r.output_len) for r in workload]
+                         len(r.prompt_token_ids), r.output_len, is_long) for r, is_long in mixed]
+
+
+def _long_prompts(args: argparse.Namespace, vocab_size: int, max_model_len: int | None) -> list:
+    from sluice.bench.datasets import long_prompt_requests
+
+    needed = args.long_prompt_len + args.long_prompt_output_len
+    if max_model_len is not None and needed > max_model_len:
+        raise ValueError(f"long_prompt_len: {args.long_prompt_len} prompt + {args.long_prompt_output_len} output "
+                         f"tokens do not fit the server's max_model_len {max_model_len}")
+    return long_prompt_requests(vocab_size, args.num_long_prompts, args.long_prompt_len,
+                                args.long_prompt_output_len, args.seed)
 
 
 def run_serve_command(args: argparse.Namespace) -> int:
@@ -317,8 +353,8 @@ def run_serve_command(args: argparse.Namespace) -> int:
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
     requests = build_requests(args, headers)
     if args.num_warmup_prompts:
-        warmup = [ServeRequest(r.prompt, r.prompt_len, min(r.output_len, 4))
-                  for r in requests[:args.num_warmup_prompts]]
+        short = [r for r in requests if not r.is_long]
+        warmup = [ServeRequest(r.prompt, r.prompt_len, min(r.output_len, 4)) for r in short[:args.num_warmup_prompts]]
         results, _ = asyncio.run(run_requests(args.base_url, args.endpoint, args.model, warmup, [0.0] * len(warmup),
                                               None, headers, show_progress=False))
         if not all(r.success for r in results):
@@ -327,9 +363,22 @@ def run_serve_command(args: argparse.Namespace) -> int:
     results, duration = asyncio.run(run_requests(args.base_url, args.endpoint, args.model, requests, gaps,
                                                  args.max_concurrency, headers, not args.no_progress))
     report = build_report(args, calculate_metrics(results, duration, slos), slos, results)
+    if args.long_prompt_len:
+        report["engine"].update(long_prompt_metrics(requests, results, duration, slos))
     print(format_table(report))
     write_report(report, args.output_json or default_output_path("serve", report, f"rate-{report['request_rate']}"))
     return 0 if report["engine"]["failed"] == 0 else 1
+
+
+def long_prompt_metrics(requests: list[ServeRequest], results: list[RequestResult], duration_s: float,
+                        slos: dict[str, float]) -> dict[str, Any]:
+    """The short and the long requests of the long-prompt mix, each measured on its own."""
+    split: dict[bool, list[RequestResult]] = {False: [], True: []}
+    for request, result in zip(requests, results):
+        split[request.is_long].append(result)
+    short = calculate_metrics(split[False], duration_s, slos).to_dict()
+    short["itl_p99_over_p50"] = short["itl_ms_p99"] / short["itl_ms_p50"] if short["itl_ms_p50"] else None
+    return {"short_requests": short, "long_requests": calculate_metrics(split[True], duration_s, slos).to_dict()}
 
 
 def build_report(args: argparse.Namespace, metrics: ServeMetrics, slos: dict[str, float],
@@ -346,6 +395,9 @@ def build_report(args: argparse.Namespace, metrics: ServeMetrics, slos: dict[str
         "base_url": args.base_url, "endpoint": args.endpoint, "num_prompts": args.num_prompts,
         "request_rate": "inf" if rate == float("inf") else rate, "burstiness": args.burstiness,
         "max_concurrency": args.max_concurrency, "seed": args.seed, "length_scale": args.length_scale,
+        "long_prompt_len": args.long_prompt_len,
+        "num_long_prompts": args.num_long_prompts if args.long_prompt_len else 0,
+        "long_prompt_output_len": args.long_prompt_output_len if args.long_prompt_len else 0,
         "prompt_format": args.prompt_format, "goodput_slo_ms": slos,
         "engine": {"name": args.base_url, **metrics.to_dict(), "errors": errors[:10]},
         "peers": {}, "ratios": {}, "roofline_fraction": None,

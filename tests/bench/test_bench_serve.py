@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 
-from sluice.bench.datasets import generate_workload
+from sluice.bench.datasets import generate_workload, long_prompt_requests, spread_evenly
 from sluice.bench.serve import RequestResult, arrival_gaps, calculate_metrics, parse_goodput
 from sluice.entrypoints.cli import main
 from tests.entrypoints.server_utils import RemoteServer
@@ -48,10 +48,20 @@ def test_goodput_spec_names_the_bad_part():
         parse_goodput(["ttft:fast"])
 
 
+def test_long_prompts_come_at_even_intervals_and_leave_the_short_requests_as_they_were():
+    short = generate_workload("W1", 384, 9, seed=0)
+    long = long_prompt_requests(384, 2, prompt_len=300, output_len=5, seed=0)
+    assert [len(r.prompt_token_ids) for r in long] == [300, 300] and long[0] != long[1]
+    mixed = spread_evenly(short, long)
+    assert [is_long for _, is_long in mixed] == [False] * 3 + [True] + [False] * 3 + [True] + [False] * 3
+    assert [r for r, is_long in mixed if not is_long] == short
+
+
 @pytest.fixture(scope="module")
 def tiny_server(tmp_path_factory):
     model = save_tiny_model(tmp_path_factory.mktemp("bench-serve") / "tiny")
-    server = RemoteServer(model, ["--process-split", "--served-model-name", "tiny", "--num-kv-blocks", "256"])
+    server = RemoteServer(model, ["--process-split", "--served-model-name", "tiny", "--num-kv-blocks", "256",
+                                  "--max-num-batched-tokens", "128"])  # a long prompt is prefilled in chunks
     yield server, model
     server.stop()
 
@@ -93,3 +103,25 @@ def test_bench_serve_counts_failures_and_exits_non_zero(tiny_server, tmp_path):
     assert main(argv) == 1
     engine = json.loads(out.read_text())["engine"]
     assert (engine["completed"], engine["failed"]) == (0, 2) and "HTTP 404" in engine["errors"][0]
+
+
+def test_long_prompt_mix_reports_the_short_requests_inter_token_latency_on_its_own(tiny_server, tmp_path, capsys):
+    server, model = tiny_server
+    out = tmp_path / "stall.json"
+    argv = ["bench", "serve", "--base-url", server.base_url, "--model", "tiny", "--tokenizer", str(model),
+            "--num-prompts", "8", "--length-scale", "0.05", "--request-rate", "40", "--long-prompt-len", "384",
+            "--num-long-prompts", "2", "--long-prompt-output-len", "4", "--output-json", str(out), "--no-progress"]
+    assert main(argv) == 0
+    report = json.loads(out.read_text())
+    assert (report["long_prompt_len"], report["num_long_prompts"], report["long_prompt_output_len"]) == (384, 2, 4)
+    engine, short, long = report["engine"], report["engine"]["short_requests"], report["engine"]["long_requests"]
+    assert (engine["completed"], short["completed"], long["completed"], engine["failed"]) == (10, 8, 2, 0)
+    assert (long["total_input_tokens"], long["total_output_tokens"]) == (2 * 384, 2 * 4)
+    requests = generate_workload("W1", 384, 8, seed=0, max_model_len=512, length_scale=0.05)
+    assert short["total_input_tokens"] == sum(len(r.prompt_token_ids) for r in requests)  # the W1 requests
+    for key in LATENCY_FIELDS:
+        assert isinstance(short[key], float) and isinstance(long[key], float), key
+    assert 0 < short["itl_ms_p50"] <= short["itl_ms_p99"]
+    assert short["itl_p99_over_p50"] == pytest.approx(short["itl_ms_p99"] / short["itl_ms_p50"])
+    table = capsys.readouterr().out
+    assert "Short requests among 2 long prompts" in table and "P99 / median ITL, short requests:" in table
