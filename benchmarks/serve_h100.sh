@@ -16,25 +16,34 @@
 # Every result JSON lands in $OUT; server.log and each stage's output too.
 #
 # Knobs (environment): ENGINE_FLAGS (default: bf16, dummy weights, 8192-token steps), API_SERVER_COUNT (default 1),
-# OFFLINE_FLAGS (extra flags for the offline run, e.g. --disable-detokenize), PYTHON.
+# OFFLINE_FLAGS (extra flags for the offline run, e.g. --disable-detokenize), BUDGET_S (default 540: stages are
+# cut short or skipped so that the whole run ends by then), SLUICE_COMMIT (recorded in the results when the copy
+# of the tree has no .git), PYTHON.
 set -uo pipefail
 : "${OUT:?set OUT to the folder that receives the results}"
 mkdir -p "$OUT"
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python}
 SMOKE=${SERVE_SMOKE:-0}
+BUDGET_S=${BUDGET_S:-540}
 START=$(date +%s)
+export SLUICE_COMMIT=${SLUICE_COMMIT:-$(git rev-parse HEAD 2>/dev/null || true)}
 log() { echo "[$(date +%H:%M:%S) +$(( $(date +%s) - START ))s] $*"; }
+# The time limit of a stage that wants $1 seconds and must leave $2 seconds for the stages after it (0: no time).
+stage_limit() {
+  local left=$(( BUDGET_S - ($(date +%s) - START) - $2 ))
+  if (( left < 15 )); then echo 0; elif (( left < $1 )); then echo "$left"; else echo "$1"; fi
+}
 
 if [[ "$SMOKE" == 1 ]]; then
-  ENGINE_FLAGS=${ENGINE_FLAGS:-"--device cpu --dtype float32 --load-format dummy --num-kv-blocks 1024 --max-num-batched-tokens 256"}
+  smoke_flags="--device cpu --dtype float32 --load-format dummy --num-kv-blocks 1024 --max-num-batched-tokens 256"
+  ENGINE_FLAGS=${ENGINE_FLAGS:-$smoke_flags}
   N_INF=16 N_RATE4=8 N_RATE16=16 N_MIX=16 LONG_LEN=512 LONG_COUNT=2 SCALE=0.1
-  T_HEALTH=180 T_RUN=240
 else
   ENGINE_FLAGS=${ENGINE_FLAGS:-"--dtype bfloat16 --load-format dummy --max-num-batched-tokens 8192"}
   N_INF=1000 N_RATE4=120 N_RATE16=480 N_MIX=320 LONG_LEN=32768 LONG_COUNT=4 SCALE=1.0
-  T_HEALTH=300 T_RUN=150
 fi
+OFFLINE_RESERVE=170  # seconds kept for the offline run (model load, warmup, 1000 requests) and the summary
 API_SERVER_COUNT=${API_SERVER_COUNT:-1}
 read -r -a ENGINE <<< "$ENGINE_FLAGS"
 read -r -a OFFLINE_EXTRA <<< "${OFFLINE_FLAGS:-}"
@@ -91,7 +100,8 @@ log "starting sluice serve ($API_SERVER_COUNT API server(s)) on port $PORT: ${EN
   --api-server-count "$API_SERVER_COUNT" --disable-uvicorn-access-log "${ENGINE[@]}" >"$OUT/server.log" 2>&1 &
 SERVER_PID=$!
 healthy=0
-for (( i = 0; i < T_HEALTH; i++ )); do
+health_deadline=$(( $(date +%s) + $(stage_limit 300 "$OFFLINE_RESERVE") ))
+while (( $(date +%s) < health_deadline )); do
   if ! kill -0 "$SERVER_PID" 2>/dev/null; then break; fi
   if "$PYTHON" -c "import sys, urllib.request; sys.exit(urllib.request.urlopen(sys.argv[1], timeout=2).status != 200)" \
        "$BASE_URL/health" 2>/dev/null; then healthy=1; break; fi
@@ -102,9 +112,10 @@ if (( ! healthy )); then
 fi
 log "server healthy"
 
-bench_serve() {  # name, timeout, then bench serve flags
-  local name=$1 limit=$2; shift 2
-  log "bench serve $name: $*"
+bench_serve() {  # name, seconds it may take, then bench serve flags
+  local name=$1 limit; limit=$(stage_limit "$2" "$OFFLINE_RESERVE"); shift 2
+  if (( limit == 0 )); then log "bench serve $name: skipped, out of time"; return; fi
+  log "bench serve $name (limit ${limit}s): $*"
   timeout "$limit" "$PYTHON" -m sluice.entrypoints.cli bench serve --base-url "$BASE_URL" --model L8 \
     --vocab-size "$VOCAB" --length-scale "$SCALE" --no-progress --output-json "$OUT/serve_$name.json" "$@" \
     >"$OUT/serve_$name.log" 2>&1
@@ -113,10 +124,10 @@ bench_serve() {  # name, timeout, then bench serve flags
     "$OUT/serve_$name.log" | sed 's/^/    /'
   (( status == 0 )) || log "bench serve $name exited with $status (124: timed out); see serve_$name.log"
 }
-bench_serve rate-inf $(( T_RUN + 60 )) --num-prompts "$N_INF" --request-rate inf --num-warmup-prompts 16
-bench_serve rate-4 "$T_RUN" --num-prompts "$N_RATE4" --request-rate 4
-bench_serve rate-16 "$T_RUN" --num-prompts "$N_RATE16" --request-rate 16
-bench_serve long-prompts "$T_RUN" --num-prompts "$N_MIX" --request-rate 16 --long-prompt-len "$LONG_LEN" \
+bench_serve rate-inf 150 --num-prompts "$N_INF" --request-rate inf --num-warmup-prompts 16
+bench_serve rate-4 90 --num-prompts "$N_RATE4" --request-rate 4
+bench_serve rate-16 90 --num-prompts "$N_RATE16" --request-rate 16
+bench_serve long-prompts 90 --num-prompts "$N_MIX" --request-rate 16 --long-prompt-len "$LONG_LEN" \
   --num-long-prompts "$LONG_COUNT" --long-prompt-output-len 16
 
 log "stopping the server"
@@ -128,13 +139,19 @@ log "server exited with $?"
 SERVER_PID=""
 
 # ---- 4. offline W1 with the same engine flags -------------------------------------------------------------------
-if [[ "$SMOKE" == 1 ]]; then OFFLINE_MODEL=(--model "$MODEL_DIR"); else OFFLINE_MODEL=(--model L8 --tokenizer "$MODEL_DIR"); fi
-log "offline bench throughput W1 (${N_INF} requests)"
-timeout 300 "$PYTHON" -m sluice.entrypoints.cli bench throughput --workload W1 --num-prompts "$N_INF" \
-  --length-scale "$SCALE" "${OFFLINE_MODEL[@]}" "${ENGINE[@]}" "${OFFLINE_EXTRA[@]}" --no-progress \
-  --output-json "$OUT/throughput_W1.json" >"$OUT/throughput_W1.log" 2>&1 \
-  || log "offline run exited with $? (124: timed out); see throughput_W1.log"
-tail -4 "$OUT/throughput_W1.log" | sed 's/^/    /'
+OFFLINE_MODEL=(--model L8 --tokenizer "$MODEL_DIR")  # the same config folder, written again by `bench throughput`
+if [[ "$SMOKE" == 1 ]]; then OFFLINE_MODEL=(--model "$MODEL_DIR"); fi
+offline_limit=$(stage_limit 240 10)
+if (( offline_limit > 0 )); then
+  log "offline bench throughput W1 (${N_INF} requests, limit ${offline_limit}s)"
+  timeout "$offline_limit" "$PYTHON" -m sluice.entrypoints.cli bench throughput --workload W1 \
+    --num-prompts "$N_INF" --length-scale "$SCALE" "${OFFLINE_MODEL[@]}" "${ENGINE[@]}" "${OFFLINE_EXTRA[@]}" \
+    --no-progress --output-json "$OUT/throughput_W1.json" >"$OUT/throughput_W1.log" 2>&1 \
+    || log "offline run exited with $? (124: timed out); see throughput_W1.log"
+  tail -4 "$OUT/throughput_W1.log" | sed 's/^/    /'
+else
+  log "offline bench throughput: skipped, out of time"
+fi
 
 # ---- 5. summary ------------------------------------------------------------------------------------------------
 "$PYTHON" - "$OUT" <<'EOF'
@@ -161,7 +178,8 @@ for label, run in (("rate 4", r4), ("rate 16", r16)):
 short = mix and mix["engine"].get("short_requests")
 check("long-prompt mix: short requests' ITL p99 / p50", short and short["itl_p99_over_p50"], "<", 5)
 offline_tps = offline and offline["engine"]["output_tokens_per_s"]
-check("server / offline output tok/s (rate inf, same requests)", e and offline_tps and e["output_tokens_per_s"] / offline_tps, ">=", 0.9)
+ratio = e and offline_tps and e["output_tokens_per_s"] / offline_tps
+check("server / offline output tok/s (rate inf, same requests)", ratio, ">=", 0.9)
 summary = {"device": (inf or offline or {}).get("device"), "sluice_commit": (inf or offline or {}).get("sluice_commit"),
            "offline_output_tokens_per_s": offline_tps, "checks": checks}
 json.dump(summary, open(os.path.join(out, "summary.json"), "w"), indent=2)
