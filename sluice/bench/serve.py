@@ -31,6 +31,7 @@ import asyncio
 import datetime
 import json
 import os
+import resource
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -308,6 +309,14 @@ def _validate(args: argparse.Namespace) -> None:
         raise ValueError("long_prompt_len must not be negative, and num_long_prompts must be at least 1 with it")
 
 
+def _raise_open_files_limit(needed: int) -> None:
+    """A connection per request in flight: at rate inf that is every request, past a common default of 1024."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < needed:
+        limit = needed if hard == resource.RLIM_INFINITY else min(needed, hard)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (limit, hard))
+
+
 def build_requests(args: argparse.Namespace, headers: dict[str, str]) -> list[ServeRequest]:
     """W1 shapes for the server's vocabulary and context; text prompts when asked."""
     import httpx
@@ -349,6 +358,7 @@ def _long_prompts(args: argparse.Namespace, vocab_size: int, max_model_len: int 
 
 def run_serve_command(args: argparse.Namespace) -> int:
     _validate(args)
+    _raise_open_files_limit(args.num_prompts + args.num_long_prompts + 64)
     slos = parse_goodput(args.goodput)
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
     requests = build_requests(args, headers)

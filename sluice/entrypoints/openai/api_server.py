@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import resource
 import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -196,6 +197,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 def run_server(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     validate_server_args(args)
+    raise_open_files_limit()
     engine_args = engine_args_from(args)
     if args.api_server_count > 1:
         from sluice.entrypoints.openai.api_server_pool import run_api_server_pool
@@ -206,6 +208,15 @@ def run_server(args: argparse.Namespace) -> int:
                                        max_num_queued_reqs=args.max_num_queued_reqs,
                                        process_split=args.process_split)
     return serve(args, engine_args, engine, metrics)
+
+
+def raise_open_files_limit(target: int = 65536) -> None:
+    """One socket per connection: a benchmark at rate inf opens a thousand, past a common default limit of 1024.
+    The soft limit goes up to ``target`` (never above the hard limit, never down); API servers inherit it."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = target if hard == resource.RLIM_INFINITY else min(target, hard)
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
 
 
 def validate_server_args(args: argparse.Namespace) -> None:
