@@ -52,10 +52,12 @@ class EngineCoreDeadError(EngineDeadError):
     """The engine-core process exited or reported a failure."""
 
 
-def spawn_engine_core(args: EngineArgs, addresses: CoreAddresses) -> BaseProcess:
-    """Starts the core process for ``addresses``' clients; it exits if this process goes away."""
+def spawn_engine_core(args: EngineArgs, addresses: CoreAddresses, export_metrics: bool = False) -> BaseProcess:
+    """Starts the core process for ``addresses``' clients; it exits if this process goes away.
+    ``export_metrics``: it writes the scheduler's Prometheus series itself (see sluice/metrics.py)."""
     process = multiprocessing.get_context("spawn").Process(
-        target=run_engine_core, args=(args, addresses, os.getpid()), name="sluice-engine-core", daemon=True)
+        target=run_engine_core, args=(args, addresses, os.getpid(), export_metrics), name="sluice-engine-core",
+        daemon=True)
     process.start()
     return process
 

@@ -7,7 +7,8 @@
 
 One front end (``sluice serve``, the default) is client 0. With ``--api-server-count N`` every API server
 process is a client with its own pair of sockets; the core remembers which client added each request and sends
-each client only its own requests' outputs (ClientRouter). The core owns the scheduler and the model runner and
+each client only its own requests' outputs (ClientRouter); it then also writes the scheduler's Prometheus series
+itself (sluice/metrics.py). The core owns the scheduler and the model runner and
 knows only token ids. Its busy loop blocks on the input sockets while it has nothing to run (waking each second
 to check that its parent process still exists), then drains every queued command, runs one step and sends that
 step's outputs together with the scheduler's stats. A client gets a CoreStep when the step has outputs for it,
@@ -21,7 +22,6 @@ a step's outputs, is msgspec: 256 EngineCoreOutputs encode and decode in about 0
 """
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import pickle
@@ -30,6 +30,7 @@ import signal
 import tempfile
 import traceback
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import msgspec
 import zmq
@@ -37,6 +38,9 @@ import zmq
 from sluice.config import CacheConfig, EngineArgs, SchedulerConfig
 from sluice.core.interface import EngineCoreOutput
 from sluice.engine.stats import SchedulerStats
+
+if TYPE_CHECKING:
+    from sluice.metrics import SchedulerMetrics
 
 logger = logging.getLogger(__name__)
 
@@ -112,23 +116,16 @@ class CoreAddresses:
 
 # ---- which client a request belongs to -------------------------------------------------------------------------
 class ClientRouter:
-    """Remembers which client added each request, splits a step's outputs by client, and splits the scheduler's
-    cumulative counters so that, summed over the clients' metrics, each count appears once.
+    """Remembers which client added each request and splits a step's outputs by client.
 
-    With one client there is nothing to remember: every step goes to it, with the stats as they are.
+    With one client there is nothing to remember: every step goes to it.
     """
-
-    _CUMULATIVE = ("prefix_cache_queries", "prefix_cache_hits", "num_preemptions")
 
     def __init__(self, num_clients: int) -> None:
         self.num_clients = num_clients
         self._owner: dict[str, int] = {}
         self._num_owned = [0] * num_clients
         self._open = [True] * num_clients
-        # Per client: the share of each cumulative counter handed to it so far; the unassigned rest of a counter
-        # goes to the next client that gets a CoreStep.
-        self._counters = [dict.fromkeys(self._CUMULATIVE, 0) for _ in range(num_clients)]
-        self._assigned = dict.fromkeys(self._CUMULATIVE, 0)
 
     @property
     def all_closed(self) -> bool:
@@ -170,16 +167,6 @@ class ClientRouter:
         self.forget(finished)
         return [(c, per_client[c]) for c in recipients]
 
-    def stats_for(self, client: int, stats: SchedulerStats) -> SchedulerStats:
-        if self.num_clients == 1:
-            return stats
-        counters = self._counters[client]
-        for name in self._CUMULATIVE:
-            total = getattr(stats, name)
-            counters[name] += total - self._assigned[name]
-            self._assigned[name] = total
-        return dataclasses.replace(stats, **counters)
-
 
 # ---- the process -----------------------------------------------------------------------------------------
 @dataclass
@@ -189,8 +176,11 @@ class _ClientSockets:
     num_inputs_applied: int = 0
 
 
-def run_engine_core(args: EngineArgs, addresses: CoreAddresses, parent_pid: int) -> None:
-    """The spawned process's entry point: build the core, report ready (or the failure), run the busy loop."""
+def run_engine_core(args: EngineArgs, addresses: CoreAddresses, parent_pid: int, export_metrics: bool = False) -> None:
+    """The spawned process's entry point: build the core, report ready (or the failure), run the busy loop.
+
+    ``export_metrics``: write the scheduler's Prometheus series (several API servers share this core, and
+    prometheus_client runs in multiprocess mode)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s[core]: %(message)s")
     # Ctrl-C and a SIGTERM to the process group are the API servers' to handle (they drain, then send Shutdown);
     # the core must outlive them so in-flight requests can finish.
@@ -213,9 +203,13 @@ def run_engine_core(args: EngineArgs, addresses: CoreAddresses, parent_pid: int)
         runner = core.runner
         ready = encoder.encode(CoreReady(core.cache_config, core.scheduler_config, runner.num_parameters,
                                          runner.load_seconds, runner.kv_spec.bytes_per_block))
+        metrics = None
+        if export_metrics:  # before ready: the API servers' /metrics has the series from their first answer
+            from sluice.metrics import SchedulerMetrics
+            metrics = SchedulerMetrics(core.model_config.served_model_name)
         for client in clients:
             client.output.send(ready)
-        _busy_loop(core, clients, parent_pid)
+        _busy_loop(core, clients, parent_pid, metrics)
     except BaseException:  # noqa: BLE001 - the front ends must hear why the core stopped
         logger.exception("engine core failed")
         failed = encoder.encode(CoreFailed(traceback.format_exc()))
@@ -232,7 +226,7 @@ def run_engine_core(args: EngineArgs, addresses: CoreAddresses, parent_pid: int)
     context.term()
 
 
-def _busy_loop(core, clients: list[_ClientSockets], parent_pid: int) -> None:
+def _busy_loop(core, clients: list[_ClientSockets], parent_pid: int, metrics: SchedulerMetrics | None) -> None:
     decoder = msgspec.msgpack.Decoder(CoreInput)
     encoder = msgspec.msgpack.Encoder()
     router = ClientRouter(len(clients))
@@ -257,8 +251,10 @@ def _busy_loop(core, clients: list[_ClientSockets], parent_pid: int) -> None:
         stats = core.make_stats()
         for index, client_outputs in router.route(outputs, senders):
             client = clients[index]
-            message = CoreStep(client_outputs, router.stats_for(index, stats), client.num_inputs_applied)
+            message = CoreStep(client_outputs, stats, client.num_inputs_applied)
             client.output.send(encoder.encode(message), copy=False)
+        if metrics is not None:
+            metrics.record(stats)
 
 
 def _apply_queued(core, router: ClientRouter, client: int, input_socket: zmq.Socket,

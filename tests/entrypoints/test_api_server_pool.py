@@ -2,8 +2,9 @@
 
 The engine core routes each request's outputs to the API server that sent it (ClientRouter, checked on its
 own first); end to end, concurrent streams over many connections all complete with the right text, both
-API servers answer some of them (a response id names its API server), /metrics adds both up, SIGTERM drains
-both and exits 0, and a killed core turns /health 503 and makes the server exit 1.
+API servers answer some of them (a response id names its API server), /metrics adds both up (and shows the
+core's scheduler series), SIGTERM drains both and exits 0, and a killed core turns /health 503 and makes the
+server exit 1.
 """
 from __future__ import annotations
 
@@ -19,7 +20,6 @@ import pytest
 
 from sluice.core.interface import EngineCoreOutput
 from sluice.engine.core_proc import ClientRouter
-from sluice.engine.stats import SchedulerStats
 from sluice.entrypoints.cli import main
 from tests.entrypoints.server_utils import RemoteServer
 from tests.tiny_models import save_tiny_model
@@ -40,19 +40,6 @@ def test_router_sends_each_client_its_own_outputs_and_leaves_idle_clients_alone(
     assert router.route([], senders=set()) == []
     router.add("c", 2)
     assert router.close(2) == ["c"] and router.route([], senders={2}) == []  # a closed client hears nothing
-
-
-def test_router_hands_each_increment_of_a_cumulative_counter_to_one_client():
-    router = ClientRouter(num_clients=2)
-    seen = [router.stats_for(0, SchedulerStats(num_running_reqs=3, prefix_cache_hits=10)),
-            router.stats_for(1, SchedulerStats(num_running_reqs=4, prefix_cache_hits=16)),
-            router.stats_for(0, SchedulerStats(num_running_reqs=1, prefix_cache_hits=16, num_preemptions=2))]
-    assert [s.num_running_reqs for s in seen] == [3, 4, 1]  # the core's state goes to everyone as is
-    assert [s.prefix_cache_hits for s in seen] == [10, 6, 10]  # client 0: 10, client 1: 6; together 16
-    assert seen[-1].num_preemptions == 2
-    only = ClientRouter(num_clients=1)
-    stats = SchedulerStats(prefix_cache_hits=7)
-    assert only.stats_for(0, stats) is stats
 
 
 def test_several_api_servers_need_the_process_split(capsys):
@@ -121,10 +108,11 @@ def test_two_api_servers_share_the_port_and_the_core_and_drain_on_sigterm(model_
         assert {s.text for s in streams} == {expected["choices"][0]["text"]}
         indices = {api_server_index(i) for s in streams for i in s.ids} | {api_server_index(expected["id"])}
         assert indices == {0, 1}  # both API servers served some of them (each id is one of a single stream)
-        metrics = server.metrics()  # either API server reports both
+        metrics = server.metrics()  # either API server reports both, and the core's own series
         assert metrics["sluice:request_success_total[finished_reason=length]"] == 17
         assert metrics["sluice:generation_tokens_total"] == 17 * 24
-        assert metrics["sluice:num_requests_running"] == 0
+        assert metrics["sluice:num_requests_running"] == metrics["sluice:num_requests_waiting"] == 0
+        assert metrics["sluice:kv_cache_usage_perc"] == 0 and "sluice:prefix_cache_queries_total" in metrics
 
         in_flight = [Stream(server, max_tokens=200) for _ in range(6)]
         for stream in in_flight:

@@ -17,7 +17,8 @@ A killed engine core: every API server sees it through a pidfd, answers /health 
 (drained, with SIGTERM) and the parent exits 1.
 
 /metrics: prometheus_client's multiprocess mode over a directory the parent creates and removes; each API
-server's /metrics shows the whole server (see sluice/metrics.py for how the series merge).
+server's /metrics shows the whole server: the request series summed over the API servers, the scheduler's
+series as the engine core writes them (see sluice/metrics.py).
 """
 from __future__ import annotations
 
@@ -101,7 +102,7 @@ class _ProcessPool:
               addresses: CoreAddresses) -> None:
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, self.forward_signal)
-        self.core = spawn_engine_core(engine_args, addresses)
+        self.core = spawn_engine_core(engine_args, addresses, export_metrics=True)
         logger.info("engine core in process %d; %d API servers on http://%s:%d", self.core.pid, len(sockets),
                     args.host, sockets[0].getsockname()[1])
         spawn = multiprocessing.get_context("spawn")
@@ -184,7 +185,7 @@ def run_api_server_worker(args: argparse.Namespace, engine_args: EngineArgs, ind
     from sluice.models.model_config import ModelConfig
 
     model_config = ModelConfig.from_engine_args(engine_args)
-    metrics = PrometheusStatLogger(model_config.served_model_name)
+    metrics = PrometheusStatLogger(model_config.served_model_name, scheduler_series=False)  # the core's own
     latest = _LatestSchedulerStats()  # admission control reads it, as AsyncLLM.from_engine_args wires it
     core = CoreClient.attach(addresses, index, core_pid)
     try:
