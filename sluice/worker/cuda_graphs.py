@@ -13,9 +13,10 @@ persistent StepBuffers*, so a step only refills those buffers and calls ``replay
 What the attention backend decides on the host is frozen at capture (see triton_paged.py):
 graphs are captured with max_query_len 1 and max_seq_len = max_model_len, so the split-KV
 choice suits the longest contexts and stays correct for any shorter ones. The block table
-has a fixed width (max blocks per request for max_model_len). Mixed and prefill steps, and
-decode steps larger than the largest bucket, run eagerly. Graphs are captured largest first,
-so the smaller ones reuse the pool the largest one sized.
+has a fixed width (max blocks per request for max_model_len). Steps with prefill chunks of up
+to 1024 tokens replay ``MixedGraphs`` (keyed by token count, see below); larger ones run
+eagerly. Graphs are captured largest first, so the smaller ones reuse the pool the largest
+one sized, and both sets share that pool.
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ import time
 
 import torch
 
+from sluice.attention.backend import AttentionMetadata
 from sluice.worker.step_buffers import StepBuffers
 
 logger = logging.getLogger(__name__)
@@ -43,10 +45,12 @@ def capture_sizes(max_num_seqs: int) -> list[int]:
 
 class DecodeGraphs:
     """Captured decode graphs; ``run(num_reqs)`` replays the bucket that holds num_reqs requests."""
+    kind = "decode batch sizes"
 
     def __init__(self, model: torch.nn.Module, buffers: StepBuffers, sizes: list[int], max_seq_len: int) -> None:
-        if not sizes or sizes[-1] > buffers.max_num_reqs:
-            raise ValueError(f"sizes must be non-empty and at most max_num_reqs {buffers.max_num_reqs}, got {sizes}")
+        limit = self._max_size(buffers)
+        if not sizes or sorted(sizes)[-1] > limit:
+            raise ValueError(f"sizes must be non-empty and at most {limit}, got {sizes}")
         self.model = model
         self.buffers = buffers
         self.sizes = sorted(sizes)
@@ -56,24 +60,33 @@ class DecodeGraphs:
         self.capture_seconds = 0.0
         self.num_replays = 0
 
+    @staticmethod
+    def _max_size(buffers: StepBuffers) -> int:
+        return buffers.max_num_reqs
+
     @property
     def num_graphs(self) -> int:
         return len(self._graphs)
 
-    def bucket_for(self, num_reqs: int) -> int | None:
-        """Smallest captured size >= num_reqs, or None when the step is larger than every bucket."""
-        i = bisect.bisect_left(self.sizes, num_reqs)
+    def bucket_for(self, size: int) -> int | None:
+        """Smallest captured size >= size, or None when the step is larger than every bucket."""
+        i = bisect.bisect_left(self.sizes, size)
         return self.sizes[i] if i < len(self.sizes) else None
 
+    def _dummy_inputs(self, size: int) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
+        """Fills the buffers with harmless inputs for ``size`` and returns the views a graph reads."""
+        self.buffers.fill_dummy_decode(size)
+        return (self.buffers.input_ids[:size], self.buffers.positions[:size],
+                self.buffers.decode_metadata(size, self.max_seq_len))
+
     @torch.inference_mode()
-    def capture(self) -> None:
+    def capture(self, pool: tuple | None = None) -> tuple:
+        """Captures every size, largest first; returns the memory pool (another set may share it)."""
         start = time.perf_counter()
-        pool = torch.cuda.graph_pool_handle()
+        pool = pool if pool is not None else torch.cuda.graph_pool_handle()
         stream = torch.cuda.Stream()
         for size in reversed(self.sizes):
-            metadata = self.buffers.decode_metadata(size, self.max_seq_len)
-            input_ids, positions = self.buffers.input_ids[:size], self.buffers.positions[:size]
-            self.buffers.fill_dummy_decode(size)
+            input_ids, positions, metadata = self._dummy_inputs(size)
             # Warm-up outside the graph (Triton compiles, cuBLAS picks its kernels), on the capture stream.
             stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(stream):
@@ -85,11 +98,48 @@ class DecodeGraphs:
             self._graphs[size] = graph
         torch.cuda.synchronize()
         self.capture_seconds = time.perf_counter() - start
-        logger.info("captured %d CUDA graphs for decode batch sizes %d..%d in %.1f s",
-                    len(self._graphs), self.sizes[0], self.sizes[-1], self.capture_seconds)
+        logger.info("captured %d CUDA graphs for %s %d..%d in %.1f s",
+                    len(self._graphs), self.kind, self.sizes[0], self.sizes[-1], self.capture_seconds)
+        return pool
 
     def run(self, bucket: int) -> torch.Tensor:
         """Replays the graph of ``bucket`` over the current buffer contents; hidden [bucket, H]."""
         self._graphs[bucket].replay()
         self.num_replays += 1
         return self._outputs[bucket]
+
+
+# Steps with prefill chunks of at most this many tokens replay a graph; larger ones keep the GPU
+# busy long enough (~25 ms for L8 at 1024 tokens) for eager launches to stay ahead of it.
+MIXED_CAPTURE_SIZES = (16, 32, 48, 64, 96, 128, 160, 192, 256, 320, 384, 448, 512, 640, 768, 896, 1024)
+
+
+def mixed_capture_sizes(max_num_tokens: int) -> list[int]:
+    return [s for s in MIXED_CAPTURE_SIZES if s <= max_num_tokens]
+
+
+class MixedGraphs(DecodeGraphs):
+    """Graphs for steps with prefill chunks, keyed by the step's token count.
+
+    The graph of T tokens holds up to R = min(T, max_num_seqs) requests; a step of n <= T tokens
+    and r <= R requests pads tokens (id 0, slot -1: no KV write) and requests (empty queries):
+
+        T = 16, step: A decodes 1, B prefills 6        query_start_loc [0 1 7 7 7 ... 7]  (R + 1 entries)
+        tokens 7..15 are padding, requests 2..R-1 are empty; the attention kernel's grid
+        (T // BLOCK_Q + R programs) covers any such step, and its programs find their request
+        on the device, so nothing the host decided at capture depends on the step's shape.
+    """
+    kind = "steps with prefill chunks, tokens"
+
+    @staticmethod
+    def _max_size(buffers: StepBuffers) -> int:
+        return buffers.max_num_tokens
+
+    def num_reqs_for(self, bucket: int) -> int:
+        return min(bucket, self.buffers.max_num_reqs)
+
+    def _dummy_inputs(self, size: int) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
+        num_reqs = self.num_reqs_for(size)
+        self.buffers.fill_dummy_mixed(size, num_reqs)
+        return (self.buffers.input_ids[:size], self.buffers.positions[:size],
+                self.buffers.mixed_metadata(size, num_reqs, self.max_seq_len))

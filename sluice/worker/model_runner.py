@@ -22,7 +22,7 @@ from sluice.models.model_config import ModelConfig
 from sluice.sample.logprobs import compute_prompt_logprobs
 from sluice.sample.metadata import RequestSamplingState, SamplingMetadata
 from sluice.sample.sampler import Sampler, SamplerOutput
-from sluice.worker.cuda_graphs import DecodeGraphs, capture_sizes
+from sluice.worker.cuda_graphs import DecodeGraphs, MixedGraphs, capture_sizes, mixed_capture_sizes
 from sluice.worker.input_batch import InputBatch, StepInputs
 from sluice.worker.kv_cache import (DEFAULT_CPU_KV_CACHE_BYTES, KVCacheSpec, allocate_kv_caches,
                                     available_gpu_kv_bytes, num_blocks_for_memory)
@@ -66,6 +66,7 @@ class ModelRunner:
         # Decode CUDA graphs, captured once the KV cache exists; None on CPU or with enforce_eager.
         self.enforce_eager = enforce_eager
         self.decode_graphs: DecodeGraphs | None = None
+        self.mixed_graphs: MixedGraphs | None = None
         self.sampling_states: dict[str, RequestSamplingState] = {}
         self._prompt_logprob_req_ids: set[str] = set()
         # Sampling metadata is reused while the same requests sample and none of them uses a
@@ -146,15 +147,20 @@ class ModelRunner:
             self.capture_cuda_graphs()
 
     def capture_cuda_graphs(self) -> None:
-        """Captures the decode graphs (after the KV cache is bound: the graphs read its address)."""
-        graphs = DecodeGraphs(self.model, self.step_buffers, capture_sizes(self.max_num_seqs),
-                              max_seq_len=self.model_config.max_model_len)
-        graphs.capture()
+        """Captures the decode and mixed-step graphs (after the KV cache is bound: they read its address)."""
+        max_len = self.model_config.max_model_len
+        graphs = DecodeGraphs(self.model, self.step_buffers, capture_sizes(self.max_num_seqs), max_seq_len=max_len)
+        pool = graphs.capture()
         self.decode_graphs = graphs
+        sizes = mixed_capture_sizes(self.step_buffers.max_num_tokens)
+        if sizes:
+            mixed = MixedGraphs(self.model, self.step_buffers, sizes, max_seq_len=max_len)
+            mixed.capture(pool)
+            self.mixed_graphs = mixed
 
     def release_cuda_graphs(self) -> None:
-        """Drops the decode graphs: every later step runs eagerly."""
-        self.decode_graphs = None
+        """Drops the CUDA graphs: every later step runs eagerly."""
+        self.decode_graphs = self.mixed_graphs = None
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
@@ -187,10 +193,10 @@ class ModelRunner:
 
     def _forward(self, inputs: StepInputs) -> torch.Tensor:
         """Uploads the step and runs the model: hidden states [num_tokens (+ padding), hidden]."""
-        graphs = self.decode_graphs
-        bucket = graphs.bucket_for(len(inputs.rows)) if graphs is not None and inputs.max_query_len == 1 else None
-        step = self.step_buffers.upload(inputs, self.input_batch.pop_block_diffs(), num_padded_reqs=bucket,
-                                        pending_sources=self._pending_sources(inputs))
+        graphs, bucket, padded_reqs, padded_tokens = self._pick_graph(inputs)
+        step = self.step_buffers.upload(inputs, self.input_batch.pop_block_diffs(), num_padded_reqs=padded_reqs,
+                                        pending_sources=self._pending_sources(inputs),
+                                        num_padded_tokens=padded_tokens)
         if len(step.pending_token_indices):
             # The previous step's samples, still on the device, become this step's input ids.
             self.step_buffers.input_ids.index_copy_(
@@ -198,6 +204,18 @@ class ModelRunner:
         if bucket is not None:
             return graphs.run(bucket)
         return self.model(step.input_ids, step.positions, step.metadata)
+
+    def _pick_graph(self, inputs: StepInputs) -> tuple[DecodeGraphs | None, int | None, int | None, int | None]:
+        """(graph set, bucket, padded requests, padded tokens) for the step; all None to run eagerly."""
+        if inputs.max_query_len == 1 and self.decode_graphs is not None:
+            bucket = self.decode_graphs.bucket_for(len(inputs.rows))
+            if bucket is not None:
+                return self.decode_graphs, bucket, bucket, None
+        elif inputs.max_query_len > 1 and self.mixed_graphs is not None:
+            bucket = self.mixed_graphs.bucket_for(len(inputs.input_ids))
+            if bucket is not None:
+                return self.mixed_graphs, bucket, self.mixed_graphs.num_reqs_for(bucket), bucket
+        return None, None, None, None
 
     def _pending_sources(self, inputs: StepInputs) -> np.ndarray | None:
         """For each pending token, the index of its sample in the previous step's sampled ids."""

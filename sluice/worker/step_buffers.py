@@ -86,18 +86,28 @@ class StepBuffers:
         return host
 
     def upload(self, inputs: StepInputs, block_diffs: tuple[np.ndarray, np.ndarray, np.ndarray],
-               num_padded_reqs: int | None = None, pending_sources: np.ndarray | None = None) -> DeviceStep:
+               num_padded_reqs: int | None = None, pending_sources: np.ndarray | None = None,
+               num_padded_tokens: int | None = None) -> DeviceStep:
         """Copies one step's inputs to the device and applies the block-table diffs.
 
-        ``num_padded_reqs`` (decode-only steps, for a CUDA graph bucket) pads with requests of
-        query length 0 and seq_len 0, and tokens with id 0, position 0 and slot -1.
+        Padding, for a CUDA graph bucket: ``num_padded_reqs`` adds requests of query length 0
+        and seq_len 0; tokens are padded with id 0, position 0 and slot -1, up to
+        ``num_padded_tokens`` (steps with prefill chunks), or one per padded request (decode-only
+        steps, where only ``num_padded_reqs`` is given).
         """
         T, R = self.max_num_tokens, self.max_num_reqs
         num_tokens, num_reqs = len(inputs.input_ids), len(inputs.rows)
         padded_reqs = num_padded_reqs or num_reqs
-        if padded_reqs != num_reqs and inputs.max_query_len != 1:
-            raise ValueError("num_padded_reqs: only decode-only steps (max_query_len 1) are padded")
-        padded_tokens = num_tokens + (padded_reqs - num_reqs)
+        if num_padded_tokens is None:
+            if padded_reqs != num_reqs and inputs.max_query_len != 1:
+                raise ValueError("num_padded_reqs alone pads decode-only steps (max_query_len 1); "
+                                 "give num_padded_tokens for steps with prefill chunks")
+            padded_tokens = num_tokens + (padded_reqs - num_reqs)
+        elif num_padded_tokens < num_tokens or padded_reqs < num_reqs:
+            raise ValueError(f"padding to {num_padded_tokens} tokens / {padded_reqs} requests is smaller than "
+                             f"the step ({num_tokens} / {num_reqs})")
+        else:
+            padded_tokens = num_padded_tokens
         if padded_tokens > T or padded_reqs > R:
             raise ValueError(f"step of {padded_tokens} tokens / {padded_reqs} requests exceeds the buffers "
                              f"({T} / {R})")
@@ -153,6 +163,27 @@ class StepBuffers:
             query_start_loc=self.query_start_loc[:num_reqs + 1], seq_lens=self.seq_lens[:num_reqs],
             block_table=self.block_table[:num_reqs], slot_mapping=self.slot_mapping[:num_reqs],
             max_query_len=1, max_seq_len=max_seq_len)
+
+    def mixed_metadata(self, num_tokens: int, num_reqs: int, max_seq_len: int) -> AttentionMetadata:
+        """Metadata over the first ``num_tokens`` tokens and ``num_reqs`` rows, for capturing a
+        graph of steps with prefill chunks (max_query_len > 1 selects the kernel's general path)."""
+        return AttentionMetadata(
+            num_actual_tokens=num_tokens, num_reqs=num_reqs,
+            query_start_loc=self.query_start_loc[:num_reqs + 1], seq_lens=self.seq_lens[:num_reqs],
+            block_table=self.block_table[:num_reqs], slot_mapping=self.slot_mapping[:num_tokens],
+            max_query_len=max(2, num_tokens - num_reqs + 1), max_seq_len=max_seq_len)
+
+    def fill_dummy_mixed(self, num_tokens: int, num_reqs: int) -> None:
+        """Harmless inputs for capturing a mixed graph: requests 0..R-2 decode one token, the last
+        one prefills the rest from position 0; no KV writes."""
+        self.input_ids[:num_tokens].zero_()
+        self.positions[:num_tokens].zero_()
+        self.slot_mapping[:num_tokens].fill_(-1)
+        starts = torch.arange(num_reqs + 1, dtype=torch.int32)
+        starts[-1] = num_tokens
+        self.query_start_loc[:num_reqs + 1].copy_(starts)
+        self.seq_lens[:num_reqs].copy_(starts[1:] - starts[:-1])
+        self.block_table[:num_reqs].zero_()
 
     def fill_dummy_decode(self, num_reqs: int) -> None:
         """Harmless decode inputs for graph warm-up and capture: 1-token contexts, no KV writes."""

@@ -8,7 +8,7 @@ import torch
 
 from sluice.core.interface import NewRequestData
 from sluice.sampling_params import SamplingParams
-from sluice.worker.cuda_graphs import DecodeGraphs, capture_sizes
+from sluice.worker.cuda_graphs import DecodeGraphs, MixedGraphs, capture_sizes, mixed_capture_sizes
 from sluice.worker.input_batch import InputBatch
 from sluice.worker.step_buffers import StepBuffers
 
@@ -72,6 +72,33 @@ def test_only_decode_steps_are_padded():
     inputs = batch.prepare({"a": 5})
     with pytest.raises(ValueError, match="num_padded_reqs"):
         buffers.upload(inputs, batch.pop_block_diffs(), num_padded_reqs=2)
+
+
+def test_step_with_a_prefill_chunk_padded_to_a_token_bucket():
+    batch, buffers = _batch_and_buffers()
+    batch.add_request(_new("a", 5, [2, 6], computed=4))  # decodes its last prompt token
+    batch.add_request(_new("b", 6, [3, 7]))  # prefills 6
+    inputs = batch.prepare({"a": 1, "b": 6})
+    step = buffers.upload(inputs, batch.pop_block_diffs(), num_padded_reqs=4, num_padded_tokens=16)
+    assert step.input_ids.shape[0] == 16 and step.num_padded_reqs == 4
+    assert buffers.query_start_loc[:5].tolist() == [0, 1, 7, 7, 7]  # padded requests have empty queries
+    assert buffers.seq_lens[:4].tolist() == [5, 6, 0, 0]
+    assert buffers.slot_mapping[7:16].tolist() == [-1] * 9  # padded tokens write no KV
+    assert buffers.input_ids[7:16].tolist() == [0] * 9
+    no_diffs = (np.zeros(0, np.int64),) * 3
+    with pytest.raises(ValueError, match="smaller than the step"):
+        buffers.upload(inputs, no_diffs, num_padded_reqs=4, num_padded_tokens=4)
+
+
+def test_mixed_graph_buckets_are_token_counts_holding_as_many_requests():
+    _, buffers = _batch_and_buffers()  # 8 requests, 32 tokens
+    assert mixed_capture_sizes(32) == [16, 32] and mixed_capture_sizes(8192)[-1] == 1024
+    graphs = MixedGraphs(torch.nn.Identity(), buffers, mixed_capture_sizes(32), max_seq_len=MAX_MODEL_LEN)
+    assert [graphs.bucket_for(n) for n in (2, 16, 17, 32)] == [16, 16, 32, 32]
+    assert graphs.bucket_for(33) is None
+    assert graphs.num_reqs_for(16) == 8  # never more than max_num_seqs
+    with pytest.raises(ValueError, match="at most 32"):
+        MixedGraphs(torch.nn.Identity(), buffers, [48], max_seq_len=MAX_MODEL_LEN)
 
 
 def test_upload_leaves_no_stale_padding_from_a_longer_step():

@@ -1,5 +1,5 @@
 """The engine on CUDA gives the CPU reference's greedy tokens: float32 token for token, with and
-without decode CUDA graphs, under chunked prefill and prefix caching (tiny random model); bfloat16
+without CUDA graphs (decode and mixed-step), under chunked prefill and prefix caching (tiny random model); bfloat16
 agrees on the first 32 tokens for most prompts (tiny trained model: a random one's near-tied logits
 would make bfloat16 rounding flip coins). Every KV block is back in the pool afterwards. Skipped
 without CUDA."""
@@ -75,9 +75,8 @@ def trained_cpu_reference(trained_model_path):
 def _cuda_llm(model_path: str, dtype: str, cuda_graphs: bool) -> LLM:
     llm = LLM(model=model_path, dtype=dtype, device="cuda", enforce_eager=not cuda_graphs, **ENGINE_ARGS)
     runner = llm.llm_engine.core.runner
-    if not cuda_graphs and runner.decode_graphs is not None:
-        runner.release_cuda_graphs()  # until EngineCore passes enforce_eager to the runner
     assert (runner.decode_graphs is not None) == cuda_graphs
+    assert (runner.mixed_graphs is not None) == cuda_graphs
     return llm
 
 
@@ -92,9 +91,10 @@ def test_float32_greedy_equals_cpu_reference(model_path, cpu_reference, cuda_gra
             assert have == want, f"round {round_}: prompt {i} ({len(prompts[i])} tokens) diverged"
         _assert_no_leaked_blocks(llm)
     assert llm.llm_engine.core.make_stats().prefix_cache_hits > 0
-    graphs = llm.llm_engine.core.runner.decode_graphs
+    runner = llm.llm_engine.core.runner
     if cuda_graphs:
-        assert graphs.num_graphs == len(graphs.sizes) and graphs.num_replays > 0
+        for graphs in (runner.decode_graphs, runner.mixed_graphs):  # budget 64: chunks run as mixed graphs
+            assert graphs.num_graphs == len(graphs.sizes) and graphs.num_replays > 0
 
 
 def test_bfloat16_first_tokens_agree_with_float32_cpu(trained_model_path, trained_cpu_reference):
