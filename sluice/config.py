@@ -36,6 +36,7 @@ class EngineArgs:
     swap_space: float = 0.0  # GiB of CPU memory for swapped-out KV blocks
     max_num_seqs: int | None = None  # default: 1024 on GPUs with 70 GiB or more (not A100), else 256
     max_num_batched_tokens: int | None = None
+    long_prefill_token_threshold: int = 0
     scheduling_policy: str = "fcfs"
     max_logprobs: int = 20
     enforce_eager: bool = False
@@ -64,6 +65,8 @@ class EngineArgs:
         "max_num_seqs": "most requests in one step (default 1024 on GPUs of 70 GiB or more except A100, else 256)",
         "max_num_batched_tokens": "token budget of one step (default: 16384 offline / 8192 serving on GPUs of 70 GiB "
                                   "or more except A100; 8192 / 2048 on other GPUs; 2048 on CPU)",
+        "long_prefill_token_threshold": "most tokens of one prompt per step, so long prompts do not stall "
+                                        "running streams (0: only the step budget limits them)",
         "scheduling_policy": "fcfs or priority (lower value first)",
         "max_logprobs": "largest logprobs / prompt_logprobs a request may ask for",
         "enforce_eager": "never capture CUDA graphs",
@@ -107,6 +110,8 @@ class EngineArgs:
             raise ValueError(f"usage_context must be one of {', '.join(_USAGE_CONTEXTS)}, got {self.usage_context!r}")
         if self.max_num_seqs is not None and self.max_num_seqs < 1:
             raise ValueError(f"max_num_seqs must be at least 1, got {self.max_num_seqs}")
+        if self.long_prefill_token_threshold < 0:
+            raise ValueError(f"long_prefill_token_threshold must be 0 or more, got {self.long_prefill_token_threshold}")
         if self.max_num_batched_tokens is not None and self.max_num_batched_tokens < 1:
             raise ValueError(f"max_num_batched_tokens must be at least 1, got {self.max_num_batched_tokens}")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
@@ -138,6 +143,7 @@ class SchedulerConfig:
     max_model_len: int
     policy: str = "fcfs"
     async_scheduling: bool = False
+    long_prefill_token_threshold: int = 0
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,7 @@ One step, budget 16, block_size 4 (A and B decode, C is a 30-token prompt chunke
               B  num_tokens=21  computed=20  -> 1 token   (decode, samples)
     waiting:  C  num_tokens=30  computed=0   -> 14 tokens (chunk, samples nothing yet)
 
+A prompt chunk is also capped at ``long_prefill_token_threshold`` tokens when that is set.
 Running requests go first, in order; then waiting ones in policy order (fcfs: arrival;
 priority: lowest (priority, arrival_time) first), while budget, ``max_num_seqs`` and free
 blocks last. A running request that cannot get a block preempts the lowest-priority running
@@ -90,6 +91,9 @@ class Scheduler:
         self.cache_config = cache_config
         self.max_num_seqs = scheduler_config.max_num_seqs
         self.max_num_batched_tokens = scheduler_config.max_num_batched_tokens
+        # A prompt chunk takes at most this many tokens per step, so that a long prompt's prefill
+        # cannot stretch the steps every running request waits on (0: the budget is the limit).
+        self.long_prefill_token_threshold = scheduler_config.long_prefill_token_threshold or self.max_num_batched_tokens
         # A request longer than the whole KV cache could never run, even alone: cap lengths at its size.
         kv_capacity = cache_config.num_blocks * cache_config.block_size
         self.max_model_len = min(scheduler_config.max_model_len, kv_capacity)
@@ -177,7 +181,7 @@ class Scheduler:
             if request.num_output_placeholders and self._pending_samples_end(request):
                 continue
             num_new_tokens = min(request.num_tokens + request.num_output_placeholders - request.num_computed_tokens,
-                                 step.token_budget)
+                                 step.token_budget, self.long_prefill_token_threshold)
             if num_new_tokens <= 0:
                 continue
             new_block_ids = self.kv_cache_manager.allocate_slots(request, num_new_tokens)
@@ -194,7 +198,7 @@ class Scheduler:
         while self.waiting and step.token_budget > 0 and len(self.running) < self.max_num_seqs:
             request = self.waiting[0]
             computed_blocks, num_computed = self.kv_cache_manager.get_computed_blocks(request)
-            num_new_tokens = min(request.num_tokens - num_computed, step.token_budget)
+            num_new_tokens = min(request.num_tokens - num_computed, step.token_budget, self.long_prefill_token_threshold)
             if self.kv_cache_manager.allocate_slots(request, num_new_tokens, computed_blocks) is None:
                 break
             self.waiting.pop(0)

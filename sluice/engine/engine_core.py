@@ -43,6 +43,7 @@ class EngineCore:
             max_model_len=max_model_len,
             policy=args.scheduling_policy,
             async_scheduling=async_scheduling,
+            long_prefill_token_threshold=args.long_prefill_token_threshold,
         )
         self.runner = ModelRunner(model_config, args.block_size, limits.max_num_seqs,
                                   limits.max_num_batched_tokens, enforce_eager=args.enforce_eager)

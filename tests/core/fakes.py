@@ -48,10 +48,11 @@ def make_request(req_id: str, prompt: list[int], *, max_tokens: int | None = 16,
 
 def make_scheduler(*, num_blocks: int = 64, block_size: int = 4, max_num_batched_tokens: int = 64,
                    max_num_seqs: int = 16, max_model_len: int = 128, policy: str = "fcfs",
-                   enable_prefix_caching: bool = True) -> Scheduler:
+                   enable_prefix_caching: bool = True, long_prefill_token_threshold: int = 0) -> Scheduler:
     return Scheduler(
         SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
-                        max_model_len=max_model_len, policy=policy),
+                        max_model_len=max_model_len, policy=policy,
+                        long_prefill_token_threshold=long_prefill_token_threshold),
         CacheConfig(block_size=block_size, enable_prefix_caching=enable_prefix_caching, num_blocks=num_blocks),
     )
 

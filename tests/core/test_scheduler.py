@@ -42,6 +42,20 @@ def test_long_prompt_is_computed_in_budget_sized_chunks_and_samples_only_at_the_
     assert steps[2][1][0].new_token_ids == reference_output(prompt, 1)
     result = run_to_completion(scheduler, runner)
     assert result.tokens["long"] == reference_output(prompt, 2)[1:]
+def test_long_prefill_token_threshold_caps_each_prompt_chunk_while_decodes_continue():
+    scheduler = make_scheduler(max_num_batched_tokens=64, long_prefill_token_threshold=12)
+    runner = FakeRunner.for_scheduler(scheduler)
+    scheduler.add_request(make_request("short", list(range(5)), max_tokens=8))
+    run_step(scheduler, runner)  # 5 prompt tokens: under the threshold, in one step
+    long_prompt = list(range(100, 130))
+    scheduler.add_request(make_request("long", long_prompt, max_tokens=3))
+    steps = [run_step(scheduler, runner) for _ in range(3)]
+    assert [o.num_scheduled_tokens for o, _ in steps] == [
+        {"short": 1, "long": 12}, {"short": 1, "long": 12}, {"short": 1, "long": 6}]
+    result = run_to_completion(scheduler, runner)
+    assert result.tokens["long"] == reference_output(long_prompt, 3)[1:]
+
+
 def test_new_requests_arrive_in_full_and_running_ones_as_new_block_ids_only():
     scheduler = make_scheduler(block_size=4)
     runner = FakeRunner.for_scheduler(scheduler)

@@ -232,6 +232,7 @@ def validate_server_args(args: argparse.Namespace) -> None:
 def engine_args_from(args: argparse.Namespace) -> EngineArgs:
     engine_args = EngineArgs.from_cli_args(args)
     engine_args.model = args.model
+    engine_args.usage_context = "server"  # vLLM's serving batch defaults (smaller steps than offline)
     return engine_args
 
 
