@@ -15,7 +15,8 @@
 #   5. summary.json: the targets next to what was measured
 # Every result JSON lands in $OUT; server.log and each stage's output too.
 #
-# Knobs (environment): ENGINE_FLAGS (default: bf16, dummy weights, 256 requests, 2048-token steps, 512-token chunks), API_SERVER_COUNT (default 1),
+# Knobs (environment): STAGES (default "rate-inf rate-4 rate-16 long-prompts offline": the stages to run),
+# ENGINE_FLAGS (default: bf16, dummy weights, 256 requests, 8192-token steps, 512-token prompt chunks), API_SERVER_COUNT (default 1),
 # OFFLINE_FLAGS (extra flags for the offline run, e.g. --disable-detokenize), BUDGET_S (default 540: stages are
 # cut short or skipped so that the whole run ends by then), SLUICE_COMMIT (recorded in the results when the copy
 # of the tree has no .git), PYTHON.
@@ -40,9 +41,9 @@ if [[ "$SMOKE" == 1 ]]; then
   ENGINE_FLAGS=${ENGINE_FLAGS:-$smoke_flags}
   N_INF=16 N_RATE4=8 N_RATE16=16 N_MIX=16 LONG_LEN=512 LONG_COUNT=2 SCALE=0.1
 else
-  # 256 running requests (the concurrency of vLLM's published serving figures); 2048-token steps and
-  # 512-token prompt chunks keep every step short enough that streams never wait long on a prefill.
-  ENGINE_FLAGS=${ENGINE_FLAGS:-"--dtype bfloat16 --load-format dummy --max-num-seqs 256 --max-num-batched-tokens 2048 --long-prefill-token-threshold 512"}
+  # 256 running requests (the concurrency of vLLM's published serving figures); 512-token prompt
+  # chunks keep the steps short enough that streams never wait long on a long prompt's prefill.
+  ENGINE_FLAGS=${ENGINE_FLAGS:-"--dtype bfloat16 --load-format dummy --max-num-seqs 256 --max-num-batched-tokens 8192 --long-prefill-token-threshold 512"}
   N_INF=1000 N_RATE4=120 N_RATE16=480 N_MIX=320 LONG_LEN=32768 LONG_COUNT=4 SCALE=1.0
 fi
 OFFLINE_RESERVE=170  # seconds kept for the offline run (model load, warmup, 1000 requests) and the summary
@@ -114,7 +115,11 @@ if (( ! healthy )); then
 fi
 log "server healthy"
 
+STAGES=${STAGES:-"rate-inf rate-4 rate-16 long-prompts offline"}
+wanted() { [[ " $STAGES " == *" $1 "* ]]; }
+if ! wanted offline; then OFFLINE_RESERVE=10; fi
 bench_serve() {  # name, seconds it may take, then bench serve flags
+  if ! wanted "$1"; then return; fi
   local name=$1 limit; limit=$(stage_limit "$2" "$OFFLINE_RESERVE"); shift 2
   if (( limit == 0 )); then log "bench serve $name: skipped, out of time"; return; fi
   log "bench serve $name (limit ${limit}s): $*"
@@ -144,7 +149,9 @@ SERVER_PID=""
 OFFLINE_MODEL=(--model L8 --tokenizer "$MODEL_DIR")  # the same config folder, written again by `bench throughput`
 if [[ "$SMOKE" == 1 ]]; then OFFLINE_MODEL=(--model "$MODEL_DIR"); fi
 offline_limit=$(stage_limit 240 10)
-if (( offline_limit > 0 )); then
+if ! wanted offline; then
+  log "offline bench throughput: not among STAGES"
+elif (( offline_limit > 0 )); then
   log "offline bench throughput W1 (${N_INF} requests, limit ${offline_limit}s)"
   timeout "$offline_limit" "$PYTHON" -m sluice.entrypoints.cli bench throughput --workload W1 \
     --num-prompts "$N_INF" --length-scale "$SCALE" "${OFFLINE_MODEL[@]}" "${ENGINE[@]}" "${OFFLINE_EXTRA[@]}" \
