@@ -49,7 +49,11 @@ DECODE_CONFIG = KernelConfig(block_m=16, tile_n=128, num_warps=4, num_stages=3)
 # real prefill work take the larger one, which runs the tensor cores 3x better on prefill.
 MOSTLY_DECODE_CONFIG = KernelConfig(block_m=16, tile_n=64, num_warps=4, num_stages=2)
 MIXED_CONFIG = KernelConfig(block_m=64, tile_n=64, num_warps=4, num_stages=2)
-MOSTLY_DECODE_TOKENS_PER_REQ = 4  # num_tokens <= this x num_reqs counts as mostly decodes
+MOSTLY_DECODE_TOKENS_PER_REQ = 4  # num_tokens <= this x num_reqs counts as mostly decodes ...
+# ... unless a chunk is longer than this: its attention over a long context re-reads every K/V tile
+# once per BLOCK_Q tokens, and the small row tile (4 tokens of a GQA-4 group) made a 512-token chunk
+# at 16K+ context cost ~1 ms per layer on the H100.
+MOSTLY_DECODE_MAX_QUERY_LEN = 64
 
 
 @triton.jit
@@ -305,7 +309,8 @@ class _LaunchPlan:
         if decode_only:
             config = backend.decode_config
         elif (backend.mostly_decode_config is not None
-              and query.shape[0] <= MOSTLY_DECODE_TOKENS_PER_REQ * metadata.num_reqs):
+              and query.shape[0] <= MOSTLY_DECODE_TOKENS_PER_REQ * metadata.num_reqs
+              and metadata.max_query_len <= MOSTLY_DECODE_MAX_QUERY_LEN):
             config = backend.mostly_decode_config
         else:
             config = backend.mixed_config

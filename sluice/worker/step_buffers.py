@@ -166,12 +166,13 @@ class StepBuffers:
 
     def mixed_metadata(self, num_tokens: int, num_reqs: int, max_seq_len: int) -> AttentionMetadata:
         """Metadata over the first ``num_tokens`` tokens and ``num_reqs`` rows, for capturing a
-        graph of steps with prefill chunks (max_query_len > 1 selects the kernel's general path)."""
+        graph of steps with prefill chunks: max_query_len = num_tokens, as a step of that size may
+        hold one chunk of them all (the attention backend sizes its row tile for that)."""
         return AttentionMetadata(
             num_actual_tokens=num_tokens, num_reqs=num_reqs,
             query_start_loc=self.query_start_loc[:num_reqs + 1], seq_lens=self.seq_lens[:num_reqs],
             block_table=self.block_table[:num_reqs], slot_mapping=self.slot_mapping[:num_tokens],
-            max_query_len=max(2, num_tokens - num_reqs + 1), max_seq_len=max_seq_len)
+            max_query_len=max(2, num_tokens), max_seq_len=max_seq_len)
 
     def fill_dummy_mixed(self, num_tokens: int, num_reqs: int) -> None:
         """Harmless inputs for capturing a mixed graph: requests 0..R-2 decode one token, the last
