@@ -47,6 +47,9 @@ else
   N_INF=1000 N_RATE4=120 N_RATE16=480 N_MIX=320 LONG_LEN=32768 LONG_COUNT=4 SCALE=1.0
 fi
 OFFLINE_RESERVE=170  # seconds kept for the offline run (model load, warmup, 1000 requests) and the summary
+STAGES=${STAGES:-"rate-inf rate-4 rate-16 long-prompts offline"}
+wanted() { [[ " $STAGES " == *" $1 "* ]]; }
+if ! wanted offline; then OFFLINE_RESERVE=10; fi
 API_SERVER_COUNT=${API_SERVER_COUNT:-1}
 read -r -a ENGINE <<< "$ENGINE_FLAGS"
 read -r -a OFFLINE_EXTRA <<< "${OFFLINE_FLAGS:-}"
@@ -115,9 +118,6 @@ if (( ! healthy )); then
 fi
 log "server healthy"
 
-STAGES=${STAGES:-"rate-inf rate-4 rate-16 long-prompts offline"}
-wanted() { [[ " $STAGES " == *" $1 "* ]]; }
-if ! wanted offline; then OFFLINE_RESERVE=10; fi
 bench_serve() {  # name, seconds it may take, then bench serve flags
   if ! wanted "$1"; then return; fi
   local name=$1 limit; limit=$(stage_limit "$2" "$OFFLINE_RESERVE"); shift 2
