@@ -107,7 +107,7 @@ class RequestStream:
             self.close()
 
 
-class _LatestSchedulerStats:
+class LatestSchedulerStats:
     """Keeps the last SchedulerStats so admission control can see the waiting queue."""
 
     def __init__(self) -> None:
@@ -121,10 +121,10 @@ class AsyncLLM:
     """Asyncio front of LLMEngine: per-request streams, aborts, health, shutdown."""
 
     def __init__(self, engine: Any, max_num_queued_reqs: int | None = None,
-                 latest_stats: _LatestSchedulerStats | None = None) -> None:
+                 latest_stats: LatestSchedulerStats | None = None) -> None:
         self.engine = engine
         self.max_num_queued_reqs = max_num_queued_reqs
-        self._latest_stats = latest_stats or _LatestSchedulerStats()
+        self._latest_stats = latest_stats or LatestSchedulerStats()
         self._streams: dict[str, RequestStream] = {}  # touched only on the event loop
         self._commands: queue.Queue[Any] = queue.Queue()
         self._dead_lock = threading.Lock()  # orders "enqueue a command" against "engine died"
@@ -143,7 +143,7 @@ class AsyncLLM:
         else:
             from sluice.engine.llm_engine import LLMEngine as engine_class
 
-        latest = _LatestSchedulerStats()
+        latest = LatestSchedulerStats()
         engine = engine_class.from_engine_args(engine_args, stat_loggers=[latest, *(stat_loggers or [])])
         return cls(engine, max_num_queued_reqs=max_num_queued_reqs, latest_stats=latest)
 

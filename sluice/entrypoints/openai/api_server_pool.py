@@ -180,13 +180,13 @@ def run_api_server_worker(args: argparse.Namespace, engine_args: EngineArgs, ind
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # see FrontEndServer
     logging.basicConfig(level=logging.INFO,
                         format=f"%(asctime)s %(levelname)s %(name)s[api-server-{index}]: %(message)s")
-    from sluice.engine.async_engine import AsyncLLM, _LatestSchedulerStats
+    from sluice.engine.async_engine import AsyncLLM, LatestSchedulerStats
     from sluice.engine.core_client import CoreClient, SplitLLMEngine
     from sluice.models.model_config import ModelConfig
 
     model_config = ModelConfig.from_engine_args(engine_args)
     metrics = PrometheusStatLogger(model_config.served_model_name, scheduler_series=False)  # the core's own
-    latest = _LatestSchedulerStats()  # admission control reads it, as AsyncLLM.from_engine_args wires it
+    latest = LatestSchedulerStats()  # admission control reads it, as AsyncLLM.from_engine_args wires it
     core = CoreClient.attach(addresses, index, core_pid)
     try:
         engine = SplitLLMEngine(model_config, engine_args, [latest, *server_stat_loggers(engine_args, metrics)],
