@@ -6,7 +6,7 @@ import logging
 
 import pytest
 
-from sluice.config import EngineArgs
+from sluice.config import EngineArgs, resolve_batch_limits
 from sluice.engine.stats import IterationStats, LoggingStatLogger, SchedulerStats
 
 
@@ -22,6 +22,36 @@ def test_cli_flags_carry_vllm_names_and_round_trip():
         100, "dummy", "priority")
 
 
+@pytest.mark.parametrize("device_type, large_gpu, usage_context, expected", [
+    ("cuda", True, "llm", (1024, 16384)),
+    ("cuda", True, "server", (1024, 8192)),
+    ("cuda", False, "llm", (256, 8192)),
+    ("cuda", False, "server", (256, 2048)),
+    ("cpu", False, "llm", (256, 2048)),
+    ("cpu", False, "server", (256, 2048)),
+])
+def test_batch_limits_default_as_vllm_picks_them_per_device(device_type, large_gpu, usage_context, expected):
+    limits = resolve_batch_limits(EngineArgs(usage_context=usage_context), 131072, device_type, large_gpu)
+    assert (limits.max_num_seqs, limits.max_num_batched_tokens) == expected
+
+
+def test_given_batch_limits_win_over_the_defaults_and_short_contexts_shrink_the_cpu_budget():
+    given = EngineArgs(max_num_seqs=8, max_num_batched_tokens=64)
+    assert resolve_batch_limits(given, 131072, "cuda", True) == resolve_batch_limits(given, 128, "cpu", False)
+    assert resolve_batch_limits(given, 128, "cpu", False).max_num_seqs == 8
+    assert resolve_batch_limits(EngineArgs(), 1024, "cpu", False).max_num_batched_tokens == 1024
+    assert resolve_batch_limits(EngineArgs(), 128, "cpu", False).max_num_batched_tokens == 512
+
+
+def test_async_scheduling_and_long_prefill_flags_parse():
+    parser = EngineArgs.add_cli_args(argparse.ArgumentParser())
+    assert EngineArgs.from_cli_args(parser.parse_args([])).async_scheduling is None  # auto: on for CUDA
+    args = parser.parse_args(["--no-async-scheduling", "--long-prefill-token-threshold", "256"])
+    engine_args = EngineArgs.from_cli_args(args)
+    assert (engine_args.async_scheduling, engine_args.long_prefill_token_threshold) == (False, 256)
+    assert "--usage-context" not in parser.format_help()  # set by the entrypoint, not a flag
+
+
 @pytest.mark.parametrize("field, value, message", [
     ("block_size", 12, "block_size"),
     ("max_num_seqs", 0, "max_num_seqs"),
@@ -30,6 +60,8 @@ def test_cli_flags_carry_vllm_names_and_round_trip():
     ("dtype", "float8", "dtype"),
     ("swap_space", 4.0, "swap_space"),
     ("tensor_parallel_size", 2, "tensor_parallel_size"),
+    ("long_prefill_token_threshold", -1, "long_prefill_token_threshold"),
+    ("usage_context", "batch", "usage_context"),
 ])
 def test_invalid_engine_args_name_the_field(field, value, message):
     with pytest.raises(ValueError, match=message):
