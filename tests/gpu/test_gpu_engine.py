@@ -72,8 +72,9 @@ def trained_cpu_reference(trained_model_path):
     return _cpu_reference(trained_model_path, copy_task_prompts())
 
 
-def _cuda_llm(model_path: str, dtype: str, cuda_graphs: bool) -> LLM:
-    llm = LLM(model=model_path, dtype=dtype, device="cuda", enforce_eager=not cuda_graphs, **ENGINE_ARGS)
+def _cuda_llm(model_path: str, dtype: str, cuda_graphs: bool, **overrides) -> LLM:
+    llm = LLM(model=model_path, dtype=dtype, device="cuda", enforce_eager=not cuda_graphs,
+              **{**ENGINE_ARGS, **overrides})
     runner = llm.llm_engine.core.runner
     assert (runner.decode_graphs is not None) == cuda_graphs
     assert (runner.mixed_graphs is not None) == cuda_graphs
@@ -95,6 +96,19 @@ def test_float32_greedy_equals_cpu_reference(model_path, cpu_reference, cuda_gra
     if cuda_graphs:
         for graphs in (runner.decode_graphs, runner.mixed_graphs):  # budget 64: chunks run as mixed graphs
             assert graphs.num_graphs == len(graphs.sizes) and graphs.num_replays > 0
+
+
+def test_float32_greedy_equals_cpu_reference_with_whole_prompts_in_mixed_graphs(model_path, cpu_reference):
+    """A 256-token budget: prompts up to 90 tokens run unchunked, in mixed graphs of up to 256 tokens
+    whose attention takes the large row tile (chunks over 64 tokens)."""
+    prompts, expected = cpu_reference
+    llm = _cuda_llm(model_path, "float32", cuda_graphs=True, max_num_batched_tokens=256)
+    assert llm.llm_engine.core.runner.mixed_graphs.sizes[-1] == 256
+    got = _generate(llm, prompts, _params(prompts, 40))
+    for i, (want, have) in enumerate(zip(expected, got)):
+        assert have == want, f"prompt {i} ({len(prompts[i])} tokens) diverged"
+    _assert_no_leaked_blocks(llm)
+    assert llm.llm_engine.core.runner.mixed_graphs.num_replays > 0
 
 
 def test_bfloat16_first_tokens_agree_with_float32_cpu(trained_model_path, trained_cpu_reference):
