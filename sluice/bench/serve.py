@@ -32,6 +32,7 @@ import datetime
 import json
 import os
 import resource
+import subprocess
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -415,12 +416,14 @@ def build_report(args: argparse.Namespace, metrics: ServeMetrics, slos: dict[str
 
 
 def _local_device_name() -> str:
+    """The first GPU's name as torch gives it, asked of nvidia-smi: importing torch here would open a CUDA
+    context (~0.5 GB) on the GPU the server under test is using. "cpu" without one."""
     try:
-        import torch
-        if torch.cuda.is_available():
-            return torch.cuda.get_device_name()
-    except ImportError:
-        pass
-    return "cpu"
+        out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return "cpu"
+    names = out.stdout.strip().splitlines() if out.returncode == 0 else []
+    return names[0].strip() if names else "cpu"
 
 
