@@ -162,9 +162,7 @@ class KVCacheManager:
         if req_blocks is not None and not new_computed_blocks:
             num_total = request.num_computed_tokens + num_new_tokens
             if num_total <= len(req_blocks) * self.block_size:  # the common decode step: no new block
-                num_shareable_tokens = self._num_shareable_tokens(request)
-                if num_shareable_tokens:
-                    self._cache_full_blocks(request, min(num_total, num_shareable_tokens) // self.block_size)
+                self._cache_full_blocks(request, num_total)
                 return []
         req_blocks = req_blocks if req_blocks is not None else []
         hits = new_computed_blocks or []
@@ -188,9 +186,7 @@ class KVCacheManager:
         req_blocks.extend(hits)
         new_blocks = self.block_pool.get_new_blocks(num_new_blocks)
         req_blocks.extend(new_blocks)
-        num_shareable_tokens = self._num_shareable_tokens(request)
-        if num_shareable_tokens:
-            self._cache_full_blocks(request, min(num_total, num_shareable_tokens) // self.block_size)
+        self._cache_full_blocks(request, num_total)
         return [block.block_id for block in new_blocks]
 
     def _hash_group(self, request: Request) -> str | None:
@@ -203,7 +199,12 @@ class KVCacheManager:
             return request.num_tokens
         return request.num_prompt_tokens if sibling_group(request) is not None else 0
 
-    def _cache_full_blocks(self, request: Request, num_full_blocks: int) -> None:
+    def _cache_full_blocks(self, request: Request, num_total: int) -> None:
+        """Publishes the blocks that the first ``num_total`` slots fill with known, shareable tokens."""
+        num_shareable_tokens = self._num_shareable_tokens(request)
+        if not num_shareable_tokens:
+            return
+        num_full_blocks = min(num_total, num_shareable_tokens) // self.block_size
         num_cached = self.num_cached_blocks[request.request_id]
         if num_full_blocks <= num_cached:
             return

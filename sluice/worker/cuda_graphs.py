@@ -73,11 +73,19 @@ class DecodeGraphs:
         i = bisect.bisect_left(self.sizes, size)
         return self.sizes[i] if i < len(self.sizes) else None
 
+    def num_reqs_for(self, bucket: int) -> int:
+        """How many requests the graph of ``bucket`` holds."""
+        return bucket
+
+    def _max_query_len(self, bucket: int) -> int:
+        return 1
+
     def _dummy_inputs(self, size: int) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
         """Fills the buffers with harmless inputs for ``size`` and returns the views a graph reads."""
-        self.buffers.fill_dummy_decode(size)
+        num_reqs = self.num_reqs_for(size)
+        self.buffers.fill_dummy(size, num_reqs)
         return (self.buffers.input_ids[:size], self.buffers.positions[:size],
-                self.buffers.decode_metadata(size, self.max_seq_len))
+                self.buffers.graph_metadata(size, num_reqs, self._max_query_len(size), self.max_seq_len))
 
     @torch.inference_mode()
     def capture(self, pool: tuple | None = None) -> tuple:
@@ -138,8 +146,6 @@ class MixedGraphs(DecodeGraphs):
     def num_reqs_for(self, bucket: int) -> int:
         return min(bucket, self.buffers.max_num_reqs)
 
-    def _dummy_inputs(self, size: int) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
-        num_reqs = self.num_reqs_for(size)
-        self.buffers.fill_dummy_mixed(size, num_reqs)
-        return (self.buffers.input_ids[:size], self.buffers.positions[:size],
-                self.buffers.mixed_metadata(size, num_reqs, self.max_seq_len))
+    def _max_query_len(self, bucket: int) -> int:
+        # A step of this size may be one chunk of them all: the attention backend sizes its row tile for that.
+        return max(2, bucket)

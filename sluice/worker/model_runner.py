@@ -195,12 +195,7 @@ class ModelRunner:
         """Uploads the step and runs the model: hidden states [num_tokens (+ padding), hidden]."""
         graphs, bucket, padded_reqs, padded_tokens = self._pick_graph(inputs)
         step = self.step_buffers.upload(inputs, self.input_batch.pop_block_diffs(), num_padded_reqs=padded_reqs,
-                                        pending_sources=self._pending_sources(inputs),
-                                        num_padded_tokens=padded_tokens)
-        if len(step.pending_token_indices):
-            # The previous step's samples, still on the device, become this step's input ids.
-            self.step_buffers.input_ids.index_copy_(
-                0, step.pending_token_indices, self._last_sampled[0].index_select(0, step.pending_sources))
+                                        num_padded_tokens=padded_tokens, pending=self._pending(inputs))
         if bucket is not None:
             return graphs.run(bucket)
         return self.model(step.input_ids, step.positions, step.metadata)
@@ -217,17 +212,18 @@ class ModelRunner:
                 return self.mixed_graphs, bucket, self.mixed_graphs.num_reqs_for(bucket), bucket
         return None, None, None, None
 
-    def _pending_sources(self, inputs: StepInputs) -> np.ndarray | None:
-        """For each pending token, the index of its sample in the previous step's sampled ids."""
+    def _pending(self, inputs: StepInputs) -> tuple[np.ndarray, torch.Tensor] | None:
+        """For each pending token, the index of its sample in the previous step's sampled ids; and those ids."""
         if not len(inputs.pending_rows):
             return None
         last = self._last_sampled
         if last is None:
             raise RuntimeError("a step needs samples of a previous step that was never launched")
-        sources = last[1][inputs.pending_rows]
+        sampled_ids, row_to_index = last
+        sources = row_to_index[inputs.pending_rows]
         if (sources < 0).any():
             raise RuntimeError("a pending token has no sample in the previous step")
-        return sources
+        return sources, sampled_ids
 
     def must_collect_first(self, scheduler_output: SchedulerOutput) -> bool:
         """Whether the previous step's samples must reach the host before this step launches:

@@ -10,7 +10,7 @@ reach the device in two copies from pinned host memory, never one small copy per
 
     T = max tokens per step, R = max_num_seqs, D = block-table entries written this step.
     pending: with async scheduling, the flat indices of tokens whose id is a sample of the previous
-    step still on the device, and that sample's index (``scatter_pending`` fills them in).
+    step still on the device, and that sample's index; ``upload`` copies those ids into input_ids.
 
 The block table lives on the device by *row* (``block_table_by_row``) and is updated from the
 diffs of ``InputBatch.pop_block_diffs``; each step gathers the scheduled rows, in step order,
@@ -38,8 +38,6 @@ class DeviceStep:
     logits_indices: torch.Tensor  # [num_sampling_reqs]
     metadata: AttentionMetadata
     num_padded_reqs: int
-    pending_token_indices: torch.Tensor  # [num_pending]
-    pending_sources: torch.Tensor  # [num_pending]: indices into the previous step's sampled ids
 
 
 class _HostRegions:
@@ -86,14 +84,17 @@ class StepBuffers:
         return host
 
     def upload(self, inputs: StepInputs, block_diffs: tuple[np.ndarray, np.ndarray, np.ndarray],
-               num_padded_reqs: int | None = None, pending_sources: np.ndarray | None = None,
-               num_padded_tokens: int | None = None) -> DeviceStep:
+               num_padded_reqs: int | None = None, num_padded_tokens: int | None = None,
+               pending: tuple[np.ndarray, torch.Tensor] | None = None) -> DeviceStep:
         """Copies one step's inputs to the device and applies the block-table diffs.
 
         Padding, for a CUDA graph bucket: ``num_padded_reqs`` adds requests of query length 0
         and seq_len 0; tokens are padded with id 0, position 0 and slot -1, up to
         ``num_padded_tokens`` (steps with prefill chunks), or one per padded request (decode-only
         steps, where only ``num_padded_reqs`` is given).
+
+        ``pending`` (async scheduling): for each of ``inputs.pending_token_indices``, the index of
+        its id in the previous step's sampled ids, and those ids (still on the device).
         """
         T, R = self.max_num_tokens, self.max_num_reqs
         num_tokens, num_reqs = len(inputs.input_ids), len(inputs.rows)
@@ -122,8 +123,10 @@ class StepBuffers:
         h64[3 * T + R:3 * T + R + num_logits] = inputs.logits_indices
         num_pending = len(inputs.pending_token_indices)
         if num_pending:
+            if pending is None:
+                raise ValueError("the step has pending tokens: give the previous step's samples")
             h64[3 * T + 2 * R:3 * T + 2 * R + num_pending] = inputs.pending_token_indices
-            h64[3 * T + 3 * R:3 * T + 3 * R + num_pending] = pending_sources
+            h64[3 * T + 3 * R:3 * T + 3 * R + num_pending] = pending[0]
         diff_rows, diff_cols, diff_ids = block_diffs
         num_diffs = len(diff_rows)
         base = self._diff_base
@@ -143,6 +146,9 @@ class StepBuffers:
             d = self.i64[base:end].view(3, num_diffs)
             self.block_table_by_row[d[0], d[1]] = d[2].to(torch.int32)
         torch.index_select(self.block_table_by_row, 0, self.rows[:num_reqs], out=self.block_table[:num_reqs])
+        if num_pending:  # the previous step's samples, still on the device, become input ids
+            self.input_ids.index_copy_(0, self.pending_token_indices[:num_pending],
+                                       pending[1].index_select(0, self.pending_sources[:num_pending]))
         on_cpu = self.device.type == "cpu"
         metadata = AttentionMetadata(
             num_actual_tokens=num_tokens, num_reqs=num_reqs,
@@ -153,30 +159,22 @@ class StepBuffers:
             query_start_loc_cpu=inputs.query_start_loc.tolist() if on_cpu else None,
             seq_lens_cpu=inputs.seq_lens.tolist() if on_cpu else None)
         return DeviceStep(self.input_ids[:padded_tokens], self.positions[:padded_tokens],
-                          self.logits_indices[:num_logits], metadata, padded_reqs,
-                          self.pending_token_indices[:num_pending], self.pending_sources[:num_pending])
+                          self.logits_indices[:num_logits], metadata, padded_reqs)
 
-    def decode_metadata(self, num_reqs: int, max_seq_len: int) -> AttentionMetadata:
-        """Metadata over the first ``num_reqs`` rows of the buffers, for capturing a decode graph."""
-        return AttentionMetadata(
-            num_actual_tokens=num_reqs, num_reqs=num_reqs,
-            query_start_loc=self.query_start_loc[:num_reqs + 1], seq_lens=self.seq_lens[:num_reqs],
-            block_table=self.block_table[:num_reqs], slot_mapping=self.slot_mapping[:num_reqs],
-            max_query_len=1, max_seq_len=max_seq_len)
-
-    def mixed_metadata(self, num_tokens: int, num_reqs: int, max_seq_len: int) -> AttentionMetadata:
-        """Metadata over the first ``num_tokens`` tokens and ``num_reqs`` rows, for capturing a
-        graph of steps with prefill chunks: max_query_len = num_tokens, as a step of that size may
-        hold one chunk of them all (the attention backend sizes its row tile for that)."""
+    def graph_metadata(self, num_tokens: int, num_reqs: int, max_query_len: int,
+                       max_seq_len: int) -> AttentionMetadata:
+        """Metadata over the first ``num_tokens`` tokens and ``num_reqs`` rows, for capturing a graph;
+        ``max_query_len`` and ``max_seq_len`` are the largest the graph will see (the attention
+        backend picks its launch from them)."""
         return AttentionMetadata(
             num_actual_tokens=num_tokens, num_reqs=num_reqs,
             query_start_loc=self.query_start_loc[:num_reqs + 1], seq_lens=self.seq_lens[:num_reqs],
             block_table=self.block_table[:num_reqs], slot_mapping=self.slot_mapping[:num_tokens],
-            max_query_len=max(2, num_tokens), max_seq_len=max_seq_len)
+            max_query_len=max_query_len, max_seq_len=max_seq_len)
 
-    def fill_dummy_mixed(self, num_tokens: int, num_reqs: int) -> None:
-        """Harmless inputs for capturing a mixed graph: requests 0..R-2 decode one token, the last
-        one prefills the rest from position 0; no KV writes."""
+    def fill_dummy(self, num_tokens: int, num_reqs: int) -> None:
+        """Harmless inputs for graph warm-up and capture, no KV writes: requests 0..R-2 decode one
+        token, the last one computes the rest from position 0 (one token too in a decode step)."""
         self.input_ids[:num_tokens].zero_()
         self.positions[:num_tokens].zero_()
         self.slot_mapping[:num_tokens].fill_(-1)
@@ -184,15 +182,6 @@ class StepBuffers:
         starts[-1] = num_tokens
         self.query_start_loc[:num_reqs + 1].copy_(starts)
         self.seq_lens[:num_reqs].copy_(starts[1:] - starts[:-1])
-        self.block_table[:num_reqs].zero_()
-
-    def fill_dummy_decode(self, num_reqs: int) -> None:
-        """Harmless decode inputs for graph warm-up and capture: 1-token contexts, no KV writes."""
-        self.input_ids[:num_reqs].zero_()
-        self.positions[:num_reqs].zero_()
-        self.slot_mapping[:num_reqs].fill_(-1)
-        self.query_start_loc[:num_reqs + 1].copy_(torch.arange(num_reqs + 1, dtype=torch.int32))
-        self.seq_lens[:num_reqs].fill_(1)
         self.block_table[:num_reqs].zero_()
 
 

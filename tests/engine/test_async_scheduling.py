@@ -75,7 +75,20 @@ def test_async_scheduling_matches_sync_outputs(model_path, engine_kwargs):
     params = _params(stop_token=probe[0].outputs[0].token_ids[6])
     expected = sync_llm.generate(inputs, params, use_tqdm=False)
     async_llm = _llm(model_path, True, **engine_kwargs)
+    runner = async_llm.llm_engine.core.runner
+    pending_from_device = []
+    original_pending = runner._pending
+
+    def counting_pending(step_inputs):
+        pending = original_pending(step_inputs)
+        pending_from_device.append(0 if pending is None else len(pending[0]))
+        return pending
+
+    runner._pending = counting_pending
     got = async_llm.generate(inputs, params, use_tqdm=False)
+    # Steps ran ahead of their inputs: those token ids came from the previous step's samples. (While a
+    # request with penalties runs, every step waits for the previous one, so only the later steps do.)
+    assert sum(pending_from_device) > 0
     assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids for o in expected]
     assert [o.outputs[0].finish_reason for o in got] == [o.outputs[0].finish_reason for o in expected]
     assert [o.outputs[0].stop_reason for o in got] == [o.outputs[0].stop_reason for o in expected]
