@@ -5,8 +5,10 @@
 Headline: decode of 256 requests x 1024 context, Llama-3.1-8B attention shape (32 heads,
 8 KV heads, head_dim 128, bf16, block 16). The fewest bytes it must move is every K and V
 element of every context once: 256 * 1024 * 8 * 128 * 2 (K, V) * 2 B = 1.07 GB, so at
-3.0 TB/s (measured device copy) the floor is 0.36 ms. Also a few mixed batches and a
-flash-decoding case. With --sweep, also times a grid of launch configs (the notes pick from it).
+3.0 TB/s (measured device copy) the floor is 0.36 ms. Also a few mixed batches, a
+flash-decoding case, and W5's long-prompt steps: 224 decodes plus one 256-token chunk of a
+prompt at 4K..32K positions, with split KV for mixed batches off and on. With --sweep, also
+times a grid of launch configs (the notes pick from it).
 """
 from __future__ import annotations
 
@@ -126,6 +128,19 @@ def sweep(case: Case, decode: bool, shape: dict, grid: dict) -> list[Result]:
     return results
 
 
+def long_chunk_cases() -> list[Result]:
+    """W5's long-prompt steps: decodes next to a chunk deep into a 32K prompt, split KV off / on."""
+    gen = torch.Generator().manual_seed(0)
+    decode_lens = torch.randint(1, 2049, (224,), generator=gen).tolist()
+    results = []
+    for context in (4096, 8192, 16384, 32768):
+        case = Case(f"224_decodes+256_chunk@{context}", [1] * 224 + [256], decode_lens + [context])
+        for label, threshold in (("no_split", 1 << 30), ("default", None)):
+            backend = TritonPagedBackend(mixed_split_min_seq_len=threshold)
+            results.append(time_case(case, backend, label, LLAMA8B))
+    return results
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True, help="where to write the JSON results")
@@ -147,6 +162,7 @@ def main() -> None:
         results.append(time_case(case, default, "default", LLAMA8B))
     results.append(time_case(long_decode, TritonPagedBackend(enable_split_kv=False), "no_split", LLAMA8B))
     results.append(time_case(decode, default, "default_block32", {**LLAMA8B, "block_size": 32}))
+    results += long_chunk_cases()
     if args.sweep:
         results += sweep(decode, True, LLAMA8B,
                          dict(block_m=[16], tile_n=[32, 64, 128], num_warps=[4, 8], num_stages=[2, 3]))

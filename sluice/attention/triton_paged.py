@@ -18,8 +18,16 @@ Grid without host-device sync: request i's query tiles are numbered from
 ``query_start_loc[i] // BLOCK_Q + i``, an upper bound that needs only host ints
 (num_tokens // BLOCK_Q + num_reqs programs); each program finds its request by binary
 search and exits if it falls in a gap. Decode-only batches (max_query_len == 1) skip
-the search: program i is request i. Few long decodes split each context over
-``num_splits`` programs (flash-decoding) and merge the partial results in a second kernel.
+the search: program i is request i.
+
+Split KV (flash-decoding): each program's context may be split over ``num_splits`` programs
+whose partial results a second kernel merges. Decode-only batches split when they have too
+few programs to fill the GPU; mixed batches split when some context is long (a prompt chunk
+at 32K positions is a handful of programs that each walk the whole context while the rest of
+the GPU idles). Each program uses ``used = cdiv(tiles, max(cdiv(tiles, num_splits), 4))``
+splits of its own context, so short rows use one split, write their output directly, and the
+merge skips them; the count depends on device values only, so a graph captured with any
+split count serves every step.
 """
 from __future__ import annotations
 
@@ -54,6 +62,14 @@ MOSTLY_DECODE_TOKENS_PER_REQ = 4  # num_tokens <= this x num_reqs counts as most
 # once per BLOCK_Q tokens, and the small row tile (4 tokens of a GQA-4 group) made a 512-token chunk
 # at 16K+ context cost ~1 ms per layer on the H100.
 MOSTLY_DECODE_MAX_QUERY_LEN = 64
+# A split covers at least this many KV tiles: shorter ones cost more in partial results than they save.
+MIN_SPLIT_TILES = 4
+# Mixed batches whose longest context reaches this split every context over MIXED_SPLITS programs
+# (rows with short contexts use one split), unless the partial results would exceed
+# MAX_SPLIT_ROWS token rows x splits (a large prefill step fills the GPU without splitting).
+MIXED_SPLIT_MIN_SEQ_LEN = 8192
+MIXED_SPLITS = 8
+MAX_SPLIT_ROWS = 8192
 
 
 @triton.jit
@@ -95,6 +111,29 @@ def _find_request(query_start_loc_ptr, q_tile, num_reqs, BLOCK_Q: tl.constexpr):
 
 
 @triton.jit
+def _find_token_request(query_start_loc_ptr, token, num_reqs):
+    """Largest request i with ``qsl[i] <= token``: the one that holds the token (or, for a
+    padding token past ``qsl[num_reqs]``, the last request, whose query it is not in)."""
+    lo: tl.int32 = 0
+    hi: tl.int32 = num_reqs
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if tl.load(query_start_loc_ptr + mid) <= token:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo - 1
+
+
+@triton.jit
+def _split_tiles(num_tiles, num_splits, MIN_SPLIT_TILES: tl.constexpr):
+    """(tiles per split, splits used) for a context of num_tiles KV tiles; the attention and
+    the merge kernel must agree on it."""
+    tiles_per_split = tl.maximum(tl.cdiv(num_tiles, num_splits), MIN_SPLIT_TILES)
+    return tiles_per_split, tl.cdiv(num_tiles, tiles_per_split)
+
+
+@triton.jit
 def _paged_attention_kernel(
         out_ptr, q_ptr, kv_ptr, block_table_ptr, seq_lens_ptr, query_start_loc_ptr,
         part_out_ptr, part_lse_ptr,
@@ -105,7 +144,7 @@ def _paged_attention_kernel(
         GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr,
         HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr,
         TILE_N: tl.constexpr, DECODE_ONLY: tl.constexpr, SPLIT: tl.constexpr,
-        DOT_PRECISION: tl.constexpr):
+        MIN_SPLIT_TILES: tl.constexpr, DOT_PRECISION: tl.constexpr):
     q_tile = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -138,8 +177,11 @@ def _paged_attention_kernel(
     num_tiles = tl.cdiv(kv_end, TILE_N)
     tile_lo = 0
     tile_hi = num_tiles
+    used_splits = 1
     if SPLIT:
-        tiles_per_split = tl.cdiv(num_tiles, num_splits)
+        tiles_per_split, used_splits = _split_tiles(num_tiles, num_splits, MIN_SPLIT_TILES)
+        if split >= used_splits:
+            return
         tile_lo = split * tiles_per_split
         tile_hi = tl.minimum(tile_lo + tiles_per_split, num_tiles)
 
@@ -170,7 +212,7 @@ def _paged_attention_kernel(
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
     out = acc / l_safe[:, None]
     out_mask = row_valid[:, None] & d_valid[None, :]
-    if SPLIT:
+    if used_splits > 1:
         part = (part_out_ptr + split * stride_ps + q_token[:, None] * stride_pt + head[:, None] * stride_ph
                 + offs_d[None, :])
         tl.store(part, out, mask=out_mask)
@@ -182,23 +224,40 @@ def _paged_attention_kernel(
 
 
 @triton.jit
-def _merge_splits_kernel(out_ptr, part_out_ptr, part_lse_ptr, query_start_loc_ptr, num_splits,
+def _merge_splits_kernel(out_ptr, part_out_ptr, part_lse_ptr, query_start_loc_ptr, seq_lens_ptr,
+                         num_reqs, num_splits,
                          stride_ot, stride_oh, stride_ps, stride_pt, stride_ph, stride_ls, stride_lt,
-                         HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, SPLITS_PAD: tl.constexpr):
-    """Combines the per-split softmax results of one decode row: weights exp2(lse_s - max lse)."""
-    req = tl.program_id(0)
+                         HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, SPLITS_PAD: tl.constexpr,
+                         BLOCK_Q: tl.constexpr, TILE_N: tl.constexpr, MIN_SPLIT_TILES: tl.constexpr,
+                         DECODE_ONLY: tl.constexpr):
+    """Combines the per-split softmax results of one query row (a token and a head): weights
+    exp2(lse_s - max lse). Program 0 runs over requests (decode-only) or tokens."""
     head = tl.program_id(1)
-    q_start = tl.load(query_start_loc_ptr + req)
-    if tl.load(query_start_loc_ptr + req + 1) == q_start:
+    if DECODE_ONLY:
+        req = tl.program_id(0)
+        q_start = tl.load(query_start_loc_ptr + req)
+        local = 0
+    else:
+        req = _find_token_request(query_start_loc_ptr, tl.program_id(0), num_reqs)
+        q_start = tl.load(query_start_loc_ptr + req)
+        local = tl.program_id(0) - q_start
+    q_len = tl.load(query_start_loc_ptr + req + 1) - q_start
+    if local >= q_len:  # an empty request, or a padding token
         return
-    token = q_start.to(tl.int64)
+    # The same context the attention program of this row walked, and so the same split count.
+    local_tile = local // BLOCK_Q
+    kv_end = tl.load(seq_lens_ptr + req) - q_len + tl.minimum((local_tile + 1) * BLOCK_Q, q_len)
+    _, used_splits = _split_tiles(tl.cdiv(kv_end, TILE_N), num_splits, MIN_SPLIT_TILES)
+    if used_splits == 1:  # written directly by the attention program
+        return
+    token = (q_start + local).to(tl.int64)
     offs_s = tl.arange(0, SPLITS_PAD)
     offs_d = tl.arange(0, HEAD_DIM_PAD)
-    s_valid = offs_s < num_splits
+    s_valid = offs_s < used_splits
     lse = tl.load(part_lse_ptr + offs_s * stride_ls + token * stride_lt + head, mask=s_valid,
                   other=float("-inf"))
     lse_max = tl.max(lse, 0)
-    weight = tl.exp2(lse - lse_max)  # empty splits carry lse = -inf: weight 0
+    weight = tl.where(s_valid, tl.exp2(lse - lse_max), 0.0)
     part = tl.load(part_out_ptr + offs_s[:, None] * stride_ps + token * stride_pt + head * stride_ph
                    + offs_d[None, :], mask=s_valid[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
     out = tl.sum(part * weight[:, None], 0) / tl.sum(weight, 0)
@@ -228,7 +287,15 @@ def choose_num_splits(num_reqs: int, num_kv_heads: int, max_seq_len: int, num_sm
     if programs >= num_sms:
         return 1
     wanted = triton.cdiv(2 * num_sms, programs)
-    return max(1, min(wanted, max_seq_len // (4 * tile_n), MAX_SPLITS))
+    return max(1, min(wanted, max_seq_len // (MIN_SPLIT_TILES * tile_n), MAX_SPLITS))
+
+
+def choose_mixed_splits(num_tokens: int, max_seq_len: int, tile_n: int,
+                        min_seq_len: int = MIXED_SPLIT_MIN_SEQ_LEN) -> int:
+    """Split count for a batch with prompt chunks: MIXED_SPLITS once a context reaches min_seq_len."""
+    if max_seq_len < min_seq_len or num_tokens * MIXED_SPLITS > MAX_SPLIT_ROWS:
+        return 1
+    return max(1, min(MIXED_SPLITS, max_seq_len // (MIN_SPLIT_TILES * tile_n)))
 
 
 class TritonPagedBackend:
@@ -243,11 +310,21 @@ class TritonPagedBackend:
     def __init__(self, decode_config: KernelConfig = DECODE_CONFIG,
                  mixed_config: KernelConfig = MIXED_CONFIG,
                  mostly_decode_config: KernelConfig | None = MOSTLY_DECODE_CONFIG,
-                 enable_split_kv: bool = True) -> None:
+                 enable_split_kv: bool = True,
+                 mixed_split_min_seq_len: int | None = None) -> None:
         self.decode_config = decode_config
         self.mixed_config = mixed_config
         self.mostly_decode_config = mostly_decode_config
         self.enable_split_kv = enable_split_kv
+        self._mixed_split_min_seq_len = mixed_split_min_seq_len
+
+    @property
+    def mixed_split_min_seq_len(self) -> int:
+        """Mixed batches split KV from this max_seq_len on (default: the module's MIXED_SPLIT_MIN_SEQ_LEN,
+        read when used, which the model runner also reads to capture its long-context graphs)."""
+        if self._mixed_split_min_seq_len is not None:
+            return self._mixed_split_min_seq_len
+        return MIXED_SPLIT_MIN_SEQ_LEN
 
     def write_kv(self, key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
                  slot_mapping: torch.Tensor) -> None:
@@ -320,6 +397,9 @@ class _LaunchPlan:
         if decode_only and backend.enable_split_kv:
             num_splits = choose_num_splits(metadata.num_reqs, num_kv_heads, metadata.max_seq_len,
                                            _num_sms(query.device), config.tile_n)
+        elif backend.enable_split_kv:
+            num_splits = choose_mixed_splits(query.shape[0], metadata.max_seq_len, config.tile_n,
+                                             backend.mixed_split_min_seq_len)
         return _LaunchPlan(config, group, block_m // group, decode_only, num_splits)
 
     def run(self, query: torch.Tensor, kv_cache: torch.Tensor, metadata: AttentionMetadata,
@@ -349,15 +429,18 @@ class _LaunchPlan:
             part_out.stride(0), part_out.stride(1), part_out.stride(2), part_lse.stride(0), part_lse.stride(1),
             GROUP=self.group, BLOCK_M=cfg.block_m, BLOCK_Q=self.block_q, HEAD_DIM=head_dim,
             HEAD_DIM_PAD=head_dim_pad, BLOCK_SIZE=kv_cache.shape[2], TILE_N=cfg.tile_n,
-            DECODE_ONLY=self.decode_only, SPLIT=split,
+            DECODE_ONLY=self.decode_only, SPLIT=split, MIN_SPLIT_TILES=MIN_SPLIT_TILES,
             DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
             num_warps=cfg.num_warps, num_stages=cfg.num_stages)
         if split:
-            _merge_splits_kernel[(metadata.num_reqs, num_heads)](
-                out, part_out, part_lse, metadata.query_start_loc, self.num_splits,
+            merge_rows = metadata.num_reqs if self.decode_only else num_tokens
+            _merge_splits_kernel[(merge_rows, num_heads)](
+                out, part_out, part_lse, metadata.query_start_loc, metadata.seq_lens, metadata.num_reqs,
+                self.num_splits,
                 out.stride(0), out.stride(1), part_out.stride(0), part_out.stride(1), part_out.stride(2),
                 part_lse.stride(0), part_lse.stride(1),
-                HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, SPLITS_PAD=MAX_SPLITS)
+                HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, SPLITS_PAD=MAX_SPLITS, BLOCK_Q=self.block_q,
+                TILE_N=cfg.tile_n, MIN_SPLIT_TILES=MIN_SPLIT_TILES, DECODE_ONLY=self.decode_only)
 
 
 def _check_kv_cache(kv_cache: torch.Tensor) -> None:

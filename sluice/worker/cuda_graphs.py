@@ -15,7 +15,9 @@ graphs are captured with max_query_len 1 and max_seq_len = max_model_len, so the
 choice suits the longest contexts and stays correct for any shorter ones. The block table
 has a fixed width (max blocks per request for max_model_len). Steps with prefill chunks of up
 to 1024 tokens replay ``MixedGraphs`` (keyed by token count, see below); larger ones run
-eagerly. Graphs are captured largest first, so the smaller ones reuse the pool the largest
+eagerly. Mixed steps split KV only when a context is long, so there are two sets of mixed
+graphs: one captured just below that length (no split), and, when max_model_len reaches it,
+one captured at max_model_len (split) for steps with a long context. Graphs are captured largest first, so the smaller ones reuse the pool the largest
 one sized, and both sets share that pool.
 """
 from __future__ import annotations

@@ -67,6 +67,7 @@ class ModelRunner:
         self.enforce_eager = enforce_eager
         self.decode_graphs: DecodeGraphs | None = None
         self.mixed_graphs: MixedGraphs | None = None
+        self.long_context_mixed_graphs: MixedGraphs | None = None  # mixed steps with a context that splits KV
         self.sampling_states: dict[str, RequestSamplingState] = {}
         self._prompt_logprob_req_ids: set[str] = set()
         # Sampling metadata is reused while the same requests sample and none of them uses a
@@ -154,13 +155,22 @@ class ModelRunner:
         self.decode_graphs = graphs
         sizes = mixed_capture_sizes(self.step_buffers.max_num_tokens)
         if sizes:
-            mixed = MixedGraphs(self.model, self.step_buffers, sizes, max_seq_len=max_len)
+            # Mixed steps split KV from MIXED_SPLIT_MIN_SEQ_LEN on (a chunk deep into a long prompt):
+            # one set of graphs below that length, one at max_model_len when it reaches it.
+            from sluice.attention.triton_paged import MIXED_SPLIT_MIN_SEQ_LEN
+            short_len = min(max_len, MIXED_SPLIT_MIN_SEQ_LEN - 1)
+            mixed = MixedGraphs(self.model, self.step_buffers, sizes, max_seq_len=short_len)
             mixed.capture(pool)
             self.mixed_graphs = mixed
+            if max_len > short_len:
+                long_context = MixedGraphs(self.model, self.step_buffers, sizes, max_seq_len=max_len)
+                long_context.kind = "steps with prefill chunks at long context, tokens"
+                long_context.capture(pool)
+                self.long_context_mixed_graphs = long_context
 
     def release_cuda_graphs(self) -> None:
         """Drops the CUDA graphs: every later step runs eagerly."""
-        self.decode_graphs = self.mixed_graphs = None
+        self.decode_graphs = self.mixed_graphs = self.long_context_mixed_graphs = None
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
@@ -207,9 +217,12 @@ class ModelRunner:
             if bucket is not None:
                 return self.decode_graphs, bucket, bucket, None
         elif inputs.max_query_len > 1 and self.mixed_graphs is not None:
-            bucket = self.mixed_graphs.bucket_for(len(inputs.input_ids))
+            mixed = self.mixed_graphs
+            if inputs.max_seq_len > mixed.max_seq_len:
+                mixed = self.long_context_mixed_graphs
+            bucket = mixed.bucket_for(len(inputs.input_ids)) if mixed is not None else None
             if bucket is not None:
-                return self.mixed_graphs, bucket, self.mixed_graphs.num_reqs_for(bucket), bucket
+                return mixed, bucket, mixed.num_reqs_for(bucket), bucket
         return None, None, None, None
 
     def _pending(self, inputs: StepInputs) -> tuple[np.ndarray, torch.Tensor] | None:

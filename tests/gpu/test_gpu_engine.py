@@ -111,6 +111,23 @@ def test_float32_greedy_equals_cpu_reference_with_whole_prompts_in_mixed_graphs(
     assert llm.llm_engine.core.runner.mixed_graphs.num_replays > 0
 
 
+def test_float32_greedy_equals_cpu_reference_with_split_kv_in_long_context_mixed_graphs(
+        model_path, cpu_reference, monkeypatch):
+    """Mixed steps split KV once a context reaches MIXED_SPLIT_MIN_SEQ_LEN (8192 in service; 64 here,
+    so that the tiny model reaches it): they replay the second set of mixed graphs."""
+    from sluice.attention import triton_paged
+    monkeypatch.setattr(triton_paged, "MIXED_SPLIT_MIN_SEQ_LEN", 64)
+    prompts, expected = cpu_reference
+    llm = _cuda_llm(model_path, "float32", cuda_graphs=True)
+    runner = llm.llm_engine.core.runner
+    assert runner.mixed_graphs.max_seq_len == 63 and runner.long_context_mixed_graphs.max_seq_len == 256
+    got = _generate(llm, prompts, _params(prompts, 40))
+    for i, (want, have) in enumerate(zip(expected, got)):
+        assert have == want, f"prompt {i} ({len(prompts[i])} tokens) diverged"
+    _assert_no_leaked_blocks(llm)
+    assert runner.long_context_mixed_graphs.num_replays > 0
+
+
 def test_bfloat16_first_tokens_agree_with_float32_cpu(trained_model_path, trained_cpu_reference):
     prompts, expected = trained_cpu_reference
     oracle = hf_greedy(trained_model_path, prompts, 40)

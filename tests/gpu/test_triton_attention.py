@@ -189,6 +189,57 @@ def test_split_count_follows_occupancy():
     assert triton_paged.choose_num_splits(2, 8, 300, 132, 64) == 1  # too short to split
 
 
+def test_mixed_split_count_follows_context_length():
+    triton_paged = pytest.importorskip("sluice.attention.triton_paged")
+    choose = triton_paged.choose_mixed_splits
+    assert choose(480, 4096, 64) == 1  # W1-like contexts: no split
+    assert choose(480, 32768, 64) == triton_paged.MIXED_SPLITS  # a chunk of a 32K prompt among decodes
+    assert choose(8192, 32768, 64) == 1  # a large prefill step fills the GPU by itself
+    assert choose(40, 700, 64, min_seq_len=256) == 2  # capped by 4 KV tiles per split
+
+
+@pytest.mark.parametrize("group", [1, 4])
+def test_mixed_batch_with_a_long_context_splits_kv(group):
+    """A chunk deep into a long prompt among decodes and a fresh prefill: long rows split their
+    context over several programs and are merged, short rows keep one split and are written directly."""
+    triton_paged = pytest.importorskip("sluice.attention.triton_paged")
+    backend = triton_paged.TritonPagedBackend(mixed_split_min_seq_len=256)
+    query_lens, seq_lens = [24, 1, 9, 0, 1], [1100, 900, 9, 7, 30]
+    batch = make_batch(query_lens, seq_lens, 2 * group, 2, 64, 16, torch.float16, seed=40 + group)
+    plan = triton_paged._LaunchPlan.build(backend, batch.query, 2, batch.metadata)
+    assert plan.num_splits > 1 and not plan.decode_only
+    run_and_compare(backend, batch)
+
+
+def test_split_mixed_batch_leaves_padding_tokens_alone():
+    """Under a CUDA graph the query has padding tokens past query_start_loc[num_reqs]: neither the
+    attention nor the merge kernel writes their rows."""
+    triton_paged = pytest.importorskip("sluice.attention.triton_paged")
+    backend = triton_paged.TritonPagedBackend(mixed_split_min_seq_len=256)
+    batch = make_batch([16, 1], [800, 600], 4, 2, 64, 16, torch.float16, seed=47)
+    dev = to_device(batch)
+    padded = torch.cat([dev.query, torch.randn(5, 4, 64, dtype=dev.query.dtype, device=DEVICE)])
+    out = torch.full_like(padded, float("nan"))
+    backend.forward(padded, dev.kv_cache, dev.metadata, 64 ** -0.5, out=out)
+    assert out[17:].isnan().all()
+    ref = TorchRefBackend().forward(batch.query.float(), batch.kv_cache.float(), batch.metadata, 64 ** -0.5)
+    assert (out[:17].float().cpu() - ref).norm() / ref.norm() < TOLERANCE[torch.float16]
+
+
+@needs_cuda
+def test_chunk_of_a_32k_prompt_among_decodes_llama_shape(backend):
+    """W5's long-prompt mix: a 256-token chunk at 32K positions next to 64 decodes takes the
+    split path with the default threshold."""
+    gen = torch.Generator().manual_seed(5)
+    decode_lens = torch.randint(1, 2048, (64,), generator=gen).tolist()
+    query_lens, seq_lens = [1] * 64 + [256], decode_lens + [32768]
+    batch = make_batch(query_lens, seq_lens, 32, 8, 128, 16, torch.bfloat16, seed=6)
+    plan = pytest.importorskip("sluice.attention.triton_paged")._LaunchPlan.build(
+        backend, batch.query, 8, batch.metadata)
+    assert plan.num_splits > 1
+    run_and_compare(backend, batch)
+
+
 @needs_cuda
 @pytest.mark.parametrize("group,head_dim,block_size", [(4, 128, 16), (8, 128, 32), (1, 64, 16)])
 def test_long_contexts_with_chunks_and_decodes(backend, group, head_dim, block_size):
