@@ -29,8 +29,8 @@ class RequestSamplingState:
     """What the sampler needs to know about one request across steps.
 
     ``output_token_ids`` is a live list: the runner appends each sampled token to it.
-    ``generator`` is None for unseeded requests. ``num_draws`` counts the exponential
-    draws taken from the generator; a request rebuilt after preemption catches up to
+    ``generator`` is None for unseeded requests. ``num_draws`` counts the output positions
+    a seeded request has drawn noise for; a request rebuilt after preemption catches up to
     one draw per output token, so its seeded stream continues exactly where it was.
     """
     params: SamplingParams
@@ -88,6 +88,17 @@ class RequestSamplingState:
         # Drawn where the generator lives (the stream is device-specific), then moved.
         noise = torch.empty(vocab_size, device=generator.device).exponential_(generator=generator)
         return noise.to(device, non_blocking=True)
+
+    def claim_draw_position(self) -> int:
+        """The output position now sampled, for noise keyed by (seed, position) instead of drawn.
+
+        At least the number of output tokens (a rebuilt request resumes there, no catch-up), and
+        one past the last claimed position while that sample has not reached the host yet (a
+        pipelined step samples again before the previous token is appended).
+        """
+        position = max(self.num_draws, len(self.output_token_ids))
+        self.num_draws = position + 1
+        return position
 
     def prompt_ids_tensor(self, device: torch.device) -> torch.Tensor:
         """The prompt as a device tensor, built once (the prompt never changes)."""

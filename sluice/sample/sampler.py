@@ -11,10 +11,23 @@ One step, in order:
 Step 4's exponential race is the Gumbel-max trick: it samples from ``probs`` without a
 cumulative sum or a device sync. Unseeded rows share one batched draw; a seeded row
 draws from its own generator, so its tokens do not depend on its batch neighbours.
+
+Two paths run step 4. The torch code below is the reference and the CPU path. On CUDA, a
+batch in which no row uses top-k, top-p or min-p takes the fused Triton kernel
+(fused_sampling.py) instead: one read of the logits in their own dtype, no float32 copy.
+Its noise is keyed rather than drawn: unseeded rows by a per-step seed drawn on the host
+(``random.Random`` seeded from ``torch.initial_seed()``) and their row, seeded rows by
+(request seed, output position). So on that path a seeded request draws other numbers
+than its torch.Generator would (generator streams were device-specific anyway); its
+tokens still repeat for the same seed, alone or in any batch and across preemption, as
+long as its batches keep taking the fused path. A batch that takes the torch path (some
+row uses top-k / top-p / min-p) draws a seeded row's noise from its generator.
+Greedy rows on the fused path pick the lowest token id among tied maxima.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from random import Random
 
 import torch
 
@@ -42,24 +55,54 @@ class SamplerOutput:
 
 
 class Sampler:
-    """Stateless: all per-request state lives in the metadata's RequestSamplingStates."""
+    """Stateless but for the unseeded step seeds: per-request state lives in the metadata's
+    RequestSamplingStates.
+
+    ``use_fused_kernel``: None takes the fused kernel for eligible batches on CUDA; True for
+    eligible batches on any device (CPU tensors under TRITON_INTERPRET=1 in tests); False never.
+    """
+
+    def __init__(self, use_fused_kernel: bool | None = None) -> None:
+        self.use_fused_kernel = use_fused_kernel
+        # Drawn on the host so that keying the fused kernel's noise never waits on the device.
+        self._step_seeds = Random(torch.initial_seed())
 
     def sample(self, logits: torch.Tensor, metadata: SamplingMetadata) -> SamplerOutput:
-        logits = logits.to(torch.float32)
+        fused = self.takes_fused_path(logits, metadata)
+        if not fused:
+            logits = logits.to(torch.float32)
         raw_logprobs = None
         if metadata.logprobs_rows:
             rows = torch.tensor(metadata.logprobs_rows, dtype=torch.long).to(logits.device, non_blocking=True)
-            raw_logprobs = torch.log_softmax(logits[rows], dim=-1)
+            raw_logprobs = torch.log_softmax(logits[rows].to(torch.float32), dim=-1)
         logits = self.process_logits(logits, metadata)
-        sampled = self._sample(logits, metadata)
+        sampled = self._sample_fused(logits, metadata) if fused else self._sample(logits, metadata)
         if raw_logprobs is None:
             return SamplerOutput(sampled)
         lists = gather_logprobs(raw_logprobs, sampled[rows], metadata.num_logprobs)
         return SamplerOutput(sampled, lists, list(metadata.logprobs_rows))
 
+    def takes_fused_path(self, logits: torch.Tensor, metadata: SamplingMetadata) -> bool:
+        """Whether this batch samples with the fused kernel: no top-k, top-p or min-p in any row."""
+        if self.use_fused_kernel is False or (self.use_fused_kernel is None and not logits.is_cuda):
+            return False
+        return metadata.no_top_k and metadata.no_top_p and metadata.no_min_p
+
+    def _sample_fused(self, logits: torch.Tensor, metadata: SamplingMetadata) -> torch.Tensor:
+        from sluice.sample import fused_sampling  # imports triton: only where the kernel runs
+
+        # 2^62 and up: always a 64-bit kernel argument, so one compiled kernel serves every step.
+        step_seed = self._step_seeds.getrandbits(62) | (1 << 62)
+        return fused_sampling.sample(logits, metadata, step_seed)
+
     @staticmethod
     def process_logits(logits: torch.Tensor, metadata: SamplingMetadata) -> torch.Tensor:
-        """Bias, masks and penalties; out of place, so the caller's logits stay as they were."""
+        """Bias, masks and penalties in float32; out of place, so the caller's logits stay as they were."""
+        needs_processing = (metadata.logit_bias is not None or metadata.allowed_token_mask is not None
+                            or metadata.banned_tokens is not None or metadata.penalties is not None)
+        if not needs_processing:
+            return logits
+        logits = logits.to(torch.float32)  # a no-op on the torch path, which is float32 already
         if metadata.logit_bias is not None:
             logits = apply_logit_bias(logits, metadata.logit_bias)
         if metadata.allowed_token_mask is not None:

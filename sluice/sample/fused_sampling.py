@@ -1,0 +1,181 @@
+"""Fused sampling on CUDA: logits [N, V] in their own dtype -> one token per row, in one read.
+
+The sampler takes this path when no row needs top-k, top-p or min-p (see ``Sampler``):
+
+    greedy rows:  argmax_v logit_v                       (ties: the lowest token id)
+    random rows:  argmax_v logit_v / T - log(E_v),  E_v ~ Exp(1)
+
+The random rule is the exponential race (Gumbel-max) and samples exactly from softmax(logits / T).
+One program owns one row and walks the vocabulary in four contiguous quarters at once, keeping a
+running (best score, token) per lane and quarter; no probabilities, noise or float32 copy of the
+logits ever reach memory.
+
+Noise: a counter-based generator (Philox4x32), so draws need no state on the device and no sync.
+One Philox call gives four 32-bit words, one per quarter, so token v of a vocabulary of V tokens
+(Q = ceil(V / 4)) takes word v // Q of the call at counter v % Q:
+
+    tokens:   [0, Q)      [Q, 2Q)     [2Q, 3Q)    [3Q, V)
+    word:      0           1           2           3        of philox(key, (v % Q, c1, c2, 0))
+
+The mapping depends on V only, not on the block size, so tuning BLOCK_V changes no stream. Keys:
+    unseeded row i:           key = the step seed (drawn on the host), (c1, c2) = (i, 0)
+    seeded row (seed, pos):   key = the request's seed,                (c1, c2) = (pos, 1)
+where pos is the output position being sampled, so a seeded request's token at a position does not
+depend on its batch neighbours, its row, or on a preemption in between.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from sluice.sample.metadata import SamplingMetadata
+
+# One loop iteration reads BLOCK_V tokens (BLOCK_V // 4 per quarter). 4096 tokens in 8 warps is
+# 16 tokens per thread per iteration: enough loads in flight to stream a 128K-token row.
+BLOCK_V = 4096
+NUM_WARPS = 8
+# Philox4x32-10, the rounds of cuRAND and of torch's CUDA generator.
+PHILOX_ROUNDS = 10
+SEEDED_STREAM = 1 << 32  # c2 = 1: seeded rows never share a Philox stream with unseeded ones
+_MASK64 = (1 << 64) - 1
+
+
+@triton.jit
+def _exponential(bits):
+    """Exp(1) from 32 random bits, accurate near 0 (where the race's winners are decided).
+
+    u = (bits + 1/2) / 2^32 lies in (0, 1) with full float32 resolution near 0, and
+    E = -log(1 - u). Small u use the series u + u^2/2 + u^3/3 + u^4/4 because 1 - u would round
+    away u's low bits; the rest use the log directly (1 - u is then exact or nearly so).
+    """
+    u = bits.to(tl.float32) * 2.3283064365386963e-10 + 1.1641532182693481e-10
+    series = u * (1.0 + u * (0.5 + u * (0.3333333333333333 + u * 0.25)))
+    return tl.where(u < 0.0078125, series, -tl.log(1.0 - u))
+
+
+@triton.jit
+def _race_quarter(row_logits, token, in_range, inv_temperature, bits, best, best_token,
+                  ADD_NOISE: tl.constexpr):
+    """One quarter's block: keeps each lane's best score; strict > keeps the lowest token."""
+    score = tl.load(row_logits + token, mask=in_range, other=float("-inf")).to(tl.float32)
+    if ADD_NOISE:
+        score = score * inv_temperature - tl.log(_exponential(bits))
+    better = score > best
+    return tl.where(better, score, best), tl.where(better, token, best_token)
+
+
+@triton.jit
+def _row_best_token(row_logits, vocab_size, inv_temperature, key, c1, c2,
+                    ADD_NOISE: tl.constexpr, LANES: tl.constexpr, PHILOX_ROUNDS: tl.constexpr):
+    """The row's winning token: argmax of the logits, or of the noisy scores with ADD_NOISE."""
+    quarter = (vocab_size + 3) // 4
+    lanes = tl.arange(0, LANES)
+    best0 = tl.full([LANES], float("-inf"), tl.float32)
+    best1, best2, best3 = best0, best0, best0
+    token0, token1, token2, token3 = lanes, lanes + quarter, lanes + 2 * quarter, lanes + 3 * quarter
+    zeros = tl.zeros([LANES], tl.uint32)
+    bits0, bits1, bits2, bits3 = zeros, zeros, zeros, zeros
+    for start in range(0, quarter, LANES):
+        position = start + lanes
+        in_quarter = position < quarter
+        if ADD_NOISE:
+            bits0, bits1, bits2, bits3 = tl.philox(key, position.to(tl.uint32), zeros + c1, zeros + c2, zeros,
+                                                   PHILOX_ROUNDS)
+        best0, token0 = _race_quarter(row_logits, position, in_quarter, inv_temperature, bits0,
+                                      best0, token0, ADD_NOISE)
+        best1, token1 = _race_quarter(row_logits, position + quarter, in_quarter, inv_temperature, bits1,
+                                      best1, token1, ADD_NOISE)
+        best2, token2 = _race_quarter(row_logits, position + 2 * quarter, in_quarter, inv_temperature, bits2,
+                                      best2, token2, ADD_NOISE)
+        last = position + 3 * quarter
+        best3, token3 = _race_quarter(row_logits, last, in_quarter & (last < vocab_size), inv_temperature,
+                                      bits3, best3, token3, ADD_NOISE)
+    top = tl.maximum(tl.maximum(tl.max(best0, 0), tl.max(best1, 0)),
+                     tl.maximum(tl.max(best2, 0), tl.max(best3, 0)))
+    # Lanes that never beat -inf keep their first token id, so an all -inf row yields token 0.
+    never = vocab_size + 4 * LANES
+    low0 = tl.min(tl.where(best0 == top, token0, never), 0)
+    low1 = tl.min(tl.where(best1 == top, token1, never), 0)
+    low2 = tl.min(tl.where(best2 == top, token2, never), 0)
+    low3 = tl.min(tl.where(best3 == top, token3, never), 0)
+    return tl.minimum(tl.minimum(low0, low1), tl.minimum(low2, low3))
+
+
+@triton.jit(do_not_specialize=["step_seed"])
+def _fused_sample_kernel(logits_ptr, logits_row_stride, vocab_size, temperature_ptr, greedy_mask_ptr,
+                         row_keys_ptr, num_rows, step_seed, sampled_ptr,
+                         ALL_GREEDY: tl.constexpr, HAS_GREEDY_MASK: tl.constexpr, HAS_ROW_KEYS: tl.constexpr,
+                         LANES: tl.constexpr, PHILOX_ROUNDS: tl.constexpr):
+    row = tl.program_id(0)
+    row_logits = logits_ptr + row.to(tl.int64) * logits_row_stride
+    if HAS_GREEDY_MASK:
+        is_greedy = tl.load(greedy_mask_ptr + row)
+    else:
+        is_greedy = ALL_GREEDY
+    if is_greedy:
+        token = _row_best_token(row_logits, vocab_size, 1.0, 0, 0, 0, False, LANES, PHILOX_ROUNDS)
+    else:
+        inv_temperature = 1.0 / tl.load(temperature_ptr + row)
+        if HAS_ROW_KEYS:
+            key = tl.load(row_keys_ptr + row)
+            counter = tl.load(row_keys_ptr + num_rows + row)
+        else:
+            key = step_seed.to(tl.int64)
+            counter = row.to(tl.int64)
+        c1 = counter.to(tl.uint32)  # the low 32 bits
+        c2 = (counter >> 32).to(tl.uint32)
+        token = _row_best_token(row_logits, vocab_size, inv_temperature, key, c1, c2, True, LANES,
+                                PHILOX_ROUNDS)
+    tl.store(sampled_ptr + row, token.to(tl.int64))
+
+
+def sample(logits: torch.Tensor, metadata: SamplingMetadata, step_seed: int,
+           block_v: int = BLOCK_V) -> torch.Tensor:
+    """One token per row (long [N], on the logits' device); no host-device sync.
+
+    ``step_seed`` keys the unseeded rows' noise (any int, drawn on the host each step); seeded rows
+    claim their output position from their ``RequestSamplingState``.
+    """
+    num_rows, vocab_size = logits.shape
+    sampled = torch.empty(num_rows, dtype=torch.long, device=logits.device)
+    if num_rows == 0:
+        return sampled
+    if logits.stride(1) != 1:
+        logits = logits.contiguous()
+    row_keys = None if metadata.all_greedy else seeded_row_keys(metadata, step_seed, logits.device)
+    # Pointers the kernel never reads (their feature is off) point at the logits.
+    _fused_sample_kernel[(num_rows,)](
+        logits, logits.stride(0), vocab_size,
+        metadata.temperature if metadata.temperature is not None else logits,
+        metadata.greedy_mask if metadata.greedy_mask is not None else logits,
+        row_keys if row_keys is not None else logits,
+        num_rows, _as_int64(step_seed), sampled,
+        ALL_GREEDY=metadata.all_greedy, HAS_GREEDY_MASK=metadata.greedy_mask is not None,
+        HAS_ROW_KEYS=row_keys is not None, LANES=block_v // 4, PHILOX_ROUNDS=PHILOX_ROUNDS,
+        num_warps=NUM_WARPS)
+    return sampled
+
+
+def seeded_row_keys(metadata: SamplingMetadata, step_seed: int, device: torch.device) -> torch.Tensor | None:
+    """long [2, N]: each row's Philox key and counter word (c2 << 32 | c1); None without seeded rows.
+
+    Claims the output position of each seeded row, so call it once per sampling step.
+    """
+    seeded = metadata.seeded_rows
+    if not seeded:
+        return None
+    num_rows = metadata.num_reqs
+    keys = [_as_int64(step_seed)] * num_rows
+    counters = list(range(num_rows))
+    for row, state in seeded.items():  # a loop over seeded requests only
+        keys[row] = _as_int64(state.params.seed)
+        counters[row] = SEEDED_STREAM | state.claim_draw_position()
+    # Built on the host and copied without blocking: no device sync on the step's path.
+    return torch.tensor([keys, counters], dtype=torch.long).to(device, non_blocking=True)
+
+
+def _as_int64(seed: int) -> int:
+    """Any Python int as the signed 64-bit word with the same low 64 bits (the Philox key)."""
+    seed &= _MASK64
+    return seed - (1 << 64) if seed >= 1 << 63 else seed
