@@ -145,6 +145,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True, help="where to write the JSON results")
     parser.add_argument("--sweep", action="store_true", help="also try launch configs")
+    parser.add_argument("--sweep-long-chunk", action="store_true",
+                        help="also try launch configs on 224 decodes + a 256-token chunk at 32K")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("attention_bench needs a CUDA GPU")
@@ -171,6 +173,12 @@ def main() -> None:
         results += sweep(prefill, False, LLAMA8B,
                          dict(block_m=[64, 128], tile_n=[32, 64], num_warps=[4, 8], num_stages=[2]))
 
+    if args.sweep_long_chunk:
+        gen = torch.Generator().manual_seed(0)
+        decode_lens = torch.randint(1, 2049, (224,), generator=gen).tolist()
+        long_chunk = Case("224_decodes+256_chunk@32768", [1] * 224 + [256], decode_lens + [32768])
+        results += sweep(long_chunk, False, LLAMA8B,
+                         dict(block_m=[64, 128], tile_n=[32, 64, 128], num_warps=[4, 8], num_stages=[2, 3]))
     report = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
                   measured_copy_tbps=copy_tbps, reference_hbm_tbps=HBM_COPY_TBPS,
                   decode_config=asdict(DECODE_CONFIG), mixed_config=asdict(MIXED_CONFIG),
