@@ -25,48 +25,67 @@ depend on its batch neighbours, its row, or on a preemption in between.
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
 
 from sluice.sample.metadata import SamplingMetadata
 
 # One loop iteration reads BLOCK_V tokens (BLOCK_V // 4 per quarter). 4096 tokens in 8 warps is
-# 16 tokens per thread per iteration: enough loads in flight to stream a 128K-token row.
+# 16 tokens per thread per iteration (4 Philox calls), 64 registers on sm_90; not yet tuned.
 BLOCK_V = 4096
 NUM_WARPS = 8
 # Philox4x32-10, the rounds of cuRAND and of torch's CUDA generator.
 PHILOX_ROUNDS = 10
 SEEDED_STREAM = 1 << 32  # c2 = 1: seeded rows never share a Philox stream with unseeded ones
 _MASK64 = (1 << 64) - 1
+LOG2E = tl.constexpr(1.4426950408889634)
+INTERPRETED = tl.constexpr(os.environ.get("TRITON_INTERPRET") == "1")
 
 
 @triton.jit
-def _exponential(bits):
-    """Exp(1) from 32 random bits, accurate near 0 (where the race's winners are decided).
+def _log2(x):
+    # lg2.approx (one MUFU op, error about 2^-22) is far more precise than what moves an argmax of
+    # bf16 logits; the accurate log is a polynomial, and with two logs a token the sm_90 loop took
+    # about 90 instructions a token instead of 37. The interpreter has no libdevice: accurate log.
+    if INTERPRETED:
+        return tl.log2(x)
+    else:
+        return libdevice.fast_log2f(x)
+
+
+@triton.jit
+def _log2_exponential(bits):
+    """log2(E / ln 2) for E ~ Exp(1) made from 32 random bits; accurate near E = 0, where the
+    race's winners are decided.
 
     u = (bits + 1/2) / 2^32 lies in (0, 1) with full float32 resolution near 0, and
-    E = -log(1 - u). Small u use the series u + u^2/2 + u^3/3 + u^4/4 because 1 - u would round
-    away u's low bits; the rest use the log directly (1 - u is then exact or nearly so).
+    E / ln 2 = -log2(1 - u). Below u = 2^-7 the series (u + u^2/2 + u^3/3 + u^4/4) / ln 2 stands
+    in, because 1 - u would round away u's low bits; above it, 1 - u is exact or nearly so.
     """
     u = bits.to(tl.float32) * 2.3283064365386963e-10 + 1.1641532182693481e-10
-    series = u * (1.0 + u * (0.5 + u * (0.3333333333333333 + u * 0.25)))
-    return tl.where(u < 0.0078125, series, -tl.log(1.0 - u))
+    series = u * (LOG2E + u * (LOG2E / 2 + u * (LOG2E / 3 + u * (LOG2E / 4))))
+    return _log2(tl.where(u < 0.0078125, series, -_log2(1.0 - u)))
 
 
 @triton.jit
-def _race_quarter(row_logits, token, in_range, inv_temperature, bits, best, best_token,
-                  ADD_NOISE: tl.constexpr):
-    """One quarter's block: keeps each lane's best score; strict > keeps the lowest token."""
+def _race_quarter(row_logits, token, in_range, scale, bits, best, best_token, ADD_NOISE: tl.constexpr):
+    """One quarter's block: keeps each lane's best score; strict > keeps the lowest token.
+
+    With noise the score is log2(e) * (logit / T - ln E) + log2(ln 2), whose argmax is the race's.
+    """
     score = tl.load(row_logits + token, mask=in_range, other=float("-inf")).to(tl.float32)
     if ADD_NOISE:
-        score = score * inv_temperature - tl.log(_exponential(bits))
+        score = score * scale - _log2_exponential(bits)
     better = score > best
     return tl.where(better, score, best), tl.where(better, token, best_token)
 
 
 @triton.jit
-def _row_best_token(row_logits, vocab_size, inv_temperature, key, c1, c2,
+def _row_best_token(row_logits, vocab_size, scale, key, c1, c2,
                     ADD_NOISE: tl.constexpr, LANES: tl.constexpr, PHILOX_ROUNDS: tl.constexpr):
     """The row's winning token: argmax of the logits, or of the noisy scores with ADD_NOISE."""
     quarter = (vocab_size + 3) // 4
@@ -82,14 +101,14 @@ def _row_best_token(row_logits, vocab_size, inv_temperature, key, c1, c2,
         if ADD_NOISE:
             bits0, bits1, bits2, bits3 = tl.philox(key, position.to(tl.uint32), zeros + c1, zeros + c2, zeros,
                                                    PHILOX_ROUNDS)
-        best0, token0 = _race_quarter(row_logits, position, in_quarter, inv_temperature, bits0,
+        best0, token0 = _race_quarter(row_logits, position, in_quarter, scale, bits0,
                                       best0, token0, ADD_NOISE)
-        best1, token1 = _race_quarter(row_logits, position + quarter, in_quarter, inv_temperature, bits1,
+        best1, token1 = _race_quarter(row_logits, position + quarter, in_quarter, scale, bits1,
                                       best1, token1, ADD_NOISE)
-        best2, token2 = _race_quarter(row_logits, position + 2 * quarter, in_quarter, inv_temperature, bits2,
+        best2, token2 = _race_quarter(row_logits, position + 2 * quarter, in_quarter, scale, bits2,
                                       best2, token2, ADD_NOISE)
         last = position + 3 * quarter
-        best3, token3 = _race_quarter(row_logits, last, in_quarter & (last < vocab_size), inv_temperature,
+        best3, token3 = _race_quarter(row_logits, last, in_quarter & (last < vocab_size), scale,
                                       bits3, best3, token3, ADD_NOISE)
     top = tl.maximum(tl.maximum(tl.max(best0, 0), tl.max(best1, 0)),
                      tl.maximum(tl.max(best2, 0), tl.max(best3, 0)))
@@ -116,7 +135,7 @@ def _fused_sample_kernel(logits_ptr, logits_row_stride, vocab_size, temperature_
     if is_greedy:
         token = _row_best_token(row_logits, vocab_size, 1.0, 0, 0, 0, False, LANES, PHILOX_ROUNDS)
     else:
-        inv_temperature = 1.0 / tl.load(temperature_ptr + row)
+        scale = LOG2E / tl.load(temperature_ptr + row)
         if HAS_ROW_KEYS:
             key = tl.load(row_keys_ptr + row)
             counter = tl.load(row_keys_ptr + num_rows + row)
@@ -125,7 +144,7 @@ def _fused_sample_kernel(logits_ptr, logits_row_stride, vocab_size, temperature_
             counter = row.to(tl.int64)
         c1 = counter.to(tl.uint32)  # the low 32 bits
         c2 = (counter >> 32).to(tl.uint32)
-        token = _row_best_token(row_logits, vocab_size, inv_temperature, key, c1, c2, True, LANES,
+        token = _row_best_token(row_logits, vocab_size, scale, key, c1, c2, True, LANES,
                                 PHILOX_ROUNDS)
     tl.store(sampled_ptr + row, token.to(tl.int64))
 
