@@ -7,7 +7,7 @@ Headline: decode of 256 requests x 1024 context, Llama-3.1-8B attention shape (3
 element of every context once: 256 * 1024 * 8 * 128 * 2 (K, V) * 2 B = 1.07 GB, so at
 3.0 TB/s (measured device copy) the floor is 0.36 ms. Also a few mixed batches, a
 flash-decoding case, and W5's long-prompt steps: 224 decodes plus one 256-token chunk of a
-prompt at 4K..32K positions, with split KV for mixed batches off and on. With --sweep, also
+prompt at 4K..32K positions, in one launch without and with split KV, and in the default two launches. With --sweep, also
 times a grid of launch configs (the notes pick from it).
 """
 from __future__ import annotations
@@ -135,8 +135,9 @@ def long_chunk_cases() -> list[Result]:
     results = []
     for context in (4096, 8192, 16384, 32768):
         case = Case(f"224_decodes+256_chunk@{context}", [1] * 224 + [256], decode_lens + [context])
-        for label, threshold in (("no_split", 1 << 30), ("default", None)):
-            backend = TritonPagedBackend(mixed_split_min_seq_len=threshold)
+        for label, threshold, separate in (("one_launch_no_split", 1 << 30, False), ("one_launch", None, False),
+                                           ("default", None, True)):
+            backend = TritonPagedBackend(mixed_split_min_seq_len=threshold, separate_short_rows=separate)
             results.append(time_case(case, backend, label, LLAMA8B))
     return results
 
@@ -163,6 +164,7 @@ def main() -> None:
                  Case("mixed_128x1k_decodes+2x2048_chunks", [1] * 128 + [2048] * 2, [1024] * 128 + [2048] * 2)):
         results.append(time_case(case, default, "default", LLAMA8B))
     results.append(time_case(long_decode, TritonPagedBackend(enable_split_kv=False), "no_split", LLAMA8B))
+    results.append(time_case(mixed, TritonPagedBackend(separate_short_rows=False), "one_launch", LLAMA8B))
     results.append(time_case(decode, default, "default_block32", {**LLAMA8B, "block_size": 32}))
     results += long_chunk_cases()
     if args.sweep:

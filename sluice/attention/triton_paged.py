@@ -126,6 +126,17 @@ def _find_token_request(query_start_loc_ptr, token, num_reqs):
 
 
 @triton.jit
+def _in_row_class(q_len, ROW_CLASS: tl.constexpr, SHORT_QUERY_LEN: tl.constexpr):
+    """Whether a request with q_len query tokens belongs to the launch's row class."""
+    if ROW_CLASS == 1:
+        return q_len <= SHORT_QUERY_LEN
+    elif ROW_CLASS == 2:
+        return q_len > SHORT_QUERY_LEN
+    else:
+        return q_len >= 0
+
+
+@triton.jit
 def _split_tiles(num_tiles, num_splits, MIN_SPLIT_TILES: tl.constexpr):
     """(tiles per split, splits used) for a context of num_tiles KV tiles; the attention and
     the merge kernel must agree on it."""
@@ -144,7 +155,8 @@ def _paged_attention_kernel(
         GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr,
         HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr,
         TILE_N: tl.constexpr, DECODE_ONLY: tl.constexpr, SPLIT: tl.constexpr,
-        MIN_SPLIT_TILES: tl.constexpr, DOT_PRECISION: tl.constexpr):
+        MIN_SPLIT_TILES: tl.constexpr, ROW_CLASS: tl.constexpr, SHORT_QUERY_LEN: tl.constexpr,
+        DOT_PRECISION: tl.constexpr):
     q_tile = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -157,6 +169,8 @@ def _paged_attention_kernel(
     q_start = tl.load(query_start_loc_ptr + req)
     q_len = tl.load(query_start_loc_ptr + req + 1) - q_start
     if local_tile * BLOCK_Q >= q_len:
+        return
+    if not _in_row_class(q_len, ROW_CLASS, SHORT_QUERY_LEN):
         return
     seq_len = tl.load(seq_lens_ptr + req)
     context_len = seq_len - q_len  # query row j sits at position context_len + j
@@ -229,7 +243,7 @@ def _merge_splits_kernel(out_ptr, part_out_ptr, part_lse_ptr, query_start_loc_pt
                          stride_ot, stride_oh, stride_ps, stride_pt, stride_ph, stride_ls, stride_lt,
                          HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, SPLITS_PAD: tl.constexpr,
                          BLOCK_Q: tl.constexpr, TILE_N: tl.constexpr, MIN_SPLIT_TILES: tl.constexpr,
-                         DECODE_ONLY: tl.constexpr):
+                         DECODE_ONLY: tl.constexpr, ROW_CLASS: tl.constexpr, SHORT_QUERY_LEN: tl.constexpr):
     """Combines the per-split softmax results of one query row (a token and a head): weights
     exp2(lse_s - max lse). Program 0 runs over requests (decode-only) or tokens."""
     head = tl.program_id(1)
@@ -243,6 +257,8 @@ def _merge_splits_kernel(out_ptr, part_out_ptr, part_lse_ptr, query_start_loc_pt
         local = tl.program_id(0) - q_start
     q_len = tl.load(query_start_loc_ptr + req + 1) - q_start
     if local >= q_len:  # an empty request, or a padding token
+        return
+    if not _in_row_class(q_len, ROW_CLASS, SHORT_QUERY_LEN):  # another launch's row
         return
     # The same context the attention program of this row walked, and so the same split count.
     local_tile = local // BLOCK_Q
@@ -311,12 +327,13 @@ class TritonPagedBackend:
                  mixed_config: KernelConfig = MIXED_CONFIG,
                  mostly_decode_config: KernelConfig | None = MOSTLY_DECODE_CONFIG,
                  enable_split_kv: bool = True,
-                 mixed_split_min_seq_len: int | None = None) -> None:
+                 mixed_split_min_seq_len: int | None = None, separate_short_rows: bool = True) -> None:
         self.decode_config = decode_config
         self.mixed_config = mixed_config
         self.mostly_decode_config = mostly_decode_config
         self.enable_split_kv = enable_split_kv
         self._mixed_split_min_seq_len = mixed_split_min_seq_len
+        self.separate_short_rows = separate_short_rows
 
     @property
     def mixed_split_min_seq_len(self) -> int:
@@ -369,41 +386,22 @@ class TritonPagedBackend:
         return out
 
 
+# Row classes of a launch: every request, or only those with short / long queries (see _LaunchPlan).
+ALL_ROWS, SHORT_ROWS, LONG_ROWS = 0, 1, 2
+
+
 @dataclass(frozen=True, slots=True)
-class _LaunchPlan:
-    """Everything about one forward's launch that is decided on the host from shapes and host ints."""
+class _Launch:
+    """One launch of the attention kernel (and of the merge kernel when it splits KV)."""
     config: KernelConfig
-    group: int
     block_q: int
     decode_only: bool
     num_splits: int
-
-    @staticmethod
-    def build(backend: TritonPagedBackend, query: torch.Tensor, num_kv_heads: int,
-              metadata: AttentionMetadata) -> "_LaunchPlan":
-        group = query.shape[1] // num_kv_heads
-        decode_only = metadata.max_query_len <= 1
-        if decode_only:
-            config = backend.decode_config
-        elif (backend.mostly_decode_config is not None
-              and query.shape[0] <= MOSTLY_DECODE_TOKENS_PER_REQ * metadata.num_reqs
-              and metadata.max_query_len <= MOSTLY_DECODE_MAX_QUERY_LEN):
-            config = backend.mostly_decode_config
-        else:
-            config = backend.mixed_config
-        block_m = max(config.block_m, triton.next_power_of_2(group), 16)
-        config = KernelConfig(block_m, config.tile_n, config.num_warps, config.num_stages)
-        num_splits = 1
-        if decode_only and backend.enable_split_kv:
-            num_splits = choose_num_splits(metadata.num_reqs, num_kv_heads, metadata.max_seq_len,
-                                           _num_sms(query.device), config.tile_n)
-        elif backend.enable_split_kv:
-            num_splits = choose_mixed_splits(query.shape[0], metadata.max_seq_len, config.tile_n,
-                                             backend.mixed_split_min_seq_len)
-        return _LaunchPlan(config, group, block_m // group, decode_only, num_splits)
+    row_class: int = ALL_ROWS
+    short_query_len: int = 0  # SHORT_ROWS: requests with at most this many query tokens; LONG_ROWS: more
 
     def run(self, query: torch.Tensor, kv_cache: torch.Tensor, metadata: AttentionMetadata,
-            scale: float, out: torch.Tensor) -> None:
+            scale: float, out: torch.Tensor, group: int) -> None:
         num_tokens, num_heads, head_dim = query.shape
         num_kv_heads = kv_cache.shape[3]
         split = self.num_splits > 1
@@ -420,6 +418,8 @@ class _LaunchPlan:
             num_q_tiles = num_tokens // self.block_q + metadata.num_reqs
         head_dim_pad = triton.next_power_of_2(max(head_dim, 16))
         cfg = self.config
+        rows = dict(ROW_CLASS=self.row_class, SHORT_QUERY_LEN=self.short_query_len, BLOCK_Q=self.block_q,
+                    TILE_N=cfg.tile_n, MIN_SPLIT_TILES=MIN_SPLIT_TILES, DECODE_ONLY=self.decode_only)
         _paged_attention_kernel[(num_q_tiles, num_kv_heads, self.num_splits)](
             out, query, kv_cache, metadata.block_table, metadata.seq_lens, metadata.query_start_loc,
             part_out, part_lse, scale * LOG2E, metadata.num_reqs, self.num_splits,
@@ -427,11 +427,10 @@ class _LaunchPlan:
             kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3),
             metadata.block_table.stride(0),
             part_out.stride(0), part_out.stride(1), part_out.stride(2), part_lse.stride(0), part_lse.stride(1),
-            GROUP=self.group, BLOCK_M=cfg.block_m, BLOCK_Q=self.block_q, HEAD_DIM=head_dim,
-            HEAD_DIM_PAD=head_dim_pad, BLOCK_SIZE=kv_cache.shape[2], TILE_N=cfg.tile_n,
-            DECODE_ONLY=self.decode_only, SPLIT=split, MIN_SPLIT_TILES=MIN_SPLIT_TILES,
+            GROUP=group, BLOCK_M=cfg.block_m, HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad,
+            BLOCK_SIZE=kv_cache.shape[2], SPLIT=split,
             DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages, **rows)
         if split:
             merge_rows = metadata.num_reqs if self.decode_only else num_tokens
             _merge_splits_kernel[(merge_rows, num_heads)](
@@ -439,8 +438,78 @@ class _LaunchPlan:
                 self.num_splits,
                 out.stride(0), out.stride(1), part_out.stride(0), part_out.stride(1), part_out.stride(2),
                 part_lse.stride(0), part_lse.stride(1),
-                HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, SPLITS_PAD=MAX_SPLITS, BLOCK_Q=self.block_q,
-                TILE_N=cfg.tile_n, MIN_SPLIT_TILES=MIN_SPLIT_TILES, DECODE_ONLY=self.decode_only)
+                HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, SPLITS_PAD=MAX_SPLITS, **rows)
+
+
+@dataclass(frozen=True, slots=True)
+class _LaunchPlan:
+    """Everything about one forward's launches that is decided on the host from shapes and host ints.
+
+    Batches with real prefill chunks run two launches: decodes (and other requests whose query
+    fits one small row tile) with the decode config, which reads their K/V at full bandwidth, and
+    the chunks with the large row tile, split over KV when a context is long. One launch for both
+    gave the decodes a 64-row tile with 4 useful rows, and made the chunk's few long programs
+    wait behind them."""
+    launches: tuple[_Launch, ...]
+    group: int
+
+    @property
+    def main(self) -> _Launch:
+        """The launch that does the heaviest rows (the only one for most batches)."""
+        return self.launches[-1]
+
+    @property
+    def config(self) -> KernelConfig:
+        return self.main.config
+
+    @property
+    def decode_only(self) -> bool:
+        return self.main.decode_only
+
+    @property
+    def num_splits(self) -> int:
+        return self.main.num_splits
+
+    @staticmethod
+    def build(backend: TritonPagedBackend, query: torch.Tensor, num_kv_heads: int,
+              metadata: AttentionMetadata) -> "_LaunchPlan":
+        group = query.shape[1] // num_kv_heads
+        decode_only = metadata.max_query_len <= 1
+        if decode_only:
+            config = _fit(backend.decode_config, group)
+            num_splits = 1
+            if backend.enable_split_kv:
+                num_splits = choose_num_splits(metadata.num_reqs, num_kv_heads, metadata.max_seq_len,
+                                               _num_sms(query.device), config.tile_n)
+            return _LaunchPlan((_Launch(config, config.block_m // group, True, num_splits),), group)
+        if (backend.mostly_decode_config is not None
+                and query.shape[0] <= MOSTLY_DECODE_TOKENS_PER_REQ * metadata.num_reqs
+                and metadata.max_query_len <= MOSTLY_DECODE_MAX_QUERY_LEN):
+            config = _fit(backend.mostly_decode_config, group)
+            return _LaunchPlan((_Launch(config, config.block_m // group, False, 1),), group)
+        config = _fit(backend.mixed_config, group)
+        num_splits = 1
+        if backend.enable_split_kv:
+            num_splits = choose_mixed_splits(query.shape[0], metadata.max_seq_len, config.tile_n,
+                                             backend.mixed_split_min_seq_len)
+        if not backend.separate_short_rows:
+            return _LaunchPlan((_Launch(config, config.block_m // group, False, num_splits),), group)
+        short = _fit(backend.decode_config, group)
+        short_len = short.block_m // group
+        return _LaunchPlan((_Launch(short, short_len, False, 1, SHORT_ROWS, short_len),
+                            _Launch(config, config.block_m // group, False, num_splits, LONG_ROWS, short_len)),
+                           group)
+
+    def run(self, query: torch.Tensor, kv_cache: torch.Tensor, metadata: AttentionMetadata,
+            scale: float, out: torch.Tensor) -> None:
+        for launch in self.launches:
+            launch.run(query, kv_cache, metadata, scale, out, self.group)
+
+
+def _fit(config: KernelConfig, group: int) -> KernelConfig:
+    """The config with a row tile of at least one whole GQA group and 16 rows (tl.dot's minimum)."""
+    block_m = max(config.block_m, triton.next_power_of_2(group), 16)
+    return KernelConfig(block_m, config.tile_n, config.num_warps, config.num_stages)
 
 
 def _check_kv_cache(kv_cache: torch.Tensor) -> None:

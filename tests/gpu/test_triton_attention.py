@@ -198,16 +198,33 @@ def test_mixed_split_count_follows_context_length():
     assert choose(40, 700, 64, min_seq_len=256) == 2  # capped by 4 KV tiles per split
 
 
+@pytest.mark.parametrize("separate_short_rows", [True, False], ids=["two_launches", "one_launch"])
 @pytest.mark.parametrize("group", [1, 4])
-def test_mixed_batch_with_a_long_context_splits_kv(group):
+def test_mixed_batch_with_a_long_context_splits_kv(group, separate_short_rows):
     """A chunk deep into a long prompt among decodes and a fresh prefill: long rows split their
     context over several programs and are merged, short rows keep one split and are written directly."""
     triton_paged = pytest.importorskip("sluice.attention.triton_paged")
-    backend = triton_paged.TritonPagedBackend(mixed_split_min_seq_len=256)
+    backend = triton_paged.TritonPagedBackend(mixed_split_min_seq_len=256,
+                                              separate_short_rows=separate_short_rows)
     query_lens, seq_lens = [24, 1, 9, 0, 1], [1100, 900, 9, 7, 30]
     batch = make_batch(query_lens, seq_lens, 2 * group, 2, 64, 16, torch.float16, seed=40 + group)
     plan = triton_paged._LaunchPlan.build(backend, batch.query, 2, batch.metadata)
     assert plan.num_splits > 1 and not plan.decode_only
+    run_and_compare(backend, batch)
+
+
+@pytest.mark.parametrize("group", [2, 4])
+def test_mixed_batch_rows_on_both_sides_of_the_short_query_length(backend, group):
+    """With chunks in the batch, requests whose query fits one small row tile (16 // group tokens)
+    run in the decode-config launch and longer ones in the large-tile launch; none is missed."""
+    triton_paged = pytest.importorskip("sluice.attention.triton_paged")
+    short = 16 // group
+    query_lens = [1, short, short + 1, 70, short - 1, 2 * short]
+    seq_lens = [50, short + 20, short + 3, 90, 40, 2 * short]
+    batch = make_batch(query_lens, seq_lens, 2 * group, 2, 64, 16, torch.float16, seed=50 + group)
+    plan = triton_paged._LaunchPlan.build(backend, batch.query, 2, batch.metadata)
+    assert [launch.row_class for launch in plan.launches] == [triton_paged.SHORT_ROWS, triton_paged.LONG_ROWS]
+    assert plan.launches[0].short_query_len == short
     run_and_compare(backend, batch)
 
 
