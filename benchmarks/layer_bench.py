@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import subprocess
 import sys
 import traceback
 from dataclasses import asdict, dataclass
@@ -28,6 +27,7 @@ import triton.testing
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from sluice.bench.cli import git_commit  # noqa: E402
 from sluice.layers import fused_kernels  # noqa: E402
 from sluice.layers.activation import SiluAndMul  # noqa: E402
 from sluice.layers.norm import RMSNorm  # noqa: E402
@@ -172,17 +172,9 @@ def per_forward(results: list[Result]) -> list[dict]:
     return estimates
 
 
-def sluice_commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                              timeout=10).stdout.strip() or "unknown"
-    except Exception:
-        return "unknown"
-
-
 def write_report(path: Path, results: list[Result]) -> dict:
     report = dict(benchmark="layers", model="L8", dtype="bfloat16", device=torch.cuda.get_device_name(),
-                  torch=torch.__version__, triton=triton.__version__, sluice_commit=sluice_commit(),
+                  torch=torch.__version__, triton=triton.__version__, sluice_commit=git_commit(),
                   date=datetime.date.today().isoformat(), reference_hbm_tbps=HBM_COPY_TBPS,
                   results=[asdict(r) for r in results], per_forward=per_forward(results))
     path.parent.mkdir(parents=True, exist_ok=True)

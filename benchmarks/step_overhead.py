@@ -17,7 +17,6 @@ import argparse
 import datetime
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -29,7 +28,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from sluice import LLM, SamplingParams  # noqa: E402
-from sluice.bench.cli import write_l8_config  # noqa: E402
+from sluice.bench.cli import git_commit, write_l8_config  # noqa: E402
 
 
 def build_llm(folder: str, args: argparse.Namespace) -> LLM:
@@ -151,7 +150,7 @@ def main() -> int:
     graphs = runner.decode_graphs
     report: dict[str, Any] = {
         "workload": "W6", "model": "L8", "device": torch.cuda.get_device_name(),
-        "date": datetime.date.today().isoformat(), "sluice_commit": _git_commit(),
+        "date": datetime.date.today().isoformat(), "sluice_commit": git_commit(),
         "num_reqs": args.num_reqs, "context": args.context, "startup_s": time.perf_counter() - start,
         "num_cuda_graphs": graphs.num_graphs if graphs is not None else 0,
         "graph_capture_s": graphs.capture_seconds if graphs is not None else None,
@@ -175,15 +174,6 @@ def main() -> int:
               f"collect (waiting) {r['runner_collect_wait_ms_mean']:.2f} ms  "
               f"host outside runner {r['host_outside_runner_ms_mean']:.2f} ms")
     return 0
-
-
-def _git_commit() -> str | None:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
-        sha = out.stdout.strip()
-        return sha if len(sha) == 40 else None  # a copy without git history (the device) has none
-    except (OSError, subprocess.SubprocessError):
-        return None
 
 
 if __name__ == "__main__":

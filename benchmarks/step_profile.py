@@ -12,6 +12,7 @@ requests, where each step still reads all 16 GB of weights (5.35 ms at 3 TB/s).
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
 import sys
@@ -19,11 +20,12 @@ import tempfile
 import time
 
 import numpy as np
+import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from sluice import SamplingParams  # noqa: E402
-from sluice.bench.cli import write_l8_config  # noqa: E402
+from sluice.bench.cli import device_name, git_commit, write_l8_config  # noqa: E402
 from sluice.bench.datasets import generate_workload  # noqa: E402
 from sluice.config import EngineArgs  # noqa: E402
 from sluice.engine.llm_engine import LLMEngine  # noqa: E402
@@ -93,7 +95,9 @@ def main() -> int:
     records = run(args, engine_args)
     summary = summarize(records)
     with open(args.out, "w") as f:
-        json.dump({"summary": summary, "steps": records}, f)
+        json.dump({"workload": args.workload, "model": "L8", "device": device_name("cuda" if torch.cuda.is_available() else "cpu"),
+                   "sluice_commit": git_commit(), "date": datetime.date.today().isoformat(),
+                   "summary": summary, "steps": records}, f)
     for name, group in summary.items():
         print(name, group)
     return 0
