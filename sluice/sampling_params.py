@@ -181,6 +181,12 @@ class SamplingParams:
         return bool(self.uses_penalties or self._bad_words_token_ids or self.bad_words or self.min_tokens > 0)
 
     @property
+    def reads_output_text_on_host(self) -> bool:
+        """Whether sampling must see the actual earlier output token ids on the host (bad words match
+        sequences); penalties and min_tokens need only counts, which the runner completes on the device."""
+        return bool(self._bad_words_token_ids or self.bad_words)
+
+    @property
     def is_greedy(self) -> bool:
         return self.temperature < _SAMPLING_EPS
 

@@ -9,8 +9,8 @@ for the host's bookkeeping:
                  (GPU runs t)       (queued behind t)  (waits for t)  (GPU runs t+1)
 
 and the outputs a call returns are those of the previous step. The step is collected before the
-next one launches when that one needs its samples on the host (penalties, bad words, min_tokens),
-or when nothing else is scheduled.
+next one launches when that one needs its samples on the host (bad words), or when nothing else
+is scheduled.
 """
 from __future__ import annotations
 

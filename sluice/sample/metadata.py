@@ -53,10 +53,11 @@ class RequestSamplingState:
                            "SamplingParams.update_bad_words_from_tokenizer); they are ignored")
         return cls(params, generator, list(prompt_token_ids), output_token_ids, eos_token_id)
 
-    def stop_token_ids_to_mask(self) -> list[int]:
-        """Tokens banned while fewer than min_tokens were generated: eos (unless ignored) and stop ids."""
+    def stop_token_ids_to_mask(self, num_pending: int = 0) -> list[int]:
+        """Tokens banned while fewer than min_tokens were generated: eos (unless ignored) and stop ids.
+        ``num_pending``: output tokens sampled but not yet on the host (async scheduling)."""
         params = self.params
-        if len(self.output_token_ids) >= params.min_tokens:
+        if len(self.output_token_ids) + num_pending >= params.min_tokens:
             return []
         ids = set(params.all_stop_token_ids)
         if self.eos_token_id is not None and not params.ignore_eos:
@@ -119,6 +120,23 @@ class PenaltyTensors:
 
 
 @dataclass(slots=True)
+class PendingOutputs:
+    """Async scheduling: batch rows whose last output token was sampled by the step still in flight,
+    so it is not in ``output_token_ids`` yet, and those tokens' ids on the device."""
+    rows: list[int]
+    token_ids: torch.Tensor  # long [len(rows)], on the sampling device
+
+    def of(self, rows: list[int]) -> tuple[list[int], torch.Tensor | None]:
+        """(positions within ``rows`` that have a pending token, their ids); ids None when there are none."""
+        where = {row: i for i, row in enumerate(self.rows)}
+        hits = [(k, where[row]) for k, row in enumerate(rows) if row in where]
+        if not hits:
+            return [], None
+        index = _tensor([i for _, i in hits], torch.long, self.token_ids.device)
+        return [k for k, _ in hits], self.token_ids.index_select(0, index)
+
+
+@dataclass(slots=True)
 class SamplingMetadata:
     """Batched sampling inputs for one step; ``None`` means no row uses the feature."""
     num_reqs: int
@@ -162,7 +180,9 @@ class SamplingMetadata:
 
     @classmethod
     def build(cls, states: list[RequestSamplingState], vocab_size: int,
-              device: torch.device | str) -> "SamplingMetadata":
+              device: torch.device | str, pending: PendingOutputs | None = None) -> "SamplingMetadata":
+        """``pending``: rows whose last output token is still on its way to the host; penalties
+        count it and min_tokens counts it, on the device, so nothing waits for it."""
         device = torch.device(device)
         params = [s.params for s in states]
         greedy = [p.is_greedy for p in params]
@@ -188,10 +208,10 @@ class SamplingMetadata:
             min_p=_tensor(min_p, torch.float32, device) if any(p > 0.0 for p in min_p) else None,
             seeded_rows={i: s for i, (s, g) in enumerate(zip(states, greedy))
                          if not g and s.generator is not None},
-            penalties=_build_penalties(states, vocab_size, device),
+            penalties=_build_penalties(states, vocab_size, device, pending),
             logit_bias=_build_logit_bias(params, vocab_size, device),
             allowed_token_mask=_build_allowed_mask(params, vocab_size, device),
-            banned_tokens=_build_banned(states, vocab_size, device),
+            banned_tokens=_build_banned(states, vocab_size, device, pending),
             logprobs_rows=logprobs_rows,
             num_logprobs=[params[i].logprobs for i in logprobs_rows],
         )
@@ -202,13 +222,18 @@ def _tensor(values: list, dtype: torch.dtype, device: torch.device) -> torch.Ten
     return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
 
 
-def _build_penalties(states: list[RequestSamplingState], vocab_size: int,
-                     device: torch.device) -> PenaltyTensors | None:
+def _build_penalties(states: list[RequestSamplingState], vocab_size: int, device: torch.device,
+                     pending: PendingOutputs | None = None) -> PenaltyTensors | None:
     rows = [i for i, s in enumerate(states) if s.params.uses_penalties]
     if not rows:
         return None
     penalized = [states[i] for i in rows]
     output_counts = _token_counts([s.output_token_ids for s in penalized], vocab_size, device)
+    if pending is not None:
+        positions, token_ids = pending.of(rows)
+        if token_ids is not None:  # the tokens the host has not seen yet, counted on the device
+            output_counts.index_put_((_tensor(positions, torch.long, device), token_ids),
+                                     torch.ones_like(token_ids, dtype=torch.float32), accumulate=True)
     prompt_mask = None
     if any(s.params.repetition_penalty != 1.0 for s in penalized):
         prompt_mask = torch.zeros(len(rows), vocab_size, dtype=torch.bool, device=device)
@@ -260,11 +285,13 @@ def _build_allowed_mask(params: list[SamplingParams], vocab_size: int,
     return _tensor(rows, torch.long, device), mask.to(device, non_blocking=True)
 
 
-def _build_banned(states: list[RequestSamplingState], vocab_size: int,
-                  device: torch.device) -> tuple[torch.Tensor, torch.Tensor] | None:
+def _build_banned(states: list[RequestSamplingState], vocab_size: int, device: torch.device,
+                  pending: PendingOutputs | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
     """Bad words' next tokens and, below min_tokens, the stop tokens: all set to -inf."""
+    pending_rows = set(pending.rows) if pending is not None else set()
     pairs = [(i, t) for i, s in enumerate(states)
-             for t in s.stop_token_ids_to_mask() + s.banned_bad_word_tokens() if t < vocab_size]
+             for t in s.stop_token_ids_to_mask(int(i in pending_rows)) + s.banned_bad_word_tokens()
+             if t < vocab_size]
     if not pairs:
         return None
     rows, token_ids = zip(*pairs)

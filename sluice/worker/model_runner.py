@@ -20,7 +20,7 @@ from sluice.attention import AttentionMetadata, get_attention_backend
 from sluice.core.interface import LogprobsLists, ModelRunnerOutput, SchedulerOutput
 from sluice.models.model_config import ModelConfig
 from sluice.sample.logprobs import compute_prompt_logprobs
-from sluice.sample.metadata import RequestSamplingState, SamplingMetadata
+from sluice.sample.metadata import PendingOutputs, RequestSamplingState, SamplingMetadata
 from sluice.sample.sampler import Sampler, SamplerOutput
 from sluice.worker.cuda_graphs import DecodeGraphs, MixedGraphs, capture_sizes, mixed_capture_sizes
 from sluice.worker.input_batch import InputBatch, StepInputs
@@ -73,6 +73,7 @@ class ModelRunner:
         # Sampling metadata is reused while the same requests sample and none of them uses a
         # feature that changes per step (penalties, bad words, min_tokens).
         self._per_step_sampling_req_ids: set[str] = set()
+        self._host_output_req_ids: set[str] = set()  # bad words: sampling reads their output ids on the host
         self._cached_sampling: tuple[list[str], SamplingMetadata] | None = None
         self.sampler = Sampler()
         # The last launched step's sampled ids (device) and, per InputBatch row, the index of its sample.
@@ -185,6 +186,7 @@ class ModelRunner:
             self.sampling_states.pop(req_id, None)
             self._prompt_logprob_req_ids.discard(req_id)
             self._per_step_sampling_req_ids.discard(req_id)
+            self._host_output_req_ids.discard(req_id)
         for new in out.scheduled_new_reqs:
             self.input_batch.remove_request(new.req_id)  # resumed after preemption
             self.input_batch.add_request(new)
@@ -196,6 +198,8 @@ class ModelRunner:
                 self._prompt_logprob_req_ids.add(new.req_id)
             if params.uses_per_step_state:
                 self._per_step_sampling_req_ids.add(new.req_id)
+            if params.reads_output_text_on_host:
+                self._host_output_req_ids.add(new.req_id)
         row_of = self.input_batch.req_id_to_row
         for cached in out.scheduled_cached_reqs:
             if cached.new_block_ids:
@@ -239,12 +243,13 @@ class ModelRunner:
         return sources, sampled_ids
 
     def must_collect_first(self, scheduler_output: SchedulerOutput) -> bool:
-        """Whether the previous step's samples must reach the host before this step launches:
-        penalties, bad words and min_tokens read every earlier output token on the host."""
-        if any(new.sampling_params.uses_per_step_state for new in scheduler_output.scheduled_new_reqs):
+        """Whether the previous step's samples must reach the host before this step launches: bad
+        words match the output's last token ids on the host. (Penalties and min_tokens count the
+        sample still in flight on the device: see PendingOutputs.)"""
+        if any(new.sampling_params.reads_output_text_on_host for new in scheduler_output.scheduled_new_reqs):
             return True
-        per_step = self._per_step_sampling_req_ids
-        return bool(per_step) and not per_step.isdisjoint(scheduler_output.num_scheduled_tokens)
+        on_host = self._host_output_req_ids
+        return bool(on_host) and not on_host.isdisjoint(scheduler_output.num_scheduled_tokens)
 
     @torch.inference_mode()
     def execute(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
@@ -268,7 +273,7 @@ class ModelRunner:
         if inputs.sampling_req_ids:
             num_sampling = len(inputs.sampling_req_ids)
             logits = self.model.compute_logits(hidden[self.step_buffers.logits_indices[:num_sampling]])
-            metadata = self._sampling_metadata(inputs.sampling_req_ids, states, logits.shape[-1])
+            metadata = self._sampling_metadata(inputs, states, logits.shape[-1])
             result = self.sampler.sample(logits, metadata)
             host_ids = self._sampled_host.copy_async(result.sampled_token_ids)
             row_to_index = np.full(self.max_num_seqs, -1, dtype=np.int64)
@@ -299,15 +304,29 @@ class ModelRunner:
         return ModelRunnerOutput(req_ids=step.req_ids, sampled_token_ids=sampled, logprobs=logprobs,
                                  prompt_logprobs=step.prompt_logprobs)
 
-    def _sampling_metadata(self, req_ids: list[str], states: list[RequestSamplingState],
+    def _sampling_metadata(self, inputs: StepInputs, states: list[RequestSamplingState],
                            vocab_size: int) -> SamplingMetadata:
+        req_ids = inputs.sampling_req_ids
         cached = self._cached_sampling
-        if (cached is not None and cached[0] == req_ids
-                and self._per_step_sampling_req_ids.isdisjoint(req_ids)):
+        per_step = not self._per_step_sampling_req_ids.isdisjoint(req_ids)
+        if cached is not None and cached[0] == req_ids and not per_step:
             return cached[1]
-        metadata = SamplingMetadata.build(states, vocab_size, self.device)
+        pending = self._pending_outputs(inputs) if per_step else None
+        metadata = SamplingMetadata.build(states, vocab_size, self.device, pending)
         self._cached_sampling = (list(req_ids), metadata)
         return metadata
+
+    def _pending_outputs(self, inputs: StepInputs) -> PendingOutputs | None:
+        """Sampling rows whose last output token is the previous step's sample, not on the host yet."""
+        if not len(inputs.pending_rows):
+            return None
+        is_pending = np.isin(inputs.sampling_rows, inputs.pending_rows)
+        if not is_pending.any():
+            return None
+        sampled_ids, row_to_index = self._last_sampled
+        sources = torch.from_numpy(row_to_index[inputs.sampling_rows[is_pending]])
+        token_ids = sampled_ids.index_select(0, sources.to(sampled_ids.device, non_blocking=True))
+        return PendingOutputs(np.flatnonzero(is_pending).tolist(), token_ids)
 
     def _prompt_logprobs(self, inputs: StepInputs, hidden: torch.Tensor) -> dict[str, LogprobsLists]:
         """Logprobs of the prompt tokens this step computed, for requests that asked for them.

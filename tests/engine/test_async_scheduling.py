@@ -54,9 +54,13 @@ def _params(stop_token: int) -> list[SamplingParams]:
             params.append(SamplingParams(temperature=0.0, max_tokens=20, stop_token_ids=[stop_token], ignore_eos=True))
         elif kind == 2:  # seeded sampling: the request's own generator, same draws in both modes
             params.append(SamplingParams(temperature=1.0, seed=i, max_tokens=15, ignore_eos=True))
-        else:  # penalties read every earlier output token on the host: the step is collected first
+        elif i % 8 == 3:  # penalties count every earlier output token, the one still in flight on the device
             params.append(SamplingParams(temperature=0.0, max_tokens=15, repetition_penalty=1.3,
-                                         frequency_penalty=0.5, ignore_eos=True, logprobs=2))
+                                         frequency_penalty=0.5, presence_penalty=0.3, ignore_eos=True,
+                                         logprobs=2))
+        else:  # min_tokens bans the stop token until the 9th output token, counting the one in flight
+            params.append(SamplingParams(temperature=0.0, max_tokens=20, min_tokens=9, stop_token_ids=[stop_token],
+                                         ignore_eos=True))
     return params
 
 
@@ -85,10 +89,14 @@ def test_async_scheduling_matches_sync_outputs(model_path, engine_kwargs):
         return pending
 
     runner._pending = counting_pending
+    collected_first = []
+    must_collect_first = runner.must_collect_first
+    runner.must_collect_first = lambda out: collected_first.append(must_collect_first(out)) or collected_first[-1]
     got = async_llm.generate(inputs, params, use_tqdm=False)
-    # Steps ran ahead of their inputs: those token ids came from the previous step's samples. (While a
-    # request with penalties runs, every step waits for the previous one, so only the later steps do.)
+    # Steps ran ahead of their inputs: those token ids came from the previous step's samples, and no
+    # step waited for the previous one, penalties and min_tokens included.
     assert sum(pending_from_device) > 0
+    assert collected_first and not any(collected_first)
     assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids for o in expected]
     assert [o.outputs[0].finish_reason for o in got] == [o.outputs[0].finish_reason for o in expected]
     assert [o.outputs[0].stop_reason for o in got] == [o.outputs[0].stop_reason for o in expected]

@@ -128,6 +128,26 @@ def test_float32_greedy_equals_cpu_reference_with_split_kv_in_long_context_mixed
     assert runner.long_context_mixed_graphs.num_replays > 0
 
 
+def test_float32_penalties_and_min_tokens_with_async_scheduling_equal_cpu_reference(model_path):
+    """Penalties and min_tokens count the sample still in flight on the GPU: no step waits for the
+    previous one, and the tokens equal the CPU's (synchronous) ones."""
+    prompts = _prompts()
+    params = [SamplingParams(temperature=0.0, max_tokens=30, frequency_penalty=0.7, presence_penalty=0.4,
+                             repetition_penalty=1.3, min_tokens=10, stop_token_ids=[p[0]], ignore_eos=True)
+              for p in prompts]
+    cpu = LLM(model=model_path, dtype="float32", device="cpu", **ENGINE_ARGS)
+    expected = _generate(cpu, prompts, params)
+    llm = _cuda_llm(model_path, "float32", cuda_graphs=True)
+    runner = llm.llm_engine.core.runner
+    must_collect_first = runner.must_collect_first
+    collected_first = []
+    runner.must_collect_first = lambda out: collected_first.append(must_collect_first(out)) or collected_first[-1]
+    got = _generate(llm, prompts, params)
+    assert got == expected
+    assert collected_first and not any(collected_first)
+    _assert_no_leaked_blocks(llm)
+
+
 def test_bfloat16_first_tokens_agree_with_float32_cpu(trained_model_path, trained_cpu_reference):
     prompts, expected = trained_cpu_reference
     oracle = hf_greedy(trained_model_path, prompts, 40)

@@ -144,6 +144,24 @@ def test_penalty_counts_are_built_for_penalized_rows_only():
     assert penalties.prompt_mask is None  # only repetition_penalty needs the prompt
 
 
+def test_tokens_still_in_flight_count_as_output():
+    """Async scheduling: a row's last sample may still be on its way to the host. Penalties and
+    min_tokens count it from its id on the device, as if it were in the output already."""
+    from sluice.sample.metadata import PendingOutputs
+    penalized = SamplingParams(frequency_penalty=1.0, presence_penalty=0.5, repetition_penalty=1.5)
+    min_tokens = SamplingParams(min_tokens=3, stop_token_ids=[9])
+    in_flight = [make_state(penalized, output=[4, 6]), make_state(SamplingParams()),
+                 make_state(min_tokens, output=[1, 1]), make_state(penalized, output=[4])]
+    landed = [make_state(penalized, output=[4, 6, 6]), make_state(SamplingParams()),
+              make_state(min_tokens, output=[1, 1, 2]), make_state(penalized, output=[4])]
+    pending = PendingOutputs(rows=[0, 2], token_ids=torch.tensor([6, 2]))  # row 3 has nothing in flight
+    metadata = SamplingMetadata.build(in_flight, VOCAB_SIZE, "cpu", pending)
+    expected = build(landed)
+    assert torch.equal(metadata.penalties.output_counts, expected.penalties.output_counts)
+    assert metadata.banned_tokens is None and expected.banned_tokens is None  # min_tokens reached
+    assert build(in_flight).banned_tokens is not None  # without the token in flight it is not
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_all_processing_together_matches_the_cpu_result(device, rng):
     params = SamplingParams(logit_bias={3: 2.0}, allowed_token_ids=list(range(0, 60, 2)), min_tokens=4,
