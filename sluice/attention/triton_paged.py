@@ -172,15 +172,20 @@ ALL_ROWS, SHORT_ROWS, LONG_ROWS = 0, 1, 2
 @dataclass(frozen=True, slots=True)
 class _Launch:
     """One launch of the attention kernel (and of the merge kernel when it splits KV)."""
-    config: KernelConfig
-    block_q: int
+    config: KernelConfig  # fitted to the GQA group (_fit)
+    group: int
     decode_only: bool
     num_splits: int
     row_class: int = ALL_ROWS
     short_query_len: int = 0  # SHORT_ROWS: requests with at most this many query tokens; LONG_ROWS: more
 
+    @property
+    def block_q(self) -> int:
+        """Tokens per program: the row tile holds BLOCK_Q tokens x GROUP query heads."""
+        return self.config.block_m // self.group
+
     def run(self, query: torch.Tensor, kv_cache: torch.Tensor, metadata: AttentionMetadata,
-            scale: float, out: torch.Tensor, group: int) -> None:
+            scale: float, out: torch.Tensor) -> None:
         num_tokens, num_heads, head_dim = query.shape
         num_kv_heads = kv_cache.shape[3]
         split = self.num_splits > 1
@@ -206,7 +211,7 @@ class _Launch:
             kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3),
             metadata.block_table.stride(0),
             part_out.stride(0), part_out.stride(1), part_out.stride(2), part_lse.stride(0), part_lse.stride(1),
-            GROUP=group, BLOCK_M=cfg.block_m, HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad,
+            GROUP=self.group, BLOCK_M=cfg.block_m, HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad,
             BLOCK_SIZE=kv_cache.shape[2], SPLIT=split,
             DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
             num_warps=cfg.num_warps, num_stages=cfg.num_stages, **rows)
@@ -230,7 +235,6 @@ class _LaunchPlan:
     gave the decodes a 64-row tile with 4 useful rows, and made the chunk's few long programs
     wait behind them."""
     launches: tuple[_Launch, ...]
-    group: int
 
     @property
     def main(self) -> _Launch:
@@ -260,29 +264,28 @@ class _LaunchPlan:
             if backend.enable_split_kv:
                 num_splits = choose_num_splits(metadata.num_reqs, num_kv_heads, metadata.max_seq_len,
                                                _num_sms(query.device), config.tile_n)
-            return _LaunchPlan((_Launch(config, config.block_m // group, True, num_splits),), group)
+            return _LaunchPlan((_Launch(config, group, True, num_splits),))
         if (backend.mostly_decode_config is not None
                 and query.shape[0] <= MOSTLY_DECODE_TOKENS_PER_REQ * metadata.num_reqs
                 and metadata.max_query_len <= MOSTLY_DECODE_MAX_QUERY_LEN):
             config = _fit(backend.mostly_decode_config, group)
-            return _LaunchPlan((_Launch(config, config.block_m // group, False, 1),), group)
+            return _LaunchPlan((_Launch(config, group, False, 1),))
         config = _fit(backend.mixed_config, group)
         num_splits = 1
         if backend.enable_split_kv:
             num_splits = choose_mixed_splits(query.shape[0], metadata.max_seq_len, config.tile_n,
                                              backend.mixed_split_min_seq_len)
         if not backend.separate_short_rows:
-            return _LaunchPlan((_Launch(config, config.block_m // group, False, num_splits),), group)
-        short = _fit(backend.decode_config, group)
-        short_len = short.block_m // group
-        return _LaunchPlan((_Launch(short, short_len, False, 1, SHORT_ROWS, short_len),
-                            _Launch(config, config.block_m // group, False, num_splits, LONG_ROWS, short_len)),
-                           group)
+            return _LaunchPlan((_Launch(config, group, False, num_splits),))
+        short_config = _fit(backend.decode_config, group)
+        short_len = short_config.block_m // group  # queries that fit one program of the decode tile
+        return _LaunchPlan((_Launch(short_config, group, False, 1, SHORT_ROWS, short_len),
+                            _Launch(config, group, False, num_splits, LONG_ROWS, short_len)))
 
     def run(self, query: torch.Tensor, kv_cache: torch.Tensor, metadata: AttentionMetadata,
             scale: float, out: torch.Tensor) -> None:
         for launch in self.launches:
-            launch.run(query, kv_cache, metadata, scale, out, self.group)
+            launch.run(query, kv_cache, metadata, scale, out)
 
 
 def _fit(config: KernelConfig, group: int) -> KernelConfig:

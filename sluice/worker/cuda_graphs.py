@@ -17,8 +17,8 @@ has a fixed width (max blocks per request for max_model_len). Steps with prefill
 to 1024 tokens replay ``MixedGraphs`` (keyed by token count, see below); larger ones run
 eagerly. Mixed steps split KV only when a context is long, so there are two sets of mixed
 graphs: one captured just below that length (no split), and, when max_model_len reaches it,
-one captured at max_model_len (split) for steps with a long context. Graphs are captured largest first, so the smaller ones reuse the pool the largest
-one sized, and both sets share that pool.
+one captured at max_model_len (split) for steps with a long context. Graphs are captured
+largest first, so the smaller ones reuse the pool the largest one sized; all sets share it.
 """
 from __future__ import annotations
 
@@ -49,7 +49,9 @@ class DecodeGraphs:
     """Captured decode graphs; ``run(num_reqs)`` replays the bucket that holds num_reqs requests."""
     kind = "decode batch sizes"
 
-    def __init__(self, model: torch.nn.Module, buffers: StepBuffers, sizes: list[int], max_seq_len: int) -> None:
+    def __init__(self, model: torch.nn.Module, buffers: StepBuffers, sizes: list[int], max_seq_len: int,
+                 kind: str | None = None) -> None:
+        """``kind`` names the set in the capture log (default: the class's)."""
         limit = self._max_size(buffers)
         if not sizes or sorted(sizes)[-1] > limit:
             raise ValueError(f"sizes must be non-empty and at most {limit}, got {sizes}")
@@ -57,6 +59,8 @@ class DecodeGraphs:
         self.buffers = buffers
         self.sizes = sorted(sizes)
         self.max_seq_len = max_seq_len
+        if kind is not None:
+            self.kind = kind
         self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self._outputs: dict[int, torch.Tensor] = {}
         self.capture_seconds = 0.0

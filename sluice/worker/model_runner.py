@@ -164,8 +164,8 @@ class ModelRunner:
             mixed.capture(pool)
             self.mixed_graphs = mixed
             if max_len > short_len:
-                long_context = MixedGraphs(self.model, self.step_buffers, sizes, max_seq_len=max_len)
-                long_context.kind = "steps with prefill chunks at long context, tokens"
+                long_context = MixedGraphs(self.model, self.step_buffers, sizes, max_seq_len=max_len,
+                                           kind="steps with prefill chunks at long context, tokens")
                 long_context.capture(pool)
                 self.long_context_mixed_graphs = long_context
 
@@ -233,11 +233,15 @@ class ModelRunner:
         """For each pending token, the index of its sample in the previous step's sampled ids; and those ids."""
         if not len(inputs.pending_rows):
             return None
+        return self._previous_samples(inputs.pending_rows)
+
+    def _previous_samples(self, rows: np.ndarray) -> tuple[np.ndarray, torch.Tensor]:
+        """For each InputBatch row, the index of its sample in the previous step's sampled ids; and those ids."""
         last = self._last_sampled
         if last is None:
             raise RuntimeError("a step needs samples of a previous step that was never launched")
         sampled_ids, row_to_index = last
-        sources = row_to_index[inputs.pending_rows]
+        sources = row_to_index[rows]
         if (sources < 0).any():
             raise RuntimeError("a pending token has no sample in the previous step")
         return sources, sampled_ids
@@ -323,9 +327,8 @@ class ModelRunner:
         is_pending = np.isin(inputs.sampling_rows, inputs.pending_rows)
         if not is_pending.any():
             return None
-        sampled_ids, row_to_index = self._last_sampled
-        sources = torch.from_numpy(row_to_index[inputs.sampling_rows[is_pending]])
-        token_ids = sampled_ids.index_select(0, sources.to(sampled_ids.device, non_blocking=True))
+        sources, sampled_ids = self._previous_samples(inputs.sampling_rows[is_pending])
+        token_ids = sampled_ids.index_select(0, torch.from_numpy(sources).to(sampled_ids.device, non_blocking=True))
         return PendingOutputs(np.flatnonzero(is_pending).tolist(), token_ids)
 
     def _prompt_logprobs(self, inputs: StepInputs, hidden: torch.Tensor) -> dict[str, LogprobsLists]:
