@@ -7,7 +7,7 @@ are token ids and nothing is detokenized), prefills ``--num-reqs`` prompts of ``
 tokens, then times decode steps: wall time per ``LLMEngine.step()`` (host clock; every step
 ends by reading the sampled ids, so the GPU work is done), and GPU busy time per step (sum of
 kernel and copy times under torch.profiler, taken on separate steps so that the profiler's host
-overhead does not inflate the wall time). GPU idle fraction = 1 - busy / wall. Runs once with
+overhead does not inflate the wall time, with the 25 kernels that took the most of it). GPU idle fraction = 1 - busy / wall. Runs once with
 the decode CUDA graphs and once with them released (eager), and splits the host time into
 the model runner's ``launch`` / ``collect`` and the rest (scheduler, output processing).
 """
@@ -96,17 +96,26 @@ def time_steps(llm: LLM, num_steps: int) -> dict[str, float]:
             "host_outside_runner_ms_mean": 1e3 * (sum(walls) - in_runner) / num_steps}
 
 
-def gpu_busy_per_step(llm: LLM, num_steps: int) -> float:
-    """Milliseconds of kernels and copies per step, from torch.profiler's device activity."""
+def gpu_busy_per_step(llm: LLM, num_steps: int) -> tuple[float, list[dict[str, Any]]]:
+    """Milliseconds of kernels and copies per step, from torch.profiler's device activity, and the
+    kernels that took the most of it (microseconds and launches per step)."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         for _ in range(num_steps):
             llm.llm_engine.step()
         torch.cuda.synchronize()
-    total_us = sum(event.time_range.elapsed_us() for event in prof.events()
-                   if event.device_type == torch.autograd.DeviceType.CUDA)
-    return total_us / 1e3 / num_steps
+    per_kernel: dict[str, list[float]] = {}
+    for event in prof.events():
+        if event.device_type == torch.autograd.DeviceType.CUDA:
+            entry = per_kernel.setdefault(event.name, [0.0, 0])
+            entry[0] += event.time_range.elapsed_us()
+            entry[1] += 1
+    total_us = sum(us for us, _ in per_kernel.values())
+    top = sorted(per_kernel.items(), key=lambda item: -item[1][0])[:25]
+    kernels = [{"name": name[:120], "us_per_step": us / num_steps, "launches_per_step": n / num_steps}
+               for name, (us, n) in top]
+    return total_us / 1e3 / num_steps, kernels
 
 
 def graph_forward_ms(llm: LLM, repeats: int = 20) -> float | None:
@@ -127,7 +136,7 @@ def graph_forward_ms(llm: LLM, repeats: int = 20) -> float | None:
 
 def measure(llm: LLM, args: argparse.Namespace) -> dict[str, float]:
     result = time_steps(llm, args.steps)
-    result["gpu_busy_ms_per_step"] = gpu_busy_per_step(llm, args.profile_steps)
+    result["gpu_busy_ms_per_step"], result["top_kernels"] = gpu_busy_per_step(llm, args.profile_steps)
     result["gpu_idle_fraction"] = 1.0 - result["gpu_busy_ms_per_step"] / result["step_ms_median"]
     return result
 
