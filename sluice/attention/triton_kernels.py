@@ -26,6 +26,11 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+# Counts that change from step to step are not specialized on (Triton would otherwise compile a
+# variant for 1 and for multiples of 16): every step then reuses the kernels compiled at start-up
+# instead of stopping the whole batch for a compile the first time a new count comes along.
+PER_STEP_COUNTS = ["num_reqs", "num_splits"]
+
 
 @triton.jit
 def write_kv_kernel(key_ptr, value_ptr, kv_ptr, slot_ptr,
@@ -99,7 +104,7 @@ def _split_tiles(num_tiles, num_splits, MIN_SPLIT_TILES: tl.constexpr):
     return tiles_per_split, tl.cdiv(num_tiles, tiles_per_split)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=PER_STEP_COUNTS)
 def paged_attention_kernel(
         out_ptr, q_ptr, kv_ptr, block_table_ptr, seq_lens_ptr, query_start_loc_ptr,
         part_out_ptr, part_lse_ptr,
@@ -192,7 +197,7 @@ def paged_attention_kernel(
                  out.to(out_ptr.dtype.element_ty), mask=out_mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=PER_STEP_COUNTS)
 def merge_splits_kernel(out_ptr, part_out_ptr, part_lse_ptr, query_start_loc_ptr, seq_lens_ptr,
                          num_reqs, num_splits,
                          stride_ot, stride_oh, stride_ps, stride_pt, stride_ph, stride_ls, stride_lt,

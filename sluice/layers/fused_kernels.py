@@ -9,7 +9,8 @@ activation.py (the reference), computing in float32 and rounding to the model dt
 the torch code does, so the two paths differ only by float32 reduction order and libm ulps.
 
 Launches are CUDA-graph safe: grids and block sizes come from shapes alone, nothing reads device
-values on the host. The layers use these kernels for CUDA tensors (``runs_on``) in the shapes each
+values on the host. Row and token counts are not specialized on (``do_not_specialize``): Triton
+would compile a new variant the first time a step's count is 1 or a multiple of 16, stalling that step. The layers use these kernels for CUDA tensors (``runs_on``) in the shapes each
 ``can_*`` check accepts, and keep their torch code everywhere else.
 
 q and k arrive as column slices of the fused qkv projection, so their rows are strided:
@@ -51,7 +52,7 @@ def _rows_per_program(row_elements: int) -> int:
 # RMSNorm, with the residual add fused in
 # ---------------------------------------------------------------------------------------------
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_rows"])
 def _rms_norm_kernel(x_ptr, residual_ptr, weight_ptr, out_ptr, new_residual_ptr,
                      num_rows, inner_rows, stride_x0, stride_x1, stride_r0, stride_r1, eps,
                      WIDTH: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_ROWS: tl.constexpr,
@@ -143,7 +144,7 @@ def _rotate_heads(x_ptr, tokens, token_mask, stride_t, first_head, num_heads, co
     tl.store(x1_ptrs + HALF, (x2_cos + x1_sin).to(dtype), mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_tokens"])
 def _rotary_kernel(q_ptr, k_ptr, positions_ptr, inv_freq_ptr, num_tokens, stride_q, stride_k, stride_pos,
                    num_q_heads, num_k_heads, num_q_blocks,
                    HEAD_DIM: tl.constexpr, HALF: tl.constexpr, HALF_PAD: tl.constexpr,
@@ -205,7 +206,7 @@ def apply_rotary_(positions: torch.Tensor, query: torch.Tensor, key: torch.Tenso
 # silu(gate) * up
 # ---------------------------------------------------------------------------------------------
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_rows"])
 def _silu_and_mul_kernel(x_ptr, out_ptr, num_rows, width, stride_x,
                          BLOCK_ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
     rows = tl.program_id(0).to(tl.int64) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)

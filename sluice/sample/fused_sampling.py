@@ -121,7 +121,7 @@ def _row_best_token(row_logits, vocab_size, scale, key, c1, c2,
     return tl.minimum(tl.minimum(low0, low1), tl.minimum(low2, low3))
 
 
-@triton.jit(do_not_specialize=["step_seed"])
+@triton.jit(do_not_specialize=["num_rows", "step_seed"])
 def _fused_sample_kernel(logits_ptr, logits_row_stride, vocab_size, temperature_ptr, greedy_mask_ptr,
                          row_keys_ptr, num_rows, step_seed, sampled_ptr,
                          ALL_GREEDY: tl.constexpr, HAS_GREEDY_MASK: tl.constexpr, HAS_ROW_KEYS: tl.constexpr,
