@@ -8,6 +8,11 @@ scheduling a step's wall time is the GPU time of the step it waited for whenever
 keeps up, so grouping steps by kind and batch size shows which part of the run is far from
 its roofline: the prefill-heavy start, the big decode batches, or the long tail of a few
 requests, where each step still reads all 16 GB of weights (5.35 ms at 3 TB/s).
+
+It also lists every Triton kernel compiled (or loaded from Triton's disk cache) while the
+workload runs, with the step it stalled and its seconds: a kernel variant that start-up did not
+build stops the whole batch the first time a step needs it. Point ``TRITON_CACHE_DIR`` at an empty
+folder to see what a first run on a machine pays.
 """
 from __future__ import annotations
 
@@ -21,6 +26,7 @@ import time
 
 import numpy as np
 import torch
+import triton
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -33,7 +39,33 @@ from sluice.engine.llm_engine import LLMEngine  # noqa: E402
 BUCKETS = [(1, 8), (9, 32), (33, 128), (129, 256), (257, 512), (513, 1024)]
 
 
-def run(args: argparse.Namespace, engine_args: EngineArgs) -> list[dict]:
+class CompileLog:
+    """Triton compiles as they happen, through Triton's jit hooks (before and after each compile)."""
+
+    def __init__(self) -> None:
+        self.events: list[dict] = []
+        self.step = -1  # -1: start-up, before the first step
+        self._started = 0.0
+
+    def __enter__(self) -> "CompileLog":
+        triton.knobs.runtime.jit_cache_hook = self._before
+        triton.knobs.runtime.jit_post_compile_hook = self._after
+        return self
+
+    def __exit__(self, *exc) -> None:
+        triton.knobs.runtime.jit_cache_hook = None
+        triton.knobs.runtime.jit_post_compile_hook = None
+
+    def _before(self, **kwargs) -> None:
+        self._started = time.perf_counter()
+        return None  # a true value would tell Triton to skip the compile
+
+    def _after(self, **kwargs) -> None:
+        self.events.append({"step": self.step, "kernel": kwargs["fn"].name,
+                            "seconds": time.perf_counter() - self._started, "variant": kwargs["repr"][:400]})
+
+
+def run(args: argparse.Namespace, engine_args: EngineArgs, compiles: CompileLog) -> list[dict]:
     engine = LLMEngine.from_engine_args(engine_args)
     requests = generate_workload(args.workload, engine.core.model_config.hf_config.vocab_size, args.num_prompts,
                                  max_model_len=engine.core.model_config.max_model_len)
@@ -56,6 +88,7 @@ def run(args: argparse.Namespace, engine_args: EngineArgs) -> list[dict]:
     start = time.perf_counter()
     last = start
     while engine.has_unfinished_requests():
+        compiles.step = len(records)
         engine.step()
         now = time.perf_counter()
         records[-1]["wall_ms"] = 1e3 * (now - last)  # this call: launch of this step + wait for the previous one
@@ -92,14 +125,21 @@ def main() -> int:
     engine_args = EngineArgs.from_cli_args(args)
     engine_args.model = write_l8_config(tempfile.mkdtemp(prefix="sluice-steps-"))
     engine_args.load_format, engine_args.dtype = "dummy", "bfloat16"
-    records = run(args, engine_args)
+    with CompileLog() as compiles:
+        records = run(args, engine_args, compiles)
     summary = summarize(records)
+    during_run = [e for e in compiles.events if e["step"] >= 0]
+    summary["compiles_at_startup"] = {"count": len(compiles.events) - len(during_run),
+                                      "seconds": sum(e["seconds"] for e in compiles.events if e["step"] < 0)}
+    summary["compiles_during_run"] = {"count": len(during_run), "seconds": sum(e["seconds"] for e in during_run)}
     with open(args.out, "w") as f:
         json.dump({"workload": args.workload, "model": "L8", "device": device_name("cuda" if torch.cuda.is_available() else "cpu"),
                    "sluice_commit": git_commit(), "date": datetime.date.today().isoformat(),
-                   "summary": summary, "steps": records}, f)
+                   "summary": summary, "compiles": compiles.events, "steps": records}, f)
     for name, group in summary.items():
         print(name, group)
+    for event in during_run:
+        print(f"compile at step {event['step']}: {event['kernel']} {event['seconds']:.2f} s")
     return 0
 
 
