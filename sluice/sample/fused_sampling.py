@@ -156,21 +156,43 @@ def sample(logits: torch.Tensor, metadata: SamplingMetadata, step_seed: int,
     ``step_seed`` keys the unseeded rows' noise (any int, drawn on the host each step); seeded rows
     claim their output position from their ``RequestSamplingState``.
     """
+    if logits.shape[0] and logits.stride(1) != 1:
+        logits = logits.contiguous()
+    row_keys = None if metadata.all_greedy else seeded_row_keys(metadata, step_seed, logits.device)
+    return _launch(logits, metadata.temperature, metadata.greedy_mask, row_keys, step_seed,
+                   metadata.all_greedy, block_v)
+
+
+def compile_variants(logits: torch.Tensor, block_v: int = BLOCK_V) -> None:
+    """Compiles, at start-up, the kernel variant of every kind of batch for logits like these
+    (dtype and row length): all greedy, all random, both mixed, with and without seeded rows.
+    Compiled at its first use instead, a variant stops the step that needs it for about a second."""
+    one_row = logits[:1].contiguous()
+    device = logits.device
+    temperature = torch.ones(1, dtype=torch.float32, device=device)
+    greedy_mask = torch.zeros(1, dtype=torch.bool, device=device)
+    row_keys = torch.zeros(2, 1, dtype=torch.long, device=device)
+    step_seed = 1 << 62  # the Sampler's step seeds have bit 62 set: always a 64-bit argument
+    _launch(one_row, None, None, None, step_seed, True, block_v)
+    for mask in (None, greedy_mask):
+        for keys in (None, row_keys):
+            _launch(one_row, temperature, mask, keys, step_seed, False, block_v)
+
+
+def _launch(logits: torch.Tensor, temperature: torch.Tensor | None, greedy_mask: torch.Tensor | None,
+            row_keys: torch.Tensor | None, step_seed: int, all_greedy: bool, block_v: int) -> torch.Tensor:
     num_rows, vocab_size = logits.shape
     sampled = torch.empty(num_rows, dtype=torch.long, device=logits.device)
     if num_rows == 0:
         return sampled
-    if logits.stride(1) != 1:
-        logits = logits.contiguous()
-    row_keys = None if metadata.all_greedy else seeded_row_keys(metadata, step_seed, logits.device)
     # Pointers the kernel never reads (their feature is off) point at the logits.
     _fused_sample_kernel[(num_rows,)](
         logits, logits.stride(0), vocab_size,
-        metadata.temperature if metadata.temperature is not None else logits,
-        metadata.greedy_mask if metadata.greedy_mask is not None else logits,
+        temperature if temperature is not None else logits,
+        greedy_mask if greedy_mask is not None else logits,
         row_keys if row_keys is not None else logits,
         num_rows, _as_int64(step_seed), sampled,
-        ALL_GREEDY=metadata.all_greedy, HAS_GREEDY_MASK=metadata.greedy_mask is not None,
+        ALL_GREEDY=all_greedy, HAS_GREEDY_MASK=greedy_mask is not None,
         HAS_ROW_KEYS=row_keys is not None, LANES=block_v // 4, PHILOX_ROUNDS=PHILOX_ROUNDS,
         num_warps=NUM_WARPS)
     return sampled

@@ -121,7 +121,8 @@ class ModelRunner:
 
     @torch.inference_mode()
     def _profile_peak_step(self) -> None:
-        """Runs one step of max_num_batched_tokens tokens to measure peak activation memory."""
+        """Runs one step of max_num_batched_tokens tokens to measure peak activation memory (and so
+        compiles the kernels of large steps), and compiles the fused sampler's variants."""
         num_tokens = min(self.max_num_batched_tokens, self.model_config.max_model_len)
         num_blocks = -(-num_tokens // self.block_size)
         kv = allocate_kv_caches(self.kv_spec, num_blocks, self.device)
@@ -136,10 +137,13 @@ class ModelRunner:
             slot_mapping=positions.clone(), max_query_len=num_tokens, max_seq_len=num_tokens,
             query_start_loc_cpu=[0, num_tokens], seq_lens_cpu=[num_tokens])
         hidden = self.model(torch.zeros(num_tokens, dtype=torch.long, device=self.device), positions, metadata)
-        self.model.compute_logits(hidden[-self.max_num_seqs:])
+        logits = self.model.compute_logits(hidden[-self.max_num_seqs:])
+        if self.sampler.use_fused_kernel is not False:
+            from sluice.sample import fused_sampling
+            fused_sampling.compile_variants(logits)
         torch.cuda.synchronize(self.device)
         self._bind([])
-        del kv, hidden
+        del kv, hidden, logits
         torch.cuda.empty_cache()
 
     def initialize_kv_cache(self, num_blocks: int) -> None:
