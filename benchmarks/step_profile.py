@@ -26,43 +26,17 @@ import time
 
 import numpy as np
 import torch
-import triton
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from sluice import SamplingParams  # noqa: E402
 from sluice.bench.cli import device_name, git_commit, write_l8_config  # noqa: E402
+from sluice.bench.compile_log import CompileLog  # noqa: E402
 from sluice.bench.datasets import generate_workload  # noqa: E402
 from sluice.config import EngineArgs  # noqa: E402
 from sluice.engine.llm_engine import LLMEngine  # noqa: E402
 
 BUCKETS = [(1, 8), (9, 32), (33, 128), (129, 256), (257, 512), (513, 1024)]
-
-
-class CompileLog:
-    """Triton compiles as they happen, through Triton's jit hooks (before and after each compile)."""
-
-    def __init__(self) -> None:
-        self.events: list[dict] = []
-        self.step = -1  # -1: start-up, before the first step
-        self._started = 0.0
-
-    def __enter__(self) -> "CompileLog":
-        triton.knobs.runtime.jit_cache_hook = self._before
-        triton.knobs.runtime.jit_post_compile_hook = self._after
-        return self
-
-    def __exit__(self, *exc) -> None:
-        triton.knobs.runtime.jit_cache_hook = None
-        triton.knobs.runtime.jit_post_compile_hook = None
-
-    def _before(self, **kwargs) -> None:
-        self._started = time.perf_counter()
-        return None  # a true value would tell Triton to skip the compile
-
-    def _after(self, **kwargs) -> None:
-        self.events.append({"step": self.step, "kernel": kwargs["fn"].name,
-                            "seconds": time.perf_counter() - self._started, "variant": kwargs["repr"][:400]})
 
 
 def run(args: argparse.Namespace, engine_args: EngineArgs, compiles: CompileLog) -> list[dict]:

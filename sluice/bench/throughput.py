@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from sluice.bench.compile_log import CompileLog
 from sluice.bench.datasets import BenchRequest
 from sluice.config import EngineArgs
 from sluice.engine.stats import IterationStats, SchedulerStats
@@ -118,15 +119,21 @@ def run_sluice(engine_args: EngineArgs, requests: Sequence[BenchRequest], name: 
     engine.stat_loggers.append(recorder)
     prompts, params = _prompts(requests), sampling_params_for(requests, detokenize)
     _sync(engine.model_config.device)
-    start = time.perf_counter()
-    outputs = llm.generate(prompts, params, use_tqdm=use_tqdm)
-    _sync(engine.model_config.device)
-    elapsed = time.perf_counter() - start
+    with CompileLog() as compiles:  # a compile in the timed run is a stall that start-up should have paid
+        start = time.perf_counter()
+        outputs = llm.generate(prompts, params, use_tqdm=use_tqdm)
+        _sync(engine.model_config.device)
+        elapsed = time.perf_counter() - start
     engine.stat_loggers.remove(recorder)
+    if compiles.events:
+        logger.warning("%d Triton kernel variants were built during the timed run (%.1f s of stalls): %s",
+                       len(compiles.events), compiles.seconds,
+                       ", ".join(sorted({event["kernel"] for event in compiles.events})))
     generated = sum(len(o.outputs[0].token_ids) for o in outputs)
     cache_hit_rate = recorder.prefix_cache_hits / recorder.prefix_cache_queries if recorder.prefix_cache_queries else 0.0
     extra = {"enable_prefix_caching": engine_args.enable_prefix_caching, "avg_batch": recorder.avg_batch,
-             "prefix_cache_hit_rate": cache_hit_rate, "num_preemptions": recorder.num_preemptions}
+             "prefix_cache_hit_rate": cache_hit_rate, "num_preemptions": recorder.num_preemptions,
+             "triton_compiles_during_run": len(compiles.events), "triton_compile_s": compiles.seconds}
     run = EngineRun(ThroughputResult.from_requests(name, requests, elapsed, output_tokens=generated, extra=extra),
                     recorder.avg_batch, engine.model_config, engine.core.cache_config.num_blocks)
     del outputs, engine, llm
