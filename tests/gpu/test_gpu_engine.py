@@ -160,3 +160,44 @@ def test_bfloat16_first_tokens_agree_with_float32_cpu(trained_model_path, traine
     agree = sum(have[:BF16_TOKENS] == want[:BF16_TOKENS] for have, want in zip(got, expected))
     assert agree >= 0.75 * len(prompts), f"only {agree} of {len(prompts)} prompts agree on {BF16_TOKENS} tokens"
     _assert_no_leaked_blocks(llm)
+
+
+def _sluice_triton_kernels() -> list:
+    from triton.runtime.jit import JITFunction
+
+    from sluice.attention import triton_kernels
+    from sluice.layers import fused_kernels
+    from sluice.sample import fused_sampling
+    return [fn for module in (triton_kernels, fused_kernels, fused_sampling) for fn in vars(module).values()
+            if isinstance(fn, JITFunction)]
+
+
+def test_steps_compile_no_kernel_after_startup(model_path):
+    """Start-up builds every Triton kernel variant that steps use: request and token counts of 1 or
+    multiples of 16, long prompts, greedy, random, seeded and mixed batches run without a compile
+    (each one stops the whole batch for about a second on the H100)."""
+    import triton
+
+    for kernel in _sluice_triton_kernels():  # forget what earlier tests compiled in this process
+        kernel.device_caches.clear()
+    # 2048 tokens a step: the larger steps run eagerly (mixed graphs go up to 1024 tokens)
+    llm = _cuda_llm(model_path, "bfloat16", cuda_graphs=True, max_num_batched_tokens=2048)
+    greedy = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+    random_ = SamplingParams(temperature=0.8, max_tokens=9, ignore_eos=True)
+    seeded = SamplingParams(temperature=1.0, seed=5, max_tokens=16, ignore_eos=True)
+    batches = [(1, [greedy]), (16, [random_]), (3, [seeded]), (17, [greedy, random_, seeded]),
+               (32, [random_, seeded]), (5, [greedy, random_])]
+    compiled = []
+    triton.knobs.runtime.jit_post_compile_hook = lambda **kwargs: compiled.append(kwargs["fn"].name)
+    try:
+        rng = random.Random(1)
+        for count, kinds in batches:
+            prompts = [[rng.randrange(4, 384) for _ in range(rng.choice([1, 16, 33, 64, 150]))]
+                       for _ in range(count)]
+            params = [kinds[i % len(kinds)] for i in range(count)]
+            outputs = _generate(llm, prompts, params)
+            assert [len(tokens) for tokens in outputs] == [p.max_tokens for p in params]
+    finally:
+        triton.knobs.runtime.jit_post_compile_hook = None
+    assert compiled == []
+    _assert_no_leaked_blocks(llm)
