@@ -89,7 +89,7 @@ class DecodeGraphs:
     def _dummy_inputs(self, size: int) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
         """Fills the buffers with harmless inputs for ``size`` and returns the views a graph reads."""
         num_reqs = self.num_reqs_for(size)
-        self.buffers.fill_dummy(size, num_reqs)
+        self.buffers.fill_dummy(size, num_reqs, self.max_seq_len)
         return (self.buffers.input_ids[:size], self.buffers.positions[:size],
                 self.buffers.graph_metadata(size, num_reqs, self._max_query_len(size), self.max_seq_len))
 

@@ -121,21 +121,20 @@ class ModelRunner:
 
     @torch.inference_mode()
     def _profile_peak_step(self) -> None:
-        """Runs one step of max_num_batched_tokens tokens to measure peak activation memory (and so
-        compiles the kernels of large steps), and compiles the fused sampler's variants."""
-        num_tokens = min(self.max_num_batched_tokens, self.model_config.max_model_len)
-        num_blocks = -(-num_tokens // self.block_size)
-        kv = allocate_kv_caches(self.kv_spec, num_blocks, self.device)
+        """Runs the largest step the scheduler can make to measure peak activation memory (and so
+        compiles the kernels of large steps), and compiles the fused sampler's variants.
+
+        The step is max_num_batched_tokens tokens in as few requests as max_model_len allows, each
+        computing its prompt from position 0 into its own blocks."""
+        max_len = self.model_config.max_model_len
+        num_tokens = min(self.max_num_batched_tokens, self.max_num_seqs * max_len)
+        query_lens = [max_len] * (num_tokens // max_len) + ([num_tokens % max_len] if num_tokens % max_len else [])
+        blocks_per_req = -(-max(query_lens) // self.block_size)
+        kv = allocate_kv_caches(self.kv_spec, blocks_per_req * len(query_lens), self.device)
         self._bind(kv)
         torch.cuda.reset_peak_memory_stats(self.device)
-        positions = torch.arange(num_tokens, device=self.device)
-        metadata = AttentionMetadata(
-            num_actual_tokens=num_tokens, num_reqs=1,
-            query_start_loc=torch.tensor([0, num_tokens], dtype=torch.int32, device=self.device),
-            seq_lens=torch.tensor([num_tokens], dtype=torch.int32, device=self.device),
-            block_table=torch.arange(num_blocks, dtype=torch.int32, device=self.device).unsqueeze(0),
-            slot_mapping=positions.clone(), max_query_len=num_tokens, max_seq_len=num_tokens,
-            query_start_loc_cpu=[0, num_tokens], seq_lens_cpu=[num_tokens])
+        metadata = self._prefill_metadata(query_lens, blocks_per_req)
+        positions = torch.cat([torch.arange(n, device=self.device) for n in query_lens])
         hidden = self.model(torch.zeros(num_tokens, dtype=torch.long, device=self.device), positions, metadata)
         logits = self.model.compute_logits(hidden[-self.max_num_seqs:])
         if self.sampler.use_fused_kernel is not False:
@@ -145,6 +144,23 @@ class ModelRunner:
         self._bind([])
         del kv, hidden, logits
         torch.cuda.empty_cache()
+
+    def _prefill_metadata(self, query_lens: list[int], blocks_per_req: int) -> AttentionMetadata:
+        """Requests that compute query_lens[i] tokens from position 0, request i in blocks
+        i * blocks_per_req onwards."""
+        starts = [0]
+        for n in query_lens:
+            starts.append(starts[-1] + n)
+        num_reqs, device = len(query_lens), self.device
+        block_table = torch.arange(num_reqs * blocks_per_req, dtype=torch.int32, device=device).view(num_reqs, -1)
+        slots = torch.cat([row * blocks_per_req * self.block_size + torch.arange(n, device=device)
+                           for row, n in enumerate(query_lens)])
+        return AttentionMetadata(
+            num_actual_tokens=starts[-1], num_reqs=num_reqs,
+            query_start_loc=torch.tensor(starts, dtype=torch.int32, device=device),
+            seq_lens=torch.tensor(query_lens, dtype=torch.int32, device=device),
+            block_table=block_table, slot_mapping=slots, max_query_len=max(query_lens),
+            max_seq_len=max(query_lens), query_start_loc_cpu=starts, seq_lens_cpu=list(query_lens))
 
     def initialize_kv_cache(self, num_blocks: int) -> None:
         self.kv_caches = allocate_kv_caches(self.kv_spec, num_blocks, self.device)
@@ -158,7 +174,8 @@ class ModelRunner:
         graphs = DecodeGraphs(self.model, self.step_buffers, capture_sizes(self.max_num_seqs), max_seq_len=max_len)
         pool = graphs.capture()
         self.decode_graphs = graphs
-        sizes = mixed_capture_sizes(self.step_buffers.max_num_tokens)
+        # A step never holds more than max_num_seqs requests of max_model_len tokens.
+        sizes = [s for s in mixed_capture_sizes(self.step_buffers.max_num_tokens) if s <= self.max_num_seqs * max_len]
         if sizes:
             # Mixed steps split KV from MIXED_SPLIT_MIN_SEQ_LEN on (a chunk deep into a long prompt):
             # one set of graphs below that length, one at max_model_len when it reaches it.

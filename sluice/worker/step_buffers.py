@@ -172,16 +172,25 @@ class StepBuffers:
             block_table=self.block_table[:num_reqs], slot_mapping=self.slot_mapping[:num_tokens],
             max_query_len=max_query_len, max_seq_len=max_seq_len)
 
-    def fill_dummy(self, num_tokens: int, num_reqs: int) -> None:
-        """Harmless inputs for graph warm-up and capture, no KV writes: requests 0..R-2 decode one
-        token, the last one computes the rest from position 0 (one token too in a decode step)."""
+    def fill_dummy(self, num_tokens: int, num_reqs: int, max_seq_len: int) -> None:
+        """Harmless inputs for graph warm-up and capture, no KV writes: every request decodes one
+        token, and the last requests compute the rest from position 0, at most ``max_seq_len`` each
+        (a longer one would read past its block table row)."""
+        query_lens = [1] * num_reqs
+        rest = num_tokens - num_reqs
+        for i in reversed(range(num_reqs)):
+            take = min(rest, max_seq_len - 1)
+            query_lens[i] += take
+            rest -= take
+        if rest > 0 or num_reqs == 0:
+            raise ValueError(f"{num_tokens} tokens do not fit {num_reqs} requests of at most {max_seq_len} tokens")
         self.input_ids[:num_tokens].zero_()
         self.positions[:num_tokens].zero_()
         self.slot_mapping[:num_tokens].fill_(-1)
-        starts = torch.arange(num_reqs + 1, dtype=torch.int32)
-        starts[-1] = num_tokens
-        self.query_start_loc[:num_reqs + 1].copy_(starts)
-        self.seq_lens[:num_reqs].copy_(starts[1:] - starts[:-1])
+        lens = torch.tensor(query_lens, dtype=torch.int32)
+        self.query_start_loc[0] = 0
+        self.query_start_loc[1:num_reqs + 1].copy_(torch.cumsum(lens, 0, dtype=torch.int32))
+        self.seq_lens[:num_reqs].copy_(lens)
         self.block_table[:num_reqs].zero_()
 
 

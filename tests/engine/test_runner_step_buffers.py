@@ -137,3 +137,19 @@ def test_pop_block_diffs_columns_continue_after_existing_blocks():
     rows, cols, ids = batch.pop_block_diffs()
     assert rows.tolist() == [row, row] and cols.tolist() == [1, 2] and ids.tolist() == [6, 7]
     assert np.array_equal(batch.block_table[row, :3], [5, 6, 7])
+
+
+def test_dummy_inputs_spread_a_bucket_over_requests_of_at_most_max_seq_len():
+    """Capture inputs for a 1024-token graph with max_model_len 256: no dummy request is longer than
+    256 tokens, which would read past its block table row on the GPU."""
+    buffers = StepBuffers(32, 1024, 16, torch.device("cpu"))
+    buffers.fill_dummy(1024, 32, max_seq_len=256)
+    starts = buffers.query_start_loc[:33].tolist()
+    query_lens = [b - a for a, b in zip(starts, starts[1:])]
+    assert starts[0] == 0 and starts[-1] == 1024 and min(query_lens) >= 1 and max(query_lens) <= 256
+    assert buffers.seq_lens[:32].tolist() == query_lens  # every request starts at position 0
+    assert (buffers.slot_mapping[:1024] == -1).all()  # no KV writes
+    buffers.fill_dummy(16, 16, max_seq_len=256)  # a decode bucket: one token each
+    assert buffers.query_start_loc[:17].tolist() == list(range(17))
+    with pytest.raises(ValueError, match="do not fit"):
+        buffers.fill_dummy(1024, 2, max_seq_len=256)
