@@ -9,6 +9,7 @@ computed. The only host-device synchronisation of a step is reading the sampled 
 """
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 from dataclasses import dataclass
@@ -148,9 +149,7 @@ class ModelRunner:
     def _prefill_metadata(self, query_lens: list[int], blocks_per_req: int) -> AttentionMetadata:
         """Requests that compute query_lens[i] tokens from position 0, request i in blocks
         i * blocks_per_req onwards."""
-        starts = [0]
-        for n in query_lens:
-            starts.append(starts[-1] + n)
+        starts = list(itertools.accumulate(query_lens, initial=0))
         num_reqs, device = len(query_lens), self.device
         block_table = torch.arange(num_reqs * blocks_per_req, dtype=torch.int32, device=device).view(num_reqs, -1)
         slots = torch.cat([row * blocks_per_req * self.block_size + torch.arange(n, device=device)
