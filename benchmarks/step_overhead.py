@@ -7,9 +7,10 @@ are token ids and nothing is detokenized), prefills ``--num-reqs`` prompts of ``
 tokens, then times decode steps: wall time per ``LLMEngine.step()`` (host clock; every step
 ends by reading the sampled ids, so the GPU work is done), and GPU busy time per step (sum of
 kernel and copy times under torch.profiler, taken on separate steps so that the profiler's host
-overhead does not inflate the wall time, with the 25 kernels that took the most of it). GPU idle fraction = 1 - busy / wall. Runs once with
-the decode CUDA graphs and once with them released (eager), and splits the host time into
-the model runner's ``launch`` / ``collect`` and the rest (scheduler, output processing).
+overhead does not inflate the wall time, with the 25 kernels that took the most of it). GPU idle
+fraction = 1 - busy / wall. Runs once with the decode CUDA graphs and once with them released
+(eager), and splits the host time into the model runner's ``launch`` / ``collect`` and the rest
+(scheduler, output processing).
 """
 from __future__ import annotations
 

@@ -102,10 +102,9 @@ def main() -> int:
     with CompileLog() as compiles:
         records = run(args, engine_args, compiles)
     summary = summarize(records)
-    during_run = [e for e in compiles.events if e["step"] >= 0]
-    summary["compiles_at_startup"] = {"count": len(compiles.events) - len(during_run),
-                                      "seconds": sum(e["seconds"] for e in compiles.events if e["step"] < 0)}
-    summary["compiles_during_run"] = {"count": len(during_run), "seconds": sum(e["seconds"] for e in during_run)}
+    during_run = compiles.during_run
+    summary["compiles_at_startup"] = CompileLog.totals([e for e in compiles.events if e["step"] < 0])
+    summary["compiles_during_run"] = CompileLog.totals(during_run)
     with open(args.out, "w") as f:
         json.dump({"workload": args.workload, "model": "L8", "device": device_name("cuda" if torch.cuda.is_available() else "cpu"),
                    "sluice_commit": git_commit(), "date": datetime.date.today().isoformat(),

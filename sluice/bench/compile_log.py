@@ -37,7 +37,16 @@ class CompileLog:
 
     @property
     def seconds(self) -> float:
-        return sum(event["seconds"] for event in self.events)
+        return self.totals(self.events)["seconds"]
+
+    @property
+    def during_run(self) -> list[dict[str, Any]]:
+        """The compiles stamped with a step (``step`` >= 0): each one stalled that step."""
+        return [event for event in self.events if event["step"] >= 0]
+
+    @staticmethod
+    def totals(events: list[dict[str, Any]]) -> dict[str, float]:
+        return {"count": len(events), "seconds": sum(event["seconds"] for event in events)}
 
     def _before(self, **kwargs) -> None:
         self._started = time.perf_counter()

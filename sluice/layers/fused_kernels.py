@@ -10,8 +10,9 @@ the torch code does, so the two paths differ only by float32 reduction order and
 
 Launches are CUDA-graph safe: grids and block sizes come from shapes alone, nothing reads device
 values on the host. Row and token counts are not specialized on (``do_not_specialize``): Triton
-would compile a new variant the first time a step's count is 1 or a multiple of 16, stalling that step. The layers use these kernels for CUDA tensors (``runs_on``) in the shapes each
-``can_*`` check accepts, and keep their torch code everywhere else.
+would compile a new variant the first time a step's count is 1 or a multiple of 16, stalling that
+step. The layers use these kernels for CUDA tensors (``runs_on``) in the shapes each ``can_*``
+check accepts, and keep their torch code everywhere else.
 
 q and k arrive as column slices of the fused qkv projection, so their rows are strided:
 

@@ -25,5 +25,7 @@ def test_records_compiles_with_their_step_and_removes_its_hooks():
     assert [(e["step"], e["kernel"]) for e in log.events] == [(-1, "paged_attention_kernel"),
                                                               (7, "_fused_sample_kernel")]
     assert all(e["seconds"] >= 0 for e in log.events) and log.seconds >= 0
+    assert [e["kernel"] for e in log.during_run] == ["_fused_sample_kernel"]  # stamped with a step
+    assert CompileLog.totals(log.during_run) == {"count": 1, "seconds": log.events[1]["seconds"]}
     assert log.events[1]["variant"].startswith("_fused_sample_kernel[")
     assert triton.knobs.runtime.jit_cache_hook is None and triton.knobs.runtime.jit_post_compile_hook is None

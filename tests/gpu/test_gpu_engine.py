@@ -176,7 +176,7 @@ def test_steps_compile_no_kernel_after_startup(model_path):
     """Start-up builds every Triton kernel variant that steps use: request and token counts of 1 or
     multiples of 16, long prompts, greedy, random, seeded and mixed batches run without a compile
     (each one stops the whole batch for about a second on the H100)."""
-    import triton
+    from sluice.bench.compile_log import CompileLog
 
     for kernel in _sluice_triton_kernels():  # forget what earlier tests compiled in this process
         kernel.device_caches.clear()
@@ -187,17 +187,13 @@ def test_steps_compile_no_kernel_after_startup(model_path):
     seeded = SamplingParams(temperature=1.0, seed=5, max_tokens=16, ignore_eos=True)
     batches = [(1, [greedy]), (16, [random_]), (3, [seeded]), (17, [greedy, random_, seeded]),
                (32, [random_, seeded]), (5, [greedy, random_])]
-    compiled = []
-    triton.knobs.runtime.jit_post_compile_hook = lambda **kwargs: compiled.append(kwargs["fn"].name)
-    try:
-        rng = random.Random(1)
+    rng = random.Random(1)
+    with CompileLog() as compiles:
         for count, kinds in batches:
             prompts = [[rng.randrange(4, 384) for _ in range(rng.choice([1, 16, 33, 64, 150]))]
                        for _ in range(count)]
             params = [kinds[i % len(kinds)] for i in range(count)]
             outputs = _generate(llm, prompts, params)
             assert [len(tokens) for tokens in outputs] == [p.max_tokens for p in params]
-    finally:
-        triton.knobs.runtime.jit_post_compile_hook = None
-    assert compiled == []
+    assert [event["kernel"] for event in compiles.events] == []
     _assert_no_leaked_blocks(llm)
