@@ -8,7 +8,8 @@ element of every context once: 256 * 1024 * 8 * 128 * 2 (K, V) * 2 B = 1.07 GB, 
 3.0 TB/s (measured device copy) the floor is 0.36 ms. Also a few mixed batches, a
 flash-decoding case, and W5's long-prompt steps: 224 decodes plus one 256-token chunk of a
 prompt at 4K..32K positions, in one launch without and with split KV, and in the default two launches. With --sweep, also
-times a grid of launch configs (the notes pick from it).
+times a grid of launch configs (the notes pick from it). --small-decode-sweep times only the small
+decode batches of W1's tail under tile and split-size choices, replayed from CUDA graphs.
 """
 from __future__ import annotations
 
@@ -142,15 +143,74 @@ def long_chunk_cases() -> list[Result]:
     return results
 
 
+def small_decode_sweep(capture_seq_len: int = 4096) -> list[dict]:
+    """Decode-only batches of the W1 tail (1-128 requests), timed the way a decode step runs them: 32
+    layers' attention (each its own KV cache, so nothing stays in L2) replayed from one CUDA graph whose
+    split count was chosen at capture from ``capture_seq_len``, as the decode graphs choose it from
+    max_model_len. Tries the decode tile and the smallest split size (MIN_SPLIT_TILES)."""
+    from sluice.attention import triton_paged
+
+    rows = []
+    default_min = triton_paged.MIN_SPLIT_TILES
+    scale = LLAMA8B["head_dim"] ** -0.5
+    try:
+        for num_reqs, context in itertools.product((1, 2, 4, 8, 16, 32, 64, 128), (512, 1024, 2048)):
+            case = Case(f"decode_{num_reqs}x{context}", [1] * num_reqs, [context] * num_reqs)
+            query, kv_cache, metadata = make_inputs(case, **LLAMA8B)
+            caches = [kv_cache] + [torch.randn_like(kv_cache) for _ in range(31)]
+            metadata.max_seq_len = capture_seq_len
+            out = torch.empty_like(query)
+            nbytes, _ = kv_bytes_and_flops(case, LLAMA8B["num_heads"], LLAMA8B["num_kv_heads"], LLAMA8B["head_dim"])
+            for min_split, tile_n in itertools.product((1, 2, 4), (64, 128)):
+                triton_paged.MIN_SPLIT_TILES = min_split
+                cfg = KernelConfig(DECODE_CONFIG.block_m, tile_n, DECODE_CONFIG.num_warps, DECODE_CONFIG.num_stages)
+                backend = TritonPagedBackend(decode_config=cfg)
+
+                def step():
+                    for cache in caches:
+                        backend.forward(query, cache, metadata, scale, out=out)
+
+                step()
+                torch.cuda.synchronize()
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph):
+                    step()
+                graph.replay()
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                for _ in range(10):
+                    graph.replay()
+                end.record()
+                end.synchronize()
+                layer_us = 1e3 * start.elapsed_time(end) / 10 / len(caches)
+                rows.append(dict(num_reqs=num_reqs, context=context, min_split_tiles=min_split, tile_n=tile_n,
+                                 layer_us=layer_us, tbps=nbytes / (layer_us * 1e-6) / 1e12))
+                print(f"decode {num_reqs:3} x {context:4} min_split {min_split} tile_n {tile_n:3}: "
+                      f"{layer_us:7.2f} us/layer {rows[-1]['tbps']:.2f} TB/s", flush=True)
+                del graph
+            del caches, kv_cache
+    finally:
+        triton_paged.MIN_SPLIT_TILES = default_min
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True, help="where to write the JSON results")
     parser.add_argument("--sweep", action="store_true", help="also try launch configs")
     parser.add_argument("--sweep-long-chunk", action="store_true",
                         help="also try launch configs on 224 decodes + a 256-token chunk at 32K")
+    parser.add_argument("--small-decode-sweep", action="store_true",
+                        help="only: decode batches of 1-128 requests under tile and split-size choices")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("attention_bench needs a CUDA GPU")
+    if args.small_decode_sweep:
+        report = dict(device=torch.cuda.get_device_name(), decode_config=asdict(DECODE_CONFIG),
+                      results=small_decode_sweep())
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(report, indent=2))
+        return
 
     decode = Case("decode_256x1k", [1] * 256, [1024] * 256)
     mixed = Case("mixed_255x1k_decodes+512_chunk", [1] * 255 + [512], [1024] * 255 + [1536])

@@ -9,6 +9,12 @@ keeps up, so grouping steps by kind and batch size shows which part of the run i
 its roofline: the prefill-heavy start, the big decode batches, or the long tail of a few
 requests, where each step still reads all 16 GB of weights (5.35 ms at 3 TB/s).
 
+Each step also gets its GPU time, from CUDA events recorded on the stream after each launch (exact
+attribution, unlike the wall time, which with async scheduling can absorb a neighbour's GPU time),
+and its step-level lower bound (``sluice/bench/schedule_bound.py``'s serial model, from the tokens
+and contexts the scheduler actually put in it), so each kind of step shows how close it runs to
+its bound. ``--profile-steps 0:13 900:910`` adds torch.profiler's top kernels for those step ranges.
+
 It also lists every Triton kernel compiled (or loaded from Triton's disk cache) while the
 workload runs, with the step it stalled and its seconds: a kernel variant that start-up did not
 build stops the whole batch the first time a step needs it. Point ``TRITON_CACHE_DIR`` at an empty
@@ -33,13 +39,27 @@ from sluice import SamplingParams  # noqa: E402
 from sluice.bench.cli import device_name, git_commit, write_l8_config  # noqa: E402
 from sluice.bench.compile_log import CompileLog  # noqa: E402
 from sluice.bench.datasets import generate_workload  # noqa: E402
+from sluice.bench.schedule_bound import l8_shape, scheduled_step_work, step_seconds  # noqa: E402
 from sluice.config import EngineArgs  # noqa: E402
 from sluice.engine.llm_engine import LLMEngine  # noqa: E402
 
 BUCKETS = [(1, 8), (9, 32), (33, 128), (129, 256), (257, 512), (513, 1024)]
 
 
-def run(args: argparse.Namespace, engine_args: EngineArgs, compiles: CompileLog) -> list[dict]:
+def kernel_table(prof, num_steps: int, top: int = 25) -> list[dict]:
+    """torch.profiler's device activity, summed by kernel name, per step."""
+    per_kernel: dict[str, list[float]] = {}
+    for event in prof.events():
+        if event.device_type == torch.autograd.DeviceType.CUDA:
+            entry = per_kernel.setdefault(event.name, [0.0, 0])
+            entry[0] += event.time_range.elapsed_us()
+            entry[1] += 1
+    ranked = sorted(per_kernel.items(), key=lambda item: -item[1][0])[:top]
+    return [{"name": name[:120], "us_per_step": us / num_steps, "launches_per_step": n / num_steps}
+            for name, (us, n) in ranked]
+
+
+def run(args: argparse.Namespace, engine_args: EngineArgs, compiles: CompileLog) -> tuple[list[dict], list[dict]]:
     engine = LLMEngine.from_engine_args(engine_args)
     requests = generate_workload(args.workload, engine.core.model_config.hf_config.vocab_size, args.num_prompts,
                                  max_model_len=engine.core.model_config.max_model_len)
@@ -50,25 +70,55 @@ def run(args: argparse.Namespace, engine_args: EngineArgs, compiles: CompileLog)
     scheduler = engine.core.scheduler
     original = scheduler.schedule
     records: list[dict] = []
+    shape = l8_shape()
 
     def schedule():
         out = original()
-        num_decode = sum(1 for n in out.num_scheduled_tokens.values() if n == 1)
+        work = scheduled_step_work(scheduler.requests, out.num_scheduled_tokens)
         records.append({"tokens": out.total_num_scheduled_tokens, "reqs": len(out.num_scheduled_tokens),
-                        "decode_reqs": num_decode, "prefill_tokens": out.total_num_scheduled_tokens - num_decode})
+                        "decode_reqs": work.num_decode_tokens, "prefill_tokens": work.num_prefill_tokens,
+                        "kv_tokens": work.kv_tokens, "bound_ms": 1e3 * step_seconds(shape, work, "serial")})
         return out
 
     scheduler.schedule = schedule
+    use_cuda = torch.cuda.is_available()
+    events = []  # (number of steps launched so far, event recorded after them on the stream)
+    if use_cuda:
+        events.append((0, torch.cuda.Event(enable_timing=True)))
+        events[0][1].record()
+    windows = [tuple(int(x) for x in spec.split(":")) for spec in args.profile_steps]
+    kernels: list[dict] = []
+    profiler = None
     start = time.perf_counter()
     last = start
     while engine.has_unfinished_requests():
         compiles.step = len(records)
+        for lo, hi in windows:
+            if profiler is None and len(records) == lo:
+                from torch.profiler import ProfilerActivity, profile
+                profiler = profile(activities=[ProfilerActivity.CUDA])
+                profiler.__enter__()
+                window = (lo, hi)
         engine.step()
         now = time.perf_counter()
         records[-1]["wall_ms"] = 1e3 * (now - last)  # this call: launch of this step + wait for the previous one
         last = now
+        if use_cuda and (not events or events[-1][0] < len(records)):  # a call that launched a step
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            events.append((len(records), event))
+        if profiler is not None and len(records) >= window[1]:
+            torch.cuda.synchronize()
+            profiler.__exit__(None, None, None)
+            kernels.append({"steps": list(window), "top_kernels": kernel_table(profiler, window[1] - window[0])})
+            profiler = None
+    if use_cuda:
+        torch.cuda.synchronize()
+        # The event after the call that launched step k completes when step k's work does (one stream).
+        for (_, prev), (launched, event) in zip(events, events[1:]):
+            records[launched - 1]["gpu_ms"] = prev.elapsed_time(event)
     print(f"{len(requests)} requests, {len(records)} steps, {time.perf_counter() - start:.2f} s")
-    return records
+    return records, kernels
 
 
 def summarize(records: list[dict]) -> dict:
@@ -79,12 +129,17 @@ def summarize(records: list[dict]) -> dict:
         group = [r for r in records if r["prefill_tokens"] == 0 and lo <= r["reqs"] <= hi]
         summary[f"decode_{lo}_{hi}"] = _group(group)
     summary["total_s"] = sum(r.get("wall_ms", 0.0) for r in records) / 1e3
+    summary["gpu_s"] = sum(r.get("gpu_ms", 0.0) for r in records) / 1e3
+    summary["bound_s"] = sum(r["bound_ms"] for r in records) / 1e3
     return summary
 
 
 def _group(records: list[dict]) -> dict:
     walls = [r.get("wall_ms", 0.0) for r in records]
-    return {"steps": len(records), "total_s": sum(walls) / 1e3,
+    gpu_s = sum(r.get("gpu_ms", 0.0) for r in records) / 1e3
+    bound_s = sum(r["bound_ms"] for r in records) / 1e3
+    return {"steps": len(records), "total_s": sum(walls) / 1e3, "gpu_s": gpu_s, "bound_s": bound_s,
+            "bound_fraction": bound_s / gpu_s if gpu_s else None,
             "ms_per_step_median": float(np.median(walls)) if walls else None,
             "tokens_per_step_mean": float(np.mean([r["tokens"] for r in records])) if records else None}
 
@@ -94,13 +149,15 @@ def main() -> int:
     parser.add_argument("--out", required=True)
     parser.add_argument("--workload", default="W1")
     parser.add_argument("--num-prompts", type=int, default=None)
+    parser.add_argument("--profile-steps", nargs="*", default=[], metavar="START:END",
+                        help="step ranges to run under torch.profiler (top kernels per step in the JSON)")
     EngineArgs.add_cli_args(parser)
     args = parser.parse_args()
     engine_args = EngineArgs.from_cli_args(args)
     engine_args.model = write_l8_config(tempfile.mkdtemp(prefix="sluice-steps-"))
     engine_args.load_format, engine_args.dtype = "dummy", "bfloat16"
     with CompileLog() as compiles:
-        records = run(args, engine_args, compiles)
+        records, kernels = run(args, engine_args, compiles)
     summary = summarize(records)
     during_run = compiles.during_run
     summary["compiles_at_startup"] = CompileLog.totals([e for e in compiles.events if e["step"] < 0])
@@ -108,7 +165,7 @@ def main() -> int:
     with open(args.out, "w") as f:
         json.dump({"workload": args.workload, "model": "L8", "device": device_name("cuda" if torch.cuda.is_available() else "cpu"),
                    "sluice_commit": git_commit(), "date": datetime.date.today().isoformat(),
-                   "summary": summary, "compiles": compiles.events, "steps": records}, f)
+                   "summary": summary, "compiles": compiles.events, "kernels": kernels, "steps": records}, f)
     for name, group in summary.items():
         print(name, group)
     for event in during_run:

@@ -42,7 +42,7 @@ Chain bound: the longest request needs at least output_len steps, each reading e
 """
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -144,6 +144,28 @@ class _StepTally:
     def work(self) -> StepWork:
         return StepWork(self.decode_tokens, self.prefill_tokens, len(self.samplers), self.context_tokens,
                         self.kv_tokens)
+
+
+def scheduled_step_work(requests: Mapping[str, Any], num_scheduled_tokens: Mapping[str, int]) -> StepWork:
+    """The StepWork of a step sluice's scheduler has just planned (``Scheduler.schedule()`` advances each
+    scheduled request's ``num_computed_tokens`` past the step), so a real run can be bounded step by step.
+
+    ``requests``: request id -> object with ``num_computed_tokens`` and ``num_prompt_tokens``.
+    """
+    decode = prefill = sampling = context = kv = 0
+    for req_id, n in num_scheduled_tokens.items():
+        request = requests[req_id]
+        end = request.num_computed_tokens  # the step's last token of this request attends to `end` tokens
+        start = end - n
+        context += (end * (end + 1) - start * (start + 1)) // 2
+        kv += end
+        if n == 1 and start >= request.num_prompt_tokens:
+            decode += 1
+            sampling += 1
+        else:
+            prefill += n
+            sampling += end >= request.num_prompt_tokens  # the chunk that completes the prompt samples
+    return StepWork(decode, prefill, sampling, context, kv)
 
 
 def order_requests(lengths: Sequence[tuple[int, int]], order: str) -> list[tuple[int, int]]:

@@ -8,7 +8,7 @@ import pytest
 from sluice.bench.roofline import ModelShape
 from sluice.bench.schedule_bound import (
     ORDERS, TIME_MODELS, StepWork, bound_grid, bound_schedule, decode_bucket, l8_shape, order_requests,
-    simulate_schedule, step_kinds, step_seconds, workload_lengths,
+    scheduled_step_work, simulate_schedule, step_kinds, step_seconds, workload_lengths,
 )
 
 # 1 layer, hidden 2, 1 head of dim 2, vocab 3, 1-byte weights: 28 body parameters + 6 in the LM head,
@@ -119,3 +119,30 @@ def test_l8_shape_matches_benchmarks_md():
     shape = l8_shape()
     assert shape.num_params == pytest.approx(8.03e9, rel=1e-3)
     assert shape.kv_bytes_per_token == 128 * 1024
+
+
+@pytest.mark.parametrize("max_num_seqs,budget", [(4, 16), (16, 64), (3, 7)])
+def test_simulated_schedule_is_the_schedulers_schedule(max_num_seqs, budget):
+    """The simulator replays sluice's scheduler: driven by the real Scheduler (fake runner, KV ample), the
+    StepWork read back from each planned step equals the simulated one, step for step."""
+    from tests.core.fakes import FakeRunner, make_request, make_scheduler, run_step
+
+    lengths = [(13, 5), (2, 9), (30, 1), (7, 3), (1, 12), (20, 4), (5, 5), (9, 2)]
+    scheduler = make_scheduler(num_blocks=512, block_size=4, max_num_batched_tokens=budget,
+                               max_num_seqs=max_num_seqs, max_model_len=64, enable_prefix_caching=False)
+    runner = FakeRunner.for_scheduler(scheduler)
+    for i, (prompt_len, output_len) in enumerate(lengths):
+        prompt = [(i * 37 + j) % 997 for j in range(prompt_len)]
+        scheduler.add_request(make_request(str(i), prompt, max_tokens=output_len, ignore_eos=True))
+    observed = []
+    original = scheduler.schedule
+
+    def schedule():
+        out = original()
+        observed.append(scheduled_step_work(scheduler.requests, out.num_scheduled_tokens))
+        return out
+
+    scheduler.schedule = schedule
+    while scheduler.has_unfinished_requests():
+        run_step(scheduler, runner)
+    assert observed == list(simulate_schedule(lengths, max_num_seqs, budget).steps)
