@@ -147,11 +147,11 @@ def small_decode_sweep(capture_seq_len: int = 4096) -> list[dict]:
     """Decode-only batches of the W1 tail (1-128 requests), timed the way a decode step runs them: 32
     layers' attention (each its own KV cache, so nothing stays in L2) replayed from one CUDA graph whose
     split count was chosen at capture from ``capture_seq_len``, as the decode graphs choose it from
-    max_model_len. Tries the decode tile and the smallest split size (MIN_SPLIT_TILES)."""
+    max_model_len. Tries the decode tile and the smallest split size (DECODE_MIN_SPLIT_TILES)."""
     from sluice.attention import triton_paged
 
     rows = []
-    default_min = triton_paged.MIN_SPLIT_TILES
+    default_min = triton_paged.DECODE_MIN_SPLIT_TILES
     scale = LLAMA8B["head_dim"] ** -0.5
     try:
         for num_reqs, context in itertools.product((1, 2, 4, 8, 16, 32, 64, 128), (512, 1024, 2048)):
@@ -162,7 +162,7 @@ def small_decode_sweep(capture_seq_len: int = 4096) -> list[dict]:
             out = torch.empty_like(query)
             nbytes, _ = kv_bytes_and_flops(case, LLAMA8B["num_heads"], LLAMA8B["num_kv_heads"], LLAMA8B["head_dim"])
             for min_split, tile_n in itertools.product((1, 2, 4), (64, 128)):
-                triton_paged.MIN_SPLIT_TILES = min_split
+                triton_paged.DECODE_MIN_SPLIT_TILES = min_split
                 cfg = KernelConfig(DECODE_CONFIG.block_m, tile_n, DECODE_CONFIG.num_warps, DECODE_CONFIG.num_stages)
                 backend = TritonPagedBackend(decode_config=cfg)
 
@@ -190,7 +190,7 @@ def small_decode_sweep(capture_seq_len: int = 4096) -> list[dict]:
                 del graph
             del caches, kv_cache
     finally:
-        triton_paged.MIN_SPLIT_TILES = default_min
+        triton_paged.DECODE_MIN_SPLIT_TILES = default_min
     return rows
 
 

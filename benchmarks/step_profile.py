@@ -88,6 +88,7 @@ def run(args: argparse.Namespace, engine_args: EngineArgs, compiles: CompileLog)
         events[0][1].record()
     windows = [tuple(int(x) for x in spec.split(":")) for spec in args.profile_steps]
     kernels: list[dict] = []
+    profiled: set[int] = set()  # steps whose times the profiler distorts: left out of the summary
     profiler = None
     start = time.perf_counter()
     last = start
@@ -112,22 +113,29 @@ def run(args: argparse.Namespace, engine_args: EngineArgs, compiles: CompileLog)
             profiler.__exit__(None, None, None)
             kernels.append({"steps": list(window), "top_kernels": kernel_table(profiler, window[1] - window[0])})
             profiler = None
+            profiled.update(range(window[0], window[1] + 1))  # + the step launched after the drain
     if use_cuda:
         torch.cuda.synchronize()
         # The event after the call that launched step k completes when step k's work does (one stream).
         for (_, prev), (launched, event) in zip(events, events[1:]):
             records[launched - 1]["gpu_ms"] = prev.elapsed_time(event)
+    for i in profiled:
+        if i < len(records):
+            records[i]["profiled"] = True
     print(f"{len(requests)} requests, {len(records)} steps, {time.perf_counter() - start:.2f} s")
     return records, kernels
 
 
-def summarize(records: list[dict]) -> dict:
+def summarize(all_records: list[dict]) -> dict:
+    """Totals per kind of step (steps run under the profiler left out)."""
+    records = [r for r in all_records if not r.get("profiled")]
     summary = {}
     mixed = [r for r in records if r["prefill_tokens"] > 0]
     summary["prefill_or_mixed"] = _group(mixed)
     for lo, hi in BUCKETS:
         group = [r for r in records if r["prefill_tokens"] == 0 and lo <= r["reqs"] <= hi]
         summary[f"decode_{lo}_{hi}"] = _group(group)
+    summary["steps_left_out"] = sum(1 for r in all_records if r.get("profiled"))
     summary["total_s"] = sum(r.get("wall_ms", 0.0) for r in records) / 1e3
     summary["gpu_s"] = sum(r.get("gpu_ms", 0.0) for r in records) / 1e3
     summary["bound_s"] = sum(r["bound_ms"] for r in records) / 1e3

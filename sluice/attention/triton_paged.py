@@ -12,8 +12,8 @@ Split KV (flash-decoding): each program's context may be split over ``num_splits
 whose partial results a second kernel merges. Decode-only batches split when they have too
 few programs to fill the GPU; mixed batches split when some context is long (a prompt chunk
 at 32K positions is a handful of programs that each walk the whole context while the rest of
-the GPU idles). Each program uses ``used = cdiv(tiles, max(cdiv(tiles, num_splits), 4))``
-splits of its own context, so short rows use one split, write their output directly, and the
+the GPU idles). Each program uses ``used = cdiv(tiles, max(cdiv(tiles, num_splits), min_split))``
+splits of its own context (min_split: 1 KV tile for decode-only batches, 4 for mixed ones), so short rows use one split, write their output directly, and the
 merge skips them; the count depends on device values only, so a graph captured with any
 split count serves every step.
 """
@@ -50,8 +50,13 @@ MOSTLY_DECODE_TOKENS_PER_REQ = 4  # num_tokens <= this x num_reqs counts as most
 # once per BLOCK_Q tokens, and the small row tile (4 tokens of a GQA-4 group) made a 512-token chunk
 # at 16K+ context cost ~1 ms per layer on the H100.
 MOSTLY_DECODE_MAX_QUERY_LEN = 64
-# A split covers at least this many KV tiles: shorter ones cost more in partial results than they save.
+# A split of a mixed batch covers at least this many KV tiles: shorter ones cost more in partial results
+# than they save.
 MIN_SPLIT_TILES = 4
+# Decode-only batches of a few requests (the tail of an offline run) split down to one KV tile: at 1-8
+# requests x 512-2048 context the attention of a layer took 3-6 us less than with 4-tile splits on the
+# H100 (attention_bench.py --small-decode-sweep), and from 16 requests on the split count is the same.
+DECODE_MIN_SPLIT_TILES = 1
 # Mixed batches whose longest context reaches this split every context over MIXED_SPLITS programs
 # (rows with short contexts use one split), unless the partial results would exceed
 # MAX_SPLIT_ROWS token rows x splits (a large prefill step fills the GPU without splitting).
@@ -76,13 +81,13 @@ def _cuda_num_sms(index: int) -> int:
 
 
 def choose_num_splits(num_reqs: int, num_kv_heads: int, max_seq_len: int, num_sms: int,
-                      tile_n: int) -> int:
-    """Flash-decoding split count: enough programs for ~2 waves, each split >= 4 KV tiles."""
+                      tile_n: int, min_split_tiles: int = DECODE_MIN_SPLIT_TILES) -> int:
+    """Flash-decoding split count: enough programs for ~2 waves, each split >= min_split_tiles KV tiles."""
     programs = max(1, num_reqs * num_kv_heads)
     if programs >= num_sms:
         return 1
     wanted = triton.cdiv(2 * num_sms, programs)
-    return max(1, min(wanted, max_seq_len // (MIN_SPLIT_TILES * tile_n), MAX_SPLITS))
+    return max(1, min(wanted, max_seq_len // (min_split_tiles * tile_n), MAX_SPLITS))
 
 
 def choose_mixed_splits(num_tokens: int, max_seq_len: int, tile_n: int,
@@ -178,6 +183,7 @@ class _Launch:
     num_splits: int
     row_class: int = ALL_ROWS
     short_query_len: int = 0  # SHORT_ROWS: requests with at most this many query tokens; LONG_ROWS: more
+    min_split_tiles: int = MIN_SPLIT_TILES
 
     @property
     def block_q(self) -> int:
@@ -203,7 +209,7 @@ class _Launch:
         head_dim_pad = triton.next_power_of_2(max(head_dim, 16))
         cfg = self.config
         rows = dict(ROW_CLASS=self.row_class, SHORT_QUERY_LEN=self.short_query_len, BLOCK_Q=self.block_q,
-                    TILE_N=cfg.tile_n, MIN_SPLIT_TILES=MIN_SPLIT_TILES, DECODE_ONLY=self.decode_only)
+                    TILE_N=cfg.tile_n, MIN_SPLIT_TILES=self.min_split_tiles, DECODE_ONLY=self.decode_only)
         paged_attention_kernel[(num_q_tiles, num_kv_heads, self.num_splits)](
             out, query, kv_cache, metadata.block_table, metadata.seq_lens, metadata.query_start_loc,
             part_out, part_lse, scale * LOG2E, metadata.num_reqs, self.num_splits,
@@ -263,8 +269,8 @@ class _LaunchPlan:
             num_splits = 1
             if backend.enable_split_kv:
                 num_splits = choose_num_splits(metadata.num_reqs, num_kv_heads, metadata.max_seq_len,
-                                               _num_sms(query.device), config.tile_n)
-            return _LaunchPlan((_Launch(config, group, True, num_splits),))
+                                               _num_sms(query.device), config.tile_n, DECODE_MIN_SPLIT_TILES)
+            return _LaunchPlan((_Launch(config, group, True, num_splits, min_split_tiles=DECODE_MIN_SPLIT_TILES),))
         if (backend.mostly_decode_config is not None
                 and query.shape[0] <= MOSTLY_DECODE_TOKENS_PER_REQ * metadata.num_reqs
                 and metadata.max_query_len <= MOSTLY_DECODE_MAX_QUERY_LEN):
