@@ -15,6 +15,10 @@ and its step-level lower bound (``sluice/bench/schedule_bound.py``'s serial mode
 and contexts the scheduler actually put in it), so each kind of step shows how close it runs to
 its bound. ``--profile-steps 0:13 900:910`` adds torch.profiler's top kernels for those step ranges.
 
+It also logs Python's garbage collections by step (``gc_during_run``): LLM.generate steps with the
+start-up heap frozen (``sluice/engine/gc_heap.py``); ``--no-freeze`` shows what a full collection of
+that heap costs.
+
 It also lists every Triton kernel compiled (or loaded from Triton's disk cache) while the
 workload runs, with the step it stalled and its seconds: a kernel variant that start-up did not
 build stops the whole batch the first time a step needs it. Point ``TRITON_CACHE_DIR`` at an empty
@@ -23,7 +27,9 @@ folder to see what a first run on a machine pays.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
+import gc
 import json
 import os
 import sys
@@ -41,6 +47,7 @@ from sluice.bench.compile_log import CompileLog  # noqa: E402
 from sluice.bench.datasets import generate_workload  # noqa: E402
 from sluice.bench.schedule_bound import l8_shape, scheduled_step_work, step_seconds  # noqa: E402
 from sluice.config import EngineArgs  # noqa: E402
+from sluice.engine.gc_heap import frozen_heap  # noqa: E402
 from sluice.engine.llm_engine import LLMEngine  # noqa: E402
 
 BUCKETS = [(1, 8), (9, 32), (33, 128), (129, 256), (257, 512), (513, 1024)]
@@ -59,7 +66,40 @@ def kernel_table(prof, num_steps: int, top: int = 25) -> list[dict]:
             for name, (us, n) in ranked]
 
 
-def run(args: argparse.Namespace, engine_args: EngineArgs, compiles: CompileLog) -> tuple[list[dict], list[dict]]:
+class GcLog:
+    """Python's garbage collections while it is installed: generation, seconds, and the step they delayed."""
+
+    def __init__(self) -> None:
+        self.events: list[dict] = []
+        self.step = -1
+        self._start = 0.0
+
+    def __enter__(self) -> "GcLog":
+        gc.callbacks.append(self._callback)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        gc.callbacks.remove(self._callback)
+
+    def _callback(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self._start = time.perf_counter()
+        else:
+            self.events.append({"generation": info["generation"], "seconds": time.perf_counter() - self._start,
+                                "step": self.step})
+
+    def totals(self) -> dict:
+        by_generation = {}
+        for event in self.events:
+            entry = by_generation.setdefault(str(event["generation"]), {"count": 0, "seconds": 0.0, "max_s": 0.0})
+            entry["count"] += 1
+            entry["seconds"] += event["seconds"]
+            entry["max_s"] = max(entry["max_s"], event["seconds"])
+        return by_generation
+
+
+def run(args: argparse.Namespace, engine_args: EngineArgs, compiles: CompileLog,
+        gc_log: GcLog) -> tuple[list[dict], list[dict]]:
     engine = LLMEngine.from_engine_args(engine_args)
     requests = generate_workload(args.workload, engine.core.model_config.hf_config.vocab_size, args.num_prompts,
                                  max_model_len=engine.core.model_config.max_model_len)
@@ -92,28 +132,30 @@ def run(args: argparse.Namespace, engine_args: EngineArgs, compiles: CompileLog)
     profiler = None
     start = time.perf_counter()
     last = start
-    while engine.has_unfinished_requests():
-        compiles.step = len(records)
-        for lo, hi in windows:
-            if profiler is None and len(records) == lo:
-                from torch.profiler import ProfilerActivity, profile
-                profiler = profile(activities=[ProfilerActivity.CUDA])
-                profiler.__enter__()
-                window = (lo, hi)
-        engine.step()
-        now = time.perf_counter()
-        records[-1]["wall_ms"] = 1e3 * (now - last)  # this call: launch of this step + wait for the previous one
-        last = now
-        if use_cuda and (not events or events[-1][0] < len(records)):  # a call that launched a step
-            event = torch.cuda.Event(enable_timing=True)
-            event.record()
-            events.append((len(records), event))
-        if profiler is not None and len(records) >= window[1]:
-            torch.cuda.synchronize()
-            profiler.__exit__(None, None, None)
-            kernels.append({"steps": list(window), "top_kernels": kernel_table(profiler, window[1] - window[0])})
-            profiler = None
-            profiled.update(range(window[0], window[1] + 1))  # + the step launched after the drain
+    heap = contextlib.nullcontext() if args.no_freeze else frozen_heap()  # as LLM.generate runs its steps
+    with heap:
+        while engine.has_unfinished_requests():
+            compiles.step = gc_log.step = len(records)
+            for lo, hi in windows:
+                if profiler is None and len(records) == lo:
+                    from torch.profiler import ProfilerActivity, profile
+                    profiler = profile(activities=[ProfilerActivity.CUDA])
+                    profiler.__enter__()
+                    window = (lo, hi)
+            engine.step()
+            now = time.perf_counter()
+            records[-1]["wall_ms"] = 1e3 * (now - last)  # this call: launch of this step + wait for the previous one
+            last = now
+            if use_cuda and (not events or events[-1][0] < len(records)):  # a call that launched a step
+                event = torch.cuda.Event(enable_timing=True)
+                event.record()
+                events.append((len(records), event))
+            if profiler is not None and len(records) >= window[1]:
+                torch.cuda.synchronize()
+                profiler.__exit__(None, None, None)
+                kernels.append({"steps": list(window), "top_kernels": kernel_table(profiler, window[1] - window[0])})
+                profiler = None
+                profiled.update(range(window[0], window[1] + 1))  # + the step launched after the drain
     if use_cuda:
         torch.cuda.synchronize()
         # The event after the call that launched step k completes when step k's work does (one stream).
@@ -159,25 +201,31 @@ def main() -> int:
     parser.add_argument("--num-prompts", type=int, default=None)
     parser.add_argument("--profile-steps", nargs="*", default=[], metavar="START:END",
                         help="step ranges to run under torch.profiler (top kernels per step in the JSON)")
+    parser.add_argument("--no-freeze", action="store_true",
+                        help="step without freezing the start-up heap (LLM.generate freezes it; for comparison)")
     EngineArgs.add_cli_args(parser)
     args = parser.parse_args()
     engine_args = EngineArgs.from_cli_args(args)
     engine_args.model = write_l8_config(tempfile.mkdtemp(prefix="sluice-steps-"))
     engine_args.load_format, engine_args.dtype = "dummy", "bfloat16"
-    with CompileLog() as compiles:
-        records, kernels = run(args, engine_args, compiles)
+    with CompileLog() as compiles, GcLog() as gc_log:
+        records, kernels = run(args, engine_args, compiles, gc_log)
     summary = summarize(records)
+    summary["gc_during_run"] = gc_log.totals()
     during_run = compiles.during_run
     summary["compiles_at_startup"] = CompileLog.totals([e for e in compiles.events if e["step"] < 0])
     summary["compiles_during_run"] = CompileLog.totals(during_run)
     with open(args.out, "w") as f:
         json.dump({"workload": args.workload, "model": "L8", "device": device_name("cuda" if torch.cuda.is_available() else "cpu"),
                    "sluice_commit": git_commit(), "date": datetime.date.today().isoformat(),
-                   "summary": summary, "compiles": compiles.events, "kernels": kernels, "steps": records}, f)
+                   "summary": summary, "compiles": compiles.events, "kernels": kernels, "gc": gc_log.events, "steps": records}, f)
     for name, group in summary.items():
         print(name, group)
     for event in during_run:
         print(f"compile at step {event['step']}: {event['kernel']} {event['seconds']:.2f} s")
+    for event in gc_log.events:
+        if event["generation"] == 2:
+            print(f"full collection at step {event['step']}: {event['seconds']:.3f} s")
     return 0
 
 

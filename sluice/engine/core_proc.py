@@ -37,6 +37,7 @@ import zmq
 
 from sluice.config import CacheConfig, EngineArgs, SchedulerConfig
 from sluice.core.interface import EngineCoreOutput
+from sluice.engine.gc_heap import freeze_startup_heap
 from sluice.engine.stats import SchedulerStats
 
 if TYPE_CHECKING:
@@ -207,6 +208,7 @@ def run_engine_core(args: EngineArgs, addresses: CoreAddresses, parent_pid: int,
         if export_metrics:  # before ready: the API servers' /metrics has the series from their first answer
             from sluice.metrics import SchedulerMetrics
             metrics = SchedulerMetrics(core.model_config.served_model_name)
+        freeze_startup_heap()  # no 0.3 s collections of the start-up heap between steps
         for client in clients:
             client.output.send(ready)
         _busy_loop(core, clients, parent_pid, metrics)

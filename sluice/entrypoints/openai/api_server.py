@@ -35,6 +35,7 @@ from fastapi.responses import JSONResponse, Response
 from sluice import __version__
 from sluice.config import EngineArgs
 from sluice.engine.async_engine import AsyncLLM
+from sluice.engine.gc_heap import freeze_startup_heap
 from sluice.entrypoints.openai.errors import OpenAIError, install_exception_handlers
 from sluice.entrypoints.openai.middleware import ServerGuard
 from sluice.entrypoints.openai.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
@@ -263,6 +264,7 @@ def serve(args: argparse.Namespace, engine_args: EngineArgs, engine: AsyncLLM, m
     logger.info("serving %s as %r on http://%s:%d", model_config.model, model_config.served_model_name,
                 args.host, args.port)
     server = server_class(uvicorn_config, state, guard, args.shutdown_timeout)
+    freeze_startup_heap()  # the engine thread's steps and the event loop never wait on a full collection
     server.run(sockets=sockets)
     return server.exit_code
 
