@@ -23,11 +23,10 @@ def freeze_startup_heap() -> None:
 
 @contextlib.contextmanager
 def frozen_heap() -> Iterator[None]:
-    """Freezes the heap for a run (``LLM.generate``) and unfreezes it afterwards, so that an engine dropped
-    later is collected as usual. Leaves a heap that someone else froze as it is."""
-    if gc.get_freeze_count():
-        yield
-        return
+    """Freezes the heap for a run (``LLM.generate``) and unfreezes all of it afterwards, so that an engine dropped
+    later is collected as usual, cycles included. A heap frozen before the run (some Python environments
+    freeze a few hundred objects at start-up) leaves the run unfrozen too: freezing is only a hint to the
+    collector, and an engine that stayed frozen would keep its GPU memory until the process ends."""
     gc.freeze()
     try:
         yield
