@@ -30,6 +30,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from sluice import LLM, SamplingParams  # noqa: E402
 from sluice.bench.cli import git_commit, write_l8_config  # noqa: E402
+from sluice.bench.profiling import device_kernel_times  # noqa: E402
 
 
 def build_llm(folder: str, args: argparse.Namespace) -> LLM:
@@ -106,17 +107,7 @@ def gpu_busy_per_step(llm: LLM, num_steps: int) -> tuple[float, list[dict[str, A
         for _ in range(num_steps):
             llm.llm_engine.step()
         torch.cuda.synchronize()
-    per_kernel: dict[str, list[float]] = {}
-    for event in prof.events():
-        if event.device_type == torch.autograd.DeviceType.CUDA:
-            entry = per_kernel.setdefault(event.name, [0.0, 0])
-            entry[0] += event.time_range.elapsed_us()
-            entry[1] += 1
-    total_us = sum(us for us, _ in per_kernel.values())
-    top = sorted(per_kernel.items(), key=lambda item: -item[1][0])[:25]
-    kernels = [{"name": name[:120], "us_per_step": us / num_steps, "launches_per_step": n / num_steps}
-               for name, (us, n) in top]
-    return total_us / 1e3 / num_steps, kernels
+    return device_kernel_times(prof, num_steps)
 
 
 def graph_forward_ms(llm: LLM, repeats: int = 20) -> float | None:

@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
-import gc
 import json
 import os
 import sys
@@ -44,6 +43,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from sluice import SamplingParams  # noqa: E402
 from sluice.bench.cli import device_name, git_commit, write_l8_config  # noqa: E402
 from sluice.bench.compile_log import CompileLog  # noqa: E402
+from sluice.bench.profiling import GcLog, device_kernel_times  # noqa: E402
 from sluice.bench.datasets import generate_workload  # noqa: E402
 from sluice.bench.schedule_bound import l8_shape, scheduled_step_work, step_seconds  # noqa: E402
 from sluice.config import EngineArgs  # noqa: E402
@@ -51,51 +51,6 @@ from sluice.engine.gc_heap import frozen_heap  # noqa: E402
 from sluice.engine.llm_engine import LLMEngine  # noqa: E402
 
 BUCKETS = [(1, 8), (9, 32), (33, 128), (129, 256), (257, 512), (513, 1024)]
-
-
-def kernel_table(prof, num_steps: int, top: int = 25) -> list[dict]:
-    """torch.profiler's device activity, summed by kernel name, per step."""
-    per_kernel: dict[str, list[float]] = {}
-    for event in prof.events():
-        if event.device_type == torch.autograd.DeviceType.CUDA:
-            entry = per_kernel.setdefault(event.name, [0.0, 0])
-            entry[0] += event.time_range.elapsed_us()
-            entry[1] += 1
-    ranked = sorted(per_kernel.items(), key=lambda item: -item[1][0])[:top]
-    return [{"name": name[:120], "us_per_step": us / num_steps, "launches_per_step": n / num_steps}
-            for name, (us, n) in ranked]
-
-
-class GcLog:
-    """Python's garbage collections while it is installed: generation, seconds, and the step they delayed."""
-
-    def __init__(self) -> None:
-        self.events: list[dict] = []
-        self.step = -1
-        self._start = 0.0
-
-    def __enter__(self) -> "GcLog":
-        gc.callbacks.append(self._callback)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        gc.callbacks.remove(self._callback)
-
-    def _callback(self, phase: str, info: dict) -> None:
-        if phase == "start":
-            self._start = time.perf_counter()
-        else:
-            self.events.append({"generation": info["generation"], "seconds": time.perf_counter() - self._start,
-                                "step": self.step})
-
-    def totals(self) -> dict:
-        by_generation = {}
-        for event in self.events:
-            entry = by_generation.setdefault(str(event["generation"]), {"count": 0, "seconds": 0.0, "max_s": 0.0})
-            entry["count"] += 1
-            entry["seconds"] += event["seconds"]
-            entry["max_s"] = max(entry["max_s"], event["seconds"])
-        return by_generation
 
 
 def run(args: argparse.Namespace, engine_args: EngineArgs, compiles: CompileLog,
@@ -153,7 +108,8 @@ def run(args: argparse.Namespace, engine_args: EngineArgs, compiles: CompileLog,
             if profiler is not None and len(records) >= window[1]:
                 torch.cuda.synchronize()
                 profiler.__exit__(None, None, None)
-                kernels.append({"steps": list(window), "top_kernels": kernel_table(profiler, window[1] - window[0])})
+                _, table = device_kernel_times(profiler, window[1] - window[0])
+                kernels.append({"steps": list(window), "top_kernels": table})
                 profiler = None
                 profiled.update(range(window[0], window[1] + 1))  # + the step launched after the drain
     if use_cuda:

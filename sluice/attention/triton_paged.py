@@ -13,9 +13,9 @@ whose partial results a second kernel merges. Decode-only batches split when the
 few programs to fill the GPU; mixed batches split when some context is long (a prompt chunk
 at 32K positions is a handful of programs that each walk the whole context while the rest of
 the GPU idles). Each program uses ``used = cdiv(tiles, max(cdiv(tiles, num_splits), min_split))``
-splits of its own context (min_split: 1 KV tile for decode-only batches, 4 for mixed ones), so short rows use one split, write their output directly, and the
-merge skips them; the count depends on device values only, so a graph captured with any
-split count serves every step.
+splits of its own context (min_split: 1 KV tile in decode-only batches, 4 in mixed ones), so short
+rows use one split, write their output directly, and the merge skips them; the count depends on
+device values only, so a graph captured with any split count serves every step.
 """
 from __future__ import annotations
 
@@ -81,7 +81,7 @@ def _cuda_num_sms(index: int) -> int:
 
 
 def choose_num_splits(num_reqs: int, num_kv_heads: int, max_seq_len: int, num_sms: int,
-                      tile_n: int, min_split_tiles: int = DECODE_MIN_SPLIT_TILES) -> int:
+                      tile_n: int, min_split_tiles: int) -> int:
     """Flash-decoding split count: enough programs for ~2 waves, each split >= min_split_tiles KV tiles."""
     programs = max(1, num_reqs * num_kv_heads)
     if programs >= num_sms:
@@ -270,7 +270,8 @@ class _LaunchPlan:
             if backend.enable_split_kv:
                 num_splits = choose_num_splits(metadata.num_reqs, num_kv_heads, metadata.max_seq_len,
                                                _num_sms(query.device), config.tile_n, DECODE_MIN_SPLIT_TILES)
-            return _LaunchPlan((_Launch(config, group, True, num_splits, min_split_tiles=DECODE_MIN_SPLIT_TILES),))
+            return _LaunchPlan((_Launch(config, group, True, num_splits,
+                                        min_split_tiles=DECODE_MIN_SPLIT_TILES),))
         if (backend.mostly_decode_config is not None
                 and query.shape[0] <= MOSTLY_DECODE_TOKENS_PER_REQ * metadata.num_reqs
                 and metadata.max_query_len <= MOSTLY_DECODE_MAX_QUERY_LEN):

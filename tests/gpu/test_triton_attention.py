@@ -184,10 +184,11 @@ def test_split_kv_decode_matches_reference(backend):
 
 def test_split_count_follows_occupancy():
     triton_paged = pytest.importorskip("sluice.attention.triton_paged")
-    assert triton_paged.choose_num_splits(256, 8, 1024, 132, 64) == 1
-    assert triton_paged.choose_num_splits(2, 8, 8192, 132, 64) == 16
-    assert triton_paged.choose_num_splits(2, 8, 300, 132, 64) == 4  # splits down to one 64-token tile
-    assert triton_paged.choose_num_splits(2, 8, 300, 132, 64, min_split_tiles=4) == 1  # too short to split
+    choose = triton_paged.choose_num_splits
+    assert choose(256, 8, 1024, 132, 64, triton_paged.DECODE_MIN_SPLIT_TILES) == 1
+    assert choose(2, 8, 8192, 132, 64, triton_paged.DECODE_MIN_SPLIT_TILES) == 16
+    assert choose(2, 8, 300, 132, 64, min_split_tiles=1) == 4  # splits down to one 64-token tile
+    assert choose(2, 8, 300, 132, 64, min_split_tiles=4) == 1  # too short for 4-tile splits
 
 
 def test_mixed_split_count_follows_context_length():
