@@ -45,13 +45,10 @@ from sluice.bench.cli import device_name, git_commit, write_l8_config  # noqa: E
 from sluice.bench.compile_log import CompileLog  # noqa: E402
 from sluice.bench.profiling import GcLog, device_kernel_times  # noqa: E402
 from sluice.bench.datasets import generate_workload  # noqa: E402
-from sluice.bench.schedule_bound import l8_shape, scheduled_step_work, step_seconds  # noqa: E402
+from sluice.bench.schedule_bound import l8_shape, scheduled_step_work, step_kinds, step_seconds  # noqa: E402
 from sluice.config import EngineArgs  # noqa: E402
 from sluice.engine.gc_heap import frozen_heap  # noqa: E402
 from sluice.engine.llm_engine import LLMEngine  # noqa: E402
-
-BUCKETS = [(1, 8), (9, 32), (33, 128), (129, 256), (257, 512), (513, 1024)]
-
 
 def run(args: argparse.Namespace, engine_args: EngineArgs, compiles: CompileLog,
         gc_log: GcLog) -> tuple[list[dict], list[dict]]:
@@ -70,8 +67,8 @@ def run(args: argparse.Namespace, engine_args: EngineArgs, compiles: CompileLog,
     def schedule():
         out = original()
         work = scheduled_step_work(scheduler.requests, out.num_scheduled_tokens)
-        records.append({"tokens": out.total_num_scheduled_tokens, "reqs": len(out.num_scheduled_tokens),
-                        "decode_reqs": work.num_decode_tokens, "prefill_tokens": work.num_prefill_tokens,
+        records.append({"kind": work.kind, "tokens": out.total_num_scheduled_tokens,
+                        "reqs": len(out.num_scheduled_tokens), "decode_reqs": work.num_decode_tokens, "prefill_tokens": work.num_prefill_tokens,
                         "kv_tokens": work.kv_tokens, "bound_ms": 1e3 * step_seconds(shape, work, "serial")})
         return out
 
@@ -101,7 +98,7 @@ def run(args: argparse.Namespace, engine_args: EngineArgs, compiles: CompileLog,
             now = time.perf_counter()
             records[-1]["wall_ms"] = 1e3 * (now - last)  # this call: launch of this step + wait for the previous one
             last = now
-            if use_cuda and (not events or events[-1][0] < len(records)):  # a call that launched a step
+            if use_cuda and events[-1][0] < len(records):  # a call that launched a step
                 event = torch.cuda.Event(enable_timing=True)
                 event.record()
                 events.append((len(records), event))
@@ -127,12 +124,7 @@ def run(args: argparse.Namespace, engine_args: EngineArgs, compiles: CompileLog,
 def summarize(all_records: list[dict]) -> dict:
     """Totals per kind of step (steps run under the profiler left out)."""
     records = [r for r in all_records if not r.get("profiled")]
-    summary = {}
-    mixed = [r for r in records if r["prefill_tokens"] > 0]
-    summary["prefill_or_mixed"] = _group(mixed)
-    for lo, hi in BUCKETS:
-        group = [r for r in records if r["prefill_tokens"] == 0 and lo <= r["reqs"] <= hi]
-        summary[f"decode_{lo}_{hi}"] = _group(group)
+    summary = {kind: _group([r for r in records if r["kind"] == kind]) for kind in step_kinds()}
     summary["steps_left_out"] = sum(1 for r in all_records if r.get("profiled"))
     summary["total_s"] = sum(r.get("wall_ms", 0.0) for r in records) / 1e3
     summary["gpu_s"] = sum(r.get("gpu_ms", 0.0) for r in records) / 1e3
