@@ -45,10 +45,13 @@ class AttentionBackend(Protocol):
         ...
 
     def forward(self, query: torch.Tensor, kv_cache: torch.Tensor, metadata: AttentionMetadata,
-                scale: float) -> torch.Tensor:
+                scale: float, sliding_window: int | None = None,
+                logits_soft_cap: float | None = None) -> torch.Tensor:
         """query: [num_tokens, num_heads, head_dim] -> output of the same shape.
 
-        Causal within each request: query row at position p sees positions <= p.
+        Causal within each request: query row at position p sees positions <= p, and with a
+        ``sliding_window`` W only positions > p - W (blocks wholly before that are never read).
+        ``logits_soft_cap`` c: scores (after ``scale``) become c * tanh(scores / c).
         GQA: query head h reads KV head ``h // (num_heads // num_kv_heads)``.
         """
         ...

@@ -20,6 +20,11 @@ Grid without host-device sync: request i's query tiles are numbered from
 (num_tokens // BLOCK_Q + num_reqs programs); each program finds its request by binary
 search and exits if it falls in a gap, or if its request is not of the launch's row class.
 Decode-only batches (max_query_len == 1) skip the search: program i is request i.
+
+Per-layer options (constexpr switches, so layers without them compile and run as before):
+SLIDING: a row at position p sees positions > p - sliding_window; a program walks only the KV
+tiles from its first row's window start, so blocks before it are never read (the KV cache
+manager may have recycled them). SOFT_CAP: scores become soft_cap * tanh(scores / soft_cap).
 """
 from __future__ import annotations
 
@@ -104,11 +109,31 @@ def _split_tiles(num_tiles, num_splits, MIN_SPLIT_TILES: tl.constexpr):
     return tiles_per_split, tl.cdiv(num_tiles, tiles_per_split)
 
 
+@triton.jit
+def _kv_range(context_len, local_tile, q_len, sliding_window,
+              BLOCK_Q: tl.constexpr, TILE_N: tl.constexpr, SLIDING: tl.constexpr):
+    """(kv_start, kv_end, first KV tile, KV tile count) that a tile of query rows reads: causal up to
+    its last row, and with a sliding window from its first row's window start. The attention and the
+    merge kernel must agree on it."""
+    kv_end = context_len + tl.minimum((local_tile + 1) * BLOCK_Q, q_len)
+    kv_start = kv_end * 0
+    if SLIDING:
+        kv_start = tl.maximum(context_len + local_tile * BLOCK_Q - sliding_window + 1, 0)
+    first_tile = kv_start // TILE_N
+    return kv_start, kv_end, first_tile, tl.cdiv(kv_end, TILE_N) - first_tile
+
+
+@triton.jit
+def _soft_cap(scores, soft_cap):
+    """soft_cap * tanh(scores / soft_cap), tanh from exp (saturates to +-1 without overflow trouble)."""
+    return soft_cap * (1.0 - 2.0 / (tl.exp(2.0 * scores / soft_cap) + 1.0))
+
+
 @triton.jit(do_not_specialize=PER_STEP_COUNTS)
 def paged_attention_kernel(
         out_ptr, q_ptr, kv_ptr, block_table_ptr, seq_lens_ptr, query_start_loc_ptr,
         part_out_ptr, part_lse_ptr,
-        scale_log2, num_reqs, num_splits,
+        scale_log2, num_reqs, num_splits, sliding_window, soft_cap,
         stride_qt, stride_qh, stride_ot, stride_oh,
         stride_kv, stride_kb, stride_kt, stride_kh, stride_bt,
         stride_ps, stride_pt, stride_ph, stride_ls, stride_lt,
@@ -116,7 +141,7 @@ def paged_attention_kernel(
         HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr,
         TILE_N: tl.constexpr, DECODE_ONLY: tl.constexpr, SPLIT: tl.constexpr,
         MIN_SPLIT_TILES: tl.constexpr, ROW_CLASS: tl.constexpr, SHORT_QUERY_LEN: tl.constexpr,
-        DOT_PRECISION: tl.constexpr):
+        DOT_PRECISION: tl.constexpr, SLIDING: tl.constexpr, SOFT_CAP: tl.constexpr):
     q_tile = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -146,18 +171,18 @@ def paged_attention_kernel(
     q = tl.load(q_ptr + q_token[:, None] * stride_qt + head[:, None] * stride_qh + offs_d[None, :],
                 mask=row_valid[:, None] & d_valid[None, :], other=0.0)
 
-    # Causal: this tile of rows sees positions < kv_end, nothing later.
-    kv_end = context_len + tl.minimum((local_tile + 1) * BLOCK_Q, q_len)
-    num_tiles = tl.cdiv(kv_end, TILE_N)
-    tile_lo = 0
-    tile_hi = num_tiles
+    # Causal: this tile of rows sees positions < kv_end, nothing later (and, windowed, >= kv_start).
+    kv_start, kv_end, first_tile, num_tiles = _kv_range(context_len, local_tile, q_len, sliding_window,
+                                                        BLOCK_Q, TILE_N, SLIDING)
+    tile_lo = first_tile
+    tile_hi = first_tile + num_tiles
     used_splits = 1
     if SPLIT:
         tiles_per_split, used_splits = _split_tiles(num_tiles, num_splits, MIN_SPLIT_TILES)
         if split >= used_splits:
             return
-        tile_lo = split * tiles_per_split
-        tile_hi = tl.minimum(tile_lo + tiles_per_split, num_tiles)
+        tile_lo = first_tile + split * tiles_per_split
+        tile_hi = tl.minimum(tile_lo + tiles_per_split, first_tile + num_tiles)
 
     offs_n = tl.arange(0, TILE_N)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
@@ -166,14 +191,18 @@ def paged_attention_kernel(
     block_row = block_table_ptr + req.to(tl.int64) * stride_bt
     for tile in range(tile_lo, tile_hi):
         kv_pos = tile * TILE_N + offs_n
-        kv_valid = kv_pos < kv_end
+        kv_valid = (kv_pos < kv_end) & (kv_pos >= kv_start)
         block_id = tl.load(block_row + kv_pos // BLOCK_SIZE, mask=kv_valid, other=0).to(tl.int64)
         kv_offset = block_id * stride_kb + (kv_pos % BLOCK_SIZE) * stride_kt + kv_head * stride_kh
         kv_mask = kv_valid[:, None] & d_valid[None, :]
         k = tl.load(kv_ptr + kv_offset[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
         v = tl.load(kv_ptr + stride_kv + kv_offset[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
         scores = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=DOT_PRECISION) * scale_log2
+        if SOFT_CAP:  # scale_log2 is the plain scale here: cap first, then to the exp2 domain
+            scores = _soft_cap(scores, soft_cap) * 1.4426950408889634
         visible = (kv_pos[None, :] <= q_pos[:, None]) & kv_valid[None, :]
+        if SLIDING:
+            visible = visible & (kv_pos[None, :] > q_pos[:, None] - sliding_window)
         scores = tl.where(visible, scores, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(scores, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row that has seen nothing yet
@@ -199,11 +228,12 @@ def paged_attention_kernel(
 
 @triton.jit(do_not_specialize=PER_STEP_COUNTS)
 def merge_splits_kernel(out_ptr, part_out_ptr, part_lse_ptr, query_start_loc_ptr, seq_lens_ptr,
-                         num_reqs, num_splits,
+                         num_reqs, num_splits, sliding_window,
                          stride_ot, stride_oh, stride_ps, stride_pt, stride_ph, stride_ls, stride_lt,
                          HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, SPLITS_PAD: tl.constexpr,
                          BLOCK_Q: tl.constexpr, TILE_N: tl.constexpr, MIN_SPLIT_TILES: tl.constexpr,
-                         DECODE_ONLY: tl.constexpr, ROW_CLASS: tl.constexpr, SHORT_QUERY_LEN: tl.constexpr):
+                         DECODE_ONLY: tl.constexpr, ROW_CLASS: tl.constexpr, SHORT_QUERY_LEN: tl.constexpr,
+                         SLIDING: tl.constexpr):
     """Combines the per-split softmax results of one query row (a token and a head): weights
     exp2(lse_s - max lse). Program 0 runs over requests (decode-only) or tokens."""
     head = tl.program_id(1)
@@ -221,9 +251,9 @@ def merge_splits_kernel(out_ptr, part_out_ptr, part_lse_ptr, query_start_loc_ptr
     if not _in_row_class(q_len, ROW_CLASS, SHORT_QUERY_LEN):  # another launch's row
         return
     # The same context the attention program of this row walked, and so the same split count.
-    local_tile = local // BLOCK_Q
-    kv_end = tl.load(seq_lens_ptr + req) - q_len + tl.minimum((local_tile + 1) * BLOCK_Q, q_len)
-    _, used_splits = _split_tiles(tl.cdiv(kv_end, TILE_N), num_splits, MIN_SPLIT_TILES)
+    context_len = tl.load(seq_lens_ptr + req) - q_len
+    _, _, _, num_tiles = _kv_range(context_len, local // BLOCK_Q, q_len, sliding_window, BLOCK_Q, TILE_N, SLIDING)
+    _, used_splits = _split_tiles(num_tiles, num_splits, MIN_SPLIT_TILES)
     if used_splits == 1:  # written directly by the attention program
         return
     token = (q_start + local).to(tl.int64)

@@ -149,7 +149,8 @@ class TritonPagedBackend:
             BLOCK_SIZE=kv_cache.shape[2])
 
     def forward(self, query: torch.Tensor, kv_cache: torch.Tensor, metadata: AttentionMetadata,
-                scale: float, out: torch.Tensor | None = None) -> torch.Tensor:
+                scale: float, out: torch.Tensor | None = None, sliding_window: int | None = None,
+                logits_soft_cap: float | None = None) -> torch.Tensor:
         """As AttentionBackend.forward; ``out`` (same shape as query) may be given, e.g. a static
         buffer under CUDA graphs. Rows of tokens past ``query_start_loc[num_reqs]`` are left as is."""
         _check_kv_cache(kv_cache)
@@ -166,8 +167,25 @@ class TritonPagedBackend:
         if metadata.num_reqs == 0 or query.shape[0] == 0:
             return out
         launch = _LaunchPlan.build(self, query, num_kv_heads, metadata)
-        launch.run(query, kv_cache, metadata, scale, out)
+        launch.run(query, kv_cache, metadata, scale, out, AttentionOptions(sliding_window, logits_soft_cap))
         return out
+
+
+@dataclass(frozen=True, slots=True)
+class AttentionOptions:
+    """A layer's own attention options (kernel constexpr switches when set)."""
+    sliding_window: int | None = None
+    logits_soft_cap: float | None = None
+
+    def kernel_args(self, scale: float) -> tuple[tuple, dict]:
+        """(scale, sliding_window, soft_cap) runtime args and SLIDING / SOFT_CAP constexprs."""
+        soft_cap = self.logits_soft_cap is not None
+        runtime = (scale if soft_cap else scale * LOG2E, self.sliding_window or 0,
+                   float(self.logits_soft_cap or 0.0))
+        return runtime, dict(SLIDING=self.sliding_window is not None, SOFT_CAP=soft_cap)
+
+
+NO_OPTIONS = AttentionOptions()
 
 
 # Row classes of a launch: every request, or only those with short / long queries (see _LaunchPlan).
@@ -191,7 +209,7 @@ class _Launch:
         return self.config.block_m // self.group
 
     def run(self, query: torch.Tensor, kv_cache: torch.Tensor, metadata: AttentionMetadata,
-            scale: float, out: torch.Tensor) -> None:
+            scale: float, out: torch.Tensor, options: "AttentionOptions" = NO_OPTIONS) -> None:
         num_tokens, num_heads, head_dim = query.shape
         num_kv_heads = kv_cache.shape[3]
         split = self.num_splits > 1
@@ -210,9 +228,10 @@ class _Launch:
         cfg = self.config
         rows = dict(ROW_CLASS=self.row_class, SHORT_QUERY_LEN=self.short_query_len, BLOCK_Q=self.block_q,
                     TILE_N=cfg.tile_n, MIN_SPLIT_TILES=self.min_split_tiles, DECODE_ONLY=self.decode_only)
+        (scale_arg, window, soft_cap), switches = options.kernel_args(scale)
         paged_attention_kernel[(num_q_tiles, num_kv_heads, self.num_splits)](
             out, query, kv_cache, metadata.block_table, metadata.seq_lens, metadata.query_start_loc,
-            part_out, part_lse, scale * LOG2E, metadata.num_reqs, self.num_splits,
+            part_out, part_lse, scale_arg, metadata.num_reqs, self.num_splits, window, soft_cap,
             query.stride(0), query.stride(1), out.stride(0), out.stride(1),
             kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3),
             metadata.block_table.stride(0),
@@ -220,15 +239,17 @@ class _Launch:
             GROUP=self.group, BLOCK_M=cfg.block_m, HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad,
             BLOCK_SIZE=kv_cache.shape[2], SPLIT=split,
             DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages, **rows)
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages, SOFT_CAP=switches["SOFT_CAP"],
+            SLIDING=switches["SLIDING"], **rows)
         if split:
             merge_rows = metadata.num_reqs if self.decode_only else num_tokens
             merge_splits_kernel[(merge_rows, num_heads)](
                 out, part_out, part_lse, metadata.query_start_loc, metadata.seq_lens, metadata.num_reqs,
-                self.num_splits,
+                self.num_splits, window,
                 out.stride(0), out.stride(1), part_out.stride(0), part_out.stride(1), part_out.stride(2),
                 part_lse.stride(0), part_lse.stride(1),
-                HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, SPLITS_PAD=MAX_SPLITS, **rows)
+                HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, SPLITS_PAD=MAX_SPLITS, SLIDING=switches["SLIDING"],
+                **rows)
 
 
 @dataclass(frozen=True, slots=True)
@@ -290,9 +311,9 @@ class _LaunchPlan:
                             _Launch(config, group, False, num_splits, LONG_ROWS, short_len)))
 
     def run(self, query: torch.Tensor, kv_cache: torch.Tensor, metadata: AttentionMetadata,
-            scale: float, out: torch.Tensor) -> None:
+            scale: float, out: torch.Tensor, options: "AttentionOptions" = NO_OPTIONS) -> None:
         for launch in self.launches:
-            launch.run(query, kv_cache, metadata, scale, out)
+            launch.run(query, kv_cache, metadata, scale, out, options)
 
 
 def _fit(config: KernelConfig, group: int) -> KernelConfig:

@@ -16,12 +16,15 @@ from sluice.attention.backend import AttentionBackend, AttentionMetadata
 
 class Attention(nn.Module):
     def __init__(self, num_heads: int, head_dim: int, scale: float, num_kv_heads: int,
-                 backend: AttentionBackend) -> None:
+                 backend: AttentionBackend, sliding_window: int | None = None,
+                 logits_soft_cap: float | None = None) -> None:
         super().__init__()
         if num_heads % num_kv_heads:
             raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
         self.num_heads, self.head_dim, self.num_kv_heads = num_heads, head_dim, num_kv_heads
         self.scale = scale
+        # Per-layer attention options (Mistral, Gemma): handed to the backend on every call.
+        self.sliding_window, self.logits_soft_cap = sliding_window, logits_soft_cap
         self.backend = backend
         self.kv_cache = torch.empty(0)  # bound by bind_kv_cache
 
@@ -35,7 +38,8 @@ class Attention(nn.Module):
         k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
         v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
         self.backend.write_kv(k, v, self.kv_cache, attn_metadata.slot_mapping)
-        out = self.backend.forward(q, self.kv_cache, attn_metadata, self.scale)
+        out = self.backend.forward(q, self.kv_cache, attn_metadata, self.scale,
+                                   sliding_window=self.sliding_window, logits_soft_cap=self.logits_soft_cap)
         return out.reshape(num_tokens, self.num_heads * self.head_dim)
 
 
