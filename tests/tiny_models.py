@@ -60,6 +60,24 @@ def tiny_config(arch: str, **overrides):
     elif arch == "qwen3":
         cls = transformers.Qwen3Config
         base.update(head_dim=16)
+    elif arch in ("gemma2", "gemma3"):
+        # Windows shorter than the tests' prompts; caps low enough that they change the result.
+        base.update(head_dim=16, query_pre_attn_scalar=24, sliding_window=8, tie_word_embeddings=True,
+                    layer_types=["sliding_attention", "full_attention", "sliding_attention"], num_hidden_layers=3,
+                    attn_logit_softcapping=2.0, final_logit_softcapping=3.0)
+        cls = transformers.Gemma2Config
+        if arch == "gemma3":
+            cls = transformers.Gemma3TextConfig
+            base.update(final_logit_softcapping=None, attn_logit_softcapping=None, architectures=["Gemma3ForCausalLM"],
+                        rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                                         "full_attention": {"rope_type": "linear", "rope_theta": 1e6, "factor": 2.0}})
+    elif arch == "phi3":
+        # longrope switching to its long factors at 32 positions; partial rotary dims (as Phi-4-mini)
+        cls = transformers.Phi3Config
+        base.update(pad_token_id=0, max_position_embeddings=128, original_max_position_embeddings=32,
+                    rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0, "partial_rotary_factor": 0.75,
+                                     "short_factor": [1.0 + 0.1 * i for i in range(6)],
+                                     "long_factor": [1.0 + 1.5 * i for i in range(6)]})
     else:
         raise ValueError(arch)
     base.update(overrides)

@@ -1,7 +1,8 @@
-"""Activations of gated MLPs: ``SiluAndMul`` splits a merged gate_up projection in half.
+"""Activations of gated MLPs: each splits a merged gate_up projection in half.
 
-On CUDA it runs as one Triton kernel (``fused_kernels.silu_and_mul``); elsewhere ``forward_torch``
-runs: the reference the kernel follows.
+``SiluAndMul`` (Llama, Qwen, Phi-3) runs on CUDA as one Triton kernel (``fused_kernels.silu_and_mul``);
+elsewhere ``forward_torch`` runs: the reference the kernel follows. ``GeluTanhAndMul`` (GeGLU with
+the tanh approximation, Gemma's ``gelu_pytorch_tanh``) is plain torch everywhere.
 """
 from __future__ import annotations
 
@@ -26,3 +27,22 @@ class SiluAndMul(nn.Module):
     def forward_torch(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = x.chunk(2, dim=-1)
         return F.silu(gate) * up
+
+
+class GeluTanhAndMul(nn.Module):
+    """x: [..., 2 * d] laid out as [gate | up] -> gelu_tanh(gate) * up: [..., d]."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = x.chunk(2, dim=-1)
+        return F.gelu(gate, approximate="tanh") * up
+
+
+_GATED_ACTIVATIONS = {"silu": SiluAndMul, "swish": SiluAndMul, "gelu_pytorch_tanh": GeluTanhAndMul,
+                      "gelu_tanh": GeluTanhAndMul}
+
+
+def get_gated_activation(name: str) -> nn.Module:
+    """The gated activation for an HF ``hidden_act`` / ``hidden_activation`` name."""
+    if name not in _GATED_ACTIVATIONS:
+        raise ValueError(f"hidden activation {name!r} is not supported; supported: {', '.join(_GATED_ACTIVATIONS)}")
+    return _GATED_ACTIVATIONS[name]()

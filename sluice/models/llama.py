@@ -3,14 +3,16 @@
     input_ids -> embed_tokens -> N x [input_layernorm -> self_attn -> post_attention_layernorm -> mlp] -> norm
               -> (compute_logits) lm_head -> float32 logits
 
-Residual adds are fused into the norms (``norm(x, residual)``). Families differ only in their
+Residual adds are fused into the norms (``norm(x, residual)``). Families differ in their
 attention block, chosen by ``LlamaForCausalLM.make_attention`` (Qwen2: qkv bias; Qwen3: per-head
-q/k norms). All tokens of a step are packed in one flat dimension [T]; attention metadata says
-which request each token belongs to.
+q/k norms), or in the whole decoder layer (``make_layer``: Gemma's sandwich norms), the norm class
+(``norm_class``), an embedding multiplier and fused checkpoint tensors (``split_fused_weights``:
+Phi-3). Each layer's sliding window comes from the config (``layer_sliding_windows``) and is set
+on its Attention module. All tokens of a step are packed in one flat dimension [T]; attention
+metadata says which request each token belongs to.
 """
 from __future__ import annotations
 
-import logging
 from collections import Counter
 from contextlib import contextmanager
 from typing import Any, Iterable, Iterator
@@ -23,10 +25,9 @@ from sluice.layers.activation import SiluAndMul
 from sluice.layers.attention import Attention
 from sluice.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear, default_weight_loader
 from sluice.layers.norm import RMSNorm
-from sluice.layers.rotary import get_rope
+from sluice.layers.rotary import RotaryEmbedding, get_rope
 from sluice.layers.vocab import LMHead, VocabEmbedding
-
-logger = logging.getLogger(__name__)
+from sluice.models.model_config import layer_sliding_windows
 
 
 def get_head_dim(config: Any) -> int:
@@ -38,15 +39,20 @@ def get_num_kv_heads(config: Any) -> int:
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, config: Any, attn_backend: AttentionBackend, qkv_bias: bool, o_bias: bool) -> None:
+    """qkv projection, rope, paged attention, o projection. ``scale`` defaults to head_dim ** -0.5,
+    ``rotary_emb`` to the config's rope."""
+
+    def __init__(self, config: Any, attn_backend: AttentionBackend, qkv_bias: bool, o_bias: bool,
+                 scale: float | None = None, rotary_emb: RotaryEmbedding | None = None,
+                 logits_soft_cap: float | None = None) -> None:
         super().__init__()
         self.head_dim = get_head_dim(config)
         num_heads, num_kv_heads = config.num_attention_heads, get_num_kv_heads(config)
         self.qkv_proj = QKVParallelLinear(config.hidden_size, self.head_dim, num_heads, num_kv_heads, bias=qkv_bias)
         self.o_proj = RowParallelLinear(num_heads * self.head_dim, config.hidden_size, bias=o_bias)
-        self.rotary_emb = get_rope(self.head_dim, config)
-        self.attn = Attention(self.qkv_proj.num_heads, self.head_dim, self.head_dim ** -0.5,
-                              self.qkv_proj.num_kv_heads, attn_backend)
+        self.rotary_emb = rotary_emb if rotary_emb is not None else get_rope(self.head_dim, config)
+        self.attn = Attention(self.qkv_proj.num_heads, self.head_dim, scale or self.head_dim ** -0.5,
+                              self.qkv_proj.num_kv_heads, attn_backend, logits_soft_cap=logits_soft_cap)
 
     def project_qkv(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """hidden [T, hidden] -> q [T, H * D], k and v [T, Hkv * D], before rope."""
@@ -59,12 +65,33 @@ class LlamaAttention(nn.Module):
         return self.o_proj(self.attn(q, k, v, attn_metadata))
 
 
+class QKNormAttention(LlamaAttention):
+    """LlamaAttention plus a norm over each head of q and of k, applied before rope (Qwen3, Gemma 3)."""
+
+    def __init__(self, config: Any, attn_backend: AttentionBackend, norm_class: type[nn.Module],
+                 **attention_kwargs: Any) -> None:
+        bias = bool(getattr(config, "attention_bias", False))
+        super().__init__(config, attn_backend, qkv_bias=bias, o_bias=bias, **attention_kwargs)
+        self.q_norm = norm_class(self.head_dim, config.rms_norm_eps)
+        self.k_norm = norm_class(self.head_dim, config.rms_norm_eps)
+
+    def project_qkv(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        q, k, v = super().project_qkv(hidden_states)
+        num_tokens = q.shape[0]
+        q = self.q_norm(q.reshape(num_tokens, -1, self.head_dim)).view(num_tokens, -1)
+        k = self.k_norm(k.reshape(num_tokens, -1, self.head_dim)).view(num_tokens, -1)
+        return q, k, v
+
+
 class LlamaMLP(nn.Module):
-    def __init__(self, hidden_size: int, intermediate_size: int, bias: bool = False) -> None:
+    """down(act(gate) * up); ``act_fn`` takes the merged [gate | up] (default SiluAndMul)."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int, bias: bool = False,
+                 act_fn: nn.Module | None = None) -> None:
         super().__init__()
         self.gate_up_proj = MergedColumnParallelLinear(hidden_size, [intermediate_size] * 2, bias=bias)
         self.down_proj = RowParallelLinear(intermediate_size, hidden_size, bias=bias)
-        self.act_fn = SiluAndMul()
+        self.act_fn = act_fn if act_fn is not None else SiluAndMul()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(self.act_fn(self.gate_up_proj(x)))
@@ -90,15 +117,22 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, config: Any, layers: list[LlamaDecoderLayer]) -> None:
+    """``embedding_multiplier`` scales the embeddings (Gemma: sqrt(hidden_size), rounded to the model dtype)."""
+
+    def __init__(self, config: Any, layers: list[nn.Module], norm_class: type[nn.Module] = RMSNorm,
+                 embedding_multiplier: float | None = None) -> None:
         super().__init__()
         self.embed_tokens = VocabEmbedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(layers)
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.norm = norm_class(config.hidden_size, config.rms_norm_eps)
+        self.embedding_multiplier = embedding_multiplier
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                 attn_metadata: AttentionMetadata) -> torch.Tensor:
         hidden_states, residual = self.embed_tokens(input_ids), None
+        if self.embedding_multiplier is not None:
+            # as transformers: the multiplier as a tensor of the model dtype (sqrt(3072) is 55.5 in bf16)
+            hidden_states = hidden_states * torch.tensor(self.embedding_multiplier, dtype=hidden_states.dtype)
         for layer in self.layers:
             hidden_states, residual = layer(positions, hidden_states, residual, attn_metadata)
         hidden_states, _ = self.norm(hidden_states, residual)
@@ -118,6 +152,7 @@ def _construction_defaults(dtype: torch.dtype, device: torch.device) -> Iterator
 
 
 class LlamaForCausalLM(nn.Module):
+    norm_class: type[nn.Module] = RMSNorm
     # checkpoint name -> (our merged parameter name, shard id)
     stacked_params_mapping: list[tuple[str, str, str | int]] = [
         (".qkv_proj", ".q_proj", "q"), (".qkv_proj", ".k_proj", "k"), (".qkv_proj", ".v_proj", "v"),
@@ -129,20 +164,30 @@ class LlamaForCausalLM(nn.Module):
         super().__init__()
         self.config = hf_config
         self.dtype, self.device = dtype, torch.device(device)
-        _warn_if_sliding_window(hf_config)
         with _construction_defaults(dtype, self.device):
-            layers = [LlamaDecoderLayer(hf_config, self.make_attention(hf_config, attn_backend))
-                      for _ in range(hf_config.num_hidden_layers)]
-            self.model = LlamaModel(hf_config, layers)
+            layers = [self.make_layer(hf_config, attn_backend, i) for i in range(hf_config.num_hidden_layers)]
+            self.model = LlamaModel(hf_config, layers, self.norm_class, self.embedding_multiplier(hf_config))
             self.lm_head = LMHead(hf_config.vocab_size, hf_config.hidden_size)
+        for layer, window in zip(layers, layer_sliding_windows(hf_config)):
+            for module in layer.modules():
+                if isinstance(module, Attention):
+                    module.sliding_window = window
         self.tie_word_embeddings = bool(getattr(hf_config, "tie_word_embeddings", False))
         if self.tie_word_embeddings:
             self.lm_head.tie_to(self.model.embed_tokens)
 
     @classmethod
+    def make_layer(cls, config: Any, attn_backend: AttentionBackend, layer_idx: int) -> nn.Module:
+        return LlamaDecoderLayer(config, cls.make_attention(config, attn_backend))
+
+    @classmethod
     def make_attention(cls, config: Any, attn_backend: AttentionBackend) -> nn.Module:
         bias = bool(getattr(config, "attention_bias", False))
         return LlamaAttention(config, attn_backend, qkv_bias=bias, o_bias=bias)
+
+    @classmethod
+    def embedding_multiplier(cls, config: Any) -> float | None:
+        return None
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                 attn_metadata: AttentionMetadata) -> torch.Tensor:
@@ -161,7 +206,7 @@ class LlamaForCausalLM(nn.Module):
         """
         params = dict(self.named_parameters())  # a tied lm_head is listed once, as the embedding
         shards_loaded: Counter[str] = Counter()
-        for name, loaded_weight in weights:
+        for name, loaded_weight in self.split_fused_weights(weights):
             if "rotary_emb.inv_freq" in name or (self.tie_word_embeddings and name.startswith("lm_head.")):
                 continue
             param_name, shard_id = self._param_for(name)
@@ -177,22 +222,16 @@ class LlamaForCausalLM(nn.Module):
                              + (" ..." if len(missing) > 8 else ""))
         return set(shards_loaded)
 
+    def split_fused_weights(self, weights: Iterable[tuple[str, torch.Tensor]]
+                            ) -> Iterable[tuple[str, torch.Tensor]]:
+        """Checkpoint tensors under the names of separate projections; fused families override it."""
+        return weights
+
     def _param_for(self, checkpoint_name: str) -> tuple[str, str | int | None]:
         for param_part, weight_part, shard_id in self.stacked_params_mapping:
             if weight_part in checkpoint_name:
                 return checkpoint_name.replace(weight_part, param_part), shard_id
         return checkpoint_name, None
-
-
-def _warn_if_sliding_window(config: Any) -> None:
-    window = getattr(config, "sliding_window", None)
-    if getattr(config, "use_sliding_window", True) is False:  # Qwen2 configs carry a window they do not use
-        return
-    layer_types = getattr(config, "layer_types", None) or []
-    uses_window = "sliding_attention" in layer_types or (window is not None and not layer_types)
-    if uses_window and window < getattr(config, "max_position_embeddings", 0):
-        logger.warning("sliding_window=%d is not applied: attention is full, which matches the checkpoint only "
-                       "for sequences up to %d tokens", window, window)
 
 
 class MistralForCausalLM(LlamaForCausalLM):

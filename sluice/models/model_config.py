@@ -1,7 +1,8 @@
 """ModelConfig: what the engine needs to know about a checkpoint before loading its weights.
 
 Resolves the model path (the embedded default when none is given), reads the HF config
-(config.json, or a GGUF file's metadata), the runtime dtype and ``max_model_len``.
+(config.json, or a GGUF file's metadata), the runtime dtype and ``max_model_len``, and the
+attention windows of its layers (``layer_sliding_windows``).
 """
 from __future__ import annotations
 
@@ -41,7 +42,12 @@ class ModelConfig:
 
     @property
     def context_length(self) -> int:
-        return int(getattr(self.hf_config, "max_position_embeddings", 0) or 2048)
+        return model_context_length(self.hf_config)
+
+    @property
+    def kv_sliding_window(self) -> int | None:
+        """The window the KV cache manager may free blocks behind: set only when every layer has one."""
+        return kv_sliding_window(self.hf_config)
 
     @classmethod
     def from_engine_args(cls, args: EngineArgs) -> "ModelConfig":
@@ -67,7 +73,7 @@ class ModelConfig:
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         dtype = resolve_dtype(hf_config, args.dtype, device)
-        context_length = int(getattr(hf_config, "max_position_embeddings", 0) or 2048)
+        context_length = model_context_length(hf_config)
         max_model_len = args.max_model_len or context_length
         if max_model_len > context_length:
             raise ValueError(f"max_model_len {max_model_len} exceeds the model's context length {context_length}")
@@ -84,6 +90,39 @@ class ModelConfig:
             load_format=args.load_format,
             seed=args.seed,
         )
+
+
+def model_context_length(hf_config: Any) -> int:
+    """max_position_embeddings, stretched by the rope scaling factor where vLLM stretches it (yarn, dynamic, linear)."""
+    from sluice.layers.rope_scaling import RopeSettings
+
+    if getattr(hf_config, "max_position_embeddings", None) is None:
+        return 2048
+    return RopeSettings.from_hf_config(hf_config).context_length()
+
+
+def layer_sliding_windows(hf_config: Any) -> list[int | None]:
+    """Each layer's attention window (None: full attention), as transformers' models read the config.
+
+    ``layer_types`` names each layer (Gemma 2/3, Qwen2 with use_sliding_window); without it, a
+    ``sliding_window`` applies to every layer (Mistral, Phi-3) unless ``use_sliding_window`` is False.
+    """
+    window = getattr(hf_config, "sliding_window", None)
+    num_layers = hf_config.num_hidden_layers
+    layer_types = getattr(hf_config, "layer_types", None)
+    if window is None or getattr(hf_config, "use_sliding_window", True) is False:
+        return [None] * num_layers
+    if layer_types:
+        return [window if layer_type == "sliding_attention" else None for layer_type in layer_types[:num_layers]]
+    return [window] * num_layers
+
+
+def kv_sliding_window(hf_config: Any) -> int | None:
+    """The largest window when every layer is windowed (KV behind it is dead for all layers), else None."""
+    windows = layer_sliding_windows(hf_config)
+    if not windows or any(w is None for w in windows):
+        return None
+    return max(windows)
 
 
 def _default_served_name(given: str | None, resolved: str) -> str:

@@ -1,4 +1,4 @@
-"""sluice's Llama / Mistral / Qwen2 / Qwen3 give the same logits as transformers on the same weights.
+"""sluice's Llama / Mistral / Qwen2 / Qwen3 / Gemma 2 / Gemma 3 / Phi-3 give the same logits as transformers on the same weights.
 
 Each case saves a tiny random HF model (weights widened, norms and biases randomized so a swapped
 or dropped tensor shows), loads it through sluice's loader in float32 on CPU and compares logits:
@@ -35,6 +35,14 @@ CASES: dict[str, tuple[str, dict, dict]] = {
     "llama_llama3_rope": ("llama", {"rope_parameters": LLAMA3_ROPE}, {}),
     "llama_biases_and_head_dim": ("llama", {"attention_bias": True, "mlp_bias": True, "head_dim": 24}, {}),
     "llama_sharded": ("llama", {}, {"max_shard_size": "100KB"}),
+    "mistral_sliding_window_6": ("mistral", {"sliding_window": 6}, {}),
+    "gemma2": ("gemma2", {}, {}),
+    "gemma3_text": ("gemma3", {}, {}),
+    "phi3_longrope": ("phi3", {}, {}),
+    "llama_yarn_rope": ("llama", {"rope_parameters": {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
+                                                      "original_max_position_embeddings": 8}}, {}),
+    "llama_linear_rope": ("llama", {"rope_parameters": {"rope_type": "linear", "rope_theta": 10000.0,
+                                                        "factor": 2.0}}, {}),
 }
 
 

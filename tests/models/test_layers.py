@@ -38,7 +38,8 @@ def test_rope_settings_read_transformers4_and_transformers5_layouts():
     v4 = SimpleNamespace(rope_theta=5e5, rope_scaling={"type": "linear", "factor": 2.0}, max_position_embeddings=8)
     v5 = SimpleNamespace(rope_parameters={"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0,
                                           "original_max_position_embeddings": 8192})
-    assert RopeSettings.from_hf_config(v4) == RopeSettings(rope_theta=5e5, rope_type="linear", factor=2.0)
+    assert RopeSettings.from_hf_config(v4) == RopeSettings(rope_theta=5e5, rope_type="linear", factor=2.0,
+                                                           max_position_embeddings=8)
     settings = RopeSettings.from_hf_config(v5)
     assert (settings.rope_type, settings.rope_theta, settings.factor) == ("llama3", 5e5, 8.0)
     assert settings.original_max_position_embeddings == 8192
@@ -46,8 +47,8 @@ def test_rope_settings_read_transformers4_and_transformers5_layouts():
 
 
 def test_unsupported_rope_type_is_a_clear_error():
-    config = SimpleNamespace(rope_parameters={"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0})
-    with pytest.raises(ValueError, match="rope_type 'yarn' is not supported"):
+    config = SimpleNamespace(rope_parameters={"rope_type": "mrope", "rope_theta": 1e4, "factor": 4.0})
+    with pytest.raises(ValueError, match="rope_type 'mrope' is not supported"):
         RopeSettings.from_hf_config(config)
 
 
