@@ -153,6 +153,7 @@ class CacheConfig:
     num_blocks: int  # decided once the model is loaded and memory measured
     swap_space_bytes: int = 0
     num_cpu_blocks: int = 0
+    sliding_window: int | None = None  # every layer's window: the KV cache manager frees blocks behind it
 
 
 @dataclass(frozen=True)

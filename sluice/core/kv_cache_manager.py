@@ -122,6 +122,10 @@ class KVCacheManager:
     def usage(self) -> float:
         return self.block_pool.usage
 
+    def max_request_tokens(self, max_chunk_tokens: int) -> int:
+        """The longest request the pool can hold alone (a request holds every block of its context)."""
+        return self.block_pool.num_blocks * self.block_size
+
     def get_block_ids(self, req_id: str) -> list[int]:
         return [block.block_id for block in self.req_to_blocks.get(req_id, ())]
 
@@ -222,7 +226,11 @@ class KVCacheManager:
         """
         blocks = self.req_to_blocks.pop(request.request_id, [])
         self.num_cached_blocks.pop(request.request_id, None)
-        for block in blocks[request.num_computed_tokens // self.block_size:]:
+        self._release(blocks, request.num_computed_tokens // self.block_size)
+
+    def _release(self, blocks: list[KVBlock], num_written_blocks: int) -> None:
+        """Frees a block table, tail first; blocks from index ``num_written_blocks`` on lose their hash."""
+        for block in blocks[num_written_blocks:]:
             self.block_pool.evict_cached_block(block)
         self.block_pool.free_blocks(reversed(blocks))
         if not self.enable_prefix_caching:

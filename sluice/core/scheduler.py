@@ -42,7 +42,7 @@ from sluice.config import CacheConfig, SchedulerConfig
 from sluice.core.interface import (
     CachedRequestData, EngineCoreOutput, LogprobsLists, ModelRunnerOutput, NewRequestData, SchedulerOutput,
 )
-from sluice.core.kv_cache_manager import KVCacheManager
+from sluice.core.sliding_window_manager import make_kv_cache_manager
 from sluice.core.request import Request, RequestStatus
 from sluice.engine.stats import SchedulerStats
 
@@ -94,15 +94,16 @@ class Scheduler:
         # A prompt chunk takes at most this many tokens per step, so that a long prompt's prefill
         # cannot stretch the steps every running request waits on (0: the budget is the limit).
         self.long_prefill_token_threshold = scheduler_config.long_prefill_token_threshold or self.max_num_batched_tokens
+        self.kv_cache_manager = make_kv_cache_manager(
+            cache_config.num_blocks, cache_config.block_size, cache_config.enable_prefix_caching,
+            cache_config.sliding_window)
         # A request longer than the whole KV cache could never run, even alone: cap lengths at its size.
-        kv_capacity = cache_config.num_blocks * cache_config.block_size
+        kv_capacity = self.kv_cache_manager.max_request_tokens(self.long_prefill_token_threshold)
         self.max_model_len = min(scheduler_config.max_model_len, kv_capacity)
         if kv_capacity < scheduler_config.max_model_len:
             logger.warning("The KV cache holds %d tokens, less than max_model_len=%d: requests stop at %d tokens",
                            kv_capacity, scheduler_config.max_model_len, kv_capacity)
         self.policy = scheduler_config.policy
-        self.kv_cache_manager = KVCacheManager(
-            cache_config.num_blocks, cache_config.block_size, cache_config.enable_prefix_caching)
         self.requests: dict[str, Request] = {}
         # fcfs: arrival order, preempted requests in front; priority: sorted by (priority, arrival_time).
         self.waiting: list[Request] = []

@@ -55,6 +55,7 @@ class EngineCore:
             block_size=args.block_size,
             enable_prefix_caching=args.enable_prefix_caching,
             num_blocks=num_blocks,
+            sliding_window=model_config.kv_sliding_window,
         )
         self.scheduler = Scheduler(self.scheduler_config, self.cache_config)
         self._in_flight: tuple[SchedulerOutput, LaunchedStep] | None = None
