@@ -106,6 +106,7 @@ def hf_greedy(path: str | Path, prompts: list[list[int]], max_new_tokens: int) -
     from transformers import AutoModelForCausalLM, GenerationConfig
 
     model = AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.float32).eval()
+    model.generation_config.eos_token_id = None  # else transformers 5 falls back to it and stops at eos
     config = GenerationConfig(do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=None, pad_token_id=0)
     outputs = []
     with torch.no_grad():

@@ -105,6 +105,8 @@ class LLMEngine:
             raise ValueError(f"the prompt is {len(prompt_ids)} tokens long, but max_model_len is "
                              f"{self.max_model_len}: it must leave room for at least one output token")
         kv_tokens = self.core.num_kv_tokens
+        if self.core.cache_config.sliding_window is not None:  # blocks behind the window are recycled
+            kv_tokens = max(kv_tokens, self.max_model_len)
         needed = len(prompt_ids) + (params.max_tokens or 1)
         if len(prompt_ids) + 1 > kv_tokens:
             raise ValueError(f"the prompt is {len(prompt_ids)} tokens long, but the KV cache holds only "

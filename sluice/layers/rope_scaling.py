@@ -10,13 +10,19 @@ Rope settings come from either transformers layout:
 
     default, linear, llama3, yarn   static frequencies (yarn also scales cos/sin by an attention factor)
     dynamic                         NTK base grown with the sequence length past max_position_embeddings
-    longrope (su)                   per-dimension short factors, long factors past the original length,
-                                    and an attention factor
+    longrope (su)                   per-dimension factors (short or long) and an attention factor
 
-transformers picks dynamic and longrope frequencies once per forward call, from the largest
-position in it. Here each token rotates with the frequencies of a sequence that ends at it
-(``seq_len = position + 1``): for generation (one new token per call) that is exactly what
-transformers does, and unlike a per-call choice it does not depend on how prompts are chunked.
+transformers picks dynamic frequencies once per forward call, from the largest position in it.
+Here each token rotates with the frequencies of a sequence that ends at it (``seq_len = position
++ 1``): for generation (one new token per call) that is exactly what transformers does, and unlike
+a per-call choice it does not depend on how prompts are chunked (KV stays a function of the
+prefix, which prefix caching needs).
+
+longrope: transformers switches to the long factors once a sequence passes
+original_max_position_embeddings and recomputes the whole cache. As vLLM, sluice picks one set for
+the engine instead: the long factors iff max_model_len exceeds the original length (the engine
+passes max_model_len as ``config.sluice_max_model_len``; without it, max_position_embeddings). So
+KV never has to be recomputed, and sluice equals transformers for any sequence that stays in its regime.
 """
 from __future__ import annotations
 
@@ -28,7 +34,7 @@ import torch
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn", "dynamic", "longrope")
 # Position-dependent types: their frequencies depend on each token's position (see the module docstring).
-DYNAMIC_ROPE_TYPES = ("dynamic", "longrope")
+DYNAMIC_ROPE_TYPES = ("dynamic",)
 
 
 @dataclass(frozen=True)
@@ -51,6 +57,7 @@ class RopeSettings:
     # longrope
     short_factor: tuple[float, ...] = ()
     long_factor: tuple[float, ...] = ()
+    use_long_factors: bool = False
 
     @classmethod
     def from_hf_config(cls, config: Any, layer_type: str | None = None) -> "RopeSettings":
@@ -87,6 +94,8 @@ class RopeSettings:
             truncate=bool(params.get("truncate", True)),
             short_factor=tuple(params.get("short_factor") or ()),
             long_factor=tuple(params.get("long_factor") or ()),
+            use_long_factors=(rope_type == "longrope" and
+                              (getattr(config, "sluice_max_model_len", None) or max_positions) > original_max),
         )
 
     @property
@@ -146,8 +155,7 @@ def rotary_exponents(rotary_dim: int) -> torch.Tensor:
 def compute_inv_freq(rotary_dim: int, rope: RopeSettings) -> torch.Tensor:
     """float32 [rotary_dim / 2] inverse frequencies, scaled as the rope_type says (same math as HF).
 
-    For dynamic types these are the frequencies at short lengths (dynamic: the unscaled ones;
-    longrope: the short factors); ``dynamic_inv_freq`` gives the per-token ones.
+    For dynamic rope these are the unscaled ones; ``dynamic_inv_freq`` gives the per-token ones.
     """
     inv_freq = 1.0 / (rope.rope_theta ** rotary_exponents(rotary_dim))
     if rope.rope_type == "linear":
@@ -157,27 +165,19 @@ def compute_inv_freq(rotary_dim: int, rope: RopeSettings) -> torch.Tensor:
     if rope.rope_type == "yarn":
         return _yarn_inv_freq(rotary_dim, rope)
     if rope.rope_type == "longrope":
-        return _longrope_inv_freq(rotary_dim, rope, rope.short_factor)
+        return _longrope_inv_freq(rotary_dim, rope, rope.long_factor if rope.use_long_factors else rope.short_factor)
     return inv_freq
 
 
-def dynamic_inv_freq(positions: torch.Tensor, rotary_dim: int, rope: RopeSettings,
-                     short_inv_freq: torch.Tensor, long_inv_freq: torch.Tensor | None) -> torch.Tensor:
-    """float32 [T, rotary_dim / 2]: each token's frequencies for a sequence ending at it."""
+def dynamic_inv_freq(positions: torch.Tensor, rotary_dim: int, rope: RopeSettings) -> torch.Tensor:
+    """float32 [T, rotary_dim / 2]: each token's dynamic-NTK frequencies for a sequence ending at it."""
     seq_len = positions.long() + 1
-    if rope.rope_type == "longrope":
-        is_long = (seq_len > rope.original_max_position_embeddings).unsqueeze(-1)
-        return torch.where(is_long, long_inv_freq, short_inv_freq)
     # dynamic NTK: base * ((factor * L / max_pos) - (factor - 1)) ** (dim / (dim - 2)), L >= max_pos
     max_pos = rope.max_position_embeddings
     seq_len = torch.clamp(seq_len, min=max_pos)
     base = rope.rope_theta * ((rope.factor * seq_len / max_pos) - (rope.factor - 1)) ** (rotary_dim / (rotary_dim - 2))
     exponents = rotary_exponents(rotary_dim).to(positions.device)
     return 1.0 / (base.unsqueeze(-1) ** exponents)
-
-
-def longrope_long_inv_freq(rotary_dim: int, rope: RopeSettings) -> torch.Tensor:
-    return _longrope_inv_freq(rotary_dim, rope, rope.long_factor)
 
 
 def _longrope_inv_freq(rotary_dim: int, rope: RopeSettings, ext_factors: tuple[float, ...]) -> torch.Tensor:

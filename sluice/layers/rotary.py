@@ -16,8 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from sluice.layers.rope_scaling import (SUPPORTED_ROPE_TYPES, RopeSettings, compute_inv_freq, dynamic_inv_freq,
-                                        longrope_long_inv_freq)
+from sluice.layers.rope_scaling import SUPPORTED_ROPE_TYPES, RopeSettings, compute_inv_freq, dynamic_inv_freq
 
 try:  # CPU-only installs have no triton; they run forward_torch
     from sluice.layers import fused_kernels
@@ -43,9 +42,6 @@ class RotaryEmbedding(nn.Module):
         # float32 whatever the model dtype, on the device of construction; not part of checkpoints.
         device = torch.get_default_device()
         self.register_buffer("inv_freq", compute_inv_freq(self.rotary_dim, rope).to(device), persistent=False)
-        long_inv_freq = longrope_long_inv_freq(self.rotary_dim, rope) if rope.rope_type == "longrope" else None
-        self.register_buffer("long_inv_freq", None if long_inv_freq is None else long_inv_freq.to(device),
-                             persistent=False)
         # The fused kernel takes one frequency vector and no cos/sin scale.
         self.fusable = not rope.is_dynamic and self.attention_scaling == 1.0
 
@@ -61,7 +57,7 @@ class RotaryEmbedding(nn.Module):
                       ) -> tuple[torch.Tensor, torch.Tensor]:
         inv_freq = self.inv_freq
         if self.rope.is_dynamic:
-            inv_freq = dynamic_inv_freq(positions, self.rotary_dim, self.rope, self.inv_freq, self.long_inv_freq)
+            inv_freq = dynamic_inv_freq(positions, self.rotary_dim, self.rope)
         freqs = positions.float().unsqueeze(-1) * inv_freq  # [T, rotary_dim / 2]
         cos, sin = freqs.cos(), freqs.sin()
         if self.attention_scaling != 1.0:

@@ -77,6 +77,8 @@ class ModelConfig:
         max_model_len = args.max_model_len or context_length
         if max_model_len > context_length:
             raise ValueError(f"max_model_len {max_model_len} exceeds the model's context length {context_length}")
+        # Rope settings that depend on the serving length read it here (longrope's factor set).
+        hf_config.sluice_max_model_len = max_model_len
         return cls(
             model=model,
             tokenizer=args.tokenizer or model,

@@ -38,7 +38,10 @@ CASES: dict[str, tuple[str, dict, dict]] = {
     "mistral_sliding_window_6": ("mistral", {"sliding_window": 6}, {}),
     "gemma2": ("gemma2", {}, {}),
     "gemma3_text": ("gemma3", {}, {}),
-    "phi3_longrope": ("phi3", {}, {}),
+    # longrope: short factors (max_position_embeddings = original length), long factors (every prompt
+    # is longer than the original 2 positions, so transformers uses them too)
+    "phi3_longrope_short": ("phi3", {"max_position_embeddings": 32}, {}),
+    "phi3_longrope_long": ("phi3", {"original_max_position_embeddings": 2}, {}),
     "llama_yarn_rope": ("llama", {"rope_parameters": {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
                                                       "original_max_position_embeddings": 8}}, {}),
     "llama_linear_rope": ("llama", {"rope_parameters": {"rope_type": "linear", "rope_theta": 10000.0,

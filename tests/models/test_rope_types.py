@@ -1,9 +1,9 @@
 """Every rope type rotates q and k exactly as transformers' own rotary embedding does.
 
 For each type, sluice's RotaryEmbedding is compared against transformers' LlamaRotaryEmbedding
-(Phi3RotaryEmbedding for longrope) applied with ``apply_rotary_pos_emb``. Position-dependent
-types (dynamic, longrope) are compared one position per call, which is how transformers computes
-each generated token: below, at and past the lengths where their frequencies switch.
+(Phi3RotaryEmbedding for longrope) applied with ``apply_rotary_pos_emb``. Dynamic rope
+is compared one position per call, which is how transformers computes each generated token: below,
+at and past the length where its frequencies change.
 """
 from __future__ import annotations
 
@@ -79,10 +79,17 @@ def test_rope_type_matches_transformers(name):
 
 
 @pytest.mark.parametrize("partial", [1.0, 0.5])
-def test_longrope_switches_to_long_factors_past_original_length_like_transformers(partial):
+@pytest.mark.parametrize("max_model_len", [MAX_POSITIONS, 2 * MAX_POSITIONS])
+def test_longrope_uses_one_factor_set_chosen_by_max_model_len(partial, max_model_len):
+    """Long factors iff max_model_len > original_max_position_embeddings (as vLLM); transformers uses
+    the same set for sequences on that side of the original length."""
     config = _phi3_config(partial)
-    _compare(config, Phi3RotaryEmbedding(config), POSITIONS)
+    config.sluice_max_model_len = max_model_len
+    long = max_model_len > MAX_POSITIONS
+    positions = [p for p in POSITIONS if (p >= MAX_POSITIONS) == long]
+    _compare(config, Phi3RotaryEmbedding(config), positions)
     rope = get_rope(HEAD_DIM, config)
+    assert rope.rope.use_long_factors == long
     assert rope.attention_scaling > 1.0 and not rope.fusable
 
 
