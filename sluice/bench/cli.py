@@ -1,10 +1,10 @@
 """`sluice bench ...`: benchmark subcommands. This file owns the `bench` parser and `bench throughput`.
 
     sluice bench throughput --workload W1 [--num-prompts N] [--peers hf,hf-cb] [--peer-num-prompts M]
-                            [--model PATH|L8] [engine flags...] [--output-json FILE]
+                            [--model PATH|L8|G9] [engine flags...] [--output-json FILE]
 
-`bench throughput` resolves the model (``L8`` is the Llama-3.1-8B shape of BENCHMARKS.md, written as a
-config-only folder and loaded with dummy weights), builds the workload's requests, times the engine on them
+`bench throughput` resolves the model (``L8`` is the Llama-3.1-8B shape of BENCHMARKS.md, ``G9`` the
+Gemma-2-9B shape, each written as a config-only folder and loaded with dummy weights), builds the workload's requests, times the engine on them
 (W4: prefix caching on and off), then each peer on the first ``--peer-num-prompts`` of the same requests, and
 reports tokens per second, ratios (engine over peer, output tokens per second: fair across subsets) and the
 roofline fraction. Other benchmark subcommands (``serve``) live in their own modules of this package and register
@@ -24,6 +24,7 @@ from sluice.bench.report import DEFAULT_RESULTS_DIR, default_output_path, write_
 from sluice.config import EngineArgs
 
 L8_NAME = "L8"
+G9_NAME = "G9"
 _OTHER_BENCHMARKS = ("sluice.bench.serve",)  # optional modules exposing add_parser(bench_subparsers)
 
 
@@ -49,8 +50,8 @@ def add_throughput_parser(bench_subparsers: argparse._SubParsersAction) -> argpa
 
     parser = bench_subparsers.add_parser(
         "throughput", help="offline throughput on workloads W1-W4, with Hugging Face peers in the same run",
-        description="Offline throughput (BENCHMARKS.md). --model L8 builds the Llama-3.1-8B shape with dummy "
-                    "weights; --seed seeds both the workload and dummy weights.")
+        description="Offline throughput (BENCHMARKS.md). --model L8 (G9) builds the Llama-3.1-8B "
+                    "(Gemma-2-9B) shape with dummy weights; --seed seeds both the workload and dummy weights.")
     bench = parser.add_argument_group("benchmark")
     bench.add_argument("--workload", default="W1", choices=sorted(WORKLOADS),
                        help="; ".join(f"{w.name}: {w.description}" for w in WORKLOADS.values()))
@@ -83,16 +84,19 @@ class ResolvedModel:
 
 
 def resolve_model(engine_args: EngineArgs, scratch_dir: str) -> ResolvedModel:
-    """Turns ``--model L8`` into a config-only folder with dummy weights; names the default model S135."""
-    if engine_args.model == L8_NAME:
+    """Turns ``--model L8`` (or G9) into a config-only folder with dummy weights; names the default model S135."""
+    shape_writers = {L8_NAME: write_l8_config, G9_NAME: write_g9_config}
+    name = engine_args.model
+    if name in shape_writers:
         if engine_args.load_format not in ("auto", "dummy"):
-            raise ValueError(f"load_format: L8 has no checkpoint, only dummy weights (got {engine_args.load_format!r})")
+            raise ValueError(f"load_format: {name} has no checkpoint, only dummy weights "
+                             f"(got {engine_args.load_format!r})")
         if engine_args.tokenizer is None:
-            raise ValueError("tokenizer: L8 is a config-only folder and the engine needs a tokenizer; pass "
+            raise ValueError(f"tokenizer: {name} is a config-only folder and the engine needs a tokenizer; pass "
                              "--tokenizer (any tokenizer folder or .gguf will do: prompts are token ids; "
-                             "add --disable-detokenize if its vocabulary is smaller than 128256)")
-        folder = write_l8_config(scratch_dir)
-        return ResolvedModel(L8_NAME, dataclasses.replace(engine_args, model=folder, load_format="dummy"))
+                             "add --disable-detokenize if its vocabulary is smaller than the model's)")
+        folder = shape_writers[name](scratch_dir)
+        return ResolvedModel(name, dataclasses.replace(engine_args, model=folder, load_format="dummy"))
     return ResolvedModel("S135" if engine_args.model is None else engine_args.model, engine_args)
 
 
@@ -107,7 +111,25 @@ def write_l8_config(folder: str) -> str:
         rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
                          "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
         dtype="bfloat16")
-    path = os.path.join(folder, "L8")
+    return _write_config(config, os.path.join(folder, L8_NAME))
+
+
+def write_g9_config(folder: str) -> str:
+    """G9: the Gemma-2-9B shape in bfloat16 (42 layers alternating 4096-token sliding windows and global
+    attention, soft-capped logits, head_dim 256, vocab 256000, tied embeddings), as config.json only."""
+    from transformers import Gemma2Config
+
+    config = Gemma2Config(
+        vocab_size=256000, hidden_size=3584, intermediate_size=14336, num_hidden_layers=42,
+        num_attention_heads=16, num_key_value_heads=8, head_dim=256, query_pre_attn_scalar=256,
+        sliding_window=4096, attn_logit_softcapping=50.0, final_logit_softcapping=30.0,
+        max_position_embeddings=8192, rms_norm_eps=1e-6, hidden_activation="gelu_pytorch_tanh",
+        tie_word_embeddings=True, bos_token_id=2, eos_token_id=1, pad_token_id=0,
+        architectures=["Gemma2ForCausalLM"], dtype="bfloat16")
+    return _write_config(config, os.path.join(folder, G9_NAME))
+
+
+def _write_config(config: Any, path: str) -> str:
     os.makedirs(path, exist_ok=True)
     with open(os.path.join(path, "config.json"), "w") as f:
         f.write(config.to_json_string())

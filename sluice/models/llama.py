@@ -117,7 +117,8 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    """``embedding_multiplier`` scales the embeddings (Gemma: sqrt(hidden_size), rounded to the model dtype)."""
+    """``embedding_multiplier`` scales the embeddings (Gemma: sqrt(hidden_size)). Built under the model's
+    default dtype (_construction_defaults)."""
 
     def __init__(self, config: Any, layers: list[nn.Module], norm_class: type[nn.Module] = RMSNorm,
                  embedding_multiplier: float | None = None) -> None:
@@ -125,14 +126,15 @@ class LlamaModel(nn.Module):
         self.embed_tokens = VocabEmbedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(layers)
         self.norm = norm_class(config.hidden_size, config.rms_norm_eps)
-        self.embedding_multiplier = embedding_multiplier
+        # As transformers: the multiplier rounded to the model dtype (sqrt(3072) is 55.5 in bf16).
+        self.embedding_multiplier = None if embedding_multiplier is None else float(
+            torch.tensor(embedding_multiplier, dtype=torch.get_default_dtype()))
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                 attn_metadata: AttentionMetadata) -> torch.Tensor:
         hidden_states, residual = self.embed_tokens(input_ids), None
         if self.embedding_multiplier is not None:
-            # as transformers: the multiplier as a tensor of the model dtype (sqrt(3072) is 55.5 in bf16)
-            hidden_states = hidden_states * torch.tensor(self.embedding_multiplier, dtype=hidden_states.dtype)
+            hidden_states = hidden_states * self.embedding_multiplier
         for layer in self.layers:
             hidden_states, residual = layer(positions, hidden_states, residual, attn_metadata)
         hidden_states, _ = self.norm(hidden_states, residual)

@@ -73,3 +73,19 @@ def test_bad_peer_name_fails_before_loading_anything(tiny_model, tmp_path, capsy
 def test_l8_without_a_tokenizer_says_which_flag_is_missing(capsys):
     assert main(["bench", "throughput", "--model", "L8", "--num-prompts", "1"]) == 1
     assert "tokenizer" in capsys.readouterr().err
+
+
+def test_g9_is_the_gemma2_9b_shape_with_alternating_windows(tmp_path):
+    from sluice.bench.cli import G9_NAME, resolve_model
+    from sluice.config import EngineArgs
+    from sluice.models.loader import load_hf_config
+    from sluice.models.model_config import kv_sliding_window, layer_sliding_windows
+    from sluice.models.registry import get_model_class
+
+    resolved = resolve_model(EngineArgs(model=G9_NAME, tokenizer="any"), str(tmp_path))
+    assert resolved.name == "G9" and resolved.engine_args.load_format == "dummy"
+    config = load_hf_config(resolved.engine_args.model)
+    assert get_model_class(config).__name__ == "Gemma2ForCausalLM"
+    assert (config.num_hidden_layers, config.hidden_size, config.head_dim, config.vocab_size) == (42, 3584, 256, 256000)
+    assert layer_sliding_windows(config)[:2] == [4096, None]
+    assert kv_sliding_window(config) is None  # global layers keep every block

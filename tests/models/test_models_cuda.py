@@ -24,11 +24,17 @@ def _logits(model: torch.nn.Module, requests: list[StepRequest], device: str) ->
     return model.compute_logits(model(input_ids, positions, metadata)).cpu()
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])
+# name -> (family, config overrides): windows (8) shorter than the 40- and 17-token prompts
+CUDA_CASES = {"llama": ("llama", {}), "qwen2": ("qwen2", {}), "qwen3": ("qwen3", {}), "gemma2": ("gemma2", {}),
+              "gemma3": ("gemma3", {}), "phi3": ("phi3", {}), "mistral_window": ("mistral", {"sliding_window": 8})}
+
+
+@pytest.mark.parametrize("case", list(CUDA_CASES))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_cuda_model_matches_cpu_reference(family, dtype, tmp_path):
+def test_cuda_model_matches_cpu_reference(case, dtype, tmp_path):
+    family, overrides = CUDA_CASES[case]
     torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(tiny_config(family)).save_pretrained(tmp_path)
+    AutoModelForCausalLM.from_config(tiny_config(family, **overrides)).save_pretrained(tmp_path)
     config = load_hf_config(tmp_path)
     prompts = [torch.randint(0, config.vocab_size, (n,)).tolist() for n in (40, 3, 17)]
     blocks = scrambled_block_ids(3, 3, 16)
