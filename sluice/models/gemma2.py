@@ -19,7 +19,7 @@ from torch import nn
 from sluice.attention.backend import AttentionBackend, AttentionMetadata
 from sluice.layers.activation import get_gated_activation
 from sluice.layers.norm import GemmaRMSNorm
-from sluice.models.llama import LlamaAttention, LlamaForCausalLM, LlamaMLP
+from sluice.models.llama import LlamaAttention, LlamaDecoderLayer, LlamaForCausalLM, LlamaMLP
 
 
 def gemma_attention_kwargs(config: Any) -> dict[str, Any]:
@@ -28,26 +28,19 @@ def gemma_attention_kwargs(config: Any) -> dict[str, Any]:
                 logits_soft_cap=getattr(config, "attn_logit_softcapping", None))
 
 
-class GemmaDecoderLayer(nn.Module):
+class GemmaDecoderLayer(LlamaDecoderLayer):
     """Sandwich norms: each sub-block's output is normed before it joins the residual stream."""
 
     def __init__(self, config: Any, self_attn: nn.Module) -> None:
-        super().__init__()
-        self.self_attn = self_attn
         activation = getattr(config, "hidden_activation", None) or config.hidden_act
-        self.mlp = LlamaMLP(config.hidden_size, config.intermediate_size, act_fn=get_gated_activation(activation))
-        eps = config.rms_norm_eps
-        self.input_layernorm = GemmaRMSNorm(config.hidden_size, eps)
-        self.post_attention_layernorm = GemmaRMSNorm(config.hidden_size, eps)
-        self.pre_feedforward_layernorm = GemmaRMSNorm(config.hidden_size, eps)
-        self.post_feedforward_layernorm = GemmaRMSNorm(config.hidden_size, eps)
+        mlp = LlamaMLP(config.hidden_size, config.intermediate_size, act_fn=get_gated_activation(activation))
+        super().__init__(config, self_attn, mlp, GemmaRMSNorm)
+        self.pre_feedforward_layernorm = GemmaRMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_feedforward_layernorm = GemmaRMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor, residual: torch.Tensor | None,
                 attn_metadata: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
-        if residual is None:
-            residual, hidden_states = hidden_states, self.input_layernorm(hidden_states)
-        else:
-            hidden_states, residual = self.input_layernorm(hidden_states, residual)
+        hidden_states, residual = self.input_norm(hidden_states, residual)
         hidden_states = self.post_attention_layernorm(self.self_attn(positions, hidden_states, attn_metadata))
         hidden_states, residual = self.pre_feedforward_layernorm(hidden_states, residual)
         return self.post_feedforward_layernorm(self.mlp(hidden_states)), residual

@@ -86,9 +86,18 @@ def test_windowed_model_generates_past_what_its_kv_pool_could_hold(tmp_path):
     [expected] = hf_greedy(path, [prompt], 90)
     llm = LLM(model=str(path), dtype="float32", device="cpu", max_model_len=128, num_kv_blocks=6, block_size=4,
               max_num_batched_tokens=8, enable_prefix_caching=True)
+    tokens, max_live = generate_watching_blocks(llm, prompt, 90)
+    assert tokens == expected
+    assert max_live <= 5  # cdiv(window 8 + chunk 8, 4) + 1
+    assert llm.llm_engine.core.make_stats().num_preemptions == 0
+    assert_no_leaked_blocks(llm)
+
+
+def generate_watching_blocks(llm: LLM, prompt: list[int], max_tokens: int) -> tuple[list[int], int]:
+    """Greedy tokens of one request, stepped by hand, and the most blocks it held after any step."""
     engine = llm.llm_engine
     engine.add_request("long", {"prompt_token_ids": prompt},
-                       SamplingParams(temperature=0.0, max_tokens=90, ignore_eos=True))
+                       SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True))
     manager = engine.core.scheduler.kv_cache_manager
     tokens, max_live = [], 0
     while engine.has_unfinished_requests():
@@ -96,7 +105,4 @@ def test_windowed_model_generates_past_what_its_kv_pool_could_hold(tmp_path):
             tokens = output.outputs[0].token_ids
         if "long" in manager.req_to_blocks:
             max_live = max(max_live, manager.num_live_blocks("long"))
-    assert tokens == expected
-    assert max_live <= 5  # cdiv(window 8 + chunk 8, 4) + 1
-    assert engine.core.make_stats().num_preemptions == 0
-    assert_no_leaked_blocks(llm)
+    return tokens, max_live

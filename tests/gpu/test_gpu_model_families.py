@@ -8,7 +8,7 @@ import torch
 
 from sluice import LLM, SamplingParams
 from tests.engine.test_hf_equivalence import assert_no_leaked_blocks
-from tests.engine.test_model_families import FAMILIES, MAX_NEW_TOKENS, _prompts
+from tests.engine.test_model_families import FAMILIES, MAX_NEW_TOKENS, _prompts, generate_watching_blocks
 from tests.tiny_models import hf_greedy, save_tiny_model
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
@@ -36,16 +36,7 @@ def test_cuda_windowed_model_runs_past_its_pool_with_bounded_blocks(tmp_path):
     [expected] = hf_greedy(path, [prompt], 300)
     llm = LLM(model=str(path), dtype="float32", device="cuda", max_model_len=400, num_kv_blocks=6, block_size=4,
               max_num_batched_tokens=8, max_num_seqs=4)
-    engine = llm.llm_engine
-    engine.add_request("long", {"prompt_token_ids": prompt},
-                       SamplingParams(temperature=0.0, max_tokens=300, ignore_eos=True))
-    manager = engine.core.scheduler.kv_cache_manager
-    tokens, max_live = [], 0
-    while engine.has_unfinished_requests():
-        for output in engine.step():
-            tokens = output.outputs[0].token_ids
-        if "long" in manager.req_to_blocks:
-            max_live = max(max_live, manager.num_live_blocks("long"))
+    tokens, max_live = generate_watching_blocks(llm, prompt, 300)
     assert tokens == expected
     assert max_live <= 5
     assert_no_leaked_blocks(llm)

@@ -1,0 +1,100 @@
+"""KV blocks per request of sliding-window models while their contexts grow (issue 21's device target).
+
+    python benchmarks/kv_window_probe.py --model G9 --out g9_kv.json [--num-reqs 8] [--prompt-len 3000]
+                                         [--output-len 2000]
+    python benchmarks/kv_window_probe.py --model M7 --out m7_kv.json
+
+G9 is the Gemma-2-9B shape (sliding-window layers alternate with global ones: one block table serves
+both, so every block stays), M7 the Mistral-7B-v0.1 shape (every layer windowed at 4096 tokens: blocks
+behind the window go back to the pool). Dummy bf16 weights, a tiny tokenizer (prompts are token ids).
+Steps until every request finishes and records, per request, the most blocks it held and its final
+context length; the JSON also has the window, the block size and the bound (window / block_size + 1
+plus a prompt chunk's blocks) that windowed models must stay under.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from sluice import LLM, SamplingParams  # noqa: E402
+from sluice.bench.cli import write_g9_config  # noqa: E402
+
+
+def write_m7_config(folder: str) -> str:
+    from transformers import MistralConfig
+
+    from sluice.bench.cli import _write_config
+
+    config = MistralConfig(vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                           num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=32768,
+                           sliding_window=4096, rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=False,
+                           architectures=["MistralForCausalLM"], dtype="bfloat16")
+    return _write_config(config, os.path.join(folder, "M7"))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", choices=["G9", "M7"], default="G9")
+    parser.add_argument("--num-reqs", type=int, default=8)
+    parser.add_argument("--prompt-len", type=int, default=3000)
+    parser.add_argument("--output-len", type=int, default=2000)
+    parser.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args()
+    from tests.tiny_models import build_tokenizer
+
+    with tempfile.TemporaryDirectory() as scratch:
+        folder = (write_g9_config if args.model == "G9" else write_m7_config)(scratch)
+        build_tokenizer().save_pretrained(folder)
+        llm = LLM(model=folder, tokenizer=folder, load_format="dummy", dtype="bfloat16", device="cuda",
+                  max_model_len=args.prompt_len + args.output_len + 16, max_num_seqs=args.num_reqs,
+                  max_num_batched_tokens=args.max_num_batched_tokens, gpu_memory_utilization=0.9)
+        result = probe(llm, args)
+    result.update(model=args.model)
+    print(json.dumps(result, indent=1))
+    with open(args.out, "w") as f:
+        json.dump(result, f, indent=1)
+
+
+def probe(llm: LLM, args: argparse.Namespace) -> dict:
+    engine = llm.llm_engine
+    core = engine.core
+    manager = core.scheduler.kv_cache_manager
+    vocab = core.model_config.vocab_size
+    rng = np.random.default_rng(0)
+    params = SamplingParams(temperature=1.0, max_tokens=args.output_len, ignore_eos=True, detokenize=False)
+    for i in range(args.num_reqs):
+        engine.add_request(f"r{i}", {"prompt_token_ids": rng.integers(0, vocab, args.prompt_len).tolist()}, params)
+    live = getattr(manager, "num_live_blocks", lambda req_id: len(manager.req_to_blocks.get(req_id, ())))
+    max_blocks: dict[str, int] = {}
+    context: dict[str, int] = {}
+    start, steps, output_tokens = time.perf_counter(), 0, 0
+    while engine.has_unfinished_requests():
+        for output in engine.step():
+            output_tokens += 0 if not output.finished else len(output.outputs[0].token_ids)
+        steps += 1
+        for request in core.scheduler.running:
+            max_blocks[request.request_id] = max(max_blocks.get(request.request_id, 0), live(request.request_id))
+            context[request.request_id] = request.num_tokens
+    elapsed = time.perf_counter() - start
+    block_size = core.cache_config.block_size
+    window = core.cache_config.sliding_window
+    layer_window = getattr(core.model_config.hf_config, "sliding_window", None)
+    bound = None if window is None else -(-(window + args.max_num_batched_tokens) // block_size) + 1
+    return dict(kv_sliding_window=window, layer_sliding_window=layer_window, block_size=block_size,
+                num_kv_blocks=core.cache_config.num_blocks, windowed_bound_blocks=bound,
+                max_blocks_per_request=max_blocks, final_context_len=context,
+                blocks_for_full_context=-(-(args.prompt_len + args.output_len) // block_size),
+                steps=steps, seconds=round(elapsed, 2), output_tokens_per_s=round(output_tokens / elapsed, 1))
+
+
+if __name__ == "__main__":
+    main()
