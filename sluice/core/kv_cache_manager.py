@@ -176,7 +176,8 @@ class KVCacheManager:
         num_total = num_computed + num_new_tokens
         num_new_blocks = max(0, _cdiv(num_total, self.block_size) - len(req_blocks) - len(hits))
         # Hits sitting in the free queue stop being free once touched.
-        num_revived = sum(1 for block in hits if block.ref_cnt == 0)
+        table_hits, held_hits = self._hits_to_hold(request, hits, num_computed)
+        num_revived = sum(1 for block in held_hits if block.ref_cnt == 0)
         if num_new_blocks + num_revived > self.block_pool.num_free_blocks:
             return None
 
@@ -186,12 +187,17 @@ class KVCacheManager:
             if self.enable_prefix_caching:
                 self.prefix_cache_stats.queries += request.num_tokens
                 self.prefix_cache_stats.hits += len(hits) * self.block_size
-        self.block_pool.touch(hits)
-        req_blocks.extend(hits)
+        self.block_pool.touch(held_hits)
+        req_blocks.extend(table_hits)
         new_blocks = self.block_pool.get_new_blocks(num_new_blocks)
         req_blocks.extend(new_blocks)
         self._cache_full_blocks(request, num_total)
         return [block.block_id for block in new_blocks]
+
+    def _hits_to_hold(self, request: Request, hits: list[KVBlock], num_computed: int
+                      ) -> tuple[list[KVBlock], list[KVBlock]]:
+        """(block table entries for the prefix hits, the hits to take references on): all of them here."""
+        return hits, hits
 
     def _hash_group(self, request: Request) -> str | None:
         """The sibling group keying this request's hashes: only when prefix caching is off."""

@@ -46,19 +46,26 @@ class SlidingWindowKVCacheManager(KVCacheManager):
 
     def allocate_slots(self, request: Request, num_new_tokens: int,
                        new_computed_blocks: list[KVBlock] | None = None) -> list[int] | None:
-        """As KVCacheManager.allocate_slots; blocks behind the first new token's window are freed first
-        (a running request), or right after a first allocation (prefix hits beyond the window)."""
-        num_computed = request.num_computed_tokens + len(new_computed_blocks or ()) * self.block_size
-        first_allocation = request.request_id not in self.req_to_blocks
-        if not first_allocation:
-            self._free_dead_blocks(request.request_id, num_computed)
-        new_block_ids = super().allocate_slots(request, num_new_tokens, new_computed_blocks)
-        if first_allocation and new_block_ids is not None:
-            self._free_dead_blocks(request.request_id, num_computed)
-        return new_block_ids
+        """As KVCacheManager.allocate_slots, after freeing the blocks behind the first new token's window
+        (prefix hits behind it are never taken: their entries start as NULL_BLOCK, see _hits_to_hold)."""
+        if request.request_id in self.req_to_blocks:
+            self._free_dead_blocks(request.request_id, request.num_computed_tokens)
+        return super().allocate_slots(request, num_new_tokens, new_computed_blocks)
+
+    def _hits_to_hold(self, request: Request, hits: list[KVBlock], num_computed: int
+                      ) -> tuple[list[KVBlock], list[KVBlock]]:
+        if request.request_id in self.req_to_blocks:  # a running request: hits only come on the first allocation
+            return hits, hits
+        num_dead = min(self._num_dead(num_computed), len(hits))
+        self.num_dead_blocks[request.request_id] = num_dead
+        return [NULL_BLOCK] * num_dead + hits[num_dead:], hits[num_dead:]
+
+    def _num_dead(self, num_computed: int) -> int:
+        """Leading blocks that no query from position ``num_computed`` on can see."""
+        return max(0, num_computed - self.sliding_window + 1) // self.block_size
 
     def _free_dead_blocks(self, req_id: str, num_computed: int) -> None:
-        num_dead = max(0, num_computed - self.sliding_window + 1) // self.block_size
+        num_dead = self._num_dead(num_computed)
         num_freed = self.num_dead_blocks.get(req_id, 0)
         if num_dead <= num_freed:
             return

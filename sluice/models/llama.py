@@ -176,10 +176,7 @@ class LlamaForCausalLM(nn.Module):
             layers = [self.make_layer(hf_config, attn_backend, i) for i in range(hf_config.num_hidden_layers)]
             self.model = LlamaModel(hf_config, layers, self.norm_class, self.embedding_multiplier(hf_config))
             self.lm_head = LMHead(hf_config.vocab_size, hf_config.hidden_size)
-        for layer, window in zip(layers, layer_sliding_windows(hf_config)):
-            for module in layer.modules():
-                if isinstance(module, Attention):
-                    module.sliding_window = window
+        _set_sliding_windows(layers, hf_config)
         self.tie_word_embeddings = bool(getattr(hf_config, "tie_word_embeddings", False))
         if self.tie_word_embeddings:
             self.lm_head.tie_to(self.model.embed_tokens)
@@ -240,6 +237,14 @@ class LlamaForCausalLM(nn.Module):
             if weight_part in checkpoint_name:
                 return checkpoint_name.replace(weight_part, param_part), shard_id
         return checkpoint_name, None
+
+
+def _set_sliding_windows(layers: list[nn.Module], config: Any) -> None:
+    """Gives each layer's Attention its window from the config (None: full attention)."""
+    for layer, window in zip(layers, layer_sliding_windows(config)):
+        for module in layer.modules():
+            if isinstance(module, Attention):
+                module.sliding_window = window
 
 
 class MistralForCausalLM(LlamaForCausalLM):

@@ -85,6 +85,29 @@ def test_a_prefix_hit_beyond_the_window_frees_the_dead_hits_at_once():
     manager.block_pool.check_all_free()
 
 
+def test_a_prefix_hit_as_long_as_the_pool_takes_only_the_window():
+    """Hits behind the window are never revived, so a cached prefix filling the pool still admits."""
+    manager = SlidingWindowKVCacheManager(num_blocks=12, block_size=BLOCK_SIZE, sliding_window=WINDOW)
+    prompt = list(range(100, 148))  # 12 blocks: the whole pool
+    first = make_request("a", prompt, max_tokens=None)
+    manager.allocate_slots(first, 8)
+    for num_computed in range(8, 48, 8):
+        first.num_computed_tokens = num_computed
+        assert manager.allocate_slots(first, 8) is not None
+    first.num_computed_tokens = 48
+    manager.free(first)
+    assert len(manager.block_pool.cached_block_hash_to_block) == 12
+    second = make_request("b", prompt + [1, 2, 3])
+    hits, num_computed = manager.get_computed_blocks(second)
+    assert num_computed == 48
+    assert manager.allocate_slots(second, 3, hits) is not None
+    assert manager.num_live_blocks("b") <= MAX_LIVE_BLOCKS
+    assert manager.get_block_ids("b")[:10] == [NULL_BLOCK.block_id] * 10
+    second.num_computed_tokens = 51
+    manager.free(second)
+    manager.block_pool.check_all_free()
+
+
 def _scheduler(num_blocks: int, enable_prefix_caching: bool, budget: int = 16) -> Scheduler:
     return Scheduler(
         SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=budget, max_model_len=256),
