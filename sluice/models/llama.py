@@ -5,7 +5,7 @@
 
 Residual adds are fused into the norms (``norm(x, residual)``). Families differ only in their
 attention block, chosen by ``LlamaForCausalLM.make_attention`` (Qwen2: qkv bias; Qwen3: per-head
-q/k norms). All tokens of a step are packed in one flat dimension [T]; attention metadata says
+q/k norms), and in their feed-forward block, chosen by ``make_mlp`` (mixture-of-experts families). All tokens of a step are packed in one flat dimension [T]; attention metadata says
 which request each token belongs to.
 """
 from __future__ import annotations
@@ -71,10 +71,12 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, config: Any, self_attn: nn.Module) -> None:
+    def __init__(self, config: Any, self_attn: nn.Module, mlp: nn.Module | None = None) -> None:
+        """``mlp``: the feed-forward block (mixture-of-experts families pass theirs); default the dense one."""
         super().__init__()
         self.self_attn = self_attn
-        self.mlp = LlamaMLP(config.hidden_size, config.intermediate_size, bias=getattr(config, "mlp_bias", False))
+        self.mlp = mlp if mlp is not None else LlamaMLP(config.hidden_size, config.intermediate_size,
+                                                        bias=getattr(config, "mlp_bias", False))
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
@@ -131,8 +133,9 @@ class LlamaForCausalLM(nn.Module):
         self.dtype, self.device = dtype, torch.device(device)
         _warn_if_sliding_window(hf_config)
         with _construction_defaults(dtype, self.device):
-            layers = [LlamaDecoderLayer(hf_config, self.make_attention(hf_config, attn_backend))
-                      for _ in range(hf_config.num_hidden_layers)]
+            layers = [LlamaDecoderLayer(hf_config, self.make_attention(hf_config, attn_backend),
+                                        self.make_mlp(hf_config, layer_idx))
+                      for layer_idx in range(hf_config.num_hidden_layers)]
             self.model = LlamaModel(hf_config, layers)
             self.lm_head = LMHead(hf_config.vocab_size, hf_config.hidden_size)
         self.tie_word_embeddings = bool(getattr(hf_config, "tie_word_embeddings", False))
@@ -143,6 +146,11 @@ class LlamaForCausalLM(nn.Module):
     def make_attention(cls, config: Any, attn_backend: AttentionBackend) -> nn.Module:
         bias = bool(getattr(config, "attention_bias", False))
         return LlamaAttention(config, attn_backend, qkv_bias=bias, o_bias=bias)
+
+    @classmethod
+    def make_mlp(cls, config: Any, layer_idx: int) -> nn.Module | None:
+        """Layer ``layer_idx``'s feed-forward block; None: the dense ``LlamaMLP``."""
+        return None
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                 attn_metadata: AttentionMetadata) -> torch.Tensor:
