@@ -1,10 +1,10 @@
 """`sluice bench ...`: benchmark subcommands. This file owns the `bench` parser and `bench throughput`.
 
     sluice bench throughput --workload W1 [--num-prompts N] [--peers hf,hf-cb] [--peer-num-prompts M]
-                            [--model PATH|L8] [engine flags...] [--output-json FILE]
+                            [--model PATH|L8|Q30A3] [engine flags...] [--output-json FILE]
 
-`bench throughput` resolves the model (``L8`` is the Llama-3.1-8B shape of BENCHMARKS.md, written as a
-config-only folder and loaded with dummy weights), builds the workload's requests, times the engine on them
+`bench throughput` resolves the model (``L8`` is the Llama-3.1-8B shape of BENCHMARKS.md, ``Q30A3`` the
+Qwen3-30B-A3B mixture-of-experts shape; each is written as a config-only folder and loaded with dummy weights), builds the workload's requests, times the engine on them
 (W4: prefix caching on and off), then each peer on the first ``--peer-num-prompts`` of the same requests, and
 reports tokens per second, ratios (engine over peer, output tokens per second: fair across subsets) and the
 roofline fraction. Other benchmark subcommands (``serve``) live in their own modules of this package and register
@@ -24,6 +24,7 @@ from sluice.bench.report import DEFAULT_RESULTS_DIR, default_output_path, write_
 from sluice.config import EngineArgs
 
 L8_NAME = "L8"
+Q30A3_NAME = "Q30A3"
 _OTHER_BENCHMARKS = ("sluice.bench.serve",)  # optional modules exposing add_parser(bench_subparsers)
 
 
@@ -49,8 +50,8 @@ def add_throughput_parser(bench_subparsers: argparse._SubParsersAction) -> argpa
 
     parser = bench_subparsers.add_parser(
         "throughput", help="offline throughput on workloads W1-W4, with Hugging Face peers in the same run",
-        description="Offline throughput (BENCHMARKS.md). --model L8 builds the Llama-3.1-8B shape with dummy "
-                    "weights; --seed seeds both the workload and dummy weights.")
+        description="Offline throughput (BENCHMARKS.md). --model L8 builds the Llama-3.1-8B shape, --model Q30A3 "
+                    "the Qwen3-30B-A3B shape, with dummy weights; --seed seeds both the workload and dummy weights.")
     bench = parser.add_argument_group("benchmark")
     bench.add_argument("--workload", default="W1", choices=sorted(WORKLOADS),
                        help="; ".join(f"{w.name}: {w.description}" for w in WORKLOADS.values()))
@@ -78,21 +79,24 @@ def add_throughput_parser(bench_subparsers: argparse._SubParsersAction) -> argpa
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class ResolvedModel:
-    name: str  # what the JSON calls it: "L8", "S135" or the path
+    name: str  # what the JSON calls it: "L8", "Q30A3", "S135" or the path
     engine_args: EngineArgs
 
 
 def resolve_model(engine_args: EngineArgs, scratch_dir: str) -> ResolvedModel:
-    """Turns ``--model L8`` into a config-only folder with dummy weights; names the default model S135."""
-    if engine_args.model == L8_NAME:
+    """Turns ``--model L8`` / ``Q30A3`` into a config-only folder with dummy weights; names the default model S135."""
+    writer = _SHAPE_WRITERS.get(engine_args.model)
+    if writer is not None:
+        name = engine_args.model
         if engine_args.load_format not in ("auto", "dummy"):
-            raise ValueError(f"load_format: L8 has no checkpoint, only dummy weights (got {engine_args.load_format!r})")
+            raise ValueError(f"load_format: {name} has no checkpoint, only dummy weights "
+                             f"(got {engine_args.load_format!r})")
         if engine_args.tokenizer is None:
-            raise ValueError("tokenizer: L8 is a config-only folder and the engine needs a tokenizer; pass "
+            raise ValueError(f"tokenizer: {name} is a config-only folder and the engine needs a tokenizer; pass "
                              "--tokenizer (any tokenizer folder or .gguf will do: prompts are token ids; "
-                             "add --disable-detokenize if its vocabulary is smaller than 128256)")
-        folder = write_l8_config(scratch_dir)
-        return ResolvedModel(L8_NAME, dataclasses.replace(engine_args, model=folder, load_format="dummy"))
+                             "add --disable-detokenize if its vocabulary is smaller than the shape's)")
+        folder = writer(scratch_dir)
+        return ResolvedModel(name, dataclasses.replace(engine_args, model=folder, load_format="dummy"))
     return ResolvedModel("S135" if engine_args.model is None else engine_args.model, engine_args)
 
 
@@ -107,11 +111,33 @@ def write_l8_config(folder: str) -> str:
         rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
                          "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
         dtype="bfloat16")
-    path = os.path.join(folder, "L8")
+    return _write_config(config, os.path.join(folder, L8_NAME))
+
+
+def write_q30a3_config(folder: str) -> str:
+    """The Qwen3-30B-A3B shape in bfloat16, as config.json only: 48 layers of 128 experts (8 per token,
+    768 wide, renormalized), hidden 2048, 32 heads, 4 KV heads of 128; 30.5 B parameters, 3.3 B active."""
+    from transformers import Qwen3MoeConfig
+
+    config = Qwen3MoeConfig(
+        vocab_size=151936, hidden_size=2048, intermediate_size=6144, num_hidden_layers=48,
+        num_attention_heads=32, num_key_value_heads=4, head_dim=128, max_position_embeddings=40960,
+        num_experts=128, num_experts_per_tok=8, moe_intermediate_size=768, norm_topk_prob=True,
+        decoder_sparse_step=1, mlp_only_layers=[], rms_norm_eps=1e-6, tie_word_embeddings=False,
+        bos_token_id=151643, eos_token_id=151645, rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
+        dtype="bfloat16")
+    config.architectures = ["Qwen3MoeForCausalLM"]
+    return _write_config(config, os.path.join(folder, Q30A3_NAME))
+
+
+def _write_config(config: Any, path: str) -> str:
     os.makedirs(path, exist_ok=True)
     with open(os.path.join(path, "config.json"), "w") as f:
         f.write(config.to_json_string())
     return path
+
+
+_SHAPE_WRITERS = {L8_NAME: write_l8_config, Q30A3_NAME: write_q30a3_config}
 
 
 def run_throughput_command(args: argparse.Namespace) -> int:

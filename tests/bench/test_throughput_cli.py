@@ -73,3 +73,9 @@ def test_bad_peer_name_fails_before_loading_anything(tiny_model, tmp_path, capsy
 def test_l8_without_a_tokenizer_says_which_flag_is_missing(capsys):
     assert main(["bench", "throughput", "--model", "L8", "--num-prompts", "1"]) == 1
     assert "tokenizer" in capsys.readouterr().err
+
+
+def test_q30a3_without_a_tokenizer_says_which_flag_is_missing(capsys):
+    assert main(["bench", "throughput", "--model", "Q30A3", "--num-prompts", "1"]) == 1
+    err = capsys.readouterr().err
+    assert "tokenizer" in err and "Q30A3" in err
