@@ -47,9 +47,9 @@ def default_config(num_slots: int, num_experts: int) -> MoEKernelConfig:
     BLOCK_M wastes less on padding; the step is bound by reading the weights), prefill gives many.
     A starting point, not tuned on hardware (benchmarks/moe_bench.py sweeps alternatives)."""
     rows_per_expert = num_slots / num_experts
-    if rows_per_expert <= 16:
+    if rows_per_expert <= 8:  # most experts get one block of 16 rows
         return MoEKernelConfig(block_m=16, block_n=64, block_k=128, num_warps=4, num_stages=4)
-    if rows_per_expert <= 64:
+    if rows_per_expert <= 32:  # one block of 32 rows: each expert's weights are read once, not twice
         return MoEKernelConfig(block_m=32, block_n=64, block_k=128, num_warps=4, num_stages=4)
     return MoEKernelConfig(block_m=64, block_n=128, block_k=64, num_warps=8, num_stages=4)
 
