@@ -216,7 +216,8 @@ def build_report(args: argparse.Namespace, model: ResolvedModel, model_config: A
                    for name, result in peer_results.items()},
         "roofline_fraction": roofline.fraction(engine.elapsed_s),
         "roofline": {**roofline.to_dict(), "prefill_tokens": prefill_tokens,
-                     "decode_weight_bytes": shape.decode_weight_bytes, "kv_bytes_per_token": shape.kv_bytes_per_token},
+                     "decode_weight_bytes": shape.decode_weight_bytes, "kv_bytes_per_token": shape.kv_bytes_per_token,
+                     "step_weight_bytes_at_avg_batch": shape.step_weight_bytes(roofline.avg_batch)},
     }
     if "engine_prefix_caching_off" in runs:
         off = runs["engine_prefix_caching_off"].result
