@@ -4,6 +4,7 @@ Each token picks ``k`` experts, so a step has T * k (token, expert) *slots*; slo
 token t's j-th choice. The kernels group the slots by expert, then run one grouped GEMM per
 projection over the experts' stacked weights, each program multiplying one expert's tile of rows:
 
+    route       router logits [T, E] -> softmax, top-k, renormalize: topk_weights, topk_ids [T, k]
     align       topk_ids [T, k] -> sorted_slots: each expert's slots, padded to a multiple of BLOCK_M
                                    with the sentinel T * k; expert_ids: the expert of each BLOCK_M block
                   sorted_slots  [ e0 e0 e0 -- | e3 e3 e3 e3 e3 -- -- -- | e5 -- -- -- ]   (BLOCK_M 4)
@@ -60,6 +61,62 @@ def can_fused_experts(hidden_states: torch.Tensor, w13_weight: torch.Tensor, w2_
             and w13_weight.dtype == w2_weight.dtype == hidden_states.dtype
             and w13_weight.device == hidden_states.device
             and hidden_states.stride(1) == 1 and w13_weight.is_contiguous() and w2_weight.is_contiguous())
+
+
+# ---------------------------------------------------------------------------------------------
+# Routing: softmax over the experts, top-k, renormalization, in one pass over the logits
+# ---------------------------------------------------------------------------------------------
+
+@triton.jit(do_not_specialize=["num_tokens"])
+def _route_kernel(logits_ptr, weights_ptr, ids_ptr, num_tokens, num_experts, stride_t,
+                  TOP_K: tl.constexpr, TOP_K_PAD: tl.constexpr, EXPERTS_PAD: tl.constexpr,
+                  BLOCK_T: tl.constexpr, RENORMALIZE: tl.constexpr, ROUND_WEIGHTS: tl.constexpr):
+    tokens = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
+    experts = tl.arange(0, EXPERTS_PAD)
+    token_mask = tokens < num_tokens
+    expert_mask = (experts < num_experts)[None, :]
+    mask = token_mask[:, None] & expert_mask
+    # padded experts get -inf (probability 0); padded tokens get zeros (finite, never stored)
+    logits = tl.where(expert_mask, tl.load(logits_ptr + tokens[:, None] * stride_t + experts[None, :], mask=mask,
+                                           other=0.0).to(tl.float32), -float("inf"))
+    exps = tl.exp(logits - tl.max(logits, axis=1)[:, None])
+    probs = tl.where(mask, exps / tl.sum(exps, axis=1)[:, None], -1.0)  # padding never wins
+    choices = tl.arange(0, TOP_K_PAD)
+    top_weights = tl.zeros((BLOCK_T, TOP_K_PAD), dtype=tl.float32)
+    top_ids = tl.zeros((BLOCK_T, TOP_K_PAD), dtype=tl.int32)
+    for j in tl.static_range(TOP_K):  # the largest left, lowest index first among equals, as torch.topk
+        best = tl.max(probs, axis=1)
+        best_id = tl.min(tl.where(probs == best[:, None], experts[None, :], EXPERTS_PAD), axis=1)
+        top_weights = tl.where(choices[None, :] == j, best[:, None], top_weights)
+        top_ids = tl.where(choices[None, :] == j, best_id[:, None], top_ids)
+        probs = tl.where(experts[None, :] == best_id[:, None], -1.0, probs)
+    if RENORMALIZE:
+        top_weights = top_weights / tl.sum(top_weights, axis=1)[:, None]
+    if ROUND_WEIGHTS:
+        top_weights = top_weights.to(logits_ptr.dtype.element_ty).to(tl.float32)
+    out_mask = token_mask[:, None] & (choices < TOP_K)[None, :]
+    offsets = tokens[:, None] * TOP_K + choices[None, :]
+    tl.store(weights_ptr + offsets, top_weights, mask=out_mask)
+    tl.store(ids_ptr + offsets, top_ids, mask=out_mask)
+
+
+def route(router_logits: torch.Tensor, top_k: int, renormalize: bool, round_weights: bool
+          ) -> tuple[torch.Tensor, torch.Tensor]:
+    """As ``moe.select_experts`` (``round_weights``: to the logits' dtype): router logits [T, E] ->
+    (topk_weights [T, k] float32, topk_ids [T, k] int32), one launch."""
+    num_tokens, num_experts = router_logits.shape
+    if router_logits.stride(1) != 1:
+        router_logits = router_logits.contiguous()
+    weights = torch.empty(num_tokens, top_k, dtype=torch.float32, device=router_logits.device)
+    ids = torch.empty(num_tokens, top_k, dtype=torch.int32, device=router_logits.device)
+    if num_tokens:
+        experts_pad = triton.next_power_of_2(num_experts)
+        block_t = max(1, 2048 // experts_pad)
+        _route_kernel[(triton.cdiv(num_tokens, block_t),)](
+            router_logits, weights, ids, num_tokens, num_experts, router_logits.stride(0),
+            TOP_K=top_k, TOP_K_PAD=triton.next_power_of_2(top_k), EXPERTS_PAD=experts_pad, BLOCK_T=block_t,
+            RENORMALIZE=renormalize, ROUND_WEIGHTS=round_weights, num_warps=4)
+    return weights, ids
 
 
 # ---------------------------------------------------------------------------------------------

@@ -11,9 +11,9 @@ Every expert's weights live in two stacked parameters, filled one checkpoint ten
     w13_weight [E, 2 * I, H]   expert e: [ gate rows (w1) | up rows (w3) ]
     w2_weight  [E, H, I]       expert e: down (w2)
 
-On CUDA the experts run as the fused Triton kernels of ``fused_moe`` (tokens sorted by expert,
-grouped GEMMs over the stacked weights); elsewhere ``experts_torch`` runs: the reference the
-kernels follow and the path the CPU equivalence tests trust.
+On CUDA routing and experts run as the fused Triton kernels of ``fused_moe`` (one routing kernel,
+tokens sorted by expert, grouped GEMMs over the stacked weights); elsewhere ``select_experts`` and
+``experts_torch`` run: the reference the kernels follow and the path the CPU equivalence tests trust.
 """
 from __future__ import annotations
 
@@ -126,10 +126,12 @@ class FusedMoE(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, router_logits: torch.Tensor) -> torch.Tensor:
         """hidden [T, H], router logits [T, E] -> [T, H]."""
-        weights_dtype = hidden_states.dtype if self.round_weights_to_dtype else None
-        topk_weights, topk_ids = select_experts(router_logits, self.top_k, self.renormalize, weights_dtype)
         if fused_moe is not None and fused_moe.can_fused_experts(hidden_states, self.w13_weight, self.w2_weight):
+            topk_weights, topk_ids = fused_moe.route(router_logits, self.top_k, self.renormalize,
+                                                     self.round_weights_to_dtype)
             return fused_moe.fused_experts(hidden_states, self.w13_weight, self.w2_weight, topk_weights, topk_ids)
+        weights_dtype = router_logits.dtype if self.round_weights_to_dtype else None
+        topk_weights, topk_ids = select_experts(router_logits, self.top_k, self.renormalize, weights_dtype)
         return experts_torch(hidden_states, self.w13_weight, self.w2_weight, topk_weights, topk_ids)
 
 

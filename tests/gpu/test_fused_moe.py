@@ -138,3 +138,19 @@ def test_moe_layer_uses_the_kernels_and_replays_under_cuda_graphs():
     topk_weights, topk_ids = select_experts(logits, 4, renormalize=True)
     assert_close_to_reference(graph_output, experts_torch(hidden_states, moe.w13_weight, moe.w2_weight,
                                                           topk_weights, topk_ids))
+
+
+@pytest.mark.parametrize("dtype", [BF16, FP16, FP32])
+@pytest.mark.parametrize("renormalize,round_weights", [(True, False), (False, True), (True, True)])
+@pytest.mark.parametrize("num_tokens,num_experts,top_k", [
+    (1, 8, 2), (13, 60, 4), (40, 16, 1), (5, 128, 8), pytest.param(1024, 128, 8, marks=needs_cuda),
+    pytest.param(300, 8, 8, marks=needs_cuda)])
+def test_route_matches_select_experts(num_tokens, num_experts, top_k, renormalize, round_weights, dtype):
+    logits = _randn(num_tokens, num_experts, seed=50, scale=2.0, dtype=dtype)
+    weights, ids = fused_moe.route(logits, top_k, renormalize, round_weights)
+    want_weights, want_ids = select_experts(logits, top_k, renormalize, dtype if round_weights else None)
+    assert weights.dtype == torch.float32 and ids.shape == (num_tokens, top_k)
+    assert torch.equal(ids.long(), want_ids)  # random logits have no ties
+    # exp in the kernel and in torch differ by an ulp; a weight rounded to 16 bits may then round the other way
+    tol = torch.finfo(dtype).eps if round_weights else 1e-6
+    torch.testing.assert_close(weights, want_weights, rtol=tol, atol=1e-7)
