@@ -55,6 +55,17 @@ def tiny_config(arch: str, **overrides):
     elif arch == "mistral":
         cls = transformers.MistralConfig
         base.update(sliding_window=None)
+    elif arch == "mixtral":  # mixture of experts: 6 experts, 2 per token, always renormalized
+        cls = transformers.MixtralConfig
+        base.update(sliding_window=None, num_local_experts=6, num_experts_per_tok=2, intermediate_size=40)
+    elif arch == "qwen2_moe":  # 8 experts (4 per token, not renormalized) + a shared expert; layer 1 dense
+        cls = transformers.Qwen2MoeConfig
+        base.update(num_experts=8, num_experts_per_tok=4, moe_intermediate_size=40, norm_topk_prob=False,
+                    shared_expert_intermediate_size=56, mlp_only_layers=[1])
+    elif arch == "qwen3_moe":  # 8 experts, 3 per token, renormalized
+        cls = transformers.Qwen3MoeConfig
+        base.update(head_dim=16, num_experts=8, num_experts_per_tok=3, moe_intermediate_size=40,
+                    norm_topk_prob=True)
     elif arch == "qwen2":
         cls = transformers.Qwen2Config
     elif arch == "qwen3":

@@ -1,10 +1,11 @@
 """`sluice bench ...`: benchmark subcommands. This file owns the `bench` parser and `bench throughput`.
 
     sluice bench throughput --workload W1 [--num-prompts N] [--peers hf,hf-cb] [--peer-num-prompts M]
-                            [--model PATH|L8|G9] [engine flags...] [--output-json FILE]
+                            [--model PATH|L8|G9|Q30A3] [engine flags...] [--output-json FILE]
 
 `bench throughput` resolves the model (``L8`` is the Llama-3.1-8B shape of BENCHMARKS.md, ``G9`` the
-Gemma-2-9B shape, each written as a config-only folder and loaded with dummy weights), builds the workload's requests, times the engine on them
+Gemma-2-9B shape, ``Q30A3`` the Qwen3-30B-A3B mixture-of-experts shape; each is written as a config-only folder
+and loaded with dummy weights), builds the workload's requests, times the engine on them
 (W4: prefix caching on and off), then each peer on the first ``--peer-num-prompts`` of the same requests, and
 reports tokens per second, ratios (engine over peer, output tokens per second: fair across subsets) and the
 roofline fraction. Other benchmark subcommands (``serve``) live in their own modules of this package and register
@@ -25,6 +26,7 @@ from sluice.config import EngineArgs
 
 L8_NAME = "L8"
 G9_NAME = "G9"
+Q30A3_NAME = "Q30A3"
 _OTHER_BENCHMARKS = ("sluice.bench.serve",)  # optional modules exposing add_parser(bench_subparsers)
 
 
@@ -50,8 +52,8 @@ def add_throughput_parser(bench_subparsers: argparse._SubParsersAction) -> argpa
 
     parser = bench_subparsers.add_parser(
         "throughput", help="offline throughput on workloads W1-W4, with Hugging Face peers in the same run",
-        description="Offline throughput (BENCHMARKS.md). --model L8 (G9) builds the Llama-3.1-8B "
-                    "(Gemma-2-9B) shape with dummy weights; --seed seeds both the workload and dummy weights.")
+        description="Offline throughput (BENCHMARKS.md). --model L8 (G9, Q30A3) builds the Llama-3.1-8B "
+                    "(Gemma-2-9B, Qwen3-30B-A3B) shape with dummy weights; --seed seeds both the workload and dummy weights.")
     bench = parser.add_argument_group("benchmark")
     bench.add_argument("--workload", default="W1", choices=sorted(WORKLOADS),
                        help="; ".join(f"{w.name}: {w.description}" for w in WORKLOADS.values()))
@@ -79,23 +81,23 @@ def add_throughput_parser(bench_subparsers: argparse._SubParsersAction) -> argpa
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class ResolvedModel:
-    name: str  # what the JSON calls it: "L8", "S135" or the path
+    name: str  # what the JSON calls it: "L8", "Q30A3", "S135" or the path
     engine_args: EngineArgs
 
 
 def resolve_model(engine_args: EngineArgs, scratch_dir: str) -> ResolvedModel:
-    """Turns ``--model L8`` (or G9) into a config-only folder with dummy weights; names the default model S135."""
-    shape_writers = {L8_NAME: write_l8_config, G9_NAME: write_g9_config}
-    name = engine_args.model
-    if name in shape_writers:
+    """Turns ``--model L8`` / ``G9`` / ``Q30A3`` into a config-only folder with dummy weights; names the default model S135."""
+    writer = _SHAPE_WRITERS.get(engine_args.model)
+    if writer is not None:
+        name = engine_args.model
         if engine_args.load_format not in ("auto", "dummy"):
             raise ValueError(f"load_format: {name} has no checkpoint, only dummy weights "
                              f"(got {engine_args.load_format!r})")
         if engine_args.tokenizer is None:
             raise ValueError(f"tokenizer: {name} is a config-only folder and the engine needs a tokenizer; pass "
                              "--tokenizer (any tokenizer folder or .gguf will do: prompts are token ids; "
-                             "add --disable-detokenize if its vocabulary is smaller than the model's)")
-        folder = shape_writers[name](scratch_dir)
+                             "add --disable-detokenize if its vocabulary is smaller than the shape's)")
+        folder = writer(scratch_dir)
         return ResolvedModel(name, dataclasses.replace(engine_args, model=folder, load_format="dummy"))
     return ResolvedModel("S135" if engine_args.model is None else engine_args.model, engine_args)
 
@@ -129,11 +131,30 @@ def write_g9_config(folder: str) -> str:
     return _write_config(config, os.path.join(folder, G9_NAME))
 
 
+def write_q30a3_config(folder: str) -> str:
+    """The Qwen3-30B-A3B shape in bfloat16, as config.json only: 48 layers of 128 experts (8 per token,
+    768 wide, renormalized), hidden 2048, 32 heads, 4 KV heads of 128; 30.5 B parameters, 3.3 B active."""
+    from transformers import Qwen3MoeConfig
+
+    config = Qwen3MoeConfig(
+        vocab_size=151936, hidden_size=2048, intermediate_size=6144, num_hidden_layers=48,
+        num_attention_heads=32, num_key_value_heads=4, head_dim=128, max_position_embeddings=40960,
+        num_experts=128, num_experts_per_tok=8, moe_intermediate_size=768, norm_topk_prob=True,
+        decoder_sparse_step=1, mlp_only_layers=[], rms_norm_eps=1e-6, tie_word_embeddings=False,
+        bos_token_id=151643, eos_token_id=151645, rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
+        dtype="bfloat16")
+    config.architectures = ["Qwen3MoeForCausalLM"]
+    return _write_config(config, os.path.join(folder, Q30A3_NAME))
+
+
 def _write_config(config: Any, path: str) -> str:
     os.makedirs(path, exist_ok=True)
     with open(os.path.join(path, "config.json"), "w") as f:
         f.write(config.to_json_string())
     return path
+
+
+_SHAPE_WRITERS = {L8_NAME: write_l8_config, G9_NAME: write_g9_config, Q30A3_NAME: write_q30a3_config}
 
 
 def run_throughput_command(args: argparse.Namespace) -> int:
@@ -212,7 +233,8 @@ def build_report(args: argparse.Namespace, model: ResolvedModel, model_config: A
                    for name, result in peer_results.items()},
         "roofline_fraction": roofline.fraction(engine.elapsed_s),
         "roofline": {**roofline.to_dict(), "prefill_tokens": prefill_tokens,
-                     "decode_weight_bytes": shape.decode_weight_bytes, "kv_bytes_per_token": shape.kv_bytes_per_token},
+                     "decode_weight_bytes": shape.decode_weight_bytes, "kv_bytes_per_token": shape.kv_bytes_per_token,
+                     "step_weight_bytes_at_avg_batch": shape.step_weight_bytes(roofline.avg_batch)},
     }
     if "engine_prefix_caching_off" in runs:
         off = runs["engine_prefix_caching_off"].result

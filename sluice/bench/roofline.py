@@ -8,7 +8,7 @@ from HBM, and a prefill cannot be faster than its FLOPs at peak. For a whole off
     decode_s  = (decode_steps * weight_bytes + kv_bytes_read) / hbm_bytes_per_s
                  decode_steps    = output_tokens / avg_batch        (avg_batch: output tokens per engine step)
                  weight_bytes    = bytes of every weight a step reads (the input embedding is gathered, not read,
-                                   unless it is tied to the LM head)
+                                   unless it is tied to the LM head; MoE: the experts hit, see below)
                  kv_bytes_read   = kv_bytes_per_token * sum over output tokens of their context length
     lower_bound_s      = prefill_s + decode_s
     roofline_fraction  = lower_bound_s / measured_s                  (1.0 = at the roofline)
@@ -16,7 +16,10 @@ from HBM, and a prefill cannot be faster than its FLOPs at peak. For a whole off
 ``prefill_tokens`` counts only the prompt tokens that must be computed: with prefix caching on, full blocks
 already seen in an earlier prompt are free (``count_prefill_tokens``). Defaults are the H100 SXM constants
 measured for BENCHMARKS.md (copy 3.0 TB/s, bf16 matmul 800 TFLOP/s); pass others for other devices. The model
-shape is that of a dense Llama-family decoder (Llama, Mistral, Qwen2/3); MoE layers are not modelled.
+shape is that of a Llama-family decoder (Llama, Mistral, Qwen2/3), dense or mixture-of-experts (Mixtral,
+Qwen2/3-MoE): a token multiplies through ``num_experts_per_tok`` experts, and a decode step of B sequences reads
+the experts they hit, E * (1 - (1 - k / E) ** B) per layer under uniform routing (``step_weight_bytes``).
+Every layer counts as sparse (``mlp_only_layers`` and ``decoder_sparse_step`` are not modelled).
 """
 from __future__ import annotations
 
@@ -39,21 +42,31 @@ class ModelShape:
     vocab_size: int
     tie_word_embeddings: bool
     dtype_bytes: int
+    num_experts: int = 0  # 0: dense; else each layer's MLP is a mixture of experts (plus a dense
+    num_experts_per_tok: int = 0  # shared part of ``intermediate_size``, 0 where there is none)
+    moe_intermediate_size: int = 0
 
     @classmethod
     def from_hf_config(cls, hf_config: Any, dtype_bytes: int) -> "ModelShape":
         text_config = hf_config.get_text_config() if hasattr(hf_config, "get_text_config") else hf_config
         num_heads = text_config.num_attention_heads
+        num_experts = getattr(text_config, "num_experts", None) or getattr(text_config, "num_local_experts", None) or 0
+        moe = dict(intermediate_size=text_config.intermediate_size)
+        if num_experts:  # Mixtral's experts are intermediate_size wide; Qwen-MoE's dense part is the shared expert
+            moe = dict(num_experts=num_experts, num_experts_per_tok=text_config.num_experts_per_tok,
+                       moe_intermediate_size=getattr(text_config, "moe_intermediate_size", None)
+                       or text_config.intermediate_size,
+                       intermediate_size=getattr(text_config, "shared_expert_intermediate_size", None) or 0)
         return cls(
             num_layers=text_config.num_hidden_layers,
             hidden_size=text_config.hidden_size,
             num_heads=num_heads,
             num_kv_heads=getattr(text_config, "num_key_value_heads", None) or num_heads,
             head_dim=getattr(text_config, "head_dim", None) or text_config.hidden_size // num_heads,
-            intermediate_size=text_config.intermediate_size,
             vocab_size=text_config.vocab_size,
             tie_word_embeddings=bool(getattr(text_config, "tie_word_embeddings", False)),
             dtype_bytes=dtype_bytes,
+            **moe,
         )
 
     @property
@@ -61,7 +74,12 @@ class ModelShape:
         h, d = self.hidden_size, self.head_dim
         attention = h * self.num_heads * d * 2 + h * self.num_kv_heads * d * 2  # q, o; k, v
         mlp = 3 * h * self.intermediate_size  # gate, up, down
-        return attention + mlp + 2 * h  # two RMSNorms
+        experts = self.num_experts_per_tok * self.expert_params + h * self.num_experts  # routed experts, router
+        return attention + mlp + experts + 2 * h  # two RMSNorms
+
+    @property
+    def expert_params(self) -> int:
+        return 3 * self.hidden_size * self.moe_intermediate_size
 
     @property
     def matmul_params(self) -> int:
@@ -71,11 +89,22 @@ class ModelShape:
     @property
     def num_params(self) -> int:
         embedding = 0 if self.tie_word_embeddings else self.vocab_size * self.hidden_size
-        return self.matmul_params + embedding
+        idle_experts = self.num_layers * (self.num_experts - self.num_experts_per_tok) * self.expert_params
+        return self.matmul_params + embedding + idle_experts
 
     @property
     def decode_weight_bytes(self) -> int:
+        """Weight bytes of a one-sequence decode step (MoE: its num_experts_per_tok experts per layer)."""
         return self.matmul_params * self.dtype_bytes
+
+    def step_weight_bytes(self, batch: float) -> float:
+        """Weight bytes a decode step of ``batch`` sequences reads: dense models read every weight; MoE
+        layers read the experts the batch is expected to hit under uniform routing."""
+        if not self.num_experts:
+            return self.decode_weight_bytes
+        hit = self.num_experts * (1 - (1 - self.num_experts_per_tok / self.num_experts) ** batch)
+        extra = self.num_layers * (max(hit, self.num_experts_per_tok) - self.num_experts_per_tok) * self.expert_params
+        return self.decode_weight_bytes + extra * self.dtype_bytes
 
     @property
     def kv_bytes_per_token(self) -> int:
@@ -141,5 +170,5 @@ def workload_roofline(shape: ModelShape, prompt_lens: Sequence[int], output_lens
     # Output token t (1-based) of a request with prompt p attends to p + t - 1 tokens.
     kv_tokens_read = sum(o * p + o * (o - 1) / 2 for p, o in zip(prompt_lens, output_lens))
     decode_steps = sum(output_lens) / avg_batch
-    decode_bytes = decode_steps * shape.decode_weight_bytes + kv_tokens_read * shape.kv_bytes_per_token
+    decode_bytes = decode_steps * shape.step_weight_bytes(avg_batch) + kv_tokens_read * shape.kv_bytes_per_token
     return Roofline(hbm_bytes_per_s, peak_flops, avg_batch, prefill_s, decode_bytes / hbm_bytes_per_s)

@@ -9,7 +9,8 @@ q/k norms), or in the whole decoder layer (``make_layer``: Gemma's sandwich norm
 (``norm_class``), an embedding multiplier and fused checkpoint tensors (``split_fused_weights``:
 Phi-3). Each layer's sliding window comes from the config (``layer_sliding_windows``) and is set
 on its Attention module. All tokens of a step are packed in one flat dimension [T]; attention
-metadata says which request each token belongs to.
+metadata says which request each token belongs to. Mixture-of-experts families choose their feed-forward
+block with ``make_mlp``.
 """
 from __future__ import annotations
 
@@ -100,6 +101,7 @@ class LlamaMLP(nn.Module):
 class LlamaDecoderLayer(nn.Module):
     def __init__(self, config: Any, self_attn: nn.Module, mlp: nn.Module | None = None,
                  norm_class: type[nn.Module] = RMSNorm) -> None:
+        """``mlp``: the feed-forward block (mixture-of-experts families pass theirs); default the dense one."""
         super().__init__()
         self.self_attn = self_attn
         self.mlp = mlp if mlp is not None else LlamaMLP(config.hidden_size, config.intermediate_size,
@@ -183,12 +185,17 @@ class LlamaForCausalLM(nn.Module):
 
     @classmethod
     def make_layer(cls, config: Any, attn_backend: AttentionBackend, layer_idx: int) -> nn.Module:
-        return LlamaDecoderLayer(config, cls.make_attention(config, attn_backend))
+        return LlamaDecoderLayer(config, cls.make_attention(config, attn_backend), cls.make_mlp(config, layer_idx))
 
     @classmethod
     def make_attention(cls, config: Any, attn_backend: AttentionBackend) -> nn.Module:
         bias = bool(getattr(config, "attention_bias", False))
         return LlamaAttention(config, attn_backend, qkv_bias=bias, o_bias=bias)
+
+    @classmethod
+    def make_mlp(cls, config: Any, layer_idx: int) -> nn.Module | None:
+        """Layer ``layer_idx``'s feed-forward block; None: the dense ``LlamaMLP``."""
+        return None
 
     @classmethod
     def embedding_multiplier(cls, config: Any) -> float | None:

@@ -56,3 +56,28 @@ def test_a_hit_must_start_at_the_first_block():
 def test_bad_constants_are_refused():
     with pytest.raises(ValueError, match="avg_batch"):
         workload_roofline(L8, [1], [1], avg_batch=0)
+
+
+def test_q30a3_shape_has_30_5b_parameters_of_which_3_3b_active(tmp_path):
+    from sluice.bench.cli import write_q30a3_config
+    from sluice.models.loader import load_hf_config
+
+    shape = ModelShape.from_hf_config(load_hf_config(write_q30a3_config(str(tmp_path))), dtype_bytes=2)
+    assert (shape.num_experts, shape.num_experts_per_tok, shape.moe_intermediate_size) == (128, 8, 768)
+    assert shape.intermediate_size == 0  # no dense MLP beside the experts
+    assert shape.num_params == pytest.approx(30.53e9, rel=1e-3)
+    assert shape.matmul_params + shape.vocab_size * shape.hidden_size == pytest.approx(3.35e9, rel=1e-2)
+
+
+def test_moe_decode_step_reads_the_experts_its_batch_hits():
+    moe = ModelShape(num_layers=2, hidden_size=64, num_heads=4, num_kv_heads=2, head_dim=16, intermediate_size=0,
+                     vocab_size=100, tie_word_embeddings=False, dtype_bytes=2, num_experts=8, num_experts_per_tok=2,
+                     moe_intermediate_size=32)
+    expert_bytes = 2 * moe.num_layers * moe.expert_params
+    assert moe.step_weight_bytes(1) == moe.decode_weight_bytes
+    # 4 sequences choosing 2 of 8 experts hit 8 * (1 - (3/4) ** 4) of them on average
+    expected_hit = 8 * (1 - 0.75 ** 4)
+    assert moe.step_weight_bytes(4) == pytest.approx(moe.decode_weight_bytes + (expected_hit - 2) * expert_bytes)
+    assert moe.step_weight_bytes(10_000) == pytest.approx(moe.decode_weight_bytes + 6 * expert_bytes)
+    roofline = workload_roofline(moe, prompt_lens=[1] * 4, output_lens=[1] * 4, avg_batch=4)
+    assert roofline.decode_s == pytest.approx((moe.step_weight_bytes(4) + 4 * moe.kv_bytes_per_token) / 3.0e12)

@@ -89,3 +89,9 @@ def test_g9_is_the_gemma2_9b_shape_with_alternating_windows(tmp_path):
     assert (config.num_hidden_layers, config.hidden_size, config.head_dim, config.vocab_size) == (42, 3584, 256, 256000)
     assert layer_sliding_windows(config)[:2] == [4096, None]
     assert kv_sliding_window(config) is None  # global layers keep every block
+
+
+def test_q30a3_without_a_tokenizer_says_which_flag_is_missing(capsys):
+    assert main(["bench", "throughput", "--model", "Q30A3", "--num-prompts", "1"]) == 1
+    err = capsys.readouterr().err
+    assert "tokenizer" in err and "Q30A3" in err

@@ -26,7 +26,9 @@ def _prompts(vocab_size: int = 384, seed: int = 0) -> list[list[int]]:
     return prompts
 
 
-@pytest.fixture(scope="module", params=["llama", "mistral", "qwen2"])
+# Mixture of experts: 2 of 6 experts per token (Mixtral, renormalized), 4 of 8 plus a shared expert
+# (Qwen2-MoE, not renormalized, layer 1 dense), 3 of 8 (Qwen3-MoE, renormalized).
+@pytest.fixture(scope="module", params=["llama", "mistral", "qwen2", "mixtral", "qwen2_moe", "qwen3_moe"])
 def tiny_model(request, tmp_path_factory):
     path = save_tiny_model(tmp_path_factory.mktemp(request.param), request.param)
     prompts = _prompts()

@@ -1,4 +1,5 @@
-"""sluice's Llama / Mistral / Qwen2 / Qwen3 / Gemma 2 / Gemma 3 / Phi-3 give the same logits as transformers on the same weights.
+"""sluice's Llama / Mistral / Qwen2 / Qwen3 / Gemma 2 / Gemma 3 / Phi-3 and the mixture-of-experts families
+(Mixtral, Qwen2-MoE, Qwen3-MoE) give the same logits as transformers on the same weights.
 
 Each case saves a tiny random HF model (weights widened, norms and biases randomized so a swapped
 or dropped tensor shows), loads it through sluice's loader in float32 on CPU and compares logits:
@@ -31,6 +32,9 @@ CASES: dict[str, tuple[str, dict, dict]] = {
     "mistral": ("mistral", {}, {}),
     "qwen2": ("qwen2", {}, {}),
     "qwen3_explicit_head_dim": ("qwen3", {"head_dim": 24}, {}),
+    "mixtral": ("mixtral", {}, {}),
+    "qwen2_moe_shared_expert": ("qwen2_moe", {}, {}),
+    "qwen3_moe": ("qwen3_moe", {}, {}),
     "llama_tied_embeddings": ("llama", {"tie_word_embeddings": True}, {}),
     "llama_llama3_rope": ("llama", {"rope_parameters": LLAMA3_ROPE}, {}),
     "llama_biases_and_head_dim": ("llama", {"attention_bias": True, "mlp_bias": True, "head_dim": 24}, {}),
