@@ -167,7 +167,9 @@ class TritonPagedBackend:
         if metadata.num_reqs == 0 or query.shape[0] == 0:
             return out
         launch = _LaunchPlan.build(self, query, num_kv_heads, metadata)
-        launch.run(query, kv_cache, metadata, scale, out, AttentionOptions(sliding_window, logits_soft_cap))
+        options = (NO_OPTIONS if sliding_window is None and logits_soft_cap is None
+                   else AttentionOptions(sliding_window, logits_soft_cap))
+        launch.run(query, kv_cache, metadata, scale, out, options)
         return out
 
 
@@ -177,12 +179,11 @@ class AttentionOptions:
     sliding_window: int | None = None
     logits_soft_cap: float | None = None
 
-    def kernel_args(self, scale: float) -> tuple[tuple, dict]:
-        """(scale, sliding_window, soft_cap) runtime args and SLIDING / SOFT_CAP constexprs."""
+    def kernel_args(self, scale: float) -> tuple[float, int, float, bool, bool]:
+        """(scale, sliding_window, soft_cap) runtime args, then the SLIDING and SOFT_CAP constexprs."""
         soft_cap = self.logits_soft_cap is not None
-        runtime = (scale if soft_cap else scale * LOG2E, self.sliding_window or 0,
-                   float(self.logits_soft_cap or 0.0))
-        return runtime, dict(SLIDING=self.sliding_window is not None, SOFT_CAP=soft_cap)
+        return (scale if soft_cap else scale * LOG2E, self.sliding_window or 0, float(self.logits_soft_cap or 0.0),
+                self.sliding_window is not None, soft_cap)
 
 
 NO_OPTIONS = AttentionOptions()
@@ -228,7 +229,7 @@ class _Launch:
         cfg = self.config
         rows = dict(ROW_CLASS=self.row_class, SHORT_QUERY_LEN=self.short_query_len, BLOCK_Q=self.block_q,
                     TILE_N=cfg.tile_n, MIN_SPLIT_TILES=self.min_split_tiles, DECODE_ONLY=self.decode_only)
-        (scale_arg, window, soft_cap), switches = options.kernel_args(scale)
+        scale_arg, window, soft_cap, sliding_on, soft_cap_on = options.kernel_args(scale)
         paged_attention_kernel[(num_q_tiles, num_kv_heads, self.num_splits)](
             out, query, kv_cache, metadata.block_table, metadata.seq_lens, metadata.query_start_loc,
             part_out, part_lse, scale_arg, metadata.num_reqs, self.num_splits, window, soft_cap,
@@ -239,8 +240,8 @@ class _Launch:
             GROUP=self.group, BLOCK_M=cfg.block_m, HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad,
             BLOCK_SIZE=kv_cache.shape[2], SPLIT=split,
             DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages, SOFT_CAP=switches["SOFT_CAP"],
-            SLIDING=switches["SLIDING"], **rows)
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages, SOFT_CAP=soft_cap_on,
+            SLIDING=sliding_on, **rows)
         if split:
             merge_rows = metadata.num_reqs if self.decode_only else num_tokens
             merge_splits_kernel[(merge_rows, num_heads)](
@@ -248,7 +249,7 @@ class _Launch:
                 self.num_splits, window,
                 out.stride(0), out.stride(1), part_out.stride(0), part_out.stride(1), part_out.stride(2),
                 part_lse.stride(0), part_lse.stride(1),
-                HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, SPLITS_PAD=MAX_SPLITS, SLIDING=switches["SLIDING"],
+                HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, SPLITS_PAD=MAX_SPLITS, SLIDING=sliding_on,
                 **rows)
 
 

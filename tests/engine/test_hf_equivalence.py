@@ -61,9 +61,16 @@ ENGINE_CONFIGS = {
 def test_greedy_matches_transformers(tiny_model, config_name):
     path, prompts, expected = tiny_model
     llm = LLM(model=str(path), dtype="float32", device="cpu", max_model_len=128, **ENGINE_CONFIGS[config_name])
-    params = SamplingParams(temperature=0.0, max_tokens=MAX_NEW_TOKENS, ignore_eos=True)
     # Twice: the second round hits the prefix cache for every prompt when it is on.
-    for _ in range(2):
+    assert_greedy_rounds_match(llm, prompts, expected, config_name, rounds=2)
+
+
+def assert_greedy_rounds_match(llm: LLM, prompts: list[list[int]], expected: list[list[int]],
+                               config_name: str, rounds: int) -> None:
+    """``rounds`` greedy runs of ``prompts`` each give ``expected`` and leak no block; the engine config
+    named ``config_name`` did what it is for (preempted, or hit the prefix cache)."""
+    params = SamplingParams(temperature=0.0, max_tokens=len(expected[0]), ignore_eos=True)
+    for _ in range(rounds):
         outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
         for prompt, output, want in zip(prompts, outputs, expected):
             assert output.prompt_token_ids == prompt

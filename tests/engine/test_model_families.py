@@ -16,7 +16,7 @@ import random
 import pytest
 
 from sluice import LLM, SamplingParams
-from tests.engine.test_hf_equivalence import assert_no_leaked_blocks
+from tests.engine.test_hf_equivalence import assert_greedy_rounds_match, assert_no_leaked_blocks
 from tests.tiny_models import hf_greedy, save_tiny_model
 
 MAX_NEW_TOKENS = 12
@@ -65,17 +65,8 @@ def family_model(request, tmp_path_factory):
 def test_greedy_matches_transformers(family_model, config_name):
     path, prompts, expected = family_model
     llm = LLM(model=str(path), dtype="float32", device="cpu", max_model_len=64, **ENGINE_CONFIGS[config_name])
-    params = SamplingParams(temperature=0.0, max_tokens=MAX_NEW_TOKENS, ignore_eos=True)
-    for _ in range(2 if config_name == "prefix_caching_on" else 1):
-        outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
-        for prompt, output, want in zip(prompts, outputs, expected):
-            assert output.outputs[0].token_ids == want, f"prompt of {len(prompt)} tokens diverged"
-        assert_no_leaked_blocks(llm)
-    stats = llm.llm_engine.core.make_stats()
-    if "preemption" in config_name:
-        assert stats.num_preemptions > 0
-    if config_name == "prefix_caching_on":
-        assert stats.prefix_cache_hits > 0
+    assert_greedy_rounds_match(llm, prompts, expected, config_name,
+                               rounds=2 if config_name == "prefix_caching_on" else 1)
 
 
 def test_windowed_model_generates_past_what_its_kv_pool_could_hold(tmp_path):
