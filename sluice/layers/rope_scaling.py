@@ -169,14 +169,17 @@ def compute_inv_freq(rotary_dim: int, rope: RopeSettings) -> torch.Tensor:
     return inv_freq
 
 
-def dynamic_inv_freq(positions: torch.Tensor, rotary_dim: int, rope: RopeSettings) -> torch.Tensor:
-    """float32 [T, rotary_dim / 2]: each token's dynamic-NTK frequencies for a sequence ending at it."""
+def dynamic_inv_freq(positions: torch.Tensor, exponents: torch.Tensor, rope: RopeSettings) -> torch.Tensor:
+    """float32 [T, rotary_dim / 2]: each token's dynamic-NTK frequencies for a sequence ending at it.
+
+    ``exponents`` is ``rotary_exponents(rotary_dim)`` on the positions' device: no host tensor is made
+    here, so the computation can be captured in a CUDA graph."""
+    rotary_dim = 2 * exponents.shape[0]
     seq_len = positions.long() + 1
     # dynamic NTK: base * ((factor * L / max_pos) - (factor - 1)) ** (dim / (dim - 2)), L >= max_pos
     max_pos = rope.max_position_embeddings
     seq_len = torch.clamp(seq_len, min=max_pos)
     base = rope.rope_theta * ((rope.factor * seq_len / max_pos) - (rope.factor - 1)) ** (rotary_dim / (rotary_dim - 2))
-    exponents = rotary_exponents(rotary_dim).to(positions.device)
     return 1.0 / (base.unsqueeze(-1) ** exponents)
 
 

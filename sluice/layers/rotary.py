@@ -16,7 +16,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from sluice.layers.rope_scaling import SUPPORTED_ROPE_TYPES, RopeSettings, compute_inv_freq, dynamic_inv_freq
+from sluice.layers.rope_scaling import (
+    SUPPORTED_ROPE_TYPES, RopeSettings, compute_inv_freq, dynamic_inv_freq, rotary_exponents,
+)
 
 try:  # CPU-only installs have no triton; they run forward_torch
     from sluice.layers import fused_kernels
@@ -42,6 +44,8 @@ class RotaryEmbedding(nn.Module):
         # float32 whatever the model dtype, on the device of construction; not part of checkpoints.
         device = torch.get_default_device()
         self.register_buffer("inv_freq", compute_inv_freq(self.rotary_dim, rope).to(device), persistent=False)
+        if rope.is_dynamic:  # per-token frequencies are computed on the device from these
+            self.register_buffer("exponents", rotary_exponents(self.rotary_dim).to(device), persistent=False)
         # The fused kernel takes one frequency vector and no cos/sin scale.
         self.fusable = not rope.is_dynamic and self.attention_scaling == 1.0
 
@@ -57,7 +61,7 @@ class RotaryEmbedding(nn.Module):
                       ) -> tuple[torch.Tensor, torch.Tensor]:
         inv_freq = self.inv_freq
         if self.rope.is_dynamic:
-            inv_freq = dynamic_inv_freq(positions, self.rotary_dim, self.rope)
+            inv_freq = dynamic_inv_freq(positions, self.exponents, self.rope)
         freqs = positions.float().unsqueeze(-1) * inv_freq  # [T, rotary_dim / 2]
         cos, sin = freqs.cos(), freqs.sin()
         if self.attention_scaling != 1.0:

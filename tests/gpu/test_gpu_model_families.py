@@ -17,6 +17,11 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 @pytest.mark.parametrize("name", list(FAMILIES))
 def test_cuda_greedy_matches_transformers(name, tmp_path):
     arch, overrides = FAMILIES[name]
+    if arch == "gemma2":
+        # Gemma 2's own caps: the CPU tests' caps of 2 and 3 squeeze a tiny model's 320 logits into
+        # near-ties that float32 rounding on another device can flip (soft-capping at low caps is checked
+        # against the CPU reference in test_triton_window_softcap and test_models_cuda).
+        overrides = {**overrides, "attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0}
     path = save_tiny_model(tmp_path, arch, **overrides)
     prompts = _prompts()
     expected = hf_greedy(path, prompts, MAX_NEW_TOKENS)
