@@ -90,6 +90,9 @@ class ModelRunnerOutput:
 
 
 @dataclass(slots=True)
+FINISH_REASON_ERROR = "error"  # a request the engine failed on its own (vLLM's name); the others carry on
+
+
 class EngineCoreOutput:
     """What the engine core reports per request per step (token ids, never text)."""
     req_id: str
