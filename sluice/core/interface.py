@@ -89,10 +89,10 @@ class ModelRunnerOutput:
     prompt_logprobs: dict[str, LogprobsLists] = field(default_factory=dict)
 
 
-@dataclass(slots=True)
 FINISH_REASON_ERROR = "error"  # a request the engine failed on its own (vLLM's name); the others carry on
 
 
+@dataclass(slots=True)
 class EngineCoreOutput:
     """What the engine core reports per request per step (token ids, never text)."""
     req_id: str

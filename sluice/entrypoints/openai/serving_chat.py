@@ -23,7 +23,7 @@ from sluice.entrypoints.openai.serving_engine import (SSE_DONE, EnginePrompt, Op
                                                       continuous_usage, engine_error_to_openai, merge_streams,
                                                       random_id, sse, usage_chunk)
 from sluice.outputs import CompletionOutput, RequestOutput
-from sluice.tokenizer import render_chat
+from sluice.tokenizer import check_template_kwargs, render_chat
 
 
 class OpenAIServingChat(OpenAIServing):
@@ -65,6 +65,7 @@ class OpenAIServingChat(OpenAIServing):
         conversation = [{"role": m.role, "content": m.text()} for m in messages]
         tokenizer = self.engine.tokenizer
         try:
+            check_template_kwargs(tokenizer, template_kwargs or {})  # before they meet render_chat's own arguments
             text = await self.run_in_tokenizer_pool(
                 render_chat, tokenizer, conversation, chat_template or self.default_chat_template,
                 add_generation_prompt, **(template_kwargs or {}))
