@@ -251,3 +251,16 @@ def test_fuzzed_requests_never_get_a_5xx_or_a_non_openai_error(server):
     check()
     assert 200 in seen and 400 in seen
     assert_still_serving(server)
+
+
+def test_generation_config_gives_defaults_for_fields_a_request_leaves_out(tmp_path):
+    from sluice.entrypoints.openai.protocol import CompletionRequest
+    from sluice.entrypoints.openai.sampling import ServingLimits, build_sampling_params, generation_config_defaults
+    (tmp_path / "generation_config.json").write_text(json.dumps({"temperature": 0.3, "top_p": 0.8, "do_sample": True}))
+    defaults = generation_config_defaults("auto", str(tmp_path))
+    assert defaults == {"temperature": 0.3, "top_p": 0.8}
+    assert generation_config_defaults("vllm", str(tmp_path)) == {}
+    limits = ServingLimits(max_model_len=64, vocab_size=100, sampling_defaults=defaults)
+    params = build_sampling_params(CompletionRequest(prompt="hi", top_p=0.5), max_tokens=4, logprobs=None,
+                                   prompt_logprobs=None, limits=limits)
+    assert (params.temperature, params.top_p) == (0.3, 0.5)

@@ -42,7 +42,7 @@ from sluice.entrypoints.openai.errors import OpenAIError, install_exception_hand
 from sluice.entrypoints.openai.middleware import ServerGuard
 from sluice.entrypoints.openai.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
                                                 TokenizeRequest)
-from sluice.entrypoints.openai.sampling import ServingLimits, prompt_chars_limit
+from sluice.entrypoints.openai.sampling import ServingLimits, generation_config_defaults, prompt_chars_limit
 from sluice.entrypoints.openai.serving_completion import OpenAIServingCompletion
 from sluice.entrypoints.openai.serving_engine import ServingConfig
 from sluice.entrypoints.openai.serving_models import OpenAIServingModels
@@ -217,6 +217,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     server.add_argument("--ssl-certfile", default=None, help="TLS certificate file (serve https)")
     server.add_argument("--allowed-origins", type=json.loads, default=None,
                         help='CORS origins as a JSON list, e.g. \'["*"]\' (default: no CORS headers)')
+    server.add_argument("--generation-config", default="auto",
+                        help="defaults for sampling fields a request leaves out: 'auto' reads the model folder's "
+                             "generation_config.json, 'vllm' ignores it, or a folder holding one (default: auto)")
     server.add_argument("--trust-remote-code", action="store_true",
                         help="accepted for vLLM compatibility; sluice never runs code from a model folder")
     server.add_argument("--enable-log-requests", action="store_true", help="log every request's prompt and params")
@@ -317,7 +320,11 @@ def serve(args: argparse.Namespace, engine_args: EngineArgs, engine: AsyncLLM, m
                            max_n=args.max_n, max_logprobs=engine_args.max_logprobs,
                            priority_scheduling=engine_args.scheduling_policy == "priority",
                            max_prompt_chars=prompt_chars_limit(model_config.max_model_len,
-                                                               engine.tokenizer.get_vocab()))
+                                                               engine.tokenizer.get_vocab()),
+                           sampling_defaults=generation_config_defaults(args.generation_config, model_config.model))
+    if limits.sampling_defaults:
+        logger.info("sampling defaults from generation_config.json: %s (--generation-config vllm ignores them)",
+                    limits.sampling_defaults)
     config = ServingConfig([model_config.served_model_name], limits, args.enable_log_requests, args.max_log_len,
                            api_server_index=api_server_index,
                            trust_request_chat_template=args.trust_request_chat_template)

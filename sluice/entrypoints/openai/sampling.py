@@ -50,6 +50,27 @@ class ServingLimits:
     max_stop_string_chars: int = 1024
     max_bad_words: int = 256
     max_token_id_list: int = 1024  # logit_bias entries, stop_token_ids
+    # --generation-config: defaults for sampling fields a request leaves out (temperature, top_p, top_k, min_p,
+    # repetition_penalty), from the model's generation_config.json as vLLM takes them.
+    sampling_defaults: dict[str, float] | None = None
+
+
+GENERATION_CONFIG_FIELDS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
+
+
+def generation_config_defaults(source: str, model_path: str) -> dict[str, float]:
+    """vLLM's --generation-config: "vllm" ignores the model's file; "auto" reads it from the model folder; any
+    other value is a folder holding generation_config.json. Only the fields that differ from transformers'
+    defaults count (as vLLM's to_diff_dict), so a file that merely restates them changes nothing."""
+    import os
+    folder = model_path if source == "auto" else source
+    if source == "vllm" or not os.path.isfile(os.path.join(folder or "", "generation_config.json")):
+        if source not in ("auto", "vllm"):
+            raise ValueError(f"--generation-config: no generation_config.json in {source!r}")
+        return {}
+    from transformers import GenerationConfig
+    diff = GenerationConfig.from_pretrained(folder).to_diff_dict()
+    return {name: diff[name] for name in GENERATION_CONFIG_FIELDS if diff.get(name) is not None}
 
 
 def prompt_chars_limit(max_model_len: int, vocab: Iterable[str]) -> int:
@@ -165,15 +186,21 @@ def build_sampling_params(request: SamplingFields, *, max_tokens: int, logprobs:
                           prompt_logprobs: int | None, limits: ServingLimits) -> SamplingParams:
     """The SamplingParams for one prompt of ``request`` (after check_common)."""
     known = sampling_param_names()
-    top_k = request.top_k if request.top_k is not None else -1
+    defaults = limits.sampling_defaults or {}
+
+    def value_or_default(name: str, off: float) -> Any:
+        value = getattr(request, name)
+        return value if value is not None else defaults.get(name, off)
+
+    top_k = value_or_default("top_k", -1)
     if top_k >= limits.vocab_size:
         top_k = -1  # keeping every token is what "no top-k" means
     kwargs: dict[str, Any] = dict(
         n=request.n,
-        temperature=1.0 if request.temperature is None else request.temperature,
-        top_p=1.0 if request.top_p is None else request.top_p,
+        temperature=value_or_default("temperature", 1.0),
+        top_p=value_or_default("top_p", 1.0),
         top_k=top_k,
-        min_p=0.0 if request.min_p is None else request.min_p,
+        min_p=value_or_default("min_p", 0.0),
         seed=request.seed,
         max_tokens=max_tokens,
         min_tokens=request.min_tokens,
@@ -187,6 +214,8 @@ def build_sampling_params(request: SamplingFields, *, max_tokens: int, logprobs:
     )
     for name, (param_name, off) in _OPTIONAL_FIELDS.items():
         value = getattr(request, name)
+        if value is None and name in defaults:
+            value = defaults[name]
         if value is not None and value != off and param_name in known:
             kwargs[param_name] = _logit_bias(value, limits) if name == "logit_bias" else value
     for name, value in (("logprobs", logprobs), ("prompt_logprobs", prompt_logprobs)):
