@@ -33,7 +33,7 @@ class StreamingRequest(threading.Thread):
                 "stream_options": {"include_usage": True}}
         with httpx.stream("POST", self.server.url("/v1/completions"), json=body, timeout=120) as r:
             for line in r.iter_lines():
-                self.done = line == "data: [DONE]"
+                self.done = self.done or line == "data: [DONE]"
                 if line.startswith("data: ") and line != "data: [DONE]":
                     self.events.append(json.loads(line[len("data: "):]))
                     self.started.set()

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import resource
 import socket
@@ -168,7 +169,7 @@ class DrainingServer(uvicorn.Server):
     async def on_tick(self, counter: int) -> bool:
         if self.state.engine.errored and not self.should_exit:
             self._exit_after_engine_death()
-        if self._forced_exit_at is not None and not self.force_exit:
+        if self._forced_exit_at is not None and self._forced_exit_at != math.inf:
             self._force_exit()
         elif self.state.draining and not self.should_exit:
             if self.guard.num_in_flight == 0 or time.monotonic() >= self._drain_deadline:
@@ -178,12 +179,15 @@ class DrainingServer(uvicorn.Server):
         return await super().on_tick(counter)
 
     def _force_exit(self) -> None:
-        """Second signal: every stream ends now with an error event and [DONE]; exit once they are sent (or
-        after FORCED_EXIT_FLUSH_S), without uvicorn's graceful wait for connections."""
+        """Second signal: every stream ends now with an error event and [DONE]; exit once they are sent (or after
+        FORCED_EXIT_FLUSH_S). Not uvicorn's force_exit, which skips the lifespan shutdown (the engine core would
+        be left waiting): the graceful wait for connections is only cut to the flush time."""
         if self.state.engine.num_in_flight:
             logger.info("second signal: %d request(s) aborted", self.state.engine.abort_all("the server was stopped"))
         if self.guard.num_in_flight == 0 or time.monotonic() >= self._forced_exit_at:
-            self.should_exit = self.force_exit = True
+            self.config.timeout_graceful_shutdown = FORCED_EXIT_FLUSH_S
+            self.should_exit = True
+            self._forced_exit_at = math.inf  # done: on_tick stops calling this
 
     def _exit_after_engine_death(self) -> None:
         now = time.monotonic()
