@@ -43,6 +43,7 @@ class EngineArgs:
     async_scheduling: bool | None = None  # default: on for CUDA
     tensor_parallel_size: int = 1
     disable_log_stats: bool = False
+    cpu_threads: int | None = None  # torch threads of the process running the model on the CPU
     # Not a flag: who drives the engine ("llm": offline LLM, "server": the API server); picks batch defaults.
     usage_context: str = "llm"
 
@@ -73,6 +74,8 @@ class EngineArgs:
         "async_scheduling": "schedule step t+1 while step t runs on the GPU (default: on for CUDA)",
         "tensor_parallel_size": "GPUs to shard the model over",
         "disable_log_stats": "do not log engine stats",
+        "cpu_threads": "torch threads for the model on the CPU (default: $SLUICE_CPU_THREADS, else "
+                       "$OMP_NUM_THREADS, else the physical cores)",
     }
     _NOT_FLAGS = {"usage_context"}
     _CHOICES = {"dtype": _DTYPES, "load_format": _LOAD_FORMATS,
@@ -123,6 +126,8 @@ class EngineArgs:
         if self.swap_space > 0:
             raise ValueError("swap_space > 0 (swapping preempted requests' KV to the CPU) is not supported yet: "
                              "preempted requests are recomputed, usually from the prefix cache")
+        if self.cpu_threads is not None and self.cpu_threads < 1:
+            raise ValueError(f"cpu_threads must be at least 1, got {self.cpu_threads}")
         if self.tensor_parallel_size != 1:
             raise ValueError("tensor_parallel_size > 1 is not supported yet")
 

@@ -57,6 +57,9 @@ class LLM:
              add_generation_prompt: bool = True, **template_kwargs: Any) -> list[RequestOutput]:
         """Applies the model's chat template to one conversation or a list of them, then generates."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
+        if chat_template is not None:  # offline, a path to a template file is fine (the server never reads one)
+            from sluice.tokenizer import get_chat_template
+            chat_template = get_chat_template(self.llm_engine.tokenizer, chat_template)
         prompts = [{"prompt_token_ids": self.llm_engine.apply_chat_template(
             conv, add_generation_prompt=add_generation_prompt, chat_template=chat_template, **template_kwargs)}
             for conv in conversations]

@@ -4,12 +4,17 @@
 - A ``.gguf`` file: the tokenizer and chat template stored in its metadata (see ``models/gguf_loader.py``).
 
 Chat prompts are rendered to text by the model's Jinja template and then encoded without adding special tokens
-(the template writes its own BOS, as vLLM does). ``end_of_turn_token_ids`` finds the token a template closes an
+(the template writes its own BOS, as vLLM does). Rendering takes a template's text, never a path: only
+``get_chat_template`` (for the command line and the offline API) reads a file, so no request can make the
+server read one. Extra template variables (``enable_thinking``, ...) must be identifiers that are not
+``apply_chat_template``'s own parameters (``tokenize`` would return text where ids are expected). ``end_of_turn_token_ids`` finds the token a template closes an
 assistant turn with (``<|im_end|>`` for ChatML, ``<|eot_id|>`` for Llama 3), so a chat stops there even when the
 tokenizer's eos is a different token.
 """
 from __future__ import annotations
 
+import functools
+import inspect
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -56,9 +61,11 @@ def get_chat_template(tokenizer: PreTrainedTokenizerBase, chat_template: str | N
 
 
 def render_chat(tokenizer: PreTrainedTokenizerBase, messages: Sequence[ChatMessage],
-                chat_template: str | None = None, add_generation_prompt: bool = True) -> str:
-    """The conversation as the prompt text the model was trained on."""
-    template = get_chat_template(tokenizer, chat_template)
+                chat_template: str | None = None, add_generation_prompt: bool = True,
+                **template_kwargs: Any) -> str:
+    """The conversation as the prompt text the model was trained on. ``chat_template``: Jinja text (never a
+    path; see get_chat_template), else the model's own; ``template_kwargs``: extra template variables."""
+    template = chat_template if chat_template is not None else get_chat_template(tokenizer)
     if template is None:
         raise ValueError("chat_template: the model has no chat template; pass one (Jinja text or a file path)")
     if not messages:
@@ -66,18 +73,37 @@ def render_chat(tokenizer: PreTrainedTokenizerBase, messages: Sequence[ChatMessa
     for index, message in enumerate(messages):
         if not isinstance(message, dict) or "role" not in message:
             raise ValueError(f"messages[{index}]: expected a dict with 'role' and 'content', got {message!r}")
-    return tokenizer.apply_chat_template(list(messages), chat_template=template, tokenize=False,
-                                         add_generation_prompt=add_generation_prompt)
+    check_template_kwargs(tokenizer, template_kwargs)
+    text = tokenizer.apply_chat_template(list(messages), chat_template=template, tokenize=False,
+                                         add_generation_prompt=add_generation_prompt, **template_kwargs)
+    if not isinstance(text, str):
+        raise ValueError(f"chat_template: rendering gave {type(text).__name__}, not text")
+    return text
+
+
+def check_template_kwargs(tokenizer: PreTrainedTokenizerBase, template_kwargs: dict[str, Any]) -> None:
+    """ValueError unless every key is an identifier the template can read as a variable."""
+    reserved = _apply_chat_template_parameters(type(tokenizer))
+    for key in template_kwargs:
+        if not isinstance(key, str) or not key.isidentifier() or key in reserved:
+            raise ValueError(f"chat_template_kwargs: {key!r} is not allowed (keys must be identifiers other than "
+                             f"{', '.join(sorted(reserved))})")
+
+
+@functools.cache
+def _apply_chat_template_parameters(tokenizer_class: type) -> frozenset[str]:
+    parameters = inspect.signature(tokenizer_class.apply_chat_template).parameters.values()
+    return frozenset({"messages"} | {p.name for p in parameters if p.kind is not p.VAR_KEYWORD and p.name != "self"})
 
 
 def apply_chat_template(tokenizer: PreTrainedTokenizerBase, messages: Sequence[ChatMessage],
                         chat_template: str | None = None, add_generation_prompt: bool = True,
-                        tokenize: bool = True) -> list[int] | str:
+                        tokenize: bool = True, **template_kwargs: Any) -> list[int] | str:
     """Render ``messages`` with the chat template; token ids when ``tokenize`` (the default), else the text.
 
     Encoding adds no special tokens: the template already wrote any BOS the model wants.
     """
-    text = render_chat(tokenizer, messages, chat_template, add_generation_prompt)
+    text = render_chat(tokenizer, messages, chat_template, add_generation_prompt, **template_kwargs)
     if not tokenize:
         return text
     return tokenizer.encode(text, add_special_tokens=False)

@@ -89,6 +89,9 @@ class ModelRunnerOutput:
     prompt_logprobs: dict[str, LogprobsLists] = field(default_factory=dict)
 
 
+FINISH_REASON_ERROR = "error"  # a request the engine failed on its own (vLLM's name); the others carry on
+
+
 @dataclass(slots=True)
 class EngineCoreOutput:
     """What the engine core reports per request per step (token ids, never text)."""

@@ -17,8 +17,12 @@ model runner) runs in a process of its own. While idle, the thread checks every
 
 A stream that is closed before its request finished (the client went away, the handler
 was cancelled) aborts the request, which frees its KV blocks on the engine's next turn.
-An exception in the engine thread fails every in-flight stream with EngineDeadError and
-flips ``is_healthy`` to False.
+A failure that belongs to one request never reaches the loop: an exception while adding it
+(tokenizing, validating, handing it to the core) fails only that request (ValueError: bad
+input; anything else: RequestFailedError), and a request the core could not take finishes
+with finish reason "error", which its stream raises as RequestFailedError. Any other
+exception in the engine thread fails every in-flight stream with EngineDeadError and flips
+``is_healthy`` to False.
 """
 from __future__ import annotations
 
@@ -32,6 +36,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sluice.config import EngineArgs
+from sluice.core.interface import FINISH_REASON_ERROR
 from sluice.engine.stats import IterationStats, SchedulerStats, StatLogger
 from sluice.outputs import RequestOutput
 from sluice.sampling_params import SamplingParams
@@ -51,6 +56,10 @@ class QueueFullError(RuntimeError):
 
 class RequestAbortedError(RuntimeError):
     """The server aborted an in-flight request (a drain ran out of time)."""
+
+
+class RequestFailedError(RuntimeError):
+    """The engine could not run this one request (not the client's fault); the rest are unharmed."""
 
 
 @dataclass(slots=True)
@@ -102,6 +111,8 @@ class RequestStream:
                     raise item
                 if item.finished:
                     self.finished = True
+                    if any(c.finish_reason == FINISH_REASON_ERROR for c in item.outputs):
+                        raise RequestFailedError(f"the engine failed request {self.request_id}")
                 yield item
         finally:
             self.close()
@@ -200,26 +211,35 @@ class AsyncLLM:
                           priority: int = 0) -> RequestStream:
         """Adds a request and returns its stream once the engine accepted it.
 
-        Raises ValueError (bad input, from the engine), QueueFullError or EngineDeadError.
+        Raises ValueError (bad input, from the engine), QueueFullError, RequestFailedError or EngineDeadError.
         """
+        return (await self.add_requests([(request_id, prompt, params)], priority))[0]
+
+    async def add_requests(self, requests: list[tuple[str, Any, SamplingParams]],
+                           priority: int = 0) -> list[RequestStream]:
+        """Adds several requests in one engine turn (a request's prompts all start in the same step);
+        all or none: if one fails, those already added are aborted and its error is raised."""
         self.start()
-        if request_id in self._streams:
-            raise ValueError(f"request_id {request_id!r} is already in flight")
-        self._check_admission()
-        stream = RequestStream(request_id, self)
-        self._streams[request_id] = stream
-        command = _AddCommand(request_id, prompt, params, priority)
+        ids = [request_id for request_id, _, _ in requests]
+        if len(set(ids)) != len(ids) or any(request_id in self._streams for request_id in ids):
+            raise ValueError("request ids must be unique and not already in flight")
+        self._check_admission(len(requests))
+        streams = [RequestStream(request_id, self) for request_id in ids]
+        commands = [_AddCommand(request_id, prompt, params, priority) for request_id, prompt, params in requests]
+        for stream in streams:
+            self._streams[stream.request_id] = stream
         try:
-            self._send(command)
-            await asyncio.wrap_future(command.done)
-        except asyncio.CancelledError:
-            stream.close()  # it may have been added after all
-            raise
+            self._send(*commands)
+            await asyncio.gather(*(asyncio.wrap_future(c.done) for c in commands))
         except BaseException:
-            stream.finished = True
-            self._streams.pop(request_id, None)  # never added: nothing to abort
+            for stream, command in zip(streams, commands):
+                if command.done.done() and not command.done.cancelled() and command.done.exception() is not None:
+                    stream.finished = True  # never added: nothing to abort
+                    self._streams.pop(stream.request_id, None)
+                else:
+                    stream.close()  # added, or may be added after all
             raise
-        return stream
+        return streams
 
     async def generate(self, prompt: Any, params: SamplingParams, request_id: str,
                        priority: int = 0) -> AsyncIterator[RequestOutput]:
@@ -243,24 +263,33 @@ class AsyncLLM:
             self._abort_nowait(stream.request_id)
         return len(streams)
 
-    def _check_admission(self) -> None:
+    def _check_admission(self, num_new: int = 1) -> None:
         if self.errored:
             raise EngineDeadError(f"the engine is dead: {self._dead_error!r}")
         if self.max_num_queued_reqs is None:
             return
-        # Requests known to this front that the scheduler is not running yet: the waiting queue
-        # as of the last step plus those added since.
-        num_queued = max(self._latest_stats.stats.num_waiting_reqs,
-                         len(self._streams) - self._latest_stats.stats.num_running_reqs)
-        if num_queued >= self.max_num_queued_reqs:
-            raise QueueFullError(f"the server is at capacity: {num_queued} requests are already waiting "
-                                 f"(--max-num-queued-reqs {self.max_num_queued_reqs}); retry later")
+        # Only requests that will really wait count. Of those this front knows and the scheduler is not running
+        # (the new ones included), the free sequence slots take the first ones at the next step, unless the
+        # scheduler already had to leave requests waiting (then the KV cache is what is short, and all wait).
+        stats = self._latest_stats.stats
+        not_running = len(self._streams) - stats.num_running_reqs + num_new
+        free_slots = 0 if stats.num_waiting_reqs else max(0, self._max_num_seqs() - stats.num_running_reqs)
+        num_waiting = not_running - free_slots
+        if num_waiting > self.max_num_queued_reqs:
+            raise QueueFullError(f"the server is at capacity: {max(0, num_waiting - num_new)} requests are "
+                                 f"already waiting (--max-num-queued-reqs {self.max_num_queued_reqs}); "
+                                 "retry later")
 
-    def _send(self, command: Any) -> None:
+    def _max_num_seqs(self) -> int:
+        scheduler_config = getattr(getattr(self.engine, "core", None), "scheduler_config", None)
+        return getattr(scheduler_config, "max_num_seqs", 0)
+
+    def _send(self, *commands: Any) -> None:
         with self._dead_lock:
             if self._dead_error is not None:
                 raise EngineDeadError(f"the engine is dead: {self._dead_error!r}")
-            self._commands.put(command)
+            for command in commands:
+                self._commands.put(command)
 
     # ---- the event-loop side of output routing -------------------------------------------
     def _dispatch(self, outputs: list[RequestOutput]) -> None:
@@ -329,6 +358,11 @@ class AsyncLLM:
                                     priority=command.priority)
         except ValueError as e:
             command.done.set_exception(e)
+        except Exception as e:  # noqa: BLE001 - one request's failure must not stop the engine
+            logger.exception("request %s failed while being added", command.request_id)
+            failed = RequestFailedError(f"the engine could not add request {command.request_id}")
+            failed.__cause__ = e
+            command.done.set_exception(failed)
         else:
             command.done.set_result(None)
         return False

@@ -36,7 +36,7 @@ import msgspec
 import zmq
 
 from sluice.config import CacheConfig, EngineArgs, SchedulerConfig
-from sluice.core.interface import EngineCoreOutput
+from sluice.core.interface import FINISH_REASON_ERROR, EngineCoreOutput
 from sluice.engine.gc_heap import freeze_startup_heap
 from sluice.engine.stats import SchedulerStats
 
@@ -242,14 +242,16 @@ def _busy_loop(core, clients: list[_ClientSockets], parent_pid: int, metrics: Sc
                     logger.warning("the process that started the engine core is gone; the engine core exits")
                     return
         senders: set[int] = set()
+        failed: list[EngineCoreOutput] = []
         for index, client in enumerate(clients):
-            num_applied = _apply_queued(core, router, index, client.input, decoder)
+            num_applied = _apply_queued(core, router, index, client.input, decoder, failed)
             if num_applied:
                 client.num_inputs_applied += num_applied
                 senders.add(index)
         if router.all_closed:
             return
         outputs = core.step() if core.has_unfinished_requests() else []
+        outputs = failed + outputs if failed else outputs
         stats = core.make_stats()
         for index, client_outputs in router.route(outputs, senders):
             client = clients[index]
@@ -260,8 +262,9 @@ def _busy_loop(core, clients: list[_ClientSockets], parent_pid: int, metrics: Sc
 
 
 def _apply_queued(core, router: ClientRouter, client: int, input_socket: zmq.Socket,
-                  decoder: msgspec.msgpack.Decoder) -> int:
-    """Applies every message the client has queued; returns how many there were."""
+                  decoder: msgspec.msgpack.Decoder, failed: list[EngineCoreOutput]) -> int:
+    """Applies every message the client has queued; returns how many there were. A request that cannot be
+    added gets a finish_reason "error" output in ``failed`` (sent with this turn's step)."""
     from sluice.core.request import Request
 
     num_messages = 0
@@ -272,11 +275,16 @@ def _apply_queued(core, router: ClientRouter, client: int, input_socket: zmq.Soc
             return num_messages
         num_messages += 1
         if isinstance(message, AddRequest):
-            core.add_request(Request(message.request_id, message.prompt_token_ids,
-                                     pickle.loads(message.sampling_params), eos_token_id=message.eos_token_id,
-                                     priority=message.priority, arrival_time=message.arrival_time,
-                                     parent_request_id=message.parent_request_id))
             router.add(message.request_id, client)
+            try:
+                core.add_request(Request(message.request_id, message.prompt_token_ids,
+                                         pickle.loads(message.sampling_params), eos_token_id=message.eos_token_id,
+                                         priority=message.priority, arrival_time=message.arrival_time,
+                                         parent_request_id=message.parent_request_id))
+            except Exception:  # noqa: BLE001 - one request's failure finishes that request, never the core
+                logger.exception("request %s could not be added; it finishes with an error", message.request_id)
+                core.abort_requests([message.request_id])  # in case it got part of the way in
+                failed.append(EngineCoreOutput(message.request_id, [], finish_reason=FINISH_REASON_ERROR))
         elif isinstance(message, FinishRequests):
             router.forget(message.request_ids)
             if message.aborted:

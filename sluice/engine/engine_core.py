@@ -23,6 +23,7 @@ from sluice.config import CacheConfig, EngineArgs, SchedulerConfig, resolve_batc
 from sluice.core.interface import EngineCoreOutput, SchedulerOutput
 from sluice.core.request import Request, RequestStatus
 from sluice.core.scheduler import Scheduler
+from sluice.engine.cpu_threads import set_cpu_threads
 from sluice.models.model_config import ModelConfig
 from sluice.worker.model_runner import LaunchedStep, ModelRunner, is_large_gpu
 
@@ -34,6 +35,7 @@ class EngineCore:
         self.model_config = model_config
         max_model_len = model_config.max_model_len
         device_type = torch.device(model_config.device).type
+        set_cpu_threads(args.cpu_threads)
         limits = resolve_batch_limits(args, max_model_len, device_type,
                                       large_gpu=device_type == "cuda" and is_large_gpu(model_config.device))
         async_scheduling = args.async_scheduling if args.async_scheduling is not None else device_type == "cuda"

@@ -89,10 +89,15 @@ class LLMEngine:
         params.update_from_tokenizer(self.eos_token_id, self.extra_stop_token_ids)
         arrival_time = time.monotonic() if arrival_time is None else arrival_time
         parent = ParentRequestState(request_id, prompt_text, prompt_ids, params, arrival_time)
-        for child_id, child_params in self.output_processor.add_request(parent):
-            self.core.add_request(Request(
-                child_id, prompt_ids, child_params, eos_token_id=self.eos_token_id, priority=priority,
-                arrival_time=arrival_time, parent_request_id=request_id if params.n > 1 else None))
+        children = self.output_processor.add_request(parent)
+        try:
+            for child_id, child_params in children:
+                self.core.add_request(Request(
+                    child_id, prompt_ids, child_params, eos_token_id=self.eos_token_id, priority=priority,
+                    arrival_time=arrival_time, parent_request_id=request_id if params.n > 1 else None))
+        except BaseException:
+            self.abort_request(request_id)  # children already added give their blocks back; nothing leaks
+            raise
 
     def _validate(self, prompt_ids: list[int], params: SamplingParams) -> None:
         if not prompt_ids:

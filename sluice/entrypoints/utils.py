@@ -14,11 +14,12 @@ _request_ids = itertools.count()
 
 def add_sampling_args(parser: argparse.ArgumentParser, default_max_tokens: int = 128) -> None:
     group = parser.add_argument_group("sampling")
-    group.add_argument("--max-tokens", type=int, default=default_max_tokens, help="most tokens to generate")
-    group.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    group.add_argument("--top-p", type=float, default=1.0)
-    group.add_argument("--top-k", type=int, default=-1)
-    group.add_argument("--min-p", type=float, default=0.0)
+    group.add_argument("--max-tokens", type=int, default=default_max_tokens,
+                       help="most tokens to generate (default: %(default)s)")
+    group.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default: %(default)s)")
+    group.add_argument("--top-p", type=float, default=1.0, help="(default: %(default)s)")
+    group.add_argument("--top-k", type=int, default=-1, help="-1 = off (default: %(default)s)")
+    group.add_argument("--min-p", type=float, default=0.0, help="(default: %(default)s)")
     group.add_argument("--sampling-seed", type=int, default=None, help="seed of this request's sampling")
     group.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
     group.add_argument("--ignore-eos", action="store_true")
@@ -36,10 +37,20 @@ def configure_logging(level: int = logging.INFO) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
+def check_device_available(device: str) -> None:
+    """A one-line ValueError for --device cuda where torch has no CUDA (instead of torch's traceback)."""
+    if device == "cuda":
+        import torch
+        if not torch.cuda.is_available():
+            built = "a CPU-only build of torch" if torch.version.cuda is None else "no usable CUDA device"
+            raise ValueError(f"--device cuda, but this machine has {built}; use --device cpu (or auto)")
+
+
 def build_engine(args: argparse.Namespace):
     from sluice.engine.llm_engine import LLMEngine
 
     configure_logging()
+    check_device_available(args.device)
     return LLMEngine.from_engine_args(EngineArgs.from_cli_args(args))
 
 

@@ -67,7 +67,8 @@ def resolve_dtype(hf_config: Any, dtype_str: str, device_type: str) -> torch.dty
         if dtype_str not in _DTYPES:
             raise ValueError(f"dtype must be one of auto, {', '.join(_DTYPES)}, got {dtype_str!r}")
         return _DTYPES[dtype_str]
-    checkpoint_dtype = getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None)
+    # vars(): transformers 5 warns on every read of the deprecated torch_dtype attribute, so read the stored one
+    checkpoint_dtype = getattr(hf_config, "dtype", None) or vars(hf_config).get("torch_dtype")
     if isinstance(checkpoint_dtype, str):
         checkpoint_dtype = _DTYPES.get(checkpoint_dtype.removeprefix("torch."))
     if checkpoint_dtype not in _DTYPES.values():
@@ -98,6 +99,6 @@ def build_model(hf_config: Any, dtype: torch.dtype, device: torch.device | str, 
     elif weights is None:
         raise ValueError(f"load_format {load_format!r} needs a weights iterator (only 'dummy' loads without one)")
     else:
-        progress = tqdm(weights, desc="Loading weights", unit="tensor", disable=not sys.stderr.isatty())
+        progress = tqdm(weights, desc="Loading weights", unit=" tensors", disable=not sys.stderr.isatty())
         model.load_weights(progress)
     return model.eval()

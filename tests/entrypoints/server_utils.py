@@ -26,11 +26,12 @@ class RemoteServer:
     """Starts the server, waits for /health, and stops it (SIGKILL as a last resort)."""
 
     def __init__(self, model: str | Path, extra_args: list[str], api_key: str | None = None,
-                 env: dict[str, str] | None = None, startup_timeout: float = 120.0) -> None:
+                 env: dict[str, str] | None = None, startup_timeout: float = 120.0, model_as_flag: bool = False) -> None:
         self.port = free_port()
         self.api_key = api_key
         self.base_url = f"http://127.0.0.1:{self.port}"
-        args = [sys.executable, "-m", "sluice.entrypoints.cli", "serve", str(model), "--host", "127.0.0.1",
+        model_args = ["--model", str(model)] if model_as_flag else [str(model)]  # vllm serve accepts both
+        args = [sys.executable, "-m", "sluice.entrypoints.cli", "serve", *model_args, "--host", "127.0.0.1",
                 "--port", str(self.port), "--device", "cpu", "--disable-uvicorn-access-log", *extra_args]
         if api_key:
             args += ["--api-key", api_key]

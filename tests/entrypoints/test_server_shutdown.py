@@ -26,12 +26,14 @@ class StreamingRequest(threading.Thread):
         self.server, self.max_tokens = server, max_tokens
         self.started = threading.Event()
         self.events: list[dict] = []
+        self.done = False  # the stream ended with [DONE]
 
     def run(self) -> None:
         body = {"prompt": "drain me", "max_tokens": self.max_tokens, "ignore_eos": True, "stream": True,
                 "stream_options": {"include_usage": True}}
         with httpx.stream("POST", self.server.url("/v1/completions"), json=body, timeout=120) as r:
             for line in r.iter_lines():
+                self.done = self.done or line == "data: [DONE]"
                 if line.startswith("data: ") and line != "data: [DONE]":
                     self.events.append(json.loads(line[len("data: "):]))
                     self.started.set()
@@ -113,5 +115,25 @@ def test_requests_still_running_at_the_shutdown_timeout_are_aborted_and_exit_is_
             request.join(30)
         errors = [e["error"] for r in requests for e in r.events if "error" in e]
         assert errors and all(e["code"] == "aborted" for e in errors)
+    finally:
+        server.stop()
+
+
+def test_a_second_signal_ends_every_stream_with_an_error_and_done_and_exits_at_once(model_path):
+    server = RemoteServer(model_path, ["--max-model-len", "512", "--num-kv-blocks", "128", "--max-num-seqs", "1",
+                                       "--shutdown-timeout", "60"])
+    try:
+        requests = [StreamingRequest(server, max_tokens=500) for _ in range(3)]
+        start_in_flight(server, requests)
+        server.send_signal()
+        time.sleep(0.3)
+        signalled = time.monotonic()
+        server.send_signal()
+        assert server.proc.wait(30) == 0
+        assert time.monotonic() - signalled < 5  # not the 60 s drain, nor uvicorn's graceful wait
+        for request in requests:
+            request.join(30)
+            assert request.done and "error" in request.events[-1], request.events[-1:]
+        assert "CancelledError" not in server.log()
     finally:
         server.stop()

@@ -2,11 +2,11 @@
 
     sluice serve path/to/model --port 8000 --api-key sk-... --served-model-name my-model
 
-Routes: /v1/completions, /v1/chat/completions, /v1/models, /tokenize, /detokenize,
-/health, /version, /metrics. Graceful shutdown: the first SIGTERM/SIGINT starts a drain
+Routes: /v1/completions, /v1/chat/completions, /v1/models, /v1/models/{id}, /tokenize, /detokenize,
+/health, /ping, /version, /metrics, /docs. Graceful shutdown: the first SIGTERM/SIGINT starts a drain
 (new requests get 503, /health turns 503), in-flight requests get up to
 ``--shutdown-timeout`` seconds, the rest are aborted, and the process exits 0. A second
-signal exits at once.
+signal aborts every request at once (each stream ends with an error event and ``[DONE]``) and exits.
 
 Process split (``--process-split``, the default; ``--no-process-split`` keeps the core on a thread): the
 EngineCore (scheduler + model runner) runs in its own process (engine/core_proc.py) and this process keeps HTTP,
@@ -18,7 +18,9 @@ one engine core, on one port (api_server_pool.py).
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+import math
 import os
 import resource
 import socket
@@ -30,6 +32,7 @@ from typing import Any
 
 import uvicorn
 from fastapi import FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
 
 from sluice import __version__
@@ -40,17 +43,21 @@ from sluice.entrypoints.openai.errors import OpenAIError, install_exception_hand
 from sluice.entrypoints.openai.middleware import ServerGuard
 from sluice.entrypoints.openai.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
                                                 TokenizeRequest)
-from sluice.entrypoints.openai.sampling import ServingLimits
+from sluice.entrypoints.openai.sampling import ServingLimits, generation_config_defaults, prompt_chars_limit
 from sluice.entrypoints.openai.serving_completion import OpenAIServingCompletion
 from sluice.entrypoints.openai.serving_engine import ServingConfig
 from sluice.entrypoints.openai.serving_models import OpenAIServingModels
 from sluice.engine.stats import LoggingStatLogger
+from sluice.entrypoints.utils import check_device_available
+from sluice.tokenizer import get_chat_template
 from sluice.metrics import METRICS_CONTENT_TYPE, PrometheusStatLogger
 
 logger = logging.getLogger("sluice.server")
 
 DEAD_ENGINE_GRACE_S = 1.0  # a dead engine's server keeps answering 503 this long (health checks see it), then exits
 EXIT_ENGINE_DEAD = 1
+FORCED_EXIT_FLUSH_S = 0.5  # after a second signal, aborted streams get this long to send their error and [DONE]
+TOKENIZER_POOL_WORKERS = 4  # one slow render or tokenization occupies one worker, not every request's
 
 
 @dataclass
@@ -64,10 +71,13 @@ class ServerState:
 
 def build_app(engine: AsyncLLM, config: ServingConfig, metrics: PrometheusStatLogger,
               api_key: str | None = None, max_body_bytes: int = 10 * 2**20,
-              chat_template: str | None = None) -> tuple[FastAPI, ServerGuard, ServerState]:
-    """The ASGI app (wrapped in ServerGuard), the guard (for its in-flight count) and the shared state."""
+              chat_template: str | None = None, allowed_origins: list[str] | None = None,
+              root_path: str = "") -> tuple[FastAPI, ServerGuard, ServerState]:
+    """The ASGI app (wrapped in ServerGuard), the guard (for its in-flight count) and the shared state.
+
+    ``chat_template``: the server's template as Jinja text (a --chat-template file is read once, at start)."""
     state = ServerState(engine, metrics)
-    tokenizer_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sluice-tokenizer")
+    tokenizer_pool = ThreadPoolExecutor(max_workers=TOKENIZER_POOL_WORKERS, thread_name_prefix="sluice-tokenizer")
     completions = OpenAIServingCompletion(engine, config, tokenizer_pool)
     chat = OpenAIServingModels(engine, config, tokenizer_pool, default_chat_template=chat_template)
 
@@ -78,8 +88,11 @@ def build_app(engine: AsyncLLM, config: ServingConfig, metrics: PrometheusStatLo
         engine.shutdown()
         tokenizer_pool.shutdown(wait=False, cancel_futures=True)
 
-    app = FastAPI(title="sluice", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None)
+    app = FastAPI(title="sluice", version=__version__, lifespan=lifespan, docs_url="/docs", redoc_url=None,
+                  root_path=root_path)
     install_exception_handlers(app)
+    if allowed_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=allowed_origins, allow_methods=["*"], allow_headers=["*"])
 
     @app.post("/v1/completions")
     async def create_completion(request: CompletionRequest, raw_request: Request) -> Any:
@@ -92,6 +105,12 @@ def build_app(engine: AsyncLLM, config: ServingConfig, metrics: PrometheusStatLo
     @app.get("/v1/models")
     async def list_models() -> Any:
         return JSONResponse(chat.list_models().model_dump())
+
+    @app.get("/v1/models/{model_id:path}")
+    async def retrieve_model(model_id: str) -> Any:
+        chat.model_name(model_id)  # 404 in OpenAI's shape for a model this server does not serve
+        card = next(c for c in chat.list_models().data if c.id == model_id)
+        return JSONResponse(card.model_dump())
 
     @app.post("/tokenize")
     async def tokenize(request: TokenizeRequest) -> Any:
@@ -109,6 +128,10 @@ def build_app(engine: AsyncLLM, config: ServingConfig, metrics: PrometheusStatLo
             return OpenAIError("the engine is dead", 503, code="engine_dead").response()
         return Response(status_code=200)
 
+    @app.api_route("/ping", methods=["GET", "POST"])
+    async def ping() -> Response:  # SageMaker's health route, as vLLM serves it
+        return await health()
+
     @app.get("/version")
     async def version() -> Any:
         return {"version": __version__}
@@ -117,7 +140,7 @@ def build_app(engine: AsyncLLM, config: ServingConfig, metrics: PrometheusStatLo
     async def metrics_endpoint() -> Response:
         return Response(metrics.render(), media_type=METRICS_CONTENT_TYPE)
 
-    guard = ServerGuard(app, api_key, max_body_bytes, is_draining=lambda: state.draining)
+    guard = ServerGuard(app, api_key, max_body_bytes, is_draining=lambda: state.draining, root_path=root_path)
     return app, guard, state
 
 
@@ -130,13 +153,15 @@ class DrainingServer(uvicorn.Server):
         self.state, self.guard, self.shutdown_timeout = state, guard, shutdown_timeout
         self._drain_deadline = 0.0
         self._engine_dead_since: float | None = None
+        self._forced_exit_at: float | None = None
         self.exit_code = 0
 
     def handle_exit(self, sig: int, frame: Any) -> None:
         # Runs in the signal handler: only flips flags; on_tick does the work. Unlike uvicorn's own
         # handler it does not re-raise the signal afterwards, so a drained server exits 0.
         if self.state.draining:
-            self.should_exit = True  # second signal: stop waiting
+            if self._forced_exit_at is None:
+                self._forced_exit_at = time.monotonic() + FORCED_EXIT_FLUSH_S  # second signal: stop waiting
             return
         self.state.draining = True
         self._drain_deadline = time.monotonic() + self.shutdown_timeout
@@ -144,12 +169,25 @@ class DrainingServer(uvicorn.Server):
     async def on_tick(self, counter: int) -> bool:
         if self.state.engine.errored and not self.should_exit:
             self._exit_after_engine_death()
-        if self.state.draining and not self.should_exit:
+        if self._forced_exit_at is not None and self._forced_exit_at != math.inf:
+            self._force_exit()
+        elif self.state.draining and not self.should_exit:
             if self.guard.num_in_flight == 0 or time.monotonic() >= self._drain_deadline:
                 num_aborted = self.state.engine.abort_all("the server is shutting down")
                 logger.info("drain finished; %d request(s) aborted", num_aborted)
                 self.should_exit = True
         return await super().on_tick(counter)
+
+    def _force_exit(self) -> None:
+        """Second signal: every stream ends now with an error event and [DONE]; exit once they are sent (or after
+        FORCED_EXIT_FLUSH_S). Not uvicorn's force_exit, which skips the lifespan shutdown (the engine core would
+        be left waiting): the graceful wait for connections is only cut to the flush time."""
+        if self.state.engine.num_in_flight:
+            logger.info("second signal: %d request(s) aborted", self.state.engine.abort_all("the server was stopped"))
+        if self.guard.num_in_flight == 0 or time.monotonic() >= self._forced_exit_at:
+            self.config.timeout_graceful_shutdown = FORCED_EXIT_FLUSH_S
+            self.should_exit = True
+            self._forced_exit_at = math.inf  # done: on_tick stops calling this
 
     def _exit_after_engine_death(self) -> None:
         now = time.monotonic()
@@ -167,12 +205,27 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                                    description="Serve a model over the OpenAI API (completions, chat, models).")
     parser.add_argument("model", nargs="?", default=None, help=EngineArgs._HELP["model"])
     EngineArgs.add_cli_args(parser, model_positional=True)
+    parser.add_argument("--model", dest="model_flag", default=None, help="the model, as a flag (as vllm serve "
+                        "accepts it); same as the positional argument")
     server = parser.add_argument_group("server")
     server.add_argument("--host", default="0.0.0.0", help="address to bind")
     server.add_argument("--port", type=int, default=8000)
     server.add_argument("--api-key", default=os.environ.get("SLUICE_API_KEY"),
-                        help="require 'Authorization: Bearer KEY' on /v1 routes (default: $SLUICE_API_KEY)")
+                        help="require 'Authorization: Bearer KEY' on every route except /health, /ping, /metrics, "
+                             "/version, /docs and /openapi.json (default: $SLUICE_API_KEY; an empty key is an error)")
     server.add_argument("--chat-template", default=None, help="chat template (Jinja text or file) overriding the model's")
+    server.add_argument("--trust-request-chat-template", action="store_true",
+                        help="let requests send their own chat_template (Jinja text; refused with 400 otherwise)")
+    server.add_argument("--root-path", default="", help="path prefix when behind a proxy that strips it (ASGI root_path)")
+    server.add_argument("--ssl-keyfile", default=None, help="TLS private key file (serve https)")
+    server.add_argument("--ssl-certfile", default=None, help="TLS certificate file (serve https)")
+    server.add_argument("--allowed-origins", type=json.loads, default=None,
+                        help='CORS origins as a JSON list, e.g. \'["*"]\' (default: no CORS headers)')
+    server.add_argument("--generation-config", default="auto",
+                        help="defaults for sampling fields a request leaves out: 'auto' reads the model folder's "
+                             "generation_config.json, 'vllm' ignores it, or a folder holding one (default: auto)")
+    server.add_argument("--trust-remote-code", action="store_true",
+                        help="accepted for vLLM compatibility; sluice never runs code from a model folder")
     server.add_argument("--enable-log-requests", action="store_true", help="log every request's prompt and params")
     server.add_argument("--max-log-len", type=int, default=None,
                         help="characters of prompt and prompt token ids to log (default: all)")
@@ -221,6 +274,22 @@ def raise_open_files_limit(target: int = 65536) -> None:
 
 
 def validate_server_args(args: argparse.Namespace) -> None:
+    model_flag = getattr(args, "model_flag", None)
+    if model_flag is not None:
+        if args.model is not None and args.model != model_flag:
+            raise ValueError(f"two models given: {args.model!r} and --model {model_flag!r}")
+        args.model = model_flag
+    if args.api_key is not None and not args.api_key.strip():
+        raise ValueError("--api-key (or $SLUICE_API_KEY) is empty: give a key, or leave it unset to serve without one")
+    if (args.ssl_keyfile is None) != (args.ssl_certfile is None):
+        raise ValueError("--ssl-keyfile and --ssl-certfile go together")
+    if args.allowed_origins is not None and not (isinstance(args.allowed_origins, list)
+                                                 and all(isinstance(o, str) for o in args.allowed_origins)):
+        raise ValueError("--allowed-origins must be a JSON list of strings")
+    if args.trust_remote_code:
+        logger.warning("--trust-remote-code has no effect: sluice runs only its own model code, never code "
+                       "from a model folder")
+    check_device_available(args.device)
     if args.max_n < 1 or (args.max_num_queued_reqs is not None and args.max_num_queued_reqs < 0):
         raise ValueError("--max-n must be at least 1 and --max-num-queued-reqs non-negative")
     if args.api_server_count < 1:
@@ -253,14 +322,23 @@ def serve(args: argparse.Namespace, engine_args: EngineArgs, engine: AsyncLLM, m
     model_config = engine.model_config
     limits = ServingLimits(max_model_len=model_config.max_model_len, vocab_size=model_config.vocab_size,
                            max_n=args.max_n, max_logprobs=engine_args.max_logprobs,
-                           priority_scheduling=engine_args.scheduling_policy == "priority")
+                           priority_scheduling=engine_args.scheduling_policy == "priority",
+                           max_prompt_chars=prompt_chars_limit(model_config.max_model_len,
+                                                               engine.tokenizer.get_vocab()),
+                           sampling_defaults=generation_config_defaults(args.generation_config, model_config.model))
+    if limits.sampling_defaults:
+        logger.info("sampling defaults from generation_config.json: %s (--generation-config vllm ignores them)",
+                    limits.sampling_defaults)
     config = ServingConfig([model_config.served_model_name], limits, args.enable_log_requests, args.max_log_len,
-                           api_server_index=api_server_index)
+                           api_server_index=api_server_index,
+                           trust_request_chat_template=args.trust_request_chat_template)
+    chat_template = get_chat_template(engine.tokenizer, args.chat_template) if args.chat_template else None
     _, guard, state = build_app(engine, config, metrics, args.api_key, args.max_request_body_bytes,
-                                args.chat_template)
+                                chat_template, args.allowed_origins, args.root_path)
     uvicorn_config = uvicorn.Config(guard, host=args.host, port=args.port, log_level=args.uvicorn_log_level,
                                     access_log=not args.disable_uvicorn_access_log, timeout_graceful_shutdown=5,
-                                    lifespan="on")
+                                    lifespan="on", root_path=args.root_path, ssl_keyfile=args.ssl_keyfile,
+                                    ssl_certfile=args.ssl_certfile)
     logger.info("serving %s as %r on http://%s:%d", model_config.model, model_config.served_model_name,
                 args.host, args.port)
     server = server_class(uvicorn_config, state, guard, args.shutdown_timeout)

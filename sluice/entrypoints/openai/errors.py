@@ -4,18 +4,21 @@
 
 Handlers here turn pydantic validation errors, malformed JSON, unknown routes, engine
 ValueErrors and unexpected exceptions into that shape with the right status code, so no
-client ever sees a bare 500 traceback for bad input.
+client ever sees a bare 500 traceback for bad input. A 500 says only "internal server error" and an
+error id; the exception itself goes to the server's log under that id (its text may hold paths, keys or
+the request's own data). Bodies are ASCII JSON, so no string can make the response itself fail.
 """
 from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
+import uuid
+from dataclasses import dataclass, field
 from http import HTTPStatus
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 logger = logging.getLogger(__name__)
@@ -25,6 +28,7 @@ _TYPE_BY_STATUS = {
     401: "invalid_request_error",
     404: "invalid_request_error",
     405: "invalid_request_error",
+    408: "invalid_request_error",
     413: "invalid_request_error",
     503: "service_unavailable_error",
 }
@@ -38,6 +42,7 @@ class OpenAIError(Exception):
     status: int = 400
     param: str | None = None
     code: str | None = None
+    headers: dict[str, str] | None = field(default=None, compare=False)  # e.g. Allow, Retry-After
 
     def __post_init__(self) -> None:
         super().__init__(self.message)
@@ -46,12 +51,23 @@ class OpenAIError(Exception):
         error_type = _TYPE_BY_STATUS.get(self.status, "server_error")
         return {"error": {"message": self.message, "type": error_type, "param": self.param, "code": self.code}}
 
-    def response(self) -> JSONResponse:
-        return JSONResponse(self.body(), status_code=self.status)
+    def body_bytes(self) -> bytes:
+        return json.dumps(self.body(), ensure_ascii=True).encode("ascii")
+
+    def response(self) -> Response:
+        return Response(self.body_bytes(), status_code=self.status, headers=self.headers,
+                        media_type="application/json")
 
     def sse_event(self) -> str:
         """The error as one server-sent event, for failures after a stream has started."""
-        return f"data: {json.dumps(self.body())}\n\n"
+        return f"data: {self.body_bytes().decode('ascii')}\n\n"
+
+
+def internal_error(exc: BaseException, where: str = "request") -> OpenAIError:
+    """A 500 that names no internals: the traceback is logged under the id the client sees."""
+    error_id = uuid.uuid4().hex[:12]
+    logger.error("internal error %s in %s", error_id, where, exc_info=exc)
+    return OpenAIError(f"internal server error (error id {error_id}; details are in the server log)", 500)
 
 
 def bad_request(message: str, param: str | None = None) -> OpenAIError:
@@ -82,18 +98,18 @@ def validation_error_to_openai(exc: RequestValidationError) -> OpenAIError:
 
 def install_exception_handlers(app: FastAPI) -> None:
     @app.exception_handler(OpenAIError)
-    async def _openai_error(_: Request, exc: OpenAIError) -> JSONResponse:
+    async def _openai_error(_: Request, exc: OpenAIError) -> Response:
         return exc.response()
 
     @app.exception_handler(RequestValidationError)
-    async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+    async def _validation_error(_: Request, exc: RequestValidationError) -> Response:
         return validation_error_to_openai(exc).response()
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return OpenAIError(str(exc.detail), exc.status_code).response()
+    async def _http_error(_: Request, exc: StarletteHTTPException) -> Response:
+        # Starlette's headers carry what the status needs, e.g. Allow on a 405.
+        return OpenAIError(str(exc.detail), exc.status_code, headers=dict(exc.headers or {})).response()
 
     @app.exception_handler(Exception)
-    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
-        logger.exception("unhandled error")
-        return OpenAIError(f"internal server error: {type(exc).__name__}: {exc}", 500).response()
+    async def _unexpected(request: Request, exc: Exception) -> Response:
+        return internal_error(exc, request.url.path).response()

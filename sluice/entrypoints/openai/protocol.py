@@ -1,19 +1,56 @@
 """Pydantic models of the OpenAI protocol as sluice serves it (field names from OpenAI and vLLM).
 
 Requests forbid unknown fields: a parameter sluice does not know is a 400 naming it, never
-silently ignored. Known parameters that the engine cannot honour yet are checked in
-``sampling.py`` (they depend on what SamplingParams supports).
+silently ignored. Types are strict, as OpenAI's: ``"max_tokens": "4"`` or ``true`` is a 400, not 4 or 1.
+A string anywhere in a request (keys included) that holds a lone UTF-16 surrogate is a 400 before any
+handler runs: the tokenizer cannot encode it and the response could not echo it. Known parameters that the
+engine cannot honour yet are checked in ``sampling.py`` (they depend on what SamplingParams supports).
 """
 from __future__ import annotations
 
 import time
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, model_validator
 
 
 class OpenAIBaseModel(BaseModel):
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, strict=True)
+
+
+def find_lone_surrogate(value: Any) -> str | None:
+    """The path of the first string (or dict key) in ``value`` holding a lone surrogate, else None.
+
+    Iterative, so a deeply nested body costs no recursion."""
+    stack: list[tuple[str, Any]] = [("", value)]
+    while stack:
+        path, item = stack.pop()
+        if isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                return path or "body"
+        elif isinstance(item, dict):
+            for key, child in item.items():
+                stack.append((f"{path}.{key}" if path else str(key), key))
+                stack.append((f"{path}.{key}" if path else str(key), child))
+        elif isinstance(item, (list, tuple)):
+            stack.extend((f"{path}[{i}]", child) for i, child in enumerate(item))
+    return None
+
+
+class OpenAIRequest(OpenAIBaseModel):
+    """A request body: the surrogate check runs once, on the whole body."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _reject_lone_surrogates(cls, data: Any) -> Any:
+        path = find_lone_surrogate(data)
+        if path is not None:
+            # The path itself may hold the surrogate (a dict key): never echo it.
+            shown = path.encode("utf-8", "backslashreplace").decode("ascii", "backslashreplace")
+            raise ValueError(f"{shown} holds a lone UTF-16 surrogate, which is not valid Unicode text")
+        return data
 
 
 class StreamOptions(OpenAIBaseModel):
@@ -21,7 +58,7 @@ class StreamOptions(OpenAIBaseModel):
     continuous_usage_stats: bool = False
 
 
-class SamplingFields(OpenAIBaseModel):
+class SamplingFields(OpenAIRequest):
     """Fields shared by completions and chat completions."""
 
     model: str | None = None
@@ -210,7 +247,7 @@ class ModelList(BaseModel):
 
 
 # ---- tokenizer endpoints (vLLM's shapes) -----------------------------------------------------
-class TokenizeRequest(OpenAIBaseModel):
+class TokenizeRequest(OpenAIRequest):
     """Either ``prompt`` or chat ``messages`` (rendered with the chat template)."""
 
     model: str | None = None
@@ -226,7 +263,7 @@ class TokenizeResponse(BaseModel):
     tokens: list[int]
 
 
-class DetokenizeRequest(OpenAIBaseModel):
+class DetokenizeRequest(OpenAIRequest):
     model: str | None = None
     tokens: list[StrictInt]
 

@@ -8,6 +8,7 @@ not have a field yet (penalties, logit_bias, ...), asking for a non-default valu
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,13 +32,65 @@ _OPTIONAL_FIELDS = {
 
 @dataclass(frozen=True, slots=True)
 class ServingLimits:
-    """Caps applied before a request reaches the engine (a huge value is a 400, never a 500)."""
+    """Caps applied before a request reaches the engine (a huge value is a 400, never a 500).
+
+    Each bounds work that happens before the engine can refuse the request: a prompt's text is checked
+    against the most characters ``max_model_len`` tokens can spell before it is tokenized, and the lists
+    the engine scans at every step or every detokenized character (stop strings, bad words, logit_bias)
+    are capped, as OpenAI caps them, so one request cannot slow every stream."""
 
     max_model_len: int
     vocab_size: int
     max_n: int = 128
     max_logprobs: int = 20
     priority_scheduling: bool = False
+    max_prompt_chars: int | None = None  # None: no check before tokenizing (prompt_chars_limit computes one)
+    max_prompts: int = 256  # prompts in one completions request
+    max_stop_strings: int = 64
+    max_stop_string_chars: int = 1024
+    max_bad_words: int = 256
+    max_token_id_list: int = 1024  # logit_bias entries, stop_token_ids
+    # --generation-config: defaults for sampling fields a request leaves out (temperature, top_p, top_k, min_p,
+    # repetition_penalty), from the model's generation_config.json as vLLM takes them.
+    sampling_defaults: dict[str, float] | None = None
+
+
+GENERATION_CONFIG_FIELDS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
+
+
+def generation_config_defaults(source: str, model_path: str) -> dict[str, float]:
+    """vLLM's --generation-config: "vllm" ignores the model's file; "auto" reads it from the model folder; any
+    other value is a folder holding generation_config.json. Only the fields that differ from transformers'
+    defaults count (as vLLM's to_diff_dict), so a file that merely restates them changes nothing."""
+    import os
+    folder = model_path if source == "auto" else source
+    if source == "vllm" or not os.path.isfile(os.path.join(folder or "", "generation_config.json")):
+        if source not in ("auto", "vllm"):
+            raise ValueError(f"--generation-config: no generation_config.json in {source!r}")
+        return {}
+    from transformers import GenerationConfig
+    diff = GenerationConfig.from_pretrained(folder).to_diff_dict()
+    return {name: diff[name] for name in GENERATION_CONFIG_FIELDS if diff.get(name) is not None}
+
+
+def prompt_chars_limit(max_model_len: int, vocab: Iterable[str]) -> int:
+    """The most characters a prompt of ``max_model_len`` tokens can hold: no token spells more characters than
+    its own vocabulary string has (byte-level BPE writes one character per byte; SentencePiece's word mark
+    stands for one space), doubled for normalizers that fold two characters into one (NFKC)."""
+    longest = max((len(token) for token in vocab), default=1)
+    return 2 * max_model_len * max(longest, 1)
+
+
+def check_prompt_chars(text: str, limits: ServingLimits, param: str = "prompt") -> None:
+    """400 before tokenizing when the text cannot fit max_model_len tokens anyway."""
+    if limits.max_prompt_chars is not None and len(text) > limits.max_prompt_chars:
+        raise bad_request(f"the prompt is {len(text)} characters long, more than {limits.max_model_len} tokens "
+                          f"(the maximum context length) can hold; please shorten it", param)
+
+
+def _check_count(values: Any, cap: int, param: str, what: str) -> None:
+    if values is not None and len(values) > cap:
+        raise bad_request(f"{param} has {len(values)} {what}; at most {cap} are allowed", param)
 
 
 def sampling_param_names() -> set[str]:
@@ -74,9 +127,16 @@ def check_common(request: SamplingFields, limits: ServingLimits) -> None:
         raise bad_request("priority must fit in a signed 64-bit integer", "priority")
     if request.stream_options is not None and not request.stream:
         raise bad_request("stream_options is only allowed when stream is true", "stream_options")
-    if request.stream_options is not None and request.stream_options.continuous_usage_stats:
-        raise bad_request("stream_options.continuous_usage_stats is not supported by sluice",
-                          "stream_options.continuous_usage_stats")
+    stop = [request.stop] if isinstance(request.stop, str) else request.stop
+    _check_count(stop, limits.max_stop_strings, "stop", "strings")
+    if any(len(text) > limits.max_stop_string_chars for text in stop or []):
+        raise bad_request(f"stop strings may be at most {limits.max_stop_string_chars} characters long", "stop")
+    _check_count(request.bad_words, limits.max_bad_words, "bad_words", "words")
+    if any(len(word) > limits.max_stop_string_chars for word in request.bad_words or []):
+        raise bad_request(f"bad words may be at most {limits.max_stop_string_chars} characters long", "bad_words")
+    _check_count(request.logit_bias, limits.max_token_id_list, "logit_bias", "entries")
+    _check_count(request.stop_token_ids, limits.max_token_id_list, "stop_token_ids", "token ids")
+    _check_count(request.allowed_token_ids, limits.vocab_size, "allowed_token_ids", "token ids")
     if any(not 0 <= t < limits.vocab_size for t in request.stop_token_ids or []):
         raise bad_request(f"stop_token_ids must be token ids below the vocab size {limits.vocab_size}",
                           "stop_token_ids")
@@ -126,15 +186,21 @@ def build_sampling_params(request: SamplingFields, *, max_tokens: int, logprobs:
                           prompt_logprobs: int | None, limits: ServingLimits) -> SamplingParams:
     """The SamplingParams for one prompt of ``request`` (after check_common)."""
     known = sampling_param_names()
-    top_k = request.top_k if request.top_k is not None else -1
+    defaults = limits.sampling_defaults or {}
+
+    def value_or_default(name: str, off: float) -> Any:
+        value = getattr(request, name)
+        return value if value is not None else defaults.get(name, off)
+
+    top_k = value_or_default("top_k", -1)
     if top_k >= limits.vocab_size:
         top_k = -1  # keeping every token is what "no top-k" means
     kwargs: dict[str, Any] = dict(
         n=request.n,
-        temperature=1.0 if request.temperature is None else request.temperature,
-        top_p=1.0 if request.top_p is None else request.top_p,
+        temperature=value_or_default("temperature", 1.0),
+        top_p=value_or_default("top_p", 1.0),
         top_k=top_k,
-        min_p=0.0 if request.min_p is None else request.min_p,
+        min_p=value_or_default("min_p", 0.0),
         seed=request.seed,
         max_tokens=max_tokens,
         min_tokens=request.min_tokens,
@@ -148,6 +214,8 @@ def build_sampling_params(request: SamplingFields, *, max_tokens: int, logprobs:
     )
     for name, (param_name, off) in _OPTIONAL_FIELDS.items():
         value = getattr(request, name)
+        if value is None and name in defaults:
+            value = defaults[name]
         if value is not None and value != off and param_name in known:
             kwargs[param_name] = _logit_bias(value, limits) if name == "logit_bias" else value
     for name, value in (("logprobs", logprobs), ("prompt_logprobs", prompt_logprobs)):

@@ -20,9 +20,10 @@ from sluice.entrypoints.openai.protocol import (ChatChoice, ChatChoiceLogprobs, 
 from sluice.entrypoints.openai.sampling import (build_sampling_params, check_chat_only, check_common,
                                                 check_context_length, check_logprobs)
 from sluice.entrypoints.openai.serving_engine import (SSE_DONE, EnginePrompt, OpenAIServing, cancel_on_disconnect,
-                                                      engine_error_to_openai, merge_streams, random_id, sse,
-                                                      usage_chunk)
+                                                      continuous_usage, engine_error_to_openai, merge_streams,
+                                                      random_id, sse, usage_chunk)
 from sluice.outputs import CompletionOutput, RequestOutput
+from sluice.tokenizer import check_template_kwargs, render_chat
 
 
 class OpenAIServingChat(OpenAIServing):
@@ -31,8 +32,8 @@ class OpenAIServingChat(OpenAIServing):
         check_common(request, self.limits)
         check_chat_only(request)
         num_top = self._num_top_logprobs(request)
-        prompt = EnginePrompt(None, await self.render_chat(request.messages, request.add_generation_prompt,
-                                                           request.chat_template, request.chat_template_kwargs))
+        prompt = EnginePrompt(None, await cancel_on_disconnect(raw_request, self.render_chat(
+            request.messages, request.add_generation_prompt, request.chat_template, request.chat_template_kwargs)))
         max_tokens = request.max_completion_tokens if request.max_completion_tokens is not None \
             else request.max_tokens
         params = build_sampling_params(
@@ -54,20 +55,27 @@ class OpenAIServingChat(OpenAIServing):
 
     async def render_chat(self, messages: list[ChatMessage], add_generation_prompt: bool,
                           chat_template: str | None, template_kwargs: dict[str, Any] | None) -> list[int]:
-        """Chat template -> token ids, in the tokenizer pool; template failures are 400s."""
+        """Chat template -> text -> token ids, in the tokenizer pool; template failures are 400s.
+
+        A request's ``chat_template`` is Jinja text, never a path, and only with --trust-request-chat-template
+        (a template runs code in the sandbox, and costs what it likes to render)."""
+        if chat_template is not None and not self.config.trust_request_chat_template:
+            raise bad_request("chat_template in a request is refused: this server uses its own template (start "
+                              "it with --trust-request-chat-template to allow request templates)", "chat_template")
         conversation = [{"role": m.role, "content": m.text()} for m in messages]
-        render = self.engine.apply_chat_template
-        chat_template = (chat_template or self.default_chat_template
-                         or getattr(self.engine.tokenizer, "chat_template", None))
+        tokenizer = self.engine.tokenizer
         try:
-            return await self.run_in_tokenizer_pool(render, conversation, add_generation_prompt=add_generation_prompt,
-                                                    chat_template=chat_template, **(template_kwargs or {}))
+            check_template_kwargs(tokenizer, template_kwargs or {})  # before they meet render_chat's own arguments
+            text = await self.run_in_tokenizer_pool(
+                render_chat, tokenizer, conversation, chat_template or self.default_chat_template,
+                add_generation_prompt, **(template_kwargs or {}))
         except (ValueError, TypeError) as e:
             raise bad_request(f"could not apply the chat template: {e}", "messages") from None
-        except Exception as e:  # noqa: BLE001 - jinja2 errors from a user-supplied template
+        except Exception as e:  # noqa: BLE001 - jinja2 errors from the template (user-supplied or the model's)
             if type(e).__module__.startswith("jinja2"):
                 raise bad_request(f"chat template error: {e}", "chat_template") from None
             raise
+        return await self.encode(text, add_special_tokens=False, param="messages")
 
     def _logprobs(self, completion: CompletionOutput, num_top: int | None) -> ChatChoiceLogprobs | None:
         if num_top is None:
@@ -89,10 +97,14 @@ class OpenAIServingChat(OpenAIServing):
         chunk = ChatCompletionStreamResponse(id=request_id, model=model, choices=[])
         finished: set[int] = set()
         num_generated = 0
+
+        def usage() -> UsageInfo:
+            return UsageInfo.of(len(prompt.token_ids), num_generated)
+
         try:
             for index in range(request.n):
                 role = ChatStreamChoice(index=index, delta=DeltaMessage(role="assistant", content=""))
-                yield sse(chunk.model_copy(update={"choices": [role]}))
+                yield sse(chunk.model_copy(update={"choices": [role], "usage": continuous_usage(request, usage)}))
             async for _, output in merge_streams([stream]):
                 for c in output.outputs:
                     if c.index in finished or not (c.text or c.token_ids or c.finish_reason):
@@ -103,8 +115,8 @@ class OpenAIServingChat(OpenAIServing):
                     choice = ChatStreamChoice(index=c.index, delta=DeltaMessage(content=c.text),
                                               logprobs=self._logprobs(c, num_top),
                                               finish_reason=c.finish_reason, stop_reason=c.stop_reason)
-                    yield sse(chunk.model_copy(update={"choices": [choice]}))
-            final = usage_chunk(request, chunk, lambda: UsageInfo.of(len(prompt.token_ids), num_generated))
+                    yield sse(chunk.model_copy(update={"choices": [choice], "usage": continuous_usage(request, usage)}))
+            final = usage_chunk(request, chunk, usage)
             if final is not None:
                 yield final
         except Exception as e:  # noqa: BLE001 - after the 200 went out, errors travel as an event

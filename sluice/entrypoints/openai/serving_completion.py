@@ -18,8 +18,9 @@ from sluice.entrypoints.openai.protocol import (CompletionChoice, CompletionLogp
 from sluice.entrypoints.openai.sampling import (build_sampling_params, check_common, check_context_length,
                                                 check_logprobs)
 from sluice.entrypoints.openai.serving_engine import (SSE_DONE, ChoiceState, EnginePrompt, OpenAIServing,
-                                                      cancel_on_disconnect, engine_error_to_openai,
-                                                      merge_streams, random_id, sse, usage_chunk)
+                                                      cancel_on_disconnect, continuous_usage,
+                                                      engine_error_to_openai, merge_streams, random_id, sse,
+                                                      usage_chunk)
 from sluice.outputs import CompletionOutput, RequestOutput
 
 
@@ -30,7 +31,7 @@ class OpenAIServingCompletion(OpenAIServing):
         check_logprobs(request.logprobs, self.limits, "logprobs")
         if request.best_of is not None and request.best_of != request.n:
             raise bad_request("best_of other than n is not supported by sluice", "best_of")
-        prompts = await self._engine_prompts(request.prompt, need_text=request.echo)
+        prompts = await cancel_on_disconnect(raw_request, self._engine_prompts(request.prompt, need_text=request.echo))
         echo_logprobs = request.logprobs if request.echo else None
         params = [build_sampling_params(
             request, max_tokens=check_context_length(len(p.token_ids), request.max_tokens, self.limits),
@@ -50,6 +51,9 @@ class OpenAIServingCompletion(OpenAIServing):
             prompt = [prompt]
         if not prompt:
             raise bad_request("prompt must not be empty", "prompt")
+        if len(prompt) > self.limits.max_prompts:
+            raise bad_request(f"a request may hold at most {self.limits.max_prompts} prompts, got {len(prompt)}",
+                              "prompt")
         prompts = []
         for item in prompt:
             if isinstance(item, str):
@@ -108,6 +112,10 @@ class OpenAIServingCompletion(OpenAIServing):
                       streams: list[RequestStream]) -> AsyncIterator[str]:
         states: dict[int, ChoiceState] = {}
         chunk = CompletionResponse(id=request_id, model=model, choices=[])
+
+        def usage() -> UsageInfo:
+            return UsageInfo.of(sum(len(p.token_ids) for p in prompts), sum(s.num_tokens for s in states.values()))
+
         try:
             async for i, output in merge_streams(streams):
                 for completion in output.outputs:
@@ -117,9 +125,9 @@ class OpenAIServingCompletion(OpenAIServing):
                         continue
                     choice = self._choice(request, prompts[i], output, completion, index, state)
                     if choice is not None:
-                        yield sse(chunk.model_copy(update={"choices": [choice]}))
-            final = usage_chunk(request, chunk, lambda: UsageInfo.of(
-                sum(len(p.token_ids) for p in prompts), sum(s.num_tokens for s in states.values())))
+                        yield sse(chunk.model_copy(update={"choices": [choice],
+                                                           "usage": continuous_usage(request, usage)}))
+            final = usage_chunk(request, chunk, usage)
             if final is not None:
                 yield final
         except Exception as e:  # noqa: BLE001 - after the 200 went out, errors travel as an event

@@ -21,11 +21,11 @@ from fastapi import Request
 from pydantic import BaseModel
 
 from sluice.engine.async_engine import (AsyncLLM, EngineDeadError, QueueFullError, RequestAbortedError,
-                                        RequestStream)
-from sluice.entrypoints.openai.errors import OpenAIError
+                                        RequestFailedError, RequestStream)
+from sluice.entrypoints.openai.errors import OpenAIError, internal_error
 from sluice.entrypoints.openai.protocol import (ChatChoiceLogprobs, ChatLogprobToken, ChatTopLogprob,
                                                 CompletionLogprobs, SamplingFields, UsageInfo)
-from sluice.entrypoints.openai.sampling import ServingLimits
+from sluice.entrypoints.openai.sampling import ServingLimits, check_prompt_chars
 from sluice.outputs import Logprob, RequestOutput
 from sluice.sampling_params import SamplingParams
 
@@ -40,6 +40,7 @@ class ServingConfig:
     enable_log_requests: bool = False
     max_log_len: int | None = None
     api_server_index: int | None = None  # set when several API server processes share one engine core
+    trust_request_chat_template: bool = False  # --trust-request-chat-template: requests may send a template
 
 
 @dataclass(slots=True)
@@ -63,18 +64,23 @@ class ChoiceState:
     finished: bool = False
 
 
+RETRY_AFTER_S = "1"  # a full queue drains in about a request's time: clients may come back soon
+
+
 def engine_error_to_openai(error: BaseException) -> OpenAIError:
     if isinstance(error, OpenAIError):
         return error
     if isinstance(error, ValueError):
         return OpenAIError(str(error), 400)
     if isinstance(error, QueueFullError):
-        return OpenAIError(str(error), 503, code="queue_full")
+        return OpenAIError(str(error), 503, code="queue_full", headers={"Retry-After": RETRY_AFTER_S})
     if isinstance(error, RequestAbortedError):
         return OpenAIError(f"request aborted: {error}", 503, code="aborted")
     if isinstance(error, EngineDeadError):
-        return OpenAIError(str(error), 503, code="engine_dead")
-    return OpenAIError(f"internal server error: {type(error).__name__}: {error}", 500)
+        return OpenAIError("the engine is dead; the server is restarting or shutting down", 503, code="engine_dead")
+    if isinstance(error, RequestFailedError):
+        return internal_error(error.__cause__ or error, str(error))
+    return internal_error(error)
 
 
 def sse(payload: BaseModel | dict) -> str:
@@ -91,6 +97,13 @@ def usage_chunk(request: SamplingFields, chunk: BaseModel, usage: Callable[[], U
     if request.stream_options is None or not request.stream_options.include_usage:
         return None
     return sse(chunk.model_copy(update={"choices": [], "usage": usage()}))
+
+
+def continuous_usage(request: SamplingFields, usage: Callable[[], UsageInfo]) -> UsageInfo | None:
+    """The usage so far, for every chunk of a stream with stream_options.continuous_usage_stats (vLLM's
+    extension, which GuideLLM always sends); None otherwise."""
+    options = request.stream_options
+    return usage() if options is not None and options.continuous_usage_stats else None
 
 
 def random_id(prefix: str, api_server_index: int | None = None) -> str:
@@ -124,7 +137,9 @@ class OpenAIServing:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._tokenizer_pool, lambda: fn(*args, **kwargs))
 
-    async def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+    async def encode(self, text: str, add_special_tokens: bool = True, param: str = "prompt") -> list[int]:
+        """Token ids of ``text``, in the pool; a text too long for max_model_len is a 400 before any work."""
+        check_prompt_chars(text, self.limits, param)
         tokenizer = self.engine.tokenizer
         return await self.run_in_tokenizer_pool(tokenizer.encode, text, add_special_tokens=add_special_tokens)
 
@@ -136,21 +151,16 @@ class OpenAIServing:
     # ---- engine requests -----------------------------------------------------------------------
     async def add_prompts(self, request_id: str, prompts: Sequence[EnginePrompt],
                           params: Sequence[SamplingParams], priority: int) -> list[RequestStream]:
-        """One engine request per prompt; all or none (a failure aborts those already added)."""
-        streams: list[RequestStream] = []
+        """One engine request per prompt, all added in the same engine turn; all or none."""
+        requests = []
+        for i, (prompt, prompt_params) in enumerate(zip(prompts, params)):
+            sub_id = request_id if len(prompts) == 1 else f"{request_id}-{i}"
+            self.log_request(sub_id, prompt, prompt_params)
+            requests.append((sub_id, prompt.as_engine_input(), prompt_params))
         try:
-            for i, (prompt, prompt_params) in enumerate(zip(prompts, params)):
-                sub_id = request_id if len(prompts) == 1 else f"{request_id}-{i}"
-                self.log_request(sub_id, prompt, prompt_params)
-                streams.append(await self.engine.add_request(sub_id, prompt.as_engine_input(), prompt_params,
-                                                             priority=priority))
-        except BaseException as e:
-            for stream in streams:
-                stream.close()
-            if isinstance(e, Exception):
-                raise engine_error_to_openai(e) from e
-            raise
-        return streams
+            return await self.engine.add_requests(requests, priority=priority)
+        except Exception as e:
+            raise engine_error_to_openai(e) from e
 
     def log_request(self, request_id: str, prompt: EnginePrompt, params: SamplingParams) -> None:
         if not self.config.enable_log_requests:
