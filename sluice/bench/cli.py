@@ -135,11 +135,10 @@ def run_throughput_benchmark(args: argparse.Namespace, model: ResolvedModel, pee
     from sluice.bench.datasets import generate_workload
     from sluice.bench.peers import PEER_RUNNERS, PeerConfig
     from sluice.bench.throughput import run_sluice
-    from sluice.models.model_config import ModelConfig
+    from sluice.config import create_engine_config
 
     engine_args = model.engine_args
-    engine_args.validate()
-    model_config = ModelConfig.from_engine_args(engine_args)
+    model_config = create_engine_config(engine_args).model
     requests = generate_workload(args.workload, model_config.vocab_size, args.num_prompts, engine_args.seed,
                                  model_config.max_model_len, args.length_scale)
     run_kwargs = dict(detokenize=not args.disable_detokenize, num_warmup=args.num_warmup_prompts,

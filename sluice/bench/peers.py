@@ -23,7 +23,7 @@ import torch
 
 from sluice.bench.datasets import BenchRequest
 from sluice.bench.throughput import ThroughputResult, free_device_memory
-from sluice.models.model_config import ModelConfig
+from sluice.config import ModelConfig
 
 logger = logging.getLogger(__name__)
 

@@ -38,17 +38,16 @@ import logging
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from sluice.config import CacheConfig, SchedulerConfig
+from sluice.config import POLICIES, CacheConfig, SchedulerConfig, kv_capped_max_model_len
 from sluice.core.interface import (
     CachedRequestData, EngineCoreOutput, LogprobsLists, ModelRunnerOutput, NewRequestData, SchedulerOutput,
 )
 from sluice.core.kv_cache_manager import KVCacheManager
 from sluice.core.request import Request, RequestStatus
-from sluice.engine.stats import SchedulerStats
+from sluice.stats import SchedulerStats
 
 logger = logging.getLogger(__name__)
 
-_POLICIES = ("fcfs", "priority")
 
 
 def _priority_key(request: Request) -> tuple[int, float]:
@@ -85,8 +84,8 @@ class _StepPlan:
 
 class Scheduler:
     def __init__(self, scheduler_config: SchedulerConfig, cache_config: CacheConfig) -> None:
-        if scheduler_config.policy not in _POLICIES:
-            raise ValueError(f"policy must be one of {', '.join(_POLICIES)}, got {scheduler_config.policy!r}")
+        if scheduler_config.policy not in POLICIES:
+            raise ValueError(f"policy must be one of {', '.join(POLICIES)}, got {scheduler_config.policy!r}")
         self.scheduler_config = scheduler_config
         self.cache_config = cache_config
         self.max_num_seqs = scheduler_config.max_num_seqs
@@ -94,12 +93,8 @@ class Scheduler:
         # A prompt chunk takes at most this many tokens per step, so that a long prompt's prefill
         # cannot stretch the steps every running request waits on (0: the budget is the limit).
         self.long_prefill_token_threshold = scheduler_config.long_prefill_token_threshold or self.max_num_batched_tokens
-        # A request longer than the whole KV cache could never run, even alone: cap lengths at its size.
-        kv_capacity = cache_config.num_blocks * cache_config.block_size
-        self.max_model_len = min(scheduler_config.max_model_len, kv_capacity)
-        if kv_capacity < scheduler_config.max_model_len:
-            logger.warning("The KV cache holds %d tokens, less than max_model_len=%d: requests stop at %d tokens",
-                           kv_capacity, scheduler_config.max_model_len, kv_capacity)
+        # EngineConfig.with_kv_cache has capped it already; a scheduler built by hand gets the same cap.
+        self.max_model_len = kv_capped_max_model_len(scheduler_config.max_model_len, cache_config)
         self.policy = scheduler_config.policy
         self.kv_cache_manager = KVCacheManager(
             cache_config.num_blocks, cache_config.block_size, cache_config.enable_prefix_caching)

@@ -25,16 +25,10 @@ from sluice.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, 
 from sluice.layers.norm import RMSNorm
 from sluice.layers.rotary import get_rope
 from sluice.layers.vocab import LMHead, VocabEmbedding
+from sluice.models.model_config import hf_head_dim as get_head_dim
+from sluice.models.model_config import hf_num_kv_heads as get_num_kv_heads
 
 logger = logging.getLogger(__name__)
-
-
-def get_head_dim(config: Any) -> int:
-    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-
-
-def get_num_kv_heads(config: Any) -> int:
-    return getattr(config, "num_key_value_heads", None) or config.num_attention_heads
 
 
 class LlamaAttention(nn.Module):

@@ -53,6 +53,12 @@ class FakeEngine:
         self._touch()
         return bool(self.remaining)
 
+    def check_health(self) -> None:
+        pass
+
+    def shutdown(self) -> None:
+        pass
+
     def step(self) -> list[RequestOutput]:
         self._touch()
         time.sleep(0.002)
