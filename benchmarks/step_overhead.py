@@ -1,4 +1,4 @@
-"""W6 (BENCHMARKS.md): how long the GPU idles in a decode step of 256 running L8 requests.
+"""W6 (docs/benchmarks.md): how long the GPU idles in a decode step of 256 running L8 requests.
 
     python benchmarks/step_overhead.py --out w6.json [--num-reqs 256] [--context 1024] [--steps 30]
 

@@ -1,4 +1,4 @@
-"""Where an offline run's time goes, step by step (W1..W4 of BENCHMARKS.md on L8).
+"""Where an offline run's time goes, step by step (W1..W4 of docs/benchmarks.md on L8).
 
     python benchmarks/step_profile.py --out w1_steps.json [--workload W1] [--num-prompts 1000] [engine flags]
 

@@ -28,7 +28,7 @@ from sluice.config import ModelConfig
 logger = logging.getLogger(__name__)
 
 PEERS = ("hf", "hf-cb")
-CB_ATTENTION = "paged|sdpa"  # BENCHMARKS.md; transformers >= 5.2x strips the "paged|" prefix with a warning
+CB_ATTENTION = "paged|sdpa"  # docs/benchmarks.md; transformers >= 5.2x strips the "paged|" prefix with a warning
 
 
 @dataclass(frozen=True, slots=True)
