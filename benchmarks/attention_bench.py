@@ -30,7 +30,7 @@ from sluice.attention.backend import AttentionMetadata  # noqa: E402
 from sluice.attention.triton_paged import (DECODE_CONFIG, MIXED_CONFIG, MOSTLY_DECODE_CONFIG,  # noqa: E402
                                            KernelConfig, TritonPagedBackend)
 
-HBM_COPY_TBPS = 3.0  # BENCHMARKS.md: measured device-to-device copy on the H100
+HBM_COPY_TBPS = 3.0  # docs/benchmarks.md: measured device-to-device copy on the H100
 LLAMA8B = dict(num_heads=32, num_kv_heads=8, head_dim=128, block_size=16)
 
 

@@ -68,7 +68,7 @@ def probe(llm: LLM, args: argparse.Namespace) -> dict:
     engine = llm.llm_engine
     core = engine.core
     manager = core.scheduler.kv_cache_manager
-    vocab = core.model_config.vocab_size
+    vocab = core.config.model.vocab_size
     rng = np.random.default_rng(0)
     params = SamplingParams(temperature=1.0, max_tokens=args.output_len, ignore_eos=True, detokenize=False)
     for i in range(args.num_reqs):
@@ -85,12 +85,12 @@ def probe(llm: LLM, args: argparse.Namespace) -> dict:
             max_blocks[request.request_id] = max(max_blocks.get(request.request_id, 0), live(request.request_id))
             context[request.request_id] = request.num_tokens
     elapsed = time.perf_counter() - start
-    block_size = core.cache_config.block_size
-    window = core.cache_config.sliding_window
-    layer_window = getattr(core.model_config.hf_config, "sliding_window", None)
+    block_size = core.config.cache.block_size
+    window = core.config.cache.sliding_window
+    layer_window = getattr(core.config.model.hf_config, "sliding_window", None)
     bound = None if window is None else -(-(window + args.max_num_batched_tokens) // block_size) + 1
     return dict(kv_sliding_window=window, layer_sliding_window=layer_window, block_size=block_size,
-                num_kv_blocks=core.cache_config.num_blocks, windowed_bound_blocks=bound,
+                num_kv_blocks=core.config.cache.num_blocks, windowed_bound_blocks=bound,
                 max_blocks_per_request=max_blocks, final_context_len=context,
                 blocks_for_full_context=-(-(args.prompt_len + args.output_len) // block_size),
                 steps=steps, seconds=round(elapsed, 2), output_tokens_per_s=round(output_tokens / elapsed, 1))

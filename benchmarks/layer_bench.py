@@ -2,7 +2,7 @@
 
     python benchmarks/layer_bench.py --out layers.json
 
-L8 (BENCHMARKS.md): hidden 4096, 32 heads and 8 KV heads of 128, intermediate 14336, bf16, llama3
+L8 (docs/benchmarks.md): hidden 4096, 32 heads and 8 KV heads of 128, intermediate 14336, bf16, llama3
 rope. For T = 256 (a decode step of 256 requests) and T = 8192 (a prefill step) it times each op
 two ways: ``eager`` (triton.testing.do_bench: one call per launch, L2 flushed, host launch cost
 included) and ``graph`` (triton.testing.do_bench_cudagraph: calls replayed from a CUDA graph, the
@@ -33,7 +33,7 @@ from sluice.layers.activation import SiluAndMul  # noqa: E402
 from sluice.layers.norm import RMSNorm  # noqa: E402
 from sluice.layers.rotary import RopeSettings, RotaryEmbedding  # noqa: E402
 
-HBM_COPY_TBPS = 3.0  # BENCHMARKS.md: measured device-to-device copy on the H100
+HBM_COPY_TBPS = 3.0  # docs/benchmarks.md: measured device-to-device copy on the H100
 L8 = dict(hidden=4096, num_heads=32, num_kv_heads=8, head_dim=128, intermediate=14336, num_layers=32, eps=1e-5)
 L8_ROPE = RopeSettings(rope_theta=500000.0, rope_type="llama3", factor=8.0, low_freq_factor=1.0,
                        high_freq_factor=4.0, original_max_position_embeddings=8192)

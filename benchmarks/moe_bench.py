@@ -10,7 +10,7 @@ triton.testing.do_bench_cudagraph (replayed from a CUDA graph, as decode steps r
     experts      fused_moe.fused_experts with the default tile config (and each config of the sweep)
     layer        the whole SparseMoeBlock: router matmul, softmax / top-k / renormalize, experts
 
-The roofline of a step is the bytes it must read at 3.0 TB/s (BENCHMARKS.md's measured H100 copy):
+The roofline of a step is the bytes it must read at 3.0 TB/s (docs/benchmarks.md's measured H100 copy):
 the weights of the experts the step's tokens actually hit (3 x 2048 x 768 x 2 bytes each) plus the
 router and the activations. ``fraction`` = roofline time / measured time (target: >= 0.6 at T = 256).
 Results are written after each token count, so a failure part way keeps what was measured.

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# W5 (BENCHMARKS.md) on one H100 with L8, and the server-overhead check of issue #7, in one device call (< 9 min).
+# W5 (docs/benchmarks.md) on one H100 with L8, and the server-overhead check of issue #7, in one device call (< 9 min).
 #
 #     OUT=/some/folder bash benchmarks/serve_h100.sh            # on the device, from the repository root
 #     SERVE_SMOKE=1 OUT=/tmp/w5 bash benchmarks/serve_h100.sh   # CPU rehearsal: tiny model, tiny numbers

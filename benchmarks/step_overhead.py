@@ -1,4 +1,4 @@
-"""W6 (BENCHMARKS.md): how long the GPU idles in a decode step of 256 running L8 requests.
+"""W6 (docs/benchmarks.md): how long the GPU idles in a decode step of 256 running L8 requests.
 
     python benchmarks/step_overhead.py --out w6.json [--num-reqs 256] [--context 1024] [--steps 30]
 
@@ -92,7 +92,7 @@ def time_steps(llm: LLM, num_steps: int) -> dict[str, float]:
             delattr(runner, name)
     in_runner = timers["launch"] + timers["collect"] + timers["execute"]
     return {"step_ms_median": 1e3 * float(np.median(walls)), "step_ms_mean": 1e3 * float(np.mean(walls)),
-            "async_scheduling": engine.core.scheduler_config.async_scheduling,
+            "async_scheduling": engine.config.scheduler.async_scheduling,
             "runner_launch_ms_mean": 1e3 * (timers["launch"] + timers["execute"]) / num_steps,
             "runner_collect_wait_ms_mean": 1e3 * timers["collect"] / num_steps,
             "host_outside_runner_ms_mean": 1e3 * (sum(walls) - in_runner) / num_steps}
@@ -155,7 +155,7 @@ def main() -> int:
         "num_reqs": args.num_reqs, "context": args.context, "startup_s": time.perf_counter() - start,
         "num_cuda_graphs": graphs.num_graphs if graphs is not None else 0,
         "graph_capture_s": graphs.capture_seconds if graphs is not None else None,
-        "num_kv_blocks": llm.llm_engine.core.cache_config.num_blocks,
+        "num_kv_blocks": llm.llm_engine.config.cache.num_blocks,
     }
     fill_with_decodes(llm, args)
     report["cuda_graphs"] = measure(llm, args)

@@ -1,4 +1,4 @@
-"""Where an offline run's time goes, step by step (W1..W4 of BENCHMARKS.md on L8).
+"""Where an offline run's time goes, step by step (W1..W4 of docs/benchmarks.md on L8).
 
     python benchmarks/step_profile.py --out w1_steps.json [--workload W1] [--num-prompts 1000] [engine flags]
 
@@ -53,8 +53,8 @@ from sluice.engine.llm_engine import LLMEngine  # noqa: E402
 def run(args: argparse.Namespace, engine_args: EngineArgs, compiles: CompileLog,
         gc_log: GcLog) -> tuple[list[dict], list[dict]]:
     engine = LLMEngine.from_engine_args(engine_args)
-    requests = generate_workload(args.workload, engine.core.model_config.hf_config.vocab_size, args.num_prompts,
-                                 max_model_len=engine.core.model_config.max_model_len)
+    requests = generate_workload(args.workload, engine.model_config.vocab_size, args.num_prompts,
+                                 max_model_len=engine.max_model_len)
     for i, req in enumerate(requests):
         params = SamplingParams(temperature=1.0, top_p=1.0, max_tokens=req.output_len, ignore_eos=True,
                                 detokenize=False)

@@ -118,9 +118,9 @@ class _BeamSearchInstance:
 def beam_search(engine, prompts: Sequence, params: BeamSearchParams, generate: GenerateFn) -> list[BeamSearchOutput]:
     """Beam search for each prompt; ``engine`` is the LLMEngine (tokenizer, limits), ``generate`` runs a batch."""
     width = params.beam_width
-    if 2 * width > engine.args.max_logprobs:
+    if 2 * width > engine.model_config.max_logprobs:
         raise ValueError(f"beam_width={width} needs logprobs={2 * width}, above max_logprobs="
-                         f"{engine.args.max_logprobs}: raise max_logprobs or lower beam_width")
+                         f"{engine.model_config.max_logprobs}: raise max_logprobs or lower beam_width")
     instances = [_start(engine, prompt, params) for prompt in prompts]
     step_params = SamplingParams(n=1, max_tokens=1, temperature=params.temperature, logprobs=2 * width,
                                  ignore_eos=True, detokenize=False)

@@ -1,27 +1,88 @@
-"""Every engine flag, defined once: EngineArgs feeds the CLI, ``LLM(...)`` and the server.
+"""Every engine flag, defined once, and the one resolved, frozen EngineConfig.
 
-``EngineArgs.add_cli_args`` turns the dataclass fields into vLLM-named flags
-(``max_num_seqs`` -> ``--max-num-seqs``); ``create_engine_config`` validates them and
-freezes them into the configs the engine parts read.
+    EngineArgs (CLI flags, LLM(...) kwargs)
+        -- create_engine_config(args) -->  EngineConfig          (once, before the engine core starts)
+                                             model:     ModelConfig      checkpoint, dtype, tokenizer, vocab
+                                             cache:     CacheConfig      block size, prefix caching, KV sizing
+                                             scheduler: SchedulerConfig  batch limits, policy, max_model_len
+                                             parallel:  ParallelConfig   tensor parallel size
+                                             device:    DeviceConfig     the device probe (type, name, memory)
+        -- the core sizes its KV cache --> config.with_kv_cache(num_blocks)   (cache.num_blocks set,
+                                             scheduler.max_model_len capped at the KV cache's capacity)
+
+Every default is decided in ``create_engine_config``, the device probe included (``probe_device``, which
+reads the GPU through NVML so the front-end process never opens a CUDA context). The engine core gets
+the resolved config and reports the numbers only it can know (KV blocks) in its ready message; the
+front end (LLMEngine, AsyncLLM, the server's limits) validates against the config the client hands back
+after that. Defaults that depend on the device live in ``BATCH_DEFAULTS``: the flags' help text, the
+resolution and the README's table (checked by tests/engine/test_config.py) all read them.
 """
 from __future__ import annotations
 
 import argparse
+import ctypes
 import dataclasses
+import os
 from dataclasses import dataclass
 from typing import Any
 
-_DTYPES = ("auto", "float32", "bfloat16", "float16")
-_LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy")
-_POLICIES = ("fcfs", "priority")
-_DEVICES = ("auto", "cpu", "cuda")
-_USAGE_CONTEXTS = ("llm", "server")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy")
+POLICIES = ("fcfs", "priority")
+DEVICES = ("auto", "cpu", "cuda")
+USAGE_CONTEXTS = ("llm", "server")
+DEFAULT_CPU_KV_CACHE_BYTES = 1 << 30
+LARGE_GPU_MIN_BYTES = 70 * 2**30
 
 
+# ---- defaults that depend on the device: written once ------------------------------------------------------
+@dataclass(frozen=True)
+class BatchDefaults:
+    """vLLM's batch defaults for one class of device."""
+    max_num_seqs: int
+    max_num_batched_tokens_offline: int  # LLM(...)
+    max_num_batched_tokens_served: int  # sluice serve
+
+
+BATCH_DEFAULTS = {
+    "large_gpu": BatchDefaults(1024, 16384, 8192),  # 70 GiB or more, not an A100
+    "gpu": BatchDefaults(256, 8192, 2048),
+    "cpu": BatchDefaults(256, 2048, 2048),  # shrunk to max_model_len (at least 512) for short contexts
+}
+_L, _G, _C = BATCH_DEFAULTS["large_gpu"], BATCH_DEFAULTS["gpu"], BATCH_DEFAULTS["cpu"]
+
+# What the README's engine-flag table says a default is, where the field's value alone does not say it.
+DEFAULT_DESCRIPTIONS = {
+    "model": "embedded SmolLM2-135M-Instruct",
+    "max_model_len": "model context",
+    "max_num_seqs": f"{_L.max_num_seqs} on GPUs of 70 GiB or more (not A100), else {_G.max_num_seqs}",
+    "max_num_batched_tokens": (f"{_L.max_num_batched_tokens_offline} offline / {_L.max_num_batched_tokens_served} "
+                               f"served on those GPUs; {_G.max_num_batched_tokens_offline} / "
+                               f"{_G.max_num_batched_tokens_served} on others; {_C.max_num_batched_tokens_offline} "
+                               "on CPU"),
+    "long_prefill_token_threshold": "0 (off)",
+    "async_scheduling": "on for CUDA",
+    "num_kv_blocks": "from memory",
+    "kv_cache_memory": f"{DEFAULT_CPU_KV_CACHE_BYTES // 2**30} GiB",
+}
+
+
+def default_description(name: str) -> str:
+    """An EngineArgs field's default as the README and ``--help`` state it."""
+    if name in DEFAULT_DESCRIPTIONS:
+        return DEFAULT_DESCRIPTIONS[name]
+    value = next(f.default for f in dataclasses.fields(EngineArgs) if f.name == name)
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    return str(value)
+
+
+# ---- the flags ---------------------------------------------------------------------------------------------
 @dataclass
 class EngineArgs:
     model: str | None = None
     tokenizer: str | None = None
+    skip_tokenizer_init: bool = False
     served_model_name: str | None = None
     dtype: str = "auto"
     seed: int = 0
@@ -34,8 +95,8 @@ class EngineArgs:
     kv_cache_memory: int | None = None  # bytes of KV cache on CPU; default 1 GiB
     num_kv_blocks: int | None = None  # overrides the size computed from memory (vLLM: num_gpu_blocks_override)
     swap_space: float = 0.0  # GiB of CPU memory for swapped-out KV blocks
-    max_num_seqs: int | None = None  # default: 1024 on GPUs with 70 GiB or more (not A100), else 256
-    max_num_batched_tokens: int | None = None
+    max_num_seqs: int | None = None  # default: BATCH_DEFAULTS
+    max_num_batched_tokens: int | None = None  # default: BATCH_DEFAULTS
     long_prefill_token_threshold: int = 0
     scheduling_policy: str = "fcfs"
     max_logprobs: int = 20
@@ -47,10 +108,11 @@ class EngineArgs:
     # Not a flag: who drives the engine ("llm": offline LLM, "server": the API server); picks batch defaults.
     usage_context: str = "llm"
 
-    # Help text per flag, shown by `sluice ... --help`.
+    # Help text per flag, shown by `sluice ... --help`; device-dependent defaults come from DEFAULT_DESCRIPTIONS.
     _HELP = {
         "model": "HF model folder (config.json + *.safetensors) or a .gguf file; default: the embedded SmolLM2-135M-Instruct",
         "tokenizer": "tokenizer folder, if not the model's",
+        "skip_tokenizer_init": "load no tokenizer: prompts are token ids, outputs carry token ids and empty text",
         "served_model_name": "model name reported by the API (default: the model path)",
         "dtype": "weights and activations dtype; auto = the checkpoint's dtype (float32 on CPU for float16 checkpoints)",
         "seed": "seed for dummy weights and for requests that give no seed",
@@ -63,9 +125,8 @@ class EngineArgs:
         "kv_cache_memory": "bytes of KV cache when running on the CPU",
         "num_kv_blocks": "number of KV blocks, overriding the memory-based size",
         "swap_space": "GiB of CPU memory for preempted requests' KV blocks (not supported yet: must be 0)",
-        "max_num_seqs": "most requests in one step (default 1024 on GPUs of 70 GiB or more except A100, else 256)",
-        "max_num_batched_tokens": "token budget of one step (default: 16384 offline / 8192 serving on GPUs of 70 GiB "
-                                  "or more except A100; 8192 / 2048 on other GPUs; 2048 on CPU)",
+        "max_num_seqs": f"most requests in one step (default {DEFAULT_DESCRIPTIONS['max_num_seqs']})",
+        "max_num_batched_tokens": f"token budget of one step (default: {DEFAULT_DESCRIPTIONS['max_num_batched_tokens']})",
         "long_prefill_token_threshold": "most tokens of one prompt per step, so long prompts do not stall "
                                         "running streams (0: only the step budget limits them)",
         "scheduling_policy": "fcfs or priority (lower value first)",
@@ -78,8 +139,7 @@ class EngineArgs:
                        "$OMP_NUM_THREADS, else the physical cores)",
     }
     _NOT_FLAGS = {"usage_context"}
-    _CHOICES = {"dtype": _DTYPES, "load_format": _LOAD_FORMATS,
-                "scheduling_policy": _POLICIES, "device": _DEVICES}
+    _CHOICES = {"dtype": DTYPES, "load_format": LOAD_FORMATS, "scheduling_policy": POLICIES, "device": DEVICES}
 
     @classmethod
     def add_cli_args(cls, parser: argparse.ArgumentParser, model_positional: bool = False) -> argparse.ArgumentParser:
@@ -109,18 +169,16 @@ class EngineArgs:
                 raise ValueError(f"{name} must be one of {', '.join(choices)}, got {getattr(self, name)!r}")
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
             raise ValueError(f"block_size must be a power of two, got {self.block_size}")
-        if self.usage_context not in _USAGE_CONTEXTS:
-            raise ValueError(f"usage_context must be one of {', '.join(_USAGE_CONTEXTS)}, got {self.usage_context!r}")
-        if self.max_num_seqs is not None and self.max_num_seqs < 1:
-            raise ValueError(f"max_num_seqs must be at least 1, got {self.max_num_seqs}")
+        if self.usage_context not in USAGE_CONTEXTS:
+            raise ValueError(f"usage_context must be one of {', '.join(USAGE_CONTEXTS)}, got {self.usage_context!r}")
+        for name in ("max_num_seqs", "max_num_batched_tokens", "num_kv_blocks", "max_model_len"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be at least 1, got {value}")
         if self.long_prefill_token_threshold < 0:
             raise ValueError(f"long_prefill_token_threshold must be 0 or more, got {self.long_prefill_token_threshold}")
-        if self.max_num_batched_tokens is not None and self.max_num_batched_tokens < 1:
-            raise ValueError(f"max_num_batched_tokens must be at least 1, got {self.max_num_batched_tokens}")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
-        if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
-            raise ValueError(f"num_kv_blocks must be at least 1, got {self.num_kv_blocks}")
         if self.swap_space < 0:
             raise ValueError(f"swap_space must be non-negative, got {self.swap_space}")
         if self.swap_space > 0:
@@ -141,6 +199,55 @@ def _flag_type(type_str: Any):
     return str
 
 
+# ---- the resolved sections -----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ModelConfig:
+    model: str  # resolved path
+    tokenizer: str
+    served_model_name: str
+    hf_config: Any  # transformers.PretrainedConfig
+    dtype: str  # "float32" | "bfloat16" | "float16"
+    device: str  # "cpu" | "cuda"
+    max_model_len: int  # as asked (or the model's context); the scheduler's may be capped by the KV cache
+    vocab_size: int
+    is_gguf: bool
+    load_format: str
+    seed: int
+    skip_tokenizer_init: bool = False
+    max_logprobs: int = 20
+    enforce_eager: bool = False
+    cpu_threads: int | None = None  # torch threads of the process running the model on the CPU
+
+    @property
+    def num_layers(self) -> int:
+        return self.hf_config.num_hidden_layers
+
+    @property
+    def num_attention_heads(self) -> int:
+        return self.hf_config.num_attention_heads
+
+    @property
+    def num_kv_heads(self) -> int:
+        from sluice.models.model_config import hf_num_kv_heads
+        return hf_num_kv_heads(self.hf_config)
+
+    @property
+    def head_dim(self) -> int:
+        from sluice.models.model_config import hf_head_dim
+        return hf_head_dim(self.hf_config)
+
+    @property
+    def context_length(self) -> int:
+        from sluice.models.model_config import hf_context_length
+        return hf_context_length(self.hf_config)
+
+    @property
+    def kv_sliding_window(self) -> int | None:
+        """The window the KV cache manager may free blocks behind: set only when every layer has one."""
+        from sluice.models.model_config import hf_kv_sliding_window
+        return hf_kv_sliding_window(self.hf_config)
+
+
 @dataclass(frozen=True)
 class SchedulerConfig:
     max_num_seqs: int
@@ -150,38 +257,185 @@ class SchedulerConfig:
     async_scheduling: bool = False
     long_prefill_token_threshold: int = 0
 
+    @property
+    def max_prefill_chunk(self) -> int:
+        """The most prompt tokens one request runs in a step (0 threshold: the budget is the limit)."""
+        return self.long_prefill_token_threshold or self.max_num_batched_tokens
+
 
 @dataclass(frozen=True)
 class CacheConfig:
     block_size: int
     enable_prefix_caching: bool
-    num_blocks: int  # decided once the model is loaded and memory measured
+    num_blocks: int | None  # None until the engine core has sized the KV cache (or --num-kv-blocks)
     swap_space_bytes: int = 0
     num_cpu_blocks: int = 0
     sliding_window: int | None = None  # every layer's window: the KV cache manager frees blocks behind it
+    gpu_memory_utilization: float = 0.9
+    kv_cache_memory_bytes: int = DEFAULT_CPU_KV_CACHE_BYTES  # the KV budget on the CPU
+
+    @property
+    def num_kv_tokens(self) -> int:
+        if self.num_blocks is None:
+            raise RuntimeError("the KV cache is not sized yet: use the config the engine core client reports")
+        return self.num_blocks * self.block_size
 
 
 @dataclass(frozen=True)
-class BatchLimits:
-    max_num_seqs: int
-    max_num_batched_tokens: int
+class ParallelConfig:
+    tensor_parallel_size: int = 1
 
 
-def resolve_batch_limits(args: EngineArgs, max_model_len: int, device_type: str, large_gpu: bool) -> BatchLimits:
-    """``max_num_seqs`` and ``max_num_batched_tokens``, where not given, as vLLM picks them.
+@dataclass(frozen=True)
+class DeviceConfig:
+    """The device probe's answer, taken once, before the engine core starts."""
+    type: str  # "cpu" | "cuda"
+    name: str = ""
+    total_memory_bytes: int = 0
 
-        device                      max_num_seqs   max_num_batched_tokens (offline LLM / server)
-        GPU >= 70 GiB, not A100     1024           16384 / 8192
-        other GPUs                  256            8192 / 2048
-        CPU                         256            2048 (max_model_len, at least 512, if shorter)
-    """
-    serving = args.usage_context == "server"
-    if device_type == "cuda" and large_gpu:
-        seqs, tokens = 1024, (8192 if serving else 16384)
-    elif device_type == "cuda":
-        seqs, tokens = 256, (2048 if serving else 8192)
-    else:
-        seqs, tokens = 256, (2048 if max_model_len >= 2048 else max(max_model_len, 512))
-    return BatchLimits(
-        max_num_seqs=args.max_num_seqs if args.max_num_seqs is not None else seqs,
-        max_num_batched_tokens=args.max_num_batched_tokens if args.max_num_batched_tokens is not None else tokens)
+    @property
+    def is_large_gpu(self) -> bool:
+        """A GPU of 70 GiB or more that is not an A100: vLLM's larger batch defaults suit it."""
+        return (self.type == "cuda" and self.total_memory_bytes >= LARGE_GPU_MIN_BYTES
+                and "a100" not in self.name.lower())
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model: ModelConfig
+    cache: CacheConfig
+    scheduler: SchedulerConfig
+    parallel: ParallelConfig
+    device: DeviceConfig
+    usage_context: str = "llm"
+    disable_log_stats: bool = False
+
+    @property
+    def max_model_len(self) -> int:
+        """The longest request the engine runs: the model's, capped by the KV cache once it is sized."""
+        return self.scheduler.max_model_len
+
+    @property
+    def num_kv_tokens(self) -> int:
+        return self.cache.num_kv_tokens
+
+    def with_kv_cache(self, num_blocks: int) -> "EngineConfig":
+        """The config once the core has sized the KV cache: what every part validates against."""
+        cache = dataclasses.replace(self.cache, num_blocks=num_blocks)
+        max_model_len = kv_capped_max_model_len(self.model.max_model_len, cache, self.scheduler.max_prefill_chunk)
+        return dataclasses.replace(self, cache=cache,
+                                   scheduler=dataclasses.replace(self.scheduler, max_model_len=max_model_len))
+
+
+def kv_capped_max_model_len(max_model_len: int, cache: CacheConfig, max_chunk_tokens: int) -> int:
+    """A request longer than the whole KV cache could never run, even alone: lengths are capped at its size.
+
+    With a sliding window on every layer a request holds at most its window and one prompt chunk, so a pool of
+    that size runs requests of any length."""
+    if cache.sliding_window is not None:
+        window_blocks = -(-(cache.sliding_window + max_chunk_tokens) // cache.block_size) + 1
+        if cache.num_blocks is not None and cache.num_blocks >= window_blocks:
+            return max_model_len
+    return min(max_model_len, cache.num_kv_tokens)
+
+
+# ---- resolution ----------------------------------------------------------------------------------------------
+def create_engine_config(args: EngineArgs, device: DeviceConfig | None = None) -> EngineConfig:
+    """Validates ``args`` and decides every default: the one place an EngineConfig is made.
+
+    ``device``: the probe's answer, for tests; by default ``probe_device(args.device)``."""
+    args.validate()
+    from sluice.models.model_config import default_served_name, hf_context_length, read_checkpoint
+
+    device = device if device is not None else probe_device(args.device)
+    model_path, hf_config, is_gguf = read_checkpoint(args.model, args.load_format)
+    context_length = hf_context_length(hf_config)
+    max_model_len = args.max_model_len or context_length
+    if max_model_len > context_length:
+        raise ValueError(f"max_model_len {max_model_len} exceeds the model's context length {context_length}")
+    # Rope settings that depend on the serving length read it here (longrope's factor set).
+    hf_config.sluice_max_model_len = max_model_len
+    if not args.skip_tokenizer_init:
+        from sluice.tokenizer import check_tokenizer_files
+        check_tokenizer_files(args.tokenizer or model_path)
+    model = ModelConfig(
+        model=model_path, tokenizer=args.tokenizer or model_path,
+        served_model_name=args.served_model_name or default_served_name(args.model), hf_config=hf_config,
+        dtype=_resolve_dtype(hf_config, args.dtype, device.type), device=device.type, max_model_len=max_model_len,
+        vocab_size=hf_config.vocab_size, is_gguf=is_gguf, load_format=args.load_format, seed=args.seed,
+        skip_tokenizer_init=args.skip_tokenizer_init, max_logprobs=args.max_logprobs,
+        enforce_eager=args.enforce_eager, cpu_threads=args.cpu_threads)
+    max_num_seqs, max_num_batched_tokens = resolve_batch_limits(args, max_model_len, device)
+    scheduler = SchedulerConfig(
+        max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens, max_model_len=max_model_len,
+        policy=args.scheduling_policy,
+        async_scheduling=args.async_scheduling if args.async_scheduling is not None else device.type == "cuda",
+        long_prefill_token_threshold=args.long_prefill_token_threshold)
+    cache = CacheConfig(
+        block_size=args.block_size, enable_prefix_caching=args.enable_prefix_caching, num_blocks=args.num_kv_blocks,
+        swap_space_bytes=int(args.swap_space * 2**30), gpu_memory_utilization=args.gpu_memory_utilization,
+        kv_cache_memory_bytes=args.kv_cache_memory or DEFAULT_CPU_KV_CACHE_BYTES,
+        sliding_window=model.kv_sliding_window)
+    return EngineConfig(model=model, cache=cache, scheduler=scheduler,
+                        parallel=ParallelConfig(args.tensor_parallel_size), device=device,
+                        usage_context=args.usage_context, disable_log_stats=args.disable_log_stats)
+
+
+def resolve_batch_limits(args: EngineArgs, max_model_len: int, device: DeviceConfig) -> tuple[int, int]:
+    """(max_num_seqs, max_num_batched_tokens): the given values, else BATCH_DEFAULTS for the device."""
+    kind = "large_gpu" if device.is_large_gpu else ("gpu" if device.type == "cuda" else "cpu")
+    defaults = BATCH_DEFAULTS[kind]
+    tokens = (defaults.max_num_batched_tokens_served if args.usage_context == "server"
+              else defaults.max_num_batched_tokens_offline)
+    if kind == "cpu" and max_model_len < tokens:
+        tokens = max(max_model_len, 512)
+    return (args.max_num_seqs if args.max_num_seqs is not None else defaults.max_num_seqs,
+            args.max_num_batched_tokens if args.max_num_batched_tokens is not None else tokens)
+
+
+def _resolve_dtype(hf_config: Any, dtype: str, device_type: str) -> str:
+    from sluice.models.loader import resolve_dtype
+    return str(resolve_dtype(hf_config, dtype, device_type)).removeprefix("torch.")
+
+
+def probe_device(device: str) -> DeviceConfig:
+    """The device the engine will run on. A GPU is read through NVML (no CUDA context in this process, which
+    may be the API server's: a context there would hold GPU memory the engine core's KV cache should get)."""
+    import torch
+
+    device_type = device if device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    if device_type != "cuda":
+        return DeviceConfig(device_type)
+    found = _nvml_first_visible_gpu()
+    if found is None:  # no NVML: ask CUDA itself
+        props = torch.cuda.get_device_properties(0)
+        found = (props.name, props.total_memory)
+    return DeviceConfig("cuda", name=found[0], total_memory_bytes=found[1])
+
+
+class _NvmlMemory(ctypes.Structure):
+    _fields_ = [("total", ctypes.c_ulonglong), ("free", ctypes.c_ulonglong), ("used", ctypes.c_ulonglong)]
+
+
+def _nvml_first_visible_gpu() -> tuple[str, int] | None:
+    """(name, total memory in bytes) of the first GPU CUDA_VISIBLE_DEVICES shows, or None if NVML cannot say."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0].strip() or "0"
+    if not visible.isdigit():
+        return None  # a UUID or MIG name: leave it to CUDA
+    try:
+        nvml = ctypes.CDLL("libnvidia-ml.so.1")
+    except OSError:
+        return None
+    if nvml.nvmlInit_v2() != 0:
+        return None
+    try:
+        handle = ctypes.c_void_p()
+        name = ctypes.create_string_buffer(96)
+        memory = _NvmlMemory()
+        if (nvml.nvmlDeviceGetHandleByIndex_v2(ctypes.c_uint(int(visible)), ctypes.byref(handle)) != 0
+                or nvml.nvmlDeviceGetName(handle, name, ctypes.c_uint(len(name))) != 0
+                or nvml.nvmlDeviceGetMemoryInfo(handle, ctypes.byref(memory)) != 0):
+            return None
+        return name.value.decode(errors="replace"), int(memory.total)
+    finally:
+        nvml.nvmlShutdown()

@@ -21,7 +21,7 @@ import os
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client import multiprocess
 
-from sluice.engine.stats import IterationStats, SchedulerStats
+from sluice.stats import IterationStats, SchedulerStats
 
 PREFIX = "sluice:"
 MULTIPROC_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"

@@ -207,6 +207,33 @@ class SamplingParams:
         return copy.deepcopy(self)
 
 
+class ContextLengthError(ValueError):
+    """A request that cannot fit max_model_len; ``param`` names the request field to blame."""
+
+    def __init__(self, message: str, param: str) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+def check_context_length(num_prompt_tokens: int, max_tokens: int | None, max_model_len: int) -> int:
+    """The one context-length rule (LLMEngine and the server): the prompt must leave room for one output
+    token, and prompt + max_tokens must fit ``max_model_len`` (the engine's, capped by its KV cache).
+    Returns the max_tokens to run with (the rest of the context when None); raises ContextLengthError."""
+    if num_prompt_tokens >= max_model_len:
+        raise ContextLengthError(
+            f"This model's maximum context length (max_model_len) is {max_model_len} tokens. However, your prompt "
+            f"is {num_prompt_tokens} tokens, which leaves no room for the completion. Please reduce the length of "
+            "the prompt.", "prompt")
+    if max_tokens is None:
+        return max_model_len - num_prompt_tokens
+    if num_prompt_tokens + max_tokens > max_model_len:
+        raise ContextLengthError(
+            f"This model's maximum context length (max_model_len) is {max_model_len} tokens. However, you requested "
+            f"{num_prompt_tokens + max_tokens} tokens ({num_prompt_tokens} in the prompt, {max_tokens} in the "
+            "completion). Please reduce the length of the prompt or max_tokens.", "max_tokens")
+    return max_tokens
+
+
 def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 

@@ -2,6 +2,9 @@
 
 - An HF folder: ``AutoTokenizer`` (tokenizer.json / tokenizer_config.json / chat_template.jinja), never the network.
 - A ``.gguf`` file: the tokenizer and chat template stored in its metadata (see ``models/gguf_loader.py``).
+- ``skip_tokenizer_init``: no tokenizer at all (token-id prompts in, token ids out, empty text), as vLLM's.
+  A folder with no tokenizer files and without that flag fails at start-up with one line
+  (``check_tokenizer_files``, called when the engine config is resolved), not deep inside transformers.
 
 Chat prompts are rendered to text by the model's Jinja template and then encoded without adding special tokens
 (the template writes its own BOS, as vLLM does). Rendering takes a template's text, never a path: only
@@ -32,6 +35,27 @@ def is_gguf_path(path: str) -> bool:
     return path.lower().endswith(".gguf") and not os.path.isdir(path)
 
 
+# Any of these makes a folder loadable by AutoTokenizer (fast, SentencePiece, BPE vocab files).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "spiece.model", "vocab.json",
+                   "vocab.txt", "tiktoken.model")
+
+
+def check_tokenizer_files(path: str) -> None:
+    """ValueError, one line naming the folder and the flag, when ``path`` is a folder without tokenizer files."""
+    if os.path.isdir(path) and not any(os.path.isfile(os.path.join(path, name)) for name in TOKENIZER_FILES):
+        raise ValueError(f"tokenizer: {path} has no tokenizer files ({', '.join(TOKENIZER_FILES[:3])}, ...); "
+                         "give --tokenizer, or pass --skip-tokenizer-init (skip_tokenizer_init=True) to work in "
+                         "token ids")
+
+
+def load_tokenizer(model_config: Any) -> tuple[PreTrainedTokenizerBase | None, str | None]:
+    """(tokenizer, chat template) of a resolved ModelConfig; (None, None) with skip_tokenizer_init."""
+    if model_config.skip_tokenizer_init:
+        return None, None
+    tokenizer = get_tokenizer(model_config.model, model_config.tokenizer)
+    return tokenizer, get_chat_template(tokenizer)
+
+
 def get_tokenizer(model_path: str, tokenizer_path: str | None = None) -> PreTrainedTokenizerBase:
     """The tokenizer for ``tokenizer_path`` if given, else for ``model_path`` (an HF folder or a .gguf file)."""
     path = tokenizer_path or model_path
@@ -43,6 +67,7 @@ def get_tokenizer(model_path: str, tokenizer_path: str | None = None) -> PreTrai
         return load_gguf_tokenizer(path)
     if not os.path.isdir(path):
         raise FileNotFoundError(f"tokenizer: {path} is neither a model folder nor a .gguf file")
+    check_tokenizer_files(path)
     return AutoTokenizer.from_pretrained(path, local_files_only=True)
 
 

@@ -12,11 +12,16 @@ KV cache of one layer: ``[2, num_blocks, block_size, num_kv_heads, head_dim]``
 (index 0 = keys, 1 = values). Token position p of request i lives in block
 ``block_table[i, p // block_size]`` at offset ``p % block_size``; its flat slot is
 ``block_id * block_size + offset``, and ``slot_mapping[t]`` is that slot for packed token t.
+
+Everything a backend decides on the host from the step's shapes (the Triton backend's kernel
+configs, launches and split counts) is its *launch plan*: the model runner builds it once per step
+with ``backend.plan(...)`` and sets ``metadata.plan``; every layer reads it from there. A step
+captured in a CUDA graph keeps the plan it was captured with.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 
@@ -34,10 +39,17 @@ class AttentionMetadata:
     # Host copies for backends that loop over requests (the CPU reference path).
     query_start_loc_cpu: list[int] | None = None
     seq_lens_cpu: list[int] | None = None
+    # The backend's launch plan for this step (AttentionBackend.plan); None: the backend makes one per call.
+    plan: Any = None
 
 
 class AttentionBackend(Protocol):
     """Writes this step's K/V into the paged cache, then attends over it."""
+
+    def plan(self, metadata: AttentionMetadata, num_tokens: int, num_heads: int, num_kv_heads: int) -> Any:
+        """The host-side decisions for a step of ``num_tokens`` query tokens (padding included), made once
+        and shared by every layer through ``metadata.plan``; None when the backend has none to make."""
+        ...
 
     def write_kv(self, key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
                  slot_mapping: torch.Tensor) -> None:

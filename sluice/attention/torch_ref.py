@@ -18,6 +18,9 @@ from sluice.attention.backend import AttentionMetadata
 class TorchRefBackend:
     name = "torch_ref"
 
+    def plan(self, metadata: AttentionMetadata, num_tokens: int, num_heads: int, num_kv_heads: int) -> None:
+        return None  # it decides nothing ahead: it loops over the requests
+
     def write_kv(self, key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
                  slot_mapping: torch.Tensor) -> None:
         num_blocks, block_size = kv_cache.shape[1], kv_cache.shape[2]

@@ -2,7 +2,8 @@
 triton_kernels.py (K/V writes into the paged cache; paged attention over a whole mixed batch of
 prefill chunks and decodes, read through block tables, with GQA).
 
-Launch plans, all decided on the host from shapes and host ints (so CUDA graphs can hold them):
+Launch plans, all decided on the host from shapes and host ints (so CUDA graphs can hold them), once
+per step by ``TritonPagedBackend.plan`` (the model runner puts the plan in the step's metadata):
   * decode-only batches: one launch, the decode config, program i = request i;
   * mostly decodes with short chunks: one launch, the small row tile;
   * batches with real prompt chunks: two launches, requests whose query fits one small row tile
@@ -111,21 +112,21 @@ class TritonPagedBackend:
                  mixed_config: KernelConfig = MIXED_CONFIG,
                  mostly_decode_config: KernelConfig | None = MOSTLY_DECODE_CONFIG,
                  enable_split_kv: bool = True,
-                 mixed_split_min_seq_len: int | None = None, separate_short_rows: bool = True) -> None:
+                 mixed_split_min_seq_len: int = MIXED_SPLIT_MIN_SEQ_LEN, separate_short_rows: bool = True) -> None:
+        """``mixed_split_min_seq_len``: mixed batches split KV from this max_seq_len on (the model runner
+        captures its long-context graphs from it too)."""
         self.decode_config = decode_config
         self.mixed_config = mixed_config
         self.mostly_decode_config = mostly_decode_config
         self.enable_split_kv = enable_split_kv
-        self._mixed_split_min_seq_len = mixed_split_min_seq_len
+        self.mixed_split_min_seq_len = mixed_split_min_seq_len
         self.separate_short_rows = separate_short_rows
 
-    @property
-    def mixed_split_min_seq_len(self) -> int:
-        """Mixed batches split KV from this max_seq_len on (default: the module's MIXED_SPLIT_MIN_SEQ_LEN,
-        read when used, which the model runner also reads to capture its long-context graphs)."""
-        if self._mixed_split_min_seq_len is not None:
-            return self._mixed_split_min_seq_len
-        return MIXED_SPLIT_MIN_SEQ_LEN
+    def plan(self, metadata: AttentionMetadata, num_tokens: int, num_heads: int,
+             num_kv_heads: int) -> "LaunchPlan":
+        """The step's launches, decided once for every layer (AttentionBackend.plan)."""
+        return LaunchPlan.build(self, num_tokens, num_heads // num_kv_heads, num_kv_heads, metadata,
+                                metadata.seq_lens.device)
 
     def write_kv(self, key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
                  slot_mapping: torch.Tensor) -> None:
@@ -166,10 +167,12 @@ class TritonPagedBackend:
             raise ValueError(f"out must be {tuple(query.shape)} with a contiguous last dim, got {tuple(out.shape)}")
         if metadata.num_reqs == 0 or query.shape[0] == 0:
             return out
-        launch = _LaunchPlan.build(self, query, num_kv_heads, metadata)
+        plan = metadata.plan
+        if plan is None:  # a caller outside the model runner (kernel tests, benchmarks): plan this call
+            plan = self.plan(metadata, query.shape[0], query.shape[1], num_kv_heads)
         options = (NO_OPTIONS if sliding_window is None and logits_soft_cap is None
                    else AttentionOptions(sliding_window, logits_soft_cap))
-        launch.run(query, kv_cache, metadata, scale, out, options)
+        plan.run(query, kv_cache, metadata, scale, out, options)
         return out
 
 
@@ -189,7 +192,7 @@ class AttentionOptions:
 NO_OPTIONS = AttentionOptions()
 
 
-# Row classes of a launch: every request, or only those with short / long queries (see _LaunchPlan).
+# Row classes of a launch: every request, or only those with short / long queries (see LaunchPlan).
 ALL_ROWS, SHORT_ROWS, LONG_ROWS = 0, 1, 2
 
 
@@ -254,7 +257,7 @@ class _Launch:
 
 
 @dataclass(frozen=True, slots=True)
-class _LaunchPlan:
+class LaunchPlan:
     """Everything about one forward's launches that is decided on the host from shapes and host ints.
 
     Batches with real prefill chunks run two launches: decodes (and other requests whose query
@@ -282,33 +285,33 @@ class _LaunchPlan:
         return self.main.num_splits
 
     @staticmethod
-    def build(backend: TritonPagedBackend, query: torch.Tensor, num_kv_heads: int,
-              metadata: AttentionMetadata) -> "_LaunchPlan":
-        group = query.shape[1] // num_kv_heads
+    def build(backend: TritonPagedBackend, num_tokens: int, group: int, num_kv_heads: int,
+              metadata: AttentionMetadata, device: torch.device) -> "LaunchPlan":
+        """``num_tokens``: query rows of the forward, padding included; ``group``: query heads per KV head."""
         decode_only = metadata.max_query_len <= 1
         if decode_only:
             config = _fit(backend.decode_config, group)
             num_splits = 1
             if backend.enable_split_kv:
                 num_splits = choose_num_splits(metadata.num_reqs, num_kv_heads, metadata.max_seq_len,
-                                               _num_sms(query.device), config.tile_n, DECODE_MIN_SPLIT_TILES)
-            return _LaunchPlan((_Launch(config, group, True, num_splits,
+                                               _num_sms(device), config.tile_n, DECODE_MIN_SPLIT_TILES)
+            return LaunchPlan((_Launch(config, group, True, num_splits,
                                         min_split_tiles=DECODE_MIN_SPLIT_TILES),))
         if (backend.mostly_decode_config is not None
-                and query.shape[0] <= MOSTLY_DECODE_TOKENS_PER_REQ * metadata.num_reqs
+                and num_tokens <= MOSTLY_DECODE_TOKENS_PER_REQ * metadata.num_reqs
                 and metadata.max_query_len <= MOSTLY_DECODE_MAX_QUERY_LEN):
             config = _fit(backend.mostly_decode_config, group)
-            return _LaunchPlan((_Launch(config, group, False, 1),))
+            return LaunchPlan((_Launch(config, group, False, 1),))
         config = _fit(backend.mixed_config, group)
         num_splits = 1
         if backend.enable_split_kv:
-            num_splits = choose_mixed_splits(query.shape[0], metadata.max_seq_len, config.tile_n,
+            num_splits = choose_mixed_splits(num_tokens, metadata.max_seq_len, config.tile_n,
                                              backend.mixed_split_min_seq_len)
         if not backend.separate_short_rows:
-            return _LaunchPlan((_Launch(config, group, False, num_splits),))
+            return LaunchPlan((_Launch(config, group, False, num_splits),))
         short_config = _fit(backend.decode_config, group)
         short_len = short_config.block_m // group  # queries that fit one program of the decode tile
-        return _LaunchPlan((_Launch(short_config, group, False, 1, SHORT_ROWS, short_len),
+        return LaunchPlan((_Launch(short_config, group, False, 1, SHORT_ROWS, short_len),
                             _Launch(config, group, False, num_splits, LONG_ROWS, short_len)))
 
     def run(self, query: torch.Tensor, kv_cache: torch.Tensor, metadata: AttentionMetadata,

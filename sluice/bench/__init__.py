@@ -1,2 +1,2 @@
-"""Benchmarks of BENCHMARKS.md: workloads (datasets), offline throughput, peers (transformers), roofline;
+"""Benchmarks of docs/benchmarks.md: workloads (datasets), offline throughput, peers (transformers), roofline;
 `sluice bench ...` is registered in cli.py."""

@@ -3,7 +3,7 @@
     sluice bench throughput --workload W1 [--num-prompts N] [--peers hf,hf-cb] [--peer-num-prompts M]
                             [--model PATH|L8|G9|Q30A3] [engine flags...] [--output-json FILE]
 
-`bench throughput` resolves the model (``L8`` is the Llama-3.1-8B shape of BENCHMARKS.md, ``G9`` the
+`bench throughput` resolves the model (``L8`` is the Llama-3.1-8B shape of docs/benchmarks.md, ``G9`` the
 Gemma-2-9B shape, ``Q30A3`` the Qwen3-30B-A3B mixture-of-experts shape; each is written as a config-only folder
 and loaded with dummy weights), builds the workload's requests, times the engine on them
 (W4: prefix caching on and off), then each peer on the first ``--peer-num-prompts`` of the same requests, and
@@ -32,7 +32,7 @@ _OTHER_BENCHMARKS = ("sluice.bench.serve",)  # optional modules exposing add_par
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     bench = subparsers.add_parser("bench", help="benchmark the engine against its peers",
-                                  description="Benchmarks defined in BENCHMARKS.md.")
+                                  description="Benchmarks defined in docs/benchmarks.md.")
     bench_subparsers = bench.add_subparsers(dest="bench_command", metavar="{throughput,...}")
     add_throughput_parser(bench_subparsers)
     for module_name in _OTHER_BENCHMARKS:
@@ -52,7 +52,7 @@ def add_throughput_parser(bench_subparsers: argparse._SubParsersAction) -> argpa
 
     parser = bench_subparsers.add_parser(
         "throughput", help="offline throughput on workloads W1-W4, with Hugging Face peers in the same run",
-        description="Offline throughput (BENCHMARKS.md). --model L8 (G9, Q30A3) builds the Llama-3.1-8B "
+        description="Offline throughput (docs/benchmarks.md). --model L8 (G9, Q30A3) builds the Llama-3.1-8B "
                     "(Gemma-2-9B, Qwen3-30B-A3B) shape with dummy weights; --seed seeds both the workload and dummy weights.")
     bench = parser.add_argument_group("benchmark")
     bench.add_argument("--workload", default="W1", choices=sorted(WORKLOADS),
@@ -103,7 +103,7 @@ def resolve_model(engine_args: EngineArgs, scratch_dir: str) -> ResolvedModel:
 
 
 def write_l8_config(folder: str) -> str:
-    """BENCHMARKS.md's L8: the Llama-3.1-8B shape in bfloat16, as config.json only."""
+    """docs/benchmarks.md's L8: the Llama-3.1-8B shape in bfloat16, as config.json only."""
     from transformers import LlamaConfig
 
     config = LlamaConfig(
@@ -178,17 +178,16 @@ def run_throughput_benchmark(args: argparse.Namespace, model: ResolvedModel, pee
     from sluice.bench.datasets import generate_workload
     from sluice.bench.peers import PEER_RUNNERS, PeerConfig
     from sluice.bench.throughput import run_sluice
-    from sluice.models.model_config import ModelConfig
+    from sluice.config import create_engine_config
 
     engine_args = model.engine_args
-    engine_args.validate()
-    model_config = ModelConfig.from_engine_args(engine_args)
+    model_config = create_engine_config(engine_args).model
     requests = generate_workload(args.workload, model_config.vocab_size, args.num_prompts, engine_args.seed,
                                  model_config.max_model_len, args.length_scale)
     run_kwargs = dict(detokenize=not args.disable_detokenize, num_warmup=args.num_warmup_prompts,
                       use_tqdm=not args.no_progress)
     runs = {}
-    if args.workload == "W4":  # BENCHMARKS.md: W4 runs with prefix caching on and off
+    if args.workload == "W4":  # docs/benchmarks.md: W4 runs with prefix caching on and off
         runs["engine"] = run_sluice(dataclasses.replace(engine_args, enable_prefix_caching=True), requests,
                                     **run_kwargs)
         runs["engine_prefix_caching_off"] = run_sluice(

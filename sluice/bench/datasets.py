@@ -1,4 +1,4 @@
-"""Seeded synthetic workloads W1-W4 of BENCHMARKS.md: lists of (prompt_token_ids, output_len).
+"""Seeded synthetic workloads W1-W4 of docs/benchmarks.md: lists of (prompt_token_ids, output_len).
 
     W1 chat-like   1000 requests, prompt clip(round(lognormal(ln 150, 0.9)), 4, 1024),
                    output clip(round(lognormal(ln 140, 0.9)), 4, 2048 - prompt)
@@ -93,7 +93,7 @@ def _token_ids(rng: np.random.Generator, vocab_size: int, n: int) -> list[int]:
 
 
 def _chat_like(rng: np.random.Generator, n: int, scale: float) -> list[tuple[int, int]]:
-    # BENCHMARKS.md: prompt clip(round(lognormal(ln 150, 0.9)), 4, 1024); output clip(..., 4, 2048 - prompt).
+    # docs/benchmarks.md: prompt clip(round(lognormal(ln 150, 0.9)), 4, 1024); output clip(..., 4, 2048 - prompt).
     # With a scale, the medians and the bounds 1024 / 2048 scale together; the floor of 4 stays.
     prompts = rng.lognormal(np.log(150 * scale), 0.9, size=n)
     outputs = rng.lognormal(np.log(140 * scale), 0.9, size=n)

@@ -23,12 +23,12 @@ import torch
 
 from sluice.bench.datasets import BenchRequest
 from sluice.bench.throughput import ThroughputResult, free_device_memory
-from sluice.models.model_config import ModelConfig
+from sluice.config import ModelConfig
 
 logger = logging.getLogger(__name__)
 
 PEERS = ("hf", "hf-cb")
-CB_ATTENTION = "paged|sdpa"  # BENCHMARKS.md; transformers >= 5.2x strips the "paged|" prefix with a warning
+CB_ATTENTION = "paged|sdpa"  # docs/benchmarks.md; transformers >= 5.2x strips the "paged|" prefix with a warning
 
 
 @dataclass(frozen=True, slots=True)

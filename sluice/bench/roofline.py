@@ -1,6 +1,6 @@
 """Roofline lower bound of an offline workload, and the fraction of it a measured run reaches.
 
-BENCHMARKS.md, "Limits": a decode step cannot be faster than reading the weights plus the KV it attends to
+docs/benchmarks.md, "Limits": a decode step cannot be faster than reading the weights plus the KV it attends to
 from HBM, and a prefill cannot be faster than its FLOPs at peak. For a whole offline run::
 
     prefill_s = (2 * matmul_params * prefill_tokens + attention_flops) / peak_flops
@@ -15,7 +15,7 @@ from HBM, and a prefill cannot be faster than its FLOPs at peak. For a whole off
 
 ``prefill_tokens`` counts only the prompt tokens that must be computed: with prefix caching on, full blocks
 already seen in an earlier prompt are free (``count_prefill_tokens``). Defaults are the H100 SXM constants
-measured for BENCHMARKS.md (copy 3.0 TB/s, bf16 matmul 800 TFLOP/s); pass others for other devices. The model
+measured for docs/benchmarks.md (copy 3.0 TB/s, bf16 matmul 800 TFLOP/s); pass others for other devices. The model
 shape is that of a Llama-family decoder (Llama, Mistral, Qwen2/3), dense or mixture-of-experts (Mixtral,
 Qwen2/3-MoE): a token multiplies through ``num_experts_per_tok`` experts, and a decode step of B sequences reads
 the experts they hit, E * (1 - (1 - k / E) ** B) per layer under uniform routing (``step_weight_bytes``).

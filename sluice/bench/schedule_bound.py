@@ -58,7 +58,7 @@ PREFILL_KIND = "with_prefill"
 
 
 def l8_shape() -> ModelShape:
-    """BENCHMARKS.md's L8 (Llama-3.1-8B shape, bf16), without a HF config."""
+    """docs/benchmarks.md's L8 (Llama-3.1-8B shape, bf16), without a HF config."""
     return ModelShape(num_layers=32, hidden_size=4096, num_heads=32, num_kv_heads=8, head_dim=128,
                       intermediate_size=14336, vocab_size=128256, tie_word_embeddings=False, dtype_bytes=2)
 

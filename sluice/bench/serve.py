@@ -43,7 +43,7 @@ from sluice.bench.report import default_output_path, write_report
 
 _METRICS = ("ttft", "tpot", "itl", "e2e")
 _SLO_NAMES = ("ttft", "tpot", "e2e")
-DEFAULT_GOODPUT = ["ttft:500", "tpot:50"]  # BENCHMARKS.md W5's SLO
+DEFAULT_GOODPUT = ["ttft:500", "tpot:50"]  # docs/benchmarks.md W5's SLO
 
 
 @dataclass(frozen=True, slots=True)
@@ -265,7 +265,7 @@ def format_table(report: dict[str, Any]) -> str:
 def add_parser(bench_subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     parser = bench_subparsers.add_parser(
         "serve", help="online serving benchmark (W5) against an OpenAI-compatible server",
-        description="Workload W5 of BENCHMARKS.md: W1 requests, streamed, with Poisson/Gamma arrivals.")
+        description="Workload W5 of docs/benchmarks.md: W1 requests, streamed, with Poisson/Gamma arrivals.")
     parser.add_argument("--base-url", default="http://127.0.0.1:8000", help="the server, without /v1")
     parser.add_argument("--endpoint", default="/v1/completions", choices=["/v1/completions"])
     parser.add_argument("--model", required=True, help="the served model name (also the tokenizer, if a path)")
@@ -394,7 +394,7 @@ def long_prompt_metrics(requests: list[ServeRequest], results: list[RequestResul
 
 def build_report(args: argparse.Namespace, metrics: ServeMetrics, slos: dict[str, float],
                  results: list[RequestResult]) -> dict[str, Any]:
-    """BENCHMARKS.md's fields; the server under test is ``engine`` (W5 has no in-run peers)."""
+    """docs/benchmarks.md's fields; the server under test is ``engine`` (W5 has no in-run peers)."""
     from sluice.bench.cli import git_commit
 
     errors = sorted({r.error for r in results if not r.success})

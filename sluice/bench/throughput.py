@@ -115,7 +115,7 @@ def run_sluice(engine_args: EngineArgs, requests: Sequence[BenchRequest], name: 
         # Reversed prompts: the same lengths, but no block the timed run could find in the prefix cache.
         warmup = [BenchRequest(r.prompt_token_ids[::-1], min(r.output_len, 8)) for r in requests[:num_warmup]]
         llm.generate(_prompts(warmup), sampling_params_for(warmup, detokenize), use_tqdm=False)
-    recorder = StepRecorder(engine.core.make_stats())
+    recorder = StepRecorder(engine.engine_core.make_stats())
     engine.stat_loggers.append(recorder)
     prompts, params = _prompts(requests), sampling_params_for(requests, detokenize)
     _sync(engine.model_config.device)
@@ -135,7 +135,7 @@ def run_sluice(engine_args: EngineArgs, requests: Sequence[BenchRequest], name: 
              "prefix_cache_hit_rate": cache_hit_rate, "num_preemptions": recorder.num_preemptions,
              "triton_compiles_during_run": len(compiles.events), "triton_compile_s": compiles.seconds}
     run = EngineRun(ThroughputResult.from_requests(name, requests, elapsed, output_tokens=generated, extra=extra),
-                    recorder.avg_batch, engine.model_config, engine.core.cache_config.num_blocks)
+                    recorder.avg_batch, engine.model_config, engine.config.cache.num_blocks)
     del outputs, engine, llm
     free_device_memory()
     return run

@@ -122,10 +122,6 @@ class KVCacheManager:
     def usage(self) -> float:
         return self.block_pool.usage
 
-    def max_request_tokens(self, max_chunk_tokens: int) -> int:
-        """The longest request the pool can hold alone (a request holds every block of its context)."""
-        return self.block_pool.num_blocks * self.block_size
-
     def get_block_ids(self, req_id: str) -> list[int]:
         return [block.block_id for block in self.req_to_blocks.get(req_id, ())]
 

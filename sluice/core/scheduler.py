@@ -38,17 +38,16 @@ import logging
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from sluice.config import CacheConfig, SchedulerConfig
+from sluice.config import POLICIES, CacheConfig, SchedulerConfig, kv_capped_max_model_len
 from sluice.core.interface import (
     CachedRequestData, EngineCoreOutput, LogprobsLists, ModelRunnerOutput, NewRequestData, SchedulerOutput,
 )
 from sluice.core.sliding_window_manager import make_kv_cache_manager
 from sluice.core.request import Request, RequestStatus
-from sluice.engine.stats import SchedulerStats
+from sluice.stats import SchedulerStats
 
 logger = logging.getLogger(__name__)
 
-_POLICIES = ("fcfs", "priority")
 
 
 def _priority_key(request: Request) -> tuple[int, float]:
@@ -85,24 +84,21 @@ class _StepPlan:
 
 class Scheduler:
     def __init__(self, scheduler_config: SchedulerConfig, cache_config: CacheConfig) -> None:
-        if scheduler_config.policy not in _POLICIES:
-            raise ValueError(f"policy must be one of {', '.join(_POLICIES)}, got {scheduler_config.policy!r}")
+        if scheduler_config.policy not in POLICIES:
+            raise ValueError(f"policy must be one of {', '.join(POLICIES)}, got {scheduler_config.policy!r}")
         self.scheduler_config = scheduler_config
         self.cache_config = cache_config
         self.max_num_seqs = scheduler_config.max_num_seqs
         self.max_num_batched_tokens = scheduler_config.max_num_batched_tokens
         # A prompt chunk takes at most this many tokens per step, so that a long prompt's prefill
         # cannot stretch the steps every running request waits on (0: the budget is the limit).
-        self.long_prefill_token_threshold = scheduler_config.long_prefill_token_threshold or self.max_num_batched_tokens
+        self.long_prefill_token_threshold = scheduler_config.max_prefill_chunk
         self.kv_cache_manager = make_kv_cache_manager(
             cache_config.num_blocks, cache_config.block_size, cache_config.enable_prefix_caching,
             cache_config.sliding_window)
-        # A request longer than the whole KV cache could never run, even alone: cap lengths at its size.
-        kv_capacity = self.kv_cache_manager.max_request_tokens(self.long_prefill_token_threshold)
-        self.max_model_len = min(scheduler_config.max_model_len, kv_capacity)
-        if kv_capacity < scheduler_config.max_model_len:
-            logger.warning("The KV cache holds %d tokens, less than max_model_len=%d: requests stop at %d tokens",
-                           kv_capacity, scheduler_config.max_model_len, kv_capacity)
+        # EngineConfig.with_kv_cache has capped it already; a scheduler built by hand gets the same cap.
+        self.max_model_len = kv_capped_max_model_len(scheduler_config.max_model_len, cache_config,
+                                                     self.long_prefill_token_threshold)
         self.policy = scheduler_config.policy
         self.requests: dict[str, Request] = {}
         # fcfs: arrival order, preempted requests in front; priority: sorted by (priority, arrival_time).

@@ -37,13 +37,6 @@ class SlidingWindowKVCacheManager(KVCacheManager):
         # req_id -> how many leading entries of its block table are NULL_BLOCK.
         self.num_dead_blocks: dict[str, int] = {}
 
-    def max_request_tokens(self, max_chunk_tokens: int) -> int:
-        """Unbounded when the pool holds a window plus a prompt chunk: a request never holds more."""
-        needed_blocks = -(-(self.sliding_window + max_chunk_tokens) // self.block_size) + 1
-        if self.block_pool.num_blocks >= needed_blocks:
-            return 2 ** 62
-        return super().max_request_tokens(max_chunk_tokens)
-
     def allocate_slots(self, request: Request, num_new_tokens: int,
                        new_computed_blocks: list[KVBlock] | None = None) -> list[int] | None:
         """As KVCacheManager.allocate_slots, after freeing the blocks behind the first new token's window

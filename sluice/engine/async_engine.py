@@ -9,11 +9,11 @@ The event loop talks to it through two one-way channels:
                                                     engine.step() -> [RequestOutput]
     RequestStream.queue  <-- call_soon_threadsafe --  route the batch of outputs by request id
 
-Only plain commands and RequestOutputs cross that boundary. With ``process_split`` the
-engine is a SplitLLMEngine (engine/core_client.py): tokenization, detokenization and stop
-strings stay in this process, on that same thread, and only the EngineCore (scheduler +
-model runner) runs in a process of its own. While idle, the thread checks every
-``_HEALTH_CHECK_S`` that the core process is still alive.
+Only plain commands and RequestOutputs cross that boundary. The LLMEngine talks to its core through
+an EngineCoreClient (engine/client.py); with ``process_split`` that client is an MPClient:
+tokenization, detokenization and stop strings stay in this process, on that same thread, and only
+the EngineCore (scheduler + model runner) runs in a process of its own. While idle, the thread asks
+the engine every ``_HEALTH_CHECK_S`` whether its core is still alive.
 
 A stream that is closed before its request finished (the client went away, the handler
 was cancelled) aborts the request, which frees its KV blocks on the engine's next turn.
@@ -35,27 +35,22 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from sluice.config import EngineArgs
+from sluice.config import EngineArgs, EngineConfig, create_engine_config
 from sluice.core.interface import FINISH_REASON_ERROR
-from sluice.engine.stats import IterationStats, SchedulerStats, StatLogger
+from sluice.engine.client import CoreAttachment
+from sluice.engine.errors import EngineDeadError, QueueFullError, RequestAbortedError
+from sluice.engine.llm_engine import LLMEngine, PromptType
 from sluice.outputs import RequestOutput
 from sluice.sampling_params import SamplingParams
+from sluice.stats import IterationStats, SchedulerStats, StatLogger
 
 logger = logging.getLogger(__name__)
 
 _HEALTH_CHECK_S = 0.5  # an idle engine thread wakes this often to ask the engine whether it is alive
 
 
-class EngineDeadError(RuntimeError):
-    """The engine thread died; no request can make progress any more."""
-
-
-class QueueFullError(RuntimeError):
-    """Admission control refused a request: too many requests are already waiting."""
-
-
-class RequestAbortedError(RuntimeError):
-    """The server aborted an in-flight request (a drain ran out of time)."""
+__all__ = ["AsyncLLM", "EngineDeadError", "LatestSchedulerStats", "QueueFullError", "RequestAbortedError",
+           "RequestStream"]
 
 
 class RequestFailedError(RuntimeError):
@@ -65,7 +60,7 @@ class RequestFailedError(RuntimeError):
 @dataclass(slots=True)
 class _AddCommand:
     request_id: str
-    prompt: Any
+    prompt: PromptType
     params: SamplingParams
     priority: int
     # Resolved by the engine thread: None once added, or the ValueError add_request raised.
@@ -131,8 +126,10 @@ class LatestSchedulerStats:
 class AsyncLLM:
     """Asyncio front of LLMEngine: per-request streams, aborts, health, shutdown."""
 
-    def __init__(self, engine: Any, max_num_queued_reqs: int | None = None,
+    def __init__(self, engine: LLMEngine, max_num_queued_reqs: int | None = None,
                  latest_stats: LatestSchedulerStats | None = None) -> None:
+        """``engine``: an LLMEngine whose stat loggers include ``latest_stats`` (admission control reads it);
+        ``from_config`` wires both."""
         self.engine = engine
         self.max_num_queued_reqs = max_num_queued_reqs
         self._latest_stats = latest_stats or LatestSchedulerStats()
@@ -142,26 +139,32 @@ class AsyncLLM:
         self._dead_error: BaseException | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
-        # An engine whose core lives in another process can die while this thread waits for commands.
-        self._check_engine_health = getattr(engine, "check_health", None)
 
     @classmethod
     def from_engine_args(cls, engine_args: EngineArgs, stat_loggers: list[StatLogger] | None = None,
                          max_num_queued_reqs: int | None = None, process_split: bool = False) -> "AsyncLLM":
         """``process_split``: run the EngineCore in its own process (engine/core_proc.py)."""
-        if process_split:
-            from sluice.engine.core_client import SplitLLMEngine as engine_class
-        else:
-            from sluice.engine.llm_engine import LLMEngine as engine_class
+        return cls.from_config(create_engine_config(engine_args), stat_loggers, max_num_queued_reqs, process_split)
 
+    @classmethod
+    def from_config(cls, config: EngineConfig, stat_loggers: list[StatLogger] | None = None,
+                    max_num_queued_reqs: int | None = None, process_split: bool = False,
+                    attach: CoreAttachment | None = None) -> "AsyncLLM":
+        """An AsyncLLM over the engine core client for ``config`` (make_engine_core_client: in process, a core
+        process of its own with ``process_split``, or the shared core of ``attach``)."""
         latest = LatestSchedulerStats()
-        engine = engine_class.from_engine_args(engine_args, stat_loggers=[latest, *(stat_loggers or [])])
+        engine = LLMEngine.from_config(config, [latest, *(stat_loggers or [])], process_split, attach)
         return cls(engine, max_num_queued_reqs=max_num_queued_reqs, latest_stats=latest)
 
     # ---- read-only views (safe from any thread: set once at construction) ----------------
     @property
     def tokenizer(self) -> Any:
         return self.engine.tokenizer
+
+    @property
+    def config(self) -> EngineConfig:
+        """The resolved config, with the KV cache the core sized: what requests are validated against."""
+        return self.engine.config
 
     @property
     def model_config(self) -> Any:
@@ -202,12 +205,10 @@ class AsyncLLM:
             self._commands.put(_STOP)
             self._thread.join(timeout)
             self._thread = None
-        engine_shutdown = getattr(self.engine, "shutdown", None)
-        if engine_shutdown is not None:
-            engine_shutdown()
+        self.engine.shutdown()
 
     # ---- requests ------------------------------------------------------------------------
-    async def add_request(self, request_id: str, prompt: Any, params: SamplingParams,
+    async def add_request(self, request_id: str, prompt: PromptType, params: SamplingParams,
                           priority: int = 0) -> RequestStream:
         """Adds a request and returns its stream once the engine accepted it.
 
@@ -241,7 +242,7 @@ class AsyncLLM:
             raise
         return streams
 
-    async def generate(self, prompt: Any, params: SamplingParams, request_id: str,
+    async def generate(self, prompt: PromptType, params: SamplingParams, request_id: str,
                        priority: int = 0) -> AsyncIterator[RequestOutput]:
         """Yields the request's outputs; closing the iterator early aborts the request."""
         stream = await self.add_request(request_id, prompt, params, priority)
@@ -273,16 +274,13 @@ class AsyncLLM:
         # scheduler already had to leave requests waiting (then the KV cache is what is short, and all wait).
         stats = self._latest_stats.stats
         not_running = len(self._streams) - stats.num_running_reqs + num_new
-        free_slots = 0 if stats.num_waiting_reqs else max(0, self._max_num_seqs() - stats.num_running_reqs)
+        max_num_seqs = self.engine.config.scheduler.max_num_seqs
+        free_slots = 0 if stats.num_waiting_reqs else max(0, max_num_seqs - stats.num_running_reqs)
         num_waiting = not_running - free_slots
         if num_waiting > self.max_num_queued_reqs:
             raise QueueFullError(f"the server is at capacity: {max(0, num_waiting - num_new)} requests are "
                                  f"already waiting (--max-num-queued-reqs {self.max_num_queued_reqs}); "
                                  "retry later")
-
-    def _max_num_seqs(self) -> int:
-        scheduler_config = getattr(getattr(self.engine, "core", None), "scheduler_config", None)
-        return getattr(scheduler_config, "max_num_seqs", 0)
 
     def _send(self, *commands: Any) -> None:
         with self._dead_lock:
@@ -338,13 +336,12 @@ class AsyncLLM:
                 return commands
 
     def _wait_for_command(self) -> Any:
-        if self._check_engine_health is None:
-            return self._commands.get()
+        # An engine whose core lives in another process can die while this thread waits for commands.
         while True:
             try:
                 return self._commands.get(timeout=_HEALTH_CHECK_S)
             except queue.Empty:
-                self._check_engine_health()  # raises if the engine died: the loop's handler takes over
+                self.engine.check_health()  # raises if the engine died: the loop's handler takes over
 
     def _apply(self, command: Any) -> bool:
         """Runs one command on the engine; returns True if it freed KV blocks."""

@@ -1,19 +1,17 @@
-"""The API server's side of the process split: CoreClient (EngineCore's interface over ZMQ) and SplitLLMEngine.
+"""MPClient: the EngineCoreClient (engine/client.py) of an engine core in its own process, over ZMQ.
 
-    SplitLLMEngine (this process)                         engine-core process (core_proc.py)
+    LLMEngine (this process)                              engine-core process (core_proc.py)
       tokenize, validate, n > 1 fan-out                     Scheduler + ModelRunner
       OutputProcessor: detokenize, stop strings             busy loop: drain commands, step, send
-      core = CoreClient ------- ipc PUSH: add/finish ------>
-                        <------ ipc PULL: CoreStep --------
+      engine_core = MPClient -- ipc PUSH: add/finish ------>
+                           <--- ipc PULL: CoreStep --------
 
-CoreClient answers the calls LLMEngine makes on an in-process EngineCore (add_request, abort_requests,
-stop_requests, has_unfinished_requests, step, make_stats, num_kv_tokens), so the front half of LLMEngine runs
-unchanged. ``step()`` returns the outputs of every core step that arrived since the last call, waiting for
+MPClient answers the same calls as InprocClient, so LLMEngine runs unchanged over either. ``step()`` returns the outputs of every core step that arrived since the last call, waiting for
 at least one while requests are in flight, and with none in flight until the core has applied every command
 sent (so the stats after an abort show its freed KV blocks).
 
-Two ways to get one: ``CoreClient.spawn(args)`` starts a core of its own (one API server, the default), and
-``CoreClient.attach(addresses, index, core_pid)`` joins a core that another process started for several API
+Two ways to get one (``make_engine_core_client`` picks): ``MPClient.spawn(config)`` starts a core of its own (one
+API server, the default), and ``MPClient.attach(config, addresses, index, core_pid)`` joins a core that another process started for several API
 servers (``--api-server-count``). Either way the core process is watched through a file descriptor that turns
 readable when it exits (the multiprocessing sentinel of a child, a pidfd otherwise), polled next to the output
 socket, so a dead core raises EngineCoreDeadError at once instead of hanging; ``check_health()`` lets an idle
@@ -33,30 +31,24 @@ from multiprocessing.process import BaseProcess
 import msgspec
 import zmq
 
-from sluice.config import EngineArgs
+from sluice.config import EngineConfig
 from sluice.core.interface import EngineCoreOutput
 from sluice.core.request import Request
-from sluice.engine.async_engine import EngineDeadError
 from sluice.engine.core_proc import (AddRequest, CoreAddresses, CoreFailed, CoreInput, CoreOutput, CoreReady,
                                      CoreStep, FinishRequests, Shutdown, run_engine_core)
-from sluice.engine.llm_engine import LLMEngine
-from sluice.engine.stats import SchedulerStats, StatLogger
-from sluice.models.model_config import ModelConfig
+from sluice.engine.errors import EngineCoreDeadError
+from sluice.stats import SchedulerStats
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_STARTUP_TIMEOUT_S = 600.0
 
 
-class EngineCoreDeadError(EngineDeadError):
-    """The engine-core process exited or reported a failure."""
-
-
-def spawn_engine_core(args: EngineArgs, addresses: CoreAddresses, export_metrics: bool = False) -> BaseProcess:
+def spawn_engine_core(config: EngineConfig, addresses: CoreAddresses, export_metrics: bool = False) -> BaseProcess:
     """Starts the core process for ``addresses``' clients; it exits if this process goes away.
     ``export_metrics``: it writes the scheduler's Prometheus series itself (see sluice/metrics.py)."""
     process = multiprocessing.get_context("spawn").Process(
-        target=run_engine_core, args=(args, addresses, os.getpid(), export_metrics), name="sluice-engine-core",
+        target=run_engine_core, args=(config, addresses, os.getpid(), export_metrics), name="sluice-engine-core",
         daemon=True)
     process.start()
     return process
@@ -90,10 +82,10 @@ class _CoreWatch:
             os.close(self.fd)
 
 
-class CoreClient:
-    """One front end's connection to the engine core; the same calls as EngineCore."""
+class MPClient:
+    """One front end's connection to the engine core in its own process (an EngineCoreClient)."""
 
-    def __init__(self, addresses: CoreAddresses, client_index: int, watch: _CoreWatch,
+    def __init__(self, config: EngineConfig, addresses: CoreAddresses, client_index: int, watch: _CoreWatch,
                  startup_timeout_s: float = DEFAULT_STARTUP_TIMEOUT_S) -> None:
         """Use ``spawn`` or ``attach``."""
         self.addresses, self.client_index = addresses, client_index
@@ -119,24 +111,23 @@ class CoreClient:
         except BaseException:
             self.shutdown()
             raise
-        self.cache_config = ready.cache_config
-        self.scheduler_config = ready.scheduler_config
-        self.num_parameters = ready.num_parameters
-        self.load_seconds = ready.load_seconds
-        self.kv_bytes_per_block = ready.kv_bytes_per_block
+        self.info = ready.info
+        self.config = config.with_kv_cache(ready.info.num_kv_blocks)
+        logger.info("engine core in process %d", self.core_pid)
 
     @classmethod
-    def spawn(cls, args: EngineArgs, startup_timeout_s: float = DEFAULT_STARTUP_TIMEOUT_S) -> "CoreClient":
+    def spawn(cls, config: EngineConfig, startup_timeout_s: float = DEFAULT_STARTUP_TIMEOUT_S) -> "MPClient":
         """Starts an engine core of its own (this client is its only one) and waits until it is ready."""
         addresses = CoreAddresses.create(num_clients=1)
-        process = spawn_engine_core(args, addresses)
-        return cls(addresses, 0, _CoreWatch(process.pid, process), startup_timeout_s)
+        process = spawn_engine_core(config, addresses)
+        return cls(config, addresses, 0, _CoreWatch(process.pid, process), startup_timeout_s)
 
     @classmethod
-    def attach(cls, addresses: CoreAddresses, client_index: int, core_pid: int,
-               startup_timeout_s: float = DEFAULT_STARTUP_TIMEOUT_S) -> "CoreClient":
-        """Joins, as client ``client_index``, a core that another process started; waits until it is ready."""
-        return cls(addresses, client_index, _CoreWatch(core_pid), startup_timeout_s)
+    def attach(cls, config: EngineConfig, addresses: CoreAddresses, client_index: int, core_pid: int,
+               startup_timeout_s: float = DEFAULT_STARTUP_TIMEOUT_S) -> "MPClient":
+        """Joins, as client ``client_index``, a core that another process started with ``config``; waits
+        until it is ready."""
+        return cls(config, addresses, client_index, _CoreWatch(core_pid), startup_timeout_s)
 
     @property
     def process(self) -> BaseProcess | None:
@@ -155,11 +146,7 @@ class CoreClient:
             raise EngineCoreDeadError(f"the engine core sent {type(message).__name__} before CoreReady")
         return message
 
-    @property
-    def num_kv_tokens(self) -> int:
-        return self.cache_config.num_blocks * self.cache_config.block_size
-
-    # ---- EngineCore's interface --------------------------------------------------------------------------
+    # ---- the EngineCoreClient contract --------------------------------------------------------------------------
     def add_request(self, request: Request) -> None:
         self._send(AddRequest(request.request_id, request.prompt_token_ids, pickle.dumps(request.sampling_params),
                               request.eos_token_id, request.priority, request.arrival_time,
@@ -261,22 +248,3 @@ class CoreClient:
                 self.check_health()  # the core exited without a word (killed): raise
             if deadline is not None and time.monotonic() >= deadline:
                 return None
-
-
-class SplitLLMEngine(LLMEngine):
-    """LLMEngine's front half (tokenizer, validation, n > 1, detokenization, stats) over a CoreClient.
-
-    Built like LLMEngine, except that ``core`` is the engine core in its own process: by default one this engine
-    starts, or ``core``, a client attached to a core shared by several API servers.
-    """
-
-    def __init__(self, model_config: ModelConfig, args: EngineArgs,
-                 stat_loggers: list[StatLogger] | None = None, core: CoreClient | None = None) -> None:
-        super().__init__(model_config, args, stat_loggers, core=core if core is not None else CoreClient.spawn(args))
-        logger.info("engine core in process %d", self.core.core_pid)
-
-    def check_health(self) -> None:
-        self.core.check_health()
-
-    def shutdown(self) -> None:
-        self.core.shutdown()

@@ -2,8 +2,8 @@
 
     front end i (core_client.py)                         engine-core process (this file)
     ----------------------------                         --------------------------------
-    CoreClient.add_request / abort / stop  --PUSH i-->   PULL input i:   AddRequest | FinishRequests | Shutdown
-    CoreClient.step()                      <--PULL i--   PUSH output i:  CoreReady, then CoreSteps
+    MPClient.add_request / abort / stop    --PUSH i-->   PULL input i:   AddRequest | FinishRequests | Shutdown
+    MPClient.step()                        <--PULL i--   PUSH output i:  CoreReady, then CoreSteps
 
 One front end (``sluice serve``, the default) is client 0. With ``--api-server-count N`` every API server
 process is a client with its own pair of sockets; the core remembers which client added each request and sends
@@ -35,10 +35,11 @@ from typing import TYPE_CHECKING
 import msgspec
 import zmq
 
-from sluice.config import CacheConfig, EngineArgs, SchedulerConfig
+from sluice.config import EngineConfig
 from sluice.core.interface import FINISH_REASON_ERROR, EngineCoreOutput
+from sluice.engine.engine_core import EngineCore, EngineCoreInfo
 from sluice.engine.gc_heap import freeze_startup_heap
-from sluice.engine.stats import SchedulerStats
+from sluice.stats import SchedulerStats
 
 if TYPE_CHECKING:
     from sluice.metrics import SchedulerMetrics
@@ -73,12 +74,9 @@ CoreInput = AddRequest | FinishRequests | Shutdown
 
 # ---- core -> front end -----------------------------------------------------------------------------------
 class CoreReady(msgspec.Struct, tag="ready", array_like=True):
-    """Sent once the model is loaded and the KV cache sized: what the front end validates requests against."""
-    cache_config: CacheConfig
-    scheduler_config: SchedulerConfig
-    num_parameters: int
-    load_seconds: float
-    kv_bytes_per_block: int
+    """Sent once the model is loaded and the KV cache sized: the numbers only the core knows. The front end
+    already holds the resolved EngineConfig (the core was started with it) and applies them to it."""
+    info: EngineCoreInfo
 
 
 class CoreStep(msgspec.Struct, tag="step", array_like=True):
@@ -177,7 +175,8 @@ class _ClientSockets:
     num_inputs_applied: int = 0
 
 
-def run_engine_core(args: EngineArgs, addresses: CoreAddresses, parent_pid: int, export_metrics: bool = False) -> None:
+def run_engine_core(config: EngineConfig, addresses: CoreAddresses, parent_pid: int,
+                    export_metrics: bool = False) -> None:
     """The spawned process's entry point: build the core, report ready (or the failure), run the busy loop.
 
     ``export_metrics``: write the scheduler's Prometheus series (several API servers share this core, and
@@ -197,17 +196,12 @@ def run_engine_core(args: EngineArgs, addresses: CoreAddresses, parent_pid: int,
         clients.append(_ClientSockets(input_socket, output_socket))
     encoder = msgspec.msgpack.Encoder()
     try:
-        from sluice.engine.engine_core import EngineCore
-        from sluice.models.model_config import ModelConfig
-
-        core = EngineCore(ModelConfig.from_engine_args(args), args)
-        runner = core.runner
-        ready = encoder.encode(CoreReady(core.cache_config, core.scheduler_config, runner.num_parameters,
-                                         runner.load_seconds, runner.kv_spec.bytes_per_block))
+        core = EngineCore(config)
+        ready = encoder.encode(CoreReady(core.info))
         metrics = None
         if export_metrics:  # before ready: the API servers' /metrics has the series from their first answer
             from sluice.metrics import SchedulerMetrics
-            metrics = SchedulerMetrics(core.model_config.served_model_name)
+            metrics = SchedulerMetrics(config.model.served_model_name)
         freeze_startup_heap()  # no 0.3 s collections of the start-up heap between steps
         for client in clients:
             client.output.send(ready)
@@ -228,7 +222,7 @@ def run_engine_core(args: EngineArgs, addresses: CoreAddresses, parent_pid: int,
     context.term()
 
 
-def _busy_loop(core, clients: list[_ClientSockets], parent_pid: int, metrics: SchedulerMetrics | None) -> None:
+def _busy_loop(core: EngineCore, clients: list[_ClientSockets], parent_pid: int, metrics: SchedulerMetrics | None) -> None:
     decoder = msgspec.msgpack.Decoder(CoreInput)
     encoder = msgspec.msgpack.Encoder()
     router = ClientRouter(len(clients))
@@ -261,7 +255,7 @@ def _busy_loop(core, clients: list[_ClientSockets], parent_pid: int, metrics: Sc
             metrics.record(stats)
 
 
-def _apply_queued(core, router: ClientRouter, client: int, input_socket: zmq.Socket,
+def _apply_queued(core: EngineCore, router: ClientRouter, client: int, input_socket: zmq.Socket,
                   decoder: msgspec.msgpack.Decoder, failed: list[EngineCoreOutput]) -> int:
     """Applies every message the client has queued; returns how many there were. A request that cannot be
     added gets a finish_reason "error" output in ``failed`` (sent with this turn's step)."""

@@ -16,67 +16,48 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
+from dataclasses import dataclass
 
-import torch
-
-from sluice.config import CacheConfig, EngineArgs, SchedulerConfig, resolve_batch_limits
+from sluice.config import EngineConfig
 from sluice.core.interface import EngineCoreOutput, SchedulerOutput
 from sluice.core.request import Request, RequestStatus
 from sluice.core.scheduler import Scheduler
 from sluice.engine.cpu_threads import set_cpu_threads
-from sluice.models.model_config import ModelConfig
-from sluice.worker.model_runner import LaunchedStep, ModelRunner, is_large_gpu
+from sluice.stats import SchedulerStats
+from sluice.worker.model_runner import LaunchedStep, ModelRunner
 
 logger = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True)
+class EngineCoreInfo:
+    """What only the core knows once it is up: the KV cache it sized, and the model it loaded.
+    The clients hand it to the front end with ``config.with_kv_cache(num_kv_blocks)``."""
+    num_kv_blocks: int
+    num_parameters: int
+    load_seconds: float
+    kv_bytes_per_block: int
+
+
 class EngineCore:
-    def __init__(self, model_config: ModelConfig, args: EngineArgs) -> None:
-        self.model_config = model_config
-        max_model_len = model_config.max_model_len
-        device_type = torch.device(model_config.device).type
-        set_cpu_threads(args.cpu_threads)
-        limits = resolve_batch_limits(args, max_model_len, device_type,
-                                      large_gpu=device_type == "cuda" and is_large_gpu(model_config.device))
-        async_scheduling = args.async_scheduling if args.async_scheduling is not None else device_type == "cuda"
-        self.scheduler_config = SchedulerConfig(
-            max_num_seqs=limits.max_num_seqs,
-            max_num_batched_tokens=limits.max_num_batched_tokens,
-            max_model_len=max_model_len,
-            policy=args.scheduling_policy,
-            async_scheduling=async_scheduling,
-            long_prefill_token_threshold=args.long_prefill_token_threshold,
-        )
-        self.runner = ModelRunner(model_config, args.block_size, limits.max_num_seqs,
-                                  limits.max_num_batched_tokens, enforce_eager=args.enforce_eager)
+    def __init__(self, config: EngineConfig) -> None:
+        """``config``: resolved by create_engine_config; ``self.config`` is it with the KV cache sized."""
+        set_cpu_threads(config.model.cpu_threads)
+        self.runner = ModelRunner(config.model, config.cache.block_size, config.scheduler.max_num_seqs,
+                                  config.scheduler.max_num_batched_tokens,
+                                  enforce_eager=config.model.enforce_eager)
         self.runner.load_model()
-        num_blocks = self.runner.determine_num_kv_blocks(
-            args.num_kv_blocks, args.kv_cache_memory, args.gpu_memory_utilization)
+        num_blocks = self.runner.determine_num_kv_blocks(config.cache)
         self.runner.initialize_kv_cache(num_blocks)
-        self.cache_config = CacheConfig(
-            block_size=args.block_size,
-            enable_prefix_caching=args.enable_prefix_caching,
-            num_blocks=num_blocks,
-            sliding_window=model_config.kv_sliding_window,
-        )
-        self.scheduler = Scheduler(self.scheduler_config, self.cache_config)
+        self.config = config.with_kv_cache(num_blocks)
+        if self.config.max_model_len < config.max_model_len:
+            logger.warning("The KV cache holds %d tokens, less than max_model_len=%d: requests stop at %d tokens",
+                           self.config.num_kv_tokens, config.max_model_len, self.config.max_model_len)
+        self.info = EngineCoreInfo(num_blocks, self.runner.num_parameters, self.runner.load_seconds,
+                                   self.runner.kv_spec.bytes_per_block)
+        self.scheduler = Scheduler(self.config.scheduler, self.config.cache)
+        self._async_scheduling = self.config.scheduler.async_scheduling
         self._in_flight: tuple[SchedulerOutput, LaunchedStep] | None = None
-
-    @property
-    def num_parameters(self) -> int:
-        return self.runner.num_parameters
-
-    @property
-    def load_seconds(self) -> float:
-        return self.runner.load_seconds
-
-    @property
-    def kv_bytes_per_block(self) -> int:
-        return self.runner.kv_spec.bytes_per_block
-
-    @property
-    def num_kv_tokens(self) -> int:
-        return self.cache_config.num_blocks * self.cache_config.block_size
 
     def add_request(self, request: Request) -> None:
         self.scheduler.add_request(request)
@@ -93,7 +74,7 @@ class EngineCore:
 
     def step(self) -> list[EngineCoreOutput]:
         scheduler_output = self.scheduler.schedule()
-        if not self.scheduler_config.async_scheduling:
+        if not self._async_scheduling:
             return self.scheduler.update_from_output(scheduler_output, self.runner.execute(scheduler_output))
         previous, self._in_flight = self._in_flight, None
         outputs: list[EngineCoreOutput] = []
@@ -112,5 +93,5 @@ class EngineCore:
         scheduler_output, launched = step
         return self.scheduler.update_from_output(scheduler_output, self.runner.collect(launched))
 
-    def make_stats(self):
+    def make_stats(self) -> SchedulerStats:
         return self.scheduler.make_stats()

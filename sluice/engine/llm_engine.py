@@ -11,15 +11,15 @@ import time
 from collections.abc import Iterable
 from typing import Any
 
-from sluice.config import EngineArgs
+from sluice.config import EngineArgs, EngineConfig, create_engine_config
 from sluice.core.interface import EngineCoreOutput
 from sluice.core.request import Request
+from sluice.engine.client import CoreAttachment, EngineCoreClient, InprocClient, make_engine_core_client
 from sluice.engine.engine_core import EngineCore
 from sluice.engine.output_processor import OutputProcessor, ParentRequestState
-from sluice.engine.stats import IterationStats, StatLogger
-from sluice.models.model_config import ModelConfig
 from sluice.outputs import RequestOutput
-from sluice.sampling_params import SamplingParams
+from sluice.sampling_params import SamplingParams, check_context_length
+from sluice.stats import IterationStats, StatLogger
 
 logger = logging.getLogger(__name__)
 
@@ -27,42 +27,63 @@ PromptType = str | list[int] | dict[str, Any]
 
 
 class LLMEngine:
-    def __init__(self, model_config: ModelConfig, args: EngineArgs,
-                 stat_loggers: list[StatLogger] | None = None, core: EngineCore | None = None) -> None:
-        """``core``: the engine core to drive; by default an in-process EngineCore (the server may pass a
-        client of a core running in its own process, with the same calls)."""
-        from sluice.tokenizer import end_of_turn_token_ids, get_chat_template, get_tokenizer
+    def __init__(self, engine_core: EngineCoreClient, stat_loggers: list[StatLogger] | None = None) -> None:
+        """``engine_core``: the client of a ready engine core (engine/client.py), in process or not; this
+        engine validates requests against its ``config``."""
+        from sluice.tokenizer import load_tokenizer
 
-        self.model_config = model_config
-        self.args = args
-        self.tokenizer = get_tokenizer(model_config.model, args.tokenizer)
-        self.chat_template = get_chat_template(self.tokenizer)
-        self.eos_token_id, extra_eos = _eos_ids(model_config.hf_config, self.tokenizer)
-        self.extra_stop_token_ids = sorted(set(extra_eos) | set(
-            end_of_turn_token_ids(self.tokenizer, self.chat_template)) - {self.eos_token_id})
-        self.core = core if core is not None else EngineCore(model_config, args)
+        self.engine_core = engine_core
+        self.config: EngineConfig = engine_core.config
+        self.model_config = self.config.model
+        self.max_model_len = self.config.max_model_len  # capped by the KV cache
+        self.tokenizer, self.chat_template = load_tokenizer(self.model_config)
+        self.eos_token_id, self.extra_stop_token_ids = _stop_ids(self.model_config.hf_config, self.tokenizer,
+                                                                 self.chat_template)
         self.output_processor = OutputProcessor(self.tokenizer)
         self.stat_loggers = list(stat_loggers or [])
-        self.max_model_len = model_config.max_model_len
         self._log_startup()
 
     def _log_startup(self) -> None:
-        cfg, core = self.model_config, self.core
-        cache = core.cache_config
+        cfg, info, cache = self.model_config, self.engine_core.info, self.config.cache
         logger.info("model %s (%s): %.1fM parameters, %s on %s, loaded in %.1f s",
-                    cfg.served_model_name, cfg.model, core.num_parameters / 1e6, cfg.dtype, cfg.device,
-                    core.load_seconds)
+                    cfg.served_model_name, cfg.model, info.num_parameters / 1e6, cfg.dtype, cfg.device,
+                    info.load_seconds)
         logger.info("KV cache: %d blocks of %d tokens = %d tokens (%.1f MiB); max_model_len %d, "
                     "max_num_seqs %d, max_num_batched_tokens %d, prefix caching %s",
-                    cache.num_blocks, cache.block_size, core.num_kv_tokens,
-                    cache.num_blocks * core.kv_bytes_per_block / 2**20, cfg.max_model_len,
-                    core.scheduler_config.max_num_seqs, core.scheduler_config.max_num_batched_tokens,
+                    cache.num_blocks, cache.block_size, cache.num_kv_tokens,
+                    cache.num_blocks * info.kv_bytes_per_block / 2**20, self.max_model_len,
+                    self.config.scheduler.max_num_seqs, self.config.scheduler.max_num_batched_tokens,
                     "on" if cache.enable_prefix_caching else "off")
 
     @classmethod
-    def from_engine_args(cls, args: EngineArgs, stat_loggers: list[StatLogger] | None = None) -> "LLMEngine":
-        args.validate()
-        return cls(ModelConfig.from_engine_args(args), args, stat_loggers)
+    def from_engine_args(cls, args: EngineArgs, stat_loggers: list[StatLogger] | None = None,
+                         process_split: bool = False) -> "LLMEngine":
+        return cls.from_config(create_engine_config(args), stat_loggers, process_split)
+
+    @classmethod
+    def from_config(cls, config: EngineConfig, stat_loggers: list[StatLogger] | None = None,
+                    process_split: bool = False, attach: CoreAttachment | None = None) -> "LLMEngine":
+        """An engine over the client ``make_engine_core_client`` makes for ``config``."""
+        client = make_engine_core_client(config, process_split, attach)
+        try:
+            return cls(client, stat_loggers)
+        except BaseException:
+            client.shutdown()
+            raise
+
+    @property
+    def core(self) -> EngineCore:
+        """The EngineCore itself, when it runs in this process (tests, benchmarks and profiling reach in)."""
+        if not isinstance(self.engine_core, InprocClient):
+            raise AttributeError("the engine core runs in another process")
+        return self.engine_core.engine_core
+
+    def check_health(self) -> None:
+        """Raises EngineDeadError if the engine core is gone."""
+        self.engine_core.check_health()
+
+    def shutdown(self) -> None:
+        self.engine_core.shutdown()
 
     # ---- requests ----------------------------------------------------------------------
     def tokenize_prompt(self, prompt: PromptType) -> tuple[str | None, list[int]]:
@@ -74,6 +95,7 @@ class LLMEngine:
             else:
                 raise ValueError("a prompt dict needs 'prompt' or 'prompt_token_ids'")
         if isinstance(prompt, str):
+            self._need_tokenizer("a text prompt", "prompt")
             return prompt, self.tokenizer.encode(prompt)
         if isinstance(prompt, (list, tuple)) and all(isinstance(t, int) for t in prompt):
             return None, list(prompt)
@@ -84,7 +106,10 @@ class LLMEngine:
         params = (params or SamplingParams()).clone()
         prompt_text, prompt_ids = self.tokenize_prompt(prompt)
         if params.bad_words:
+            self._need_tokenizer("bad_words", "bad_words")
             params.update_bad_words_from_tokenizer(self.tokenizer)
+        if params.stop:
+            self._need_tokenizer("stop strings", "stop")
         self._validate(prompt_ids, params)
         params.update_from_tokenizer(self.eos_token_id, self.extra_stop_token_ids)
         arrival_time = time.monotonic() if arrival_time is None else arrival_time
@@ -92,12 +117,17 @@ class LLMEngine:
         children = self.output_processor.add_request(parent)
         try:
             for child_id, child_params in children:
-                self.core.add_request(Request(
+                self.engine_core.add_request(Request(
                     child_id, prompt_ids, child_params, eos_token_id=self.eos_token_id, priority=priority,
                     arrival_time=arrival_time, parent_request_id=request_id if params.n > 1 else None))
         except BaseException:
             self.abort_request(request_id)  # children already added give their blocks back; nothing leaks
             raise
+
+    def _need_tokenizer(self, what: str, field: str) -> None:
+        if self.tokenizer is None:
+            raise ValueError(f"{field}: {what} needs a tokenizer, but the engine runs with skip_tokenizer_init=True "
+                             "(token ids only)")
 
     def _validate(self, prompt_ids: list[int], params: SamplingParams) -> None:
         if not prompt_ids:
@@ -106,44 +136,33 @@ class LLMEngine:
         bad = [t for t in prompt_ids if not 0 <= t < vocab_size]
         if bad:
             raise ValueError(f"prompt token id {bad[0]} is out of range for vocab size {vocab_size}")
-        if len(prompt_ids) >= self.max_model_len:
-            raise ValueError(f"the prompt is {len(prompt_ids)} tokens long, but max_model_len is "
-                             f"{self.max_model_len}: it must leave room for at least one output token")
-        kv_tokens = self.core.num_kv_tokens
-        if self.core.cache_config.sliding_window is not None:  # blocks behind the window are recycled
-            kv_tokens = max(kv_tokens, self.max_model_len)
-        needed = len(prompt_ids) + (params.max_tokens or 1)
-        if len(prompt_ids) + 1 > kv_tokens:
-            raise ValueError(f"the prompt is {len(prompt_ids)} tokens long, but the KV cache holds only "
-                             f"{kv_tokens} tokens")
-        if needed > kv_tokens and params.max_tokens is not None:
-            params.max_tokens = kv_tokens - len(prompt_ids)
-            logger.warning("max_tokens lowered to %d: the KV cache holds %d tokens", params.max_tokens, kv_tokens)
+        # Only the prompt must fit: a request reaching max_model_len (KV-capped) stops there with "length".
+        check_context_length(len(prompt_ids), None, self.max_model_len)
         params.verify()
-        params.verify_max_logprobs(self.args.max_logprobs)
+        params.verify_max_logprobs(self.model_config.max_logprobs)
         params.verify_against_vocab(vocab_size)
 
     def abort_request(self, request_ids: str | Iterable[str]) -> None:
         if isinstance(request_ids, str):
             request_ids = [request_ids]
         child_ids = self.output_processor.abort_requests(request_ids)
-        self.core.abort_requests(child_ids)
+        self.engine_core.abort_requests(child_ids)
 
     def has_unfinished_requests(self) -> bool:
-        return self.core.has_unfinished_requests()
+        return self.engine_core.has_unfinished_requests()
 
     def get_num_unfinished_requests(self) -> int:
         return self.output_processor.num_unfinished_requests
 
     # ---- the loop ----------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        core_outputs: list[EngineCoreOutput] = self.core.step()
+        core_outputs: list[EngineCoreOutput] = self.engine_core.step()
         iteration_stats = IterationStats()
         outputs, stopped_ids = self.output_processor.process(core_outputs, iteration_stats)
         if stopped_ids:
-            self.core.stop_requests(stopped_ids)
+            self.engine_core.stop_requests(stopped_ids)
         if self.stat_loggers:
-            scheduler_stats = self.core.make_stats()
+            scheduler_stats = self.engine_core.make_stats()
             for stat_logger in self.stat_loggers:
                 stat_logger.record(scheduler_stats, iteration_stats)
         return outputs
@@ -152,15 +171,22 @@ class LLMEngine:
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
                             chat_template: str | None = None, **kwargs: Any) -> list[int]:
         from sluice.tokenizer import apply_chat_template
+        self._need_tokenizer("a chat", "messages")
         return apply_chat_template(self.tokenizer, messages, chat_template or self.chat_template,
                                    add_generation_prompt=add_generation_prompt, **kwargs)
 
 
-def _eos_ids(hf_config: Any, tokenizer: Any) -> tuple[int | None, list[int]]:
-    """The model's eos id, plus any further ids that also end generation (Llama 3 lists several)."""
+def _stop_ids(hf_config: Any, tokenizer: Any, chat_template: str | None) -> tuple[int | None, list[int]]:
+    """The model's eos id, and the further ids that also end generation: a list of eos ids (Llama 3 lists
+    several) and the chat template's end-of-turn token. Without a tokenizer, the model config's alone."""
+    from sluice.tokenizer import end_of_turn_token_ids
+
     eos = getattr(hf_config, "eos_token_id", None)
-    if eos is None:
+    if eos is None and tokenizer is not None:
         eos = tokenizer.eos_token_id
+    extra: list[int] = []
     if isinstance(eos, (list, tuple)):
-        return (eos[0] if eos else None), list(eos[1:])
-    return eos, []
+        eos, extra = (eos[0] if eos else None), list(eos[1:])
+    if tokenizer is not None:
+        extra += end_of_turn_token_ids(tokenizer, chat_template)
+    return eos, sorted(set(extra) - {eos})

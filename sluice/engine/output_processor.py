@@ -81,7 +81,7 @@ class OutputProcessor:
         children = parent.children()
         for index, (child_id, params) in enumerate(children):
             detok = (IncrementalDetokenizer(self.tokenizer, parent.prompt_token_ids, params)
-                     if params.detokenize else None)
+                     if params.detokenize and self.tokenizer is not None else None)
             parent.children_states[child_id] = ChildState(index, params, detok)
             self.child_to_parent[child_id] = parent
         return children

@@ -7,7 +7,7 @@ Residual adds are fused into the norms (``norm(x, residual)``). Families differ 
 attention block, chosen by ``LlamaForCausalLM.make_attention`` (Qwen2: qkv bias; Qwen3: per-head
 q/k norms), or in the whole decoder layer (``make_layer``: Gemma's sandwich norms), the norm class
 (``norm_class``), an embedding multiplier and fused checkpoint tensors (``split_fused_weights``:
-Phi-3). Each layer's sliding window comes from the config (``layer_sliding_windows``) and is set
+Phi-3). Each layer's sliding window comes from the config (``hf_layer_sliding_windows``) and is set
 on its Attention module. All tokens of a step are packed in one flat dimension [T]; attention
 metadata says which request each token belongs to. Mixture-of-experts families choose their feed-forward
 block with ``make_mlp``.
@@ -28,15 +28,9 @@ from sluice.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, 
 from sluice.layers.norm import RMSNorm
 from sluice.layers.rotary import RotaryEmbedding, get_rope
 from sluice.layers.vocab import LMHead, VocabEmbedding
-from sluice.models.model_config import layer_sliding_windows
-
-
-def get_head_dim(config: Any) -> int:
-    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-
-
-def get_num_kv_heads(config: Any) -> int:
-    return getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+from sluice.models.model_config import hf_head_dim as get_head_dim
+from sluice.models.model_config import hf_layer_sliding_windows
+from sluice.models.model_config import hf_num_kv_heads as get_num_kv_heads
 
 
 class LlamaAttention(nn.Module):
@@ -248,7 +242,7 @@ class LlamaForCausalLM(nn.Module):
 
 def _set_sliding_windows(layers: list[nn.Module], config: Any) -> None:
     """Gives each layer's Attention its window from the config (None: full attention)."""
-    for layer, window in zip(layers, layer_sliding_windows(config)):
+    for layer, window in zip(layers, hf_layer_sliding_windows(config)):
         for module in layer.modules():
             if isinstance(module, Attention):
                 module.sliding_window = window

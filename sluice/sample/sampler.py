@@ -88,6 +88,13 @@ class Sampler:
             return False
         return metadata.no_top_k and metadata.no_top_p and metadata.no_min_p
 
+    def compile_variants(self, logits: torch.Tensor) -> None:
+        """Compiles every fused-kernel variant for logits of this shape and dtype (at start-up, so that no
+        step stops for a compile); nothing when this sampler never takes the fused path."""
+        if self.use_fused_kernel is not False:
+            from sluice.sample import fused_sampling
+            fused_sampling.compile_variants(logits)
+
     def _sample_fused(self, logits: torch.Tensor, metadata: SamplingMetadata) -> torch.Tensor:
         from sluice.sample import fused_sampling  # imports triton: only where the kernel runs
 

@@ -1,7 +1,8 @@
 """Persistent per-request state of the model runner: row-indexed host arrays, and the
 device-side step buffers (``StepBuffers``) they are uploaded into each step.
 
-A request owns one row from admission until it finishes or is preempted. Each step
+A request owns one row from admission until it finishes or is preempted; the model runner's
+request table (``RequestState.row``) is the one map from request id to row. Each step
 only diffs arrive (new requests, appended blocks, sampled tokens); the step's flat
 inputs are then gathered from the rows with vectorised numpy, never a Python loop over
 tokens:
@@ -56,20 +57,16 @@ class InputBatch:
         self.num_computed_tokens = np.zeros(max_num_reqs, dtype=np.int64)
         self.block_table = np.zeros((max_num_reqs, max_blocks), dtype=np.int32)
         self.num_blocks = np.zeros(max_num_reqs, dtype=np.int64)
-        self.req_id_to_row: dict[str, int] = {}
         self._free_rows = list(range(max_num_reqs - 1, -1, -1))
         # Block-table entries written since the last pop_block_diffs(): (row, first column, block ids).
         # The device copy of the block table is updated from these diffs, never rebuilt.
         self._block_diffs: list[tuple[int, int, list[int]]] = []
 
-    def __contains__(self, req_id: str) -> bool:
-        return req_id in self.req_id_to_row
-
     def add_request(self, new: NewRequestData) -> int:
+        """Gives the request a row and fills it; returns the row."""
         if not self._free_rows:
             raise RuntimeError("input batch is full: more running requests than max_num_seqs")
         row = self._free_rows.pop()
-        self.req_id_to_row[new.req_id] = row
         tokens = new.prompt_token_ids + new.output_token_ids
         self.token_ids[row, :len(tokens)] = tokens
         self.num_tokens[row] = len(tokens)
@@ -79,11 +76,9 @@ class InputBatch:
         self.append_blocks(row, new.block_ids)
         return row
 
-    def remove_request(self, req_id: str) -> int | None:
-        row = self.req_id_to_row.pop(req_id, None)
-        if row is not None:
-            self._free_rows.append(row)
-        return row
+    def remove_request(self, row: int) -> None:
+        """Frees a finished or preempted request's row."""
+        self._free_rows.append(row)
 
     def append_blocks(self, row: int, block_ids: list[int]) -> None:
         if block_ids:
@@ -115,9 +110,9 @@ class InputBatch:
         self.token_ids[rows, self.num_tokens[rows]] = token_ids
         self.num_tokens[rows] += 1
 
-    def prepare(self, num_scheduled_tokens: dict[str, int]) -> StepInputs:
+    def prepare(self, num_scheduled_tokens: dict[str, int], rows: np.ndarray) -> StepInputs:
+        """The step's flat inputs; ``rows[i]`` is the row of the i-th request of ``num_scheduled_tokens``."""
         req_ids = list(num_scheduled_tokens)
-        rows = np.fromiter((self.req_id_to_row[r] for r in req_ids), dtype=np.int64, count=len(req_ids))
         num_sched = np.fromiter(num_scheduled_tokens.values(), dtype=np.int64, count=len(req_ids))
         start = self.num_computed_tokens[rows]
         cu = np.zeros(len(req_ids) + 1, dtype=np.int64)

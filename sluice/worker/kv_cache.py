@@ -3,7 +3,8 @@
     kv_cache[layer]: [2, num_blocks, block_size, num_kv_heads, head_dim]   (0 = K, 1 = V)
 
 On CUDA the number of blocks comes from what is left of ``gpu_memory_utilization`` x
-total memory after weights and a profiled peak step; on CPU from ``kv_cache_memory``.
+total memory after weights and a profiled peak step; on CPU from ``kv_cache_memory`` (CacheConfig decides
+the default).
 ``num_kv_blocks`` overrides both.
 """
 from __future__ import annotations
@@ -14,8 +15,6 @@ from dataclasses import dataclass
 import torch
 
 logger = logging.getLogger(__name__)
-
-DEFAULT_CPU_KV_CACHE_BYTES = 1 << 30
 
 
 @dataclass(frozen=True, slots=True)

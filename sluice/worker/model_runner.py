@@ -1,11 +1,15 @@
 """ModelRunner: SchedulerOutput -> tensors -> forward -> sample -> ModelRunnerOutput.
 
-It makes no scheduling decisions: it mirrors the scheduler's diffs into the persistent
-InputBatch, gathers one flat batch (prefill chunks and decodes alike) with vectorised numpy,
-uploads it into the persistent device StepBuffers (two pinned non-blocking copies, block-table
-diffs applied on the device), runs the model once -- a captured CUDA graph for decode-only
-steps, eagerly otherwise -- and samples for the requests whose known tokens are now all
-computed. The only host-device synchronisation of a step is reading the sampled token ids.
+It makes no scheduling decisions: it mirrors the scheduler's diffs into its request table
+(``requests``: per request id, one RequestState with the InputBatch row that holds its token ids
+and block table, its sampling state, and the features that change how a step runs for it) and
+the persistent InputBatch, gathers one flat batch (prefill chunks and decodes alike) with
+vectorised numpy, uploads it into the persistent device StepBuffers (two pinned non-blocking
+copies, block-table diffs applied on the device), runs the model once -- a captured CUDA graph
+when the step fits one (decode steps up to max_num_seqs requests, steps with prompt chunks up to
+1024 tokens), eagerly otherwise, with the attention launch plan built once for the step -- and
+samples for the requests whose known tokens are now all computed. The only host-device
+synchronisation of a step is reading the sampled token ids.
 """
 from __future__ import annotations
 
@@ -18,24 +22,35 @@ import numpy as np
 import torch
 
 from sluice.attention import AttentionMetadata, get_attention_backend
-from sluice.core.interface import LogprobsLists, ModelRunnerOutput, SchedulerOutput
-from sluice.models.model_config import ModelConfig
+from sluice.config import CacheConfig, ModelConfig
+from sluice.core.interface import LogprobsLists, ModelRunnerOutput, NewRequestData, SchedulerOutput
 from sluice.sample.logprobs import compute_prompt_logprobs
 from sluice.sample.metadata import PendingOutputs, RequestSamplingState, SamplingMetadata
 from sluice.sample.sampler import Sampler, SamplerOutput
 from sluice.worker.cuda_graphs import DecodeGraphs, MixedGraphs, capture_sizes, mixed_capture_sizes
 from sluice.worker.input_batch import InputBatch, StepInputs
-from sluice.worker.kv_cache import (DEFAULT_CPU_KV_CACHE_BYTES, KVCacheSpec, allocate_kv_caches,
-                                    available_gpu_kv_bytes, num_blocks_for_memory)
+from sluice.worker.kv_cache import KVCacheSpec, allocate_kv_caches, available_gpu_kv_bytes, num_blocks_for_memory
 from sluice.worker.step_buffers import PendingSampledIds, SampledIdsReadback, StepBuffers
 
 logger = logging.getLogger(__name__)
 
 
-def is_large_gpu(device: str | torch.device) -> bool:
-    """A GPU of 70 GiB or more that is not an A100: vLLM's larger batch defaults suit it."""
-    props = torch.cuda.get_device_properties(torch.device(device))
-    return props.total_memory >= 70 * 2 ** 30 and "a100" not in props.name.lower()
+@dataclass(slots=True)
+class RequestState:
+    """One running request as the runner knows it, from admission until it finishes or is preempted."""
+    row: int  # its InputBatch row: token ids, positions, block table row
+    sampling: RequestSamplingState
+    prompt_logprobs: int | None  # top logprobs per prompt position it asked for
+    per_step_sampling: bool  # penalties, bad words, min_tokens: its sampling metadata changes every step
+    reads_output_on_host: bool  # bad words: sampling reads its last output ids on the host
+
+    @classmethod
+    def create(cls, row: int, new: NewRequestData, device: torch.device) -> "RequestState":
+        params = new.sampling_params
+        sampling = RequestSamplingState.create(params, new.prompt_token_ids, list(new.output_token_ids),
+                                               new.eos_token_id, device=device)
+        return cls(row, sampling, params.prompt_logprobs, params.uses_per_step_state,
+                   params.reads_output_text_on_host)
 
 
 @dataclass(slots=True)
@@ -69,12 +84,11 @@ class ModelRunner:
         self.decode_graphs: DecodeGraphs | None = None
         self.mixed_graphs: MixedGraphs | None = None
         self.long_context_mixed_graphs: MixedGraphs | None = None  # mixed steps with a context that splits KV
-        self.sampling_states: dict[str, RequestSamplingState] = {}
-        self._prompt_logprob_req_ids: set[str] = set()
+        self.requests: dict[str, RequestState] = {}
+        # How many requests of the table use each feature, so a step without any skips the lookups.
+        self._num_prompt_logprobs = self._num_per_step_sampling = self._num_reading_host_output = 0
         # Sampling metadata is reused while the same requests sample and none of them uses a
         # feature that changes per step (penalties, bad words, min_tokens).
-        self._per_step_sampling_req_ids: set[str] = set()
-        self._host_output_req_ids: set[str] = set()  # bad words: sampling reads their output ids on the host
         self._cached_sampling: tuple[list[str], SamplingMetadata] | None = None
         self.sampler = Sampler()
         # The last launched step's sampled ids (device) and, per InputBatch row, the index of its sample.
@@ -82,6 +96,7 @@ class ModelRunner:
         self._sampled_host = SampledIdsReadback(max_num_seqs, self.device)
         self.kv_spec = KVCacheSpec(model_config.num_layers, model_config.num_kv_heads,
                                    model_config.head_dim, block_size, self.dtype)
+        self._num_heads, self._num_kv_heads = model_config.num_attention_heads, model_config.num_kv_heads
 
     # ---- setup -------------------------------------------------------------------------
     def load_model(self) -> None:
@@ -105,15 +120,15 @@ class ModelRunner:
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.model.parameters())
 
-    def determine_num_kv_blocks(self, num_kv_blocks: int | None, kv_cache_memory: int | None,
-                                gpu_memory_utilization: float) -> int:
-        if num_kv_blocks is not None:
-            return num_kv_blocks
+    def determine_num_kv_blocks(self, cache: CacheConfig) -> int:
+        """``cache.num_blocks`` if given, else as many blocks as its memory budget holds."""
+        if cache.num_blocks is not None:
+            return cache.num_blocks
         if self.device.type == "cuda":
             self._profile_peak_step()
-            available = available_gpu_kv_bytes(self.device, gpu_memory_utilization)
+            available = available_gpu_kv_bytes(self.device, cache.gpu_memory_utilization)
         else:
-            available = kv_cache_memory or DEFAULT_CPU_KV_CACHE_BYTES
+            available = cache.kv_cache_memory_bytes
         num_blocks = num_blocks_for_memory(self.kv_spec, available)
         if num_blocks == 0:
             raise ValueError("no memory left for the KV cache: lower max_num_batched_tokens or raise "
@@ -138,9 +153,7 @@ class ModelRunner:
         positions = torch.cat([torch.arange(n, device=self.device) for n in query_lens])
         hidden = self.model(torch.zeros(num_tokens, dtype=torch.long, device=self.device), positions, metadata)
         logits = self.model.compute_logits(hidden[-self.max_num_seqs:])
-        if self.sampler.use_fused_kernel is not False:
-            from sluice.sample import fused_sampling
-            fused_sampling.compile_variants(logits)
+        self.sampler.compile_variants(logits)
         torch.cuda.synchronize(self.device)
         self._bind([])
         del kv, hidden, logits
@@ -154,12 +167,13 @@ class ModelRunner:
         block_table = torch.arange(num_reqs * blocks_per_req, dtype=torch.int32, device=device).view(num_reqs, -1)
         slots = torch.cat([row * blocks_per_req * self.block_size + torch.arange(n, device=device)
                            for row, n in enumerate(query_lens)])
-        return AttentionMetadata(
+        metadata = AttentionMetadata(
             num_actual_tokens=starts[-1], num_reqs=num_reqs,
             query_start_loc=torch.tensor(starts, dtype=torch.int32, device=device),
             seq_lens=torch.tensor(query_lens, dtype=torch.int32, device=device),
             block_table=block_table, slot_mapping=slots, max_query_len=max(query_lens),
             max_seq_len=max(query_lens), query_start_loc_cpu=starts, seq_lens_cpu=list(query_lens))
+        return self._plan(metadata, starts[-1])
 
     def initialize_kv_cache(self, num_blocks: int) -> None:
         self.kv_caches = allocate_kv_caches(self.kv_spec, num_blocks, self.device)
@@ -176,10 +190,9 @@ class ModelRunner:
         # A step never holds more than max_num_seqs requests of max_model_len tokens.
         sizes = [s for s in mixed_capture_sizes(self.step_buffers.max_num_tokens) if s <= self.max_num_seqs * max_len]
         if sizes:
-            # Mixed steps split KV from MIXED_SPLIT_MIN_SEQ_LEN on (a chunk deep into a long prompt):
-            # one set of graphs below that length, one at max_model_len when it reaches it.
-            from sluice.attention.triton_paged import MIXED_SPLIT_MIN_SEQ_LEN
-            short_len = min(max_len, MIXED_SPLIT_MIN_SEQ_LEN - 1)
+            # Mixed steps split KV from the backend's mixed_split_min_seq_len on (a chunk deep into a long
+            # prompt): one set of graphs below that length, one at max_model_len when it reaches it.
+            short_len = min(max_len, self.attn_backend.mixed_split_min_seq_len - 1)
             mixed = MixedGraphs(self.model, self.step_buffers, sizes, max_seq_len=short_len)
             mixed.capture(pool)
             self.mixed_graphs = mixed
@@ -202,28 +215,32 @@ class ModelRunner:
     # ---- one step ----------------------------------------------------------------------
     def _update_states(self, out: SchedulerOutput) -> None:
         for req_id in out.finished_req_ids | out.preempted_req_ids:
-            self.input_batch.remove_request(req_id)
-            self.sampling_states.pop(req_id, None)
-            self._prompt_logprob_req_ids.discard(req_id)
-            self._per_step_sampling_req_ids.discard(req_id)
-            self._host_output_req_ids.discard(req_id)
+            self._remove_request(req_id)
         for new in out.scheduled_new_reqs:
-            self.input_batch.remove_request(new.req_id)  # resumed after preemption
-            self.input_batch.add_request(new)
-            self.sampling_states[new.req_id] = RequestSamplingState.create(
-                new.sampling_params, new.prompt_token_ids, list(new.output_token_ids), new.eos_token_id,
-                device=self.device)
-            params = new.sampling_params
-            if params.prompt_logprobs is not None:
-                self._prompt_logprob_req_ids.add(new.req_id)
-            if params.uses_per_step_state:
-                self._per_step_sampling_req_ids.add(new.req_id)
-            if params.reads_output_text_on_host:
-                self._host_output_req_ids.add(new.req_id)
-        row_of = self.input_batch.req_id_to_row
+            self._remove_request(new.req_id)  # resumed after preemption
+            state = RequestState.create(self.input_batch.add_request(new), new, self.device)
+            self.requests[new.req_id] = state
+            self._count_features(state, 1)
+        requests = self.requests
         for cached in out.scheduled_cached_reqs:
             if cached.new_block_ids:
-                self.input_batch.append_blocks(row_of[cached.req_id], cached.new_block_ids)
+                self.input_batch.append_blocks(requests[cached.req_id].row, cached.new_block_ids)
+
+    def _remove_request(self, req_id: str) -> None:
+        state = self.requests.pop(req_id, None)
+        if state is not None:
+            self.input_batch.remove_request(state.row)
+            self._count_features(state, -1)
+
+    def _count_features(self, state: RequestState, delta: int) -> None:
+        self._num_prompt_logprobs += delta * (state.prompt_logprobs is not None)
+        self._num_per_step_sampling += delta * state.per_step_sampling
+        self._num_reading_host_output += delta * state.reads_output_on_host
+
+    def _plan(self, metadata: AttentionMetadata, num_tokens: int) -> AttentionMetadata:
+        """Attaches the attention backend's launch plan for the step, built once here for every layer."""
+        metadata.plan = self.attn_backend.plan(metadata, num_tokens, self._num_heads, self._num_kv_heads)
+        return metadata
 
     def _forward(self, inputs: StepInputs) -> torch.Tensor:
         """Uploads the step and runs the model: hidden states [num_tokens (+ padding), hidden]."""
@@ -232,7 +249,7 @@ class ModelRunner:
                                         num_padded_tokens=padded_tokens, pending=self._pending(inputs))
         if bucket is not None:
             return graphs.run(bucket)
-        return self.model(step.input_ids, step.positions, step.metadata)
+        return self.model(step.input_ids, step.positions, self._plan(step.metadata, len(step.input_ids)))
 
     def _pick_graph(self, inputs: StepInputs) -> tuple[DecodeGraphs | None, int | None, int | None, int | None]:
         """(graph set, bucket, padded requests, padded tokens) for the step; all None to run eagerly."""
@@ -272,8 +289,11 @@ class ModelRunner:
         sample still in flight on the device: see PendingOutputs.)"""
         if any(new.sampling_params.reads_output_text_on_host for new in scheduler_output.scheduled_new_reqs):
             return True
-        on_host = self._host_output_req_ids
-        return bool(on_host) and not on_host.isdisjoint(scheduler_output.num_scheduled_tokens)
+        if not self._num_reading_host_output:
+            return False
+        requests = self.requests
+        return any(state.reads_output_on_host for r in scheduler_output.num_scheduled_tokens
+                   if (state := requests.get(r)) is not None)
 
     @torch.inference_mode()
     def execute(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
@@ -290,10 +310,13 @@ class ModelRunner:
         self._update_states(scheduler_output)
         if scheduler_output.is_empty():
             return LaunchedStep([], [], [], None, None, {})
-        inputs = self.input_batch.prepare(scheduler_output.num_scheduled_tokens)
+        num_scheduled = scheduler_output.num_scheduled_tokens
+        requests = self.requests
+        rows = np.fromiter((requests[r].row for r in num_scheduled), dtype=np.int64, count=len(num_scheduled))
+        inputs = self.input_batch.prepare(num_scheduled, rows)
         hidden = self._forward(inputs)
         result, host_ids = None, None
-        states = [self.sampling_states[r] for r in inputs.sampling_req_ids]
+        states = [requests[r].sampling for r in inputs.sampling_req_ids]
         if inputs.sampling_req_ids:
             num_sampling = len(inputs.sampling_req_ids)
             logits = self.model.compute_logits(hidden[self.step_buffers.logits_indices[:num_sampling]])
@@ -303,7 +326,7 @@ class ModelRunner:
             row_to_index = np.full(self.max_num_seqs, -1, dtype=np.int64)
             row_to_index[inputs.sampling_rows] = np.arange(num_sampling)
             self._last_sampled = (result.sampled_token_ids, row_to_index)
-        prompt_logprobs = self._prompt_logprobs(inputs, hidden) if self._prompt_logprob_req_ids else {}
+        prompt_logprobs = self._prompt_logprobs(inputs, hidden) if self._num_prompt_logprobs else {}
         return LaunchedStep(inputs.req_ids, inputs.sampling_req_ids, states, result, host_ids, prompt_logprobs)
 
     def collect(self, step: LaunchedStep) -> ModelRunnerOutput:
@@ -313,14 +336,16 @@ class ModelRunner:
         if step.sampling_req_ids:
             token_ids = step.host_ids.wait()
             rows, kept = [], []
-            for i, (req_id, state, token_id) in enumerate(zip(step.sampling_req_ids, step.states,
-                                                               token_ids.tolist())):
+            requests = self.requests
+            for i, (req_id, sampling, token_id) in enumerate(zip(step.sampling_req_ids, step.states,
+                                                                  token_ids.tolist())):
                 sampled[req_id] = [token_id]
                 # A request finished or preempted since the launch has left the batch: its sample
                 # still goes to the scheduler, but no longer into the runner's state.
-                if self.sampling_states.get(req_id) is state:
-                    state.output_token_ids.append(token_id)
-                    rows.append(self.input_batch.req_id_to_row[req_id])
+                state = requests.get(req_id)
+                if state is not None and state.sampling is sampling:
+                    sampling.output_token_ids.append(token_id)
+                    rows.append(state.row)
                     kept.append(i)
             if rows:
                 self.input_batch.append_tokens(np.asarray(rows, dtype=np.int64), token_ids[kept])
@@ -332,7 +357,7 @@ class ModelRunner:
                            vocab_size: int) -> SamplingMetadata:
         req_ids = inputs.sampling_req_ids
         cached = self._cached_sampling
-        per_step = not self._per_step_sampling_req_ids.isdisjoint(req_ids)
+        per_step = bool(self._num_per_step_sampling) and any(self.requests[r].per_step_sampling for r in req_ids)
         if cached is not None and cached[0] == req_ids and not per_step:
             return cached[1]
         pending = self._pending_outputs(inputs) if per_step else None
@@ -359,9 +384,9 @@ class ModelRunner:
         """
         result: dict[str, LogprobsLists] = {}
         for i, req_id in enumerate(inputs.req_ids):
-            if req_id not in self._prompt_logprob_req_ids:
+            num_logprobs = self.requests[req_id].prompt_logprobs
+            if num_logprobs is None:
                 continue
-            num_logprobs = self.sampling_states[req_id].params.prompt_logprobs
             row = inputs.rows[i]
             end = int(inputs.seq_lens[i])
             start = end - int(inputs.query_start_loc[i + 1] - inputs.query_start_loc[i])

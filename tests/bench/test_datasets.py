@@ -1,4 +1,4 @@
-"""Workload generators W1-W4: seeded, with the shapes BENCHMARKS.md documents."""
+"""Workload generators W1-W4: seeded, with the shapes docs/benchmarks.md documents."""
 from __future__ import annotations
 
 import numpy as np

@@ -1,4 +1,4 @@
-"""Roofline lower bounds against the hand numbers of BENCHMARKS.md's Limits."""
+"""Roofline lower bounds against the hand numbers of docs/benchmarks.md's Limits."""
 from __future__ import annotations
 
 import pytest

@@ -79,7 +79,7 @@ def test_g9_is_the_gemma2_9b_shape_with_alternating_windows(tmp_path):
     from sluice.bench.cli import G9_NAME, resolve_model
     from sluice.config import EngineArgs
     from sluice.models.loader import load_hf_config
-    from sluice.models.model_config import kv_sliding_window, layer_sliding_windows
+    from sluice.models.model_config import hf_kv_sliding_window, hf_layer_sliding_windows
     from sluice.models.registry import get_model_class
 
     resolved = resolve_model(EngineArgs(model=G9_NAME, tokenizer="any"), str(tmp_path))
@@ -87,8 +87,8 @@ def test_g9_is_the_gemma2_9b_shape_with_alternating_windows(tmp_path):
     config = load_hf_config(resolved.engine_args.model)
     assert get_model_class(config).__name__ == "Gemma2ForCausalLM"
     assert (config.num_hidden_layers, config.hidden_size, config.head_dim, config.vocab_size) == (42, 3584, 256, 256000)
-    assert layer_sliding_windows(config)[:2] == [4096, None]
-    assert kv_sliding_window(config) is None  # global layers keep every block
+    assert hf_layer_sliding_windows(config)[:2] == [4096, None]
+    assert hf_kv_sliding_window(config) is None  # global layers keep every block
 
 
 def test_q30a3_without_a_tokenizer_says_which_flag_is_missing(capsys):

@@ -1,13 +1,26 @@
-"""EngineArgs: vLLM's flag names, defined once, validated with errors that name the field."""
+"""EngineArgs: vLLM's flag names, defined once, validated with errors that name the field; create_engine_config:
+every default decided once, in one frozen EngineConfig; the README's flag table states those defaults."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
+import os
+import re
+from pathlib import Path
 
 import pytest
 
-from sluice.config import EngineArgs, resolve_batch_limits
+from sluice.config import (EngineArgs, DeviceConfig, EngineConfig, create_engine_config, default_description,
+                           resolve_batch_limits)
 from sluice.engine.stats import IterationStats, LoggingStatLogger, SchedulerStats
+from tests.tiny_models import save_tiny_model
+
+H100 = DeviceConfig("cuda", "NVIDIA H100 80GB HBM3", 85 * 10**9)
+A100 = DeviceConfig("cuda", "NVIDIA A100-SXM4-80GB", 85 * 10**9)
+L4 = DeviceConfig("cuda", "NVIDIA L4", 24 * 2**30)
+CPU = DeviceConfig("cpu")
+README = Path(__file__).resolve().parents[2] / "README.md"
 
 
 def test_cli_flags_carry_vllm_names_and_round_trip():
@@ -22,25 +35,76 @@ def test_cli_flags_carry_vllm_names_and_round_trip():
         100, "dummy", "priority")
 
 
-@pytest.mark.parametrize("device_type, large_gpu, usage_context, expected", [
-    ("cuda", True, "llm", (1024, 16384)),
-    ("cuda", True, "server", (1024, 8192)),
-    ("cuda", False, "llm", (256, 8192)),
-    ("cuda", False, "server", (256, 2048)),
-    ("cpu", False, "llm", (256, 2048)),
-    ("cpu", False, "server", (256, 2048)),
+@pytest.mark.parametrize("device, usage_context, expected", [
+    (H100, "llm", (1024, 16384)),
+    (H100, "server", (1024, 8192)),
+    (A100, "llm", (256, 8192)),
+    (L4, "server", (256, 2048)),
+    (CPU, "llm", (256, 2048)),
+    (CPU, "server", (256, 2048)),
 ])
-def test_batch_limits_default_as_vllm_picks_them_per_device(device_type, large_gpu, usage_context, expected):
-    limits = resolve_batch_limits(EngineArgs(usage_context=usage_context), 131072, device_type, large_gpu)
-    assert (limits.max_num_seqs, limits.max_num_batched_tokens) == expected
+def test_batch_limits_default_as_vllm_picks_them_per_device(device, usage_context, expected):
+    assert resolve_batch_limits(EngineArgs(usage_context=usage_context), 131072, device) == expected
 
 
 def test_given_batch_limits_win_over_the_defaults_and_short_contexts_shrink_the_cpu_budget():
     given = EngineArgs(max_num_seqs=8, max_num_batched_tokens=64)
-    assert resolve_batch_limits(given, 131072, "cuda", True) == resolve_batch_limits(given, 128, "cpu", False)
-    assert resolve_batch_limits(given, 128, "cpu", False).max_num_seqs == 8
-    assert resolve_batch_limits(EngineArgs(), 1024, "cpu", False).max_num_batched_tokens == 1024
-    assert resolve_batch_limits(EngineArgs(), 128, "cpu", False).max_num_batched_tokens == 512
+    assert resolve_batch_limits(given, 131072, H100) == resolve_batch_limits(given, 128, CPU) == (8, 64)
+    assert resolve_batch_limits(EngineArgs(), 1024, CPU)[1] == 1024
+    assert resolve_batch_limits(EngineArgs(), 128, CPU)[1] == 512
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory) -> str:
+    return str(save_tiny_model(tmp_path_factory.mktemp("config") / "tiny"))
+
+
+def test_engine_config_resolves_every_default_once_and_is_frozen(tiny_model):
+    config = create_engine_config(EngineArgs(model=tiny_model, usage_context="server"), device=H100)
+    assert isinstance(config, EngineConfig) and config.device.is_large_gpu
+    assert (config.scheduler.max_num_seqs, config.scheduler.max_num_batched_tokens) == (1024, 8192)
+    assert config.scheduler.async_scheduling and config.model.device == "cuda" and config.model.dtype == "float32"
+    assert config.scheduler.max_model_len == config.model.max_model_len == config.model.context_length
+    assert config.cache.num_blocks is None  # the core sizes it
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.scheduler.max_num_batched_tokens = 1  # type: ignore[misc]
+    on_cpu = create_engine_config(EngineArgs(model=tiny_model, max_num_batched_tokens=96), device=CPU)
+    assert on_cpu.scheduler.max_num_batched_tokens == 96 and not on_cpu.scheduler.async_scheduling
+
+
+def test_the_kv_cache_caps_max_model_len_in_the_one_config(tiny_model):
+    config = create_engine_config(EngineArgs(model=tiny_model, max_model_len=200, block_size=16), device=CPU)
+    sized = config.with_kv_cache(num_blocks=8)  # 128 tokens of KV
+    assert (sized.cache.num_blocks, sized.num_kv_tokens, sized.max_model_len) == (8, 128, 128)
+    assert sized.model.max_model_len == 200  # what was asked stays on record
+    assert config.with_kv_cache(num_blocks=64).max_model_len == 200
+
+
+def test_a_folder_without_tokenizer_files_fails_at_start_with_one_line(tiny_model, tmp_path):
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        os.symlink(os.path.join(tiny_model, name), bare / name)
+    with pytest.raises(ValueError) as error:
+        create_engine_config(EngineArgs(model=str(bare)), device=CPU)
+    message = str(error.value)
+    assert "\n" not in message and str(bare) in message and "--skip-tokenizer-init" in message
+    assert create_engine_config(EngineArgs(model=str(bare), skip_tokenizer_init=True), device=CPU).model.skip_tokenizer_init
+
+
+def test_readme_engine_flag_table_states_the_resolved_defaults():
+    """Each row of the README's engine-flag table names an EngineArgs flag and its default as config.py states it
+    (default_description, which the --help text uses too)."""
+    rows = re.findall(r"^\| `--([a-z-]+)`[^|]*\| ([^|]+) \|", README.read_text(), flags=re.MULTILINE)
+    assert len(rows) >= 15
+    fields = {f.name for f in dataclasses.fields(EngineArgs)}
+    for flag, default in rows:
+        name = flag.replace("-", "_")
+        assert name in fields, f"README documents --{flag}, which is not an engine flag"
+        assert default == default_description(name), (
+            f"README's default for --{flag} is {default!r}; config.py says {default_description(name)!r}")
+    help_text = EngineArgs.add_cli_args(argparse.ArgumentParser()).format_help()
+    assert "16384 offline / 8192" in " ".join(help_text.split())  # --help reads the same table
 
 
 def test_async_scheduling_and_long_prefill_flags_parse():
@@ -62,6 +126,7 @@ def test_async_scheduling_and_long_prefill_flags_parse():
     ("tensor_parallel_size", 2, "tensor_parallel_size"),
     ("long_prefill_token_threshold", -1, "long_prefill_token_threshold"),
     ("usage_context", "batch", "usage_context"),
+    ("max_model_len", 0, "max_model_len"),
 ])
 def test_invalid_engine_args_name_the_field(field, value, message):
     with pytest.raises(ValueError, match=message):

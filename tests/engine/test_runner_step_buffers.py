@@ -26,6 +26,11 @@ def _batch_and_buffers(max_reqs: int = 8) -> tuple[InputBatch, StepBuffers]:
             StepBuffers(max_reqs, 32, MAX_BLOCKS, torch.device("cpu")))
 
 
+def _prepare(batch: InputBatch, rows: dict[str, int], num_scheduled: dict[str, int]):
+    """InputBatch.prepare with each request's row, as the model runner's request table gives it."""
+    return batch.prepare(num_scheduled, np.array([rows[r] for r in num_scheduled], dtype=np.int64))
+
+
 def test_block_diffs_rebuild_the_host_block_table_on_the_device():
     batch, buffers = _batch_and_buffers()
     row_a = batch.add_request(_new("a", 9, [7, 3, 5]))
@@ -36,13 +41,14 @@ def test_block_diffs_rebuild_the_host_block_table_on_the_device():
         [(row_a, 0, 7), (row_a, 1, 3), (row_a, 2, 5), (row_b, 0, 1), (row_a, 3, 11)])
     assert len(batch.pop_block_diffs()[0]) == 0  # popped once
 
-    inputs = batch.prepare({"a": 9, "b": 2})
+    rows_of = {"a": row_a, "b": row_b}
+    inputs = _prepare(batch, rows_of, {"a": 9, "b": 2})
     step = buffers.upload(inputs, (rows, cols, ids))
     assert step.metadata.block_table[0, :4].tolist() == [7, 3, 5, 11]
     assert step.metadata.block_table[1, 0].item() == 1
     # A later diff only touches what changed.
     batch.append_blocks(row_b, [4])
-    inputs = batch.prepare({"b": 3})
+    inputs = _prepare(batch, rows_of, {"b": 3})
     step = buffers.upload(inputs, batch.pop_block_diffs())
     assert step.metadata.block_table[0, :2].tolist() == [1, 4]
     assert torch.equal(buffers.block_table_by_row[row_a, :4], torch.tensor([7, 3, 5, 11], dtype=torch.int32))
@@ -50,10 +56,11 @@ def test_block_diffs_rebuild_the_host_block_table_on_the_device():
 
 def test_decode_step_padded_to_a_bucket_has_empty_queries_and_no_kv_writes():
     batch, buffers = _batch_and_buffers()
-    batch.add_request(_new("a", 5, [2, 6], computed=4))
-    batch.add_request(_new("b", 3, [9], computed=2))
-    batch.add_request(_new("c", 7, [1, 8], computed=6))
-    inputs = batch.prepare({"a": 1, "b": 1, "c": 1})
+    rows_of: dict[str, int] = {}
+    rows_of["a"] = batch.add_request(_new("a", 5, [2, 6], computed=4))
+    rows_of["b"] = batch.add_request(_new("b", 3, [9], computed=2))
+    rows_of["c"] = batch.add_request(_new("c", 7, [1, 8], computed=6))
+    inputs = _prepare(batch, rows_of, {"a": 1, "b": 1, "c": 1})
     step = buffers.upload(inputs, batch.pop_block_diffs(), num_padded_reqs=4)
     assert step.num_padded_reqs == 4 and len(step.input_ids) == 4
     assert step.input_ids.tolist() == [14, 12, 16, 0]
@@ -68,17 +75,19 @@ def test_decode_step_padded_to_a_bucket_has_empty_queries_and_no_kv_writes():
 
 def test_only_decode_steps_are_padded():
     batch, buffers = _batch_and_buffers()
-    batch.add_request(_new("a", 5, [2, 6]))
-    inputs = batch.prepare({"a": 5})
+    rows_of: dict[str, int] = {}
+    rows_of["a"] = batch.add_request(_new("a", 5, [2, 6]))
+    inputs = _prepare(batch, rows_of, {"a": 5})
     with pytest.raises(ValueError, match="num_padded_reqs"):
         buffers.upload(inputs, batch.pop_block_diffs(), num_padded_reqs=2)
 
 
 def test_step_with_a_prefill_chunk_padded_to_a_token_bucket():
     batch, buffers = _batch_and_buffers()
-    batch.add_request(_new("a", 5, [2, 6], computed=4))  # decodes its last prompt token
-    batch.add_request(_new("b", 6, [3, 7]))  # prefills 6
-    inputs = batch.prepare({"a": 1, "b": 6})
+    rows_of: dict[str, int] = {}
+    rows_of["a"] = batch.add_request(_new("a", 5, [2, 6], computed=4))  # decodes its last prompt token
+    rows_of["b"] = batch.add_request(_new("b", 6, [3, 7]))  # prefills 6
+    inputs = _prepare(batch, rows_of, {"a": 1, "b": 6})
     step = buffers.upload(inputs, batch.pop_block_diffs(), num_padded_reqs=4, num_padded_tokens=16)
     assert step.input_ids.shape[0] == 16 and step.num_padded_reqs == 4
     assert buffers.query_start_loc[:5].tolist() == [0, 1, 7, 7, 7]  # padded requests have empty queries
@@ -103,10 +112,11 @@ def test_mixed_graph_buckets_are_token_counts_holding_as_many_requests():
 
 def test_upload_leaves_no_stale_padding_from_a_longer_step():
     batch, buffers = _batch_and_buffers()
-    batch.add_request(_new("a", 20, [0, 1, 2, 3, 4]))
-    buffers.upload(batch.prepare({"a": 20}), batch.pop_block_diffs())
-    batch.add_request(_new("b", 2, [9], computed=1))
-    step = buffers.upload(batch.prepare({"b": 1}), batch.pop_block_diffs(), num_padded_reqs=2)
+    rows_of: dict[str, int] = {}
+    rows_of["a"] = batch.add_request(_new("a", 20, [0, 1, 2, 3, 4]))
+    buffers.upload(_prepare(batch, rows_of, {"a": 20}), batch.pop_block_diffs())
+    rows_of["b"] = batch.add_request(_new("b", 2, [9], computed=1))
+    step = buffers.upload(_prepare(batch, rows_of, {"b": 1}), batch.pop_block_diffs(), num_padded_reqs=2)
     assert buffers.slot_mapping[:2].tolist() == [9 * 4 + 1, -1]
     assert step.metadata.query_start_loc.tolist() == [0, 1]
 

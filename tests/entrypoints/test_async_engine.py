@@ -27,6 +27,7 @@ class FakeEngine:
 
     def __init__(self, stat_loggers: list | None = None) -> None:
         self.model_config = SimpleNamespace(model="fake", served_model_name="fake", max_model_len=64, vocab_size=100)
+        self.config = SimpleNamespace(model=self.model_config, scheduler=SimpleNamespace(max_num_seqs=0))
         self.tokenizer = None
         self.remaining: dict[str, int] = {}
         self.aborted: list[str] = []
@@ -52,6 +53,12 @@ class FakeEngine:
     def has_unfinished_requests(self) -> bool:
         self._touch()
         return bool(self.remaining)
+
+    def check_health(self) -> None:
+        pass
+
+    def shutdown(self) -> None:
+        pass
 
     def step(self) -> list[RequestOutput]:
         self._touch()

@@ -11,7 +11,8 @@ import httpx
 import pytest
 
 from sluice.config import EngineArgs
-from sluice.engine.core_client import EngineCoreDeadError, SplitLLMEngine
+from sluice.engine.core_client import MPClient
+from sluice.engine.errors import EngineCoreDeadError
 from sluice.engine.llm_engine import LLMEngine
 from sluice.sampling_params import SamplingParams
 from tests.entrypoints.server_utils import RemoteServer
@@ -40,9 +41,11 @@ def test_split_engine_matches_in_process_engine_and_frees_aborted_blocks(tiny_mo
     for request_id, prompt, params in requests:
         local.add_request(request_id, prompt, params)
     expected = _run(local)
-    split = SplitLLMEngine.from_engine_args(EngineArgs(**args))
+    split = LLMEngine.from_engine_args(EngineArgs(**args), process_split=True)
+    client = split.engine_core
     try:
-        assert split.core.process.pid != os.getpid() and split.core.num_kv_tokens == 64 * 16
+        assert isinstance(client, MPClient) and client.process.pid != os.getpid()
+        assert split.config.num_kv_tokens == 64 * 16 and client.config == local.config  # one resolved config
         for request_id, prompt, params in requests:
             split.add_request(request_id, prompt, params)
         split.add_request("aborted", [9] * 40, SamplingParams(max_tokens=400, ignore_eos=True))
@@ -50,10 +53,10 @@ def test_split_engine_matches_in_process_engine_and_frees_aborted_blocks(tiny_mo
         split.abort_request("aborted")
         assert _run(split) == expected
         split.step()  # with nothing in flight, waits until the core has applied the abort
-        stats = split.core.make_stats()
+        stats = client.make_stats()
         assert (stats.num_running_reqs, stats.num_waiting_reqs, stats.kv_cache_usage) == (0, 0, 0.0)
-        split.core.process.kill()
-        split.core.process.join(10)
+        client.process.kill()
+        client.process.join(10)
         with pytest.raises(EngineCoreDeadError, match="exit code"):
             split.add_request("late", [5], SamplingParams(max_tokens=1))
     finally:

@@ -31,7 +31,7 @@ class PickyEngine(FakeEngine):
 
     def __init__(self) -> None:
         super().__init__()
-        self.core = SimpleNamespace(scheduler_config=SimpleNamespace(max_num_seqs=8))
+        self.config.scheduler.max_num_seqs = 8
         self.adds_before_first_step: int | None = None
 
     def add_request(self, request_id, prompt, params, priority=0):
@@ -119,7 +119,7 @@ def test_an_internal_error_is_a_generic_500_and_the_queue_full_503_says_when_to_
         assert client.get("/health").status_code == 200
     engine = PickyEngine()
     engine.step = lambda: time.sleep(0.002) or []  # nothing ever finishes
-    engine.core.scheduler_config.max_num_seqs = 0  # and nothing runs: everything waits
+    engine.config.scheduler.max_num_seqs = 0  # and nothing runs: everything waits
     with TestClient(_app(engine, max_num_queued_reqs=0)) as client:
         r = client.post("/v1/completions", json={"prompt": [1, 2], "max_tokens": 2})
         assert r.status_code == 503 and r.headers["retry-after"] == "1" and r.json()["error"]["code"] == "queue_full"

@@ -112,14 +112,14 @@ def test_float32_greedy_equals_cpu_reference_with_whole_prompts_in_mixed_graphs(
 
 
 def test_float32_greedy_equals_cpu_reference_with_split_kv_in_long_context_mixed_graphs(
-        model_path, cpu_reference, monkeypatch):
-    """Mixed steps split KV once a context reaches MIXED_SPLIT_MIN_SEQ_LEN (8192 in service; 64 here,
-    so that the tiny model reaches it): they replay the second set of mixed graphs."""
-    from sluice.attention import triton_paged
-    monkeypatch.setattr(triton_paged, "MIXED_SPLIT_MIN_SEQ_LEN", 64)
+        model_path, cpu_reference):
+    """Mixed steps split KV once a context reaches the backend's mixed_split_min_seq_len (8192 in service;
+    64 here, so that the tiny model reaches it): they replay the second set of mixed graphs."""
     prompts, expected = cpu_reference
-    llm = _cuda_llm(model_path, "float32", cuda_graphs=True)
+    llm = _cuda_llm(model_path, "float32", cuda_graphs=False)
     runner = llm.llm_engine.core.runner
+    runner.attn_backend.mixed_split_min_seq_len = 64  # before the graphs are captured: they read it
+    runner.capture_cuda_graphs()
     assert runner.mixed_graphs.max_seq_len == 63 and runner.long_context_mixed_graphs.max_seq_len == 256
     got = _generate(llm, prompts, _params(prompts, 40))
     for i, (want, have) in enumerate(zip(expected, got)):

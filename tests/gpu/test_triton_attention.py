@@ -210,7 +210,7 @@ def test_mixed_batch_with_a_long_context_splits_kv(group, separate_short_rows):
                                               separate_short_rows=separate_short_rows)
     query_lens, seq_lens = [24, 1, 9, 0, 1], [1100, 900, 9, 7, 30]
     batch = make_batch(query_lens, seq_lens, 2 * group, 2, 64, 16, torch.float16, seed=40 + group)
-    plan = triton_paged._LaunchPlan.build(backend, batch.query, 2, batch.metadata)
+    plan = backend.plan(batch.metadata, batch.query.shape[0], batch.query.shape[1], 2)
     assert plan.num_splits > 1 and not plan.decode_only
     run_and_compare(backend, batch)
 
@@ -224,7 +224,7 @@ def test_mixed_batch_rows_on_both_sides_of_the_short_query_length(backend, group
     query_lens = [1, short, short + 1, 70, short - 1, 2 * short]
     seq_lens = [50, short + 20, short + 3, 90, 40, 2 * short]
     batch = make_batch(query_lens, seq_lens, 2 * group, 2, 64, 16, torch.float16, seed=50 + group)
-    plan = triton_paged._LaunchPlan.build(backend, batch.query, 2, batch.metadata)
+    plan = backend.plan(batch.metadata, batch.query.shape[0], batch.query.shape[1], 2)
     assert [launch.row_class for launch in plan.launches] == [triton_paged.SHORT_ROWS, triton_paged.LONG_ROWS]
     assert plan.launches[0].short_query_len == short
     run_and_compare(backend, batch)
@@ -253,8 +253,7 @@ def test_chunk_of_a_32k_prompt_among_decodes_llama_shape(backend):
     decode_lens = torch.randint(1, 2048, (64,), generator=gen).tolist()
     query_lens, seq_lens = [1] * 64 + [256], decode_lens + [32768]
     batch = make_batch(query_lens, seq_lens, 32, 8, 128, 16, torch.bfloat16, seed=6)
-    plan = pytest.importorskip("sluice.attention.triton_paged")._LaunchPlan.build(
-        backend, batch.query, 8, batch.metadata)
+    plan = backend.plan(batch.metadata, batch.query.shape[0], batch.query.shape[1], 8)
     assert plan.num_splits > 1
     run_and_compare(backend, batch)
 

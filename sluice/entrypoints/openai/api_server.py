@@ -23,7 +23,9 @@ import logging
 import math
 import os
 import resource
+import signal
 import socket
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
@@ -36,17 +38,21 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
 
 from sluice import __version__
-from sluice.config import EngineArgs
+from sluice.config import EngineArgs, EngineConfig, create_engine_config
 from sluice.engine.async_engine import AsyncLLM
+from sluice.engine.client import CoreAttachment
+from sluice.engine.core_proc import CoreAddresses
 from sluice.engine.gc_heap import freeze_startup_heap
 from sluice.entrypoints.openai.errors import OpenAIError, install_exception_handlers
 from sluice.entrypoints.openai.middleware import ServerGuard
 from sluice.entrypoints.openai.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
                                                 TokenizeRequest)
 from sluice.entrypoints.openai.sampling import ServingLimits, generation_config_defaults, prompt_chars_limit
+from sluice.entrypoints.openai.serving_chat import OpenAIServingChat
 from sluice.entrypoints.openai.serving_completion import OpenAIServingCompletion
 from sluice.entrypoints.openai.serving_engine import ServingConfig
 from sluice.entrypoints.openai.serving_models import OpenAIServingModels
+from sluice.entrypoints.openai.api_server_pool import DEAD_ENGINE_GRACE_S, run_api_server_pool
 from sluice.engine.stats import LoggingStatLogger
 from sluice.entrypoints.utils import check_device_available
 from sluice.tokenizer import get_chat_template
@@ -54,7 +60,6 @@ from sluice.metrics import METRICS_CONTENT_TYPE, PrometheusStatLogger
 
 logger = logging.getLogger("sluice.server")
 
-DEAD_ENGINE_GRACE_S = 1.0  # a dead engine's server keeps answering 503 this long (health checks see it), then exits
 EXIT_ENGINE_DEAD = 1
 FORCED_EXIT_FLUSH_S = 0.5  # after a second signal, aborted streams get this long to send their error and [DONE]
 TOKENIZER_POOL_WORKERS = 4  # one slow render or tokenization occupies one worker, not every request's
@@ -79,7 +84,8 @@ def build_app(engine: AsyncLLM, config: ServingConfig, metrics: PrometheusStatLo
     state = ServerState(engine, metrics)
     tokenizer_pool = ThreadPoolExecutor(max_workers=TOKENIZER_POOL_WORKERS, thread_name_prefix="sluice-tokenizer")
     completions = OpenAIServingCompletion(engine, config, tokenizer_pool)
-    chat = OpenAIServingModels(engine, config, tokenizer_pool, default_chat_template=chat_template)
+    chat = OpenAIServingChat(engine, config, tokenizer_pool, default_chat_template=chat_template)
+    models = OpenAIServingModels(engine, config, tokenizer_pool, chat=chat)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI):
@@ -104,21 +110,21 @@ def build_app(engine: AsyncLLM, config: ServingConfig, metrics: PrometheusStatLo
 
     @app.get("/v1/models")
     async def list_models() -> Any:
-        return JSONResponse(chat.list_models().model_dump())
+        return JSONResponse(models.list_models().model_dump())
 
     @app.get("/v1/models/{model_id:path}")
     async def retrieve_model(model_id: str) -> Any:
-        chat.model_name(model_id)  # 404 in OpenAI's shape for a model this server does not serve
-        card = next(c for c in chat.list_models().data if c.id == model_id)
+        models.model_name(model_id)  # 404 in OpenAI's shape for a model this server does not serve
+        card = next(c for c in models.list_models().data if c.id == model_id)
         return JSONResponse(card.model_dump())
 
     @app.post("/tokenize")
     async def tokenize(request: TokenizeRequest) -> Any:
-        return JSONResponse((await chat.tokenize(request)).model_dump())
+        return JSONResponse((await models.tokenize(request)).model_dump())
 
     @app.post("/detokenize")
     async def detokenize(request: DetokenizeRequest) -> Any:
-        return JSONResponse((await chat.detokenize(request)).model_dump())
+        return JSONResponse((await models.detokenize(request)).model_dump())
 
     @app.get("/health")
     async def health() -> Response:
@@ -252,16 +258,13 @@ def run_server(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     validate_server_args(args)
     raise_open_files_limit()
-    engine_args = engine_args_from(args)
+    config = create_engine_config(engine_args_from(args))  # once, before the core starts
     if args.api_server_count > 1:
-        from sluice.entrypoints.openai.api_server_pool import run_api_server_pool
-        return run_api_server_pool(args, engine_args)
-    model_config = _peek_model_config(engine_args)
-    metrics = PrometheusStatLogger(model_config.served_model_name)
-    engine = AsyncLLM.from_engine_args(engine_args, stat_loggers=server_stat_loggers(engine_args, metrics),
-                                       max_num_queued_reqs=args.max_num_queued_reqs,
-                                       process_split=args.process_split)
-    return serve(args, engine_args, engine, metrics)
+        return run_api_server_pool(args, config, run_api_server_worker)
+    metrics = PrometheusStatLogger(config.model.served_model_name)
+    engine = AsyncLLM.from_config(config, stat_loggers=server_stat_loggers(config, metrics),
+                                  max_num_queued_reqs=args.max_num_queued_reqs, process_split=args.process_split)
+    return serve(args, engine, metrics)
 
 
 def raise_open_files_limit(target: int = 65536) -> None:
@@ -306,11 +309,25 @@ def engine_args_from(args: argparse.Namespace) -> EngineArgs:
     return engine_args
 
 
-def server_stat_loggers(engine_args: EngineArgs, metrics: PrometheusStatLogger) -> list[Any]:
-    return [metrics] if engine_args.disable_log_stats else [metrics, LoggingStatLogger()]
+def server_stat_loggers(config: EngineConfig, metrics: PrometheusStatLogger) -> list[Any]:
+    return [metrics] if config.disable_log_stats else [metrics, LoggingStatLogger()]
 
 
-def serve(args: argparse.Namespace, engine_args: EngineArgs, engine: AsyncLLM, metrics: PrometheusStatLogger,
+def serving_limits(config: EngineConfig, args: argparse.Namespace, vocab: dict[str, int]) -> ServingLimits:
+    """The server's caps, from the engine's resolved config (max_model_len capped by the KV cache), and the
+    sampling defaults --generation-config names."""
+    limits = ServingLimits(max_model_len=config.max_model_len, vocab_size=config.model.vocab_size, max_n=args.max_n,
+                           max_logprobs=config.model.max_logprobs,
+                           priority_scheduling=config.scheduler.policy == "priority",
+                           max_prompt_chars=prompt_chars_limit(config.max_model_len, vocab),
+                           sampling_defaults=generation_config_defaults(args.generation_config, config.model.model))
+    if limits.sampling_defaults:
+        logger.info("sampling defaults from generation_config.json: %s (--generation-config vllm ignores them)",
+                    limits.sampling_defaults)
+    return limits
+
+
+def serve(args: argparse.Namespace, engine: AsyncLLM, metrics: PrometheusStatLogger,
           sockets: list[socket.socket] | None = None, api_server_index: int | None = None,
           server_class: type[DrainingServer] = DrainingServer) -> int:
     """Runs the HTTP server over ``engine`` until it is shut down; returns the exit code.
@@ -320,15 +337,7 @@ def serve(args: argparse.Namespace, engine_args: EngineArgs, engine: AsyncLLM, m
     them, so that ids of several API servers never collide.
     """
     model_config = engine.model_config
-    limits = ServingLimits(max_model_len=model_config.max_model_len, vocab_size=model_config.vocab_size,
-                           max_n=args.max_n, max_logprobs=engine_args.max_logprobs,
-                           priority_scheduling=engine_args.scheduling_policy == "priority",
-                           max_prompt_chars=prompt_chars_limit(model_config.max_model_len,
-                                                               engine.tokenizer.get_vocab()),
-                           sampling_defaults=generation_config_defaults(args.generation_config, model_config.model))
-    if limits.sampling_defaults:
-        logger.info("sampling defaults from generation_config.json: %s (--generation-config vllm ignores them)",
-                    limits.sampling_defaults)
+    limits = serving_limits(engine.config, args, engine.tokenizer.get_vocab())
     config = ServingConfig([model_config.served_model_name], limits, args.enable_log_requests, args.max_log_len,
                            api_server_index=api_server_index,
                            trust_request_chat_template=args.trust_request_chat_template)
@@ -347,7 +356,28 @@ def serve(args: argparse.Namespace, engine_args: EngineArgs, engine: AsyncLLM, m
     return server.exit_code
 
 
-def _peek_model_config(engine_args: EngineArgs) -> Any:
-    """The model config, read before the engine so metrics carry the served name from the first step."""
-    from sluice.models.model_config import ModelConfig
-    return ModelConfig.from_engine_args(engine_args)
+# ---- one API server of several (--api-server-count, api_server_pool.py) -----------------------------------------
+class FrontEndServer(DrainingServer):
+    """One API server of several: Ctrl-C reaches the whole process group, and only the parent acts on it (it
+    forwards SIGTERM), so that each API server sees one signal, not two (a second one cuts the drain short)."""
+
+    def handle_exit(self, sig: int, frame: Any) -> None:
+        if sig != signal.SIGINT:
+            super().handle_exit(sig, frame)
+
+
+def run_api_server_worker(args: argparse.Namespace, config: EngineConfig, index: int, sock: socket.socket,
+                          addresses: CoreAddresses, core_pid: int) -> None:
+    """API server ``index``: the spawned process's entry point; exits with the server's exit code."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # see FrontEndServer
+    logging.basicConfig(level=logging.INFO,
+                        format=f"%(asctime)s %(levelname)s %(name)s[api-server-{index}]: %(message)s")
+    metrics = PrometheusStatLogger(config.model.served_model_name, scheduler_series=False)  # the core's own
+    async_llm = AsyncLLM.from_config(config, server_stat_loggers(config, metrics), args.max_num_queued_reqs,
+                                     attach=CoreAttachment(addresses, index, core_pid))
+    exit_code = serve(args, async_llm, metrics, sockets=[sock], api_server_index=index, server_class=FrontEndServer)
+    # Everything is closed by now; skip the interpreter's teardown, which takes seconds with torch loaded.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(exit_code)

@@ -5,7 +5,8 @@
       starts the engine core (engine/core_proc.py) with N clients, then N API servers (run_api_server_worker)
       forwards SIGTERM / SIGINT to the API servers, watches every child, exits with their verdict
 
-    API server i: the single-process server (api_server.serve) on socket i, over CoreClient.attach(..., i):
+    API server i: the single-process server (api_server.serve) on socket i, over an MPClient attached as client i
+      (api_server.run_api_server_worker; this module never imports api_server, which starts the pool):
       HTTP, tokenization, detokenization, streaming for the connections it accepted; request ids carry i
 
 Shutdown: the first SIGTERM (or Ctrl-C, which the API servers leave to the parent) reaches every API server as
@@ -29,20 +30,21 @@ import os
 import shutil
 import signal
 import socket
-import sys
 import tempfile
 import time
 from multiprocessing.process import BaseProcess
-from typing import Any
+from typing import Any, Callable
 
-from sluice.config import EngineArgs
+from sluice.config import EngineConfig
 from sluice.engine.core_client import spawn_engine_core
 from sluice.engine.core_proc import CoreAddresses
-from sluice.entrypoints.openai.api_server import (DEAD_ENGINE_GRACE_S, DrainingServer, serve,
-                                                  server_stat_loggers)
-from sluice.metrics import MULTIPROC_DIR_ENV, PrometheusStatLogger
+from sluice.metrics import MULTIPROC_DIR_ENV
 
 logger = logging.getLogger("sluice.server")
+
+DEAD_ENGINE_GRACE_S = 1.0  # a dead engine's server keeps answering 503 this long (health checks see it), then exits
+# The API server process's entry point: (args, config, index, socket, core addresses, core pid) -> never returns.
+WorkerMain = Callable[[argparse.Namespace, EngineConfig, int, socket.socket, CoreAddresses, int], None]
 
 _CORE_EXIT_WAIT_S = 10.0  # after the last API server exits, the core has this long to follow before it is killed
 _DEAD_CORE_WAIT_S = DEAD_ENGINE_GRACE_S + 30.0  # API servers that outlive a dead core this long are killed
@@ -71,16 +73,16 @@ def bind_listening_sockets(host: str, port: int, count: int) -> list[socket.sock
     return sockets
 
 
-def run_api_server_pool(args: argparse.Namespace, engine_args: EngineArgs) -> int:
-    """The parent process: starts the core and the API servers, supervises them; returns the exit code."""
-    engine_args.validate()
+def run_api_server_pool(args: argparse.Namespace, config: EngineConfig, worker_main: WorkerMain) -> int:
+    """The parent process: starts the core with the resolved ``config``, then the API servers (``worker_main``,
+    which get the same config), supervises them; returns the exit code."""
     sockets = bind_listening_sockets(args.host, args.port, args.api_server_count)
     metrics_dir = tempfile.mkdtemp(prefix="sluice-metrics-")
     os.environ[MULTIPROC_DIR_ENV] = metrics_dir  # inherited by the API servers (see sluice/metrics.py)
     addresses = CoreAddresses.create(args.api_server_count)
     pool = _ProcessPool()
     try:
-        pool.start(args, engine_args, sockets, addresses)
+        pool.start(args, config, worker_main, sockets, addresses)
         return pool.supervise()
     finally:
         for sock in sockets:
@@ -98,17 +100,17 @@ class _ProcessPool:
         self.workers: list[BaseProcess] = []
         self.stopping = False  # a shutdown signal arrived: API servers killed by the forwarded SIGTERM are fine
 
-    def start(self, args: argparse.Namespace, engine_args: EngineArgs, sockets: list[socket.socket],
-              addresses: CoreAddresses) -> None:
+    def start(self, args: argparse.Namespace, config: EngineConfig, worker_main: WorkerMain,
+              sockets: list[socket.socket], addresses: CoreAddresses) -> None:
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, self.forward_signal)
-        self.core = spawn_engine_core(engine_args, addresses, export_metrics=True)
+        self.core = spawn_engine_core(config, addresses, export_metrics=True)
         logger.info("engine core in process %d; %d API servers on http://%s:%d", self.core.pid, len(sockets),
                     args.host, sockets[0].getsockname()[1])
         spawn = multiprocessing.get_context("spawn")
         for index, sock in enumerate(sockets):
-            worker = spawn.Process(target=run_api_server_worker, name=f"sluice-api-server-{index}", daemon=True,
-                                   args=(args, engine_args, index, sock, addresses, self.core.pid))
+            worker = spawn.Process(target=worker_main, name=f"sluice-api-server-{index}", daemon=True,
+                                   args=(args, config, index, sock, addresses, self.core.pid))
             worker.start()
             self.workers.append(worker)
             if self.stopping:  # the signal came while it was starting
@@ -163,42 +165,3 @@ class _ProcessPool:
             if child.is_alive():
                 child.kill()
                 child.join(5)
-
-
-class FrontEndServer(DrainingServer):
-    """One API server of several: Ctrl-C reaches the whole process group, and only the parent acts on it (it
-    forwards SIGTERM), so that each API server sees one signal, not two (a second one cuts the drain short)."""
-
-    def handle_exit(self, sig: int, frame: Any) -> None:
-        if sig != signal.SIGINT:
-            super().handle_exit(sig, frame)
-
-
-def run_api_server_worker(args: argparse.Namespace, engine_args: EngineArgs, index: int, sock: socket.socket,
-                          addresses: CoreAddresses, core_pid: int) -> None:
-    """API server ``index``: the spawned process's entry point; exits with the server's exit code."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # see FrontEndServer
-    logging.basicConfig(level=logging.INFO,
-                        format=f"%(asctime)s %(levelname)s %(name)s[api-server-{index}]: %(message)s")
-    from sluice.engine.async_engine import AsyncLLM, LatestSchedulerStats
-    from sluice.engine.core_client import CoreClient, SplitLLMEngine
-    from sluice.models.model_config import ModelConfig
-
-    model_config = ModelConfig.from_engine_args(engine_args)
-    metrics = PrometheusStatLogger(model_config.served_model_name, scheduler_series=False)  # the core's own
-    latest = LatestSchedulerStats()  # admission control reads it, as AsyncLLM.from_engine_args wires it
-    core = CoreClient.attach(addresses, index, core_pid)
-    try:
-        engine = SplitLLMEngine(model_config, engine_args, [latest, *server_stat_loggers(engine_args, metrics)],
-                                core=core)
-    except BaseException:
-        core.shutdown()
-        raise
-    async_llm = AsyncLLM(engine, max_num_queued_reqs=args.max_num_queued_reqs, latest_stats=latest)
-    exit_code = serve(args, engine_args, async_llm, metrics, sockets=[sock], api_server_index=index,
-                      server_class=FrontEndServer)
-    # Everything is closed by now; skip the interpreter's teardown, which takes seconds with torch loaded.
-    logging.shutdown()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(exit_code)

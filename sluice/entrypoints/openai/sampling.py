@@ -14,7 +14,8 @@ from typing import Any
 
 from sluice.entrypoints.openai.errors import OpenAIError, bad_request
 from sluice.entrypoints.openai.protocol import ChatCompletionRequest, SamplingFields
-from sluice.sampling_params import RequestOutputKind, SamplingParams
+from sluice.sampling_params import ContextLengthError, RequestOutputKind, SamplingParams
+from sluice.sampling_params import check_context_length as check_engine_context_length
 
 _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 
@@ -98,20 +99,11 @@ def sampling_param_names() -> set[str]:
 
 
 def check_context_length(num_prompt_tokens: int, max_tokens: int | None, limits: ServingLimits) -> int:
-    """Returns the max_tokens to use; 400 when prompt + completion cannot fit max_model_len."""
-    max_len = limits.max_model_len
-    if num_prompt_tokens >= max_len:
-        raise bad_request(f"This model's maximum context length is {max_len} tokens. However, your prompt is "
-                          f"{num_prompt_tokens} tokens, which leaves no room for the completion. Please reduce "
-                          "the length of the prompt.", "prompt")
-    if max_tokens is None:
-        return max_len - num_prompt_tokens
-    if num_prompt_tokens + max_tokens > max_len:
-        raise bad_request(f"This model's maximum context length is {max_len} tokens. However, you requested "
-                          f"{num_prompt_tokens + max_tokens} tokens ({num_prompt_tokens} in the prompt, "
-                          f"{max_tokens} in the completion). Please reduce the length of the prompt or "
-                          "max_tokens.", "max_tokens")
-    return max_tokens
+    """Returns the max_tokens to use; 400 when prompt + completion cannot fit max_model_len (the engine's rule)."""
+    try:
+        return check_engine_context_length(num_prompt_tokens, max_tokens, limits.max_model_len)
+    except ContextLengthError as e:
+        raise bad_request(str(e), e.param) from None
 
 
 def check_common(request: SamplingFields, limits: ServingLimits) -> None:
@@ -166,22 +158,6 @@ def check_logprobs(num: int | None, limits: ServingLimits, param: str) -> None:
         raise bad_request(f"{param} must be between 0 and {limits.max_logprobs} (--max-logprobs), got {num}", param)
 
 
-def _logit_bias(bias: dict[str, float], limits: ServingLimits) -> dict[int, float]:
-    out: dict[int, float] = {}
-    for key, value in bias.items():
-        try:
-            token_id = int(key)
-        except ValueError:
-            raise bad_request(f"logit_bias keys must be token ids, got {key!r}", "logit_bias") from None
-        if not 0 <= token_id < limits.vocab_size:
-            raise bad_request(f"logit_bias token id {token_id} is out of range for vocab size {limits.vocab_size}",
-                              "logit_bias")
-        if not -100.0 <= value <= 100.0:
-            raise bad_request(f"logit_bias values must be in [-100, 100], got {value}", "logit_bias")
-        out[token_id] = value
-    return out
-
-
 def build_sampling_params(request: SamplingFields, *, max_tokens: int, logprobs: int | None,
                           prompt_logprobs: int | None, limits: ServingLimits) -> SamplingParams:
     """The SamplingParams for one prompt of ``request`` (after check_common)."""
@@ -217,7 +193,7 @@ def build_sampling_params(request: SamplingFields, *, max_tokens: int, logprobs:
         if value is None and name in defaults:
             value = defaults[name]
         if value is not None and value != off and param_name in known:
-            kwargs[param_name] = _logit_bias(value, limits) if name == "logit_bias" else value
+            kwargs[param_name] = value
     for name, value in (("logprobs", logprobs), ("prompt_logprobs", prompt_logprobs)):
         if value is None:
             continue
@@ -225,6 +201,8 @@ def build_sampling_params(request: SamplingFields, *, max_tokens: int, logprobs:
             raise bad_request(f"{name} is not supported by this engine yet", name)
         kwargs[name] = value
     try:
-        return SamplingParams(**kwargs)
+        params = SamplingParams(**kwargs)  # logit_bias: SamplingParams' rule (int keys, values clamped to +-100)
+        params.verify_against_vocab(limits.vocab_size)
     except (ValueError, TypeError) as e:
         raise OpenAIError(str(e), 400) from None
+    return params

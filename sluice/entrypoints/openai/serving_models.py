@@ -1,14 +1,23 @@
 """GET /v1/models, POST /tokenize, POST /detokenize (vLLM's shapes)."""
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
+from sluice.engine.async_engine import AsyncLLM
 from sluice.entrypoints.openai.errors import bad_request
 from sluice.entrypoints.openai.protocol import (DetokenizeRequest, DetokenizeResponse, ModelCard, ModelList,
                                                 TokenizeRequest, TokenizeResponse)
 from sluice.entrypoints.openai.serving_chat import OpenAIServingChat
+from sluice.entrypoints.openai.serving_engine import OpenAIServing, ServingConfig
 
 
-class OpenAIServingModels(OpenAIServingChat):
-    """Model listing and the tokenizer endpoints (chat rendering comes from OpenAIServingChat)."""
+class OpenAIServingModels(OpenAIServing):
+    """Model listing and the tokenizer endpoints; /tokenize renders chats with the chat handler's renderer."""
+
+    def __init__(self, engine: AsyncLLM, config: ServingConfig, tokenizer_pool: ThreadPoolExecutor,
+                 chat: OpenAIServingChat) -> None:
+        super().__init__(engine, config, tokenizer_pool)
+        self.chat = chat
 
     def list_models(self) -> ModelList:
         root = self.engine.model_config.model
@@ -22,7 +31,7 @@ class OpenAIServingModels(OpenAIServingChat):
         if request.prompt is not None:
             tokens = await self.encode(request.prompt, add_special_tokens=request.add_special_tokens)
         else:
-            tokens = await self.render_chat(request.messages, request.add_generation_prompt, None, None)
+            tokens = await self.chat.render_chat(request.messages, request.add_generation_prompt, None, None)
         return TokenizeResponse(count=len(tokens), max_model_len=self.limits.max_model_len, tokens=tokens)
 
     async def detokenize(self, request: DetokenizeRequest) -> DetokenizeResponse:
