@@ -43,6 +43,8 @@ class EngineArgs:
     async_scheduling: bool | None = None  # default: on for CUDA
     tensor_parallel_size: int = 1
     disable_log_stats: bool = False
+    runner: str = "auto"  # auto | generate | pooling (embeddings); see sluice/pooling/config.py
+    task: str = "auto"  # auto | generate | embed (vLLM's older flag: embed means runner pooling)
     # Not a flag: who drives the engine ("llm": offline LLM, "server": the API server); picks batch defaults.
     usage_context: str = "llm"
 
@@ -73,10 +75,14 @@ class EngineArgs:
         "async_scheduling": "schedule step t+1 while step t runs on the GPU (default: on for CUDA)",
         "tensor_parallel_size": "GPUs to shard the model over",
         "disable_log_stats": "do not log engine stats",
+        "runner": "generate (completions, chat) or pooling (embeddings); auto: pooling for sentence-transformers "
+                  "folders (modules.json) and bare *Model architectures",
+        "task": "embed is --runner pooling, generate is --runner generate (vLLM's older flag)",
     }
     _NOT_FLAGS = {"usage_context"}
     _CHOICES = {"dtype": _DTYPES, "load_format": _LOAD_FORMATS,
-                "scheduling_policy": _POLICIES, "device": _DEVICES}
+                "scheduling_policy": _POLICIES, "device": _DEVICES,
+                "runner": ("auto", "generate", "pooling"), "task": ("auto", "generate", "embed")}
 
     @classmethod
     def add_cli_args(cls, parser: argparse.ArgumentParser, model_positional: bool = False) -> argparse.ArgumentParser:

@@ -24,6 +24,7 @@ from sluice.core.interface import EngineCoreOutput, SchedulerOutput
 from sluice.core.request import Request, RequestStatus
 from sluice.core.scheduler import Scheduler
 from sluice.models.model_config import ModelConfig
+from sluice.pooling.config import prefix_caching_applies
 from sluice.worker.model_runner import LaunchedStep, ModelRunner, is_large_gpu
 
 logger = logging.getLogger(__name__)
@@ -53,7 +54,7 @@ class EngineCore:
         self.runner.initialize_kv_cache(num_blocks)
         self.cache_config = CacheConfig(
             block_size=args.block_size,
-            enable_prefix_caching=args.enable_prefix_caching,
+            enable_prefix_caching=args.enable_prefix_caching and prefix_caching_applies(model_config.pooler_config),
             num_blocks=num_blocks,
         )
         self.scheduler = Scheduler(self.scheduler_config, self.cache_config)

@@ -19,6 +19,7 @@ from sluice.engine.output_processor import OutputProcessor, ParentRequestState
 from sluice.engine.stats import IterationStats, StatLogger
 from sluice.models.model_config import ModelConfig
 from sluice.outputs import RequestOutput
+from sluice.pooling.params import PoolingParams
 from sluice.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -42,6 +43,9 @@ class LLMEngine:
             end_of_turn_token_ids(self.tokenizer, self.chat_template)) - {self.eos_token_id})
         self.core = core if core is not None else EngineCore(model_config, args)
         self.output_processor = OutputProcessor(self.tokenizer)
+        if model_config.pooler_config is not None:  # an embedding engine: pooled vectors, never text
+            from sluice.pooling.front import PoolingOutputProcessor
+            self.output_processor = PoolingOutputProcessor(model_config.pooler_config)
         self.stat_loggers = list(stat_loggers or [])
         self.max_model_len = model_config.max_model_len
         self._log_startup()
@@ -79,8 +83,11 @@ class LLMEngine:
             return None, list(prompt)
         raise ValueError(f"prompt must be a string, a list of token ids or a dict, got {type(prompt).__name__}")
 
-    def add_request(self, request_id: str, prompt: PromptType, params: SamplingParams | None = None,
+    def add_request(self, request_id: str, prompt: PromptType, params: SamplingParams | PoolingParams | None = None,
                     priority: int = 0, arrival_time: float | None = None) -> None:
+        if self.model_config.pooler_config is not None or isinstance(params, PoolingParams):
+            from sluice.pooling.front import add_pooling_request  # embeddings: sluice/pooling/front.py
+            return add_pooling_request(self, request_id, prompt, params, priority, arrival_time)
         params = (params or SamplingParams()).clone()
         prompt_text, prompt_ids = self.tokenize_prompt(prompt)
         if params.bad_words:

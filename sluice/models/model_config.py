@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from sluice.config import EngineArgs
+from sluice.pooling.config import PoolerConfig, resolve_pooler_config
 
 
 @dataclass(frozen=True)
@@ -25,6 +26,8 @@ class ModelConfig:
     is_gguf: bool
     load_format: str
     seed: int
+    # Set for pooling (embedding) engines: --runner pooling / --task embed, or a sentence-transformers folder.
+    pooler_config: PoolerConfig | None = None
 
     @property
     def num_layers(self) -> int:
@@ -83,6 +86,7 @@ class ModelConfig:
             is_gguf=is_gguf,
             load_format=args.load_format,
             seed=args.seed,
+            pooler_config=resolve_pooler_config(args.runner, args.task, model, hf_config),
         )
 
 

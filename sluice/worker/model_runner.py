@@ -13,6 +13,7 @@ import itertools
 import logging
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -28,6 +29,9 @@ from sluice.worker.input_batch import InputBatch, StepInputs
 from sluice.worker.kv_cache import (DEFAULT_CPU_KV_CACHE_BYTES, KVCacheSpec, allocate_kv_caches,
                                     available_gpu_kv_bytes, num_blocks_for_memory)
 from sluice.worker.step_buffers import PendingSampledIds, SampledIdsReadback, StepBuffers
+
+if TYPE_CHECKING:
+    from sluice.pooling.pooler import Pooler, PooledStep
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +51,7 @@ class LaunchedStep:
     sampler_output: SamplerOutput | None
     host_ids: PendingSampledIds | None
     prompt_logprobs: dict[str, LogprobsLists]
+    pooled: "PooledStep | None" = None  # pooling engines: the vectors of requests whose prompt completed
 
 
 class ModelRunner:
@@ -82,10 +87,17 @@ class ModelRunner:
         self._sampled_host = SampledIdsReadback(max_num_seqs, self.device)
         self.kv_spec = KVCacheSpec(model_config.num_layers, model_config.num_kv_heads,
                                    model_config.head_dim, block_size, self.dtype)
+        # Pooling engines (embeddings) pool hidden states where others sample: see sluice/pooling/pooler.py.
+        self.pooler: Pooler | None = None
+        if model_config.pooler_config is not None:
+            from sluice.pooling.pooler import Pooler
+            self.pooler = Pooler(model_config.pooler_config, max_num_seqs, self.device)
 
     # ---- setup -------------------------------------------------------------------------
     def load_model(self) -> None:
         from sluice.models.loader import build_model, iterate_safetensors
+        if self.pooler is not None:
+            from sluice.pooling.pooler import build_pooling_model as build_model
 
         cfg = self.model_config
         start = time.perf_counter()
@@ -137,10 +149,12 @@ class ModelRunner:
         metadata = self._prefill_metadata(query_lens, blocks_per_req)
         positions = torch.cat([torch.arange(n, device=self.device) for n in query_lens])
         hidden = self.model(torch.zeros(num_tokens, dtype=torch.long, device=self.device), positions, metadata)
-        logits = self.model.compute_logits(hidden[-self.max_num_seqs:])
-        if self.sampler.use_fused_kernel is not False:
-            from sluice.sample import fused_sampling
-            fused_sampling.compile_variants(logits)
+        logits = None
+        if self.pooler is None:  # a pooling model has no LM head and never samples
+            logits = self.model.compute_logits(hidden[-self.max_num_seqs:])
+            if self.sampler.use_fused_kernel is not False:
+                from sluice.sample import fused_sampling
+                fused_sampling.compile_variants(logits)
         torch.cuda.synchronize(self.device)
         self._bind([])
         del kv, hidden, logits
@@ -292,6 +306,9 @@ class ModelRunner:
             return LaunchedStep([], [], [], None, None, {})
         inputs = self.input_batch.prepare(scheduler_output.num_scheduled_tokens)
         hidden = self._forward(inputs)
+        if self.pooler is not None:  # pooled vectors instead of samples
+            pooled = self.pooler.pool(scheduler_output, inputs, hidden, self.input_batch.req_id_to_row)
+            return LaunchedStep(inputs.req_ids, [], [], None, None, {}, pooled)
         result, host_ids = None, None
         states = [self.sampling_states[r] for r in inputs.sampling_req_ids]
         if inputs.sampling_req_ids:
@@ -326,7 +343,8 @@ class ModelRunner:
                 self.input_batch.append_tokens(np.asarray(rows, dtype=np.int64), token_ids[kept])
             logprobs = step.sampler_output.logprobs_by_request(step.sampling_req_ids)
         return ModelRunnerOutput(req_ids=step.req_ids, sampled_token_ids=sampled, logprobs=logprobs,
-                                 prompt_logprobs=step.prompt_logprobs)
+                                 prompt_logprobs=step.prompt_logprobs,
+                                 pooler_output=step.pooled.to_host() if step.pooled is not None else {})
 
     def _sampling_metadata(self, inputs: StepInputs, states: list[RequestSamplingState],
                            vocab_size: int) -> SamplingMetadata:
