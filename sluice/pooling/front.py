@@ -92,7 +92,7 @@ def finalize_vector(raw: bytes, params: PoolingParams, pooler_config: PoolerConf
     normalize = pooler_config.normalize if params.normalize is None else params.normalize
     if normalize:
         vector = vector / max(float(np.linalg.norm(vector)), 1e-12)  # torch.nn.functional.normalize's eps
-    return np.ascontiguousarray(vector, dtype=np.float32)
+    return np.array(vector, dtype=np.float32)  # a writable copy (frombuffer views are read-only)
 
 
 @dataclass(slots=True)

@@ -2,7 +2,7 @@
 
     sluice serve path/to/model --port 8000 --api-key sk-... --served-model-name my-model
 
-Routes: /v1/completions, /v1/chat/completions, /v1/models, /tokenize, /detokenize,
+Routes: /v1/completions, /v1/chat/completions, /v1/embeddings, /v1/models, /tokenize, /detokenize,
 /health, /version, /metrics. Graceful shutdown: the first SIGTERM/SIGINT starts a drain
 (new requests get 503, /health turns 503), in-flight requests get up to
 ``--shutdown-timeout`` seconds, the rest are aborted, and the process exits 0. A second
@@ -42,6 +42,7 @@ from sluice.entrypoints.openai.protocol import (ChatCompletionRequest, Completio
                                                 TokenizeRequest)
 from sluice.entrypoints.openai.sampling import ServingLimits
 from sluice.entrypoints.openai.serving_completion import OpenAIServingCompletion
+from sluice.entrypoints.openai.serving_embedding import register_embedding_route
 from sluice.entrypoints.openai.serving_engine import ServingConfig
 from sluice.entrypoints.openai.serving_models import OpenAIServingModels
 from sluice.engine.stats import LoggingStatLogger
@@ -88,6 +89,8 @@ def build_app(engine: AsyncLLM, config: ServingConfig, metrics: PrometheusStatLo
     @app.post("/v1/chat/completions")
     async def create_chat_completion(request: ChatCompletionRequest, raw_request: Request) -> Any:
         return await chat.create_chat_completion(request, raw_request)
+
+    register_embedding_route(app, engine, config, tokenizer_pool)  # POST /v1/embeddings
 
     @app.get("/v1/models")
     async def list_models() -> Any:
