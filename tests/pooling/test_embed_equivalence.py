@@ -54,7 +54,14 @@ def _assert_close(got: list[float], want: torch.Tensor) -> None:
     torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("engine", list(ENGINES))
+# Each model under the engines that matter for its pooling (CLS is MEAN's bookkeeping with one position).
+CASES = {"qwen3_last": list(ENGINES),
+         "llama_mean": ["chunked_prefill_budget_16_prefix_caching", "async_forced_preemption"],
+         "qwen3_cls_unnormalized": ["async_forced_preemption"]}
+
+
+@pytest.mark.parametrize("embedding_model, engine", [(m, e) for m, engines in CASES.items() for e in engines],
+                         indirect=["embedding_model"])
 def test_embeddings_match_transformers(embedding_model, engine):
     path, pooling, prompts, expected = embedding_model
     llm = LLM(model=str(path), dtype="float32", device="cpu", max_model_len=128, **ENGINES[engine])
@@ -109,6 +116,4 @@ def test_embedding_and_generation_engines_refuse_each_others_requests(tmp_path):
     generator = LLM(model=str(save_tiny_model(tmp_path / "g", "llama")), device="cpu", max_model_len=64)
     with pytest.raises(ValueError, match="generation model: embeddings need a pooling model"):
         generator.embed("hello", use_tqdm=False)
-    # A causal LM folder runs as an embedding model when asked (vLLM's --runner pooling / --task embed).
-    forced = LLM(model=str(tmp_path / "g"), device="cpu", max_model_len=64, task="embed")
-    assert forced.embed("hello", use_tqdm=False)[0].outputs.hidden_size == 64
+    assert_no_leaked_blocks(generator)
