@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from tests.tiny_models import build_tokenizer, save_tiny_model, tiny_config
+from tests.tiny_models import build_tokenizer, save_tiny_model
 
 _ST_MODES = {"LAST": "lasttoken", "MEAN": "mean", "CLS": "cls"}
 _LEGACY_KEYS = {"LAST": "pooling_mode_lasttoken", "MEAN": "pooling_mode_mean_tokens", "CLS": "pooling_mode_cls_token"}
@@ -24,15 +24,10 @@ def save_embedding_model(path: str | Path, arch: str, pooling: str, normalize: b
     path = Path(path)
     if legacy:
         save_tiny_model(path, arch, seed=seed, **overrides)
-    else:
+    else:  # the same weights as the causal LM, saved as the bare decoder
         from transformers import AutoModel
-        torch.manual_seed(seed)
-        model = AutoModel.from_config(tiny_config(arch, **overrides), dtype=torch.float32)
-        with torch.no_grad():
-            for p in model.parameters():
-                if p.dim() > 1:
-                    p.normal_(0.0, 0.08)
-        model.save_pretrained(path)
+        causal = save_tiny_model(path.with_name(path.name + "-causal"), arch, seed=seed, **overrides)
+        AutoModel.from_pretrained(causal, dtype=torch.float32).save_pretrained(path)
         build_tokenizer().save_pretrained(path)
     hidden_size = json.loads((path / "config.json").read_text())["hidden_size"]
     prefix = "sentence_transformers.models." if legacy else "sentence_transformers.base.modules."
