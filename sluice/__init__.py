@@ -1,6 +1,7 @@
 """sluice: LLM inference and serving with a paged KV cache, prefix caching and continuous batching."""
 from sluice.config import EngineArgs
 from sluice.outputs import CompletionOutput, Logprob, RequestOutput
+from sluice.pooling import EmbeddingRequestOutput, PoolingParams, PoolingRequestOutput
 from sluice.sampling_params import RequestOutputKind, SamplingParams
 
 __version__ = "0.1.0"
@@ -15,4 +16,4 @@ def __getattr__(name: str):
 
 
 __all__ = ["LLM", "SamplingParams", "EngineArgs", "RequestOutput", "CompletionOutput", "Logprob",
-           "RequestOutputKind", "__version__"]
+           "RequestOutputKind", "PoolingParams", "EmbeddingRequestOutput", "PoolingRequestOutput", "__version__"]

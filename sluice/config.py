@@ -105,6 +105,8 @@ class EngineArgs:
     tensor_parallel_size: int = 1
     disable_log_stats: bool = False
     cpu_threads: int | None = None  # torch threads of the process running the model on the CPU
+    runner: str = "auto"  # auto | generate | pooling (embeddings); see sluice/pooling/config.py
+    task: str = "auto"  # auto | generate | embed (vLLM's older flag: embed means runner pooling)
     # Not a flag: who drives the engine ("llm": offline LLM, "server": the API server); picks batch defaults.
     usage_context: str = "llm"
 
@@ -137,9 +139,13 @@ class EngineArgs:
         "disable_log_stats": "do not log engine stats",
         "cpu_threads": "torch threads for the model on the CPU (default: $SLUICE_CPU_THREADS, else "
                        "$OMP_NUM_THREADS, else the physical cores)",
+        "runner": "generate (completions, chat) or pooling (embeddings); auto: pooling for sentence-transformers "
+                  "folders (modules.json) and bare *Model architectures",
+        "task": "embed is --runner pooling, generate is --runner generate (vLLM's older flag)",
     }
     _NOT_FLAGS = {"usage_context"}
-    _CHOICES = {"dtype": DTYPES, "load_format": LOAD_FORMATS, "scheduling_policy": POLICIES, "device": DEVICES}
+    _CHOICES = {"dtype": DTYPES, "load_format": LOAD_FORMATS, "scheduling_policy": POLICIES, "device": DEVICES,
+                "runner": ("auto", "generate", "pooling"), "task": ("auto", "generate", "embed")}
 
     @classmethod
     def add_cli_args(cls, parser: argparse.ArgumentParser, model_positional: bool = False) -> argparse.ArgumentParser:
@@ -217,6 +223,8 @@ class ModelConfig:
     max_logprobs: int = 20
     enforce_eager: bool = False
     cpu_threads: int | None = None  # torch threads of the process running the model on the CPU
+    # Set for pooling (embedding) engines: --runner pooling / --task embed, or a sentence-transformers folder.
+    pooler_config: Any = None  # sluice.pooling.config.PoolerConfig | None
 
     @property
     def num_layers(self) -> int:
@@ -346,6 +354,7 @@ def create_engine_config(args: EngineArgs, device: DeviceConfig | None = None) -
     ``device``: the probe's answer, for tests; by default ``probe_device(args.device)``."""
     args.validate()
     from sluice.models.model_config import default_served_name, hf_context_length, read_checkpoint
+    from sluice.pooling.config import prefix_caching_applies, resolve_pooler_config
 
     device = device if device is not None else probe_device(args.device)
     model_path, hf_config, is_gguf = read_checkpoint(args.model, args.load_format)
@@ -364,7 +373,8 @@ def create_engine_config(args: EngineArgs, device: DeviceConfig | None = None) -
         dtype=_resolve_dtype(hf_config, args.dtype, device.type), device=device.type, max_model_len=max_model_len,
         vocab_size=hf_config.vocab_size, is_gguf=is_gguf, load_format=args.load_format, seed=args.seed,
         skip_tokenizer_init=args.skip_tokenizer_init, max_logprobs=args.max_logprobs,
-        enforce_eager=args.enforce_eager, cpu_threads=args.cpu_threads)
+        enforce_eager=args.enforce_eager, cpu_threads=args.cpu_threads,
+        pooler_config=resolve_pooler_config(args.runner, args.task, model_path, hf_config))
     max_num_seqs, max_num_batched_tokens = resolve_batch_limits(args, max_model_len, device)
     scheduler = SchedulerConfig(
         max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens, max_model_len=max_model_len,
@@ -372,7 +382,9 @@ def create_engine_config(args: EngineArgs, device: DeviceConfig | None = None) -
         async_scheduling=args.async_scheduling if args.async_scheduling is not None else device.type == "cuda",
         long_prefill_token_threshold=args.long_prefill_token_threshold)
     cache = CacheConfig(
-        block_size=args.block_size, enable_prefix_caching=args.enable_prefix_caching, num_blocks=args.num_kv_blocks,
+        block_size=args.block_size,
+        enable_prefix_caching=args.enable_prefix_caching and prefix_caching_applies(model.pooler_config),
+        num_blocks=args.num_kv_blocks,
         swap_space_bytes=int(args.swap_space * 2**30), gpu_memory_utilization=args.gpu_memory_utilization,
         kv_cache_memory_bytes=args.kv_cache_memory or DEFAULT_CPU_KV_CACHE_BYTES,
         sliding_window=model.kv_sliding_window)

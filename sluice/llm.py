@@ -13,6 +13,7 @@ from sluice.config import EngineArgs
 from sluice.engine.gc_heap import frozen_heap
 from sluice.engine.llm_engine import LLMEngine, PromptType
 from sluice.outputs import RequestOutput
+from sluice.pooling import EmbeddingRequestOutput, PoolingParams, PoolingRequestOutput
 from sluice.sampling_params import BeamSearchParams, RequestOutputKind, SamplingParams
 
 _ENGINE_FIELDS = {f.name for f in dataclasses.fields(EngineArgs) if not f.name.startswith("_")}
@@ -41,10 +42,30 @@ class LLM:
     def generate(self, prompts: PromptType | Sequence[PromptType],
                  sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
                  use_tqdm: bool = True, priority: Sequence[int] | None = None) -> list[RequestOutput]:
-        if isinstance(prompts, (str, dict)) or (
-                isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
-            prompts = [prompts]
-        return self._run(list(prompts), sampling_params, use_tqdm, priority)
+        return self._run(_prompt_list(prompts), sampling_params, use_tqdm, priority)
+
+    def embed(self, prompts: PromptType | Sequence[PromptType],
+              pooling_params: PoolingParams | Sequence[PoolingParams] | None = None, use_tqdm: bool = True,
+              truncate_prompt_tokens: int | None = None,
+              priority: Sequence[int] | None = None) -> list[EmbeddingRequestOutput]:
+        """One embedding per prompt (a pooling model: ``--runner pooling``, or a sentence-transformers folder).
+
+        >>> LLM(model="path/to/Qwen3-Embedding").embed(["hello"])[0].outputs.embedding
+        """
+        outputs = self.encode(prompts, pooling_params, use_tqdm, truncate_prompt_tokens, priority)
+        return [EmbeddingRequestOutput.from_base(output) for output in outputs]
+
+    def encode(self, prompts: PromptType | Sequence[PromptType],
+               pooling_params: PoolingParams | Sequence[PoolingParams] | None = None, use_tqdm: bool = True,
+               truncate_prompt_tokens: int | None = None,
+               priority: Sequence[int] | None = None) -> list[PoolingRequestOutput]:
+        """The pooled vector of each prompt as ``outputs.data`` (a float32 tensor)."""
+        prompts = _prompt_list(prompts)
+        params = pooling_params if pooling_params is not None else PoolingParams()
+        if truncate_prompt_tokens is not None:
+            params = [dataclasses.replace(p, truncate_prompt_tokens=truncate_prompt_tokens)
+                      for p in ([params] * len(prompts) if isinstance(params, PoolingParams) else params)]
+        return self._run(prompts, params, use_tqdm, priority)
 
     def beam_search(self, prompts: Sequence[PromptType], params: BeamSearchParams) -> list[BeamSearchOutput]:
         """The best ``params.beam_width`` sequences per prompt (vLLM's API; semantics in sluice/beam_search.py)."""
@@ -69,7 +90,7 @@ class LLM:
              priority: Sequence[int] | None) -> list[RequestOutput]:
         if sampling_params is None:
             sampling_params = SamplingParams()
-        if isinstance(sampling_params, SamplingParams):
+        if isinstance(sampling_params, (SamplingParams, PoolingParams)):
             sampling_params = [sampling_params] * len(prompts)
         if len(sampling_params) != len(prompts):
             raise ValueError(f"got {len(prompts)} prompts but {len(sampling_params)} sampling params")
@@ -83,7 +104,8 @@ class LLM:
                 # Offline, only the finished result is read: building a cumulative output for every
                 # request at every step would be wasted work (vLLM does the same).
                 params = params.clone()
-                params.output_kind = RequestOutputKind.FINAL_ONLY
+                if isinstance(params, SamplingParams):
+                    params.output_kind = RequestOutputKind.FINAL_ONLY
                 engine.add_request(request_id, prompt, params, priority=priority[i] if priority else 0)
                 request_ids.append(request_id)
             return self._run_engine(request_ids, use_tqdm)
@@ -101,9 +123,17 @@ class LLM:
                 for output in engine.step():
                     if output.finished:
                         finished[output.request_id] = output
-                        num_output_tokens += sum(len(c.token_ids) for c in output.outputs)
+                        if isinstance(output, RequestOutput):  # not an embedding
+                            num_output_tokens += sum(len(c.token_ids) for c in output.outputs)
                         bar.update(1)
                         elapsed = bar.format_dict["elapsed"] or 1e-9
                         bar.set_postfix_str(f"output {num_output_tokens / elapsed:.1f} tok/s", refresh=False)
         bar.close()
         return [finished[r] for r in request_ids]
+
+
+def _prompt_list(prompts: PromptType | Sequence[PromptType]) -> list[PromptType]:
+    """One prompt (text, token ids or a dict) or a list of them -> a list."""
+    if isinstance(prompts, (str, dict)) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
+        return [prompts]
+    return list(prompts)

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from sluice.core.interface import FINISH_REASON_ERROR
+
 
 @dataclass(slots=True)
 class Logprob:
@@ -49,3 +51,8 @@ class RequestOutput:
     prompt_logprobs: PromptLogprobs | None = None
     num_cached_tokens: int = 0
     metrics: RequestMetrics | None = field(default=None, repr=False)
+
+    @property
+    def failed(self) -> bool:
+        """The engine failed this request on its own (finish_reason "error"); other requests carry on."""
+        return any(c.finish_reason == FINISH_REASON_ERROR for c in self.outputs)

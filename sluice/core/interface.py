@@ -87,6 +87,9 @@ class ModelRunnerOutput:
     logprobs: dict[str, LogprobsLists] = field(default_factory=dict)
     # req_id -> logprobs of prompt positions computed this step, when asked for.
     prompt_logprobs: dict[str, LogprobsLists] = field(default_factory=dict)
+    # Pooling engines: req_id -> the pooled hidden state (float32 bytes) of each request whose prompt this
+    # step completed; such a request is finished (sampled_token_ids has none for it).
+    pooler_output: dict[str, bytes] = field(default_factory=dict)
 
 
 FINISH_REASON_ERROR = "error"  # a request the engine failed on its own (vLLM's name); the others carry on
@@ -102,6 +105,7 @@ class EngineCoreOutput:
     new_logprobs: LogprobsLists | None = None
     new_prompt_logprobs: LogprobsLists | None = None
     num_cached_tokens: int = 0
+    pooled_output: bytes | None = None  # pooling engines: the pooled hidden state, float32 little-endian
 
     @property
     def finished(self) -> bool:

@@ -276,6 +276,8 @@ class Scheduler:
     def update_from_output(self, scheduler_output: SchedulerOutput,
                            model_runner_output: ModelRunnerOutput) -> list[EngineCoreOutput]:
         outputs: list[EngineCoreOutput] = []
+        if model_runner_output.pooler_output:
+            outputs = self._finish_pooled(model_runner_output.pooler_output)
         for req_id in scheduler_output.num_scheduled_tokens:
             request = self.requests.get(req_id)
             if request is None:  # aborted since schedule()
@@ -303,6 +305,20 @@ class Scheduler:
             if request.is_finished():
                 (self.running if was_running else self.waiting).remove(request)
                 self._free_request(request)
+        return outputs
+
+    def _finish_pooled(self, pooler_output: dict[str, bytes]) -> list[EngineCoreOutput]:
+        """Pooling requests end with their prompt: each pooled one finishes (stop) and frees its blocks.
+        The main loop then skips them (they left ``self.requests``). With async scheduling a request may
+        have been preempted after its last step launched; that step's vector is still right."""
+        outputs = []
+        for req_id, pooled in pooler_output.items():
+            request = self.requests.get(req_id)
+            if request is None:  # aborted since schedule()
+                continue
+            self.finish_requests(req_id, RequestStatus.FINISHED_STOPPED)
+            outputs.append(EngineCoreOutput(req_id, [], finish_reason="stop", pooled_output=pooled,
+                                            num_cached_tokens=max(request.num_cached_tokens, 0)))
         return outputs
 
     def _append_until_stop(self, request: Request, sampled: list[int]) -> list[int]:

@@ -36,7 +36,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sluice.config import EngineArgs, EngineConfig, create_engine_config
-from sluice.core.interface import FINISH_REASON_ERROR
 from sluice.engine.client import CoreAttachment
 from sluice.engine.errors import EngineDeadError, QueueFullError, RequestAbortedError
 from sluice.engine.llm_engine import LLMEngine, PromptType
@@ -106,7 +105,7 @@ class RequestStream:
                     raise item
                 if item.finished:
                     self.finished = True
-                    if any(c.finish_reason == FINISH_REASON_ERROR for c in item.outputs):
+                    if item.failed:
                         raise RequestFailedError(f"the engine failed request {self.request_id}")
                 yield item
         finally:

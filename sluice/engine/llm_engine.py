@@ -18,6 +18,7 @@ from sluice.engine.client import CoreAttachment, EngineCoreClient, InprocClient,
 from sluice.engine.engine_core import EngineCore
 from sluice.engine.output_processor import OutputProcessor, ParentRequestState
 from sluice.outputs import RequestOutput
+from sluice.pooling.params import PoolingParams
 from sluice.sampling_params import SamplingParams, check_context_length
 from sluice.stats import IterationStats, StatLogger
 
@@ -40,6 +41,9 @@ class LLMEngine:
         self.eos_token_id, self.extra_stop_token_ids = _stop_ids(self.model_config.hf_config, self.tokenizer,
                                                                  self.chat_template)
         self.output_processor = OutputProcessor(self.tokenizer)
+        if self.model_config.pooler_config is not None:  # an embedding engine: pooled vectors, never text
+            from sluice.pooling.front import PoolingOutputProcessor
+            self.output_processor = PoolingOutputProcessor(self.model_config.pooler_config)
         self.stat_loggers = list(stat_loggers or [])
         self._log_startup()
 
@@ -101,8 +105,11 @@ class LLMEngine:
             return None, list(prompt)
         raise ValueError(f"prompt must be a string, a list of token ids or a dict, got {type(prompt).__name__}")
 
-    def add_request(self, request_id: str, prompt: PromptType, params: SamplingParams | None = None,
+    def add_request(self, request_id: str, prompt: PromptType, params: SamplingParams | PoolingParams | None = None,
                     priority: int = 0, arrival_time: float | None = None) -> None:
+        if self.model_config.pooler_config is not None or isinstance(params, PoolingParams):
+            from sluice.pooling.front import add_pooling_request  # embeddings: sluice/pooling/front.py
+            return add_pooling_request(self, request_id, prompt, params, priority, arrival_time)
         params = (params or SamplingParams()).clone()
         prompt_text, prompt_ids = self.tokenize_prompt(prompt)
         if params.bad_words:

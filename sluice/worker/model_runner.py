@@ -17,6 +17,7 @@ import itertools
 import logging
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -31,6 +32,9 @@ from sluice.worker.cuda_graphs import DecodeGraphs, MixedGraphs, capture_sizes, 
 from sluice.worker.input_batch import InputBatch, StepInputs
 from sluice.worker.kv_cache import KVCacheSpec, allocate_kv_caches, available_gpu_kv_bytes, num_blocks_for_memory
 from sluice.worker.step_buffers import PendingSampledIds, SampledIdsReadback, StepBuffers
+
+if TYPE_CHECKING:
+    from sluice.pooling.pooler import Pooler, PooledStep
 
 logger = logging.getLogger(__name__)
 
@@ -62,6 +66,7 @@ class LaunchedStep:
     sampler_output: SamplerOutput | None
     host_ids: PendingSampledIds | None
     prompt_logprobs: dict[str, LogprobsLists]
+    pooled: "PooledStep | None" = None  # pooling engines: the vectors of requests whose prompt completed
 
 
 class ModelRunner:
@@ -97,10 +102,17 @@ class ModelRunner:
         self.kv_spec = KVCacheSpec(model_config.num_layers, model_config.num_kv_heads,
                                    model_config.head_dim, block_size, self.dtype)
         self._num_heads, self._num_kv_heads = model_config.num_attention_heads, model_config.num_kv_heads
+        # Pooling engines (embeddings) pool hidden states where others sample: see sluice/pooling/pooler.py.
+        self.pooler: Pooler | None = None
+        if model_config.pooler_config is not None:
+            from sluice.pooling.pooler import Pooler
+            self.pooler = Pooler(model_config.pooler_config, max_num_seqs, self.device)
 
     # ---- setup -------------------------------------------------------------------------
     def load_model(self) -> None:
         from sluice.models.loader import build_model, iterate_safetensors
+        if self.pooler is not None:
+            from sluice.pooling.pooler import build_pooling_model as build_model
 
         cfg = self.model_config
         start = time.perf_counter()
@@ -152,8 +164,10 @@ class ModelRunner:
         metadata = self._prefill_metadata(query_lens, blocks_per_req)
         positions = torch.cat([torch.arange(n, device=self.device) for n in query_lens])
         hidden = self.model(torch.zeros(num_tokens, dtype=torch.long, device=self.device), positions, metadata)
-        logits = self.model.compute_logits(hidden[-self.max_num_seqs:])
-        self.sampler.compile_variants(logits)
+        logits = None
+        if self.pooler is None:  # a pooling model has no LM head and never samples
+            logits = self.model.compute_logits(hidden[-self.max_num_seqs:])
+            self.sampler.compile_variants(logits)
         torch.cuda.synchronize(self.device)
         self._bind([])
         del kv, hidden, logits
@@ -315,6 +329,10 @@ class ModelRunner:
         rows = np.fromiter((requests[r].row for r in num_scheduled), dtype=np.int64, count=len(num_scheduled))
         inputs = self.input_batch.prepare(num_scheduled, rows)
         hidden = self._forward(inputs)
+        if self.pooler is not None:  # pooled vectors instead of samples
+            new_rows = {new.req_id: requests[new.req_id].row for new in scheduler_output.scheduled_new_reqs}
+            pooled = self.pooler.pool(scheduler_output, inputs, hidden, new_rows)
+            return LaunchedStep(inputs.req_ids, [], [], None, None, {}, pooled)
         result, host_ids = None, None
         states = [requests[r].sampling for r in inputs.sampling_req_ids]
         if inputs.sampling_req_ids:
@@ -351,7 +369,8 @@ class ModelRunner:
                 self.input_batch.append_tokens(np.asarray(rows, dtype=np.int64), token_ids[kept])
             logprobs = step.sampler_output.logprobs_by_request(step.sampling_req_ids)
         return ModelRunnerOutput(req_ids=step.req_ids, sampled_token_ids=sampled, logprobs=logprobs,
-                                 prompt_logprobs=step.prompt_logprobs)
+                                 prompt_logprobs=step.prompt_logprobs,
+                                 pooler_output=step.pooled.to_host() if step.pooled is not None else {})
 
     def _sampling_metadata(self, inputs: StepInputs, states: list[RequestSamplingState],
                            vocab_size: int) -> SamplingMetadata:

@@ -2,7 +2,7 @@
 
     sluice serve path/to/model --port 8000 --api-key sk-... --served-model-name my-model
 
-Routes: /v1/completions, /v1/chat/completions, /v1/models, /v1/models/{id}, /tokenize, /detokenize,
+Routes: /v1/completions, /v1/chat/completions, /v1/embeddings, /v1/models, /v1/models/{id}, /tokenize, /detokenize,
 /health, /ping, /version, /metrics, /docs. Graceful shutdown: the first SIGTERM/SIGINT starts a drain
 (new requests get 503, /health turns 503), in-flight requests get up to
 ``--shutdown-timeout`` seconds, the rest are aborted, and the process exits 0. A second
@@ -50,6 +50,7 @@ from sluice.entrypoints.openai.protocol import (ChatCompletionRequest, Completio
 from sluice.entrypoints.openai.sampling import ServingLimits, generation_config_defaults, prompt_chars_limit
 from sluice.entrypoints.openai.serving_chat import OpenAIServingChat
 from sluice.entrypoints.openai.serving_completion import OpenAIServingCompletion
+from sluice.entrypoints.openai.serving_embedding import register_embedding_route
 from sluice.entrypoints.openai.serving_engine import ServingConfig
 from sluice.entrypoints.openai.serving_models import OpenAIServingModels
 from sluice.entrypoints.openai.api_server_pool import DEAD_ENGINE_GRACE_S, run_api_server_pool
@@ -107,6 +108,8 @@ def build_app(engine: AsyncLLM, config: ServingConfig, metrics: PrometheusStatLo
     @app.post("/v1/chat/completions")
     async def create_chat_completion(request: ChatCompletionRequest, raw_request: Request) -> Any:
         return await chat.create_chat_completion(request, raw_request)
+
+    register_embedding_route(app, engine, config, tokenizer_pool)  # POST /v1/embeddings
 
     @app.get("/v1/models")
     async def list_models() -> Any:
