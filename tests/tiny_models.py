@@ -95,8 +95,9 @@ def tiny_config(arch: str, **overrides):
     return cls(**base)
 
 
-def save_tiny_model(path: str | Path, arch: str = "llama", seed: int = 0, **overrides) -> Path:
-    """Writes config.json, model.safetensors and the tokenizer; returns the folder."""
+def save_tiny_model(path: str | Path, arch: str = "llama", seed: int = 0, tokenizer: bool = True,
+                    **overrides) -> Path:
+    """Writes config.json, model.safetensors and (unless ``tokenizer=False``) the tokenizer; returns the folder."""
     from transformers import AutoModelForCausalLM
 
     path = Path(path)
@@ -108,7 +109,8 @@ def save_tiny_model(path: str | Path, arch: str = "llama", seed: int = 0, **over
             if p.dim() > 1:
                 p.normal_(0.0, 0.08)
     model.save_pretrained(path)
-    build_tokenizer().save_pretrained(path)
+    if tokenizer:
+        build_tokenizer().save_pretrained(path)
     return path
 
 

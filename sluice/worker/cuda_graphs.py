@@ -1,4 +1,5 @@
-"""CUDA graphs for decode-only steps: one graph per batch-size bucket, all sharing one memory pool.
+"""CUDA graphs: decode steps per batch-size bucket (DecodeGraphs), steps with prompt chunks per token-count bucket
+(MixedGraphs, below), all sharing one memory pool.
 
 A decode step of L8 launches ~15 kernels per layer; eager, the host needs longer to launch
 them than the GPU to run them at small batches. Each graph replays the whole model forward

@@ -84,7 +84,8 @@ class ModelRunner:
         self.input_batch = InputBatch(max_num_seqs, model_config.max_model_len, block_size)
         max_blocks_per_req = -(-model_config.max_model_len // block_size)
         self.step_buffers = StepBuffers(max_num_seqs, max_num_batched_tokens, max_blocks_per_req, self.device)
-        # Decode CUDA graphs, captured once the KV cache exists; None on CPU or with enforce_eager.
+        # CUDA graphs (decode, and steps with prompt chunks), captured once the KV cache exists; None on CPU or
+        # with enforce_eager.
         self.enforce_eager = enforce_eager
         self.decode_graphs: DecodeGraphs | None = None
         self.mixed_graphs: MixedGraphs | None = None

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from sluice.config import (EngineArgs, DeviceConfig, EngineConfig, create_engine_config, default_description,
+from sluice.config import (BATCH_DEFAULTS, EngineArgs, DeviceConfig, EngineConfig, create_engine_config, default_description,
                            resolve_batch_limits)
 from sluice.engine.stats import IterationStats, LoggingStatLogger, SchedulerStats
 from tests.tiny_models import save_tiny_model
@@ -105,6 +105,31 @@ def test_readme_engine_flag_table_states_the_resolved_defaults():
             f"README's default for --{flag} is {default!r}; config.py says {default_description(name)!r}")
     help_text = EngineArgs.add_cli_args(argparse.ArgumentParser()).format_help()
     assert "16384 offline / 8192" in " ".join(help_text.split())  # --help reads the same table
+
+
+README_DEVICE_ROWS = {  # the README's row label -> BATCH_DEFAULTS key and a device of that class
+    "GPU of 70 GiB or more, not an A100": ("large_gpu", H100),
+    "other GPU": ("gpu", L4),
+    "CPU": ("cpu", CPU),
+}
+
+
+def test_readme_batch_defaults_table_matches_batch_defaults_per_device():
+    """The README's per-device table states BATCH_DEFAULTS, and the resolution picks those numbers."""
+    rows = re.findall(r"^\| ([^|`]+?) \| (\d+) \| (\d+) \| (\d+) \|$", README.read_text(), flags=re.MULTILINE)
+    assert {label for label, *_ in rows} == set(README_DEVICE_ROWS)
+    assert set(BATCH_DEFAULTS) == {key for key, _ in README_DEVICE_ROWS.values()}
+    for label, seqs, offline, served in rows:
+        key, device = README_DEVICE_ROWS[label]
+        defaults = BATCH_DEFAULTS[key]
+        assert (int(seqs), int(offline), int(served)) == (
+            defaults.max_num_seqs, defaults.max_num_batched_tokens_offline,
+            defaults.max_num_batched_tokens_served), f"README's {label!r} row disagrees with BATCH_DEFAULTS[{key!r}]"
+        long_context = 1 << 20
+        assert resolve_batch_limits(EngineArgs(usage_context="llm"), long_context, device) == (
+            int(seqs), int(offline))
+        assert resolve_batch_limits(EngineArgs(usage_context="server"), long_context, device) == (
+            int(seqs), int(served))
 
 
 def test_async_scheduling_and_long_prefill_flags_parse():

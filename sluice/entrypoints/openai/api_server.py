@@ -316,13 +316,13 @@ def server_stat_loggers(config: EngineConfig, metrics: PrometheusStatLogger) -> 
     return [metrics] if config.disable_log_stats else [metrics, LoggingStatLogger()]
 
 
-def serving_limits(config: EngineConfig, args: argparse.Namespace, vocab: dict[str, int]) -> ServingLimits:
+def serving_limits(config: EngineConfig, args: argparse.Namespace, vocab: dict[str, int] | None) -> ServingLimits:
     """The server's caps, from the engine's resolved config (max_model_len capped by the KV cache), and the
-    sampling defaults --generation-config names."""
+    sampling defaults --generation-config names. ``vocab``: None without a tokenizer (no text prompts to cap)."""
     limits = ServingLimits(max_model_len=config.max_model_len, vocab_size=config.model.vocab_size, max_n=args.max_n,
                            max_logprobs=config.model.max_logprobs,
                            priority_scheduling=config.scheduler.policy == "priority",
-                           max_prompt_chars=prompt_chars_limit(config.max_model_len, vocab),
+                           max_prompt_chars=prompt_chars_limit(config.max_model_len, vocab) if vocab else None,
                            sampling_defaults=generation_config_defaults(args.generation_config, config.model.model))
     if limits.sampling_defaults:
         logger.info("sampling defaults from generation_config.json: %s (--generation-config vllm ignores them)",
@@ -340,11 +340,12 @@ def serve(args: argparse.Namespace, engine: AsyncLLM, metrics: PrometheusStatLog
     them, so that ids of several API servers never collide.
     """
     model_config = engine.model_config
-    limits = serving_limits(engine.config, args, engine.tokenizer.get_vocab())
+    tokenizer = engine.tokenizer  # None with --skip-tokenizer-init: token-id completions only
+    limits = serving_limits(engine.config, args, tokenizer.get_vocab() if tokenizer is not None else None)
     config = ServingConfig([model_config.served_model_name], limits, args.enable_log_requests, args.max_log_len,
                            api_server_index=api_server_index,
                            trust_request_chat_template=args.trust_request_chat_template)
-    chat_template = get_chat_template(engine.tokenizer, args.chat_template) if args.chat_template else None
+    chat_template = get_chat_template(tokenizer, args.chat_template) if args.chat_template else None
     _, guard, state = build_app(engine, config, metrics, args.api_key, args.max_request_body_bytes,
                                 chat_template, args.allowed_origins, args.root_path)
     uvicorn_config = uvicorn.Config(guard, host=args.host, port=args.port, log_level=args.uvicorn_log_level,

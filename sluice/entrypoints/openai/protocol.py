@@ -96,6 +96,7 @@ class CompletionRequest(SamplingFields):
     echo: bool = False
     logprobs: int | None = None
     best_of: int | None = None  # accepted only when equal to n (no beam-style reranking)
+    return_token_ids: bool = False  # vLLM's: choices carry token_ids (and the first, prompt_token_ids)
 
 
 class TextContentPart(OpenAIBaseModel):
@@ -163,6 +164,8 @@ class CompletionChoice(BaseModel):
     logprobs: CompletionLogprobs | None = None
     finish_reason: str | None = None
     stop_reason: int | str | None = None
+    prompt_token_ids: list[int] | None = None  # with return_token_ids
+    token_ids: list[int] | None = None  # with return_token_ids
 
 
 class CompletionResponse(BaseModel):

@@ -63,7 +63,7 @@ class OpenAIServingChat(OpenAIServing):
             raise bad_request("chat_template in a request is refused: this server uses its own template (start "
                               "it with --trust-request-chat-template to allow request templates)", "chat_template")
         conversation = [{"role": m.role, "content": m.text()} for m in messages]
-        tokenizer = self.engine.tokenizer
+        tokenizer = self.require_tokenizer("a chat", "messages")
         try:
             check_template_kwargs(tokenizer, template_kwargs or {})  # before they meet render_chat's own arguments
             text = await self.run_in_tokenizer_pool(

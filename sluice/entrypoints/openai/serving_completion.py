@@ -1,7 +1,10 @@
 """POST /v1/completions: prompts (text, token ids, or lists of either) -> completions, streamed or not.
 
 Choice ``index`` is ``prompt_index * n + completion_index``, as in OpenAI. With ``echo``
-the prompt text (and, with ``logprobs``, the prompt's logprobs) precede the completion.
+the prompt text (and, with ``logprobs``, the prompt's logprobs) precede the completion. With
+``return_token_ids`` (vLLM's) a choice carries its generated ``token_ids`` (a stream's chunks: the new ones) and
+its first one the ``prompt_token_ids``: how a server started with ``--skip-tokenizer-init`` answers token-id
+prompts (its texts are empty, its logprob tokens read ``token_id:<id>``).
 """
 from __future__ import annotations
 
@@ -59,7 +62,7 @@ class OpenAIServingCompletion(OpenAIServing):
             if isinstance(item, str):
                 prompts.append(EnginePrompt(item, await self.encode(item)))
             else:
-                text = await self.run_in_tokenizer_pool(self.engine.tokenizer.decode, item) if need_text else None
+                text = await self.decode(list(item), "echo", "echo") if need_text else None
                 prompts.append(EnginePrompt(text, list(item)))
         return prompts
 
@@ -83,6 +86,8 @@ class OpenAIServingCompletion(OpenAIServing):
                                                  request.logprobs, start)
             for name in ("tokens", "token_logprobs", "top_logprobs", "text_offset"):
                 getattr(logprobs, name).extend(getattr(generated, name))
+        token_ids = list(completion.token_ids) if request.return_token_ids else None
+        prompt_token_ids = prompt.token_ids if request.return_token_ids and not state.started else None
         if echo_now:
             text = (prompt.text or "") + text
         state.started = True
@@ -90,7 +95,8 @@ class OpenAIServingCompletion(OpenAIServing):
         state.num_tokens += len(completion.token_ids)
         state.finished = completion.finish_reason is not None
         return CompletionChoice(index=index, text=text, logprobs=logprobs, finish_reason=completion.finish_reason,
-                                stop_reason=completion.stop_reason)
+                                stop_reason=completion.stop_reason, prompt_token_ids=prompt_token_ids,
+                                token_ids=token_ids)
 
     def _response(self, request: CompletionRequest, model: str, request_id: str, prompts: list[EnginePrompt],
                   finals: list[RequestOutput]) -> CompletionResponse:

@@ -22,7 +22,7 @@ from pydantic import BaseModel
 
 from sluice.engine.async_engine import (AsyncLLM, EngineDeadError, QueueFullError, RequestAbortedError,
                                         RequestFailedError, RequestStream)
-from sluice.entrypoints.openai.errors import OpenAIError, internal_error
+from sluice.entrypoints.openai.errors import OpenAIError, bad_request, internal_error
 from sluice.entrypoints.openai.protocol import (ChatChoiceLogprobs, ChatLogprobToken, ChatTopLogprob,
                                                 CompletionLogprobs, SamplingFields, UsageInfo)
 from sluice.entrypoints.openai.sampling import ServingLimits, check_prompt_chars
@@ -137,15 +137,31 @@ class OpenAIServing:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._tokenizer_pool, lambda: fn(*args, **kwargs))
 
+    def require_tokenizer(self, what: str, param: str) -> Any:
+        """The tokenizer; a 400 naming ``param`` when the server runs with --skip-tokenizer-init."""
+        tokenizer = self.engine.tokenizer
+        if tokenizer is None:
+            raise bad_request(f"{what} needs a tokenizer, but this server runs with --skip-tokenizer-init: send "
+                              "prompts to /v1/completions as token ids", param)
+        return tokenizer
+
     async def encode(self, text: str, add_special_tokens: bool = True, param: str = "prompt") -> list[int]:
         """Token ids of ``text``, in the pool; a text too long for max_model_len is a 400 before any work."""
+        tokenizer = self.require_tokenizer("a text prompt", param)
         check_prompt_chars(text, self.limits, param)
-        tokenizer = self.engine.tokenizer
         return await self.run_in_tokenizer_pool(tokenizer.encode, text, add_special_tokens=add_special_tokens)
 
+    async def decode(self, token_ids: list[int], what: str, param: str) -> str:
+        """The text of ``token_ids``, in the pool; a 400 without a tokenizer."""
+        tokenizer = self.require_tokenizer(what, param)
+        return await self.run_in_tokenizer_pool(tokenizer.decode, token_ids)
+
     def decode_token(self, token_id: int, logprob: Logprob | None = None) -> str:
+        """A logprob entry's token as text; ``token_id:<id>`` without a tokenizer (vLLM's form)."""
         if logprob is not None and logprob.decoded_token is not None:
             return logprob.decoded_token
+        if self.engine.tokenizer is None:
+            return f"token_id:{token_id}"
         return self.engine.tokenizer.decode([token_id])
 
     # ---- engine requests -----------------------------------------------------------------------

@@ -39,5 +39,5 @@ class OpenAIServingModels(OpenAIServing):
         bad = [t for t in request.tokens if not 0 <= t < self.limits.vocab_size]
         if bad:
             raise bad_request(f"token id {bad[0]} is out of range for vocab size {self.limits.vocab_size}", "tokens")
-        text = await self.run_in_tokenizer_pool(self.engine.tokenizer.decode, request.tokens)
+        text = await self.decode(request.tokens, "/detokenize", "tokens")
         return DetokenizeResponse(prompt=text)
