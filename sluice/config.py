@@ -43,6 +43,10 @@ class EngineArgs:
     async_scheduling: bool | None = None  # default: on for CUDA
     tensor_parallel_size: int = 1
     disable_log_stats: bool = False
+    kv_cache_metrics: bool = False  # sample KV block lifetimes (sluice/core/kv_metrics.py)
+    kv_cache_metrics_sample: float = 0.01
+    otlp_traces_endpoint: str | None = None  # OpenTelemetry tracing (sluice/tracing.py)
+    collect_detailed_traces: str | None = None
     # Not a flag: who drives the engine ("llm": offline LLM, "server": the API server); picks batch defaults.
     usage_context: str = "llm"
 
@@ -73,6 +77,12 @@ class EngineArgs:
         "async_scheduling": "schedule step t+1 while step t runs on the GPU (default: on for CUDA)",
         "tensor_parallel_size": "GPUs to shard the model over",
         "disable_log_stats": "do not log engine stats",
+        "kv_cache_metrics": "export KV block lifetime, idle-before-eviction and reuse-gap histograms",
+        "kv_cache_metrics_sample": "fraction of KV blocks timed by --kv-cache-metrics",
+        "otlp_traces_endpoint": "send one OpenTelemetry span per request to this OTLP endpoint "
+                                "(OTEL_EXPORTER_OTLP_TRACES_PROTOCOL, _HEADERS, OTEL_SERVICE_NAME... apply)",
+        "collect_detailed_traces": "also send a span per engine step: model, worker or all (needs "
+                                   "--otlp-traces-endpoint)",
     }
     _NOT_FLAGS = {"usage_context"}
     _CHOICES = {"dtype": _DTYPES, "load_format": _LOAD_FORMATS,
@@ -123,6 +133,14 @@ class EngineArgs:
         if self.swap_space > 0:
             raise ValueError("swap_space > 0 (swapping preempted requests' KV to the CPU) is not supported yet: "
                              "preempted requests are recomputed, usually from the prefix cache")
+        if not 0.0 < self.kv_cache_metrics_sample <= 1.0:
+            raise ValueError(f"kv_cache_metrics_sample must be in (0, 1], got {self.kv_cache_metrics_sample}")
+        if self.collect_detailed_traces is not None:
+            unknown = set(self.collect_detailed_traces.split(",")) - {"model", "worker", "all"}
+            if unknown:
+                raise ValueError(f"collect_detailed_traces takes model, worker or all, got {sorted(unknown)}")
+            if not self.otlp_traces_endpoint:
+                raise ValueError("collect_detailed_traces needs otlp_traces_endpoint (--otlp-traces-endpoint)")
         if self.tensor_parallel_size != 1:
             raise ValueError("tensor_parallel_size > 1 is not supported yet")
 

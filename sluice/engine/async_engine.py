@@ -209,6 +209,9 @@ class AsyncLLM:
         stream = RequestStream(request_id, self)
         self._streams[request_id] = stream
         command = _AddCommand(request_id, prompt, params, priority)
+        tracer = getattr(self.engine, "tracer", None)  # sluice/tracing.py; None unless tracing is on
+        if tracer is not None:
+            tracer.capture_parent(request_id)  # here, in the caller's context (its traceparent)
         try:
             self._send(command)
             await asyncio.wrap_future(command.done)
@@ -218,6 +221,8 @@ class AsyncLLM:
         except BaseException:
             stream.finished = True
             self._streams.pop(request_id, None)  # never added: nothing to abort
+            if tracer is not None:
+                tracer.forget(request_id)
             raise
         return stream
 

@@ -79,6 +79,7 @@ class CoreReady(msgspec.Struct, tag="ready", array_like=True):
     num_parameters: int
     load_seconds: float
     kv_bytes_per_block: int
+    startup_seconds: dict[str, float] = msgspec.field(default_factory=dict)  # EngineCore's start-up phases
 
 
 class CoreStep(msgspec.Struct, tag="step", array_like=True):
@@ -203,7 +204,8 @@ def run_engine_core(args: EngineArgs, addresses: CoreAddresses, parent_pid: int,
         core = EngineCore(ModelConfig.from_engine_args(args), args)
         runner = core.runner
         ready = encoder.encode(CoreReady(core.cache_config, core.scheduler_config, runner.num_parameters,
-                                         runner.load_seconds, runner.kv_spec.bytes_per_block))
+                                         runner.load_seconds, runner.kv_spec.bytes_per_block,
+                                         core.startup_seconds))
         metrics = None
         if export_metrics:  # before ready: the API servers' /metrics has the series from their first answer
             from sluice.metrics import SchedulerMetrics

@@ -23,6 +23,7 @@ from sluice.config import CacheConfig, EngineArgs, SchedulerConfig, resolve_batc
 from sluice.core.interface import EngineCoreOutput, SchedulerOutput
 from sluice.core.request import Request, RequestStatus
 from sluice.core.scheduler import Scheduler
+from sluice.engine.startup import StartupTimer
 from sluice.models.model_config import ModelConfig
 from sluice.worker.model_runner import LaunchedStep, ModelRunner, is_large_gpu
 
@@ -31,6 +32,7 @@ logger = logging.getLogger(__name__)
 
 class EngineCore:
     def __init__(self, model_config: ModelConfig, args: EngineArgs) -> None:
+        timer = StartupTimer()
         self.model_config = model_config
         max_model_len = model_config.max_model_len
         device_type = torch.device(model_config.device).type
@@ -47,17 +49,27 @@ class EngineCore:
         )
         self.runner = ModelRunner(model_config, args.block_size, limits.max_num_seqs,
                                   limits.max_num_batched_tokens, enforce_eager=args.enforce_eager)
+        timer.lap("config")
         self.runner.load_model()
+        timer.lap("weights")
         num_blocks = self.runner.determine_num_kv_blocks(
             args.num_kv_blocks, args.kv_cache_memory, args.gpu_memory_utilization)
-        self.runner.initialize_kv_cache(num_blocks)
+        timer.lap("profiling")
+        self.runner.initialize_kv_cache(num_blocks)  # allocates the KV cache, then captures CUDA graphs
+        timer.lap("graph_capture")
+        timer.split_graph_capture(self.runner)
         self.cache_config = CacheConfig(
             block_size=args.block_size,
             enable_prefix_caching=args.enable_prefix_caching,
             num_blocks=num_blocks,
         )
         self.scheduler = Scheduler(self.scheduler_config, self.cache_config)
+        if getattr(args, "kv_cache_metrics", False):
+            from sluice.core.kv_metrics import install_kv_cache_metrics
+            install_kv_cache_metrics(self.scheduler, args.kv_cache_metrics_sample)
         self._in_flight: tuple[SchedulerOutput, LaunchedStep] | None = None
+        self.startup_seconds = timer.phases
+        logger.info("engine core start-up: %s", timer.describe())
 
     @property
     def num_parameters(self) -> int:

@@ -16,7 +16,7 @@ from sluice.core.interface import EngineCoreOutput
 from sluice.core.request import Request
 from sluice.engine.engine_core import EngineCore
 from sluice.engine.output_processor import OutputProcessor, ParentRequestState
-from sluice.engine.stats import IterationStats, StatLogger
+from sluice.engine.stats import EngineInfo, IterationStats, StatLogger
 from sluice.models.model_config import ModelConfig
 from sluice.outputs import RequestOutput
 from sluice.sampling_params import SamplingParams
@@ -43,8 +43,18 @@ class LLMEngine:
         self.core = core if core is not None else EngineCore(model_config, args)
         self.output_processor = OutputProcessor(self.tokenizer)
         self.stat_loggers = list(stat_loggers or [])
+        # OpenTelemetry spans per request (sluice/tracing.py); None, and nothing runs, without the flag.
+        from sluice.tracing import RequestTracer
+        self.tracer = RequestTracer.from_engine_args(args, model_config.served_model_name)
+        if self.tracer is not None:
+            self.stat_loggers.append(self.tracer)
         self.max_model_len = model_config.max_model_len
         self._log_startup()
+        info = EngineInfo(self.core.cache_config, dict(getattr(self.core, "startup_seconds", {})))
+        for stat_logger in self.stat_loggers:
+            hook = getattr(stat_logger, "log_engine_initialized", None)
+            if hook is not None:
+                hook(info)
 
     def _log_startup(self) -> None:
         cfg, core = self.model_config, self.core
@@ -88,7 +98,7 @@ class LLMEngine:
         self._validate(prompt_ids, params)
         params.update_from_tokenizer(self.eos_token_id, self.extra_stop_token_ids)
         arrival_time = time.monotonic() if arrival_time is None else arrival_time
-        parent = ParentRequestState(request_id, prompt_text, prompt_ids, params, arrival_time)
+        parent = ParentRequestState(request_id, prompt_text, prompt_ids, params, arrival_time, priority)
         for child_id, child_params in self.output_processor.add_request(parent):
             self.core.add_request(Request(
                 child_id, prompt_ids, child_params, eos_token_id=self.eos_token_id, priority=priority,
@@ -130,8 +140,9 @@ class LLMEngine:
 
     # ---- the loop ----------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        step_start_time = time.monotonic()
         core_outputs: list[EngineCoreOutput] = self.core.step()
-        iteration_stats = IterationStats()
+        iteration_stats = IterationStats(step_start_time=step_start_time)
         outputs, stopped_ids = self.output_processor.process(core_outputs, iteration_stats)
         if stopped_ids:
             self.core.stop_requests(stopped_ids)

@@ -3,7 +3,7 @@
     sluice serve path/to/model --port 8000 --api-key sk-... --served-model-name my-model
 
 Routes: /v1/completions, /v1/chat/completions, /v1/models, /tokenize, /detokenize,
-/health, /version, /metrics. Graceful shutdown: the first SIGTERM/SIGINT starts a drain
+/health, /version, /metrics, /dashboard (observability.py). Graceful shutdown: the first SIGTERM/SIGINT starts a drain
 (new requests get 503, /health turns 503), in-flight requests get up to
 ``--shutdown-timeout`` seconds, the rest are aborted, and the process exits 0. A second
 signal exits at once.
@@ -38,6 +38,8 @@ from sluice.engine.async_engine import AsyncLLM
 from sluice.engine.gc_heap import freeze_startup_heap
 from sluice.entrypoints.openai.errors import OpenAIError, install_exception_handlers
 from sluice.entrypoints.openai.middleware import ServerGuard
+from sluice.entrypoints.openai.observability import add_cli_args as add_observability_args
+from sluice.entrypoints.openai.observability import install_observability
 from sluice.entrypoints.openai.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
                                                 TokenizeRequest)
 from sluice.entrypoints.openai.sampling import ServingLimits
@@ -191,6 +193,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     server.add_argument("--uvicorn-log-level", default="info",
                         choices=["critical", "error", "warning", "info", "debug", "trace"])
     server.add_argument("--disable-uvicorn-access-log", action="store_true")
+    add_observability_args(server)
     parser.set_defaults(func=run_server)
     return parser
 
@@ -256,8 +259,9 @@ def serve(args: argparse.Namespace, engine_args: EngineArgs, engine: AsyncLLM, m
                            priority_scheduling=engine_args.scheduling_policy == "priority")
     config = ServingConfig([model_config.served_model_name], limits, args.enable_log_requests, args.max_log_len,
                            api_server_index=api_server_index)
-    _, guard, state = build_app(engine, config, metrics, args.api_key, args.max_request_body_bytes,
-                                args.chat_template)
+    app, guard, state = build_app(engine, config, metrics, args.api_key, args.max_request_body_bytes,
+                                  args.chat_template)
+    install_observability(app, args, engine, metrics)  # /dashboard, traceparent, ready time
     uvicorn_config = uvicorn.Config(guard, host=args.host, port=args.port, log_level=args.uvicorn_log_level,
                                     access_log=not args.disable_uvicorn_access_log, timeout_graceful_shutdown=5,
                                     lifespan="on")

@@ -12,6 +12,7 @@ import json
 from collections.abc import Callable
 from typing import Any
 
+from sluice.entrypoints.openai.dashboard import BASIC_CHALLENGE, basic_auth_matches, is_dashboard_path
 from sluice.entrypoints.openai.errors import OpenAIError
 
 _OPEN_PATHS = frozenset({"/health", "/metrics", "/version"})
@@ -27,6 +28,7 @@ class ServerGuard:
                  is_draining: Callable[[], bool]) -> None:
         self.app = app
         self._expected_auth = f"Bearer {api_key}".encode() if api_key else None
+        self._api_key = api_key
         self.max_body_bytes = max_body_bytes
         self.is_draining = is_draining
         self.num_in_flight = 0
@@ -41,8 +43,10 @@ class ServerGuard:
                                            code="draining"))
             return
         if self._expected_auth is not None and path not in _OPEN_PATHS and not self._authorized(scope):
+            # A browser opening /dashboard cannot send a Bearer header: it is asked for Basic auth instead.
+            challenge = BASIC_CHALLENGE if is_dashboard_path(path) else b"Bearer"
             await _reply(send, OpenAIError("invalid or missing API key: send 'Authorization: Bearer <key>'", 401,
-                                           code="invalid_api_key"), [(b"www-authenticate", b"Bearer")])
+                                           code="invalid_api_key"), [(b"www-authenticate", challenge)])
             return
         # Counted from the moment it got past the drain check: a request whose body is still arriving
         # when the signal lands was accepted, and the drain must wait for it instead of finishing early.
@@ -59,7 +63,9 @@ class ServerGuard:
 
     def _authorized(self, scope: Scope) -> bool:
         provided = next((v for k, v in scope.get("headers", []) if k == b"authorization"), b"")
-        return hmac.compare_digest(provided, self._expected_auth)
+        if hmac.compare_digest(provided, self._expected_auth):
+            return True
+        return is_dashboard_path(scope.get("path", "")) and basic_auth_matches(provided, self._api_key)
 
     async def _read_body(self, scope: Scope, receive: Receive) -> bytes | None:
         """The whole body, or None when it is over the limit (checked as it arrives)."""
