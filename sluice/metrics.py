@@ -158,8 +158,7 @@ class PrometheusStatLogger:
             return _counter(self.registry, model_name, name, doc)
 
         def histogram(name: str, doc: str, buckets: tuple[float, ...]) -> Histogram:
-            return Histogram(PREFIX + name, doc, labels, buckets=buckets,
-                             registry=self.registry).labels(model_name)
+            return _histogram(self.registry, model_name, name, doc, buckets)
 
         self.scheduler = SchedulerMetrics(model_name, self.registry) if scheduler_series else None
         self.prompt_tokens = counter("prompt_tokens", "Prefill tokens processed.")
