@@ -102,6 +102,7 @@ class EngineCoreOutput:
     new_logprobs: LogprobsLists | None = None
     new_prompt_logprobs: LogprobsLists | None = None
     num_cached_tokens: int = 0
+    scheduled_time: float | None = None  # time.monotonic() of first scheduling, with the first token only
 
     @property
     def finished(self) -> bool:
