@@ -7,6 +7,7 @@
                                              scheduler: SchedulerConfig  batch limits, policy, max_model_len
                                              parallel:  ParallelConfig   tensor parallel size
                                              device:    DeviceConfig     the device probe (type, name, memory)
+                                             observability: ObservabilityConfig  KV block timings, tracing
         -- the core sizes its KV cache --> config.with_kv_cache(num_blocks)   (cache.num_blocks set,
                                              scheduler.max_model_len capped at the KV cache's capacity)
 
@@ -107,6 +108,10 @@ class EngineArgs:
     cpu_threads: int | None = None  # torch threads of the process running the model on the CPU
     runner: str = "auto"  # auto | generate | pooling (embeddings); see sluice/pooling/config.py
     task: str = "auto"  # auto | generate | embed (vLLM's older flag: embed means runner pooling)
+    kv_cache_metrics: bool = False  # sample KV block lifetimes (sluice/core/kv_metrics.py)
+    kv_cache_metrics_sample: float = 0.01
+    otlp_traces_endpoint: str | None = None  # OpenTelemetry tracing (sluice/tracing.py)
+    collect_detailed_traces: str | None = None
     # Not a flag: who drives the engine ("llm": offline LLM, "server": the API server); picks batch defaults.
     usage_context: str = "llm"
 
@@ -142,6 +147,12 @@ class EngineArgs:
         "runner": "generate (completions, chat) or pooling (embeddings); auto: pooling for sentence-transformers "
                   "folders (modules.json) and bare *Model architectures",
         "task": "embed is --runner pooling, generate is --runner generate (vLLM's older flag)",
+        "kv_cache_metrics": "export KV block lifetime, idle-before-eviction and reuse-gap histograms",
+        "kv_cache_metrics_sample": "fraction of KV blocks timed by --kv-cache-metrics",
+        "otlp_traces_endpoint": "send one OpenTelemetry span per request to this OTLP endpoint "
+                                "(OTEL_EXPORTER_OTLP_TRACES_PROTOCOL, _HEADERS, OTEL_SERVICE_NAME... apply)",
+        "collect_detailed_traces": "also send a span per engine step: model, worker or all (needs "
+                                   "--otlp-traces-endpoint)",
     }
     _NOT_FLAGS = {"usage_context"}
     _CHOICES = {"dtype": DTYPES, "load_format": LOAD_FORMATS, "scheduling_policy": POLICIES, "device": DEVICES,
@@ -192,6 +203,14 @@ class EngineArgs:
                              "preempted requests are recomputed, usually from the prefix cache")
         if self.cpu_threads is not None and self.cpu_threads < 1:
             raise ValueError(f"cpu_threads must be at least 1, got {self.cpu_threads}")
+        if not 0.0 < self.kv_cache_metrics_sample <= 1.0:
+            raise ValueError(f"kv_cache_metrics_sample must be in (0, 1], got {self.kv_cache_metrics_sample}")
+        if self.collect_detailed_traces is not None:
+            unknown = set(self.collect_detailed_traces.split(",")) - {"model", "worker", "all"}
+            if unknown:
+                raise ValueError(f"collect_detailed_traces takes model, worker or all, got {sorted(unknown)}")
+            if not self.otlp_traces_endpoint:
+                raise ValueError("collect_detailed_traces needs otlp_traces_endpoint (--otlp-traces-endpoint)")
         if self.tensor_parallel_size != 1:
             raise ValueError("tensor_parallel_size > 1 is not supported yet")
 
@@ -309,12 +328,22 @@ class DeviceConfig:
 
 
 @dataclass(frozen=True)
+class ObservabilityConfig:
+    """What the engine records beyond the default metrics; everything here is off by default and costs nothing."""
+    kv_cache_metrics: bool = False  # time a sample of KV blocks (core/kv_metrics.py)
+    kv_cache_metrics_sample: float = 0.01
+    otlp_traces_endpoint: str | None = None  # one OpenTelemetry span per request (sluice/tracing.py)
+    collect_detailed_traces: str | None = None  # also a span per engine step: "model", "worker" or "all"
+
+
+@dataclass(frozen=True)
 class EngineConfig:
     model: ModelConfig
     cache: CacheConfig
     scheduler: SchedulerConfig
     parallel: ParallelConfig
     device: DeviceConfig
+    observability: ObservabilityConfig = ObservabilityConfig()
     usage_context: str = "llm"
     disable_log_stats: bool = False
 
@@ -390,6 +419,11 @@ def create_engine_config(args: EngineArgs, device: DeviceConfig | None = None) -
         sliding_window=model.kv_sliding_window)
     return EngineConfig(model=model, cache=cache, scheduler=scheduler,
                         parallel=ParallelConfig(args.tensor_parallel_size), device=device,
+                        observability=ObservabilityConfig(
+                            kv_cache_metrics=args.kv_cache_metrics,
+                            kv_cache_metrics_sample=args.kv_cache_metrics_sample,
+                            otlp_traces_endpoint=args.otlp_traces_endpoint,
+                            collect_detailed_traces=args.collect_detailed_traces),
                         usage_context=args.usage_context, disable_log_stats=args.disable_log_stats)
 
 

@@ -16,12 +16,13 @@ engine core process itself, their one writer, so no API server's late view of th
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client import multiprocess
 
-from sluice.stats import IterationStats, SchedulerStats
+from sluice.stats import EngineInfo, IterationStats, KVCacheEvents, SchedulerStats, StatLogger
 
 PREFIX = "sluice:"
 MULTIPROC_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"
@@ -35,6 +36,28 @@ _ITL_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1
 _REQUEST_LATENCY_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0,
                             40.0, 50.0, 60.0, 120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0)
 _FINISH_REASONS = ("stop", "length", "abort")
+_ITERATION_TOKEN_BUCKETS = (1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
+_N_BUCKETS = (1, 2, 5, 10, 20)
+_KV_BLOCK_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 60.0,
+                     120.0, 300.0, 600.0, 1200.0, 1800.0)
+WAITING_REASONS = ("capacity", "deferred")
+
+
+def _one_two_five_buckets(largest: int) -> tuple[int, ...]:
+    """1, 2, 5, 10, 20, 50, ... up to ``largest`` (vLLM's token-count buckets)."""
+    out, scale = [], 1
+    while True:
+        for step in (1, 2, 5):
+            if step * scale > largest:
+                return tuple(out)
+            out.append(step * scale)
+        scale *= 10
+
+
+_TOKEN_COUNT_BUCKETS = _one_two_five_buckets(1_000_000)
+# cache_config_info's labels: sluice's CacheConfig fields, plus vLLM's num_gpu_blocks for the pool size.
+_CACHE_CONFIG_LABELS = ("model_name", "block_size", "enable_prefix_caching", "num_blocks", "num_gpu_blocks",
+                        "num_cpu_blocks", "swap_space_bytes")
 
 
 def _gauge(registry: CollectorRegistry, model_name: str, name: str, doc: str) -> Gauge:
@@ -47,11 +70,38 @@ def _counter(registry: CollectorRegistry, model_name: str, name: str, doc: str) 
     return Counter(PREFIX + name, doc, ["model_name"], registry=registry).labels(model_name)
 
 
+def _histogram(registry: CollectorRegistry, model_name: str, name: str, doc: str,
+               buckets: tuple[float, ...]) -> Histogram:
+    return Histogram(PREFIX + name, doc, ["model_name"], buckets=buckets, registry=registry).labels(model_name)
+
+
+class KVCacheMetrics:
+    """``--kv-cache-metrics``: sampled KV block residency histograms (sluice/core/kv_metrics.py)."""
+
+    def __init__(self, registry: CollectorRegistry, model_name: str) -> None:
+        self.lifetime = _histogram(registry, model_name, "kv_block_lifetime_seconds",
+                                   "KV block lifetime from allocation to eviction (sampled blocks).", _KV_BLOCK_BUCKETS)
+        self.idle_before_evict = _histogram(registry, model_name, "kv_block_idle_before_evict_seconds",
+                                            "Time a KV block sat unused before its eviction (sampled blocks).",
+                                            _KV_BLOCK_BUCKETS)
+        self.reuse_gap = _histogram(registry, model_name, "kv_block_reuse_gap_seconds",
+                                    "Time between consecutive uses of a KV block (sampled blocks).", _KV_BLOCK_BUCKETS)
+
+    def record(self, events: KVCacheEvents) -> None:
+        for value in events.lifetimes:
+            self.lifetime.observe(value)
+        for value in events.idle_before_evict:
+            self.idle_before_evict.observe(value)
+        for value in events.reuse_gaps:
+            self.reuse_gap.observe(value)
+
+
 class SchedulerMetrics:
     """The scheduler's series: gauges of its state and counters of its cumulative totals."""
 
     def __init__(self, model_name: str, registry: CollectorRegistry | None = None) -> None:
         registry = registry or CollectorRegistry()
+        self._registry, self._model_name = registry, model_name
         self.num_requests_running = _gauge(registry, model_name, "num_requests_running",
                                            "Requests in the running batch.")
         self.num_requests_waiting = _gauge(registry, model_name, "num_requests_waiting",
@@ -63,6 +113,12 @@ class SchedulerMetrics:
         self.prefix_cache_hits = _counter(registry, model_name, "prefix_cache_hits",
                                           "Prompt tokens found in the prefix cache.")
         self.num_preemptions = _counter(registry, model_name, "num_preemptions", "Cumulative number of preemptions.")
+        waiting_by_reason = Gauge(PREFIX + "num_requests_waiting_by_reason",
+                                  "Waiting requests by reason: capacity (KV blocks, max_num_seqs, a preemption) or "
+                                  "deferred (the step's token budget ran out first).", ["model_name", "reason"],
+                                  registry=registry, multiprocess_mode="mostrecent")
+        self.waiting_by_reason = {reason: waiting_by_reason.labels(model_name, reason) for reason in WAITING_REASONS}
+        self.kv_cache: KVCacheMetrics | None = None  # made by the first --kv-cache-metrics report
         # The scheduler reports cumulative totals; counters take increments.
         self._last_cumulative = SchedulerStats()
 
@@ -70,6 +126,12 @@ class SchedulerMetrics:
         self.num_requests_running.set(stats.num_running_reqs)
         self.num_requests_waiting.set(stats.num_waiting_reqs)
         self.kv_cache_usage.set(stats.kv_cache_usage)
+        self.waiting_by_reason["capacity"].set(stats.num_waiting_for_capacity)
+        self.waiting_by_reason["deferred"].set(stats.num_waiting_reqs - stats.num_waiting_for_capacity)
+        if stats.kv_cache_events is not None:
+            if self.kv_cache is None:
+                self.kv_cache = KVCacheMetrics(self._registry, self._model_name)
+            self.kv_cache.record(stats.kv_cache_events)
         last = self._last_cumulative
         self.prefix_cache_queries.inc(max(0, stats.prefix_cache_queries - last.prefix_cache_queries))
         self.prefix_cache_hits.inc(max(0, stats.prefix_cache_hits - last.prefix_cache_hits))
@@ -79,7 +141,7 @@ class SchedulerMetrics:
                                                num_preemptions=stats.num_preemptions)
 
 
-class PrometheusStatLogger:
+class PrometheusStatLogger(StatLogger):
     """Turns engine stats into Prometheus series labelled with the served model name.
 
     ``scheduler_series=False``: only the request series; the scheduler's come from elsewhere (the engine core
@@ -96,8 +158,7 @@ class PrometheusStatLogger:
             return _counter(self.registry, model_name, name, doc)
 
         def histogram(name: str, doc: str, buckets: tuple[float, ...]) -> Histogram:
-            return Histogram(PREFIX + name, doc, labels, buckets=buckets,
-                             registry=self.registry).labels(model_name)
+            return _histogram(self.registry, model_name, name, doc, buckets)
 
         self.scheduler = SchedulerMetrics(model_name, self.registry) if scheduler_series else None
         self.prompt_tokens = counter("prompt_tokens", "Prefill tokens processed.")
@@ -112,14 +173,55 @@ class PrometheusStatLogger:
                                              _ITL_BUCKETS)
         self.e2e_request_latency = histogram("e2e_request_latency_seconds", "Arrival to finish.",
                                              _REQUEST_LATENCY_BUCKETS)
-        self.request_queue_time = histogram("request_queue_time_seconds", "Time spent waiting.",
+        self.request_queue_time = histogram("request_queue_time_seconds",
+                                            "Arrival to first scheduling (time in the waiting queue).",
                                             _REQUEST_LATENCY_BUCKETS)
+        self.request_prefill_time = histogram("request_prefill_time_seconds", "First scheduling to first token.",
+                                              _REQUEST_LATENCY_BUCKETS)
+        self.request_decode_time = histogram("request_decode_time_seconds", "First token to last token.",
+                                             _REQUEST_LATENCY_BUCKETS)
+        self.request_inference_time = histogram("request_inference_time_seconds",
+                                                "First scheduling to last token (prefill + decode).",
+                                                _REQUEST_LATENCY_BUCKETS)
+        self.iteration_tokens = histogram("iteration_tokens_total", "Prompt and generation tokens per engine step.",
+                                          _ITERATION_TOKEN_BUCKETS)
+        self.request_prompt_tokens = histogram("request_prompt_tokens", "Prompt tokens per finished request.",
+                                               _TOKEN_COUNT_BUCKETS)
+        self.request_generation_tokens = histogram("request_generation_tokens",
+                                                   "Generation tokens per finished request (completion).",
+                                                   _TOKEN_COUNT_BUCKETS)
+        self.request_params_n = histogram("request_params_n", "The n parameter of finished requests.", _N_BUCKETS)
+        self.request_params_max_tokens = histogram("request_params_max_tokens",
+                                                   "The max_tokens parameter of finished requests.",
+                                                   _TOKEN_COUNT_BUCKETS)
+        self._cache_config_info = Gauge(PREFIX + "cache_config_info", "The KV cache configuration (labels).",
+                                        labelnames=_CACHE_CONFIG_LABELS, registry=self.registry,
+                                        multiprocess_mode="mostrecent")
+        self._startup_seconds = Gauge(PREFIX + "engine_startup_seconds",
+                                      "Start-up time by phase (config, weights, profiling, kv_cache, graph_capture; "
+                                      "ready: process start to serving).", ["model_name", "phase"],
+                                      registry=self.registry, multiprocess_mode="mostrecent")
+
+    def log_engine_initialized(self, info: EngineInfo) -> None:
+        cache = dataclasses.asdict(info.cache)
+        labels = {name: str(cache.get(name, "")) for name in _CACHE_CONFIG_LABELS}
+        labels["num_gpu_blocks"] = str(cache.get("num_blocks", ""))  # vLLM's name for the pool size
+        labels["model_name"] = self._model_name
+        self._cache_config_info.labels(**labels).set(1)
+        for phase, seconds in info.startup_seconds.items():
+            self.log_startup_phase(phase, seconds)
+
+    def log_startup_phase(self, phase: str, seconds: float) -> None:
+        self._startup_seconds.labels(self._model_name, phase).set(seconds)
 
     def record(self, scheduler_stats: SchedulerStats, iteration_stats: IterationStats) -> None:
         if self.scheduler is not None:
             self.scheduler.record(scheduler_stats)
         self.prompt_tokens.inc(iteration_stats.num_prompt_tokens)
         self.generation_tokens.inc(iteration_stats.num_generation_tokens)
+        num_step_tokens = iteration_stats.num_prompt_tokens + iteration_stats.num_generation_tokens
+        if num_step_tokens:
+            self.iteration_tokens.observe(num_step_tokens)
         for ttft in iteration_stats.time_to_first_tokens:
             self.time_to_first_token.observe(ttft)
         for itl in iteration_stats.inter_token_latencies:
@@ -128,6 +230,15 @@ class PrometheusStatLogger:
             self._request_success.labels(self._model_name, finished.finish_reason).inc()
             self.e2e_request_latency.observe(finished.e2e_latency)
             self.request_queue_time.observe(finished.queue_time)
+            self.request_prefill_time.observe(finished.prefill_time)
+            self.request_decode_time.observe(finished.decode_time)
+            self.request_inference_time.observe(finished.inference_time)
+            self.request_prompt_tokens.observe(finished.num_prompt_tokens)
+            self.request_generation_tokens.observe(finished.num_generation_tokens)
+            if finished.n:  # the request's first completion: one count per request
+                self.request_params_n.observe(finished.n)
+                if finished.max_tokens is not None:
+                    self.request_params_max_tokens.observe(finished.max_tokens)
 
     def render(self) -> bytes:
         multiproc_dir = os.environ.get(MULTIPROC_DIR_ENV)

@@ -106,6 +106,7 @@ class EngineCoreOutput:
     new_prompt_logprobs: LogprobsLists | None = None
     num_cached_tokens: int = 0
     pooled_output: bytes | None = None  # pooling engines: the pooled hidden state, float32 little-endian
+    scheduled_time: float | None = None  # time.monotonic() of first scheduling, with the first token only
 
     @property
     def finished(self) -> bool:

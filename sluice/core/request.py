@@ -48,6 +48,7 @@ class Request:
         "eos_token_id", "priority", "arrival_time", "status", "stop_reason",
         "num_computed_tokens", "num_cached_tokens", "num_preemptions",
         "block_hashes", "lora_int_id", "cache_salt", "parent_request_id", "num_output_placeholders",
+        "first_scheduled_time",
     )
 
     def __init__(
@@ -80,6 +81,8 @@ class Request:
         # Prompt tokens served from the prefix cache at first schedule (for metrics/usage).
         self.num_cached_tokens = -1
         self.num_preemptions = 0
+        # time.monotonic() when the scheduler first admitted it (queue time ends here; metrics, traces).
+        self.first_scheduled_time: float | None = None
         # Hashes of this request's full blocks, filled lazily by the KV cache manager.
         self.block_hashes: list[int] = []
         self.lora_int_id = lora_int_id

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import bisect
 import logging
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -107,6 +108,11 @@ class Scheduler:
         # Finished or aborted since the last schedule(): the runner drops their state.
         self.finished_req_ids: set[str] = set()
         self.num_preemptions = 0
+        # Metrics: whether the last step's admissions stopped on KV blocks, max_num_seqs or a preemption
+        # (waiting for capacity) rather than on the token budget (deferred to the next step).
+        self._admission_blocked = False
+        # Set by core/kv_metrics.py (--kv-cache-metrics): hands over the sampled KV block timings.
+        self.kv_cache_events_source = None
 
     # ---- requests in and out ------------------------------------------------------------
 
@@ -157,6 +163,8 @@ class Scheduler:
             prefix_cache_queries=prefix_stats.queries,
             prefix_cache_hits=prefix_stats.hits,
             num_preemptions=self.num_preemptions,
+            num_waiting_for_capacity=len(self.waiting) if self._admission_blocked else 0,
+            kv_cache_events=self.kv_cache_events_source() if self.kv_cache_events_source is not None else None,
         )
 
     # ---- one step -----------------------------------------------------------------------
@@ -165,6 +173,7 @@ class Scheduler:
         step = _StepPlan(token_budget=self.max_num_batched_tokens)
         self._schedule_running(step)
         # After a preemption blocks are short: admitting waiting requests would only thrash.
+        self._admission_blocked = bool(step.preempted_req_ids)
         if not step.preempted_req_ids:
             self._schedule_waiting(step)
         return self._make_output(step)
@@ -197,14 +206,19 @@ class Scheduler:
             computed_blocks, num_computed = self.kv_cache_manager.get_computed_blocks(request)
             num_new_tokens = min(request.num_tokens - num_computed, step.token_budget, self.long_prefill_token_threshold)
             if self.kv_cache_manager.allocate_slots(request, num_new_tokens, computed_blocks) is None:
+                self._admission_blocked = True
                 break
             self.waiting.pop(0)
+            if request.first_scheduled_time is None:
+                request.first_scheduled_time = time.monotonic()
             request.num_computed_tokens = num_computed
             if request.num_cached_tokens < 0:
                 request.num_cached_tokens = num_computed
             request.status = RequestStatus.RUNNING
             self.running.append(request)
             step.add_new(request, num_new_tokens)
+        if self.waiting and len(self.running) >= self.max_num_seqs:
+            self._admission_blocked = True
 
     def _pending_samples_end(self, request: Request) -> bool:
         """Whether the samples still on their way will finish the request by length."""
@@ -301,6 +315,9 @@ class Scheduler:
                     new_logprobs=logprobs,
                     new_prompt_logprobs=prompt_logprobs,
                     num_cached_tokens=max(request.num_cached_tokens, 0),
+                    # Once, with the first token: the front end times queue and prefill from it.
+                    scheduled_time=(request.first_scheduled_time
+                                    if request.num_output_tokens == len(new_token_ids) else None),
                 ))
             if request.is_finished():
                 (self.running if was_running else self.waiting).remove(request)

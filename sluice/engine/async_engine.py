@@ -112,7 +112,7 @@ class RequestStream:
             self.close()
 
 
-class LatestSchedulerStats:
+class LatestSchedulerStats(StatLogger):
     """Keeps the last SchedulerStats so admission control can see the waiting queue."""
 
     def __init__(self) -> None:
@@ -228,6 +228,10 @@ class AsyncLLM:
         commands = [_AddCommand(request_id, prompt, params, priority) for request_id, prompt, params in requests]
         for stream in streams:
             self._streams[stream.request_id] = stream
+        tracer = self.engine.tracer  # sluice/tracing.py; None unless tracing is on
+        if tracer is not None:
+            for request_id in ids:
+                tracer.capture_parent(request_id)  # here, in the caller's context (its traceparent)
         try:
             self._send(*commands)
             await asyncio.gather(*(asyncio.wrap_future(c.done) for c in commands))
@@ -236,6 +240,8 @@ class AsyncLLM:
                 if command.done.done() and not command.done.cancelled() and command.done.exception() is not None:
                     stream.finished = True  # never added: nothing to abort
                     self._streams.pop(stream.request_id, None)
+                    if tracer is not None:
+                        tracer.forget(stream.request_id)
                 else:
                     stream.close()  # added, or may be added after all
             raise

@@ -19,6 +19,7 @@ caller ask.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import multiprocessing
 import os
@@ -168,8 +169,11 @@ class MPClient:
         return bool(self._unfinished)
 
     def make_stats(self) -> SchedulerStats:
-        """The scheduler's stats as of the last core step received."""
-        return self._stats
+        """The scheduler's stats as of the last core step received (their per-step events are handed out once)."""
+        stats = self._stats
+        if stats.kv_cache_events is not None:
+            self._stats = dataclasses.replace(stats, kv_cache_events=None)
+        return stats
 
     def step(self) -> list[EngineCoreOutput]:
         """The outputs of every core step received since the last call (see the module docstring on waiting)."""
@@ -182,6 +186,8 @@ class MPClient:
             if not isinstance(message, CoreStep):
                 raise EngineCoreDeadError(f"unexpected {type(message).__name__} from the engine core")
             outputs.extend(message.outputs)
+            if self._stats.kv_cache_events is not None and message.stats.kv_cache_events is not None:
+                message.stats.kv_cache_events.extend(self._stats.kv_cache_events)  # not reported yet: keep
             self._stats = message.stats
             self._num_inputs_applied = message.num_inputs_applied
             must_wait = not self._unfinished and self._num_inputs_applied < self._num_inputs_sent

@@ -16,13 +16,14 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from sluice.config import EngineConfig
 from sluice.core.interface import EngineCoreOutput, SchedulerOutput
 from sluice.core.request import Request, RequestStatus
 from sluice.core.scheduler import Scheduler
 from sluice.engine.cpu_threads import set_cpu_threads
+from sluice.engine.startup import StartupTimer
 from sluice.stats import SchedulerStats
 from sluice.worker.model_runner import LaunchedStep, ModelRunner
 
@@ -37,25 +38,36 @@ class EngineCoreInfo:
     num_parameters: int
     load_seconds: float
     kv_bytes_per_block: int
+    startup_seconds: dict[str, float] = field(default_factory=dict)  # phase -> seconds (engine/startup.py)
 
 
 class EngineCore:
     def __init__(self, config: EngineConfig) -> None:
         """``config``: resolved by create_engine_config; ``self.config`` is it with the KV cache sized."""
+        timer = StartupTimer()
         set_cpu_threads(config.model.cpu_threads)
         self.runner = ModelRunner(config.model, config.cache.block_size, config.scheduler.max_num_seqs,
                                   config.scheduler.max_num_batched_tokens,
                                   enforce_eager=config.model.enforce_eager)
+        timer.lap("config")
         self.runner.load_model()
+        timer.lap("weights")
         num_blocks = self.runner.determine_num_kv_blocks(config.cache)
-        self.runner.initialize_kv_cache(num_blocks)
+        timer.lap("profiling")
+        self.runner.initialize_kv_cache(num_blocks)  # allocates the KV cache, then captures CUDA graphs
+        timer.lap("graph_capture")
+        timer.split_graph_capture(self.runner.graph_capture_seconds)
         self.config = config.with_kv_cache(num_blocks)
         if self.config.max_model_len < config.max_model_len:
             logger.warning("The KV cache holds %d tokens, less than max_model_len=%d: requests stop at %d tokens",
                            self.config.num_kv_tokens, config.max_model_len, self.config.max_model_len)
-        self.info = EngineCoreInfo(num_blocks, self.runner.num_parameters, self.runner.load_seconds,
-                                   self.runner.kv_spec.bytes_per_block)
         self.scheduler = Scheduler(self.config.scheduler, self.config.cache)
+        if self.config.observability.kv_cache_metrics:
+            from sluice.core.kv_metrics import install_kv_cache_metrics
+            install_kv_cache_metrics(self.scheduler, self.config.observability.kv_cache_metrics_sample)
+        self.info = EngineCoreInfo(num_blocks, self.runner.num_parameters, self.runner.load_seconds,
+                                   self.runner.kv_spec.bytes_per_block, timer.phases)
+        logger.info("engine core start-up: %s", timer.describe())
         self._async_scheduling = self.config.scheduler.async_scheduling
         self._in_flight: tuple[SchedulerOutput, LaunchedStep] | None = None
 

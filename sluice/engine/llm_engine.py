@@ -20,7 +20,7 @@ from sluice.engine.output_processor import OutputProcessor, ParentRequestState
 from sluice.outputs import RequestOutput
 from sluice.pooling.params import PoolingParams
 from sluice.sampling_params import SamplingParams, check_context_length
-from sluice.stats import IterationStats, StatLogger
+from sluice.stats import EngineInfo, IterationStats, StatLogger
 
 logger = logging.getLogger(__name__)
 
@@ -45,7 +45,15 @@ class LLMEngine:
             from sluice.pooling.front import PoolingOutputProcessor
             self.output_processor = PoolingOutputProcessor(self.model_config.pooler_config)
         self.stat_loggers = list(stat_loggers or [])
+        # OpenTelemetry spans per request (sluice/tracing.py); None, and nothing runs, without the flag.
+        from sluice.tracing import RequestTracer
+        self.tracer = RequestTracer.from_config(self.config.observability, self.model_config.served_model_name)
+        if self.tracer is not None:
+            self.stat_loggers.append(self.tracer)
         self._log_startup()
+        info = EngineInfo(self.config.cache, dict(engine_core.info.startup_seconds))
+        for stat_logger in self.stat_loggers:
+            stat_logger.log_engine_initialized(info)
 
     def _log_startup(self) -> None:
         cfg, info, cache = self.model_config, self.engine_core.info, self.config.cache
@@ -88,6 +96,8 @@ class LLMEngine:
 
     def shutdown(self) -> None:
         self.engine_core.shutdown()
+        if self.tracer is not None:
+            self.tracer.shutdown()  # flushes the spans still batched
 
     # ---- requests ----------------------------------------------------------------------
     def tokenize_prompt(self, prompt: PromptType) -> tuple[str | None, list[int]]:
@@ -120,7 +130,7 @@ class LLMEngine:
         self._validate(prompt_ids, params)
         params.update_from_tokenizer(self.eos_token_id, self.extra_stop_token_ids)
         arrival_time = time.monotonic() if arrival_time is None else arrival_time
-        parent = ParentRequestState(request_id, prompt_text, prompt_ids, params, arrival_time)
+        parent = ParentRequestState(request_id, prompt_text, prompt_ids, params, arrival_time, priority)
         children = self.output_processor.add_request(parent)
         try:
             for child_id, child_params in children:
@@ -163,8 +173,9 @@ class LLMEngine:
 
     # ---- the loop ----------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        step_start_time = time.monotonic()
         core_outputs: list[EngineCoreOutput] = self.engine_core.step()
-        iteration_stats = IterationStats()
+        iteration_stats = IterationStats(step_start_time=step_start_time)
         outputs, stopped_ids = self.output_processor.process(core_outputs, iteration_stats)
         if stopped_ids:
             self.engine_core.stop_requests(stopped_ids)

@@ -34,8 +34,9 @@ class ChildState:
 
 class ParentRequestState:
     def __init__(self, request_id: str, prompt: str | None, prompt_token_ids: list[int],
-                 params: SamplingParams, arrival_time: float) -> None:
+                 params: SamplingParams, arrival_time: float, priority: int = 0) -> None:
         self.request_id = request_id
+        self.priority = priority
         self.prompt = prompt
         self.prompt_token_ids = prompt_token_ids
         self.params = params
@@ -132,6 +133,8 @@ class OutputProcessor:
     def _update_child(self, parent: ParentRequestState, child: ChildState, out: EngineCoreOutput,
                       now: float, stats: IterationStats) -> bool:
         stopped_by_string = False
+        if out.scheduled_time is not None and parent.metrics.first_scheduled_time is None:
+            parent.metrics.first_scheduled_time = out.scheduled_time
         if out.new_token_ids:
             if parent.metrics.first_token_time is None:
                 parent.metrics.first_token_time = now
@@ -140,7 +143,7 @@ class OutputProcessor:
                 stats.num_prompt_tokens += len(parent.prompt_token_ids)
             elif child.last_token_time is not None:
                 stats.inter_token_latencies.append(now - child.last_token_time)
-            child.last_token_time = now
+            child.last_token_time = parent.metrics.last_token_time = now
             stats.num_generation_tokens += len(out.new_token_ids)
             child.token_ids.extend(out.new_token_ids)
             if out.new_logprobs is not None:
@@ -205,9 +208,26 @@ class OutputProcessor:
 
     @staticmethod
     def _finished_stats(parent: ParentRequestState, child: ChildState, now: float) -> FinishedRequestStats:
+        """vLLM's request intervals: queued (arrival to first scheduling), prefill (to the first token),
+        decode (first to last token), inference (first scheduling to last token). A request aborted
+        before it ran spent all of its time queued."""
+        metrics = parent.metrics
+        scheduled = metrics.first_scheduled_time if metrics.first_scheduled_time is not None else now
+        first_token = metrics.first_token_time
+        last_token = child.last_token_time
         return FinishedRequestStats(
             finish_reason=child.finish_reason or "abort",
-            e2e_latency=now - parent.metrics.arrival_time,
-            queue_time=(parent.metrics.first_token_time or now) - parent.metrics.arrival_time,
+            e2e_latency=now - metrics.arrival_time,
+            queue_time=max(0.0, scheduled - metrics.arrival_time),
             num_prompt_tokens=len(parent.prompt_token_ids),
-            num_generation_tokens=len(child.token_ids))
+            num_generation_tokens=len(child.token_ids),
+            request_id=parent.request_id,
+            arrival_time=metrics.arrival_time,
+            prefill_time=max(0.0, first_token - scheduled) if first_token is not None else 0.0,
+            decode_time=max(0.0, last_token - first_token) if last_token and first_token else 0.0,
+            inference_time=max(0.0, last_token - scheduled) if last_token is not None else 0.0,
+            ttft=first_token - metrics.arrival_time if first_token is not None else None,
+            n=parent.params.n if child.index == 0 else 0,
+            max_tokens=parent.params.max_tokens,
+            num_cached_tokens=parent.num_cached_tokens,
+            priority=parent.priority)

@@ -9,7 +9,7 @@ from sluice.stats import FinishedRequestStats, IterationStats, SchedulerStats, S
 __all__ = ["FinishedRequestStats", "IterationStats", "LoggingStatLogger", "SchedulerStats", "StatLogger"]
 
 
-class LoggingStatLogger:
+class LoggingStatLogger(StatLogger):
     """Logs throughput and cache state every ``interval`` seconds, like vLLM's periodic engine log line."""
 
     def __init__(self, interval: float = 5.0, logger_name: str = "sluice.stats") -> None:

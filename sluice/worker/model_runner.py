@@ -217,6 +217,12 @@ class ModelRunner:
                 long_context.capture(pool)
                 self.long_context_mixed_graphs = long_context
 
+    @property
+    def graph_capture_seconds(self) -> float:
+        """Seconds the CUDA graphs held now took to capture (0 without graphs)."""
+        sets = (self.decode_graphs, self.mixed_graphs, self.long_context_mixed_graphs)
+        return sum((graphs.capture_seconds for graphs in sets if graphs is not None), 0.0)
+
     def release_cuda_graphs(self) -> None:
         """Drops the CUDA graphs: every later step runs eagerly."""
         self.decode_graphs = self.mixed_graphs = self.long_context_mixed_graphs = None

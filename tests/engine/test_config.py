@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from sluice.config import (BATCH_DEFAULTS, EngineArgs, DeviceConfig, EngineConfig, create_engine_config, default_description,
-                           resolve_batch_limits)
+from sluice.config import (BATCH_DEFAULTS, EngineArgs, DeviceConfig, EngineConfig, ObservabilityConfig,
+                           create_engine_config, default_description, resolve_batch_limits)
 from sluice.engine.stats import IterationStats, LoggingStatLogger, SchedulerStats
 from tests.tiny_models import save_tiny_model
 
@@ -78,6 +78,16 @@ def test_the_kv_cache_caps_max_model_len_in_the_one_config(tiny_model):
     assert (sized.cache.num_blocks, sized.num_kv_tokens, sized.max_model_len) == (8, 128, 128)
     assert sized.model.max_model_len == 200  # what was asked stays on record
     assert config.with_kv_cache(num_blocks=64).max_model_len == 200
+
+
+def test_observability_flags_resolve_into_their_own_section_off_by_default(tiny_model):
+    config = create_engine_config(EngineArgs(model=tiny_model), device=CPU)
+    assert config.observability == ObservabilityConfig()
+    assert not config.observability.kv_cache_metrics and config.observability.otlp_traces_endpoint is None
+    traced = create_engine_config(EngineArgs(model=tiny_model, kv_cache_metrics=True, kv_cache_metrics_sample=0.5,
+                                             otlp_traces_endpoint="http://127.0.0.1:4318",
+                                             collect_detailed_traces="all"), device=CPU)
+    assert traced.observability == ObservabilityConfig(True, 0.5, "http://127.0.0.1:4318", "all")
 
 
 def test_a_folder_without_tokenizer_files_fails_at_start_with_one_line(tiny_model, tmp_path):
@@ -152,6 +162,8 @@ def test_async_scheduling_and_long_prefill_flags_parse():
     ("long_prefill_token_threshold", -1, "long_prefill_token_threshold"),
     ("usage_context", "batch", "usage_context"),
     ("max_model_len", 0, "max_model_len"),
+    ("kv_cache_metrics_sample", 0.0, "kv_cache_metrics_sample"),
+    ("collect_detailed_traces", "all", "otlp_traces_endpoint"),
 ])
 def test_invalid_engine_args_name_the_field(field, value, message):
     with pytest.raises(ValueError, match=message):

@@ -34,6 +34,7 @@ class FakeEngine:
         self.crash = False
         self.threads: set[str] = set()
         self.stat_loggers = stat_loggers or []
+        self.tracer = None  # LLMEngine's RequestTracer, None without --otlp-traces-endpoint
 
     def _touch(self) -> None:
         self.threads.add(threading.current_thread().name)

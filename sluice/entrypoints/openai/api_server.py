@@ -2,8 +2,9 @@
 
     sluice serve path/to/model --port 8000 --api-key sk-... --served-model-name my-model
 
-Routes: /v1/completions, /v1/chat/completions, /v1/embeddings, /v1/models, /v1/models/{id}, /tokenize, /detokenize,
-/health, /ping, /version, /metrics, /docs. Graceful shutdown: the first SIGTERM/SIGINT starts a drain
+Routes: /v1/completions, /v1/chat/completions, /v1/embeddings, /v1/models, /v1/models/{id}, /tokenize,
+/detokenize, /health, /ping, /version, /metrics, /docs, /dashboard (observability.py). Graceful shutdown: the
+first SIGTERM/SIGINT starts a drain
 (new requests get 503, /health turns 503), in-flight requests get up to
 ``--shutdown-timeout`` seconds, the rest are aborted, and the process exits 0. A second
 signal aborts every request at once (each stream ends with an error event and ``[DONE]``) and exits.
@@ -45,6 +46,8 @@ from sluice.engine.core_proc import CoreAddresses
 from sluice.engine.gc_heap import freeze_startup_heap
 from sluice.entrypoints.openai.errors import OpenAIError, install_exception_handlers
 from sluice.entrypoints.openai.middleware import ServerGuard
+from sluice.entrypoints.openai.observability import add_cli_args as add_observability_args
+from sluice.entrypoints.openai.observability import install_observability
 from sluice.entrypoints.openai.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
                                                 TokenizeRequest)
 from sluice.entrypoints.openai.sampling import ServingLimits, generation_config_defaults, prompt_chars_limit
@@ -253,6 +256,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     server.add_argument("--uvicorn-log-level", default="info",
                         choices=["critical", "error", "warning", "info", "debug", "trace"])
     server.add_argument("--disable-uvicorn-access-log", action="store_true")
+    add_observability_args(server)
     parser.set_defaults(func=run_server)
     return parser
 
@@ -346,8 +350,9 @@ def serve(args: argparse.Namespace, engine: AsyncLLM, metrics: PrometheusStatLog
                            api_server_index=api_server_index,
                            trust_request_chat_template=args.trust_request_chat_template)
     chat_template = get_chat_template(tokenizer, args.chat_template) if args.chat_template else None
-    _, guard, state = build_app(engine, config, metrics, args.api_key, args.max_request_body_bytes,
-                                chat_template, args.allowed_origins, args.root_path)
+    app, guard, state = build_app(engine, config, metrics, args.api_key, args.max_request_body_bytes,
+                                  chat_template, args.allowed_origins, args.root_path)
+    install_observability(app, args, engine, metrics)  # /dashboard, traceparent, ready time
     uvicorn_config = uvicorn.Config(guard, host=args.host, port=args.port, log_level=args.uvicorn_log_level,
                                     access_log=not args.disable_uvicorn_access_log, timeout_graceful_shutdown=5,
                                     lifespan="on", root_path=args.root_path, ssl_keyfile=args.ssl_keyfile,

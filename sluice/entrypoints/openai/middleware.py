@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from sluice.entrypoints.openai.dashboard import BASIC_CHALLENGE, basic_auth_matches, is_dashboard_path
 from sluice.entrypoints.openai.errors import OpenAIError
 
 _OPEN_PATHS = frozenset({"/health", "/ping", "/metrics", "/version", "/docs", "/openapi.json"})
@@ -31,6 +32,7 @@ class ServerGuard:
     def __init__(self, app: Any, api_key: str | None, max_body_bytes: int,
                  is_draining: Callable[[], bool], root_path: str = "", body_timeout_s: float = BODY_TIMEOUT_S) -> None:
         self.app = app
+        self._api_key = api_key or None
         self._expected_token = api_key.encode() if api_key else None
         self.max_body_bytes = max_body_bytes
         self.root_path = root_path.rstrip("/")
@@ -49,9 +51,11 @@ class ServerGuard:
             await _reply(send, OpenAIError("the server is shutting down and accepts no new requests", 503,
                                            code="draining"))
             return
-        if self._expected_token is not None and path not in _OPEN_PATHS and not self._authorized(scope):
+        if self._expected_token is not None and path not in _OPEN_PATHS and not self._authorized(scope, path):
+            # A browser opening /dashboard cannot send a Bearer header: it is asked for Basic auth instead.
+            challenge = BASIC_CHALLENGE if is_dashboard_path(path) else b"Bearer"
             await _reply(send, OpenAIError("invalid or missing API key: send 'Authorization: Bearer <key>'", 401,
-                                           code="invalid_api_key"), [(b"www-authenticate", b"Bearer")])
+                                           code="invalid_api_key"), [(b"www-authenticate", challenge)])
             return
         # Counted from the moment it got past the drain check: a request whose body is still arriving
         # when the signal lands was accepted, and the drain must wait for it instead of finishing early.
@@ -70,10 +74,14 @@ class ServerGuard:
         finally:
             self.num_in_flight -= 1
 
-    def _authorized(self, scope: Scope) -> bool:
+    def _authorized(self, scope: Scope, path: str) -> bool:
+        """A Bearer token equal to the key; on /dashboard paths (``path`` without the root path) also HTTP
+        Basic auth with the key as password."""
         provided = next((v for k, v in scope.get("headers", []) if k == b"authorization"), b"")
         scheme, _, token = provided.partition(b" ")
-        return scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), self._expected_token)
+        if scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), self._expected_token):
+            return True
+        return is_dashboard_path(path) and basic_auth_matches(provided, self._api_key)
 
     async def _read_body(self, scope: Scope, receive: Receive) -> bytes | None:
         """The whole body, or None when it is over the limit (checked as it arrives). Raises OpenAIError 408
