@@ -25,12 +25,13 @@ def free_port() -> int:
 class RemoteServer:
     """Starts the server, waits for /health, and stops it (SIGKILL as a last resort)."""
 
-    def __init__(self, model: str | Path, extra_args: list[str], api_key: str | None = None,
+    def __init__(self, model: str | Path | None, extra_args: list[str], api_key: str | None = None,
                  env: dict[str, str] | None = None, startup_timeout: float = 120.0, model_as_flag: bool = False) -> None:
         self.port = free_port()
         self.api_key = api_key
         self.base_url = f"http://127.0.0.1:{self.port}"
-        model_args = ["--model", str(model)] if model_as_flag else [str(model)]  # vllm serve accepts both
+        model_args = [] if model is None else ["--model", str(model)] if model_as_flag else [str(model)]
+        # vllm serve accepts both; no model: the embedded default one
         args = [sys.executable, "-m", "sluice.entrypoints.cli", "serve", *model_args, "--host", "127.0.0.1",
                 "--port", str(self.port), "--device", "cpu", "--disable-uvicorn-access-log", *extra_args]
         if api_key:

@@ -10,6 +10,7 @@ import json
 import string
 import subprocess
 import sys
+import time
 
 import httpx
 import openai
@@ -17,6 +18,7 @@ import pytest
 from hypothesis import HealthCheck, given, seed, settings
 from hypothesis import strategies as st
 
+from sluice.tokenizer import CHAT_TEMPLATE_TIMEOUT_S
 from tests.entrypoints.server_utils import REPO_ROOT, RemoteServer
 from tests.tiny_models import save_tiny_model
 
@@ -92,6 +94,22 @@ def test_request_chat_template_is_text_never_a_path_and_needs_trust(server):
         assert r.status_code == 200, r.text
         expected = post(server, "/tokenize", {"prompt": "/etc/passwd", "add_special_tokens": False}).json()["count"]
         assert r.json()["usage"]["prompt_tokens"] == expected
+    assert_still_serving(server)
+
+
+@pytest.mark.parametrize("template, seconds", [
+    ("{% set s = 'x' * 300000000 %}{{ s }}", 2.0),  # refused before the string is built
+    ("{% for i in range(100000) %}{{ 'x' * 100 }}{% endfor %}", 2.0),  # more than max_prompt_chars: stops early
+    ("{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}",
+     CHAT_TEMPLATE_TIMEOUT_S + 3.0),  # stops at the render deadline
+])
+def test_a_request_template_is_bounded_in_time_and_size(server, template, seconds):
+    if server.mode == "split":
+        pytest.skip("request templates need --trust-request-chat-template")
+    body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1, "chat_template": template}
+    start = time.monotonic()
+    error = assert_openai_error(post(server, "/v1/chat/completions", body), 400, "chat_template")
+    assert time.monotonic() - start < seconds and "chat_template" in error["message"], error
     assert_still_serving(server)
 
 

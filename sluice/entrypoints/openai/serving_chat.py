@@ -23,7 +23,7 @@ from sluice.entrypoints.openai.serving_engine import (SSE_DONE, EnginePrompt, Op
                                                       continuous_usage, engine_error_to_openai, merge_streams,
                                                       random_id, sse, usage_chunk)
 from sluice.outputs import CompletionOutput, RequestOutput
-from sluice.tokenizer import check_template_kwargs, render_chat
+from sluice.tokenizer import ChatTemplateLimitError, check_template_kwargs, render_chat
 
 
 class OpenAIServingChat(OpenAIServing):
@@ -58,7 +58,8 @@ class OpenAIServingChat(OpenAIServing):
         """Chat template -> text -> token ids, in the tokenizer pool; template failures are 400s.
 
         A request's ``chat_template`` is Jinja text, never a path, and only with --trust-request-chat-template
-        (a template runs code in the sandbox, and costs what it likes to render)."""
+        (a template runs code in the sandbox); any template renders within the time and size bounds of
+        render_chat, the size being the longest prompt the server accepts."""
         if chat_template is not None and not self.config.trust_request_chat_template:
             raise bad_request("chat_template in a request is refused: this server uses its own template (start "
                               "it with --trust-request-chat-template to allow request templates)", "chat_template")
@@ -68,7 +69,9 @@ class OpenAIServingChat(OpenAIServing):
             check_template_kwargs(tokenizer, template_kwargs or {})  # before they meet render_chat's own arguments
             text = await self.run_in_tokenizer_pool(
                 render_chat, tokenizer, conversation, chat_template or self.default_chat_template,
-                add_generation_prompt, **(template_kwargs or {}))
+                add_generation_prompt, template_kwargs, max_chars=self.limits.max_prompt_chars)
+        except ChatTemplateLimitError as e:  # the template's own time or size bound
+            raise bad_request(str(e), "chat_template") from None
         except (ValueError, TypeError) as e:
             raise bad_request(f"could not apply the chat template: {e}", "messages") from None
         except Exception as e:  # noqa: BLE001 - jinja2 errors from the template (user-supplied or the model's)
