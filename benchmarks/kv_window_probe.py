@@ -26,6 +26,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from sluice import LLM, SamplingParams  # noqa: E402
 from sluice.bench.cli import write_g9_config  # noqa: E402
+from sluice.config import windowed_request_blocks  # noqa: E402
 
 
 def write_m7_config(folder: str) -> str:
@@ -88,7 +89,7 @@ def probe(llm: LLM, args: argparse.Namespace) -> dict:
     block_size = core.config.cache.block_size
     window = core.config.cache.sliding_window
     layer_window = getattr(core.config.model.hf_config, "sliding_window", None)
-    bound = None if window is None else -(-(window + args.max_num_batched_tokens) // block_size) + 1
+    bound = None if window is None else windowed_request_blocks(window, args.max_num_batched_tokens, block_size)
     return dict(kv_sliding_window=window, layer_sliding_window=layer_window, block_size=block_size,
                 num_kv_blocks=core.config.cache.num_blocks, windowed_bound_blocks=bound,
                 max_blocks_per_request=max_blocks, final_context_len=context,

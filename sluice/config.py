@@ -369,11 +369,16 @@ def kv_capped_max_model_len(max_model_len: int, cache: CacheConfig, max_chunk_to
 
     With a sliding window on every layer a request holds at most its window and one prompt chunk, so a pool of
     that size runs requests of any length."""
-    if cache.sliding_window is not None:
-        window_blocks = -(-(cache.sliding_window + max_chunk_tokens) // cache.block_size) + 1
-        if cache.num_blocks is not None and cache.num_blocks >= window_blocks:
+    if cache.sliding_window is not None and cache.num_blocks is not None:
+        if cache.num_blocks >= windowed_request_blocks(cache.sliding_window, max_chunk_tokens, cache.block_size):
             return max_model_len
     return min(max_model_len, cache.num_kv_tokens)
+
+
+def windowed_request_blocks(sliding_window: int, max_chunk_tokens: int, block_size: int) -> int:
+    """The most blocks a request holds when every layer is windowed: its window and one prompt chunk, plus the
+    partly filled block at each end."""
+    return -(-(sliding_window + max_chunk_tokens) // block_size) + 1
 
 
 # ---- resolution ----------------------------------------------------------------------------------------------

@@ -34,7 +34,7 @@ from sluice.worker.kv_cache import KVCacheSpec, allocate_kv_caches, available_gp
 from sluice.worker.step_buffers import PendingSampledIds, SampledIdsReadback, StepBuffers
 
 if TYPE_CHECKING:
-    from sluice.pooling.pooler import Pooler, PooledStep
+    from sluice.pooling.pooler import PooledStep
 
 logger = logging.getLogger(__name__)
 
