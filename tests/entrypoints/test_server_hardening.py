@@ -9,6 +9,7 @@ import asyncio
 import json
 import subprocess
 import sys
+import threading
 import time
 
 import httpx
@@ -110,6 +111,32 @@ def test_a_request_template_is_bounded_in_time_and_size(server, template, second
     error = assert_openai_error(post(server, "/v1/chat/completions", body), 400, "chat_template")
     assert time.monotonic() - start < seconds and "chat_template" in error["message"], error
     assert_still_serving(server)
+
+
+def test_a_slow_template_does_not_stall_other_requests(server):
+    """Templates render in processes of their own: one looping until its deadline leaves the API server free."""
+    if server.mode == "split":
+        pytest.skip("request templates need --trust-request-chat-template")
+    slow = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1, "chat_template":
+            "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}"}
+    finished: dict[str, float] = {}
+
+    def send_slow() -> None:
+        assert_openai_error(post(server, "/v1/chat/completions", slow), 400, "chat_template")
+        finished["slow"] = time.monotonic()
+
+    thread = threading.Thread(target=send_slow)
+    start = time.monotonic()
+    thread.start()
+    time.sleep(0.5)  # the slow render is under way
+    for _ in range(3):
+        r = post(server, "/v1/chat/completions", {"messages": [{"role": "user", "content": "hello"}],
+                                                  "max_tokens": 4, "ignore_eos": True})
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 4, r.text
+    finished["normal"] = time.monotonic()
+    thread.join()
+    assert finished["normal"] < finished["slow"], "the normal chats waited for the slow render"
+    assert finished["normal"] - start < CHAT_TEMPLATE_TIMEOUT_S - 1.0
 
 
 # ---- defect 3: inputs without bounds ------------------------------------------------------------------------

@@ -56,6 +56,7 @@ from sluice.entrypoints.openai.serving_completion import OpenAIServingCompletion
 from sluice.entrypoints.openai.serving_embedding import register_embedding_route
 from sluice.entrypoints.openai.serving_engine import ServingConfig
 from sluice.entrypoints.openai.serving_models import OpenAIServingModels
+from sluice.entrypoints.openai.render_pool import ChatRenderPool
 from sluice.entrypoints.openai.api_server_pool import DEAD_ENGINE_GRACE_S, run_api_server_pool
 from sluice.engine.stats import LoggingStatLogger
 from sluice.entrypoints.utils import check_device_available
@@ -66,7 +67,7 @@ logger = logging.getLogger("sluice.server")
 
 EXIT_ENGINE_DEAD = 1
 FORCED_EXIT_FLUSH_S = 0.5  # after a second signal, aborted streams get this long to send their error and [DONE]
-TOKENIZER_POOL_WORKERS = 4  # one slow render or tokenization occupies one worker, not every request's
+TOKENIZER_POOL_WORKERS = 4  # one slow tokenization occupies one worker, not every request's
 
 
 @dataclass
@@ -88,15 +89,19 @@ def build_app(engine: AsyncLLM, config: ServingConfig, metrics: PrometheusStatLo
     state = ServerState(engine, metrics)
     tokenizer_pool = ThreadPoolExecutor(max_workers=TOKENIZER_POOL_WORKERS, thread_name_prefix="sluice-tokenizer")
     completions = OpenAIServingCompletion(engine, config, tokenizer_pool)
-    chat = OpenAIServingChat(engine, config, tokenizer_pool, default_chat_template=chat_template)
+    render_pool = ChatRenderPool()  # chat templates render in processes of their own
+    chat = OpenAIServingChat(engine, config, tokenizer_pool, default_chat_template=chat_template,
+                             render_pool=render_pool)
     models = OpenAIServingModels(engine, config, tokenizer_pool, chat=chat)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI):
         engine.start()
+        render_pool.start()
         yield
         engine.shutdown()
         tokenizer_pool.shutdown(wait=False, cancel_futures=True)
+        render_pool.shutdown()
 
     app = FastAPI(title="sluice", version=__version__, lifespan=lifespan, docs_url="/docs", redoc_url=None,
                   root_path=root_path)

@@ -23,10 +23,16 @@ from sluice.entrypoints.openai.serving_engine import (SSE_DONE, EnginePrompt, Op
                                                       continuous_usage, engine_error_to_openai, merge_streams,
                                                       random_id, sse, usage_chunk)
 from sluice.outputs import CompletionOutput, RequestOutput
-from sluice.tokenizer import ChatTemplateLimitError, check_template_kwargs, render_chat
+from sluice.entrypoints.openai.render_pool import ChatRenderPool, TemplateRenderError
+from sluice.tokenizer import (CHAT_TEMPLATE_TIMEOUT_S, ChatTemplateLimitError, check_template_kwargs,
+                              prepare_chat_render)
 
 
 class OpenAIServingChat(OpenAIServing):
+    def __init__(self, *args: Any, render_pool: ChatRenderPool, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.render_pool = render_pool
+
     async def create_chat_completion(self, request: ChatCompletionRequest, raw_request: Request) -> Any:
         model = self.model_name(request.model)
         check_common(request, self.limits)
@@ -55,11 +61,13 @@ class OpenAIServingChat(OpenAIServing):
 
     async def render_chat(self, messages: list[ChatMessage], add_generation_prompt: bool,
                           chat_template: str | None, template_kwargs: dict[str, Any] | None) -> list[int]:
-        """Chat template -> text -> token ids, in the tokenizer pool; template failures are 400s.
+        """Chat template -> text -> token ids; template failures are 400s. The messages are checked in the
+        tokenizer pool, the template renders in a process of the render pool, the text is encoded in the
+        tokenizer pool.
 
         A request's ``chat_template`` is Jinja text, never a path, and only with --trust-request-chat-template
         (a template runs code in the sandbox); any template renders within the time and size bounds of
-        render_chat, the size being the longest prompt the server accepts."""
+        chat_render.py, the size being the longest prompt the server accepts."""
         if chat_template is not None and not self.config.trust_request_chat_template:
             raise bad_request("chat_template in a request is refused: this server uses its own template (start "
                               "it with --trust-request-chat-template to allow request templates)", "chat_template")
@@ -67,17 +75,16 @@ class OpenAIServingChat(OpenAIServing):
         tokenizer = self.require_tokenizer("a chat", "messages")
         try:
             check_template_kwargs(tokenizer, template_kwargs or {})  # before they meet render_chat's own arguments
-            text = await self.run_in_tokenizer_pool(
-                render_chat, tokenizer, conversation, chat_template or self.default_chat_template,
-                add_generation_prompt, template_kwargs, max_chars=self.limits.max_prompt_chars)
+            job = await self.run_in_tokenizer_pool(
+                prepare_chat_render, tokenizer, conversation, chat_template or self.default_chat_template,
+                add_generation_prompt, template_kwargs)
+            text = await self.render_pool.render(job, self.limits.max_prompt_chars, CHAT_TEMPLATE_TIMEOUT_S)
         except ChatTemplateLimitError as e:  # the template's own time or size bound
             raise bad_request(str(e), "chat_template") from None
+        except TemplateRenderError as e:  # jinja2 errors from the template (user-supplied or the model's)
+            raise bad_request(f"chat template error: {e}", "chat_template") from None
         except (ValueError, TypeError) as e:
             raise bad_request(f"could not apply the chat template: {e}", "messages") from None
-        except Exception as e:  # noqa: BLE001 - jinja2 errors from the template (user-supplied or the model's)
-            if type(e).__module__.startswith("jinja2"):
-                raise bad_request(f"chat template error: {e}", "chat_template") from None
-            raise
         return await self.encode(text, add_special_tokens=False, param="messages")
 
     def _logprobs(self, completion: CompletionOutput, num_top: int | None) -> ChatChoiceLogprobs | None:
