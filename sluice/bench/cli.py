@@ -213,7 +213,8 @@ def build_report(args: argparse.Namespace, model: ResolvedModel, model_config: A
     prefill_tokens = count_prefill_tokens(prompts, model.engine_args.block_size,
                                           engine.extra["enable_prefix_caching"])
     roofline = workload_roofline(shape, [len(p) for p in prompts], [r.output_len for r in requests],
-                                 max(engine_run.avg_batch, 1.0), prefill_tokens, args.hbm_bandwidth, args.peak_flops)
+                                 max(engine_run.avg_batch, 1.0), prefill_tokens, args.hbm_bandwidth, args.peak_flops,
+                                 decode_batches=engine_run.decode_batches)
     engine_settings = {f.name: getattr(model.engine_args, f.name) for f in dataclasses.fields(EngineArgs)
                        if not f.name.startswith("_")}
     report: dict[str, Any] = {

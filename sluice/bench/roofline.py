@@ -5,8 +5,9 @@ from HBM, and a prefill cannot be faster than its FLOPs at peak. For a whole off
 
     prefill_s = (2 * matmul_params * prefill_tokens + attention_flops) / peak_flops
                  attention_flops = 4 * num_heads * head_dim * num_layers * sum over prefill tokens of their context
-    decode_s  = (decode_steps * weight_bytes + kv_bytes_read) / hbm_bytes_per_s
-                 decode_steps    = output_tokens / avg_batch        (avg_batch: output tokens per engine step)
+    decode_s  = (sum over decode steps of weight_bytes(batch) + kv_bytes_read) / hbm_bytes_per_s
+                 decode steps    = the run's own, by batch (output tokens in the step), when it recorded them;
+                                   else output_tokens / avg_batch steps at avg_batch
                  weight_bytes    = bytes of every weight a step reads (the input embedding is gathered, not read,
                                    unless it is tied to the LM head; MoE: the experts hit, see below)
                  kv_bytes_read   = kv_bytes_per_token * sum over output tokens of their context length
@@ -18,12 +19,14 @@ already seen in an earlier prompt are free (``count_prefill_tokens``). Defaults 
 measured for docs/benchmarks.md (copy 3.0 TB/s, bf16 matmul 800 TFLOP/s); pass others for other devices. The model
 shape is that of a Llama-family decoder (Llama, Mistral, Qwen2/3), dense or mixture-of-experts (Mixtral,
 Qwen2/3-MoE): a token multiplies through ``num_experts_per_tok`` experts, and a decode step of B sequences reads
-the experts they hit, E * (1 - (1 - k / E) ** B) per layer under uniform routing (``step_weight_bytes``).
+the experts they hit, E * (1 - (1 - k / E) ** B) per layer under uniform routing (``step_weight_bytes``). That is
+concave in B, so a MoE bound needs each step's batch: at the average batch it overstates the bytes of a run whose
+batch varies (and a run could beat its "lower bound").
 Every layer counts as sparse (``mlp_only_layers`` and ``decoder_sparse_step`` are not modelled).
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -155,8 +158,10 @@ def count_prefill_tokens(prompts: Sequence[Sequence[int]], block_size: int, pref
 def workload_roofline(shape: ModelShape, prompt_lens: Sequence[int], output_lens: Sequence[int],
                       avg_batch: float, prefill_tokens: int | None = None,
                       hbm_bytes_per_s: float = H100_HBM_BYTES_PER_S,
-                      peak_flops: float = H100_PEAK_FLOPS) -> Roofline:
-    """The lower bound of running these requests at ``avg_batch`` sequences per step (formula: module doc)."""
+                      peak_flops: float = H100_PEAK_FLOPS,
+                      decode_batches: Mapping[int, int] | None = None) -> Roofline:
+    """The lower bound of running these requests (formula: module doc). ``decode_batches``: the run's decode
+    steps as {output tokens in the step: number of steps}; without it, every step runs at ``avg_batch``."""
     if avg_batch <= 0:
         raise ValueError(f"avg_batch must be positive, got {avg_batch}")
     if hbm_bytes_per_s <= 0 or peak_flops <= 0:
@@ -169,6 +174,9 @@ def workload_roofline(shape: ModelShape, prompt_lens: Sequence[int], output_lens
     prefill_s = (2 * shape.matmul_params * prefill_tokens + attention_flops) / peak_flops
     # Output token t (1-based) of a request with prompt p attends to p + t - 1 tokens.
     kv_tokens_read = sum(o * p + o * (o - 1) / 2 for p, o in zip(prompt_lens, output_lens))
-    decode_steps = sum(output_lens) / avg_batch
-    decode_bytes = decode_steps * shape.step_weight_bytes(avg_batch) + kv_tokens_read * shape.kv_bytes_per_token
+    if decode_batches:
+        weight_bytes = sum(steps * shape.step_weight_bytes(batch) for batch, steps in decode_batches.items())
+    else:
+        weight_bytes = sum(output_lens) / avg_batch * shape.step_weight_bytes(avg_batch)
+    decode_bytes = weight_bytes + kv_tokens_read * shape.kv_bytes_per_token
     return Roofline(hbm_bytes_per_s, peak_flops, avg_batch, prefill_s, decode_bytes / hbm_bytes_per_s)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -69,6 +70,7 @@ class StepRecorder:
         self._baseline = baseline or SchedulerStats()
         self.decode_steps = 0
         self.generation_tokens = 0
+        self.decode_batches: Counter[int] = Counter()  # output tokens in a step -> steps (the roofline's input)
         self.prefix_cache_queries = 0
         self.prefix_cache_hits = 0
         self.num_preemptions = 0
@@ -77,6 +79,7 @@ class StepRecorder:
         if iteration_stats.num_generation_tokens:
             self.decode_steps += 1
             self.generation_tokens += iteration_stats.num_generation_tokens
+            self.decode_batches[iteration_stats.num_generation_tokens] += 1
         self.prefix_cache_queries = scheduler_stats.prefix_cache_queries - self._baseline.prefix_cache_queries
         self.prefix_cache_hits = scheduler_stats.prefix_cache_hits - self._baseline.prefix_cache_hits
         self.num_preemptions = scheduler_stats.num_preemptions - self._baseline.num_preemptions
@@ -91,6 +94,7 @@ class StepRecorder:
 class EngineRun:
     result: ThroughputResult
     avg_batch: float
+    decode_batches: dict[int, int]
     model_config: Any  # sluice.models.model_config.ModelConfig
     num_kv_blocks: int
 
@@ -135,7 +139,7 @@ def run_sluice(engine_args: EngineArgs, requests: Sequence[BenchRequest], name: 
              "prefix_cache_hit_rate": cache_hit_rate, "num_preemptions": recorder.num_preemptions,
              "triton_compiles_during_run": len(compiles.events), "triton_compile_s": compiles.seconds}
     run = EngineRun(ThroughputResult.from_requests(name, requests, elapsed, output_tokens=generated, extra=extra),
-                    recorder.avg_batch, engine.model_config, engine.config.cache.num_blocks)
+                    recorder.avg_batch, dict(recorder.decode_batches), engine.model_config, engine.config.cache.num_blocks)
     del outputs, engine, llm
     free_device_memory()
     return run

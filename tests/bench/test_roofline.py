@@ -81,3 +81,21 @@ def test_moe_decode_step_reads_the_experts_its_batch_hits():
     assert moe.step_weight_bytes(10_000) == pytest.approx(moe.decode_weight_bytes + 6 * expert_bytes)
     roofline = workload_roofline(moe, prompt_lens=[1] * 4, output_lens=[1] * 4, avg_batch=4)
     assert roofline.decode_s == pytest.approx((moe.step_weight_bytes(4) + 4 * moe.kv_bytes_per_token) / 3.0e12)
+
+
+def test_moe_bound_sums_each_steps_batch():
+    """Experts hit per step are concave in the batch: a run of steps at batch 1 and 255 reads fewer expert
+    bytes than 2 steps at their average, 128, so the bound follows the steps the run made."""
+    moe = ModelShape(num_layers=2, hidden_size=64, num_heads=4, num_kv_heads=2, head_dim=16, intermediate_size=0,
+                     vocab_size=100, tie_word_embeddings=False, dtype_bytes=2, num_experts=64, num_experts_per_tok=2,
+                     moe_intermediate_size=32)
+    per_step = workload_roofline(moe, [1] * 256, [1] * 256, avg_batch=128, decode_batches={1: 1, 255: 1})
+    at_average = workload_roofline(moe, [1] * 256, [1] * 256, avg_batch=128)
+    kv = (256 * moe.kv_bytes_per_token) / 3.0e12
+    assert per_step.decode_s == pytest.approx((moe.step_weight_bytes(1) + moe.step_weight_bytes(255)) / 3.0e12 + kv)
+    assert at_average.decode_s == pytest.approx(2 * moe.step_weight_bytes(128) / 3.0e12 + kv)
+    assert per_step.decode_s < at_average.decode_s
+    dense = ModelShape(num_layers=2, hidden_size=64, num_heads=4, num_kv_heads=2, head_dim=16, intermediate_size=128,
+                       vocab_size=100, tie_word_embeddings=False, dtype_bytes=2)
+    assert workload_roofline(dense, [1] * 256, [1] * 256, 128, decode_batches={1: 1, 255: 1}).decode_s == \
+        pytest.approx(workload_roofline(dense, [1] * 256, [1] * 256, 128).decode_s)

@@ -3,7 +3,8 @@
 A template is code: within its bounds (chat_render.py: CHAT_TEMPLATE_TIMEOUT_S, the server's longest prompt) one
 can still loop for seconds. Rendered in the API server's threads it would hold the interpreter that streams every
 other request's tokens; rendered here it takes one worker process's CPU time, and the API server only waits on a
-pipe.
+pipe. Workers run at a lower priority (RENDER_NICENESS), so on a machine with few cores a template that loops
+takes the time the engine and the API server leave over, not theirs.
 
     handler --ChatRender (plain data)--> ChatRenderPool.render --pickle--> worker process: ChatRender.run
             <-- text, or a RenderFailure naming why -------------------------------------'
@@ -25,6 +26,7 @@ from dataclasses import dataclass
 from sluice.chat_render import ChatRender, ChatTemplateLimitError
 
 KILL_GRACE_S = 2.0  # past its own deadline by this much, a render's process is killed
+RENDER_NICENESS = 10  # workers yield the CPU to the engine and the API server when they compete for it
 
 
 def default_num_workers() -> int:
@@ -67,6 +69,13 @@ def _render_in_worker(job: ChatRender, max_chars: int, timeout_s: float) -> str 
         return RenderFailure(kind, f"{type(e).__name__}: {e}")
 
 
+def _start_worker() -> None:
+    try:
+        os.nice(RENDER_NICENESS)
+    except OSError:  # not permitted here: render at the server's priority
+        pass
+
+
 def _warm_up() -> int:
     return os.getpid()
 
@@ -89,7 +98,8 @@ class ChatRenderPool:
 
     def _new_executor(self) -> ProcessPoolExecutor:
         # spawn: the API server runs threads (engine client, tokenizer pool); forking it would copy their locks.
-        executor = ProcessPoolExecutor(self.num_workers, mp_context=multiprocessing.get_context("spawn"))
+        executor = ProcessPoolExecutor(self.num_workers, mp_context=multiprocessing.get_context("spawn"),
+                                       initializer=_start_worker)
         for _ in range(self.num_workers):
             executor.submit(_warm_up)  # start the workers now, not on the first chat
         return executor
