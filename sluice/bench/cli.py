@@ -60,10 +60,13 @@ def add_throughput_parser(bench_subparsers: argparse._SubParsersAction) -> argpa
     bench.add_argument("--num-prompts", type=int, default=None, help="requests (default: the workload's count)")
     bench.add_argument("--length-scale", type=float, default=1.0,
                        help="multiply every nominal prompt/output length (for small models on CPU)")
-    bench.add_argument("--peers", default="", help="comma-separated peers to run in the same process: hf, hf-cb")
+    bench.add_argument("--peers", default="", help="comma-separated peers on the same requests: hf, hf-cb (in this "
+                                                   "process), vllm (in its own; needs --vllm-pythonpath)")
     bench.add_argument("--peer-num-prompts", type=int, default=None,
                        help="run peers on the first N requests only (compare tokens/s); default all")
     bench.add_argument("--hf-batch-size", type=int, default=64, help="static batch size of the hf peer")
+    bench.add_argument("--vllm-pythonpath", default=None,
+                       help="the folder vLLM is installed in, for --peers vllm (default: $SLUICE_VLLM_PYTHONPATH)")
     bench.add_argument("--num-warmup-prompts", type=int, default=4, help="untimed short requests before timing")
     bench.add_argument("--disable-detokenize", action="store_true", help="do not detokenize outputs")
     bench.add_argument("--hbm-bandwidth", type=float, default=H100_HBM_BYTES_PER_S,
@@ -160,7 +163,11 @@ _SHAPE_WRITERS = {L8_NAME: write_l8_config, G9_NAME: write_g9_config, Q30A3_NAME
 def run_throughput_command(args: argparse.Namespace) -> int:
     from sluice.bench.peers import parse_peers
 
-    peers = parse_peers(args.peers)  # fail on a bad name before any model loads
+    peers = parse_peers(args.peers)  # fail on a bad name (or a vLLM that is not there) before any model loads
+    if "vllm" in peers:
+        from sluice.bench.vllm_peer import find_vllm
+
+        find_vllm(args.vllm_pythonpath)
     for name in ("num_prompts", "peer_num_prompts", "hf_batch_size"):
         value = getattr(args, name)
         if value is not None and value < 1:
@@ -196,7 +203,8 @@ def run_throughput_benchmark(args: argparse.Namespace, model: ResolvedModel, pee
     else:
         runs["engine"] = run_sluice(engine_args, requests, **run_kwargs)
     peer_requests = requests[:args.peer_num_prompts] if args.peer_num_prompts else requests
-    peer_config = PeerConfig(batch_size=args.hf_batch_size)
+    peer_config = PeerConfig(batch_size=args.hf_batch_size, vllm_pythonpath=args.vllm_pythonpath,
+                             enable_prefix_caching=engine_args.enable_prefix_caching)
     peer_results = {name: PEER_RUNNERS[name](model_config, peer_requests, peer_config) for name in peers}
     return build_report(args, model, model_config, requests, runs, peer_results)
 

@@ -1,10 +1,13 @@
-"""Hugging Face transformers peers for ``sluice bench throughput``, run in the same process on the same requests.
+"""Peers for ``sluice bench throughput`` on the same requests: Hugging Face transformers in the same process, and
+the real vLLM in a process of its own (vllm_peer.py).
 
     hf     naive serving: ``model.generate`` on static batches of ``batch_size`` consecutive requests, left-padded.
            A batch runs until its longest request is done (max_new_tokens = that length, eos disabled); only each
            request's own ``output_len`` counts as useful output.
     hf-cb  transformers 5.x continuous batching: ``init_continuous_batching()`` + ``add_request(max_new_tokens=
            output_len)`` per request, attention "paged|sdpa", finished results counted with ``is_finished()``.
+    vllm   vllm.LLM at its own defaults (the engine's model, dtype, max_model_len, seed, prefix caching), one
+           generate over every request after a short warmup; needs --vllm-pythonpath.
 
 Both sample with temperature 1.0 and top_p 1.0 and never stop at eos. Weights are the engine's: the same
 safetensors or GGUF tensors (dequantized), or, with ``load_format="dummy"``, a random model of the same shape and
@@ -27,7 +30,7 @@ from sluice.config import ModelConfig
 
 logger = logging.getLogger(__name__)
 
-PEERS = ("hf", "hf-cb")
+PEERS = ("hf", "hf-cb", "vllm")
 CB_ATTENTION = "paged|sdpa"  # docs/benchmarks.md; transformers >= 5.2x strips the "paged|" prefix with a warning
 
 
@@ -35,6 +38,9 @@ CB_ATTENTION = "paged|sdpa"  # docs/benchmarks.md; transformers >= 5.2x strips t
 class PeerConfig:
     batch_size: int = 64  # hf: requests per static batch
     cb_timeout_s: float = 3600.0  # hf-cb: give up when no result arrives for this long
+    vllm_pythonpath: str | None = None  # vllm: where vLLM is installed (vllm_peer.find_vllm)
+    vllm_timeout_s: float = 3600.0  # vllm: the whole peer process, start-up included
+    enable_prefix_caching: bool = True  # vllm: as the engine ran
 
 
 def load_hf_model(model_config: ModelConfig, attn_implementation: str) -> Any:
@@ -177,7 +183,15 @@ def _collect_finished(manager: Any, num_requests: int, timeout_s: float) -> int:
     return generated
 
 
-PEER_RUNNERS = {"hf": run_hf_static, "hf-cb": run_hf_continuous_batching}
+def run_vllm(model_config: ModelConfig, requests: Sequence[BenchRequest],
+             config: PeerConfig = PeerConfig()) -> ThroughputResult:
+    """The real vLLM, in a process of its own (vllm_peer.py)."""
+    from sluice.bench.vllm_peer import run_vllm as run
+
+    return run(model_config, requests, config)
+
+
+PEER_RUNNERS = {"hf": run_hf_static, "hf-cb": run_hf_continuous_batching, "vllm": run_vllm}
 
 
 def parse_peers(text: str | None) -> list[str]:
