@@ -86,11 +86,14 @@ class ServeMetrics:
 
 
 # ---- one request ---------------------------------------------------------------------------------------
-async def send_completion(client: Any, url: str, model: str, request: ServeRequest,
-                          headers: dict[str, str]) -> RequestResult:
-    """Streams one completion; never raises (a failure is a result with ``success`` False)."""
+async def send_completion(client: Any, url: str, model: str, request: ServeRequest, headers: dict[str, str],
+                          extra_body: dict[str, Any] | None = None,
+                          token_ids_out: list[int] | None = None) -> RequestResult:
+    """Streams one completion; never raises (a failure is a result with ``success`` False). ``token_ids_out``
+    collects the generated ids the stream carries (with ``return_token_ids`` in ``extra_body``)."""
     payload = {"model": model, "prompt": request.prompt, "max_tokens": request.output_len, "temperature": 1.0,
-               "top_p": 1.0, "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
+               "top_p": 1.0, "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True},
+               **(extra_body or {})}
     result = RequestResult(prompt_len=request.prompt_len)
     num_chunks = 0
     start = last = time.perf_counter()
@@ -111,6 +114,8 @@ async def send_completion(client: Any, url: str, model: str, request: ServeReque
                     return result
                 now = time.perf_counter()
                 if chunk.get("choices"):
+                    if token_ids_out is not None:
+                        token_ids_out.extend(chunk["choices"][0].get("token_ids") or [])
                     if num_chunks == 0:
                         result.ttft = now - start
                     else:
@@ -264,8 +269,12 @@ def format_table(report: dict[str, Any]) -> str:
 # ---- the command ------------------------------------------------------------------------------------------------
 def add_parser(bench_subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     parser = bench_subparsers.add_parser(
-        "serve", help="online serving benchmark (W5) against an OpenAI-compatible server",
-        description="Workload W5 of docs/benchmarks.md: W1 requests, streamed, with Poisson/Gamma arrivals.")
+        "serve", help="online serving benchmark (W5, W8) against an OpenAI-compatible server",
+        description="Workloads of docs/benchmarks.md: W5, W1 requests streamed with Poisson/Gamma arrivals; W8, "
+                    "multi-turn conversations starting on such arrivals, each turn resending the whole history.")
+    parser.add_argument("--workload", default="W5", choices=["W5", "W8"])
+    parser.add_argument("--num-conversations", type=int, default=None,
+                        help="W8: conversations (default 200; --num-prompts is W5's)")
     parser.add_argument("--base-url", default="http://127.0.0.1:8000", help="the server, without /v1")
     parser.add_argument("--endpoint", default="/v1/completions", choices=["/v1/completions"])
     parser.add_argument("--model", required=True, help="the served model name (also the tokenizer, if a path)")
@@ -320,17 +329,36 @@ def _raise_open_files_limit(needed: int) -> None:
 
 def build_requests(args: argparse.Namespace, headers: dict[str, str]) -> list[ServeRequest]:
     """W1 shapes for the server's vocabulary and context; text prompts when asked."""
-    import httpx
-
     from sluice.bench.datasets import generate_workload, spread_evenly
 
-    tokenizer = None
-    tokenizer_path = args.tokenizer or (args.model if os.path.exists(args.model) else None)
-    if tokenizer_path:
-        from sluice.tokenizer import get_tokenizer
-        tokenizer = get_tokenizer(tokenizer_path)
+    tokenizer = _tokenizer(args)
     if args.prompt_format == "text" and tokenizer is None:
         raise ValueError("tokenizer: --prompt-format text needs --tokenizer")
+    vocab_size, max_model_len = _vocab_and_context(args, headers, tokenizer)
+    workload = generate_workload("W1", vocab_size, args.num_prompts, args.seed, max_model_len, args.length_scale)
+    mixed = [(r, False) for r in workload]
+    if args.long_prompt_len:
+        mixed = spread_evenly(workload, _long_prompts(args, vocab_size, max_model_len))
+    return [ServeRequest(tokenizer.decode(r.prompt_token_ids) if args.prompt_format == "text" else r.prompt_token_ids,
+                         len(r.prompt_token_ids), r.output_len, is_long) for r, is_long in mixed]
+
+
+def _tokenizer(args: argparse.Namespace) -> Any:
+    tokenizer_path = args.tokenizer or (args.model if os.path.exists(args.model) else None)
+    if not tokenizer_path:
+        return None
+    from sluice.tokenizer import get_tokenizer
+    return get_tokenizer(tokenizer_path)
+
+
+def _vocab_and_context(args: argparse.Namespace, headers: dict[str, str], tokenizer: Any = None,
+                       ) -> tuple[int, int | None]:
+    """The prompt token id range (--vocab-size or the tokenizer's) and the server's context (--max-model-len or
+    its /v1/models entry)."""
+    import httpx
+
+    if tokenizer is None and not args.vocab_size:
+        tokenizer = _tokenizer(args)
     vocab_size = args.vocab_size or (len(tokenizer) if tokenizer is not None else None)
     if vocab_size is None:
         raise ValueError("vocab_size: give --vocab-size or --tokenizer so that prompt token ids are valid")
@@ -338,12 +366,7 @@ def build_requests(args: argparse.Namespace, headers: dict[str, str]) -> list[Se
     if max_model_len is None:
         models = httpx.get(args.base_url.rstrip("/") + "/v1/models", headers=headers, timeout=30).json()
         max_model_len = next((m.get("max_model_len") for m in models.get("data", []) if m["id"] == args.model), None)
-    workload = generate_workload("W1", vocab_size, args.num_prompts, args.seed, max_model_len, args.length_scale)
-    mixed = [(r, False) for r in workload]
-    if args.long_prompt_len:
-        mixed = spread_evenly(workload, _long_prompts(args, vocab_size, max_model_len))
-    return [ServeRequest(tokenizer.decode(r.prompt_token_ids) if args.prompt_format == "text" else r.prompt_token_ids,
-                         len(r.prompt_token_ids), r.output_len, is_long) for r, is_long in mixed]
+    return vocab_size, max_model_len
 
 
 def _long_prompts(args: argparse.Namespace, vocab_size: int, max_model_len: int | None) -> list:
@@ -359,6 +382,8 @@ def _long_prompts(args: argparse.Namespace, vocab_size: int, max_model_len: int 
 
 def run_serve_command(args: argparse.Namespace) -> int:
     _validate(args)
+    if args.workload == "W8":
+        return run_multiturn(args)
     _raise_open_files_limit(args.num_prompts + args.num_long_prompts + 64)
     slos = parse_goodput(args.goodput)
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
@@ -378,6 +403,43 @@ def run_serve_command(args: argparse.Namespace) -> int:
         report["engine"].update(long_prompt_metrics(requests, results, duration, slos))
     print(format_table(report))
     write_report(report, args.output_json or default_output_path("serve", report, f"rate-{report['request_rate']}"))
+    return 0 if report["engine"]["failed"] == 0 else 1
+
+
+def run_multiturn(args: argparse.Namespace) -> int:
+    """W8 (multiturn.py): conversations on W5 arrivals; per-turn metrics and the server's prefix-cache counters."""
+    import httpx
+
+    from sluice.bench.multiturn import (NUM_CONVERSATIONS, counter_deltas, generate_conversations,
+                                        prefix_cache_counters, run_conversations, turn_metrics)
+
+    num_conversations = args.num_conversations or NUM_CONVERSATIONS
+    if num_conversations < 1:
+        raise ValueError(f"num_conversations must be at least 1, got {num_conversations}")
+    if args.prompt_format != "token-ids":
+        raise ValueError("prompt_format: W8 sends token ids (its histories hold the server's own tokens)")
+    _raise_open_files_limit(num_conversations + 64)
+    slos = parse_goodput(args.goodput)
+    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+    vocab_size, max_model_len = _vocab_and_context(args, headers)
+    conversations = generate_conversations(vocab_size, num_conversations, args.seed, args.length_scale, max_model_len)
+
+    def scrape() -> dict[str, float]:
+        response = httpx.get(args.base_url.rstrip("/") + "/metrics", headers=headers, timeout=30)
+        return prefix_cache_counters(response.text) if response.status_code == 200 else {}
+
+    before = scrape()
+    gaps = arrival_gaps(len(conversations), args.request_rate, args.burstiness, args.seed)
+    turns, duration = asyncio.run(run_conversations(args.base_url, args.model, conversations, gaps, headers,
+                                                    not args.no_progress))
+    results = [t.result for t in turns]
+    report = build_report(args, calculate_metrics(results, duration, slos), slos, results)
+    report["workload"] = "W8"
+    report["num_prompts"] = len(turns)
+    report["engine"].update(turn_metrics(turns, duration, slos))
+    report["engine"]["prefix_cache"] = counter_deltas(before, scrape())
+    print(format_table(report))
+    write_report(report, args.output_json or default_output_path("serve", report, f"W8-rate-{report['request_rate']}"))
     return 0 if report["engine"]["failed"] == 0 else 1
 
 

@@ -125,3 +125,61 @@ def test_long_prompt_mix_reports_the_short_requests_inter_token_latency_on_its_o
     assert short["itl_p99_over_p50"] == pytest.approx(short["itl_ms_p99"] / short["itl_ms_p50"])
     table = capsys.readouterr().out
     assert "Short requests among 2 long prompts" in table and "P99 / median ITL, short requests:" in table
+
+
+# ---- W8: multi-turn ---------------------------------------------------------------------------------------
+def test_w8_conversations_are_seeded_and_fit_the_context():
+    from sluice.bench.multiturn import generate_conversations
+
+    conversations = generate_conversations(1000, 50, seed=3)
+    assert conversations == generate_conversations(1000, 50, seed=3)
+    assert all(4 <= len(c.user_turns) == len(c.output_lens) <= 8 for c in conversations)
+    assert 1600 <= np.mean([len(c.context) for c in conversations]) <= 2400
+    assert 240 <= np.mean([len(u) for c in conversations for u in c.user_turns]) <= 360
+    assert 120 <= np.mean([n for c in conversations for n in c.output_lens]) <= 180
+    for c in generate_conversations(1000, 50, seed=3, max_model_len=3000):
+        assert len(c.context) + sum(len(u) + n for u, n in zip(c.user_turns, c.output_lens)) <= 3000
+        assert len(c.user_turns) >= 1
+
+
+def test_prefix_cache_counters_are_read_and_differenced():
+    from sluice.bench.multiturn import counter_deltas, prefix_cache_counters
+
+    page = ("# HELP sluice:prefix_cache_hits_total hits\n# TYPE sluice:prefix_cache_hits_total counter\n"
+            'sluice:prefix_cache_hits_total{model_name="m"} 30.0\n'
+            'sluice:prefix_cache_hits_created{model_name="m"} 1.7e9\n'
+            'sluice:prefix_cache_queries_total{model_name="m"} 100.0\n'
+            'sluice:num_requests_running{model_name="m"} 3.0\n')
+    before = {'sluice:prefix_cache_hits_total{model_name="m"}': 10.0,
+              'sluice:prefix_cache_queries_total{model_name="m"}': 60.0}
+    counters = prefix_cache_counters(page)
+    assert set(counters) == set(before)
+    result = counter_deltas(before, counters)
+    assert result["hit_rates"] == {'sluice:prefix_cache_hit_rate{model_name="m"}': pytest.approx(0.5)}
+
+
+def test_w8_against_a_real_server_resends_histories_that_hit_the_prefix_cache(tiny_server, tmp_path):
+    from sluice.bench.multiturn import generate_conversations
+
+    server, model = tiny_server
+    out = tmp_path / "w8.json"
+    argv = ["bench", "serve", "--workload", "W8", "--base-url", server.base_url, "--model", "tiny", "--tokenizer",
+            str(model), "--num-conversations", "3", "--length-scale", "0.05", "--request-rate", "40",
+            "--output-json", str(out), "--no-progress"]
+    assert main(argv) == 0
+    report = json.loads(out.read_text())
+    engine = report["engine"]
+    conversations = generate_conversations(384, 3, seed=0, length_scale=0.05, max_model_len=512)
+    num_turns = sum(len(c.user_turns) for c in conversations)
+    assert (report["workload"], engine["num_turns"], engine["completed"], engine["failed"]) == \
+        ("W8", num_turns, num_turns, 0)
+    assert engine["history"] == "ids"  # the server's own tokens went back into each history
+    # Turn t's prompt: context + every earlier user message and output + its own user message.
+    expected_input = sum(len(c.context) * len(c.user_turns)
+                         + sum((len(c.user_turns) - t) * len(u) + (len(c.user_turns) - t - 1) * n
+                               for t, (u, n) in enumerate(zip(c.user_turns, c.output_lens)))
+                         for c in conversations)
+    assert engine["total_input_tokens"] == expected_input
+    assert engine["later_turns"]["completed"] == num_turns - 3 and engine["first_turns"]["completed"] == 3
+    rates = engine["prefix_cache"]["hit_rates"]
+    assert rates and all(0 < rate < 1 for rate in rates.values())  # later turns found their histories
