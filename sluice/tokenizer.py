@@ -491,9 +491,10 @@ def _alias_reasoning_fields(chat: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def render_chat(tokenizer: PreTrainedTokenizerBase, messages: Sequence[ChatMessage],
                 chat_template: str | None = None, add_generation_prompt: bool = True,
                 template_kwargs: Mapping[str, Any] | None = None, *, max_chars: int | None = None,
-                timeout_s: float = CHAT_TEMPLATE_TIMEOUT_S) -> str:
+                timeout_s: float = CHAT_TEMPLATE_TIMEOUT_S, tools: Sequence[Mapping[str, Any]] | None = None) -> str:
     """The conversation as the prompt text the model was trained on. ``chat_template``: Jinja text (never a
-    path; see get_chat_template), else the model's own; ``template_kwargs``: extra template variables.
+    path; see get_chat_template), else the model's own; ``template_kwargs``: extra template variables;
+    ``tools``: function definitions ({"type": "function", "function": {...}}) for templates that list them.
 
     Renders as ``tokenizer.apply_chat_template(..., tokenize=False)`` does, in a bounded sandbox (see
     ``_BoundedTemplateEnvironment``): more than ``max_chars`` characters (default CHAT_TEMPLATE_MAX_CHARS) in the
@@ -518,8 +519,9 @@ def render_chat(tokenizer: PreTrainedTokenizerBase, messages: Sequence[ChatMessa
     token = _RENDER_BUDGET.set(budget)
     try:
         compiled = _compile_chat_template(template)
-        return budget.collect(compiled.generate(messages=chat, tools=None, documents=None,
-                                                add_generation_prompt=add_generation_prompt, **variables))
+        return budget.collect(compiled.generate(messages=chat, tools=_plain_template_data(list(tools or [])) or None,
+                                                documents=None, add_generation_prompt=add_generation_prompt,
+                                                **variables))
     finally:
         _RENDER_BUDGET.reset(token)
 

@@ -59,11 +59,14 @@ class ToolParser(ABC):
     def make_call_id(self) -> str:
         return random_call_id()
 
-    def extract_tool_calls(self, text: str) -> tuple[str | None, list[ToolCall]]:
-        """The whole output -> (content or None, tool calls)."""
-        parsed = self.parse(text, final=True)
+    def extract_tool_calls(self, text: str, max_calls: int | None = None) -> tuple[str | None, list[ToolCall]]:
+        """The whole output -> (content or None, the first ``max_calls`` tool calls)."""
+        try:
+            parsed = self.parse(text, final=True)
+        except (MalformedError, ValueError, RecursionError):
+            parsed = ParsedOutput(content=text)
         calls = [ToolCall(id=self.make_call_id(), function=FunctionCall(name=c.name, arguments=c.arguments))
-                 for c in parsed.calls if c.name is not None]
+                 for c in parsed.calls[:max_calls] if c.name is not None]
         return parsed.content.strip() or None, calls
 
 
@@ -78,8 +81,9 @@ class ToolCallStreamer:
     """One choice's stream: text deltas in, DeltaMessages out (content, or a call's name in its own chunk with
     its id, then fragments of its arguments)."""
 
-    def __init__(self, parser: ToolParser) -> None:
+    def __init__(self, parser: ToolParser, max_calls: int | None = None) -> None:
         self.parser = parser
+        self.max_calls = max_calls
         self.text = ""
         self._content_sent = ""
         self._calls_sent: list[_SentCall] = []
@@ -108,7 +112,7 @@ class ToolCallStreamer:
         if len(content) > len(self._content_sent) and content.startswith(self._content_sent):
             deltas.append(DeltaMessage(content=content[len(self._content_sent):]))
             self._content_sent = content
-        for index, call in enumerate(parsed.calls):
+        for index, call in enumerate(parsed.calls[:self.max_calls]):
             if call.name is None:
                 break  # calls go out in order, each name before its arguments
             if index == len(self._calls_sent):
