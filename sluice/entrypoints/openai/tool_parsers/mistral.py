@@ -70,6 +70,8 @@ def _named_calls(body: str, final: bool) -> list[PartialCall]:
             break
         end = value_end(arguments, start, final or not last)
         if end is None:
+            if final:
+                raise MalformedError("the arguments are incomplete")
             calls.append(PartialCall(name, arguments[start:].rstrip()))
             break
         rest = arguments[end:].strip()
