@@ -232,7 +232,7 @@ def save_scripted_tiny_model(path: str | Path, reply: list[str], chat_template: 
                                            add_generation_prompt=True)
     chain = [tokenizer.encode(prompt, add_special_tokens=False)[-1]]
     chain += [tokenizer.convert_tokens_to_ids(piece) for piece in reply] + [tokenizer.eos_token_id]
-    config = tiny_config("llama")
+    config = tiny_config("llama", max_position_embeddings=2048)  # tool schemas make long prompts
     assert len(chain) <= config.hidden_size and len(tokenizer) <= config.vocab_size
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
