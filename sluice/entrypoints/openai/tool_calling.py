@@ -172,13 +172,14 @@ def plan_tool_calls(request: ChatCompletionRequest, config: ToolCallConfig) -> T
 
 
 def apply_tool_plan(plan: ToolPlan, request: ChatCompletionRequest, params: SamplingParams) -> None:
-    """Constrains the output for the forced choices; lets the auto parser keep its format's tokens."""
+    """Constrains the output for the forced choices (compact JSON: no run of whitespace can eat the token
+    budget of a small model); lets the auto parser keep its format's tokens."""
     if plan.choice == "required":
         schema = required_calls_schema(request.tools or [], parallel=request.parallel_tool_calls is not False)
-        params.structured_outputs = StructuredOutputsParams(json=schema)
+        params.structured_outputs = StructuredOutputsParams(json=schema, disable_any_whitespace=True)
     elif plan.forced:
         tool = next(t for t in request.tools or [] if t.function.name == plan.choice)
-        params.structured_outputs = StructuredOutputsParams(json=parameters_schema(tool))
+        params.structured_outputs = StructuredOutputsParams(json=parameters_schema(tool), disable_any_whitespace=True)
     elif plan.parser is not None:
         plan.parser.adjust_request(params)
 
