@@ -212,8 +212,10 @@ HERMES_TEMPLATE = (  # Qwen 2.5's layout, shortened: tools in the system turn, c
 )
 
 
-def save_scripted_tiny_model(path: str | Path, reply: list[str], chat_template: str = CHATML_TEMPLATE) -> Path:
+def save_scripted_tiny_model(path: str | Path, reply: list[str], chat_template: str = CHATML_TEMPLATE,
+                             special: frozenset[str] = frozenset()) -> Path:
     """A tiny Llama whose greedy (and, by its margins, any-temperature) reply to every chat is ``reply``, then eos.
+    The pieces in ``special`` are special tokens (skipped by skip_special_tokens).
 
     Each piece of ``reply`` becomes a token of its own (added to the tokenizer), and the model is a bigram table:
     every layer's output projections are zero, so the last hidden state is the current token's embedding, and
@@ -227,7 +229,7 @@ def save_scripted_tiny_model(path: str | Path, reply: list[str], chat_template: 
     tokenizer.chat_template = chat_template
     if len(set(reply)) != len(reply):
         raise ValueError("each piece of the reply must be distinct (the model is a bigram table)")
-    tokenizer.add_tokens([AddedToken(piece, normalized=False, special=False) for piece in reply])
+    tokenizer.add_tokens([AddedToken(piece, normalized=False, special=piece in special) for piece in reply])
     prompt = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False,
                                            add_generation_prompt=True)
     chain = [tokenizer.encode(prompt, add_special_tokens=False)[-1]]

@@ -3,18 +3,24 @@
     Let me check.<tool_call>
     {"name": "get_weather", "arguments": {"city": "Paris"}}
     </tool_call>
+
+Some checkpoints (Hermes 2 Pro) make the tags special tokens: requests keep special tokens in their text.
 """
 from __future__ import annotations
 
 from sluice.entrypoints.openai.tool_parsers.base import (ParsedOutput, PartialCall, ToolParser, call_from_scan,
                                                          held_back)
 from sluice.entrypoints.openai.tool_parsers.json_scan import MalformedError, scan_object, skip_whitespace
+from sluice.sampling_params import SamplingParams
 
 START, END = "<tool_call>", "</tool_call>"
 
 
 class HermesToolParser(ToolParser):
     name = "hermes"
+
+    def adjust_request(self, params: SamplingParams) -> None:
+        params.skip_special_tokens = False
 
     def parse(self, text: str, final: bool) -> ParsedOutput:
         parsed = ParsedOutput()
