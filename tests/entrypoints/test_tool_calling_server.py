@@ -110,6 +110,13 @@ def test_a_conversation_with_tool_calls_and_results_renders(server, client):
     assert response.choices[0].message.tool_calls[0].function.name == "get_weather"
 
 
+def test_tokenize_renders_the_tools_too(server):
+    tokens = httpx.post(server.url("/tokenize"), json={"model": MODEL, "messages": ASK, "tools": [WEATHER_TOOL]},
+                        timeout=30).json()["tokens"]
+    text = httpx.post(server.url("/detokenize"), json={"model": MODEL, "tokens": tokens}, timeout=30).json()["prompt"]
+    assert '"name": "get_weather"' in text and text.index("<tools>") < text.index("What is the weather")
+
+
 def test_tools_reach_the_chat_template(server):
     body = {"model": MODEL, "messages": ASK, "tools": [WEATHER_TOOL], "max_tokens": 1, "tool_choice": "none"}
     with_tools = httpx.post(server.url("/v1/chat/completions"), json=body, timeout=30).json()

@@ -317,6 +317,7 @@ class TokenizeRequest(OpenAIRequest):
     model: str | None = None
     prompt: str | None = None
     messages: list[ChatMessage] | None = None
+    tools: list[ChatCompletionToolParam] | None = None  # with messages: as the chat template gets them
     add_special_tokens: bool = True
     add_generation_prompt: bool = True
 

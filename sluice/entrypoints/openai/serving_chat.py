@@ -21,12 +21,12 @@ from sluice.entrypoints.openai.protocol import (ChatChoice, ChatChoiceLogprobs, 
                                                 UsageInfo)
 from sluice.entrypoints.openai.sampling import (build_sampling_params, check_chat_only, check_common,
                                                 check_context_length, check_logprobs)
-from sluice.entrypoints.openai.tool_calling import (ToolPlan, apply_tool_plan, plan_tool_calls, template_message,
-                                                    template_tools)
-from sluice.entrypoints.openai.tool_parsers import ToolCallStreamer
 from sluice.entrypoints.openai.serving_engine import (SSE_DONE, EnginePrompt, OpenAIServing, cancel_on_disconnect,
                                                       continuous_usage, engine_error_to_openai, merge_streams,
                                                       random_id, sse, usage_chunk)
+from sluice.entrypoints.openai.tool_calling import (ToolPlan, apply_tool_plan, plan_tool_calls, template_message,
+                                                    template_tools)
+from sluice.entrypoints.openai.tool_parsers import ToolCallStreamer
 from sluice.outputs import CompletionOutput, RequestOutput
 from sluice.tokenizer import ChatTemplateLimitError, check_template_kwargs, render_chat
 
@@ -40,7 +40,7 @@ class OpenAIServingChat(OpenAIServing):
         plan = plan_tool_calls(request, self.config.tool_calls)
         prompt = EnginePrompt(None, await cancel_on_disconnect(raw_request, self.render_chat(
             request.messages, request.add_generation_prompt, request.chat_template, request.chat_template_kwargs,
-            tools=template_tools(request))))
+            tools=template_tools(request.tools))))
         max_tokens = request.max_completion_tokens if request.max_completion_tokens is not None \
             else request.max_tokens
         params = build_sampling_params(

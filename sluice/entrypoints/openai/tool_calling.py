@@ -184,11 +184,9 @@ def apply_tool_plan(plan: ToolPlan, request: ChatCompletionRequest, params: Samp
         plan.parser.adjust_request(params)
 
 
-def template_tools(request: ChatCompletionRequest) -> list[dict[str, Any]] | None:
+def template_tools(tools: list[ChatCompletionToolParam] | None) -> list[dict[str, Any]] | None:
     """The tools as chat templates read them (Hugging Face's {"type": "function", "function": {...}})."""
-    if not request.tools:
-        return None
-    return [tool.model_dump(exclude_none=True) for tool in request.tools]
+    return [tool.model_dump(exclude_none=True) for tool in tools or []] or None
 
 
 def template_message(message: ChatMessage, index: int) -> dict[str, Any]:
