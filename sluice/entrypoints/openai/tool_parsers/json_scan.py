@@ -10,10 +10,14 @@ the fragments a stream sends always add up to the arguments the whole text gives
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 
 _WHITESPACE = " \t\n\r"
 _SCALAR_END = _WHITESPACE + ",}];"
+# A stream re-reads its text at every delta: jumps between the characters that matter keep that in C.
+_STRUCTURE = re.compile(r'["{}\[\]]')
+_STRING = re.compile(r'"(?:[^"\\]++|\\.)*+"', re.DOTALL)  # a whole string, escapes included
 
 
 class MalformedError(ValueError):
@@ -35,7 +39,8 @@ def value_end(text: str, start: int, final: bool) -> int | None:
         return _string_end(text, start)
     if first in "{[":
         depth, index = 0, start
-        while index < len(text):
+        while (match := _STRUCTURE.search(text, index)) is not None:
+            index = match.start()
             char = text[index]
             if char == '"':
                 end = _string_end(text, index)
@@ -43,12 +48,9 @@ def value_end(text: str, start: int, final: bool) -> int | None:
                     return None
                 index = end
                 continue
-            if char in "{[":
-                depth += 1
-            elif char in "}]":
-                depth -= 1
-                if depth == 0:
-                    return index + 1
+            depth += 1 if char in "{[" else -1
+            if depth == 0:
+                return index + 1
             index += 1
         return None
     if first in "}],:;":
@@ -60,15 +62,8 @@ def value_end(text: str, start: int, final: bool) -> int | None:
 
 
 def _string_end(text: str, start: int) -> int | None:
-    index = start + 1
-    while index < len(text):
-        if text[index] == "\\":
-            index += 2
-        elif text[index] == '"':
-            return index + 1
-        else:
-            index += 1
-    return None
+    match = _STRING.match(text, start)
+    return match.end() if match is not None else None
 
 
 @dataclass
