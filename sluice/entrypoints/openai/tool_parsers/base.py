@@ -52,6 +52,13 @@ class ToolParser(ABC):
         """The content and calls in ``text`` (see the module docstring). ``final``: the text is complete, so
         every call returned is complete and anything that is not a well-formed call is content."""
 
+    def read(self, text: str, final: bool) -> ParsedOutput:
+        """``parse``, with any text it cannot read as content (a malformed call never fails a request)."""
+        try:
+            return self.parse(text, final)
+        except (MalformedError, ValueError, RecursionError):
+            return ParsedOutput(content=text)
+
     def adjust_request(self, params: SamplingParams) -> None:
         """Changes a request's sampling params so that the format survives detokenization (e.g. keep the
         special token that starts the calls)."""
@@ -61,10 +68,7 @@ class ToolParser(ABC):
 
     def extract_tool_calls(self, text: str, max_calls: int | None = None) -> tuple[str | None, list[ToolCall]]:
         """The whole output -> (content or None, the first ``max_calls`` tool calls)."""
-        try:
-            parsed = self.parse(text, final=True)
-        except (MalformedError, ValueError, RecursionError):
-            parsed = ParsedOutput(content=text)
+        parsed = self.read(text, final=True)
         calls = [ToolCall(id=self.make_call_id(), function=FunctionCall(name=c.name, arguments=c.arguments))
                  for c in parsed.calls[:max_calls] if c.name is not None]
         return parsed.content.strip() or None, calls
@@ -94,21 +98,15 @@ class ToolCallStreamer:
 
     def feed(self, delta_text: str) -> list[DeltaMessage]:
         self.text += delta_text
-        return self._diff(self._parse(final=False), final=False)
+        return self._diff(self.parser.read(self.text, final=False))
 
     def finish(self) -> list[DeltaMessage]:
         """The rest, once the output is complete (text held back as a possible call start, e.g.)."""
-        return self._diff(self._parse(final=True), final=True)
+        return self._diff(self.parser.read(self.text, final=True))
 
-    def _parse(self, final: bool) -> ParsedOutput:
-        try:
-            return self.parser.parse(self.text, final)
-        except (MalformedError, ValueError, RecursionError):
-            return ParsedOutput(content=self.text)
-
-    def _diff(self, parsed: ParsedOutput, final: bool) -> list[DeltaMessage]:
+    def _diff(self, parsed: ParsedOutput) -> list[DeltaMessage]:
         deltas: list[DeltaMessage] = []
-        content = parsed.content.strip() if final else parsed.content.lstrip().rstrip()
+        content = parsed.content.strip()  # trailing whitespace waits for the text that follows it
         if len(content) > len(self._content_sent) and content.startswith(self._content_sent):
             deltas.append(DeltaMessage(content=content[len(self._content_sent):]))
             self._content_sent = content
