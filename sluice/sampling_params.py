@@ -24,6 +24,19 @@ class RequestOutputKind(enum.IntEnum):
 
 
 @dataclass
+class StructuredOutputsParams:
+    """One constraint on the generated text (vLLM's names); set at most one of json, regex, choice, grammar,
+    json_object, structural_tag."""
+    json: str | dict | None = None
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+    structural_tag: str | None = None
+    disable_any_whitespace: bool = False
+
+
+@dataclass
 class SamplingParams:
     n: int = 1
     temperature: float = 1.0
@@ -49,6 +62,7 @@ class SamplingParams:
     bad_words: list[str] | None = None  # words never generated (multi-token aware)
     logprobs: int | None = None  # top logprobs per generated token (0: the sampled one only)
     prompt_logprobs: int | None = None  # top logprobs per prompt position
+    structured_outputs: StructuredOutputsParams | None = None  # constrained decoding
     # Filled by the engine front from bad_words (update_bad_words_from_tokenizer).
     _bad_words_token_ids: list[list[int]] | None = field(default=None, repr=False)
     # Filled by the engine front: token ids that end generation besides eos (e.g. a chat

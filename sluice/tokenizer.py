@@ -93,10 +93,12 @@ def get_chat_template(tokenizer: PreTrainedTokenizerBase, chat_template: str | N
 
 def prepare_chat_render(tokenizer: PreTrainedTokenizerBase, messages: Sequence[ChatMessage],
                         chat_template: str | None = None, add_generation_prompt: bool = True,
-                        template_kwargs: Mapping[str, Any] | None = None) -> ChatRender:
+                        template_kwargs: Mapping[str, Any] | None = None,
+                        tools: Sequence[Mapping[str, Any]] | None = None) -> ChatRender:
     """What rendering this conversation needs, as plain data (see chat_render.py); checks the messages and the
     template variables. ``chat_template``: Jinja text (never a path; see get_chat_template), else the model's
-    own; ``template_kwargs``: extra template variables."""
+    own; ``template_kwargs``: extra template variables; ``tools``: function definitions ({"type": "function",
+    "function": {...}}) for templates that list them."""
     template = chat_template if chat_template is not None else get_chat_template(tokenizer)
     if template is None:
         raise ValueError("chat_template: the model has no chat template; pass one (Jinja text or a file path)")
@@ -110,19 +112,21 @@ def prepare_chat_render(tokenizer: PreTrainedTokenizerBase, messages: Sequence[C
     # What transformers' apply_chat_template hands its template: messages without None values (reasoning also
     # under the names templates read), the special tokens, then the caller's variables over them.
     variables = {**tokenizer.special_tokens_map, **plain_template_data(template_kwargs)}
-    return ChatRender(template, [plain_template_data(m) for m in messages], variables, add_generation_prompt)
+    return ChatRender(template, [plain_template_data(m) for m in messages], variables, add_generation_prompt,
+                      plain_template_data(list(tools or [])) or None)
 
 
 def render_chat(tokenizer: PreTrainedTokenizerBase, messages: Sequence[ChatMessage],
                 chat_template: str | None = None, add_generation_prompt: bool = True,
                 template_kwargs: Mapping[str, Any] | None = None, *, max_chars: int | None = None,
-                timeout_s: float = CHAT_TEMPLATE_TIMEOUT_S) -> str:
-    """The conversation as the prompt text the model was trained on, rendered in this process.
+                timeout_s: float = CHAT_TEMPLATE_TIMEOUT_S, tools: Sequence[Mapping[str, Any]] | None = None) -> str:
+    """The conversation as the prompt text the model was trained on, rendered in this process (arguments as
+    prepare_chat_render's).
 
     Renders as ``tokenizer.apply_chat_template(..., tokenize=False)`` does, in a bounded sandbox
     (chat_render.py): more than ``max_chars`` characters (default CHAT_TEMPLATE_MAX_CHARS) in the output or any
     value, or more than ``timeout_s`` seconds, is a ChatTemplateLimitError (a ValueError)."""
-    job = prepare_chat_render(tokenizer, messages, chat_template, add_generation_prompt, template_kwargs)
+    job = prepare_chat_render(tokenizer, messages, chat_template, add_generation_prompt, template_kwargs, tools)
     return job.run(max_chars if max_chars is not None else CHAT_TEMPLATE_MAX_CHARS, timeout_s)
 
 

@@ -11,6 +11,7 @@ import pytest
 
 from sluice.models.default_model import default_model_path
 from sluice.tokenizer import ChatTemplateLimitError, get_tokenizer, render_chat
+from tests.tiny_models import HERMES_TEMPLATE
 
 CONVERSATIONS = [
     [{"role": "user", "content": "What is the capital of France?"}],
@@ -133,3 +134,18 @@ def test_the_output_is_bounded_as_it_is_generated(tokenizer):
     assert len(render_chat(tokenizer, CONVERSATIONS[0], "{{ 'x' * 1000 }}", max_chars=1000)) == 1000
     with pytest.raises(ChatTemplateLimitError, match="the rendered prompt"):
         render_chat(tokenizer, CONVERSATIONS[0], "{{ 'x' * 1000 }}{{ 'y' }}", max_chars=1000)
+
+
+def test_tools_and_tool_calls_render_as_transformers(tokenizer):
+    tools = [{"type": "function", "function": {"name": "get_weather", "description": "Weather in a city",
+                                               "parameters": {"type": "object",
+                                                              "properties": {"city": {"type": "string"}}}}}]
+    conversation = [{"role": "user", "content": "Weather in Paris?"},
+                    {"role": "assistant", "content": "", "tool_calls": [
+                        {"id": "call_1", "type": "function",
+                         "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}]},
+                    {"role": "tool", "content": "18 degrees", "tool_call_id": "call_1"}]
+    expected = tokenizer.apply_chat_template(conversation, chat_template=HERMES_TEMPLATE, tools=tools,
+                                             tokenize=False, add_generation_prompt=True)
+    assert render_chat(tokenizer, conversation, HERMES_TEMPLATE, tools=tools) == expected
+    assert '"name": "get_weather"' in expected and "<tool_response>\n18 degrees" in expected

@@ -194,3 +194,60 @@ def save_trained_tiny_model(path: str | Path, arch: str = "llama", steps: int = 
     model.eval().save_pretrained(path)
     build_tokenizer().save_pretrained(path)
     return path
+
+
+HERMES_TEMPLATE = (  # Qwen 2.5's layout, shortened: tools in the system turn, calls in <tool_call> tags
+    "{%- if tools %}<|im_start|>system\n# Tools\n\n<tools>\n{%- for tool in tools %}\n{{ tool | tojson }}\n"
+    "{%- endfor %}\n</tools>\n\nFor each function call, return a json object within <tool_call></tool_call> "
+    "XML tags.<|im_end|>\n{% endif %}"
+    "{%- for message in messages %}"
+    "{%- if message.role == 'assistant' %}<|im_start|>assistant\n{{ message.content }}"
+    "{%- for call in message.tool_calls | default([]) %}\n<tool_call>\n"
+    '{"name": "{{ call.function.name }}", "arguments": {{ call.function.arguments | tojson }}}\n</tool_call>'
+    "{%- endfor %}<|im_end|>\n"
+    "{%- elif message.role == 'tool' %}<|im_start|>user\n<tool_response>\n{{ message.content }}\n"
+    "</tool_response><|im_end|>\n"
+    "{%- else %}<|im_start|>{{ message.role }}\n{{ message.content }}<|im_end|>\n{%- endif %}"
+    "{%- endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def save_scripted_tiny_model(path: str | Path, reply: list[str], chat_template: str = CHATML_TEMPLATE,
+                             special: frozenset[str] = frozenset()) -> Path:
+    """A tiny Llama whose greedy (and, by its margins, any-temperature) reply to every chat is ``reply``, then eos.
+    The pieces in ``special`` are special tokens (skipped by skip_special_tokens).
+
+    Each piece of ``reply`` becomes a token of its own (added to the tokenizer), and the model is a bigram table:
+    every layer's output projections are zero, so the last hidden state is the current token's embedding, and
+    lm_head maps the embedding of each token of the chain (the prompt's last token, then the pieces) onto the
+    next one with a margin of 80 logits."""
+    from tokenizers import AddedToken
+    from transformers import AutoModelForCausalLM
+
+    path = Path(path)
+    tokenizer = build_tokenizer()
+    tokenizer.chat_template = chat_template
+    if len(set(reply)) != len(reply):
+        raise ValueError("each piece of the reply must be distinct (the model is a bigram table)")
+    tokenizer.add_tokens([AddedToken(piece, normalized=False, special=piece in special) for piece in reply])
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False,
+                                           add_generation_prompt=True)
+    chain = [tokenizer.encode(prompt, add_special_tokens=False)[-1]]
+    chain += [tokenizer.convert_tokens_to_ids(piece) for piece in reply] + [tokenizer.eos_token_id]
+    config = tiny_config("llama", max_position_embeddings=2048)  # tool schemas make long prompts
+    assert len(chain) <= config.hidden_size and len(tokenizer) <= config.vocab_size
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("o_proj.weight", "down_proj.weight")) or name == "lm_head.weight":
+                p.zero_()
+            elif p.dim() > 1:
+                p.normal_(0.0, 0.08)
+        for slot, (token, next_token) in enumerate(zip(chain, chain[1:])):
+            model.model.embed_tokens.weight[token] = 0.0
+            model.model.embed_tokens.weight[token, slot] = 1.0
+            model.lm_head.weight[next_token, slot] = 10.0
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path

@@ -57,6 +57,8 @@ from sluice.entrypoints.openai.serving_embedding import register_embedding_route
 from sluice.entrypoints.openai.serving_engine import ServingConfig
 from sluice.entrypoints.openai.serving_models import OpenAIServingModels
 from sluice.entrypoints.openai.render_pool import ChatRenderPool
+from sluice.entrypoints.openai.tool_calling import ToolCallConfig
+from sluice.entrypoints.openai.tool_parsers import TOOL_PARSERS
 from sluice.entrypoints.openai.api_server_pool import DEAD_ENGINE_GRACE_S, run_api_server_pool
 from sluice.engine.stats import LoggingStatLogger
 from sluice.entrypoints.utils import check_device_available
@@ -233,6 +235,12 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     server.add_argument("--chat-template", default=None, help="chat template (Jinja text or file) overriding the model's")
     server.add_argument("--trust-request-chat-template", action="store_true",
                         help="let requests send their own chat_template (Jinja text; refused with 400 otherwise)")
+    server.add_argument("--enable-auto-tool-choice", action="store_true",
+                        help='let the model decide when to call tools (tool_choice "auto", the default when a '
+                             "request gives tools); needs --tool-call-parser")
+    server.add_argument("--tool-call-parser", default=None, choices=sorted(TOOL_PARSERS),
+                        help="the model's tool-call format: hermes (Qwen 2.5/3, Hermes), llama3_json (Llama 3.1+), "
+                             "mistral, pythonic (Llama 3.2/4)")
     server.add_argument("--root-path", default="", help="path prefix when behind a proxy that strips it (ASGI root_path)")
     server.add_argument("--ssl-keyfile", default=None, help="TLS private key file (serve https)")
     server.add_argument("--ssl-certfile", default=None, help="TLS certificate file (serve https)")
@@ -304,6 +312,7 @@ def validate_server_args(args: argparse.Namespace) -> None:
     if args.trust_remote_code:
         logger.warning("--trust-remote-code has no effect: sluice runs only its own model code, never code "
                        "from a model folder")
+    tool_call_config(args).check()
     check_device_available(args.device)
     if args.max_n < 1 or (args.max_num_queued_reqs is not None and args.max_num_queued_reqs < 0):
         raise ValueError("--max-n must be at least 1 and --max-num-queued-reqs non-negative")
@@ -312,6 +321,10 @@ def validate_server_args(args: argparse.Namespace) -> None:
     if args.api_server_count > 1 and not args.process_split:
         raise ValueError(f"--api-server-count {args.api_server_count} needs the engine core in its own process, "
                          "which the API servers share: drop --no-process-split")
+
+
+def tool_call_config(args: argparse.Namespace) -> ToolCallConfig:
+    return ToolCallConfig(args.enable_auto_tool_choice, args.tool_call_parser)
 
 
 def engine_args_from(args: argparse.Namespace) -> EngineArgs:
@@ -353,7 +366,8 @@ def serve(args: argparse.Namespace, engine: AsyncLLM, metrics: PrometheusStatLog
     limits = serving_limits(engine.config, args, tokenizer.get_vocab() if tokenizer is not None else None)
     config = ServingConfig([model_config.served_model_name], limits, args.enable_log_requests, args.max_log_len,
                            api_server_index=api_server_index,
-                           trust_request_chat_template=args.trust_request_chat_template)
+                           trust_request_chat_template=args.trust_request_chat_template,
+                           tool_calls=tool_call_config(args))
     chat_template = get_chat_template(tokenizer, args.chat_template) if args.chat_template else None
     app, guard, state = build_app(engine, config, metrics, args.api_key, args.max_request_body_bytes,
                                   chat_template, args.allowed_origins, args.root_path)

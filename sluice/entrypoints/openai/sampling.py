@@ -140,11 +140,7 @@ def check_common(request: SamplingFields, limits: ServingLimits) -> None:
 
 
 def check_chat_only(request: ChatCompletionRequest) -> None:
-    """Chat features sluice cannot honour yet: tools and structured output."""
-    if request.tools:
-        raise bad_request("tools (function calling) are not supported by sluice yet", "tools")
-    if request.tool_choice not in (None, "none"):
-        raise bad_request("tool_choice is not supported by sluice yet (only 'none')", "tool_choice")
+    """Chat features sluice cannot honour yet: structured output (tools: tool_calling.py)."""
     if request.response_format is not None and request.response_format.type != "text":
         raise bad_request(f"response_format {request.response_format.type!r} (structured output) is not supported "
                           "by sluice yet; only 'text'", "response_format")

@@ -26,6 +26,7 @@ from sluice.entrypoints.openai.errors import OpenAIError, bad_request, internal_
 from sluice.entrypoints.openai.protocol import (ChatChoiceLogprobs, ChatLogprobToken, ChatTopLogprob,
                                                 CompletionLogprobs, SamplingFields, UsageInfo)
 from sluice.entrypoints.openai.sampling import ServingLimits, check_prompt_chars
+from sluice.entrypoints.openai.tool_calling import ToolCallConfig
 from sluice.outputs import Logprob, RequestOutput
 from sluice.sampling_params import SamplingParams
 
@@ -41,6 +42,7 @@ class ServingConfig:
     max_log_len: int | None = None
     api_server_index: int | None = None  # set when several API server processes share one engine core
     trust_request_chat_template: bool = False  # --trust-request-chat-template: requests may send a template
+    tool_calls: ToolCallConfig = ToolCallConfig()  # --enable-auto-tool-choice, --tool-call-parser
 
 
 @dataclass(slots=True)

@@ -9,6 +9,7 @@ from sluice.entrypoints.openai.protocol import (DetokenizeRequest, DetokenizeRes
                                                 TokenizeRequest, TokenizeResponse)
 from sluice.entrypoints.openai.serving_chat import OpenAIServingChat
 from sluice.entrypoints.openai.serving_engine import OpenAIServing, ServingConfig
+from sluice.entrypoints.openai.tool_calling import template_tools
 
 
 class OpenAIServingModels(OpenAIServing):
@@ -31,7 +32,8 @@ class OpenAIServingModels(OpenAIServing):
         if request.prompt is not None:
             tokens = await self.encode(request.prompt, add_special_tokens=request.add_special_tokens)
         else:
-            tokens = await self.chat.render_chat(request.messages, request.add_generation_prompt, None, None)
+            tokens = await self.chat.render_chat(request.messages, request.add_generation_prompt, None, None,
+                                                 tools=template_tools(request.tools))
         return TokenizeResponse(count=len(tokens), max_model_len=self.limits.max_model_len, tokens=tokens)
 
     async def detokenize(self, request: DetokenizeRequest) -> DetokenizeResponse:
