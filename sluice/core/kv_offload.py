@@ -104,7 +104,9 @@ class KVOffload:
         num_tokens = request.num_computed_tokens
         device_blocks = kv_cache_manager.req_to_blocks.get(request.request_id, [])
         num_blocks = -(-num_tokens // self.block_size)
-        if (num_tokens == 0 or not self._prefers_swap(num_tokens, num_blocks)
+        # Prompt logprobs: every prompt position runs again, as on a recompute.
+        if (num_tokens == 0 or request.sampling_params.prompt_logprobs is not None
+                or not self._prefers_swap(num_tokens, num_blocks)
                 or num_blocks > len(self._free_swap_blocks) or not kv_cache_manager.can_swap(request)):
             self.stats.num_recomputed_preemptions += 1
             return False
@@ -131,7 +133,7 @@ class KVOffload:
         swapped = self.swapped.get(request.request_id)
         if swapped is not None:
             return max(0, min(swapped[1] - num_device_hit_tokens, limit))
-        if not self.host_tier or not request.block_hashes:
+        if not self.host_tier or not request.block_hashes or request.sampling_params.prompt_logprobs is not None:
             return 0
         first = num_device_hit_tokens // self.block_size
         num_hits = 0
@@ -199,10 +201,6 @@ class KVOffload:
         swapped = self.swapped.pop(request.request_id, None)
         if swapped is not None:
             self._released += swapped[0]
-
-    def reset_host_tier(self) -> None:
-        self._free_tier_blocks += self.host_tier.values()
-        self.host_tier.clear()
 
     def check_all_free(self) -> None:
         """The block-leak invariant on the host: no swapped request left, every swap block free (the tier is a

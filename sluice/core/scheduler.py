@@ -10,8 +10,9 @@ A prompt chunk is also capped at ``long_prefill_token_threshold`` tokens when th
 Running requests go first, in order; then waiting ones in policy order (fcfs: arrival;
 priority: lowest (priority, arrival_time) first), while budget, ``max_num_seqs`` and free
 blocks last. A running request that cannot get a block preempts the lowest-priority running
-request (recompute: its blocks are freed, num_computed_tokens drops to 0, it goes back to the
-front of the waiting queue, or to its (priority, arrival_time) place); waiting requests never preempt. A request samples in a step iff
+request (its blocks are freed, num_computed_tokens drops to 0, it goes back to the front of the
+waiting queue, or to its (priority, arrival_time) place; with ``kv_offload`` set its KV may first be
+swapped to host memory and come back on admission: core/kv_offload.py); waiting requests never preempt. A request samples in a step iff
 its tokens are all computed after it; ``update_from_output`` appends the samples and checks stops.
 
 ``num_computed_tokens`` advances inside ``schedule()``: the runner executes the step before the

@@ -40,6 +40,7 @@ class EngineCoreInfo:
     load_seconds: float
     kv_bytes_per_block: int
     startup_seconds: dict[str, float] = field(default_factory=dict)  # phase -> seconds (engine/startup.py)
+    num_cpu_blocks: int = 0  # host KV blocks: swap space and the host prefix tier
 
 
 class EngineCore:
@@ -72,7 +73,7 @@ class EngineCore:
         if num_host_blocks:  # after the KV metrics, whose timed pool the host tier then watches
             self._install_kv_offload()
         self.info = EngineCoreInfo(num_blocks, self.runner.num_parameters, self.runner.load_seconds,
-                                   self.runner.kv_spec.bytes_per_block, timer.phases)
+                                   self.runner.kv_spec.bytes_per_block, timer.phases, num_host_blocks)
         logger.info("engine core start-up: %s", timer.describe())
         self._async_scheduling = self.config.scheduler.async_scheduling
         self._in_flight: tuple[SchedulerOutput, LaunchedStep] | None = None
@@ -87,7 +88,9 @@ class EngineCore:
         bytes_per_block = self.runner.kv_spec.bytes_per_block
         num_swap_blocks = cache.swap_space_bytes // bytes_per_block
         num_offload_blocks = cache.num_cpu_blocks - num_swap_blocks
-        mode = cache.preemption_mode if num_swap_blocks else "recompute"
+        # A pooling request keeps per-chunk state in the runner (mean pooling's sums): it restarts from zero.
+        swaps = num_swap_blocks and self.config.model.pooler_config is None
+        mode = cache.preemption_mode if swaps else "recompute"
         costs = self.runner.measure_preemption_costs() if mode == "auto" else None
         if costs is not None:
             logger.info("preemption costs: matmul %.1f TFLOP/s, host<->device copies %.1f GB/s",

@@ -161,3 +161,29 @@ def test_swap_and_host_tier_together_keep_outputs_and_blocks():
         result = run_to_completion(scheduler, runner)
         assert result.tokens == _expected()
     assert scheduler.make_stats().kv_offload.num_swapped_preemptions > 0
+
+
+def test_offload_stats_become_prometheus_counters():
+    from prometheus_client import CollectorRegistry
+
+    from sluice.metrics import SchedulerMetrics
+    scheduler = make_scheduler(num_blocks=10, max_model_len=32, num_swap_blocks=6, num_offload_blocks=8)
+    _add_growing_requests(scheduler)
+    run_to_completion(scheduler)
+    registry = CollectorRegistry()
+    metrics = SchedulerMetrics("m", registry)
+    stats = scheduler.make_stats()
+    metrics.record(stats)
+    metrics.record(scheduler.make_stats())  # cumulative totals: counted once
+
+    def value(name: str, **labels) -> float:
+        return registry.get_sample_value("sluice:" + name, {"model_name": "m", **labels})
+
+    offload = stats.kv_offload
+    assert value("num_preemptions_by_mode_total", mode="swap") == offload.num_swapped_preemptions > 0
+    assert value("num_preemptions_by_mode_total", mode="recompute") == offload.num_recomputed_preemptions
+    assert value("kv_swap_bytes_total", direction="out") == offload.swap_out_bytes > 0
+    assert value("kv_swap_bytes_total", direction="in") == offload.swap_in_bytes
+    assert value("prefix_cache_host_hits_total") == offload.host_tier_hits
+    assert value("kv_offload_blocks_total") == offload.host_tier_offloaded_blocks
+    assert value("num_preemptions_total") == stats.num_preemptions
