@@ -51,22 +51,37 @@ class KVSwapper:
 
     def _device_to_host(self, pairs: list[tuple[int, int]]) -> None:
         device_ids = torch.tensor([d for d, _ in pairs], dtype=torch.long, device=self.device)
-        # [n, layers, 2, block_size, heads, head_dim]: each block contiguous, one copy per block.
+        # [n, layers, 2, block_size, heads, head_dim]: each block contiguous, one copy per run of host blocks.
         gathered = torch.stack([kv.index_select(1, device_ids) for kv in self.kv_caches], dim=0)
         gathered = gathered.permute(2, 0, 1, 3, 4, 5).contiguous()
         non_blocking = self.copy_stream is not None
-        for i, (_, host) in enumerate(pairs):
-            self.host_kv[host].copy_(gathered[i], non_blocking=non_blocking)
+        for start, host, length in _host_runs([h for _, h in pairs]):
+            self.host_kv[host:host + length].copy_(gathered[start:start + length], non_blocking=non_blocking)
 
     def _host_to_device(self, pairs: list[tuple[int, int]]) -> None:
         non_blocking = self.copy_stream is not None
         staged = torch.empty((len(pairs),) + tuple(self.host_kv.shape[1:]), dtype=self.host_kv.dtype,
                              device=self.device)
-        for i, (host, _) in enumerate(pairs):
-            staged[i].copy_(self.host_kv[host], non_blocking=non_blocking)
+        for start, host, length in _host_runs([h for h, _ in pairs]):
+            staged[start:start + length].copy_(self.host_kv[host:host + length], non_blocking=non_blocking)
         device_ids = torch.tensor([d for _, d in pairs], dtype=torch.long, device=self.device)
         for layer, kv in enumerate(self.kv_caches):
             kv.index_copy_(1, device_ids, staged[:, layer].transpose(0, 1))
+
+
+def _host_runs(host_ids: list[int]) -> list[tuple[int, int, int]]:
+    """(index into host_ids, first host block, length) of each run of consecutive host block ids: one copy each.
+
+        host_ids [4, 5, 6, 9, 10] -> [(0, 4, 3), (3, 9, 2)]
+    """
+    runs: list[tuple[int, int, int]] = []
+    for i, host in enumerate(host_ids):
+        if runs and runs[-1][1] + runs[-1][2] == host:
+            start, first, length = runs[-1]
+            runs[-1] = (start, first, length + 1)
+        else:
+            runs.append((i, host, 1))
+    return runs
 
 
 def measure_preemption_costs(spec: KVCacheSpec, num_parameters: int, num_attention_heads: int,

@@ -122,3 +122,25 @@ def test_aborts_return_device_and_host_blocks(tiny_llama, async_scheduling):
         engine.step()
     engine.step()  # a step still in flight is collected
     assert_no_leaked_host_blocks(llm)
+
+
+def test_cpu_copies_round_trip_blocks_through_host_memory():
+    import torch
+
+    from sluice.core.kv_offload import KVTransfers
+    from sluice.worker.kv_cache import KVCacheSpec, allocate_kv_caches
+    from sluice.worker.kv_swap import KVSwapper, _host_runs
+
+    assert _host_runs([4, 5, 6, 9, 10, 2]) == [(0, 4, 3), (3, 9, 2), (5, 2, 1)]
+    spec = KVCacheSpec(num_layers=2, num_kv_heads=2, head_dim=8, block_size=4, dtype=torch.float32)
+    kv_caches = allocate_kv_caches(spec, 16, torch.device("cpu"))
+    for kv in kv_caches:
+        kv.normal_()
+    swapper = KVSwapper(spec, 8, kv_caches, torch.device("cpu"))
+    originals = [kv[:, [1, 2, 3, 8]].clone() for kv in kv_caches]
+    # Block 8 goes out while host block 6 (block 1's copy) comes back into it: out first, then in.
+    swapper.run(KVTransfers(device_to_host=[(1, 6), (2, 7), (3, 5), (8, 0)]))
+    swapper.run(KVTransfers(device_to_host=[(8, 1)], host_to_device=[(6, 8), (7, 12), (5, 13), (0, 14)]))
+    for kv, original in zip(kv_caches, originals):
+        assert torch.equal(kv[:, [8, 12, 13, 14]], original)
+    assert torch.equal(swapper.host_kv[1], swapper.host_kv[0])

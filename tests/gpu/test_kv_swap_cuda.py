@@ -101,3 +101,15 @@ def test_engine_with_swap_and_host_tier_matches_the_oracle_on_cuda(tiny_llama, e
     pool = core.scheduler.kv_cache_manager.block_pool
     assert pool.num_free_blocks == pool.num_blocks
     core.scheduler.kv_offload.check_all_free()
+
+
+def test_consecutive_host_blocks_move_in_one_copy_each_run():
+    from sluice.worker.kv_swap import _host_runs
+    assert _host_runs([4, 5, 6, 9, 10, 2]) == [(0, 4, 3), (3, 9, 2), (5, 2, 1)]
+    swapper = _swapper()
+    originals = [kv[:, [1, 2, 3, 8]].clone() for kv in swapper.kv_caches]
+    swapper.run(KVTransfers(device_to_host=[(1, 6), (2, 7), (3, 8), (8, 0)]))
+    swapper.run(KVTransfers(host_to_device=[(6, 30), (7, 29), (8, 28), (0, 27)]))
+    torch.cuda.synchronize()
+    for kv, original in zip(swapper.kv_caches, originals):
+        torch.testing.assert_close(kv[:, [30, 29, 28, 27]], original, rtol=0, atol=0)
