@@ -136,12 +136,16 @@ class KVOffload:
         if not self.host_tier or not request.block_hashes or request.sampling_params.prompt_logprobs is not None:
             return 0
         first = num_device_hit_tokens // self.block_size
-        num_hits = 0
-        for block_hash in request.block_hashes[first:]:
-            if block_hash not in self.host_tier:
+        num_hits = min(len(request.block_hashes) - first, max(0, limit) // self.block_size)
+        for i, block_hash in enumerate(request.block_hashes[first:first + num_hits]):
+            host = self.host_tier.get(block_hash)
+            if host is None:
+                num_hits = i
                 break
-            num_hits += 1
-        return max(0, min(num_hits * self.block_size, limit // self.block_size * self.block_size))
+            # The allocation that follows may evict device blocks into the tier: these entries must stay.
+            self.host_tier.move_to_end(block_hash)
+            self._loaded_this_step.add(host)
+        return num_hits * self.block_size
 
     def admit(self, request: Request, device_blocks: list[KVBlock], num_device_hit_tokens: int,
               num_tokens: int) -> None:

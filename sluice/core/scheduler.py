@@ -211,7 +211,8 @@ class Scheduler:
             request = self.waiting[0]
             computed_blocks, num_computed = self.kv_cache_manager.get_computed_blocks(request)
             # Tokens whose KV comes back from host memory (a swapped request's, host-tier prefix hits).
-            num_loaded = self.kv_offload.num_loadable_tokens(request, num_computed) if self.kv_offload else 0
+            num_loaded = (self.kv_offload.num_loadable_tokens(request, num_computed)
+                          if self.kv_offload is not None else 0)
             num_new_tokens = min(request.num_tokens - num_computed - num_loaded, step.token_budget,
                                  self.long_prefill_token_threshold)
             if self.kv_cache_manager.allocate_slots(request, num_loaded + num_new_tokens, computed_blocks) is None:

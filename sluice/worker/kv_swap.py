@@ -88,7 +88,7 @@ def measure_preemption_costs(spec: KVCacheSpec, num_parameters: int, num_attenti
                              device: torch.device) -> PreemptionCosts:
     """Times a square matmul in the KV dtype and a host<->device copy (a host memcpy on the CPU): the rates the
     scheduler weighs recompute against swap with."""
-    n = 1024 if device.type == "cuda" else 256
+    n = 4096 if device.type == "cuda" else 256  # large enough on a GPU that launch overhead does not count
     a = torch.randn(n, n, dtype=spec.dtype, device=device)
     b = torch.randn(n, n, dtype=spec.dtype, device=device)
     matmul_seconds = _timed(lambda: a @ b, device)

@@ -187,3 +187,29 @@ def test_offload_stats_become_prometheus_counters():
     assert value("prefix_cache_host_hits_total") == offload.host_tier_hits
     assert value("kv_offload_blocks_total") == offload.host_tier_offloaded_blocks
     assert value("num_preemptions_total") == stats.num_preemptions
+
+
+def test_host_tier_hits_survive_the_evictions_their_own_allocation_causes():
+    # A tier of 4 blocks, all holding the first turn: admitting the second turn evicts device blocks into the
+    # full tier while it loads from it; the entries it loads are never the ones that make room.
+    scheduler = make_scheduler(num_blocks=8, max_model_len=32, num_offload_blocks=4)
+    runner = FakeRunner.for_scheduler(scheduler)
+    first_turn = list(range(100, 116))
+    scheduler.add_request(make_request("turn1", first_turn, max_tokens=1))
+    run_to_completion(scheduler, runner)
+    _evict_device_cache(scheduler, runner, 500)
+    offload = scheduler.kv_offload
+    offload.host_tier.clear()
+    offload._free_tier_blocks = [3, 2, 1, 0]
+    scheduler.add_request(make_request("again", first_turn, max_tokens=1))
+    request = scheduler.requests["again"]
+    scheduler.kv_cache_manager.get_computed_blocks(request)  # fills request.block_hashes
+    for i, block_hash in enumerate(request.block_hashes[:3]):  # as if evicted into the tier earlier
+        offload.host_tier[block_hash] = offload._free_tier_blocks.pop()
+        runner.host_kv[offload.host_tier[block_hash]] = [(4 * i + k, first_turn[4 * i + k]) for k in range(4)]
+    offload.host_tier[12345] = offload._free_tier_blocks.pop()  # the LRU head after the hits are touched
+    offloaded_before = offload.stats.host_tier_offloaded_blocks
+    result = run_to_completion(scheduler, runner)
+    assert offload.stats.host_tier_offloaded_blocks > offloaded_before  # the admission evicted into the tier
+    assert offload.stats.host_tier_hits == 12
+    assert result.tokens["again"] == reference_output(first_turn, 1)
