@@ -95,7 +95,9 @@ class EngineArgs:
     gpu_memory_utilization: float = 0.9
     kv_cache_memory: int | None = None  # bytes of KV cache on CPU; default 1 GiB
     num_kv_blocks: int | None = None  # overrides the size computed from memory (vLLM: num_gpu_blocks_override)
-    swap_space: float = 0.0  # GiB of CPU memory for swapped-out KV blocks
+    swap_space: float = 0.0  # GiB of host memory (pinned on CUDA) for preempted requests' KV blocks
+    kv_offload_space: float = 0.0  # GiB of host memory for a prefix-cache tier below the device pool
+    preemption_mode: str = "auto"  # auto | recompute | swap (core/kv_offload.py)
     max_num_seqs: int | None = None  # default: BATCH_DEFAULTS
     max_num_batched_tokens: int | None = None  # default: BATCH_DEFAULTS
     long_prefill_token_threshold: int = 0
@@ -131,7 +133,13 @@ class EngineArgs:
         "gpu_memory_utilization": "fraction of GPU memory for weights, activations and KV cache",
         "kv_cache_memory": "bytes of KV cache when running on the CPU",
         "num_kv_blocks": "number of KV blocks, overriding the memory-based size",
-        "swap_space": "GiB of CPU memory for preempted requests' KV blocks (not supported yet: must be 0)",
+        "swap_space": "GiB of host memory (pinned on CUDA) for preempted requests' KV blocks: a preempted request "
+                      "swaps its KV out instead of recomputing it when --preemption-mode says so",
+        "kv_offload_space": "GiB of host memory for a prefix-cache tier: full KV blocks evicted from the device "
+                            "cache are kept there (LRU) and copied back on a prefix hit (0: off)",
+        "preemption_mode": "recompute, swap, or auto: per preempted request, whichever start-up measured as "
+                           "cheaper (prefill FLOPs at the matmul rate vs. KV bytes over the copy bandwidth); "
+                           "swap needs --swap-space, and falls back to recompute when it is full",
         "max_num_seqs": f"most requests in one step (default {DEFAULT_DESCRIPTIONS['max_num_seqs']})",
         "max_num_batched_tokens": f"token budget of one step (default: {DEFAULT_DESCRIPTIONS['max_num_batched_tokens']})",
         "long_prefill_token_threshold": "most tokens of one prompt per step, so long prompts do not stall "
@@ -156,7 +164,8 @@ class EngineArgs:
     }
     _NOT_FLAGS = {"usage_context"}
     _CHOICES = {"dtype": DTYPES, "load_format": LOAD_FORMATS, "scheduling_policy": POLICIES, "device": DEVICES,
-                "runner": ("auto", "generate", "pooling"), "task": ("auto", "generate", "embed")}
+                "runner": ("auto", "generate", "pooling"), "task": ("auto", "generate", "embed"),
+                "preemption_mode": ("auto", "recompute", "swap")}
 
     @classmethod
     def add_cli_args(cls, parser: argparse.ArgumentParser, model_positional: bool = False) -> argparse.ArgumentParser:
@@ -196,11 +205,11 @@ class EngineArgs:
             raise ValueError(f"long_prefill_token_threshold must be 0 or more, got {self.long_prefill_token_threshold}")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
-        if self.swap_space < 0:
-            raise ValueError(f"swap_space must be non-negative, got {self.swap_space}")
-        if self.swap_space > 0:
-            raise ValueError("swap_space > 0 (swapping preempted requests' KV to the CPU) is not supported yet: "
-                             "preempted requests are recomputed, usually from the prefix cache")
+        for name in ("swap_space", "kv_offload_space"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be non-negative, got {getattr(self, name)}")
+        if self.preemption_mode == "swap" and not self.swap_space:
+            raise ValueError("preemption_mode swap needs swap_space (--swap-space GiB) above 0")
         if self.cpu_threads is not None and self.cpu_threads < 1:
             raise ValueError(f"cpu_threads must be at least 1, got {self.cpu_threads}")
         if not 0.0 < self.kv_cache_metrics_sample <= 1.0:
@@ -295,8 +304,10 @@ class CacheConfig:
     block_size: int
     enable_prefix_caching: bool
     num_blocks: int | None  # None until the engine core has sized the KV cache (or --num-kv-blocks)
-    swap_space_bytes: int = 0
-    num_cpu_blocks: int = 0
+    swap_space_bytes: int = 0  # host memory for swapped-out KV (core/kv_offload.py)
+    num_cpu_blocks: int = 0  # host KV blocks (swap space and host tier), set once the core sized them
+    kv_offload_space_bytes: int = 0  # host prefix-cache tier (0: off)
+    preemption_mode: str = "auto"
     sliding_window: int | None = None  # every layer's window: the KV cache manager frees blocks behind it
     gpu_memory_utilization: float = 0.9
     kv_cache_memory_bytes: int = DEFAULT_CPU_KV_CACHE_BYTES  # the KV budget on the CPU
@@ -356,9 +367,9 @@ class EngineConfig:
     def num_kv_tokens(self) -> int:
         return self.cache.num_kv_tokens
 
-    def with_kv_cache(self, num_blocks: int) -> "EngineConfig":
+    def with_kv_cache(self, num_blocks: int, num_cpu_blocks: int = 0) -> "EngineConfig":
         """The config once the core has sized the KV cache: what every part validates against."""
-        cache = dataclasses.replace(self.cache, num_blocks=num_blocks)
+        cache = dataclasses.replace(self.cache, num_blocks=num_blocks, num_cpu_blocks=num_cpu_blocks)
         max_model_len = kv_capped_max_model_len(self.model.max_model_len, cache, self.scheduler.max_prefill_chunk)
         return dataclasses.replace(self, cache=cache,
                                    scheduler=dataclasses.replace(self.scheduler, max_model_len=max_model_len))
@@ -419,7 +430,8 @@ def create_engine_config(args: EngineArgs, device: DeviceConfig | None = None) -
         block_size=args.block_size,
         enable_prefix_caching=args.enable_prefix_caching and prefix_caching_applies(model.pooler_config),
         num_blocks=args.num_kv_blocks,
-        swap_space_bytes=int(args.swap_space * 2**30), gpu_memory_utilization=args.gpu_memory_utilization,
+        swap_space_bytes=int(args.swap_space * 2**30), kv_offload_space_bytes=int(args.kv_offload_space * 2**30),
+        preemption_mode=args.preemption_mode, gpu_memory_utilization=args.gpu_memory_utilization,
         kv_cache_memory_bytes=args.kv_cache_memory or DEFAULT_CPU_KV_CACHE_BYTES,
         sliding_window=model.kv_sliding_window)
     return EngineConfig(model=model, cache=cache, scheduler=scheduler,

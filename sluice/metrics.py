@@ -22,7 +22,7 @@ import os
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client import multiprocess
 
-from sluice.stats import EngineInfo, IterationStats, KVCacheEvents, SchedulerStats, StatLogger
+from sluice.stats import EngineInfo, IterationStats, KVCacheEvents, OffloadStats, SchedulerStats, StatLogger
 
 PREFIX = "sluice:"
 MULTIPROC_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"
@@ -96,6 +96,35 @@ class KVCacheMetrics:
             self.reuse_gap.observe(value)
 
 
+class KVOffloadMetrics:
+    """``--swap-space`` / ``--kv-offload-space``: preemptions by mode, bytes swapped, host-tier hits
+    (sluice/core/kv_offload.py)."""
+
+    def __init__(self, registry: CollectorRegistry, model_name: str) -> None:
+        by_mode = Counter(PREFIX + "num_preemptions_by_mode", "Preemptions by how the KV was given up: "
+                          "swap (copied to host memory) or recompute.", ["model_name", "mode"], registry=registry)
+        self.preemptions = {mode: by_mode.labels(model_name, mode) for mode in ("swap", "recompute")}
+        swapped = Counter(PREFIX + "kv_swap_bytes", "KV bytes copied for swap preemption, out to host memory "
+                          "and back in.", ["model_name", "direction"], registry=registry)
+        self.swap_bytes = {direction: swapped.labels(model_name, direction) for direction in ("out", "in")}
+        self.host_hits = _counter(registry, model_name, "prefix_cache_host_hits",
+                                  "Prompt tokens found in the host prefix-cache tier (also counted in "
+                                  "prefix_cache_hits).")
+        self.offloaded_blocks = _counter(registry, model_name, "kv_offload_blocks",
+                                         "KV blocks evicted from the device cache and kept in the host tier.")
+        self._last = OffloadStats()
+
+    def record(self, stats: OffloadStats) -> None:
+        last = self._last
+        self.preemptions["swap"].inc(max(0, stats.num_swapped_preemptions - last.num_swapped_preemptions))
+        self.preemptions["recompute"].inc(max(0, stats.num_recomputed_preemptions - last.num_recomputed_preemptions))
+        self.swap_bytes["out"].inc(max(0, stats.swap_out_bytes - last.swap_out_bytes))
+        self.swap_bytes["in"].inc(max(0, stats.swap_in_bytes - last.swap_in_bytes))
+        self.host_hits.inc(max(0, stats.host_tier_hits - last.host_tier_hits))
+        self.offloaded_blocks.inc(max(0, stats.host_tier_offloaded_blocks - last.host_tier_offloaded_blocks))
+        self._last = dataclasses.replace(stats)
+
+
 class SchedulerMetrics:
     """The scheduler's series: gauges of its state and counters of its cumulative totals."""
 
@@ -119,6 +148,7 @@ class SchedulerMetrics:
                                   registry=registry, multiprocess_mode="mostrecent")
         self.waiting_by_reason = {reason: waiting_by_reason.labels(model_name, reason) for reason in WAITING_REASONS}
         self.kv_cache: KVCacheMetrics | None = None  # made by the first --kv-cache-metrics report
+        self.kv_offload: KVOffloadMetrics | None = None  # made by the first report with swap or a host tier
         # The scheduler reports cumulative totals; counters take increments.
         self._last_cumulative = SchedulerStats()
 
@@ -132,6 +162,10 @@ class SchedulerMetrics:
             if self.kv_cache is None:
                 self.kv_cache = KVCacheMetrics(self._registry, self._model_name)
             self.kv_cache.record(stats.kv_cache_events)
+        if stats.kv_offload is not None:
+            if self.kv_offload is None:
+                self.kv_offload = KVOffloadMetrics(self._registry, self._model_name)
+            self.kv_offload.record(stats.kv_offload)
         last = self._last_cumulative
         self.prefix_cache_queries.inc(max(0, stats.prefix_cache_queries - last.prefix_cache_queries))
         self.prefix_cache_hits.inc(max(0, stats.prefix_cache_hits - last.prefix_cache_hits))

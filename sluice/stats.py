@@ -25,6 +25,17 @@ class KVCacheEvents:
 
 
 @dataclass(slots=True)
+class OffloadStats:
+    """Swap preemption and the host prefix tier (core/kv_offload.py), cumulative."""
+    num_swapped_preemptions: int = 0
+    num_recomputed_preemptions: int = 0
+    swap_out_bytes: int = 0
+    swap_in_bytes: int = 0
+    host_tier_hits: int = 0  # tokens found in the host tier (also counted as prefix-cache hits)
+    host_tier_offloaded_blocks: int = 0
+
+
+@dataclass(slots=True)
 class SchedulerStats:
     num_running_reqs: int = 0
     num_waiting_reqs: int = 0
@@ -36,6 +47,7 @@ class SchedulerStats:
     # the rest were deferred by the step's token budget only (vLLM's num_requests_waiting_by_reason).
     num_waiting_for_capacity: int = 0
     kv_cache_events: KVCacheEvents | None = None  # only with --kv-cache-metrics
+    kv_offload: OffloadStats | None = None  # only with --swap-space or --kv-offload-space (cumulative)
 
 
 @dataclass(slots=True)

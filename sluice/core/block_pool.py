@@ -17,7 +17,7 @@ first, so the end of a prompt is evicted before its shared beginning.
 """
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 
@@ -101,6 +101,8 @@ class BlockPool:
         self.free_block_queue = FreeBlockQueue(self.blocks)
         # One block per hash: a duplicate full block computed by a concurrent request stays unhashed.
         self.cached_block_hash_to_block: dict[int, KVBlock] = {}
+        # The host prefix tier (core/kv_offload.py), when on: sees each cached block before its reuse evicts it.
+        self.on_evict: Callable[[KVBlock], None] | None = None
 
     @property
     def num_free_blocks(self) -> int:
@@ -121,6 +123,8 @@ class BlockPool:
         blocks = []
         for _ in range(num_blocks):
             block = self.free_block_queue.popleft()
+            if self.on_evict is not None and block.block_hash is not None:
+                self.on_evict(block)
             self.evict_cached_block(block)
             block.ref_cnt = 1
             blocks.append(block)

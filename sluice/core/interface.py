@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from sluice.core.kv_offload import KVTransfers
     from sluice.sampling_params import SamplingParams
 
 
@@ -57,6 +58,9 @@ class SchedulerOutput:
     finished_req_ids: set[str] = field(default_factory=set)
     # Requests preempted this step: the runner drops their state too; they come back as new.
     preempted_req_ids: set[str] = field(default_factory=set)
+    # KV block copies between device and host memory to run before this step's forward (swap preemption,
+    # the host prefix tier: core/kv_offload.py); None when there are none.
+    kv_transfers: "KVTransfers | None" = None
 
     @property
     def num_reqs(self) -> int:

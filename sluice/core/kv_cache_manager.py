@@ -220,6 +220,10 @@ class KVCacheManager:
             self.block_pool.cache_full_block(req_blocks[i], request.block_hashes[i])
         self.num_cached_blocks[request.request_id] = num_full_blocks
 
+    def can_swap(self, request: Request) -> bool:
+        """Whether the request's table holds every computed block (swap preemption copies them all)."""
+        return True
+
     def free(self, request: Request) -> None:
         """Releases the request's blocks, tail first so its tail is evicted before its head.
 

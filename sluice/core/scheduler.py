@@ -10,8 +10,9 @@ A prompt chunk is also capped at ``long_prefill_token_threshold`` tokens when th
 Running requests go first, in order; then waiting ones in policy order (fcfs: arrival;
 priority: lowest (priority, arrival_time) first), while budget, ``max_num_seqs`` and free
 blocks last. A running request that cannot get a block preempts the lowest-priority running
-request (recompute: its blocks are freed, num_computed_tokens drops to 0, it goes back to the
-front of the waiting queue, or to its (priority, arrival_time) place); waiting requests never preempt. A request samples in a step iff
+request (its blocks are freed, num_computed_tokens drops to 0, it goes back to the front of the
+waiting queue, or to its (priority, arrival_time) place; with ``kv_offload`` set its KV may first be
+swapped to host memory and come back on admission: core/kv_offload.py); waiting requests never preempt. A request samples in a step iff
 its tokens are all computed after it; ``update_from_output`` appends the samples and checks stops.
 
 ``num_computed_tokens`` advances inside ``schedule()``: the runner executes the step before the
@@ -34,6 +35,7 @@ per request is pending.
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import logging
 import time
 from collections.abc import Iterable
@@ -43,6 +45,7 @@ from sluice.config import POLICIES, CacheConfig, SchedulerConfig, kv_capped_max_
 from sluice.core.interface import (
     CachedRequestData, EngineCoreOutput, LogprobsLists, ModelRunnerOutput, NewRequestData, SchedulerOutput,
 )
+from sluice.core.kv_offload import KVOffload
 from sluice.core.sliding_window_manager import make_kv_cache_manager
 from sluice.core.request import Request, RequestStatus
 from sluice.stats import SchedulerStats
@@ -113,6 +116,8 @@ class Scheduler:
         self._admission_blocked = False
         # Set by core/kv_metrics.py (--kv-cache-metrics): hands over the sampled KV block timings.
         self.kv_cache_events_source = None
+        # Set by core/kv_offload.py (--swap-space, --kv-offload-space): swap preemption and the host prefix tier.
+        self.kv_offload: KVOffload | None = None
 
     # ---- requests in and out ------------------------------------------------------------
 
@@ -165,6 +170,7 @@ class Scheduler:
             num_preemptions=self.num_preemptions,
             num_waiting_for_capacity=len(self.waiting) if self._admission_blocked else 0,
             kv_cache_events=self.kv_cache_events_source() if self.kv_cache_events_source is not None else None,
+            kv_offload=dataclasses.replace(self.kv_offload.stats) if self.kv_offload is not None else None,
         )
 
     # ---- one step -----------------------------------------------------------------------
@@ -204,10 +210,17 @@ class Scheduler:
         while self.waiting and step.token_budget > 0 and len(self.running) < self.max_num_seqs:
             request = self.waiting[0]
             computed_blocks, num_computed = self.kv_cache_manager.get_computed_blocks(request)
-            num_new_tokens = min(request.num_tokens - num_computed, step.token_budget, self.long_prefill_token_threshold)
-            if self.kv_cache_manager.allocate_slots(request, num_new_tokens, computed_blocks) is None:
+            # Tokens whose KV comes back from host memory (a swapped request's, host-tier prefix hits).
+            num_loaded = (self.kv_offload.num_loadable_tokens(request, num_computed)
+                          if self.kv_offload is not None else 0)
+            num_new_tokens = min(request.num_tokens - num_computed - num_loaded, step.token_budget,
+                                 self.long_prefill_token_threshold)
+            if self.kv_cache_manager.allocate_slots(request, num_loaded + num_new_tokens, computed_blocks) is None:
                 self._admission_blocked = True
                 break
+            if self.kv_offload is not None:
+                self._admit_loaded(request, num_computed, num_loaded)
+                num_computed += num_loaded
             self.waiting.pop(0)
             if request.first_scheduled_time is None:
                 request.first_scheduled_time = time.monotonic()
@@ -232,10 +245,21 @@ class Scheduler:
             return max(self.running, key=_priority_key)
         return self.running[-1]
 
+    def _admit_loaded(self, request: Request, num_device_hit_tokens: int, num_loaded: int) -> None:
+        """Records the host->device copies of an admitted request's loaded tokens; host-tier ones are prefix hits."""
+        swapped = self.kv_offload.is_swapped(request)
+        self.kv_offload.admit(request, self.kv_cache_manager.req_to_blocks[request.request_id],
+                              num_device_hit_tokens, num_loaded)
+        if not swapped and num_loaded:
+            self.kv_cache_manager.prefix_cache_stats.hits += num_loaded
+
     def _preempt(self, request: Request, step: _StepPlan) -> None:
-        """Recompute preemption: drop the KV, restart from zero (prefix hits make that cheap)."""
+        """Preemption: drop the device KV and restart from zero (prefix hits make that cheap), after swapping it
+        to host memory when the KV offload chooses to (it comes back on admission: see _schedule_waiting)."""
         self.running.remove(request)
         step.unschedule(request)
+        if self.kv_offload is not None:
+            self.kv_offload.swap_out(request, self.kv_cache_manager)
         self.kv_cache_manager.free(request)
         request.status = RequestStatus.PREEMPTED
         request.num_computed_tokens = 0
@@ -276,6 +300,7 @@ class Scheduler:
             if async_scheduling and request.num_computed_tokens >= request.num_tokens + request.num_output_placeholders:
                 request.num_output_placeholders += 1  # it samples in this step
         finished_req_ids, self.finished_req_ids = self.finished_req_ids, set()
+        kv_transfers = self.kv_offload.take_transfers() if self.kv_offload is not None else None
         return SchedulerOutput(
             scheduled_new_reqs=new_reqs,
             scheduled_cached_reqs=cached_reqs,
@@ -283,6 +308,7 @@ class Scheduler:
             total_num_scheduled_tokens=sum(step.num_scheduled_tokens.values()),
             finished_req_ids=finished_req_ids,
             preempted_req_ids=step.preempted_req_ids,
+            kv_transfers=kv_transfers,
         )
 
     # ---- after the runner ---------------------------------------------------------------
@@ -368,6 +394,8 @@ class Scheduler:
 
     def _free_request(self, request: Request) -> None:
         self.kv_cache_manager.free(request)
+        if self.kv_offload is not None:
+            self.kv_offload.free(request)
         self.finished_req_ids.add(request.request_id)
         del self.requests[request.request_id]
 

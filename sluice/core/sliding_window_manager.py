@@ -74,6 +74,9 @@ class SlidingWindowKVCacheManager(KVCacheManager):
         # Dead blocks were full and computed, hence already published; never publish a NULL entry.
         self.num_cached_blocks[req_id] = max(self.num_cached_blocks[req_id], num_dead)
 
+    def can_swap(self, request: Request) -> bool:
+        return not self.num_dead_blocks.get(request.request_id)  # freed entries hold no KV to copy
+
     def free(self, request: Request) -> None:
         num_dead = self.num_dead_blocks.pop(request.request_id, 0)
         blocks = self.req_to_blocks.pop(request.request_id, [])

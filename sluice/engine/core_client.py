@@ -113,7 +113,7 @@ class MPClient:
             self.shutdown()
             raise
         self.info = ready.info
-        self.config = config.with_kv_cache(ready.info.num_kv_blocks)
+        self.config = config.with_kv_cache(ready.info.num_kv_blocks, ready.info.num_cpu_blocks)
         logger.info("engine core in process %d", self.core_pid)
 
     @classmethod

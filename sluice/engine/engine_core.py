@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 from sluice.config import EngineConfig
 from sluice.core.interface import EngineCoreOutput, SchedulerOutput
+from sluice.core.kv_offload import KVOffload, install_kv_offload
 from sluice.core.request import Request, RequestStatus
 from sluice.core.scheduler import Scheduler
 from sluice.engine.cpu_threads import set_cpu_threads
@@ -39,6 +40,7 @@ class EngineCoreInfo:
     load_seconds: float
     kv_bytes_per_block: int
     startup_seconds: dict[str, float] = field(default_factory=dict)  # phase -> seconds (engine/startup.py)
+    num_cpu_blocks: int = 0  # host KV blocks: swap space and the host prefix tier
 
 
 class EngineCore:
@@ -57,7 +59,10 @@ class EngineCore:
         self.runner.initialize_kv_cache(num_blocks)  # allocates the KV cache, then captures CUDA graphs
         timer.lap("graph_capture")
         timer.split_graph_capture(self.runner.graph_capture_seconds)
-        self.config = config.with_kv_cache(num_blocks)
+        num_host_blocks = self._host_kv_blocks(config)
+        if num_host_blocks:
+            self.runner.initialize_host_kv_cache(num_host_blocks)
+        self.config = config.with_kv_cache(num_blocks, num_host_blocks)
         if self.config.max_model_len < config.max_model_len:
             logger.warning("The KV cache holds %d tokens, less than max_model_len=%d: requests stop at %d tokens",
                            self.config.num_kv_tokens, config.max_model_len, self.config.max_model_len)
@@ -65,11 +70,33 @@ class EngineCore:
         if self.config.observability.kv_cache_metrics:
             from sluice.core.kv_metrics import install_kv_cache_metrics
             install_kv_cache_metrics(self.scheduler, self.config.observability.kv_cache_metrics_sample)
+        if num_host_blocks:  # after the KV metrics, whose timed pool the host tier then watches
+            self._install_kv_offload()
         self.info = EngineCoreInfo(num_blocks, self.runner.num_parameters, self.runner.load_seconds,
-                                   self.runner.kv_spec.bytes_per_block, timer.phases)
+                                   self.runner.kv_spec.bytes_per_block, timer.phases, num_host_blocks)
         logger.info("engine core start-up: %s", timer.describe())
         self._async_scheduling = self.config.scheduler.async_scheduling
         self._in_flight: tuple[SchedulerOutput, LaunchedStep] | None = None
+
+    def _host_kv_blocks(self, config: EngineConfig) -> int:
+        """Host blocks for swap space and the host prefix tier (0: both off)."""
+        bytes_per_block = self.runner.kv_spec.bytes_per_block
+        return (config.cache.swap_space_bytes + config.cache.kv_offload_space_bytes) // bytes_per_block
+
+    def _install_kv_offload(self) -> None:
+        cache = self.config.cache
+        bytes_per_block = self.runner.kv_spec.bytes_per_block
+        num_swap_blocks = cache.swap_space_bytes // bytes_per_block
+        num_offload_blocks = cache.num_cpu_blocks - num_swap_blocks
+        # A pooling request keeps per-chunk state in the runner (mean pooling's sums): it restarts from zero.
+        swaps = num_swap_blocks and self.config.model.pooler_config is None
+        mode = cache.preemption_mode if swaps else "recompute"
+        costs = self.runner.measure_preemption_costs() if mode == "auto" else None
+        if costs is not None:
+            logger.info("preemption costs: matmul %.1f TFLOP/s, host<->device copies %.1f GB/s",
+                        costs.matmul_flops_per_s / 1e12, costs.copy_bytes_per_s / 1e9)
+        install_kv_offload(self.scheduler, KVOffload(cache.block_size, bytes_per_block, num_swap_blocks,
+                                                     num_offload_blocks, mode, costs))
 
     def add_request(self, request: Request) -> None:
         self.scheduler.add_request(request)

@@ -34,7 +34,9 @@ from sluice.worker.kv_cache import KVCacheSpec, allocate_kv_caches, available_gp
 from sluice.worker.step_buffers import PendingSampledIds, SampledIdsReadback, StepBuffers
 
 if TYPE_CHECKING:
+    from sluice.core.kv_offload import PreemptionCosts
     from sluice.pooling.pooler import PooledStep
+    from sluice.worker.kv_swap import KVSwapper
 
 logger = logging.getLogger(__name__)
 
@@ -105,6 +107,8 @@ class ModelRunner:
         self._num_heads, self._num_kv_heads = model_config.num_attention_heads, model_config.num_kv_heads
         # Pooling engines (embeddings) pool hidden states where others sample: see sluice/pooling/pooler.py.
         self.pooler: Pooler | None = None
+        # Host KV blocks and the copies to and from them (--swap-space, --kv-offload-space): worker/kv_swap.py.
+        self.kv_swapper: KVSwapper | None = None
         if model_config.pooler_config is not None:
             from sluice.pooling.pooler import Pooler
             self.pooler = Pooler(model_config.pooler_config, max_num_seqs, self.device)
@@ -195,6 +199,15 @@ class ModelRunner:
         self._bind(self.kv_caches)
         if self.device.type == "cuda" and not self.enforce_eager:
             self.capture_cuda_graphs()
+
+    def initialize_host_kv_cache(self, num_host_blocks: int) -> None:
+        """Allocates the host KV blocks (after the device KV cache) for swap space and the host prefix tier."""
+        from sluice.worker.kv_swap import KVSwapper
+        self.kv_swapper = KVSwapper(self.kv_spec, num_host_blocks, self.kv_caches, self.device)
+
+    def measure_preemption_costs(self) -> "PreemptionCosts":
+        from sluice.worker.kv_swap import measure_preemption_costs
+        return measure_preemption_costs(self.kv_spec, self.num_parameters, self._num_heads, self.device)
 
     def capture_cuda_graphs(self) -> None:
         """Captures the decode and mixed-step graphs (after the KV cache is bound: they read its address)."""
@@ -328,6 +341,8 @@ class ModelRunner:
         The sampled ids are copied to the host asynchronously; ``collect`` waits for them. The
         next step may launch first: its pending tokens read these samples on the device.
         """
+        if scheduler_output.kv_transfers is not None:
+            self.kv_swapper.run(scheduler_output.kv_transfers)
         self._update_states(scheduler_output)
         if scheduler_output.is_empty():
             return LaunchedStep([], [], [], None, None, {})

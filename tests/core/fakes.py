@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 from sluice.config import CacheConfig, SchedulerConfig
 from sluice.core.interface import EngineCoreOutput, ModelRunnerOutput, SchedulerOutput
+from sluice.core.kv_offload import KVOffload, PreemptionCosts, install_kv_offload
 from sluice.core.request import Request
 from sluice.core.scheduler import Scheduler
 from sluice.sampling_params import SamplingParams
@@ -48,7 +49,20 @@ def make_request(req_id: str, prompt: list[int], *, max_tokens: int | None = 16,
 
 def make_scheduler(*, num_blocks: int = 64, block_size: int = 4, max_num_batched_tokens: int = 64,
                    max_num_seqs: int = 16, max_model_len: int = 128, policy: str = "fcfs",
-                   enable_prefix_caching: bool = True, long_prefill_token_threshold: int = 0) -> Scheduler:
+                   enable_prefix_caching: bool = True, long_prefill_token_threshold: int = 0,
+                   num_swap_blocks: int = 0, num_offload_blocks: int = 0, preemption_mode: str = "swap",
+                   costs: PreemptionCosts | None = None) -> Scheduler:
+    """A scheduler; with swap or host-tier blocks, a KVOffload of that many host blocks (one byte per block)."""
+    scheduler = _make_scheduler(num_blocks, block_size, max_num_batched_tokens, max_num_seqs, max_model_len,
+                                policy, enable_prefix_caching, long_prefill_token_threshold)
+    if num_swap_blocks or num_offload_blocks:
+        install_kv_offload(scheduler, KVOffload(block_size, 1, num_swap_blocks, num_offload_blocks,
+                                                preemption_mode, costs))
+    return scheduler
+
+
+def _make_scheduler(num_blocks, block_size, max_num_batched_tokens, max_num_seqs, max_model_len, policy,
+                    enable_prefix_caching, long_prefill_token_threshold) -> Scheduler:
     return Scheduler(
         SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                         max_model_len=max_model_len, policy=policy,
@@ -72,6 +86,8 @@ class FakeRunner:
     next_token: NextToken = hashed_next_token
     requests: dict[str, _RunnerRequest] = field(default_factory=dict)
     kv: list[list[tuple[int, int] | None]] = field(init=False)
+    # Host blocks (swap space and host tier, core/kv_offload.py): id -> a copy of a device block's slots.
+    host_kv: dict[int, list[tuple[int, int] | None]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.kv = [[None] * self.block_size for _ in range(self.num_blocks)]
@@ -81,6 +97,11 @@ class FakeRunner:
         return cls(scheduler.cache_config.num_blocks, scheduler.cache_config.block_size, next_token)
 
     def execute(self, output: SchedulerOutput) -> ModelRunnerOutput:
+        if output.kv_transfers is not None:  # device->host first, then host->device: as the real runner
+            for device_block, host_block in output.kv_transfers.device_to_host:
+                self.host_kv[host_block] = list(self.kv[device_block])
+            for host_block, device_block in output.kv_transfers.host_to_device:
+                self.kv[device_block] = list(self.host_kv[host_block])
         for req_id in output.finished_req_ids | output.preempted_req_ids:
             self.requests.pop(req_id, None)
         for new in output.scheduled_new_reqs:
@@ -151,4 +172,7 @@ def run_to_completion(scheduler: Scheduler, runner: FakeRunner | None = None, ma
                 result.finish_reasons[out.req_id] = out.finish_reason
                 result.stop_reasons[out.req_id] = out.stop_reason
     scheduler.kv_cache_manager.block_pool.check_all_free()
+    if scheduler.kv_offload is not None:
+        scheduler.kv_offload.take_transfers()  # host blocks freed in the last step are free from the next one
+        scheduler.kv_offload.check_all_free()
     return result

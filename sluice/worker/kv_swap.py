@@ -1,0 +1,120 @@
+"""Host KV blocks and the copies between them and the device KV cache (swap preemption, the host prefix tier).
+
+The scheduler decides which blocks move (core/kv_offload.py, ``SchedulerOutput.kv_transfers``); this runs the
+copies before the step's forward. The host cache keeps one block of every layer contiguous, so each block moves
+in one copy:
+
+    host_kv: [num_host_blocks, num_layers, 2, block_size, num_kv_heads, head_dim]     (pinned on CUDA)
+    device kv_cache[layer]: [2, num_blocks, block_size, num_kv_heads, head_dim]
+
+On CUDA the copies run on their own stream, after the work already queued on the compute stream (a victim's
+last step may still be writing its KV), and the compute stream waits for them only where the step's forward
+begins: the host's preparation of the step (inputs, block tables, uploads) overlaps them. Device->host copies
+go first, so a device block freed by a victim can be refilled in the same step. On the CPU they are plain
+copies.
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+
+from sluice.core.kv_offload import KVTransfers, PreemptionCosts
+from sluice.worker.kv_cache import KVCacheSpec
+
+
+class KVSwapper:
+    def __init__(self, spec: KVCacheSpec, num_host_blocks: int, kv_caches: list[torch.Tensor],
+                 device: torch.device) -> None:
+        self.device = device
+        self.kv_caches = kv_caches
+        shape = (num_host_blocks, spec.num_layers, 2, spec.block_size, spec.num_kv_heads, spec.head_dim)
+        self.host_kv = torch.zeros(shape, dtype=spec.dtype, pin_memory=device.type == "cuda")
+        self.copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+
+    def run(self, transfers: KVTransfers) -> None:
+        """Queues the step's copies: device->host, then host->device. On CUDA the compute stream waits for them."""
+        if self.copy_stream is None:
+            self._copy(transfers)
+            return
+        compute = torch.cuda.current_stream(self.device)
+        self.copy_stream.wait_stream(compute)
+        with torch.cuda.stream(self.copy_stream):
+            self._copy(transfers)
+        compute.wait_stream(self.copy_stream)
+
+    def _copy(self, transfers: KVTransfers) -> None:
+        if transfers.device_to_host:
+            self._device_to_host(transfers.device_to_host)
+        if transfers.host_to_device:
+            self._host_to_device(transfers.host_to_device)
+
+    def _device_to_host(self, pairs: list[tuple[int, int]]) -> None:
+        device_ids = torch.tensor([d for d, _ in pairs], dtype=torch.long, device=self.device)
+        # [n, layers, 2, block_size, heads, head_dim]: each block contiguous, one copy per run of host blocks.
+        gathered = torch.stack([kv.index_select(1, device_ids) for kv in self.kv_caches], dim=0)
+        gathered = gathered.permute(2, 0, 1, 3, 4, 5).contiguous()
+        non_blocking = self.copy_stream is not None
+        for start, host, length in _host_runs([h for _, h in pairs]):
+            self.host_kv[host:host + length].copy_(gathered[start:start + length], non_blocking=non_blocking)
+
+    def _host_to_device(self, pairs: list[tuple[int, int]]) -> None:
+        non_blocking = self.copy_stream is not None
+        staged = torch.empty((len(pairs),) + tuple(self.host_kv.shape[1:]), dtype=self.host_kv.dtype,
+                             device=self.device)
+        for start, host, length in _host_runs([h for h, _ in pairs]):
+            staged[start:start + length].copy_(self.host_kv[host:host + length], non_blocking=non_blocking)
+        device_ids = torch.tensor([d for _, d in pairs], dtype=torch.long, device=self.device)
+        for layer, kv in enumerate(self.kv_caches):
+            kv.index_copy_(1, device_ids, staged[:, layer].transpose(0, 1))
+
+
+def _host_runs(host_ids: list[int]) -> list[tuple[int, int, int]]:
+    """(index into host_ids, first host block, length) of each run of consecutive host block ids: one copy each.
+
+        host_ids [4, 5, 6, 9, 10] -> [(0, 4, 3), (3, 9, 2)]
+    """
+    runs: list[tuple[int, int, int]] = []
+    for i, host in enumerate(host_ids):
+        if runs and runs[-1][1] + runs[-1][2] == host:
+            start, first, length = runs[-1]
+            runs[-1] = (start, first, length + 1)
+        else:
+            runs.append((i, host, 1))
+    return runs
+
+
+def measure_preemption_costs(spec: KVCacheSpec, num_parameters: int, num_attention_heads: int,
+                             device: torch.device) -> PreemptionCosts:
+    """Times a square matmul in the KV dtype and a host<->device copy (a host memcpy on the CPU): the rates the
+    scheduler weighs recompute against swap with."""
+    n = 4096 if device.type == "cuda" else 256  # large enough on a GPU that launch overhead does not count
+    a = torch.randn(n, n, dtype=spec.dtype, device=device)
+    b = torch.randn(n, n, dtype=spec.dtype, device=device)
+    matmul_seconds = _timed(lambda: a @ b, device)
+    num_bytes = 32 << 20
+    host = torch.empty(num_bytes, dtype=torch.uint8, pin_memory=device.type == "cuda")
+    target = torch.empty(num_bytes, dtype=torch.uint8, device=device)
+    copy_seconds = _timed(lambda: target.copy_(host, non_blocking=True), device)
+    return PreemptionCosts(
+        flops_per_token=2.0 * num_parameters,
+        attention_flops_per_token_pair=4.0 * spec.num_layers * num_attention_heads * spec.head_dim,
+        matmul_flops_per_s=2.0 * n ** 3 / matmul_seconds,
+        bytes_per_block=spec.bytes_per_block,
+        copy_bytes_per_s=num_bytes / copy_seconds)
+
+
+def _timed(fn, device: torch.device, repeats: int = 5) -> float:
+    """Seconds per call, after one warm-up call."""
+    fn()
+    _sync(device)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    _sync(device)
+    return max((time.perf_counter() - start) / repeats, 1e-9)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
