@@ -95,7 +95,7 @@ async def run_conversations(base_url: str, model: str, conversations: Sequence[C
     import httpx
     from tqdm import tqdm
 
-    from sluice.bench.serve import ServeRequest, send_completion
+    from sluice.bench.serve_client import ServeRequest, send_completion
 
     url = base_url.rstrip("/") + "/v1/completions"
     total_turns = sum(len(c.user_turns) for c in conversations)
@@ -161,7 +161,7 @@ def counter_deltas(before: dict[str, float], after: dict[str, float]) -> dict[st
 
 def turn_metrics(turns: Sequence[TurnResult], duration_s: float, slos: dict[str, float]) -> dict[str, Any]:
     """TTFT and the rest of W5's metrics for first turns and for later turns, and how histories travelled."""
-    from sluice.bench.serve import calculate_metrics
+    from sluice.bench.serve_client import calculate_metrics
 
     first = [t.result for t in turns if t.turn == 0]
     later = [t.result for t in turns if t.turn > 0]
