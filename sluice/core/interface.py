@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from sluice.lora.request import LoRARequest
     from sluice.sampling_params import SamplingParams
 
 
@@ -36,6 +37,7 @@ class NewRequestData:
     block_ids: list[int]
     num_computed_tokens: int  # before this step's tokens (a prefix-cache hit, or 0)
     eos_token_id: int | None = None
+    lora_request: "LoRARequest | None" = None  # the adapter it runs with (None: the base model)
 
 
 @dataclass(slots=True)

@@ -38,6 +38,7 @@ import logging
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from sluice.config import POLICIES, CacheConfig, SchedulerConfig, kv_capped_max_model_len
 from sluice.core.interface import (
@@ -49,6 +50,16 @@ from sluice.stats import SchedulerStats
 
 logger = logging.getLogger(__name__)
 
+
+
+class AdmissionHook(Protocol):
+    """Decides which waiting requests may join the running set this step (beyond budget and blocks)."""
+
+    def start_step(self, running: list[Request]) -> None:
+        """Called once per schedule(), before the waiting queue is walked."""
+
+    def admits(self, request: Request) -> bool:
+        """Whether ``request`` may start now; True also records it as admitted for the rest of the step."""
 
 
 def _priority_key(request: Request) -> tuple[int, float]:
@@ -113,6 +124,8 @@ class Scheduler:
         self._admission_blocked = False
         # Set by core/kv_metrics.py (--kv-cache-metrics): hands over the sampled KV block timings.
         self.kv_cache_events_source = None
+        # Optional admission hook (LoRA: at most max_loras adapters among running requests). None admits all.
+        self.admission: AdmissionHook | None = None
 
     # ---- requests in and out ------------------------------------------------------------
 
@@ -201,8 +214,15 @@ class Scheduler:
                 step.add_running(request, num_new_tokens, new_block_ids)
 
     def _schedule_waiting(self, step: _StepPlan) -> None:
+        admission = self.admission
+        if admission is not None:
+            admission.start_step(self.running)
+        skipped: list[Request] = []  # refused by the admission hook: they keep their place in the queue
         while self.waiting and step.token_budget > 0 and len(self.running) < self.max_num_seqs:
             request = self.waiting[0]
+            if admission is not None and not admission.admits(request):
+                skipped.append(self.waiting.pop(0))
+                continue
             computed_blocks, num_computed = self.kv_cache_manager.get_computed_blocks(request)
             num_new_tokens = min(request.num_tokens - num_computed, step.token_budget, self.long_prefill_token_threshold)
             if self.kv_cache_manager.allocate_slots(request, num_new_tokens, computed_blocks) is None:
@@ -217,6 +237,7 @@ class Scheduler:
             request.status = RequestStatus.RUNNING
             self.running.append(request)
             step.add_new(request, num_new_tokens)
+        self.waiting[:0] = skipped
         if self.waiting and len(self.running) >= self.max_num_seqs:
             self._admission_blocked = True
 
@@ -262,6 +283,7 @@ class Scheduler:
                 block_ids=self.kv_cache_manager.get_block_ids(request.request_id),
                 num_computed_tokens=request.num_computed_tokens,
                 eos_token_id=request.eos_token_id,
+                lora_request=request.lora_request,
             )
             for request in step.new_reqs
         ]

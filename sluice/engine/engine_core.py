@@ -48,7 +48,7 @@ class EngineCore:
         set_cpu_threads(config.model.cpu_threads)
         self.runner = ModelRunner(config.model, config.cache.block_size, config.scheduler.max_num_seqs,
                                   config.scheduler.max_num_batched_tokens,
-                                  enforce_eager=config.model.enforce_eager)
+                                  enforce_eager=config.model.enforce_eager, lora_config=config.lora)
         timer.lap("config")
         self.runner.load_model()
         timer.lap("weights")
@@ -65,6 +65,9 @@ class EngineCore:
         if self.config.observability.kv_cache_metrics:
             from sluice.core.kv_metrics import install_kv_cache_metrics
             install_kv_cache_metrics(self.scheduler, self.config.observability.kv_cache_metrics_sample)
+        if self.config.lora is not None:
+            from sluice.lora.scheduling import LoRAAdmission
+            self.scheduler.admission = LoRAAdmission(self.config.lora.max_loras)
         self.info = EngineCoreInfo(num_blocks, self.runner.num_parameters, self.runner.load_seconds,
                                    self.runner.kv_spec.bytes_per_block, timer.phases)
         logger.info("engine core start-up: %s", timer.describe())
@@ -72,6 +75,10 @@ class EngineCore:
         self._in_flight: tuple[SchedulerOutput, LaunchedStep] | None = None
 
     def add_request(self, request: Request) -> None:
+        if request.lora_request is not None:
+            if self.runner.lora_manager is None:
+                raise ValueError("lora_request needs an engine started with enable_lora=True")
+            self.runner.lora_manager.add_adapter(request.lora_request)  # loads it now: a bad one fails here
         self.scheduler.add_request(request)
 
     def abort_requests(self, request_ids: Iterable[str]) -> None:

@@ -17,6 +17,7 @@ from sluice.core.request import Request
 from sluice.engine.client import CoreAttachment, EngineCoreClient, InprocClient, make_engine_core_client
 from sluice.engine.engine_core import EngineCore
 from sluice.engine.output_processor import OutputProcessor, ParentRequestState
+from sluice.lora.request import LoRARequest
 from sluice.outputs import RequestOutput
 from sluice.pooling.params import PoolingParams
 from sluice.sampling_params import SamplingParams, check_context_length
@@ -116,7 +117,10 @@ class LLMEngine:
         raise ValueError(f"prompt must be a string, a list of token ids or a dict, got {type(prompt).__name__}")
 
     def add_request(self, request_id: str, prompt: PromptType, params: SamplingParams | PoolingParams | None = None,
-                    priority: int = 0, arrival_time: float | None = None) -> None:
+                    priority: int = 0, arrival_time: float | None = None,
+                    lora_request: LoRARequest | None = None) -> None:
+        if lora_request is not None:
+            self._check_lora(lora_request)
         if self.model_config.pooler_config is not None or isinstance(params, PoolingParams):
             from sluice.pooling.front import add_pooling_request  # embeddings: sluice/pooling/front.py
             return add_pooling_request(self, request_id, prompt, params, priority, arrival_time)
@@ -136,10 +140,18 @@ class LLMEngine:
             for child_id, child_params in children:
                 self.engine_core.add_request(Request(
                     child_id, prompt_ids, child_params, eos_token_id=self.eos_token_id, priority=priority,
-                    arrival_time=arrival_time, parent_request_id=request_id if params.n > 1 else None))
+                    arrival_time=arrival_time, parent_request_id=request_id if params.n > 1 else None,
+                    lora_request=lora_request))
         except BaseException:
             self.abort_request(request_id)  # children already added give their blocks back; nothing leaks
             raise
+
+    def _check_lora(self, lora_request: LoRARequest) -> None:
+        """A ValueError before the request goes in when the engine or the adapter's config cannot serve it."""
+        if self.config.lora is None:
+            raise ValueError("lora_request needs an engine started with enable_lora=True (--enable-lora)")
+        from sluice.lora.peft_config import read_peft_config
+        read_peft_config(lora_request.lora_path, self.config.lora.max_lora_rank)
 
     def _need_tokenizer(self, what: str, field: str) -> None:
         if self.tokenizer is None:
