@@ -261,7 +261,7 @@ def _apply_queued(core: EngineCore, router: ClientRouter, client: int, input_soc
     """Applies every message the client has queued; returns how many there were. A request that cannot be
     added gets a finish_reason "error" output in ``failed`` (sent with this turn's step)."""
     from sluice.core.request import Request
-from sluice.lora.request import LoRARequest
+    from sluice.lora.request import LoRARequest
 
     num_messages = 0
     while True:

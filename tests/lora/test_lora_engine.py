@@ -115,3 +115,25 @@ def test_lora_request_without_enable_lora_is_refused(setup):
     llm = LLM(model=str(base), dtype="float32", device="cpu", max_model_len=128)
     with pytest.raises(ValueError, match="enable_lora"):
         _generate(llm, prompts[:1], adapters["attn_r4"][0])
+
+
+def test_adapters_cross_the_process_split(setup):
+    from sluice.config import EngineArgs
+    from sluice.engine.llm_engine import LLMEngine
+
+    base, prompts, adapters, base_expected = setup
+    engine = LLMEngine.from_engine_args(EngineArgs(model=str(base), dtype="float32", device="cpu", max_model_len=128,
+                                                   enable_lora=True, max_loras=2), process_split=True)
+    try:
+        params = SamplingParams(temperature=0.0, max_tokens=MAX_NEW_TOKENS, ignore_eos=True)
+        lora_request, expected = adapters["mlp_r8"]
+        engine.add_request("lora", {"prompt_token_ids": prompts[1]}, params, lora_request=lora_request)
+        engine.add_request("base", {"prompt_token_ids": prompts[1]}, params)
+        finished = {}
+        while engine.has_unfinished_requests():
+            for output in engine.step():
+                if output.finished:
+                    finished[output.request_id] = output.outputs[0].token_ids
+        assert finished == {"lora": expected[1], "base": base_expected[1]}
+    finally:
+        engine.shutdown()
