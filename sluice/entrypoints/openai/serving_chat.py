@@ -40,7 +40,8 @@ class OpenAIServingChat(OpenAIServing):
             request, max_tokens=check_context_length(len(prompt.token_ids), max_tokens, self.limits),
             logprobs=num_top, prompt_logprobs=None, limits=self.limits)
         request_id = random_id("chatcmpl", self.config.api_server_index)
-        streams = await self.add_prompts(request_id, [prompt], [params], request.priority)
+        streams = await self.add_prompts(request_id, [prompt], [params], request.priority,
+                                              lora_request=self.lora_request(model))
         if request.stream:
             return StreamingResponse(self._stream(request, model, request_id, prompt, streams[0], num_top),
                                      media_type="text/event-stream")
