@@ -116,6 +116,7 @@ class EngineArgs:
     max_loras: int = 1
     max_lora_rank: int = 16
     max_cpu_loras: int | None = None  # default: max_loras
+    lora_scheduling: str = "fair"  # fair | fcfs: the order waiting requests of different adapters start in
     # Not a flag: who drives the engine ("llm": offline LLM, "server": the API server); picks batch defaults.
     usage_context: str = "llm"
 
@@ -161,10 +162,13 @@ class EngineArgs:
         "max_loras": "most distinct LoRA adapters in one step (device slots)",
         "max_lora_rank": "largest LoRA rank an adapter may have",
         "max_cpu_loras": "LoRA adapters kept loaded in host memory (default: --max-loras)",
+        "lora_scheduling": "fair: waiting requests start in per-adapter fair order (an adapter with many "
+                           "requests cannot starve one with few); fcfs: arrival order (fair needs the fcfs policy)",
     }
     _NOT_FLAGS = {"usage_context"}
     _CHOICES = {"dtype": DTYPES, "load_format": LOAD_FORMATS, "scheduling_policy": POLICIES, "device": DEVICES,
-                "runner": ("auto", "generate", "pooling"), "task": ("auto", "generate", "embed")}
+                "runner": ("auto", "generate", "pooling"), "task": ("auto", "generate", "embed"),
+                "lora_scheduling": ("fair", "fcfs")}
 
     @classmethod
     def add_cli_args(cls, parser: argparse.ArgumentParser, model_positional: bool = False) -> argparse.ArgumentParser:
@@ -356,6 +360,7 @@ class LoRAConfig:
     max_loras: int = 1  # device slots: most distinct adapters in one step
     max_lora_rank: int = 16
     max_cpu_loras: int = 1  # adapters kept loaded in host memory (LRU)
+    fair_scheduling: bool = True  # waiting requests start in per-adapter fair order (sluice/lora/scheduling.py)
 
 
 @dataclass(frozen=True)
@@ -460,7 +465,9 @@ def _lora_config(args: EngineArgs) -> LoRAConfig | None:
     if not args.enable_lora:
         return None
     return LoRAConfig(max_loras=args.max_loras, max_lora_rank=args.max_lora_rank,
-                      max_cpu_loras=args.max_cpu_loras if args.max_cpu_loras is not None else args.max_loras)
+                      max_cpu_loras=args.max_cpu_loras if args.max_cpu_loras is not None else args.max_loras,
+                      # The priority policy keeps its queue sorted by priority: fair order applies to fcfs only.
+                      fair_scheduling=args.lora_scheduling == "fair" and args.scheduling_policy == "fcfs")
 
 
 def resolve_batch_limits(args: EngineArgs, max_model_len: int, device: DeviceConfig) -> tuple[int, int]:

@@ -55,11 +55,14 @@ logger = logging.getLogger(__name__)
 class AdmissionHook(Protocol):
     """Decides which waiting requests may join the running set this step (beyond budget and blocks)."""
 
-    def start_step(self, running: list[Request]) -> None:
-        """Called once per schedule(), before the waiting queue is walked."""
+    def start_step(self, running: list[Request], waiting: list[Request]) -> None:
+        """Called once per schedule(), before the waiting queue is walked; may reorder ``waiting`` in place."""
 
     def admits(self, request: Request) -> bool:
         """Whether ``request`` may start now; True also records it as admitted for the rest of the step."""
+
+    def started(self, request: Request) -> None:
+        """``request`` left the waiting queue for the running set."""
 
 
 def _priority_key(request: Request) -> tuple[int, float]:
@@ -216,7 +219,7 @@ class Scheduler:
     def _schedule_waiting(self, step: _StepPlan) -> None:
         admission = self.admission
         if admission is not None:
-            admission.start_step(self.running)
+            admission.start_step(self.running, self.waiting)
         skipped: list[Request] = []  # refused by the admission hook: they keep their place in the queue
         while self.waiting and step.token_budget > 0 and len(self.running) < self.max_num_seqs:
             request = self.waiting[0]
@@ -237,6 +240,8 @@ class Scheduler:
             request.status = RequestStatus.RUNNING
             self.running.append(request)
             step.add_new(request, num_new_tokens)
+            if admission is not None:
+                admission.started(request)
         self.waiting[:0] = skipped
         if self.waiting and len(self.running) >= self.max_num_seqs:
             self._admission_blocked = True

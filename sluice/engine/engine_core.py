@@ -67,7 +67,7 @@ class EngineCore:
             install_kv_cache_metrics(self.scheduler, self.config.observability.kv_cache_metrics_sample)
         if self.config.lora is not None:
             from sluice.lora.scheduling import LoRAAdmission
-            self.scheduler.admission = LoRAAdmission(self.config.lora.max_loras)
+            self.scheduler.admission = LoRAAdmission(self.config.lora.max_loras, self.config.lora.fair_scheduling)
         self.info = EngineCoreInfo(num_blocks, self.runner.num_parameters, self.runner.load_seconds,
                                    self.runner.kv_spec.bytes_per_block, timer.phases)
         logger.info("engine core start-up: %s", timer.describe())

@@ -43,3 +43,43 @@ def test_adapter_ids_keep_prefix_cache_blocks_apart():
     same, other = _request("same", 1), _request("other", 2)
     assert manager.get_computed_blocks(same)[1] > 0
     assert manager.get_computed_blocks(other)[1] == 0
+
+
+# ---- fair scheduling across adapters -----------------------------------------------------------------------
+def _median_queue_steps_of_b(fair: bool, num_a_per_tick: int) -> float:
+    """Adapter A sends ``num_a_per_tick`` requests per step and adapter B one every other step, for 40 steps,
+    into a scheduler with room for 4 running requests; returns B's median queue time in steps."""
+    from statistics import median
+
+    from tests.core.fakes import FakeRunner, run_step
+
+    scheduler = Scheduler(SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=64, max_model_len=64),
+                          CacheConfig(block_size=4, enable_prefix_caching=False, num_blocks=256))
+    scheduler.admission = LoRAAdmission(max_loras=2, fair=fair)
+    runner = FakeRunner.for_scheduler(scheduler)
+    arrival_step: dict[str, int] = {}
+    queue_steps: dict[str, int] = {}
+    for step in range(400):
+        if step < 40:
+            new = [(f"a{step}-{i}", 1) for i in range(num_a_per_tick)] + ([(f"b{step}", 2)] if step % 2 == 0 else [])
+            for req_id, lora_id in new:
+                request = _request(req_id, lora_id)
+                request.arrival_time = float(step)
+                scheduler.add_request(request)
+                arrival_step[req_id] = step
+        output, _ = run_step(scheduler, runner)
+        for new_req in output.scheduled_new_reqs:
+            queue_steps.setdefault(new_req.req_id, step - arrival_step[new_req.req_id])
+        if step >= 40 and not scheduler.has_unfinished_requests():
+            break
+    b_times = [steps for req_id, steps in queue_steps.items() if req_id.startswith("b")]
+    assert len(b_times) == 20
+    return median(b_times)
+
+
+def test_fair_scheduling_keeps_a_light_adapter_out_of_a_heavy_adapters_backlog():
+    alone = _median_queue_steps_of_b(fair=True, num_a_per_tick=0)
+    fair = _median_queue_steps_of_b(fair=True, num_a_per_tick=5)
+    fcfs = _median_queue_steps_of_b(fair=False, num_a_per_tick=5)
+    assert fair <= 2 * max(alone, 1)
+    assert fcfs > 10 * max(fair, 1)
