@@ -113,4 +113,8 @@ class EngineCore:
         return self.scheduler.update_from_output(scheduler_output, self.runner.collect(launched))
 
     def make_stats(self) -> SchedulerStats:
-        return self.scheduler.make_stats()
+        stats = self.scheduler.make_stats()
+        if self.config.lora is not None:
+            from sluice.lora.scheduling import lora_stats
+            stats.lora = lora_stats(self.config.lora.max_loras, self.scheduler.running, self.scheduler.waiting)
+        return stats

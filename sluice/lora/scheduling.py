@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections import deque
 
 from sluice.core.request import Request, RequestStatus
+from sluice.stats import LoRAStats
 
 LORA_SCHEDULING = ("fair", "fcfs")
 
@@ -81,3 +82,9 @@ class LoRAAdmission:
     def started(self, request: Request) -> None:
         if self.fair_queue is not None:
             self.fair_queue.started(request)
+
+
+def lora_stats(max_loras: int, running: list[Request], waiting: list[Request]) -> LoRAStats:
+    def names(requests: list[Request]) -> list[str]:
+        return sorted({r.lora_request.lora_name for r in requests if r.lora_request is not None})
+    return LoRAStats(max_loras, names(running), names(waiting))

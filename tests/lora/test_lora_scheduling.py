@@ -83,3 +83,22 @@ def test_fair_scheduling_keeps_a_light_adapter_out_of_a_heavy_adapters_backlog()
     fcfs = _median_queue_steps_of_b(fair=False, num_a_per_tick=5)
     assert fair <= 2 * max(alone, 1)
     assert fcfs > 10 * max(fair, 1)
+
+
+def test_lora_requests_info_gauge_names_running_and_waiting_adapters():
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from sluice.lora.scheduling import lora_stats
+    from sluice.metrics import SchedulerMetrics
+
+    scheduler = _scheduler(max_loras=1)
+    for req_id, lora_id in [("a", 1), ("b", 2), ("c", 0)]:
+        scheduler.add_request(_request(req_id, lora_id))
+    scheduler.schedule()
+    registry = CollectorRegistry()
+    metrics = SchedulerMetrics("tiny", registry)
+    stats = scheduler.make_stats()
+    stats.lora = lora_stats(1, scheduler.running, scheduler.waiting)
+    metrics.record(stats)
+    text = generate_latest(registry).decode()
+    assert 'sluice:lora_requests_info{max_lora="1",running_lora_adapters="a1",waiting_lora_adapters="a2"}' in text

@@ -61,6 +61,14 @@ def test_models_lists_adapters_with_their_parent(setup):
     assert cards[BASE].model_extra["parent"] is None
 
 
+def test_lora_requests_info_names_the_adapters(setup):
+    server, _, _ = setup
+    _complete(server.client(), "sql")
+    text = httpx.get(server.url("/metrics"), timeout=10).text
+    info = [line for line in text.splitlines() if line.startswith("sluice:lora_requests_info{")]
+    assert len(info) == 1 and 'max_lora="2"' in info[0] and 'running_lora_adapters=""' in info[0]
+
+
 def _post(server: RemoteServer, route: str, body: dict) -> httpx.Response:
     return httpx.post(server.url(route), json=body, timeout=30)
 
