@@ -62,6 +62,7 @@ DEFAULT_DESCRIPTIONS = {
                                f"{_G.max_num_batched_tokens_served} on others; {_C.max_num_batched_tokens_offline} "
                                "on CPU"),
     "long_prefill_token_threshold": "0 (off)",
+    "max_cpu_loras": "max-loras",
     "async_scheduling": "on for CUDA",
     "num_kv_blocks": "from memory",
     "kv_cache_memory": f"{DEFAULT_CPU_KV_CACHE_BYTES // 2**30} GiB",
