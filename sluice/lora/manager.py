@@ -77,11 +77,6 @@ class LoRAManager:
         self.requests[request.lora_int_id] = request
         return adapter
 
-    def remove_adapter(self, lora_int_id: int) -> None:
-        """Forgets an adapter (its slot is cleared when next needed)."""
-        self.requests.pop(lora_int_id, None)
-        self.cpu_cache.pop(lora_int_id, None)
-
     def _load(self, request: LoRARequest) -> LoRAAdapter:
         from safetensors.torch import load_file
 
