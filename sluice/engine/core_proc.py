@@ -277,7 +277,7 @@ def _apply_queued(core: EngineCore, router: ClientRouter, client: int, input_soc
                                          pickle.loads(message.sampling_params), eos_token_id=message.eos_token_id,
                                          priority=message.priority, arrival_time=message.arrival_time,
                                          parent_request_id=message.parent_request_id,
-                                         lora_request=LoRARequest(*message.lora) if message.lora else None))
+                                         lora_request=LoRARequest.from_tuple(message.lora) if message.lora else None))
             except Exception:  # noqa: BLE001 - one request's failure finishes that request, never the core
                 logger.exception("request %s could not be added; it finishes with an error", message.request_id)
                 core.abort_requests([message.request_id])  # in case it got part of the way in

@@ -46,6 +46,7 @@ class LLMEngine:
             from sluice.pooling.front import PoolingOutputProcessor
             self.output_processor = PoolingOutputProcessor(self.model_config.pooler_config)
         self.stat_loggers = list(stat_loggers or [])
+        self._checked_loras: set[LoRARequest] = set()  # adapters whose adapter_config.json passed the checks
         # OpenTelemetry spans per request (sluice/tracing.py); None, and nothing runs, without the flag.
         from sluice.tracing import RequestTracer
         self.tracer = RequestTracer.from_config(self.config.observability, self.model_config.served_model_name)
@@ -150,8 +151,11 @@ class LLMEngine:
         """A ValueError before the request goes in when the engine or the adapter's config cannot serve it."""
         if self.config.lora is None:
             raise ValueError("lora_request needs an engine started with enable_lora=True (--enable-lora)")
+        if lora_request in self._checked_loras:
+            return
         from sluice.lora.peft_config import read_peft_config
         read_peft_config(lora_request.lora_path, self.config.lora.max_lora_rank)
+        self._checked_loras.add(lora_request)
 
     def _need_tokenizer(self, what: str, field: str) -> None:
         if self.tokenizer is None:

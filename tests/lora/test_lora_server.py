@@ -76,7 +76,8 @@ def _post(server: RemoteServer, route: str, body: dict) -> httpx.Response:
 def test_runtime_load_and_unload_with_their_errors(setup):
     server, root, expected = setup
     client = server.client()
-    assert _post(server, "/v1/load_lora_adapter", {"lora_name": "late", "lora_path": str(root / "late")}).status_code == 200
+    loaded = _post(server, "/v1/load_lora_adapter", {"lora_name": "late", "lora_path": str(root / "late")})
+    assert loaded.status_code == 200
     assert _complete(client, "late") == expected["late"]
     duplicate = _post(server, "/v1/load_lora_adapter", {"lora_name": "late", "lora_path": str(root / "sql")})
     assert duplicate.status_code == 400 and "already been loaded" in duplicate.text
@@ -94,7 +95,8 @@ def test_runtime_load_and_unload_with_their_errors(setup):
 def test_unloading_lets_running_requests_finish(setup):
     server, root, expected = setup
     client = server.client()
-    assert _post(server, "/v1/load_lora_adapter", {"lora_name": "brief", "lora_path": str(root / "sql")}).status_code == 200
+    loaded = _post(server, "/v1/load_lora_adapter", {"lora_name": "brief", "lora_path": str(root / "sql")})
+    assert loaded.status_code == 200
     stream = client.completions.create(model="brief", prompt=PROMPT, max_tokens=MAX_TOKENS, temperature=0.0,
                                        stream=True, extra_body=GREEDY)
     chunks = [next(stream)]  # the request is running

@@ -86,7 +86,7 @@ class LoRAModules:
             read_peft_config(path, self.max_lora_rank)
         except (ValueError, OSError) as e:
             raise bad_request(str(e), "lora_path") from e
-        request = LoRARequest(name, lora_id(name, path), path, base_model_name or self.base_model_name)
+        request = LoRARequest(name, lora_id(name, path), path, base_model_name=base_model_name or self.base_model_name)
         self.adapters[name] = request
         return request
 
