@@ -1,5 +1,6 @@
 """sluice: LLM inference and serving with a paged KV cache, prefix caching and continuous batching."""
 from sluice.config import EngineArgs
+from sluice.lora.request import LoRARequest
 from sluice.outputs import CompletionOutput, Logprob, RequestOutput
 from sluice.pooling import EmbeddingRequestOutput, PoolingParams, PoolingRequestOutput
 from sluice.sampling_params import RequestOutputKind, SamplingParams
@@ -16,4 +17,4 @@ def __getattr__(name: str):
 
 
 __all__ = ["LLM", "SamplingParams", "EngineArgs", "RequestOutput", "CompletionOutput", "Logprob",
-           "RequestOutputKind", "PoolingParams", "EmbeddingRequestOutput", "PoolingRequestOutput", "__version__"]
+           "RequestOutputKind", "LoRARequest", "PoolingParams", "EmbeddingRequestOutput", "PoolingRequestOutput", "__version__"]

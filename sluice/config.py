@@ -62,6 +62,7 @@ DEFAULT_DESCRIPTIONS = {
                                f"{_G.max_num_batched_tokens_served} on others; {_C.max_num_batched_tokens_offline} "
                                "on CPU"),
     "long_prefill_token_threshold": "0 (off)",
+    "max_cpu_loras": "max-loras",
     "async_scheduling": "on for CUDA",
     "num_kv_blocks": "from memory",
     "kv_cache_memory": f"{DEFAULT_CPU_KV_CACHE_BYTES // 2**30} GiB",
@@ -114,6 +115,11 @@ class EngineArgs:
     kv_cache_metrics_sample: float = 0.01
     otlp_traces_endpoint: str | None = None  # OpenTelemetry tracing (sluice/tracing.py)
     collect_detailed_traces: str | None = None
+    enable_lora: bool = False  # serve LoRA adapters (sluice/lora/)
+    max_loras: int = 1
+    max_lora_rank: int = 16
+    max_cpu_loras: int | None = None  # default: max_loras
+    lora_scheduling: str = "fair"  # fair | fcfs: the order waiting requests of different adapters start in
     # Not a flag: who drives the engine ("llm": offline LLM, "server": the API server); picks batch defaults.
     usage_context: str = "llm"
 
@@ -161,11 +167,18 @@ class EngineArgs:
                                 "(OTEL_EXPORTER_OTLP_TRACES_PROTOCOL, _HEADERS, OTEL_SERVICE_NAME... apply)",
         "collect_detailed_traces": "also send a span per engine step: model, worker or all (needs "
                                    "--otlp-traces-endpoint)",
+        "enable_lora": "serve PEFT LoRA adapters (LoRARequest offline; the request's model name on the server)",
+        "max_loras": "most distinct LoRA adapters in one step (device slots)",
+        "max_lora_rank": "largest LoRA rank an adapter may have",
+        "max_cpu_loras": "LoRA adapters kept loaded in host memory (default: --max-loras)",
+        "lora_scheduling": "fair: waiting requests start in per-adapter fair order (an adapter with many "
+                           "requests cannot starve one with few); fcfs: arrival order (fair needs the fcfs policy)",
     }
     _NOT_FLAGS = {"usage_context"}
     _CHOICES = {"dtype": DTYPES, "load_format": LOAD_FORMATS, "scheduling_policy": POLICIES, "device": DEVICES,
                 "runner": ("auto", "generate", "pooling"), "task": ("auto", "generate", "embed"),
-                "preemption_mode": ("auto", "recompute", "swap")}
+                "preemption_mode": ("auto", "recompute", "swap"),
+                "lora_scheduling": ("fair", "fcfs")}
 
     @classmethod
     def add_cli_args(cls, parser: argparse.ArgumentParser, model_positional: bool = False) -> argparse.ArgumentParser:
@@ -222,6 +235,12 @@ class EngineArgs:
                 raise ValueError("collect_detailed_traces needs otlp_traces_endpoint (--otlp-traces-endpoint)")
         if self.tensor_parallel_size != 1:
             raise ValueError("tensor_parallel_size > 1 is not supported yet")
+        if self.enable_lora:
+            for name in ("max_loras", "max_lora_rank"):
+                if getattr(self, name) < 1:
+                    raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+            if self.max_cpu_loras is not None and self.max_cpu_loras < self.max_loras:
+                raise ValueError(f"max_cpu_loras ({self.max_cpu_loras}) must be at least max_loras ({self.max_loras})")
 
 
 def _flag_type(type_str: Any):
@@ -348,6 +367,15 @@ class ObservabilityConfig:
 
 
 @dataclass(frozen=True)
+class LoRAConfig:
+    """Multi-LoRA serving (sluice/lora/): present only with enable_lora."""
+    max_loras: int = 1  # device slots: most distinct adapters in one step
+    max_lora_rank: int = 16
+    max_cpu_loras: int = 1  # adapters kept loaded in host memory (LRU)
+    fair_scheduling: bool = True  # waiting requests start in per-adapter fair order (sluice/lora/scheduling.py)
+
+
+@dataclass(frozen=True)
 class EngineConfig:
     model: ModelConfig
     cache: CacheConfig
@@ -357,6 +385,7 @@ class EngineConfig:
     observability: ObservabilityConfig = ObservabilityConfig()
     usage_context: str = "llm"
     disable_log_stats: bool = False
+    lora: LoRAConfig | None = None  # None: LoRA off, and the model is built without the hook
 
     @property
     def max_model_len(self) -> int:
@@ -441,7 +470,17 @@ def create_engine_config(args: EngineArgs, device: DeviceConfig | None = None) -
                             kv_cache_metrics_sample=args.kv_cache_metrics_sample,
                             otlp_traces_endpoint=args.otlp_traces_endpoint,
                             collect_detailed_traces=args.collect_detailed_traces),
-                        usage_context=args.usage_context, disable_log_stats=args.disable_log_stats)
+                        usage_context=args.usage_context, disable_log_stats=args.disable_log_stats,
+                        lora=_lora_config(args))
+
+
+def _lora_config(args: EngineArgs) -> LoRAConfig | None:
+    if not args.enable_lora:
+        return None
+    return LoRAConfig(max_loras=args.max_loras, max_lora_rank=args.max_lora_rank,
+                      max_cpu_loras=args.max_cpu_loras if args.max_cpu_loras is not None else args.max_loras,
+                      # The priority policy keeps its queue sorted by priority: fair order applies to fcfs only.
+                      fair_scheduling=args.lora_scheduling == "fair" and args.scheduling_policy == "fcfs")
 
 
 def resolve_batch_limits(args: EngineArgs, max_model_len: int, device: DeviceConfig) -> tuple[int, int]:

@@ -12,6 +12,7 @@ from sluice.beam_search import BeamSearchOutput, beam_search
 from sluice.config import EngineArgs
 from sluice.engine.gc_heap import frozen_heap
 from sluice.engine.llm_engine import LLMEngine, PromptType
+from sluice.lora.request import LoRARequest
 from sluice.outputs import RequestOutput
 from sluice.pooling import EmbeddingRequestOutput, PoolingParams, PoolingRequestOutput
 from sluice.sampling_params import BeamSearchParams, RequestOutputKind, SamplingParams
@@ -41,8 +42,10 @@ class LLM:
 
     def generate(self, prompts: PromptType | Sequence[PromptType],
                  sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
-                 use_tqdm: bool = True, priority: Sequence[int] | None = None) -> list[RequestOutput]:
-        return self._run(_prompt_list(prompts), sampling_params, use_tqdm, priority)
+                 use_tqdm: bool = True, priority: Sequence[int] | None = None,
+                 lora_request: LoRARequest | Sequence[LoRARequest | None] | None = None) -> list[RequestOutput]:
+        """``lora_request``: one adapter for every prompt, or one (or None: the base model) per prompt."""
+        return self._run(_prompt_list(prompts), sampling_params, use_tqdm, priority, lora_request)
 
     def embed(self, prompts: PromptType | Sequence[PromptType],
               pooling_params: PoolingParams | Sequence[PoolingParams] | None = None, use_tqdm: bool = True,
@@ -87,7 +90,8 @@ class LLM:
         return self._run(prompts, sampling_params, use_tqdm, None)
 
     def _run(self, prompts: list[PromptType], sampling_params: Any, use_tqdm: bool,
-             priority: Sequence[int] | None) -> list[RequestOutput]:
+             priority: Sequence[int] | None,
+             lora_request: LoRARequest | Sequence[LoRARequest | None] | None = None) -> list[RequestOutput]:
         if sampling_params is None:
             sampling_params = SamplingParams()
         if isinstance(sampling_params, (SamplingParams, PoolingParams)):
@@ -96,6 +100,10 @@ class LLM:
             raise ValueError(f"got {len(prompts)} prompts but {len(sampling_params)} sampling params")
         if priority is not None and len(priority) != len(prompts):
             raise ValueError(f"got {len(prompts)} prompts but {len(priority)} priorities")
+        if lora_request is None or isinstance(lora_request, LoRARequest):
+            lora_request = [lora_request] * len(prompts)
+        if len(lora_request) != len(prompts):
+            raise ValueError(f"got {len(prompts)} prompts but {len(lora_request)} LoRA requests")
         engine = self.llm_engine
         request_ids = []
         try:
@@ -106,7 +114,8 @@ class LLM:
                 params = params.clone()
                 if isinstance(params, SamplingParams):
                     params.output_kind = RequestOutputKind.FINAL_ONLY
-                engine.add_request(request_id, prompt, params, priority=priority[i] if priority else 0)
+                engine.add_request(request_id, prompt, params, priority=priority[i] if priority else 0,
+                                   lora_request=lora_request[i])
                 request_ids.append(request_id)
             return self._run_engine(request_ids, use_tqdm)
         except BaseException:

@@ -18,11 +18,13 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import time
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client import multiprocess
 
-from sluice.stats import EngineInfo, IterationStats, KVCacheEvents, OffloadStats, SchedulerStats, StatLogger
+from sluice.stats import (EngineInfo, IterationStats, KVCacheEvents, LoRAStats, OffloadStats, SchedulerStats,
+                          StatLogger)
 
 PREFIX = "sluice:"
 MULTIPROC_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"
@@ -149,6 +151,7 @@ class SchedulerMetrics:
         self.waiting_by_reason = {reason: waiting_by_reason.labels(model_name, reason) for reason in WAITING_REASONS}
         self.kv_cache: KVCacheMetrics | None = None  # made by the first --kv-cache-metrics report
         self.kv_offload: KVOffloadMetrics | None = None  # made by the first report with swap or a host tier
+        self.lora_info: Gauge | None = None  # made by the first report with LoRA on
         # The scheduler reports cumulative totals; counters take increments.
         self._last_cumulative = SchedulerStats()
 
@@ -166,6 +169,8 @@ class SchedulerMetrics:
             if self.kv_offload is None:
                 self.kv_offload = KVOffloadMetrics(self._registry, self._model_name)
             self.kv_offload.record(stats.kv_offload)
+        if stats.lora is not None:
+            self._record_lora(stats.lora)
         last = self._last_cumulative
         self.prefix_cache_queries.inc(max(0, stats.prefix_cache_queries - last.prefix_cache_queries))
         self.prefix_cache_hits.inc(max(0, stats.prefix_cache_hits - last.prefix_cache_hits))
@@ -173,6 +178,17 @@ class SchedulerMetrics:
         self._last_cumulative = SchedulerStats(prefix_cache_queries=stats.prefix_cache_queries,
                                                prefix_cache_hits=stats.prefix_cache_hits,
                                                num_preemptions=stats.num_preemptions)
+
+
+    def _record_lora(self, lora: LoRAStats) -> None:
+        """vLLM's lora_requests_info: one sample whose labels name the adapters, valued at the report's time."""
+        if self.lora_info is None:
+            self.lora_info = Gauge(PREFIX + "lora_requests_info", "Running stats on LoRA requests.",
+                                   ["max_lora", "waiting_lora_adapters", "running_lora_adapters"],
+                                   registry=self._registry, multiprocess_mode="livemostrecent")
+        self.lora_info.clear()
+        self.lora_info.labels(str(lora.max_loras), ",".join(lora.waiting_lora_adapters),
+                              ",".join(lora.running_lora_adapters)).set(time.time())
 
 
 class PrometheusStatLogger(StatLogger):

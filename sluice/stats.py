@@ -36,6 +36,14 @@ class OffloadStats:
 
 
 @dataclass(slots=True)
+class LoRAStats:
+    """Adapters of the running and waiting requests (vLLM's lora_requests_info); only with LoRA on."""
+    max_loras: int
+    running_lora_adapters: list[str] = field(default_factory=list)  # adapter names, sorted
+    waiting_lora_adapters: list[str] = field(default_factory=list)
+
+
+@dataclass(slots=True)
 class SchedulerStats:
     num_running_reqs: int = 0
     num_waiting_reqs: int = 0
@@ -48,6 +56,7 @@ class SchedulerStats:
     num_waiting_for_capacity: int = 0
     kv_cache_events: KVCacheEvents | None = None  # only with --kv-cache-metrics
     kv_offload: OffloadStats | None = None  # only with --swap-space or --kv-offload-space (cumulative)
+    lora: LoRAStats | None = None  # only with --enable-lora
 
 
 @dataclass(slots=True)

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from sluice.core.kv_offload import KVTransfers
+    from sluice.lora.request import LoRARequest
     from sluice.sampling_params import SamplingParams
 
 
@@ -37,6 +38,7 @@ class NewRequestData:
     block_ids: list[int]
     num_computed_tokens: int  # before this step's tokens (a prefix-cache hit, or 0)
     eos_token_id: int | None = None
+    lora_request: "LoRARequest | None" = None  # the adapter it runs with (None: the base model)
 
 
 @dataclass(slots=True)

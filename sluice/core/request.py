@@ -12,6 +12,7 @@ import time
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from sluice.lora.request import LoRARequest
     from sluice.sampling_params import SamplingParams
 
 
@@ -47,7 +48,7 @@ class Request:
         "request_id", "prompt_token_ids", "output_token_ids", "sampling_params",
         "eos_token_id", "priority", "arrival_time", "status", "stop_reason",
         "num_computed_tokens", "num_cached_tokens", "num_preemptions",
-        "block_hashes", "lora_int_id", "cache_salt", "parent_request_id", "num_output_placeholders",
+        "block_hashes", "lora_int_id", "lora_request", "cache_salt", "parent_request_id", "num_output_placeholders",
         "first_scheduled_time",
     )
 
@@ -62,6 +63,7 @@ class Request:
         lora_int_id: int = 0,
         cache_salt: str | None = None,
         parent_request_id: str | None = None,
+        lora_request: "LoRARequest | None" = None,
     ) -> None:
         if not prompt_token_ids:
             raise ValueError("prompt_token_ids must not be empty")
@@ -85,7 +87,9 @@ class Request:
         self.first_scheduled_time: float | None = None
         # Hashes of this request's full blocks, filled lazily by the KV cache manager.
         self.block_hashes: list[int] = []
-        self.lora_int_id = lora_int_id
+        # The adapter it runs with (None: the base model); its id also keys its prefix-cache blocks.
+        self.lora_request = lora_request
+        self.lora_int_id = lora_request.lora_int_id if lora_request is not None else lora_int_id
         self.cache_salt = cache_salt
         # The user request this one is a child of, when it asked for n > 1 completions.
         self.parent_request_id = parent_request_id

@@ -40,6 +40,7 @@ import logging
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from sluice.config import POLICIES, CacheConfig, SchedulerConfig, kv_capped_max_model_len
 from sluice.core.interface import (
@@ -52,6 +53,19 @@ from sluice.stats import SchedulerStats
 
 logger = logging.getLogger(__name__)
 
+
+
+class AdmissionHook(Protocol):
+    """Decides which waiting requests may join the running set this step (beyond budget and blocks)."""
+
+    def start_step(self, running: list[Request], waiting: list[Request]) -> None:
+        """Called once per schedule(), before the waiting queue is walked; may reorder ``waiting`` in place."""
+
+    def admits(self, request: Request) -> bool:
+        """Whether ``request`` may start now; True also records it as admitted for the rest of the step."""
+
+    def started(self, request: Request) -> None:
+        """``request`` left the waiting queue for the running set."""
 
 
 def _priority_key(request: Request) -> tuple[int, float]:
@@ -118,6 +132,8 @@ class Scheduler:
         self.kv_cache_events_source = None
         # Set by core/kv_offload.py (--swap-space, --kv-offload-space): swap preemption and the host prefix tier.
         self.kv_offload: KVOffload | None = None
+        # Optional admission hook (LoRA: at most max_loras adapters among running requests). None admits all.
+        self.admission: AdmissionHook | None = None
 
     # ---- requests in and out ------------------------------------------------------------
 
@@ -207,8 +223,15 @@ class Scheduler:
                 step.add_running(request, num_new_tokens, new_block_ids)
 
     def _schedule_waiting(self, step: _StepPlan) -> None:
+        admission = self.admission
+        if admission is not None:
+            admission.start_step(self.running, self.waiting)
+        skipped: list[Request] = []  # refused by the admission hook: they keep their place in the queue
         while self.waiting and step.token_budget > 0 and len(self.running) < self.max_num_seqs:
             request = self.waiting[0]
+            if admission is not None and not admission.admits(request):
+                skipped.append(self.waiting.pop(0))
+                continue
             computed_blocks, num_computed = self.kv_cache_manager.get_computed_blocks(request)
             # Tokens whose KV comes back from host memory (a swapped request's, host-tier prefix hits).
             num_loaded = (self.kv_offload.num_loadable_tokens(request, num_computed)
@@ -230,6 +253,9 @@ class Scheduler:
             request.status = RequestStatus.RUNNING
             self.running.append(request)
             step.add_new(request, num_new_tokens)
+            if admission is not None:
+                admission.started(request)
+        self.waiting[:0] = skipped
         if self.waiting and len(self.running) >= self.max_num_seqs:
             self._admission_blocked = True
 
@@ -286,6 +312,7 @@ class Scheduler:
                 block_ids=self.kv_cache_manager.get_block_ids(request.request_id),
                 num_computed_tokens=request.num_computed_tokens,
                 eos_token_id=request.eos_token_id,
+                lora_request=request.lora_request,
             )
             for request in step.new_reqs
         ]

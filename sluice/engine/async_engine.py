@@ -39,6 +39,7 @@ from sluice.config import EngineArgs, EngineConfig, create_engine_config
 from sluice.engine.client import CoreAttachment
 from sluice.engine.errors import EngineDeadError, QueueFullError, RequestAbortedError
 from sluice.engine.llm_engine import LLMEngine, PromptType
+from sluice.lora.request import LoRARequest
 from sluice.outputs import RequestOutput
 from sluice.sampling_params import SamplingParams
 from sluice.stats import IterationStats, SchedulerStats, StatLogger
@@ -62,6 +63,7 @@ class _AddCommand:
     prompt: PromptType
     params: SamplingParams
     priority: int
+    lora_request: LoRARequest | None
     # Resolved by the engine thread: None once added, or the ValueError add_request raised.
     done: concurrent.futures.Future = field(default_factory=concurrent.futures.Future)
 
@@ -216,7 +218,7 @@ class AsyncLLM:
         return (await self.add_requests([(request_id, prompt, params)], priority))[0]
 
     async def add_requests(self, requests: list[tuple[str, Any, SamplingParams]],
-                           priority: int = 0) -> list[RequestStream]:
+                           priority: int = 0, lora_request: LoRARequest | None = None) -> list[RequestStream]:
         """Adds several requests in one engine turn (a request's prompts all start in the same step);
         all or none: if one fails, those already added are aborted and its error is raised."""
         self.start()
@@ -225,7 +227,8 @@ class AsyncLLM:
             raise ValueError("request ids must be unique and not already in flight")
         self._check_admission(len(requests))
         streams = [RequestStream(request_id, self) for request_id in ids]
-        commands = [_AddCommand(request_id, prompt, params, priority) for request_id, prompt, params in requests]
+        commands = [_AddCommand(request_id, prompt, params, priority, lora_request)
+                    for request_id, prompt, params in requests]
         for stream in streams:
             self._streams[stream.request_id] = stream
         tracer = self.engine.tracer  # sluice/tracing.py; None unless tracing is on
@@ -357,7 +360,7 @@ class AsyncLLM:
             return False  # the caller gave up before the engine saw it
         try:
             self.engine.add_request(command.request_id, command.prompt, command.params,
-                                    priority=command.priority)
+                                    priority=command.priority, lora_request=command.lora_request)
         except ValueError as e:
             command.done.set_exception(e)
         except Exception as e:  # noqa: BLE001 - one request's failure must not stop the engine

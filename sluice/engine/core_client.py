@@ -151,7 +151,8 @@ class MPClient:
     def add_request(self, request: Request) -> None:
         self._send(AddRequest(request.request_id, request.prompt_token_ids, pickle.dumps(request.sampling_params),
                               request.eos_token_id, request.priority, request.arrival_time,
-                              request.parent_request_id))
+                              request.parent_request_id,
+                              request.lora_request.as_tuple() if request.lora_request is not None else None))
         self._unfinished.add(request.request_id)
 
     def abort_requests(self, request_ids: Iterable[str]) -> None:

@@ -58,6 +58,7 @@ class AddRequest(msgspec.Struct, tag="add", array_like=True):
     priority: int
     arrival_time: float  # time.monotonic(): one clock for every process of the machine
     parent_request_id: str | None  # set for the children of an n > 1 request
+    lora: tuple[str, int, str, str | None] | None = None  # LoRARequest.as_tuple() (None: the base model)
 
 
 class FinishRequests(msgspec.Struct, tag="finish", array_like=True):
@@ -260,6 +261,7 @@ def _apply_queued(core: EngineCore, router: ClientRouter, client: int, input_soc
     """Applies every message the client has queued; returns how many there were. A request that cannot be
     added gets a finish_reason "error" output in ``failed`` (sent with this turn's step)."""
     from sluice.core.request import Request
+    from sluice.lora.request import LoRARequest
 
     num_messages = 0
     while True:
@@ -274,7 +276,8 @@ def _apply_queued(core: EngineCore, router: ClientRouter, client: int, input_soc
                 core.add_request(Request(message.request_id, message.prompt_token_ids,
                                          pickle.loads(message.sampling_params), eos_token_id=message.eos_token_id,
                                          priority=message.priority, arrival_time=message.arrival_time,
-                                         parent_request_id=message.parent_request_id))
+                                         parent_request_id=message.parent_request_id,
+                                         lora_request=LoRARequest.from_tuple(message.lora) if message.lora else None))
             except Exception:  # noqa: BLE001 - one request's failure finishes that request, never the core
                 logger.exception("request %s could not be added; it finishes with an error", message.request_id)
                 core.abort_requests([message.request_id])  # in case it got part of the way in

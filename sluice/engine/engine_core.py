@@ -50,7 +50,7 @@ class EngineCore:
         set_cpu_threads(config.model.cpu_threads)
         self.runner = ModelRunner(config.model, config.cache.block_size, config.scheduler.max_num_seqs,
                                   config.scheduler.max_num_batched_tokens,
-                                  enforce_eager=config.model.enforce_eager)
+                                  enforce_eager=config.model.enforce_eager, lora_config=config.lora)
         timer.lap("config")
         self.runner.load_model()
         timer.lap("weights")
@@ -72,6 +72,9 @@ class EngineCore:
             install_kv_cache_metrics(self.scheduler, self.config.observability.kv_cache_metrics_sample)
         if num_host_blocks:  # after the KV metrics, whose timed pool the host tier then watches
             self._install_kv_offload()
+        if self.config.lora is not None:
+            from sluice.lora.scheduling import LoRAAdmission
+            self.scheduler.admission = LoRAAdmission(self.config.lora.max_loras, self.config.lora.fair_scheduling)
         self.info = EngineCoreInfo(num_blocks, self.runner.num_parameters, self.runner.load_seconds,
                                    self.runner.kv_spec.bytes_per_block, timer.phases, num_host_blocks)
         logger.info("engine core start-up: %s", timer.describe())
@@ -99,6 +102,10 @@ class EngineCore:
                                                      num_offload_blocks, mode, costs))
 
     def add_request(self, request: Request) -> None:
+        if request.lora_request is not None:
+            if self.runner.lora_manager is None:
+                raise ValueError("lora_request needs an engine started with enable_lora=True")
+            self.runner.lora_manager.add_adapter(request.lora_request)  # loads it now: a bad one fails here
         self.scheduler.add_request(request)
 
     def abort_requests(self, request_ids: Iterable[str]) -> None:
@@ -133,4 +140,8 @@ class EngineCore:
         return self.scheduler.update_from_output(scheduler_output, self.runner.collect(launched))
 
     def make_stats(self) -> SchedulerStats:
-        return self.scheduler.make_stats()
+        stats = self.scheduler.make_stats()
+        if self.config.lora is not None:
+            from sluice.lora.scheduling import lora_stats
+            stats.lora = lora_stats(self.config.lora.max_loras, self.scheduler.running, self.scheduler.waiting)
+        return stats

@@ -17,6 +17,7 @@ from sluice.core.request import Request
 from sluice.engine.client import CoreAttachment, EngineCoreClient, InprocClient, make_engine_core_client
 from sluice.engine.engine_core import EngineCore
 from sluice.engine.output_processor import OutputProcessor, ParentRequestState
+from sluice.lora.request import LoRARequest
 from sluice.outputs import RequestOutput
 from sluice.pooling.params import PoolingParams
 from sluice.sampling_params import SamplingParams, check_context_length
@@ -45,6 +46,7 @@ class LLMEngine:
             from sluice.pooling.front import PoolingOutputProcessor
             self.output_processor = PoolingOutputProcessor(self.model_config.pooler_config)
         self.stat_loggers = list(stat_loggers or [])
+        self._checked_loras: set[LoRARequest] = set()  # adapters whose adapter_config.json passed the checks
         # OpenTelemetry spans per request (sluice/tracing.py); None, and nothing runs, without the flag.
         from sluice.tracing import RequestTracer
         self.tracer = RequestTracer.from_config(self.config.observability, self.model_config.served_model_name)
@@ -116,7 +118,10 @@ class LLMEngine:
         raise ValueError(f"prompt must be a string, a list of token ids or a dict, got {type(prompt).__name__}")
 
     def add_request(self, request_id: str, prompt: PromptType, params: SamplingParams | PoolingParams | None = None,
-                    priority: int = 0, arrival_time: float | None = None) -> None:
+                    priority: int = 0, arrival_time: float | None = None,
+                    lora_request: LoRARequest | None = None) -> None:
+        if lora_request is not None:
+            self._check_lora(lora_request)
         if self.model_config.pooler_config is not None or isinstance(params, PoolingParams):
             from sluice.pooling.front import add_pooling_request  # embeddings: sluice/pooling/front.py
             return add_pooling_request(self, request_id, prompt, params, priority, arrival_time)
@@ -136,10 +141,21 @@ class LLMEngine:
             for child_id, child_params in children:
                 self.engine_core.add_request(Request(
                     child_id, prompt_ids, child_params, eos_token_id=self.eos_token_id, priority=priority,
-                    arrival_time=arrival_time, parent_request_id=request_id if params.n > 1 else None))
+                    arrival_time=arrival_time, parent_request_id=request_id if params.n > 1 else None,
+                    lora_request=lora_request))
         except BaseException:
             self.abort_request(request_id)  # children already added give their blocks back; nothing leaks
             raise
+
+    def _check_lora(self, lora_request: LoRARequest) -> None:
+        """A ValueError before the request goes in when the engine or the adapter's config cannot serve it."""
+        if self.config.lora is None:
+            raise ValueError("lora_request needs an engine started with enable_lora=True (--enable-lora)")
+        if lora_request in self._checked_loras:
+            return
+        from sluice.lora.peft_config import read_peft_config
+        read_peft_config(lora_request.lora_path, self.config.lora.max_lora_rank)
+        self._checked_loras.add(lora_request)
 
     def _need_tokenizer(self, what: str, field: str) -> None:
         if self.tokenizer is None:

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from sluice.attention import AttentionMetadata, get_attention_backend
-from sluice.config import CacheConfig, ModelConfig
+from sluice.config import CacheConfig, LoRAConfig, ModelConfig
 from sluice.core.interface import LogprobsLists, ModelRunnerOutput, NewRequestData, SchedulerOutput
 from sluice.sample.logprobs import compute_prompt_logprobs
 from sluice.sample.metadata import PendingOutputs, RequestSamplingState, SamplingMetadata
@@ -35,6 +35,7 @@ from sluice.worker.step_buffers import PendingSampledIds, SampledIdsReadback, St
 
 if TYPE_CHECKING:
     from sluice.core.kv_offload import PreemptionCosts
+    from sluice.lora.manager import LoRAManager
     from sluice.pooling.pooler import PooledStep
     from sluice.worker.kv_swap import KVSwapper
 
@@ -49,6 +50,7 @@ class RequestState:
     prompt_logprobs: int | None  # top logprobs per prompt position it asked for
     per_step_sampling: bool  # penalties, bad words, min_tokens: its sampling metadata changes every step
     reads_output_on_host: bool  # bad words: sampling reads its last output ids on the host
+    lora_int_id: int = 0  # its LoRA adapter (0: the base model)
 
     @classmethod
     def create(cls, row: int, new: NewRequestData, device: torch.device) -> "RequestState":
@@ -56,7 +58,8 @@ class RequestState:
         sampling = RequestSamplingState.create(params, new.prompt_token_ids, list(new.output_token_ids),
                                                new.eos_token_id, device=device)
         return cls(row, sampling, params.prompt_logprobs, params.uses_per_step_state,
-                   params.reads_output_text_on_host)
+                   params.reads_output_text_on_host,
+                   new.lora_request.lora_int_id if new.lora_request is not None else 0)
 
 
 @dataclass(slots=True)
@@ -73,8 +76,11 @@ class LaunchedStep:
 
 class ModelRunner:
     def __init__(self, model_config: ModelConfig, block_size: int, max_num_seqs: int,
-                 max_num_batched_tokens: int, enforce_eager: bool = False) -> None:
+                 max_num_batched_tokens: int, enforce_eager: bool = False,
+                 lora_config: LoRAConfig | None = None) -> None:
         self.model_config = model_config
+        self.lora_config = lora_config
+        self.lora_manager: LoRAManager | None = None  # set by load_model with LoRA on
         self.device = torch.device(model_config.device)
         self.dtype = getattr(torch, model_config.dtype)
         self.block_size = block_size
@@ -131,6 +137,9 @@ class ModelRunner:
         self.model = build_model(cfg.hf_config, self.dtype, self.device, self.attn_backend,
                                  weights=weights, load_format=cfg.load_format, seed=cfg.seed)
         self.model.eval()
+        if self.lora_config is not None:  # wraps the linear layers' methods: LoRA hooks in only when asked for
+            from sluice.lora.manager import LoRAManager
+            self.lora_manager = LoRAManager(self.model, self.lora_config, self.dtype, self.device)
         self.load_seconds = time.perf_counter() - start
 
     @property
@@ -197,7 +206,8 @@ class ModelRunner:
     def initialize_kv_cache(self, num_blocks: int) -> None:
         self.kv_caches = allocate_kv_caches(self.kv_spec, num_blocks, self.device)
         self._bind(self.kv_caches)
-        if self.device.type == "cuda" and not self.enforce_eager:
+        # The LoRA path groups token rows on the host each step: it runs eagerly.
+        if self.device.type == "cuda" and not self.enforce_eager and self.lora_manager is None:
             self.capture_cuda_graphs()
 
     def initialize_host_kv_cache(self, num_host_blocks: int) -> None:
@@ -252,6 +262,8 @@ class ModelRunner:
             self._remove_request(req_id)
         for new in out.scheduled_new_reqs:
             self._remove_request(new.req_id)  # resumed after preemption
+            if new.lora_request is not None:
+                self.lora_manager.add_adapter(new.lora_request)
             state = RequestState.create(self.input_batch.add_request(new), new, self.device)
             self.requests[new.req_id] = state
             self._count_features(state, 1)
@@ -278,12 +290,21 @@ class ModelRunner:
 
     def _forward(self, inputs: StepInputs) -> torch.Tensor:
         """Uploads the step and runs the model: hidden states [num_tokens (+ padding), hidden]."""
+        if self.lora_manager is not None:
+            self._prepare_lora(inputs)
         graphs, bucket, padded_reqs, padded_tokens = self._pick_graph(inputs)
         step = self.step_buffers.upload(inputs, self.input_batch.pop_block_diffs(), num_padded_reqs=padded_reqs,
                                         num_padded_tokens=padded_tokens, pending=self._pending(inputs))
         if bucket is not None:
             return graphs.run(bucket)
         return self.model(step.input_ids, step.positions, self._plan(step.metadata, len(step.input_ids)))
+
+    def _prepare_lora(self, inputs: StepInputs) -> None:
+        """Gives each token its request's adapter id and lets the LoRA manager fill slots for the step."""
+        requests = self.requests
+        lora_ids = np.fromiter((requests[r].lora_int_id for r in inputs.req_ids), dtype=np.int64,
+                               count=len(inputs.req_ids))
+        self.lora_manager.prepare_step(np.repeat(lora_ids, np.diff(inputs.query_start_loc)))
 
     def _pick_graph(self, inputs: StepInputs) -> tuple[DecodeGraphs | None, int | None, int | None, int | None]:
         """(graph set, bucket, padded requests, padded tokens) for the step; all None to run eagerly."""

@@ -39,7 +39,7 @@ class FakeEngine:
     def _touch(self) -> None:
         self.threads.add(threading.current_thread().name)
 
-    def add_request(self, request_id, prompt, params, priority=0):
+    def add_request(self, request_id, prompt, params, priority=0, lora_request=None):
         self._touch()
         if len(prompt) > 10:
             raise ValueError(f"the prompt is {len(prompt)} tokens long, but max_model_len is 10")

@@ -34,7 +34,7 @@ class PickyEngine(FakeEngine):
         self.config.scheduler.max_num_seqs = 8
         self.adds_before_first_step: int | None = None
 
-    def add_request(self, request_id, prompt, params, priority=0):
+    def add_request(self, request_id, prompt, params, priority=0, lora_request=None):
         token_ids = prompt["prompt_token_ids"] if isinstance(prompt, dict) else prompt
         if token_ids[0] == 666:
             raise TypeError("TextEncodeInput must be Union[TextInputSequence, ...]")

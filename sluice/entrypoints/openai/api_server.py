@@ -55,6 +55,8 @@ from sluice.entrypoints.openai.serving_chat import OpenAIServingChat
 from sluice.entrypoints.openai.serving_completion import OpenAIServingCompletion
 from sluice.entrypoints.openai.serving_embedding import register_embedding_route
 from sluice.entrypoints.openai.serving_engine import ServingConfig
+from sluice.entrypoints.openai.serving_lora import (LoRAModules, add_lora_args, install_lora_routes,
+                                                    runtime_updates_enabled)
 from sluice.entrypoints.openai.serving_models import OpenAIServingModels
 from sluice.entrypoints.openai.render_pool import ChatRenderPool
 from sluice.entrypoints.openai.tool_calling import ToolCallConfig
@@ -270,6 +272,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                         choices=["critical", "error", "warning", "info", "debug", "trace"])
     server.add_argument("--disable-uvicorn-access-log", action="store_true")
     add_observability_args(server)
+    add_lora_args(server)
     parser.set_defaults(func=run_server)
     return parser
 
@@ -279,6 +282,7 @@ def run_server(args: argparse.Namespace) -> int:
     validate_server_args(args)
     raise_open_files_limit()
     config = create_engine_config(engine_args_from(args))  # once, before the core starts
+    make_lora_modules(args, config)  # a bad --lora-modules entry fails now, before the model loads
     if args.api_server_count > 1:
         return run_api_server_pool(args, config, run_api_server_worker)
     metrics = PrometheusStatLogger(config.model.served_model_name)
@@ -321,6 +325,8 @@ def validate_server_args(args: argparse.Namespace) -> None:
     if args.api_server_count > 1 and not args.process_split:
         raise ValueError(f"--api-server-count {args.api_server_count} needs the engine core in its own process, "
                          "which the API servers share: drop --no-process-split")
+    if (args.lora_modules or args.enable_lora_runtime_updates) and not args.enable_lora:
+        raise ValueError("--lora-modules and --enable-lora-runtime-updates need --enable-lora")
 
 
 def tool_call_config(args: argparse.Namespace) -> ToolCallConfig:
@@ -352,6 +358,20 @@ def serving_limits(config: EngineConfig, args: argparse.Namespace, vocab: dict[s
     return limits
 
 
+def make_lora_modules(args: argparse.Namespace, config: EngineConfig) -> LoRAModules | None:
+    """The adapters named by --lora-modules; None without --enable-lora (where naming any is an error)."""
+    if config.lora is None:
+        return None
+    modules = getattr(args, "lora_modules", None) or []
+    lora_modules = LoRAModules(config.model.served_model_name, config.lora.max_lora_rank)
+    for module in modules:
+        try:
+            lora_modules.load(module["name"], module["path"], module.get("base_model_name"))
+        except OpenAIError as e:
+            raise ValueError(f"--lora-modules {module['name']}: {e.message}") from e
+    return lora_modules
+
+
 def serve(args: argparse.Namespace, engine: AsyncLLM, metrics: PrometheusStatLogger,
           sockets: list[socket.socket] | None = None, api_server_index: int | None = None,
           server_class: type[DrainingServer] = DrainingServer) -> int:
@@ -364,14 +384,17 @@ def serve(args: argparse.Namespace, engine: AsyncLLM, metrics: PrometheusStatLog
     model_config = engine.model_config
     tokenizer = engine.tokenizer  # None with --skip-tokenizer-init: token-id completions only
     limits = serving_limits(engine.config, args, tokenizer.get_vocab() if tokenizer is not None else None)
+    lora_modules = make_lora_modules(args, engine.config)
     config = ServingConfig([model_config.served_model_name], limits, args.enable_log_requests, args.max_log_len,
                            api_server_index=api_server_index,
                            trust_request_chat_template=args.trust_request_chat_template,
-                           tool_calls=tool_call_config(args))
+                           tool_calls=tool_call_config(args), lora_modules=lora_modules)
     chat_template = get_chat_template(tokenizer, args.chat_template) if args.chat_template else None
     app, guard, state = build_app(engine, config, metrics, args.api_key, args.max_request_body_bytes,
                                   chat_template, args.allowed_origins, args.root_path)
     install_observability(app, args, engine, metrics)  # /dashboard, traceparent, ready time
+    if lora_modules is not None and runtime_updates_enabled(args):
+        install_lora_routes(app, lora_modules)
     uvicorn_config = uvicorn.Config(guard, host=args.host, port=args.port, log_level=args.uvicorn_log_level,
                                     access_log=not args.disable_uvicorn_access_log, timeout_graceful_shutdown=5,
                                     lifespan="on", root_path=args.root_path, ssl_keyfile=args.ssl_keyfile,

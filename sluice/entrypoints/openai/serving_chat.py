@@ -54,7 +54,8 @@ class OpenAIServingChat(OpenAIServing):
             logprobs=num_top, prompt_logprobs=None, limits=self.limits)
         apply_tool_plan(plan, request, params)
         request_id = random_id("chatcmpl", self.config.api_server_index)
-        streams = await self.add_prompts(request_id, [prompt], [params], request.priority)
+        streams = await self.add_prompts(request_id, [prompt], [params], request.priority,
+                                              lora_request=self.lora_request(model))
         if request.stream:
             return StreamingResponse(self._stream(request, model, request_id, prompt, streams[0], num_top, plan),
                                      media_type="text/event-stream")

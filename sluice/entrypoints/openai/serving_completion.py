@@ -40,7 +40,8 @@ class OpenAIServingCompletion(OpenAIServing):
             request, max_tokens=check_context_length(len(p.token_ids), request.max_tokens, self.limits),
             logprobs=request.logprobs, prompt_logprobs=echo_logprobs, limits=self.limits) for p in prompts]
         request_id = random_id("cmpl", self.config.api_server_index)
-        streams = await self.add_prompts(request_id, prompts, params, request.priority)
+        streams = await self.add_prompts(request_id, prompts, params, request.priority,
+                                              lora_request=self.lora_request(model))
         if request.stream:
             return StreamingResponse(self._stream(request, model, request_id, prompts, streams),
                                      media_type="text/event-stream")

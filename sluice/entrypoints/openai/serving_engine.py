@@ -15,7 +15,7 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from fastapi import Request
 from pydantic import BaseModel
@@ -27,8 +27,12 @@ from sluice.entrypoints.openai.protocol import (ChatChoiceLogprobs, ChatLogprobT
                                                 CompletionLogprobs, SamplingFields, UsageInfo)
 from sluice.entrypoints.openai.sampling import ServingLimits, check_prompt_chars
 from sluice.entrypoints.openai.tool_calling import ToolCallConfig
+from sluice.lora.request import LoRARequest
 from sluice.outputs import Logprob, RequestOutput
 from sluice.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from sluice.entrypoints.openai.serving_lora import LoRAModules
 
 logger = logging.getLogger("sluice.requests")
 T = TypeVar("T")
@@ -43,6 +47,7 @@ class ServingConfig:
     api_server_index: int | None = None  # set when several API server processes share one engine core
     trust_request_chat_template: bool = False  # --trust-request-chat-template: requests may send a template
     tool_calls: ToolCallConfig = ToolCallConfig()  # --enable-auto-tool-choice, --tool-call-parser
+    lora_modules: "LoRAModules | None" = None  # with --enable-lora: adapters a request's model field may name
 
 
 @dataclass(slots=True)
@@ -130,9 +135,17 @@ class OpenAIServing:
         """The name to report; 404 if the client asked for a model this server does not serve."""
         if requested is None or requested in self.config.served_model_names:
             return requested or self.config.served_model_names[0]
+        if self.lora_request(requested) is not None:
+            return requested
+        served = self.config.served_model_names + list(self.config.lora_modules.adapters if self.config.lora_modules
+                                                      else ())
         raise OpenAIError(f"The model {requested!r} does not exist; this server serves "
-                          f"{', '.join(map(repr, self.config.served_model_names))}", 404,
-                          param="model", code="model_not_found")
+                          f"{', '.join(map(repr, served))}", 404, param="model", code="model_not_found")
+
+    def lora_request(self, model: str | None) -> LoRARequest | None:
+        """The adapter a request's model field names (None: the base model)."""
+        modules = self.config.lora_modules
+        return modules.get(model) if modules is not None else None
 
     # ---- tokenizer work, off the event loop ----------------------------------------------------
     async def run_in_tokenizer_pool(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
@@ -168,7 +181,8 @@ class OpenAIServing:
 
     # ---- engine requests -----------------------------------------------------------------------
     async def add_prompts(self, request_id: str, prompts: Sequence[EnginePrompt],
-                          params: Sequence[SamplingParams], priority: int) -> list[RequestStream]:
+                          params: Sequence[SamplingParams], priority: int,
+                          lora_request: LoRARequest | None = None) -> list[RequestStream]:
         """One engine request per prompt, all added in the same engine turn; all or none."""
         requests = []
         for i, (prompt, prompt_params) in enumerate(zip(prompts, params)):
@@ -176,7 +190,7 @@ class OpenAIServing:
             self.log_request(sub_id, prompt, prompt_params)
             requests.append((sub_id, prompt.as_engine_input(), prompt_params))
         try:
-            return await self.engine.add_requests(requests, priority=priority)
+            return await self.engine.add_requests(requests, priority=priority, lora_request=lora_request)
         except Exception as e:
             raise engine_error_to_openai(e) from e
 

@@ -22,8 +22,11 @@ class OpenAIServingModels(OpenAIServing):
 
     def list_models(self) -> ModelList:
         root = self.engine.model_config.model
-        return ModelList(data=[ModelCard(id=name, root=root, max_model_len=self.limits.max_model_len)
-                               for name in self.config.served_model_names])
+        cards = [ModelCard(id=name, root=root, max_model_len=self.limits.max_model_len)
+                 for name in self.config.served_model_names]
+        if self.config.lora_modules is not None:
+            cards += self.config.lora_modules.cards(self.limits.max_model_len)
+        return ModelList(data=cards)
 
     async def tokenize(self, request: TokenizeRequest) -> TokenizeResponse:
         self.model_name(request.model)
