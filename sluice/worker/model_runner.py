@@ -124,8 +124,9 @@ class ModelRunner:
             weights = GGUFCheckpoint(cfg.model).weights(dtype=self.dtype)
         else:
             weights = iterate_safetensors(cfg.model)
+        quant = {} if self.pooler is not None else {"quantization": cfg.quantization}
         self.model = build_model(cfg.hf_config, self.dtype, self.device, self.attn_backend,
-                                 weights=weights, load_format=cfg.load_format, seed=cfg.seed)
+                                 weights=weights, load_format=cfg.load_format, seed=cfg.seed, **quant)
         self.model.eval()
         self.load_seconds = time.perf_counter() - start
 

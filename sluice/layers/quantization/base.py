@@ -55,7 +55,6 @@ class UnquantizedLinearMethod(LinearMethod):
 class QuantConfig:
     """One checkpoint's (or flag's) quantization: which method each linear layer gets."""
 
-    name: str = ""
     ignore: tuple[str, ...] = ()  # module names (or "re:" patterns) left unquantized
 
     def linear_method(self) -> LinearMethod:
@@ -95,12 +94,10 @@ _FUSED_PARTS = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("ga
 
 def unquantize_ignored_layers(model: nn.Module, config: QuantConfig | None) -> None:
     """Layers the checkpoint lists in its ``ignore`` list go back to dense weights (before loading)."""
-    from sluice.layers.linear import LinearBase
-
     if config is None or not config.ignore:
         return
     for name, module in model.named_modules():
-        if not isinstance(module, LinearBase):
+        if not hasattr(module, "linear_method"):
             continue
         prefix, _, leaf = name.rpartition(".")
         names = [f"{prefix}.{part}" for part in _FUSED_PARTS.get(leaf, ())] or [name]
@@ -112,10 +109,8 @@ def unquantize_ignored_layers(model: nn.Module, config: QuantConfig | None) -> N
 
 
 def process_quantized_weights(model: nn.Module) -> None:
-    from sluice.layers.linear import LinearBase
-
     for module in model.modules():
-        if isinstance(module, LinearBase):
+        if hasattr(module, "linear_method"):  # the linear layers
             module.linear_method.process_weights_after_loading(module)
 
 
