@@ -90,6 +90,7 @@ class EngineArgs:
     seed: int = 0
     max_model_len: int | None = None
     load_format: str = "auto"
+    quantization: str | None = None  # fp8 | awq | gptq | compressed-tensors (sluice/layers/quantization/)
     device: str = "auto"
     block_size: int = 16
     enable_prefix_caching: bool = True
@@ -133,6 +134,8 @@ class EngineArgs:
         "seed": "seed for dummy weights and for requests that give no seed",
         "max_model_len": "longest prompt + output in tokens (default: the model's context length)",
         "load_format": "auto, safetensors, gguf, or dummy (random weights, for benchmarks)",
+        "quantization": "fp8 (quantizes a 16/32-bit checkpoint at load), awq, gptq or compressed-tensors; "
+                        "default: the checkpoint's quantization_config, if any",
         "device": "auto (cuda when available), cpu or cuda",
         "block_size": "tokens per KV cache block",
         "enable_prefix_caching": "reuse KV blocks of shared prompt prefixes",
@@ -203,6 +206,12 @@ class EngineArgs:
         return cls(**{n: getattr(args, n) for n in names if hasattr(args, n)})
 
     def validate(self) -> None:
+        if self.quantization in ("None", "none", ""):
+            self.quantization = None
+        from sluice.layers.quantization import QUANTIZATION_METHODS
+        if self.quantization is not None and self.quantization not in QUANTIZATION_METHODS:
+            raise ValueError(f"quantization must be one of {', '.join(QUANTIZATION_METHODS)} or None, "
+                             f"got {self.quantization!r}")
         for name, choices in self._CHOICES.items():
             if getattr(self, name) not in choices:
                 raise ValueError(f"{name} must be one of {', '.join(choices)}, got {getattr(self, name)!r}")
@@ -266,6 +275,7 @@ class ModelConfig:
     is_gguf: bool
     load_format: str
     seed: int
+    quantization: str | None = None  # the flag; the checkpoint's quantization_config applies regardless
     skip_tokenizer_init: bool = False
     max_logprobs: int = 20
     enforce_eager: bool = False
@@ -446,6 +456,7 @@ def create_engine_config(args: EngineArgs, device: DeviceConfig | None = None) -
         served_model_name=args.served_model_name or default_served_name(args.model), hf_config=hf_config,
         dtype=_resolve_dtype(hf_config, args.dtype, device.type), device=device.type, max_model_len=max_model_len,
         vocab_size=hf_config.vocab_size, is_gguf=is_gguf, load_format=args.load_format, seed=args.seed,
+        quantization=_check_quantization(args.quantization, hf_config, is_gguf, args.runner, args.task),
         skip_tokenizer_init=args.skip_tokenizer_init, max_logprobs=args.max_logprobs,
         enforce_eager=args.enforce_eager, cpu_threads=args.cpu_threads,
         pooler_config=resolve_pooler_config(args.runner, args.task, model_path, hf_config))
@@ -493,6 +504,20 @@ def resolve_batch_limits(args: EngineArgs, max_model_len: int, device: DeviceCon
         tokens = max(max_model_len, 512)
     return (args.max_num_seqs if args.max_num_seqs is not None else defaults.max_num_seqs,
             args.max_num_batched_tokens if args.max_num_batched_tokens is not None else tokens)
+
+
+def _check_quantization(flag: str | None, hf_config: Any, is_gguf: bool, runner: str, task: str) -> str | None:
+    """Validates the flag against the checkpoint now (a one-line error before anything loads)."""
+    from sluice.layers.quantization import resolve_quant_config
+
+    if is_gguf:
+        if flag is not None:
+            raise ValueError("--quantization does not apply to GGUF files (their tensors are dequantized at load)")
+        return None
+    resolved = resolve_quant_config(hf_config, flag)
+    if resolved is not None and (runner == "pooling" or task == "embed"):
+        raise ValueError("quantized checkpoints are supported by the generate runner only")
+    return flag
 
 
 def _resolve_dtype(hf_config: Any, dtype: str, device_type: str) -> str:

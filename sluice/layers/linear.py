@@ -8,13 +8,17 @@ Merged projections take HF's separate tensors one shard at a time:
 Tensor parallelism (not wired yet) would split column-parallel layers by output rows and
 row-parallel layers by input columns; the loaders already narrow by ``tp_rank`` over
 ``tp_size`` so that only ``get_tp_rank_and_size`` has to change. Quantization attaches as the
-layer's ``linear_method`` (how the weight is created and applied), never inside the models.
+layer's ``linear_method``, chosen when the layer is built (sluice/layers/quantization/): it creates
+the weight tensors and applies them; the models never see it.
 """
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from sluice.layers.quantization.base import LinearMethod, UnquantizedLinearMethod, linear_method_for_new_layer
+
+__all__ = ["UnquantizedLinearMethod"]
 
 
 def get_tp_rank_and_size() -> tuple[int, int]:
@@ -34,36 +38,54 @@ def default_weight_loader(param: nn.Parameter, loaded_weight: torch.Tensor, shar
         copy_weight_checked(param.data, loaded_weight, "parameter")
 
 
-class UnquantizedLinearMethod:
-    """The default ``linear_method``: a dense weight and ``F.linear``. Quant methods replace it."""
-
-    def apply(self, layer: "LinearBase", x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, layer.weight, layer.bias)
-
-
 class LinearBase(nn.Module):
     """y = x W^T + b with W [output_size / tp, input_size] (column) or [output_size, input_size / tp] (row).
 
     ``tp_dim`` is the weight dimension split across ranks (0 rows, 1 columns, None replicated).
-    ``num_shards`` tells the loader how many checkpoint tensors fill the weight (3 for qkv).
+    ``num_shards`` tells the loader how many checkpoint tensors fill the weight (3 for qkv); ``shard_ids``
+    and ``shard_sizes`` name them in output order.
     """
 
     tp_dim: int | None = None
+    shard_ids: tuple = (None,)
 
     def __init__(self, input_size: int, output_size: int, bias: bool, num_shards: int = 1) -> None:
         super().__init__()
         self.tp_rank, self.tp_size = get_tp_rank_and_size()
-        self.input_size, self.output_size = input_size, output_size
-        self.linear_method = UnquantizedLinearMethod()
-        self.weight = nn.Parameter(torch.empty(output_size, input_size), requires_grad=False)
-        self.weight.weight_loader = self.weight_loader
-        self.weight.num_shards = num_shards
+        self.input_size, self.output_size, self.num_shards = input_size, output_size, num_shards
+        # Built under the model's default dtype and device: quant methods create their tensors alike.
+        self.dtype, self.device = torch.get_default_dtype(), torch.empty(0).device
+        self.linear_method: LinearMethod = linear_method_for_new_layer()
+        self.linear_method.create_weights(self)
         if bias:
             self.bias = nn.Parameter(torch.empty(output_size), requires_grad=False)
             self.bias.weight_loader = self.weight_loader
             self.bias.num_shards = num_shards
         else:
             self.register_parameter("bias", None)
+
+    @property
+    def shard_sizes(self) -> tuple[int, ...]:
+        """Output rows of each shard, in ``shard_ids`` order."""
+        return (self.output_size,)
+
+    def check_shard_id(self, shard_id) -> None:
+        if shard_id not in self.shard_ids:
+            raise ValueError(f"{type(self).__name__}: shard_id must be one of {self.shard_ids}, got {shard_id!r}")
+
+    def set_linear_method(self, method: LinearMethod) -> None:
+        """Replaces the quant method (and its tensors) before loading: for layers a checkpoint leaves dense."""
+        for name, _ in list(self.named_parameters(recurse=False)):
+            if name != "bias":
+                delattr(self, name)
+        with torch.device(self.device):
+            previous = torch.get_default_dtype()
+            torch.set_default_dtype(self.dtype)
+            try:
+                method.create_weights(self)
+            finally:
+                torch.set_default_dtype(previous)
+        self.linear_method = method
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.linear_method.apply(self, x)
@@ -101,7 +123,12 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
 
     def __init__(self, input_size: int, output_sizes: list[int], bias: bool = False) -> None:
         self.output_sizes = list(output_sizes)
+        self.shard_ids = tuple(range(len(output_sizes)))
         super().__init__(input_size, sum(output_sizes), bias, num_shards=len(output_sizes))
+
+    @property
+    def shard_sizes(self) -> tuple[int, ...]:
+        return tuple(size // self.tp_size for size in self.output_sizes)
 
     def weight_loader(self, param: nn.Parameter, loaded_weight: torch.Tensor, shard_id: int | None = None) -> None:
         if shard_id is None or not 0 <= shard_id < len(self.output_sizes):
@@ -115,6 +142,8 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
 
 class QKVParallelLinear(ColumnParallelLinear):
     """q, k and v projections in one matmul; output rows are [q heads | k heads | v heads]."""
+
+    shard_ids = ("q", "k", "v")
 
     def __init__(self, hidden_size: int, head_dim: int, total_num_heads: int, total_num_kv_heads: int,
                  bias: bool = False) -> None:
@@ -131,6 +160,10 @@ class QKVParallelLinear(ColumnParallelLinear):
         """Per-rank sizes of the q, k and v parts of the output."""
         kv_size = self.num_kv_heads * self.head_dim
         return self.num_heads * self.head_dim, kv_size, kv_size
+
+    @property
+    def shard_sizes(self) -> tuple[int, ...]:
+        return self.output_sizes
 
     def weight_loader(self, param: nn.Parameter, loaded_weight: torch.Tensor, shard_id: str | None = None) -> None:
         if shard_id not in ("q", "k", "v"):

@@ -3,7 +3,8 @@
     load_hf_config(folder)          config.json -> transformers.PretrainedConfig (never the hub)
     iterate_safetensors(folder)     (name, tensor) over every *.safetensors shard, one at a time
     resolve_dtype(config, "auto")   the checkpoint's dtype, but float32 on CPU for 16-bit checkpoints
-    build_model(...)                instantiate on the target device, then load or fill dummy weights
+    build_model(...)                instantiate on the target device (quantized linear layers if the
+                                    checkpoint or ``quantization`` says so), then load or fill dummy weights
 
 The model is constructed directly on the target device in the target dtype (parameters are
 ``torch.empty``), so weights stream from the mmapped safetensors into their final place with no
@@ -83,6 +84,8 @@ def initialize_dummy_weights(model: torch.nn.Module, seed: int, low: float = -1e
     """Fills every parameter with uniform(low, high) noise, reproducibly for a seed (as vLLM's dummy format)."""
     generator: torch.Generator | None = None
     for param in model.parameters():
+        if not param.is_floating_point() or param.numel() == 0:
+            continue  # placeholders of pre-quantized formats: nothing to fill
         if generator is None or generator.device != param.device:
             generator = torch.Generator(device=param.device).manual_seed(seed)
         param.uniform_(low, high, generator=generator)
@@ -90,10 +93,25 @@ def initialize_dummy_weights(model: torch.nn.Module, seed: int, low: float = -1e
 
 def build_model(hf_config: Any, dtype: torch.dtype, device: torch.device | str, attn_backend: AttentionBackend,
                 weights: Iterable[tuple[str, torch.Tensor]] | None = None, load_format: str = "auto",
-                seed: int = 0) -> torch.nn.Module:
-    """A model on ``device`` in ``dtype`` with its weights loaded (or dummy ones), in eval mode."""
+                seed: int = 0, quantization: str | None = None) -> torch.nn.Module:
+    """A model on ``device`` in ``dtype`` with its weights loaded (or dummy ones), in eval mode.
+
+    ``quantization``: the --quantization flag; the checkpoint's own ``quantization_config`` applies either way."""
+    from sluice.layers.quantization import (process_quantized_weights, quantization_context,
+                                            resolve_quant_config, unquantize_ignored_layers)
+
     model_class = get_model_class(hf_config)
-    model = model_class(hf_config, dtype, torch.device(device), attn_backend)
+    quant_config = resolve_quant_config(hf_config, quantization)
+    with quantization_context(quant_config):
+        model = model_class(hf_config, dtype, torch.device(device), attn_backend)
+    unquantize_ignored_layers(model, quant_config)
+    _load_or_fill(model, weights, load_format, seed)
+    process_quantized_weights(model)
+    return model.eval()
+
+
+def _load_or_fill(model: torch.nn.Module, weights: Iterable[tuple[str, torch.Tensor]] | None, load_format: str,
+                  seed: int) -> None:
     if load_format == "dummy":
         initialize_dummy_weights(model, seed)
     elif weights is None:
@@ -101,4 +119,3 @@ def build_model(hf_config: Any, dtype: torch.dtype, device: torch.device | str, 
     else:
         progress = tqdm(weights, desc="Loading weights", unit=" tensors", disable=not sys.stderr.isatty())
         model.load_weights(progress)
-    return model.eval()

@@ -134,8 +134,9 @@ class ModelRunner:
             weights = GGUFCheckpoint(cfg.model).weights(dtype=self.dtype)
         else:
             weights = iterate_safetensors(cfg.model)
+        quant = {} if self.pooler is not None else {"quantization": cfg.quantization}
         self.model = build_model(cfg.hf_config, self.dtype, self.device, self.attn_backend,
-                                 weights=weights, load_format=cfg.load_format, seed=cfg.seed)
+                                 weights=weights, load_format=cfg.load_format, seed=cfg.seed, **quant)
         self.model.eval()
         if self.lora_config is not None:  # wraps the linear layers' methods: LoRA hooks in only when asked for
             from sluice.lora.manager import LoRAManager

@@ -1,0 +1,146 @@
+"""FP8 (float8_e4m3fn) linear methods.
+
+    Fp8OnlineMethod       a 16/32-bit checkpoint quantized at load: one weight scale per output channel
+    Fp8CheckpointMethod   pre-quantized weights with per-tensor or per-channel scales (HF "fp8",
+                          compressed-tensors float8); per-shard scales of fused layers become per-channel
+    Fp8BlockMethod        block-scaled weights (``weight_block_size`` [128, 128], ``weight_scale_inv``),
+                          dequantized at load into the model dtype and applied as a dense weight
+
+W8A8 matmuls (the first two) quantize activations per token (dynamic) or with the checkpoint's static
+``input_scale`` (the largest of a fused layer's shards, as vLLM), then run ``torch._scaled_mm`` with
+row-wise scales: scale_a [M, 1], scale_b [1, N]. On CUDA it needs compute capability 8.9+ (Ada, Hopper);
+on the CPU the same call is the reference. Block-wise weights are dequantized rather than requantized
+per channel because the latter would round them a second time: the dense weight equals the
+checkpoint's dequantized weight exactly (in float32; rounded once to 16-bit dtypes).
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+
+from sluice.layers.quantization.base import (CheckpointShardsMethod, LinearMethod, UnquantizedLinearMethod,
+                                             set_tensor)
+
+if TYPE_CHECKING:
+    from sluice.layers.linear import LinearBase
+
+FP8 = torch.float8_e4m3fn
+FP8_MAX = torch.finfo(FP8).max
+
+
+def check_fp8_device(device: torch.device) -> None:
+    if device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
+        major, minor = torch.cuda.get_device_capability(device)
+        raise ValueError(f"fp8 quantization needs a GPU of compute capability 8.9+ (Ada, Hopper); "
+                         f"this one is {major}.{minor}")
+
+
+def quantize_fp8_per_row(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [R, C] -> (float8 [R, C], float32 scales [R, 1]) with x ~= q * scale, each row's amax at FP8_MAX."""
+    scale = x.abs().amax(dim=-1, keepdim=True).float().clamp(min=1e-12) / FP8_MAX
+    return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale
+
+
+def quantize_fp8_static(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return (x.float() / scale.float()).clamp(-FP8_MAX, FP8_MAX).to(FP8)
+
+
+def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, input_scale: torch.Tensor | None,
+               bias: torch.Tensor | None) -> torch.Tensor:
+    """x [..., K] (model dtype) times float8 weight [N, K] with per-channel ``weight_scale`` [N]."""
+    shape, out_dtype = x.shape, x.dtype
+    x2 = x.reshape(-1, shape[-1])
+    if x2.shape[0] == 0:
+        return x.new_empty(*shape[:-1], weight.shape[0])
+    if input_scale is None:
+        x_fp8, scale_a = quantize_fp8_per_row(x2)
+    else:
+        x_fp8, scale_a = quantize_fp8_static(x2, input_scale), input_scale.float().reshape(1, 1).expand(x2.shape[0], 1)
+    # CUDA's row-wise scaled matmul produces bfloat16 only; the CPU one any float dtype.
+    mm_dtype = torch.bfloat16 if x.is_cuda else out_dtype
+    out = torch._scaled_mm(x_fp8, weight.t(), scale_a=scale_a.contiguous(), scale_b=weight_scale.view(1, -1),
+                           out_dtype=mm_dtype).to(out_dtype)
+    if bias is not None:
+        out = out + bias
+    return out.reshape(*shape[:-1], weight.shape[0])
+
+
+class Fp8W8A8Apply(LinearMethod):
+    """The layer holds ``weight`` (float8 [N, K]), ``weight_scale`` (float32 [N]), ``input_scale`` (None: dynamic)."""
+
+    def apply(self, layer: "LinearBase", x: torch.Tensor) -> torch.Tensor:
+        return fp8_linear(x, layer.weight, layer.weight_scale, layer.input_scale, layer.bias)
+
+
+class Fp8OnlineMethod(Fp8W8A8Apply):
+    """Loads the dense weight as usual, then quantizes it per output channel."""
+
+    def create_weights(self, layer: "LinearBase") -> None:
+        check_fp8_device(layer.device)
+        UnquantizedLinearMethod().create_weights(layer)
+
+    def process_weights_after_loading(self, layer: "LinearBase") -> None:
+        weight, scale = quantize_fp8_per_row(layer.weight.data)
+        set_tensor(layer, "weight", weight)
+        set_tensor(layer, "weight_scale", scale.view(-1))
+        layer.input_scale = None
+
+
+class Fp8CheckpointMethod(CheckpointShardsMethod, Fp8W8A8Apply):
+    """float8 weights with per-tensor ([] or [1]) or per-channel ([N] or [N, 1]) ``weight_scale``."""
+
+    shared = ("input_scale",)
+
+    def __init__(self, static_input_scale: bool) -> None:
+        self.static_input_scale = static_input_scale
+        self.required = ("weight", "weight_scale") + (("input_scale",) if static_input_scale else ())
+
+    def create_weights(self, layer: "LinearBase") -> None:
+        check_fp8_device(layer.device)
+        super().create_weights(layer)
+
+    def shard_to_canonical(self, layer, tensors, num_rows):
+        if tensors["weight"].dtype != FP8:
+            raise ValueError(f"fp8 checkpoint weight has dtype {tensors['weight'].dtype}, expected {FP8}")
+        scale = tensors["weight_scale"].float().reshape(-1)
+        parts = {"weight": tensors["weight"], "weight_scale": scale.expand(num_rows) if scale.numel() == 1 else scale}
+        if self.static_input_scale:
+            parts["input_scale"] = tensors["input_scale"].float().reshape(1)
+        return parts
+
+    def combine_shared(self, key, values):
+        return torch.stack(values).amax(dim=0)  # one static scale for the fused input: the largest shard's
+
+    def finalize(self, layer, tensors):
+        set_tensor(layer, "weight", tensors["weight"])
+        set_tensor(layer, "weight_scale", tensors["weight_scale"].contiguous())
+        set_tensor(layer, "input_scale", tensors.get("input_scale"))
+
+
+def dequantize_fp8_blockwise(weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
+    """float8 [N, K] and per-block scales [ceil(N / bn), ceil(K / bk)] -> float32 [N, K]."""
+    rows, cols = weight.shape
+    expanded = scale_inv.float().repeat_interleave(block[0], 0)[:rows].repeat_interleave(block[1], 1)[:, :cols]
+    if expanded.shape != weight.shape:
+        raise ValueError(f"weight_scale_inv {tuple(scale_inv.shape)} does not cover a weight {tuple(weight.shape)} "
+                         f"in blocks of {list(block)}")
+    return weight.float() * expanded
+
+
+class Fp8BlockMethod(CheckpointShardsMethod):
+    required = ("weight", "weight_scale_inv")
+
+    def __init__(self, block: tuple[int, int]) -> None:
+        self.block = block
+
+    def apply(self, layer: "LinearBase", x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, layer.weight, layer.bias)
+
+    def shard_to_canonical(self, layer, tensors, num_rows):
+        return {"weight": dequantize_fp8_blockwise(tensors["weight"], tensors["weight_scale_inv"], self.block)
+                .to(layer.dtype)}
+
+    def finalize(self, layer, tensors):
+        set_tensor(layer, "weight", tensors["weight"])

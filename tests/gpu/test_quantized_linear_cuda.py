@@ -1,0 +1,44 @@
+"""Quantized linear layers on CUDA compute what the CPU reference path computes.
+
+The checkpoints are the ones tests/quantization/ writes (fp8 per-tensor and block-wise, compressed-tensors fp8,
+AWQ, GPTQ with act-order, compressed-tensors W4A16); each linear layer of the CUDA model is compared with the
+float32 CPU model's layer on the same inputs. Skipped without CUDA (fp8 W8A8 also needs compute capability 8.9+).
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sluice.attention import get_attention_backend
+from sluice.layers.linear import LinearBase
+from sluice.models.loader import build_model, iterate_safetensors, load_hf_config
+from tests.quantization import checkpoints as ckpt
+from tests.quantization.test_quantized_checkpoints import FORMATS, W8A8
+from tests.tiny_models import save_tiny_model
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+def _build(folder, dtype, device):
+    return build_model(load_hf_config(folder), dtype, device, get_attention_backend(device),
+                       weights=iterate_safetensors(folder))
+
+
+@pytest.mark.parametrize("num_tokens", [1, 7, 64, 300])
+@pytest.mark.parametrize("fmt", list(FORMATS))
+def test_cuda_layers_match_the_cpu_reference(fmt, num_tokens, tmp_path):
+    if fmt in W8A8 and torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("fp8 W8A8 needs compute capability 8.9+")
+    quantizer, config, ignore = FORMATS[fmt]
+    src = save_tiny_model(tmp_path / "src", "llama", tokenizer=False)
+    ckpt.write_quantized(src, tmp_path / "q", quantizer, config, ignore)
+    reference = dict(_build(tmp_path / "q", torch.float32, "cpu").named_modules())
+    model = _build(tmp_path / "q", torch.bfloat16, "cuda")
+    for name, layer in model.named_modules():
+        if not isinstance(layer, LinearBase):
+            continue
+        x = torch.randn(num_tokens, layer.input_size, generator=torch.Generator().manual_seed(num_tokens))
+        expected = reference[name](x)
+        out = layer(x.to("cuda", torch.bfloat16)).float().cpu()
+        # bfloat16 inputs and outputs (and, for W8A8, bfloat16-rounded activation scales) against float32
+        torch.testing.assert_close(out, expected, rtol=3e-2, atol=3e-2 * expected.abs().max().item())
