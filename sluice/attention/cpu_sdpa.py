@@ -41,6 +41,8 @@ class _Group:
     seq_lens: np.ndarray
     # (block_size, sliding_window) -> (block ids [n * num_blocks], mask [n, 1, max_q, L]); built at first use
     keys: dict[tuple[int, int | None], tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    # (block_size, sliding_window, dtype) -> the mask as SDPA adds it: 0 where visible, -inf elsewhere
+    additive_masks: dict[tuple[int, int | None, torch.dtype], torch.Tensor] = field(default_factory=dict)
 
     @property
     def num_reqs(self) -> int:
@@ -62,6 +64,15 @@ class _Group:
                 mask &= key_pos > self.query_pos - sliding_window
             layout = self.keys[(block_size, sliding_window)] = (block_ids, mask.unsqueeze(1))
         return layout
+
+    def additive_mask(self, mask: torch.Tensor, block_size: int, sliding_window: int | None,
+                      dtype: torch.dtype) -> torch.Tensor:
+        """``mask`` as a float bias in ``dtype``: SDPA would convert a boolean mask on every call."""
+        key = (block_size, sliding_window, dtype)
+        bias = self.additive_masks.get(key)
+        if bias is None:
+            bias = self.additive_masks[key] = torch.zeros(mask.shape, dtype=dtype).masked_fill_(~mask, float("-inf"))
+        return bias
 
 
 @dataclass(slots=True)
@@ -148,7 +159,8 @@ def _attend(query: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tens
     if logits_soft_cap is None:
         if k.dtype != q.dtype:
             k, v = k.to(q.dtype), v.to(q.dtype)
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale,
+        bias = group.additive_mask(mask, kv_cache.shape[2], sliding_window, q.dtype)
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale,
                                            enable_gqa=num_heads != num_kv_heads)
     else:
         o = _soft_capped_attention(q, k, v, mask, scale, logits_soft_cap)
