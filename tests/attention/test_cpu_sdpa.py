@@ -81,3 +81,14 @@ def test_fast_path_matches_reference_in_bfloat16(seed):
         ref = TorchRefBackend().forward(query, kv_cache, metadata, 0.125, window, cap)
         fast = CpuSdpaBackend().forward(query, kv_cache, metadata, 0.125, window, cap)
         torch.testing.assert_close(fast.float(), ref.float(), atol=2e-2, rtol=2e-2)
+
+
+def test_cpu_default_is_the_fast_path_and_the_reference_stays_selectable(monkeypatch):
+    from sluice.attention import get_attention_backend
+    monkeypatch.delenv("SLUICE_CPU_ATTENTION", raising=False)
+    assert isinstance(get_attention_backend("cpu"), CpuSdpaBackend)
+    monkeypatch.setenv("SLUICE_CPU_ATTENTION", "reference")
+    assert isinstance(get_attention_backend("cpu"), TorchRefBackend)
+    monkeypatch.setenv("SLUICE_CPU_ATTENTION", "fast")
+    with pytest.raises(ValueError, match="SLUICE_CPU_ATTENTION must be one of sdpa, reference"):
+        get_attention_backend("cpu")
