@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from sluice.attention.backend import AttentionMetadata
+from sluice.attention.torch_ref import TorchRefBackend
 
 
 @dataclass(slots=True)
@@ -97,12 +98,7 @@ class CpuSdpaBackend:
                   if len(members)]
         return CpuAttentionPlan(groups, metadata.num_actual_tokens)
 
-    def write_kv(self, key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
-                 slot_mapping: torch.Tensor) -> None:
-        num_blocks, block_size = kv_cache.shape[1], kv_cache.shape[2]
-        flat = kv_cache.view(2, num_blocks * block_size, *kv_cache.shape[3:])
-        flat[0].index_copy_(0, slot_mapping, key.to(kv_cache.dtype))
-        flat[1].index_copy_(0, slot_mapping, value.to(kv_cache.dtype))
+    write_kv = TorchRefBackend.write_kv  # the same index_copy_ into the flat slots
 
     def forward(self, query: torch.Tensor, kv_cache: torch.Tensor, metadata: AttentionMetadata,
                 scale: float, sliding_window: int | None = None,
