@@ -130,7 +130,7 @@ class EngineArgs:
         "tokenizer": "tokenizer folder, if not the model's",
         "skip_tokenizer_init": "load no tokenizer: prompts are token ids, outputs carry token ids and empty text",
         "served_model_name": "model name reported by the API (default: the model path)",
-        "dtype": "weights and activations dtype; auto = the checkpoint's dtype (float32 on CPU for float16 checkpoints)",
+        "dtype": "weights and activations dtype; auto = the checkpoint's dtype (on CPU, 16-bit checkpoints run in bfloat16 where the CPU has native bf16, else float32)",
         "seed": "seed for dummy weights and for requests that give no seed",
         "max_model_len": "longest prompt + output in tokens (default: the model's context length)",
         "load_format": "auto, safetensors, gguf, or dummy (random weights, for benchmarks)",

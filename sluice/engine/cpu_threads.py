@@ -4,7 +4,8 @@ torch's own default is one thread per logical CPU, each spinning while it waits 
 other processes want the same cores (an API server tokenizing, a second model, a build), those
 spinning threads slow every step several times over. The engine uses the physical cores instead,
 unless told otherwise: ``--cpu-threads``, then ``$SLUICE_CPU_THREADS``, then ``$OMP_NUM_THREADS``
-(which torch already honours, so it is left alone).
+(which torch already honours, so it is left alone). "The physical cores" are those of the CPUs the process
+may run on (``sched_getaffinity``), capped by a cgroup CPU quota (``cpu.max``) where one is set.
 """
 from __future__ import annotations
 
@@ -30,6 +31,25 @@ def physical_cores() -> int:
     return len(cores) or os.cpu_count() or 1
 
 
+def cgroup_cpu_quota(cpu_max: str = "/sys/fs/cgroup/cpu.max") -> int | None:
+    """CPUs the cgroup (v2) quota allows, rounded up; None without a quota."""
+    try:
+        with open(cpu_max) as f:
+            quota, period = f.read().split()[:2]
+    except (OSError, ValueError):
+        return None
+    if quota == "max":
+        return None
+    return max(1, -(-int(quota) // int(period)))
+
+
+def default_cpu_threads() -> int:
+    """The physical cores available to this process, at most the cgroup quota."""
+    cores = physical_cores()
+    quota = cgroup_cpu_quota()
+    return min(cores, quota) if quota is not None else cores
+
+
 def resolve_cpu_threads(cpu_threads: int | None) -> int | None:
     """The thread count to set, or None to leave torch's (OMP_NUM_THREADS set and no override)."""
     if cpu_threads is not None:
@@ -41,7 +61,7 @@ def resolve_cpu_threads(cpu_threads: int | None) -> int | None:
         return int(from_env)
     if os.environ.get("OMP_NUM_THREADS"):
         return None
-    return physical_cores()
+    return default_cpu_threads()
 
 
 def set_cpu_threads(cpu_threads: int | None) -> None:

@@ -2,7 +2,8 @@
 
     load_hf_config(folder)          config.json -> transformers.PretrainedConfig (never the hub)
     iterate_safetensors(folder)     (name, tensor) over every *.safetensors shard, one at a time
-    resolve_dtype(config, "auto")   the checkpoint's dtype, but float32 on CPU for 16-bit checkpoints
+    resolve_dtype(config, "auto")   the checkpoint's dtype; on CPU, 16-bit checkpoints run in bfloat16 where the
+                                    CPU has native bf16 (AMX / AVX512-BF16), float32 elsewhere
     build_model(...)                instantiate on the target device (quantized linear layers if the
                                     checkpoint or ``quantization`` says so), then load or fill dummy weights
 
@@ -63,7 +64,9 @@ def iterate_safetensors(folder: str | os.PathLike) -> Iterator[tuple[str, torch.
 
 
 def resolve_dtype(hf_config: Any, dtype_str: str, device_type: str) -> torch.dtype:
-    """dtype flag -> torch dtype. "auto": the checkpoint's dtype, float32 on CPU for 16-bit ones."""
+    """dtype flag -> torch dtype. "auto": the checkpoint's dtype; on CPU a 16-bit checkpoint runs in bfloat16
+    where the CPU computes bf16 natively (``cpu_has_native_bf16``) and in float32 elsewhere. Results that must
+    match transformers exactly ask for float32 explicitly."""
     if dtype_str != "auto":
         if dtype_str not in _DTYPES:
             raise ValueError(f"dtype must be one of auto, {', '.join(_DTYPES)}, got {dtype_str!r}")
@@ -75,8 +78,23 @@ def resolve_dtype(hf_config: Any, dtype_str: str, device_type: str) -> torch.dty
     if checkpoint_dtype not in _DTYPES.values():
         return torch.float32
     if device_type == "cpu" and checkpoint_dtype in (torch.float16, torch.bfloat16):
-        return torch.float32  # CPU is the reference path: exact float32 math, and fast 16-bit kernels are rare
+        return torch.bfloat16 if cpu_has_native_bf16() else torch.float32  # emulated bf16 is slower than float32
     return checkpoint_dtype
+
+
+_NATIVE_BF16_FLAGS = ("amx_bf16", "avx512_bf16")
+
+
+def cpu_has_native_bf16(cpuinfo: str = "/proc/cpuinfo") -> bool:
+    """Whether this CPU has bf16 matmul instructions (AMX-BF16 or AVX512-BF16), from its cpuinfo flags."""
+    try:
+        with open(cpuinfo) as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return any(flag in line.split() for flag in _NATIVE_BF16_FLAGS)
+    except OSError:
+        pass
+    return False
 
 
 @torch.no_grad()

@@ -32,6 +32,7 @@ from random import Random
 import torch
 
 from sluice.core.interface import LogprobsLists
+from sluice.sample.argmax import row_argmax
 from sluice.sample.logprobs import compute_prompt_logprobs, gather_logprobs
 from sluice.sample.metadata import SamplingMetadata
 from sluice.sample.penalties import (apply_allowed_token_mask, apply_banned_tokens, apply_logit_bias,
@@ -121,7 +122,7 @@ class Sampler:
         return logits
 
     def _sample(self, logits: torch.Tensor, metadata: SamplingMetadata) -> torch.Tensor:
-        greedy = None if metadata.all_random else logits.argmax(dim=-1)
+        greedy = None if metadata.all_random else row_argmax(logits)
         if metadata.all_greedy:
             return greedy
         random = self._sample_random(logits, metadata)
@@ -136,7 +137,7 @@ class Sampler:
         if metadata.min_p is not None:
             probs = apply_min_p(probs, metadata.min_p)
         q = self._exponential_noise(probs, metadata)
-        return probs.div(q).argmax(dim=-1)
+        return row_argmax(probs.div(q))
 
     @staticmethod
     def _exponential_noise(probs: torch.Tensor, metadata: SamplingMetadata) -> torch.Tensor:

@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM
 from sluice.attention.torch_ref import TorchRefBackend
 from sluice.models.llama import LlamaForCausalLM, MistralForCausalLM
 from sluice.models.loader import (build_model, get_model_class, iterate_safetensors, load_hf_config,
-                                  resolve_dtype)
+                                  resolve_dtype, cpu_has_native_bf16)
 from sluice.models.qwen3 import Qwen3ForCausalLM
 from tests.models.paged_batch import StepRequest, allocate_kv_caches, build_step
 from tests.tiny_models import tiny_config
@@ -46,9 +46,13 @@ def test_registry_falls_back_to_model_type_for_configs_built_in_code():
         get_model_class(config)
 
 
+NATIVE_BF16 = torch.bfloat16 if cpu_has_native_bf16() else torch.float32
+
+
 @pytest.mark.parametrize("checkpoint_dtype, flag, device, expected", [
-    (torch.bfloat16, "auto", "cpu", torch.float32),  # CPU is the float32 reference
-    (torch.float16, "auto", "cpu", torch.float32),
+    (torch.bfloat16, "auto", "cpu", NATIVE_BF16),  # bf16 where the CPU has bf16 instructions, else float32
+    (torch.float16, "auto", "cpu", NATIVE_BF16),
+    (torch.float32, "auto", "cpu", torch.float32),
     (torch.bfloat16, "auto", "cuda", torch.bfloat16),
     (torch.float32, "auto", "cuda", torch.float32),
     (None, "auto", "cuda", torch.float32),  # unknown
@@ -59,6 +63,15 @@ def test_resolve_dtype(checkpoint_dtype, flag, device, expected):
     config = tiny_config("llama")
     config.dtype = checkpoint_dtype
     assert resolve_dtype(config, flag, device) == expected
+
+
+def test_native_bf16_is_read_from_the_cpu_flags(tmp_path):
+    flags = tmp_path / "cpuinfo"
+    flags.write_text("processor\t: 0\nflags\t\t: fpu sse avx512f avx512_bf16 amx_tile\n")
+    assert cpu_has_native_bf16(str(flags))
+    flags.write_text("processor\t: 0\nflags\t\t: fpu sse avx2 avx512f\n")
+    assert not cpu_has_native_bf16(str(flags))
+    assert not cpu_has_native_bf16(str(tmp_path / "missing"))
 
 
 def test_resolve_dtype_rejects_unknown_names():
