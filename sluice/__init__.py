@@ -2,7 +2,7 @@
 from sluice.config import EngineArgs
 from sluice.outputs import CompletionOutput, Logprob, RequestOutput
 from sluice.pooling import EmbeddingRequestOutput, PoolingParams, PoolingRequestOutput
-from sluice.sampling_params import RequestOutputKind, SamplingParams
+from sluice.sampling_params import RequestOutputKind, SamplingParams, StructuredOutputsParams
 
 __version__ = "0.1.0"
 
@@ -16,4 +16,4 @@ def __getattr__(name: str):
 
 
 __all__ = ["LLM", "SamplingParams", "EngineArgs", "RequestOutput", "CompletionOutput", "Logprob",
-           "RequestOutputKind", "PoolingParams", "EmbeddingRequestOutput", "PoolingRequestOutput", "__version__"]
+           "RequestOutputKind", "StructuredOutputsParams", "PoolingParams", "EmbeddingRequestOutput", "PoolingRequestOutput", "__version__"]

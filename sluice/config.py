@@ -8,6 +8,7 @@
                                              parallel:  ParallelConfig   tensor parallel size
                                              device:    DeviceConfig     the device probe (type, name, memory)
                                              observability: ObservabilityConfig  KV block timings, tracing
+                                             structured_outputs: StructuredOutputsConfig  grammar backend
         -- the core sizes its KV cache --> config.with_kv_cache(num_blocks)   (cache.num_blocks set,
                                              scheduler.max_model_len capped at the KV cache's capacity)
 
@@ -112,6 +113,7 @@ class EngineArgs:
     kv_cache_metrics_sample: float = 0.01
     otlp_traces_endpoint: str | None = None  # OpenTelemetry tracing (sluice/tracing.py)
     collect_detailed_traces: str | None = None
+    structured_outputs_backend: str = "xgrammar"  # auto | xgrammar | guidance (sluice/structured_output/)
     # Not a flag: who drives the engine ("llm": offline LLM, "server": the API server); picks batch defaults.
     usage_context: str = "llm"
 
@@ -153,10 +155,14 @@ class EngineArgs:
                                 "(OTEL_EXPORTER_OTLP_TRACES_PROTOCOL, _HEADERS, OTEL_SERVICE_NAME... apply)",
         "collect_detailed_traces": "also send a span per engine step: model, worker or all (needs "
                                    "--otlp-traces-endpoint)",
+        "structured_outputs_backend": "grammar library for structured outputs (response_format, guided_json...): "
+                                      "xgrammar, guidance (llguidance), or auto (xgrammar, llguidance for what "
+                                      "xgrammar refuses)",
     }
     _NOT_FLAGS = {"usage_context"}
     _CHOICES = {"dtype": DTYPES, "load_format": LOAD_FORMATS, "scheduling_policy": POLICIES, "device": DEVICES,
-                "runner": ("auto", "generate", "pooling"), "task": ("auto", "generate", "embed")}
+                "runner": ("auto", "generate", "pooling"), "task": ("auto", "generate", "embed"),
+                "structured_outputs_backend": ("auto", "xgrammar", "guidance")}
 
     @classmethod
     def add_cli_args(cls, parser: argparse.ArgumentParser, model_positional: bool = False) -> argparse.ArgumentParser:
@@ -337,6 +343,12 @@ class ObservabilityConfig:
 
 
 @dataclass(frozen=True)
+class StructuredOutputsConfig:
+    """Constrained decoding (sluice/structured_output/): which grammar library compiles a request's constraint."""
+    backend: str = "xgrammar"  # auto (xgrammar, llguidance for what xgrammar refuses) | xgrammar | guidance
+
+
+@dataclass(frozen=True)
 class EngineConfig:
     model: ModelConfig
     cache: CacheConfig
@@ -344,6 +356,7 @@ class EngineConfig:
     parallel: ParallelConfig
     device: DeviceConfig
     observability: ObservabilityConfig = ObservabilityConfig()
+    structured_outputs: StructuredOutputsConfig = StructuredOutputsConfig()
     usage_context: str = "llm"
     disable_log_stats: bool = False
 
@@ -429,6 +442,7 @@ def create_engine_config(args: EngineArgs, device: DeviceConfig | None = None) -
                             kv_cache_metrics_sample=args.kv_cache_metrics_sample,
                             otlp_traces_endpoint=args.otlp_traces_endpoint,
                             collect_detailed_traces=args.collect_detailed_traces),
+                        structured_outputs=StructuredOutputsConfig(args.structured_outputs_backend),
                         usage_context=args.usage_context, disable_log_stats=args.disable_log_stats)
 
 

@@ -113,6 +113,8 @@ class Scheduler:
         self._admission_blocked = False
         # Set by core/kv_metrics.py (--kv-cache-metrics): hands over the sampled KV block timings.
         self.kv_cache_events_source = None
+        # Outputs of requests that failed in schedule() (finish reason "error"), sent by the next update.
+        self._failed_outputs: list[EngineCoreOutput] = []
 
     # ---- requests in and out ------------------------------------------------------------
 
@@ -145,7 +147,7 @@ class Scheduler:
             self._free_request(request)
 
     def has_unfinished_requests(self) -> bool:
-        return bool(self.running or self.waiting)
+        return bool(self.running or self.waiting or self._failed_outputs)
 
     def has_requests(self) -> bool:
         """Whether a schedule() call is still due: unfinished requests, or finished ids the runner must drop."""
@@ -201,14 +203,21 @@ class Scheduler:
                 step.add_running(request, num_new_tokens, new_block_ids)
 
     def _schedule_waiting(self, step: _StepPlan) -> None:
-        while self.waiting and step.token_budget > 0 and len(self.running) < self.max_num_seqs:
-            request = self.waiting[0]
+        index = 0  # requests whose grammar is still compiling stay in place; those behind them go on
+        while index < len(self.waiting) and step.token_budget > 0 and len(self.running) < self.max_num_seqs:
+            request = self.waiting[index]
+            if request.structured_output is not None and not request.structured_output.is_ready():
+                if request.structured_output.error is not None:
+                    self._fail(request)
+                else:
+                    index += 1
+                continue
             computed_blocks, num_computed = self.kv_cache_manager.get_computed_blocks(request)
             num_new_tokens = min(request.num_tokens - num_computed, step.token_budget, self.long_prefill_token_threshold)
             if self.kv_cache_manager.allocate_slots(request, num_new_tokens, computed_blocks) is None:
                 self._admission_blocked = True
                 break
-            self.waiting.pop(0)
+            self.waiting.pop(index)
             if request.first_scheduled_time is None:
                 request.first_scheduled_time = time.monotonic()
             request.num_computed_tokens = num_computed
@@ -219,6 +228,14 @@ class Scheduler:
             step.add_new(request, num_new_tokens)
         if self.waiting and len(self.running) >= self.max_num_seqs:
             self._admission_blocked = True
+
+    def _fail(self, request: Request) -> None:
+        """Finishes a waiting request that cannot run (its grammar did not compile): finish reason "error"."""
+        logger.warning("request %s fails: %s", request.request_id, request.structured_output.error)
+        self.waiting.remove(request)
+        request.status = RequestStatus.FINISHED_ERROR
+        self._failed_outputs.append(EngineCoreOutput(request.request_id, [], finish_reason=request.get_finish_reason()))
+        self._free_request(request)
 
     def _pending_samples_end(self, request: Request) -> bool:
         """Whether the samples still on their way will finish the request by length."""
@@ -290,8 +307,10 @@ class Scheduler:
     def update_from_output(self, scheduler_output: SchedulerOutput,
                            model_runner_output: ModelRunnerOutput) -> list[EngineCoreOutput]:
         outputs: list[EngineCoreOutput] = []
+        if self._failed_outputs:
+            outputs, self._failed_outputs = self._failed_outputs, []
         if model_runner_output.pooler_output:
-            outputs = self._finish_pooled(model_runner_output.pooler_output)
+            outputs += self._finish_pooled(model_runner_output.pooler_output)
         for req_id in scheduler_output.num_scheduled_tokens:
             request = self.requests.get(req_id)
             if request is None:  # aborted since schedule()
@@ -352,6 +371,11 @@ class Scheduler:
 
     def _check_stop(self, request: Request, token_id: int) -> bool:
         params = request.sampling_params
+        if request.structured_output is not None and request.structured_output.advance(token_id):
+            request.status = RequestStatus.FINISHED_STOPPED  # the grammar is complete (or was left)
+            if token_id in params.all_stop_token_ids:
+                request.stop_reason = token_id
+            return True
         if request.num_output_tokens >= params.min_tokens:
             if token_id in params.all_stop_token_ids:
                 request.status = RequestStatus.FINISHED_STOPPED
@@ -367,6 +391,8 @@ class Scheduler:
         return False
 
     def _free_request(self, request: Request) -> None:
+        if request.structured_output is not None:
+            request.structured_output.free()
         self.kv_cache_manager.free(request)
         self.finished_req_ids.add(request.request_id)
         del self.requests[request.request_id]
