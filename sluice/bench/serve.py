@@ -52,6 +52,7 @@ class ServeRequest:
     prompt_len: int
     output_len: int
     is_long: bool = False  # one of the long-prompt mix's
+    json_schema: dict | None = None  # --structured-fraction: sent as response_format json_schema
 
 
 @dataclass(slots=True)
@@ -91,6 +92,8 @@ async def send_completion(client: Any, url: str, model: str, request: ServeReque
     """Streams one completion; never raises (a failure is a result with ``success`` False)."""
     payload = {"model": model, "prompt": request.prompt, "max_tokens": request.output_len, "temperature": 1.0,
                "top_p": 1.0, "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
+    if request.json_schema is not None:
+        payload["response_format"] = {"type": "json_schema", "json_schema": {"name": "w7", "schema": request.json_schema}}
     result = RequestResult(prompt_len=request.prompt_len)
     num_chunks = 0
     start = last = time.perf_counter()
@@ -286,6 +289,8 @@ def add_parser(bench_subparsers: argparse._SubParsersAction) -> argparse.Argumen
     parser.add_argument("--num-long-prompts", type=int, default=4, help="how many long prompts, spread evenly")
     parser.add_argument("--long-prompt-output-len", type=int, default=16, help="output tokens of a long prompt")
     parser.add_argument("--seed", type=int, default=0, help="seeds the workload and the arrival times")
+    parser.add_argument("--structured-fraction", type=float, default=0.0,
+                        help="fraction of requests sent with a response_format JSON schema (W7's schemas)")
     parser.add_argument("--api-key", default=os.environ.get("SLUICE_API_KEY") or os.environ.get("OPENAI_API_KEY"))
     parser.add_argument("--num-warmup-prompts", type=int, default=1, help="untimed requests first (also a check)")
     parser.add_argument("--device-name", default=None, help="the server's device for the report (default: local)")
@@ -338,12 +343,14 @@ def build_requests(args: argparse.Namespace, headers: dict[str, str]) -> list[Se
     if max_model_len is None:
         models = httpx.get(args.base_url.rstrip("/") + "/v1/models", headers=headers, timeout=30).json()
         max_model_len = next((m.get("max_model_len") for m in models.get("data", []) if m["id"] == args.model), None)
-    workload = generate_workload("W1", vocab_size, args.num_prompts, args.seed, max_model_len, args.length_scale)
+    workload = generate_workload("W1", vocab_size, args.num_prompts, args.seed, max_model_len, args.length_scale,
+                                 args.structured_fraction)
     mixed = [(r, False) for r in workload]
     if args.long_prompt_len:
         mixed = spread_evenly(workload, _long_prompts(args, vocab_size, max_model_len))
     return [ServeRequest(tokenizer.decode(r.prompt_token_ids) if args.prompt_format == "text" else r.prompt_token_ids,
-                         len(r.prompt_token_ids), r.output_len, is_long) for r, is_long in mixed]
+                         len(r.prompt_token_ids), r.output_len, is_long, getattr(r, "json_schema", None))
+            for r, is_long in mixed]
 
 
 def _long_prompts(args: argparse.Namespace, vocab_size: int, max_model_len: int | None) -> list:

@@ -113,7 +113,7 @@ class XgrammarGrammar:
 
     def __init__(self, compiled: Any) -> None:
         import xgrammar as xgr
-        self._matcher = xgr.GrammarMatcher(compiled, max_rollback_tokens=16)
+        self._matcher = xgr.GrammarMatcher(compiled)
 
     def accept_token(self, token_id: int) -> bool:
         return self._matcher.accept_token(token_id)
@@ -155,6 +155,7 @@ class GuidanceBackend:
         import llguidance.hf
         self.vocab_size = vocab_size
         self.ll_tokenizer = llguidance.hf.from_tokenizer(tokenizer, n_vocab=vocab_size)
+        self.stop_token_ids = frozenset([tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else [])
 
     @staticmethod
     def check_syntax(kind: str, spec: str, any_whitespace: bool) -> str:
@@ -175,19 +176,25 @@ class GuidanceBackend:
         return self.check_syntax(kind, spec, any_whitespace)
 
     def matcher(self, compiled: str) -> "GuidanceGrammar":
-        return GuidanceGrammar(self.ll_tokenizer, compiled)
+        return GuidanceGrammar(self.ll_tokenizer, compiled, self.stop_token_ids)
 
 
 class GuidanceGrammar:
-    __slots__ = ("_matcher",)
+    """llguidance stops as soon as the grammar can take nothing more (``}`` of a JSON object) and then allows
+    only eos; like xgrammar's, this matcher is terminated once it has taken that eos, so the request ends on a
+    stop token and the text keeps its last character."""
+    __slots__ = ("_matcher", "_stop_token_ids", "_last_token")
 
-    def __init__(self, ll_tokenizer: Any, grammar: str) -> None:
+    def __init__(self, ll_tokenizer: Any, grammar: str, stop_token_ids: frozenset[int]) -> None:
         import llguidance
         self._matcher = llguidance.LLMatcher(ll_tokenizer, grammar)
         if self._matcher.is_error():
             raise ValueError(f"structured_outputs: {self._matcher.get_error()}")
+        self._stop_token_ids = stop_token_ids
+        self._last_token = -1
 
     def accept_token(self, token_id: int) -> bool:
+        self._last_token = token_id
         return self._matcher.consume_token(token_id) and not self._matcher.is_error()
 
     def fill_bitmask(self, bitmask: Any, row: int) -> None:
@@ -195,7 +202,7 @@ class GuidanceGrammar:
         llguidance.torch.fill_next_token_bitmask(self._matcher, bitmask, row)
 
     def is_terminated(self) -> bool:
-        return self._matcher.is_stopped()
+        return self._matcher.is_stopped() and self._last_token in self._stop_token_ids
 
     def rollback(self, num_tokens: int) -> None:
         self._matcher.rollback(num_tokens)
