@@ -6,9 +6,10 @@ The engine core owns it; the scheduler sees only ``Request.structured_output`` (
                                                               (backend, kind, spec)); the request waits
     Scheduler.schedule      -> request.structured_output.is_ready()   not admitted until its grammar is
                                                               compiled; one that failed finishes "error"
-    EngineCore.step         -> manager.grammar_bitmask(...)   one bitmask row per constrained request that
-                                                              samples this step, filled on the host
-    ModelRunner.launch      -> apply_grammar_bitmask(...)     disallowed logits set to -inf, one op
+    EngineCore.step         -> manager.grammar_bitmask(...)   the grammars of the step's constrained requests
+    ModelRunner.launch      -> apply_grammar_bitmask(...)     one bitmask row per constrained request that
+                                                              samples, filled on the host; disallowed logits
+                                                              set to -inf in one op
     Scheduler._check_stop   -> request.structured_output.advance(token)   the matcher takes each accepted
                                                               token; a finished grammar stops the request
 
@@ -22,7 +23,6 @@ import logging
 import os
 import threading
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from sluice.sampling_params import StructuredOutputsParams
@@ -38,11 +38,27 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 
-@dataclass(slots=True)
 class GrammarBitmask:
-    """The token bitmask of one step: row i belongs to ``req_ids[i]``, a request that samples in the step."""
-    req_ids: list[str]
-    bitmask: "torch.Tensor"  # int32 [len(req_ids), ceil(vocab_size / 32)] on the host
+    """The grammars of one step's constrained requests; the runner asks for the bitmask of those that sample
+    (it alone knows which do: a prompt chunk that stops short of the known tokens samples nothing)."""
+    __slots__ = ("grammars", "vocab_size")
+
+    def __init__(self, grammars: dict[str, Grammar], vocab_size: int) -> None:
+        self.grammars = grammars
+        self.vocab_size = vocab_size
+
+    def fill(self, sampling_req_ids: list[str]) -> "tuple[list[int], torch.Tensor] | None":
+        """(rows of ``sampling_req_ids`` that are constrained, their int32 bitmask [len(rows), ceil(V / 32)]),
+        filled on the host; None when no sampling row is constrained."""
+        grammars = self.grammars
+        rows = [i for i, req_id in enumerate(sampling_req_ids) if req_id in grammars]
+        if not rows:
+            return None
+        import xgrammar as xgr
+        bitmask = xgr.allocate_token_bitmask(len(rows), self.vocab_size)
+        for k, row in enumerate(rows):
+            grammars[sampling_req_ids[row]].fill_bitmask(bitmask, k)
+        return rows, bitmask
 
 
 class StructuredOutputRequest:
@@ -175,25 +191,15 @@ class StructuredOutputManager:
 
     def grammar_bitmask(self, requests: dict[str, "Request"],
                         scheduler_output: "SchedulerOutput") -> GrammarBitmask | None:
-        """The bitmask rows of the step's constrained requests that sample; None when there are none."""
+        """The grammars of the step's constrained requests (None when there are none): the runner fills the
+        bitmask of those that sample, after the previous step's samples have advanced them."""
         if not self.num_active:
             return None
-        req_ids: list[str] = []
-        grammars: list[Grammar] = []
+        grammars: dict[str, Grammar] = {}
         for req_id in scheduler_output.num_scheduled_tokens:
             request = requests.get(req_id)
             if request is None or request.structured_output is None or request.is_finished():
                 continue
-            grammar = request.structured_output.grammar
-            # A prompt chunk that does not reach the end of the known tokens samples nothing.
-            if grammar is None or request.num_computed_tokens < request.num_tokens + request.num_output_placeholders:
-                continue
-            req_ids.append(req_id)
-            grammars.append(grammar)
-        if not req_ids:
-            return None
-        import xgrammar as xgr
-        bitmask = xgr.allocate_token_bitmask(len(req_ids), self.vocab_size)
-        for row, grammar in enumerate(grammars):
-            grammar.fill_bitmask(bitmask, row)
-        return GrammarBitmask(req_ids, bitmask)
+            if request.structured_output.grammar is not None:
+                grammars[req_id] = request.structured_output.grammar
+        return GrammarBitmask(grammars, self.vocab_size) if grammars else None
