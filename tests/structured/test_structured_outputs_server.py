@@ -37,7 +37,7 @@ def client(server):
 
 def test_parse_with_a_pydantic_model_returns_the_parsed_object(client):
     completion = client.beta.chat.completions.parse(model=client.models.list().data[0].id, messages=MESSAGES,
-                                                    response_format=Pet, max_tokens=40, temperature=0)
+                                                    response_format=Pet, max_tokens=120, temperature=0)
     message = completion.choices[0].message
     assert isinstance(message.parsed, Pet), message.content
 
@@ -52,7 +52,7 @@ def test_completions_take_response_format_structured_outputs_and_guided_fields(s
     ]
     texts = []
     for body in bodies:
-        r = httpx.post(server.url("/v1/completions"), json={"prompt": "Answer:", "max_tokens": 24, "temperature": 0,
+        r = httpx.post(server.url("/v1/completions"), json={"prompt": "Answer:", "max_tokens": 96, "temperature": 0,
                                                           **body}, headers=server.headers(), timeout=120)
         assert r.status_code == 200, r.text
         texts.append(r.json()["choices"][0]["text"])
