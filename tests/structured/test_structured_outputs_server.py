@@ -42,11 +42,11 @@ def test_parse_with_a_pydantic_model_returns_the_parsed_object(client):
     assert isinstance(message.parsed, Pet), message.content
 
 
-def test_completions_take_response_format_structured_outputs_and_guided_fields(server):
+def test_completions_take_structured_outputs_and_guided_fields(server):
     schema = {"type": "object", "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 9}},
               "required": ["n"], "additionalProperties": False}
     bodies = [
-        {"response_format": {"type": "json_schema", "json_schema": {"name": "n", "schema": schema}}},
+        {"structured_outputs": {"json": schema, "disable_any_whitespace": True}},
         {"structured_outputs": {"regex": r"\d{3}-\d{4}"}},
         {"guided_choice": ["left", "right"], "guided_decoding_backend": "guidance"},
     ]
