@@ -3,7 +3,7 @@ from sluice.config import EngineArgs
 from sluice.lora.request import LoRARequest
 from sluice.outputs import CompletionOutput, Logprob, RequestOutput
 from sluice.pooling import EmbeddingRequestOutput, PoolingParams, PoolingRequestOutput
-from sluice.sampling_params import RequestOutputKind, SamplingParams
+from sluice.sampling_params import RequestOutputKind, SamplingParams, StructuredOutputsParams
 
 __version__ = "0.1.0"
 
@@ -17,4 +17,5 @@ def __getattr__(name: str):
 
 
 __all__ = ["LLM", "SamplingParams", "EngineArgs", "RequestOutput", "CompletionOutput", "Logprob",
-           "RequestOutputKind", "LoRARequest", "PoolingParams", "EmbeddingRequestOutput", "PoolingRequestOutput", "__version__"]
+           "RequestOutputKind", "LoRARequest", "StructuredOutputsParams", "PoolingParams", "EmbeddingRequestOutput",
+           "PoolingRequestOutput", "__version__"]

@@ -8,6 +8,7 @@
                                              parallel:  ParallelConfig   tensor parallel size
                                              device:    DeviceConfig     the device probe (type, name, memory)
                                              observability: ObservabilityConfig  KV block timings, tracing
+                                             structured_outputs: StructuredOutputsConfig  grammar backend
         -- the core sizes its KV cache --> config.with_kv_cache(num_blocks)   (cache.num_blocks set,
                                              scheduler.max_model_len capped at the KV cache's capacity)
 
@@ -121,6 +122,7 @@ class EngineArgs:
     max_lora_rank: int = 16
     max_cpu_loras: int | None = None  # default: max_loras
     lora_scheduling: str = "fair"  # fair | fcfs: the order waiting requests of different adapters start in
+    structured_outputs_backend: str = "xgrammar"  # auto | xgrammar | guidance (sluice/structured_output/)
     # Not a flag: who drives the engine ("llm": offline LLM, "server": the API server); picks batch defaults.
     usage_context: str = "llm"
 
@@ -176,12 +178,17 @@ class EngineArgs:
         "max_cpu_loras": "LoRA adapters kept loaded in host memory (default: --max-loras)",
         "lora_scheduling": "fair: waiting requests start in per-adapter fair order (an adapter with many "
                            "requests cannot starve one with few); fcfs: arrival order (fair needs the fcfs policy)",
+        "structured_outputs_backend": "grammar library for structured outputs (response_format, guided_json...): "
+                                      "xgrammar, guidance (llguidance), or auto (xgrammar, llguidance for what "
+                                      "xgrammar refuses)",
     }
     _NOT_FLAGS = {"usage_context"}
     _CHOICES = {"dtype": DTYPES, "load_format": LOAD_FORMATS, "scheduling_policy": POLICIES, "device": DEVICES,
                 "runner": ("auto", "generate", "pooling"), "task": ("auto", "generate", "embed"),
                 "preemption_mode": ("auto", "recompute", "swap"),
-                "lora_scheduling": ("fair", "fcfs")}
+                "lora_scheduling": ("fair", "fcfs"),
+
+                "structured_outputs_backend": ("auto", "xgrammar", "guidance")}
 
     @classmethod
     def add_cli_args(cls, parser: argparse.ArgumentParser, model_positional: bool = False) -> argparse.ArgumentParser:
@@ -386,6 +393,12 @@ class LoRAConfig:
 
 
 @dataclass(frozen=True)
+class StructuredOutputsConfig:
+    """Constrained decoding (sluice/structured_output/): which grammar library compiles a request's constraint."""
+    backend: str = "xgrammar"  # auto (xgrammar, llguidance for what xgrammar refuses) | xgrammar | guidance
+
+
+@dataclass(frozen=True)
 class EngineConfig:
     model: ModelConfig
     cache: CacheConfig
@@ -393,6 +406,7 @@ class EngineConfig:
     parallel: ParallelConfig
     device: DeviceConfig
     observability: ObservabilityConfig = ObservabilityConfig()
+    structured_outputs: StructuredOutputsConfig = StructuredOutputsConfig()
     usage_context: str = "llm"
     disable_log_stats: bool = False
     lora: LoRAConfig | None = None  # None: LoRA off, and the model is built without the hook
@@ -481,6 +495,7 @@ def create_engine_config(args: EngineArgs, device: DeviceConfig | None = None) -
                             kv_cache_metrics_sample=args.kv_cache_metrics_sample,
                             otlp_traces_endpoint=args.otlp_traces_endpoint,
                             collect_detailed_traces=args.collect_detailed_traces),
+                        structured_outputs=StructuredOutputsConfig(args.structured_outputs_backend),
                         usage_context=args.usage_context, disable_log_stats=args.disable_log_stats,
                         lora=_lora_config(args))
 

@@ -17,16 +17,20 @@ _SAMPLING_EPS = 1e-5
 _MAX_LOGIT_BIAS = 100.0  # OpenAI's range: biases are clamped to [-100, 100]
 
 
-class RequestOutputKind(enum.IntEnum):
-    CUMULATIVE = 0  # every output carries the whole text so far
-    DELTA = 1  # every output carries only what is new
-    FINAL_ONLY = 2  # one output, when the request finishes
+STRUCTURED_OUTPUT_BACKENDS = ("auto", "xgrammar", "guidance")
+_CONSTRAINTS = ("json", "regex", "choice", "grammar", "json_object", "structural_tag")
 
 
 @dataclass
 class StructuredOutputsParams:
-    """One constraint on the generated text (vLLM's names); set at most one of json, regex, choice, grammar,
-    json_object, structural_tag."""
+    """One constraint on a request's output (vLLM's names); exactly one of the constraint fields is set.
+
+    ``json``: a JSON schema (dict or JSON text); ``regex``; ``choice``: the output is one of these strings;
+    ``grammar``: EBNF/GBNF (xgrammar) or Lark (guidance); ``json_object``: any JSON object;
+    ``structural_tag``: xgrammar's structural tag (JSON text). ``backend`` overrides the engine's
+    ``structured_outputs_backend`` for this request. The grammar compiles in the engine core
+    (sluice/structured_output/); the engine front checks its syntax first (a ValueError naming the problem).
+    """
     json: str | dict | None = None
     regex: str | None = None
     choice: list[str] | None = None
@@ -34,6 +38,39 @@ class StructuredOutputsParams:
     json_object: bool | None = None
     structural_tag: str | None = None
     disable_any_whitespace: bool = False
+    backend: str | None = None
+
+    def __post_init__(self) -> None:
+        given = [name for name in _CONSTRAINTS if getattr(self, name) not in (None, False)]
+        if len(given) != 1:
+            raise ValueError(f"structured_outputs: exactly one of {', '.join(_CONSTRAINTS)} must be set, got "
+                             f"{', '.join(given) if given else 'none'}")
+        if self.json is not None and not isinstance(self.json, (str, dict)):
+            raise ValueError(f"structured_outputs.json must be a JSON schema (dict or JSON text), got "
+                             f"{type(self.json).__name__}")
+        if self.choice is not None:
+            if (not isinstance(self.choice, (list, tuple)) or not self.choice
+                    or not all(isinstance(c, str) for c in self.choice)):
+                raise ValueError("structured_outputs.choice must be a non-empty list of strings")
+            self.choice = list(self.choice)
+        for name in ("regex", "grammar", "structural_tag"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value):
+                raise ValueError(f"structured_outputs.{name} must be a non-empty string")
+        if self.backend is not None and self.backend not in STRUCTURED_OUTPUT_BACKENDS:
+            raise ValueError(f"structured_outputs backend must be one of {', '.join(STRUCTURED_OUTPUT_BACKENDS)}, "
+                             f"got {self.backend!r}")
+
+    @property
+    def kind(self) -> str:
+        """The one constraint field that is set."""
+        return next(name for name in _CONSTRAINTS if getattr(self, name) not in (None, False))
+
+
+class RequestOutputKind(enum.IntEnum):
+    CUMULATIVE = 0  # every output carries the whole text so far
+    DELTA = 1  # every output carries only what is new
+    FINAL_ONLY = 2  # one output, when the request finishes
 
 
 @dataclass
@@ -62,7 +99,7 @@ class SamplingParams:
     bad_words: list[str] | None = None  # words never generated (multi-token aware)
     logprobs: int | None = None  # top logprobs per generated token (0: the sampled one only)
     prompt_logprobs: int | None = None  # top logprobs per prompt position
-    structured_outputs: StructuredOutputsParams | None = None  # constrained decoding
+    structured_outputs: StructuredOutputsParams | None = None  # constrained decoding (sluice/structured_output/)
     # Filled by the engine front from bad_words (update_bad_words_from_tokenizer).
     _bad_words_token_ids: list[list[int]] | None = field(default=None, repr=False)
     # Filled by the engine front: token ids that end generation besides eos (e.g. a chat
@@ -117,6 +154,8 @@ class SamplingParams:
             bad("stop_token_ids", "must be non-negative integers")
         if self.seed is not None and not isinstance(self.seed, int):
             bad("seed", f"must be an integer, got {self.seed!r}")
+        if self.structured_outputs is not None and not isinstance(self.structured_outputs, StructuredOutputsParams):
+            bad("structured_outputs", f"must be a StructuredOutputsParams, got {type(self.structured_outputs).__name__}")
 
     def _verify_penalties_and_logprobs(self) -> None:
         for name in ("presence_penalty", "frequency_penalty"):

@@ -58,6 +58,9 @@ def add_throughput_parser(bench_subparsers: argparse._SubParsersAction) -> argpa
     bench.add_argument("--workload", default="W1", choices=sorted(WORKLOADS),
                        help="; ".join(f"{w.name}: {w.description}" for w in WORKLOADS.values()))
     bench.add_argument("--num-prompts", type=int, default=None, help="requests (default: the workload's count)")
+    bench.add_argument("--structured-fraction", type=float, default=None,
+                       help="fraction of requests constrained by a JSON schema (structured outputs); default 1.0 "
+                            "for W7, else 0")
     bench.add_argument("--length-scale", type=float, default=1.0,
                        help="multiply every nominal prompt/output length (for small models on CPU)")
     bench.add_argument("--peers", default="", help="comma-separated peers on the same requests: hf, hf-cb (in this "
@@ -190,7 +193,7 @@ def run_throughput_benchmark(args: argparse.Namespace, model: ResolvedModel, pee
     engine_args = model.engine_args
     model_config = create_engine_config(engine_args).model
     requests = generate_workload(args.workload, model_config.vocab_size, args.num_prompts, engine_args.seed,
-                                 model_config.max_model_len, args.length_scale)
+                                 model_config.max_model_len, args.length_scale, args.structured_fraction)
     run_kwargs = dict(detokenize=not args.disable_detokenize, num_warmup=args.num_warmup_prompts,
                       use_tqdm=not args.no_progress)
     runs = {}
@@ -230,6 +233,7 @@ def build_report(args: argparse.Namespace, model: ResolvedModel, model_config: A
         "dtype": model_config.dtype, "sluice_commit": git_commit(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "num_prompts": len(requests), "seed": model.engine_args.seed, "length_scale": args.length_scale,
+        "structured_requests": sum(r.json_schema is not None for r in requests),
         "max_model_len": model_config.max_model_len, "num_kv_blocks": engine_run.num_kv_blocks,
         "engine": {"name": engine.name, **engine.to_dict(), "engine_args": engine_settings},
         "peers": {name: {**result.to_dict()} for name, result in peer_results.items()},

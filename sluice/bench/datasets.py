@@ -5,6 +5,11 @@
     W2 prefill     1000 requests, 1024 prompt tokens, 128 output tokens
     W3 decode      256 requests, prompt and output lengths uniform in [100, 1024]
     W4 prefix      1000 requests, one shared 2048-token prefix + 128 unique tokens, 128 output tokens
+    W7 structured  W1's requests, each constrained by one of the six JSON schemas of STRUCTURED_SCHEMAS
+
+``structured_fraction`` (``--structured-fraction``) constrains that fraction of any workload's requests the same
+way (W7: 1.0 unless given); which requests and which schema come from their own generator (``seed`` + 7), so
+the lengths stay those of the workload without constraints.
 
 Token ids are uniform over ``[FIRST_TOKEN_ID, vocab_size)`` so that the low ids, where tokenizers keep their
 special tokens (bos, eos, pad), never appear in a prompt. Everything comes from one ``numpy`` generator seeded
@@ -27,6 +32,7 @@ FIRST_TOKEN_ID = 10  # ids below this are left out: special tokens live there in
 class BenchRequest:
     prompt_token_ids: list[int]
     output_len: int
+    json_schema: dict | None = None  # structured outputs: the JSON schema its output must follow
 
     def __iter__(self):  # unpacks like the (prompt_token_ids, output_len) pair it is
         return iter((self.prompt_token_ids, self.output_len))
@@ -44,7 +50,38 @@ WORKLOADS: dict[str, WorkloadSpec] = {
     "W2": WorkloadSpec("W2", 1000, "prefill-heavy: 1024 prompt tokens, 128 output tokens"),
     "W3": WorkloadSpec("W3", 256, "decode-heavy: prompt and output lengths uniform in [100, 1024]"),
     "W4": WorkloadSpec("W4", 1000, "shared prefix: 2048-token prefix + 128 unique tokens, 128 output tokens"),
+    "W7": WorkloadSpec("W7", 1000, "structured outputs: W1's lengths, every output constrained by one of six "
+                                   "JSON schemas"),
 }
+
+# W7's schemas: nested objects, arrays, enums, numbers, strings with bounds.
+STRUCTURED_SCHEMAS: list[dict] = [
+    {"type": "object", "properties": {"name": {"type": "string"}, "age": {"type": "integer", "minimum": 0},
+                                      "email": {"type": "string"}}, "required": ["name", "age"]},
+    {"type": "object", "properties": {"order_id": {"type": "string"}, "items": {"type": "array", "items": {
+        "type": "object", "properties": {"sku": {"type": "string"}, "quantity": {"type": "integer", "minimum": 1},
+                                         "price": {"type": "number"}}, "required": ["sku", "quantity"]}},
+        "status": {"enum": ["pending", "shipped", "delivered", "cancelled"]}}, "required": ["order_id", "items"]},
+    {"type": "object", "properties": {"location": {"type": "object", "properties": {
+        "lat": {"type": "number", "minimum": -90, "maximum": 90},
+        "lon": {"type": "number", "minimum": -180, "maximum": 180}}, "required": ["lat", "lon"]},
+        "forecast": {"type": "array", "items": {"type": "object", "properties": {
+            "day": {"enum": ["mon", "tue", "wed", "thu", "fri", "sat", "sun"]}, "high": {"type": "number"},
+            "low": {"type": "number"}}, "required": ["day", "high", "low"]}, "maxItems": 7}},
+     "required": ["location", "forecast"]},
+    {"type": "object", "properties": {"sentiment": {"enum": ["positive", "neutral", "negative"]},
+                                      "confidence": {"type": "number", "minimum": 0, "maximum": 1},
+                                      "keywords": {"type": "array", "items": {"type": "string"}, "maxItems": 5}},
+     "required": ["sentiment", "confidence"]},
+    {"type": "object", "properties": {"title": {"type": "string"}, "authors": {"type": "array", "items": {
+        "type": "object", "properties": {"first": {"type": "string"}, "last": {"type": "string"}},
+        "required": ["last"]}}, "year": {"type": "integer", "minimum": 1000, "maximum": 2100},
+        "tags": {"type": "array", "items": {"type": "string"}}}, "required": ["title", "authors", "year"]},
+    {"type": "object", "properties": {"function": {"enum": ["search", "lookup", "calculate"]}, "arguments": {
+        "type": "object", "properties": {"query": {"type": "string"}, "limit": {"type": "integer"},
+                                         "exact": {"type": "boolean"}}, "required": ["query"]}},
+     "required": ["function", "arguments"]},
+]
 
 
 def fit_to_context(prompt_len: int, output_len: int, max_model_len: int) -> tuple[int, int]:
@@ -58,9 +95,28 @@ def fit_to_context(prompt_len: int, output_len: int, max_model_len: int) -> tupl
 
 
 def generate_workload(workload: str, vocab_size: int, num_prompts: int | None = None, seed: int = 0,
-                      max_model_len: int | None = None, length_scale: float = 1.0) -> list[BenchRequest]:
-    """The requests of ``workload`` ("W1".."W4"); ``num_prompts`` defaults to the workload's own count."""
-    spec = WORKLOADS.get(workload)
+                      max_model_len: int | None = None, length_scale: float = 1.0,
+                      structured_fraction: float | None = None) -> list[BenchRequest]:
+    """The requests of ``workload``; ``num_prompts`` defaults to the workload's own count. ``structured_fraction``
+    of them (W7: all, unless given) carry a JSON schema from STRUCTURED_SCHEMAS."""
+    if structured_fraction is None:
+        structured_fraction = 1.0 if workload == "W7" else 0.0
+    if not 0.0 <= structured_fraction <= 1.0:
+        raise ValueError(f"structured_fraction must be in [0, 1], got {structured_fraction}")
+    requests = _unconstrained_workload("W1" if workload == "W7" else workload, vocab_size, num_prompts, seed,
+                                       max_model_len, length_scale, WORKLOADS.get(workload))
+    if structured_fraction:
+        rng = np.random.default_rng(seed + 7)
+        chosen = rng.random(len(requests)) < structured_fraction
+        schemas = rng.integers(0, len(STRUCTURED_SCHEMAS), size=len(requests))
+        requests = [BenchRequest(r.prompt_token_ids, r.output_len, STRUCTURED_SCHEMAS[int(k)]) if c else r
+                    for r, c, k in zip(requests, chosen.tolist(), schemas)]
+    return requests
+
+
+def _unconstrained_workload(workload: str, vocab_size: int, num_prompts: int | None, seed: int,
+                            max_model_len: int | None, length_scale: float,
+                            spec: WorkloadSpec | None) -> list[BenchRequest]:
     if spec is None:
         raise ValueError(f"workload must be one of {', '.join(WORKLOADS)}, got {workload!r}")
     num_prompts = spec.default_num_prompts if num_prompts is None else num_prompts

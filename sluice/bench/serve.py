@@ -106,6 +106,8 @@ def add_parser(bench_subparsers: argparse._SubParsersAction) -> argparse.Argumen
     parser.add_argument("--num-long-prompts", type=int, default=4, help="how many long prompts, spread evenly")
     parser.add_argument("--long-prompt-output-len", type=int, default=16, help="output tokens of a long prompt")
     parser.add_argument("--seed", type=int, default=0, help="seeds the workload and the arrival times")
+    parser.add_argument("--structured-fraction", type=float, default=0.0,
+                        help="fraction of requests sent with a response_format JSON schema (W7's schemas)")
     parser.add_argument("--api-key", default=os.environ.get("SLUICE_API_KEY") or os.environ.get("OPENAI_API_KEY"))
     parser.add_argument("--num-warmup-prompts", type=int, default=1, help="untimed requests first (also a check)")
     parser.add_argument("--device-name", default=None, help="the server's device for the report (default: local)")
@@ -146,12 +148,14 @@ def build_requests(args: argparse.Namespace, headers: dict[str, str]) -> list[Se
     if args.prompt_format == "text" and tokenizer is None:
         raise ValueError("tokenizer: --prompt-format text needs --tokenizer")
     vocab_size, max_model_len = _vocab_and_context(args, headers, tokenizer)
-    workload = generate_workload("W1", vocab_size, args.num_prompts, args.seed, max_model_len, args.length_scale)
+    workload = generate_workload("W1", vocab_size, args.num_prompts, args.seed, max_model_len, args.length_scale,
+                                 args.structured_fraction)
     mixed = [(r, False) for r in workload]
     if args.long_prompt_len:
         mixed = spread_evenly(workload, _long_prompts(args, vocab_size, max_model_len))
     return [ServeRequest(tokenizer.decode(r.prompt_token_ids) if args.prompt_format == "text" else r.prompt_token_ids,
-                         len(r.prompt_token_ids), r.output_len, is_long) for r, is_long in mixed]
+                         len(r.prompt_token_ids), r.output_len, is_long, getattr(r, "json_schema", None))
+            for r, is_long in mixed]
 
 
 def _tokenizer(args: argparse.Namespace) -> Any:

@@ -22,6 +22,7 @@ class ServeRequest:
     prompt_len: int
     output_len: int
     is_long: bool = False  # one of the long-prompt mix's
+    json_schema: dict | None = None  # --structured-fraction: sent as response_format json_schema
 
 
 @dataclass(slots=True)
@@ -64,6 +65,8 @@ async def send_completion(client: Any, url: str, model: str, request: ServeReque
     payload = {"model": model, "prompt": request.prompt, "max_tokens": request.output_len, "temperature": 1.0,
                "top_p": 1.0, "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True},
                **(extra_body or {})}
+    if request.json_schema is not None:
+        payload["response_format"] = {"type": "json_schema", "json_schema": {"name": "w7", "schema": request.json_schema}}
     result = RequestResult(prompt_len=request.prompt_len)
     num_chunks = 0
     start = last = time.perf_counter()

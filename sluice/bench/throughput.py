@@ -1,7 +1,7 @@
 """Offline throughput of the sluice engine on a list of BenchRequests, through the public ``LLM`` API.
 
 Every request samples with temperature 1.0 and top_p 1.0, ignores eos and asks for exactly its ``output_len``
-tokens. The clock runs from the first ``add_request`` to the last finished output (``LLM.generate`` covers both),
+tokens (a request with a JSON schema, W7 or ``--structured-fraction``, ends earlier when its JSON is complete). The clock runs from the first ``add_request`` to the last finished output (``LLM.generate`` covers both),
 after an untimed warmup of a few short requests (kernel compilation and CUDA graph capture are start-up cost, not
 throughput). A stat logger attached to the engine records how many output tokens each step produced: their mean
 is the average decode batch the roofline uses.
@@ -100,10 +100,12 @@ class EngineRun:
 
 
 def sampling_params_for(requests: Sequence[BenchRequest], detokenize: bool) -> list[Any]:
-    from sluice.sampling_params import SamplingParams
+    from sluice.sampling_params import SamplingParams, StructuredOutputsParams
 
     return [SamplingParams(temperature=1.0, top_p=1.0, ignore_eos=True, max_tokens=r.output_len,
-                           detokenize=detokenize) for r in requests]
+                           detokenize=detokenize,
+                           structured_outputs=StructuredOutputsParams(json=r.json_schema) if r.json_schema else None)
+            for r in requests]
 
 
 def run_sluice(engine_args: EngineArgs, requests: Sequence[BenchRequest], name: str = "sluice",
@@ -117,7 +119,8 @@ def run_sluice(engine_args: EngineArgs, requests: Sequence[BenchRequest], name: 
     engine = llm.llm_engine
     if num_warmup:
         # Reversed prompts: the same lengths, but no block the timed run could find in the prefix cache.
-        warmup = [BenchRequest(r.prompt_token_ids[::-1], min(r.output_len, 8)) for r in requests[:num_warmup]]
+        warmup = [BenchRequest(r.prompt_token_ids[::-1], min(r.output_len, 8), r.json_schema)
+                  for r in requests[:num_warmup]]
         llm.generate(_prompts(warmup), sampling_params_for(warmup, detokenize), use_tqdm=False)
     recorder = StepRecorder(engine.engine_core.make_stats())
     engine.stat_loggers.append(recorder)

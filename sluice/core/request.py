@@ -24,6 +24,7 @@ class RequestStatus(enum.IntEnum):
     FINISHED_STOPPED = 3
     FINISHED_LENGTH_CAPPED = 4
     FINISHED_ABORTED = 5
+    FINISHED_ERROR = 6  # failed on its own (its grammar did not compile); the others carry on
 
     @staticmethod
     def is_finished(status: "RequestStatus") -> bool:
@@ -38,6 +39,7 @@ _FINISH_REASONS = {
     RequestStatus.FINISHED_STOPPED: "stop",
     RequestStatus.FINISHED_LENGTH_CAPPED: "length",
     RequestStatus.FINISHED_ABORTED: "abort",
+    RequestStatus.FINISHED_ERROR: "error",
 }
 
 
@@ -49,7 +51,7 @@ class Request:
         "eos_token_id", "priority", "arrival_time", "status", "stop_reason",
         "num_computed_tokens", "num_cached_tokens", "num_preemptions",
         "block_hashes", "lora_int_id", "lora_request", "cache_salt", "parent_request_id", "num_output_placeholders",
-        "first_scheduled_time",
+        "first_scheduled_time", "structured_output",
     )
 
     def __init__(
@@ -93,6 +95,9 @@ class Request:
         self.cache_salt = cache_salt
         # The user request this one is a child of, when it asked for n > 1 completions.
         self.parent_request_id = parent_request_id
+        # Structured outputs: its grammar state (sluice/structured_output/manager.py StructuredOutputRequest),
+        # attached by the engine core; the scheduler waits for ``is_ready()`` and feeds ``advance(token)``.
+        self.structured_output = None
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -134,6 +134,8 @@ class Scheduler:
         self.kv_offload: KVOffload | None = None
         # Optional admission hook (LoRA: at most max_loras adapters among running requests). None admits all.
         self.admission: AdmissionHook | None = None
+        # Outputs of requests that failed in schedule() (finish reason "error"), sent by the next update.
+        self._failed_outputs: list[EngineCoreOutput] = []
 
     # ---- requests in and out ------------------------------------------------------------
 
@@ -166,7 +168,7 @@ class Scheduler:
             self._free_request(request)
 
     def has_unfinished_requests(self) -> bool:
-        return bool(self.running or self.waiting)
+        return bool(self.running or self.waiting or self._failed_outputs)
 
     def has_requests(self) -> bool:
         """Whether a schedule() call is still due: unfinished requests, or finished ids the runner must drop."""
@@ -226,11 +228,19 @@ class Scheduler:
         admission = self.admission
         if admission is not None:
             admission.start_step(self.running, self.waiting)
-        skipped: list[Request] = []  # refused by the admission hook: they keep their place in the queue
-        while self.waiting and step.token_budget > 0 and len(self.running) < self.max_num_seqs:
-            request = self.waiting[0]
+        # Requests the admission hook refuses, or whose grammar is still compiling, keep their place in the
+        # queue; those behind them go on.
+        index = 0
+        while index < len(self.waiting) and step.token_budget > 0 and len(self.running) < self.max_num_seqs:
+            request = self.waiting[index]
+            if request.structured_output is not None and not request.structured_output.is_ready():
+                if request.structured_output.error is not None:
+                    self._fail(request)
+                else:
+                    index += 1
+                continue
             if admission is not None and not admission.admits(request):
-                skipped.append(self.waiting.pop(0))
+                index += 1
                 continue
             computed_blocks, num_computed = self.kv_cache_manager.get_computed_blocks(request)
             # Tokens whose KV comes back from host memory (a swapped request's, host-tier prefix hits).
@@ -244,7 +254,7 @@ class Scheduler:
             if self.kv_offload is not None:
                 self._admit_loaded(request, num_computed, num_loaded)
                 num_computed += num_loaded
-            self.waiting.pop(0)
+            self.waiting.pop(index)
             if request.first_scheduled_time is None:
                 request.first_scheduled_time = time.monotonic()
             request.num_computed_tokens = num_computed
@@ -255,9 +265,16 @@ class Scheduler:
             step.add_new(request, num_new_tokens)
             if admission is not None:
                 admission.started(request)
-        self.waiting[:0] = skipped
         if self.waiting and len(self.running) >= self.max_num_seqs:
             self._admission_blocked = True
+
+    def _fail(self, request: Request) -> None:
+        """Finishes a waiting request that cannot run (its grammar did not compile): finish reason "error"."""
+        logger.warning("request %s fails: %s", request.request_id, request.structured_output.error)
+        self.waiting.remove(request)
+        request.status = RequestStatus.FINISHED_ERROR
+        self._failed_outputs.append(EngineCoreOutput(request.request_id, [], finish_reason=request.get_finish_reason()))
+        self._free_request(request)
 
     def _pending_samples_end(self, request: Request) -> bool:
         """Whether the samples still on their way will finish the request by length."""
@@ -343,8 +360,10 @@ class Scheduler:
     def update_from_output(self, scheduler_output: SchedulerOutput,
                            model_runner_output: ModelRunnerOutput) -> list[EngineCoreOutput]:
         outputs: list[EngineCoreOutput] = []
+        if self._failed_outputs:
+            outputs, self._failed_outputs = self._failed_outputs, []
         if model_runner_output.pooler_output:
-            outputs = self._finish_pooled(model_runner_output.pooler_output)
+            outputs += self._finish_pooled(model_runner_output.pooler_output)
         for req_id in scheduler_output.num_scheduled_tokens:
             request = self.requests.get(req_id)
             if request is None:  # aborted since schedule()
@@ -405,6 +424,11 @@ class Scheduler:
 
     def _check_stop(self, request: Request, token_id: int) -> bool:
         params = request.sampling_params
+        if request.structured_output is not None and request.structured_output.advance(token_id):
+            request.status = RequestStatus.FINISHED_STOPPED  # the grammar is complete (or was left)
+            if token_id in params.all_stop_token_ids:
+                request.stop_reason = token_id
+            return True
         if request.num_output_tokens >= params.min_tokens:
             if token_id in params.all_stop_token_ids:
                 request.status = RequestStatus.FINISHED_STOPPED
@@ -420,6 +444,8 @@ class Scheduler:
         return False
 
     def _free_request(self, request: Request) -> None:
+        if request.structured_output is not None:
+            request.structured_output.free()
         self.kv_cache_manager.free(request)
         if self.kv_offload is not None:
             self.kv_offload.free(request)

@@ -9,7 +9,8 @@ for the host's bookkeeping:
                  (GPU runs t)       (queued behind t)  (waits for t)  (GPU runs t+1)
 
 and the outputs a call returns are those of the previous step. The step is collected before the
-next one launches when that one needs its samples on the host (bad words), or when nothing else
+next one launches when that one needs its samples on the host (bad words; structured outputs, whose
+token bitmask is filled from matchers that must have taken the previous sample), or when nothing else
 is scheduled.
 """
 from __future__ import annotations
@@ -26,6 +27,7 @@ from sluice.core.scheduler import Scheduler
 from sluice.engine.cpu_threads import set_cpu_threads
 from sluice.engine.startup import StartupTimer
 from sluice.stats import SchedulerStats
+from sluice.structured_output import StructuredOutputManager
 from sluice.worker.model_runner import LaunchedStep, ModelRunner
 
 logger = logging.getLogger(__name__)
@@ -78,6 +80,8 @@ class EngineCore:
         self.info = EngineCoreInfo(num_blocks, self.runner.num_parameters, self.runner.load_seconds,
                                    self.runner.kv_spec.bytes_per_block, timer.phases, num_host_blocks)
         logger.info("engine core start-up: %s", timer.describe())
+        # Structured outputs: grammars compile in its thread pool; it fills the bitmask of constrained rows.
+        self.structured_output = StructuredOutputManager(self.config.model, self.config.structured_outputs.backend)
         self._async_scheduling = self.config.scheduler.async_scheduling
         self._in_flight: tuple[SchedulerOutput, LaunchedStep] | None = None
 
@@ -106,7 +110,14 @@ class EngineCore:
             if self.runner.lora_manager is None:
                 raise ValueError("lora_request needs an engine started with enable_lora=True")
             self.runner.lora_manager.add_adapter(request.lora_request)  # loads it now: a bad one fails here
-        self.scheduler.add_request(request)
+        if request.sampling_params.structured_outputs is not None:
+            self.structured_output.attach(request)
+        try:
+            self.scheduler.add_request(request)
+        except BaseException:
+            if request.structured_output is not None:
+                request.structured_output.free()
+            raise
 
     def abort_requests(self, request_ids: Iterable[str]) -> None:
         self.scheduler.finish_requests(list(request_ids), RequestStatus.FINISHED_ABORTED)
@@ -120,13 +131,20 @@ class EngineCore:
 
     def step(self) -> list[EngineCoreOutput]:
         scheduler_output = self.scheduler.schedule()
+        structured = self.structured_output
+        if structured.num_active and scheduler_output.is_empty() and self._in_flight is None:
+            structured.wait_for_compiles(0.01)  # only requests whose grammar is compiling: no busy loop
         if not self._async_scheduling:
-            return self.scheduler.update_from_output(scheduler_output, self.runner.execute(scheduler_output))
+            grammar = structured.grammar_bitmask(self.scheduler.requests, scheduler_output)
+            return self.scheduler.update_from_output(scheduler_output,
+                                                     self.runner.execute(scheduler_output, grammar))
         previous, self._in_flight = self._in_flight, None
         outputs: list[EngineCoreOutput] = []
-        if previous is not None and (scheduler_output.is_empty() or self.runner.must_collect_first(scheduler_output)):
+        if previous is not None and (scheduler_output.is_empty() or self.runner.must_collect_first(scheduler_output)
+                                     or structured.has_constrained(self.scheduler.requests, scheduler_output)):
             outputs, previous = self._finish(previous), None
-        launched = self.runner.launch(scheduler_output)
+        grammar = structured.grammar_bitmask(self.scheduler.requests, scheduler_output)
+        launched = self.runner.launch(scheduler_output, grammar)
         if previous is not None:
             outputs = self._finish(previous)
         if scheduler_output.is_empty():

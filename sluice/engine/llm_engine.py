@@ -132,6 +132,8 @@ class LLMEngine:
             params.update_bad_words_from_tokenizer(self.tokenizer)
         if params.stop:
             self._need_tokenizer("stop strings", "stop")
+        if params.structured_outputs is not None:
+            self._check_structured_outputs(params)
         self._validate(prompt_ids, params)
         params.update_from_tokenizer(self.eos_token_id, self.extra_stop_token_ids)
         arrival_time = time.monotonic() if arrival_time is None else arrival_time
@@ -161,6 +163,16 @@ class LLMEngine:
         if self.tokenizer is None:
             raise ValueError(f"{field}: {what} needs a tokenizer, but the engine runs with skip_tokenizer_init=True "
                              "(token ids only)")
+
+    def _check_structured_outputs(self, params: SamplingParams) -> None:
+        """Checks the constraint's syntax here (a ValueError naming the problem; a 400 on the server) and
+        pins the backend that will compile it, so that the engine core compiles what was checked."""
+        import dataclasses
+
+        from sluice.structured_output import resolve_backend
+        self._need_tokenizer("structured outputs", "structured_outputs")
+        backend = resolve_backend(params.structured_outputs, self.config.structured_outputs.backend)
+        params.structured_outputs = dataclasses.replace(params.structured_outputs, backend=backend)
 
     def _validate(self, prompt_ids: list[int], params: SamplingParams) -> None:
         if not prompt_ids:

@@ -28,6 +28,7 @@ from sluice.core.interface import LogprobsLists, ModelRunnerOutput, NewRequestDa
 from sluice.sample.logprobs import compute_prompt_logprobs
 from sluice.sample.metadata import PendingOutputs, RequestSamplingState, SamplingMetadata
 from sluice.sample.sampler import Sampler, SamplerOutput
+from sluice.structured_output.manager import GrammarBitmask
 from sluice.worker.cuda_graphs import DecodeGraphs, MixedGraphs, capture_sizes, mixed_capture_sizes
 from sluice.worker.input_batch import InputBatch, StepInputs
 from sluice.worker.kv_cache import KVCacheSpec, allocate_kv_caches, available_gpu_kv_bytes, num_blocks_for_memory
@@ -352,13 +353,16 @@ class ModelRunner:
                    if (state := requests.get(r)) is not None)
 
     @torch.inference_mode()
-    def execute(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
-        """One step, start to end: ``collect(launch(scheduler_output))``."""
-        return self.collect(self.launch(scheduler_output))
+    def execute(self, scheduler_output: SchedulerOutput, grammar: GrammarBitmask | None = None) -> ModelRunnerOutput:
+        """One step, start to end: ``collect(launch(scheduler_output, grammar))``."""
+        return self.collect(self.launch(scheduler_output, grammar))
 
     @torch.inference_mode()
-    def launch(self, scheduler_output: SchedulerOutput) -> LaunchedStep:
+    def launch(self, scheduler_output: SchedulerOutput, grammar: GrammarBitmask | None = None) -> LaunchedStep:
         """Queues the step's work on the device and returns without waiting for it.
+
+        ``grammar``: structured outputs' token bitmask for the constrained requests that sample (None: none
+        do), applied to their logits before sampling.
 
         The sampled ids are copied to the host asynchronously; ``collect`` waits for them. The
         next step may launch first: its pending tokens read these samples on the device.
@@ -382,6 +386,9 @@ class ModelRunner:
         if inputs.sampling_req_ids:
             num_sampling = len(inputs.sampling_req_ids)
             logits = self.model.compute_logits(hidden[self.step_buffers.logits_indices[:num_sampling]])
+            if grammar is not None:
+                from sluice.structured_output.apply import apply_grammar_bitmask
+                apply_grammar_bitmask(logits, inputs.sampling_req_ids, grammar)
             metadata = self._sampling_metadata(inputs, states, logits.shape[-1])
             result = self.sampler.sample(logits, metadata)
             host_ids = self._sampled_host.copy_async(result.sampled_token_ids)

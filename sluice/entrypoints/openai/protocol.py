@@ -58,6 +58,24 @@ class StreamOptions(OpenAIBaseModel):
     continuous_usage_stats: bool = False
 
 
+class ResponseFormat(OpenAIBaseModel):
+    """OpenAI's response_format; json_schema is {"name", "schema", "strict", "description"}."""
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: dict[str, Any] | None = None
+
+
+class StructuredOutputsRequest(OpenAIBaseModel):
+    """vLLM's structured_outputs: exactly one constraint (sluice.sampling_params.StructuredOutputsParams)."""
+    json_: dict[str, Any] | StrictStr | None = Field(default=None, alias="json")
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+    structural_tag: str | None = None
+    disable_any_whitespace: bool = False
+    backend: str | None = None
+
+
 class SamplingFields(OpenAIRequest):
     """Fields shared by completions and chat completions."""
 
@@ -85,6 +103,15 @@ class SamplingFields(OpenAIRequest):
     stream: bool = False
     stream_options: StreamOptions | None = None
     priority: int = 0
+    # Structured outputs: OpenAI's response_format, vLLM's structured_outputs, or the legacy guided_* fields
+    # (at most one of the three; sampling.py structured_outputs_params).
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputsRequest | None = None
+    guided_json: dict[str, Any] | StrictStr | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    guided_decoding_backend: str | None = None
 
 
 PromptInput = StrictStr | list[StrictStr] | list[StrictInt] | list[list[StrictInt]]
@@ -129,11 +156,6 @@ class ChatMessage(OpenAIBaseModel):
         return self.content or ""
 
 
-class ResponseFormat(OpenAIBaseModel):
-    type: Literal["text", "json_object", "json_schema"]
-    json_schema: dict[str, Any] | None = None
-
-
 class FunctionDefinition(OpenAIBaseModel):
     name: str
     description: str | None = None
@@ -164,7 +186,6 @@ class ChatCompletionRequest(SamplingFields):
     add_generation_prompt: bool = True
     chat_template: str | None = None
     chat_template_kwargs: dict[str, Any] | None = None
-    response_format: ResponseFormat | None = None
     tools: list[ChatCompletionToolParam] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None  # auto when tools are given
     parallel_tool_calls: bool | None = None

@@ -14,7 +14,8 @@ from typing import Any
 
 from sluice.entrypoints.openai.errors import OpenAIError, bad_request
 from sluice.entrypoints.openai.protocol import ChatCompletionRequest, SamplingFields
-from sluice.sampling_params import ContextLengthError, RequestOutputKind, SamplingParams
+from sluice.sampling_params import (STRUCTURED_OUTPUT_BACKENDS, ContextLengthError, RequestOutputKind, SamplingParams,
+                                    StructuredOutputsParams)
 from sluice.sampling_params import check_context_length as check_engine_context_length
 
 _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
@@ -140,13 +141,53 @@ def check_common(request: SamplingFields, limits: ServingLimits) -> None:
 
 
 def check_chat_only(request: ChatCompletionRequest) -> None:
-    """Chat features sluice cannot honour yet: structured output (tools: tool_calling.py)."""
-    if request.response_format is not None and request.response_format.type != "text":
-        raise bad_request(f"response_format {request.response_format.type!r} (structured output) is not supported "
-                          "by sluice yet; only 'text'", "response_format")
+    """Chat features sluice cannot honour."""
     if any(m.name for m in request.messages):
         raise bad_request("messages[].name is not supported by sluice (the chat template cannot render it)",
                           "messages")
+
+
+_GUIDED_FIELDS = {"guided_json": "json", "guided_regex": "regex", "guided_choice": "choice",
+                  "guided_grammar": "grammar"}
+_BACKEND_ALIASES = {"llguidance": "guidance"}
+
+
+def structured_outputs_params(request: SamplingFields) -> StructuredOutputsParams | None:
+    """The request's constraint from response_format, structured_outputs or the guided_* fields (one of them);
+    a 400 naming the field when it is malformed. Its syntax (schema, regex, grammar) is checked by the engine
+    front when the request is added: a ValueError there is a 400 naming the problem too."""
+    sources: list[tuple[str, dict[str, Any]]] = []
+    if request.structured_outputs is not None:
+        fields = request.structured_outputs.model_dump(exclude_none=True, by_alias=True)
+        sources.append(("structured_outputs", fields))
+    guided = {kind: value for name, kind in _GUIDED_FIELDS.items() if (value := getattr(request, name)) is not None}
+    if guided:
+        sources.append((next(n for n in _GUIDED_FIELDS if getattr(request, n) is not None), guided))
+    response_format = request.response_format
+    if response_format is not None and response_format.type != "text":
+        if response_format.type == "json_object":
+            sources.append(("response_format", {"json_object": True}))
+        else:
+            schema = (response_format.json_schema or {}).get("schema")
+            if not isinstance(schema, dict):
+                raise bad_request("response_format.json_schema.schema must be a JSON schema object",
+                                  "response_format")
+            sources.append(("response_format", {"json": schema}))
+    if len(sources) > 1:
+        raise bad_request(f"give one constraint, not {' and '.join(name for name, _ in sources)}", sources[1][0])
+    if not sources:
+        return None
+    param, fields = sources[0]
+    if request.guided_decoding_backend is not None:
+        backend = _BACKEND_ALIASES.get(request.guided_decoding_backend, request.guided_decoding_backend)
+        if backend not in STRUCTURED_OUTPUT_BACKENDS:
+            raise bad_request(f"guided_decoding_backend must be one of {', '.join(STRUCTURED_OUTPUT_BACKENDS)}, "
+                              f"got {request.guided_decoding_backend!r}", "guided_decoding_backend")
+        fields["backend"] = backend
+    try:
+        return StructuredOutputsParams(**fields)
+    except (ValueError, TypeError) as e:
+        raise bad_request(str(e), param) from None
 
 
 def check_logprobs(num: int | None, limits: ServingLimits, param: str) -> None:
@@ -190,6 +231,9 @@ def build_sampling_params(request: SamplingFields, *, max_tokens: int, logprobs:
             value = defaults[name]
         if value is not None and value != off and param_name in known:
             kwargs[param_name] = value
+    structured_outputs = structured_outputs_params(request)
+    if structured_outputs is not None:
+        kwargs["structured_outputs"] = structured_outputs
     for name, value in (("logprobs", logprobs), ("prompt_logprobs", prompt_logprobs)):
         if value is None:
             continue

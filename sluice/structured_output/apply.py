@@ -1,0 +1,29 @@
+"""The logits hook of structured outputs: a step's grammar bitmask applied to its sampling rows in one op."""
+from __future__ import annotations
+
+import torch
+
+from sluice.structured_output.manager import GrammarBitmask
+
+
+def apply_grammar_bitmask(logits: torch.Tensor, sampling_req_ids: list[str], grammar: GrammarBitmask) -> None:
+    """Sets the logits of disallowed tokens to -inf, in place, on the rows of the constrained requests.
+
+    ``logits`` row i belongs to ``sampling_req_ids[i]``; logits wider than the bitmask (a padded LM head)
+    are disallowed past it. One xgrammar kernel on the rows (its CUDA kernel, or its CPU one: about 50 ms
+    for 256 rows of 49,152 logits where unpacking the bits for a torch masked fill takes 300 ms)."""
+    filled = grammar.fill(sampling_req_ids)
+    if filled is None:
+        return
+    import xgrammar as xgr
+    rows, bitmask = filled
+    vocab_size = logits.shape[-1]
+    num_bits = bitmask.shape[-1] * 32
+    if len(rows) < logits.shape[0]:  # the kernel takes one bitmask row per logits row
+        full = torch.full((logits.shape[0], bitmask.shape[-1]), -1, dtype=torch.int32)
+        full[rows] = bitmask
+        bitmask = full
+    xgr.apply_token_bitmask_inplace(logits, bitmask.to(logits.device, non_blocking=True),
+                                    vocab_size=min(vocab_size, num_bits), indices=rows)
+    if vocab_size > num_bits:
+        logits[rows, num_bits:] = float("-inf")

@@ -1,0 +1,234 @@
+"""The grammar libraries behind structured outputs: xgrammar (the default) and llguidance ("guidance").
+
+Each backend turns one request's constraint into a compiled grammar once (``compile``, cached by the
+manager) and a compiled grammar into a per-request matcher (``Grammar``). Both libraries fill the same
+token bitmask: int32 words, bit ``t % 32`` of word ``t // 32`` set when token ``t`` is allowed.
+
+``check_syntax`` needs no tokenizer: the engine front calls it so that a bad schema, regex or grammar is a
+ValueError (a 400 on the server) before the request reaches the engine core.
+"""
+from __future__ import annotations
+
+import json
+import re
+from typing import Any, Protocol
+
+from sluice.sampling_params import StructuredOutputsParams
+
+_XGRAMMAR_LOCATION = re.compile(r"^\[[0-9:]+\] \S+:\d+: ")  # "[01:10:15] /project/cpp/x.cc:94: " prefixes
+
+
+class Grammar(Protocol):
+    """One request's matcher: where its output stands in the grammar."""
+
+    def accept_token(self, token_id: int) -> bool: ...
+    def fill_bitmask(self, bitmask: Any, row: int) -> None: ...
+    def is_terminated(self) -> bool: ...
+    def rollback(self, num_tokens: int) -> None: ...
+
+
+def spec_of(params: StructuredOutputsParams) -> tuple[str, str]:
+    """(kind, spec text): the cache key of the constraint; JSON schemas as sorted, compact JSON text."""
+    kind = params.kind
+    if kind == "json":
+        schema = params.json
+        if isinstance(schema, str):
+            try:
+                schema = json.loads(schema)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"structured_outputs.json is not valid JSON: {e}") from None
+        if not isinstance(schema, (dict, bool)):
+            raise ValueError("structured_outputs.json must be a JSON schema object")
+        return kind, json.dumps(schema, sort_keys=True, separators=(",", ":"))
+    if kind == "choice":
+        return kind, json.dumps(params.choice)
+    if kind == "json_object":
+        return kind, ""
+    return kind, getattr(params, kind)
+
+
+def _choice_regex(choices: list[str]) -> str:
+    return "(" + "|".join(re.escape(c) for c in choices) + ")"
+
+
+def _clean(error: BaseException) -> str:
+    return _XGRAMMAR_LOCATION.sub("", str(error).strip())
+
+
+_KIND_NAMES = {"json": "invalid JSON schema", "regex": "invalid regex", "grammar": "grammar syntax error",
+               "choice": "invalid choice", "structural_tag": "invalid structural tag", "json_object": "invalid"}
+
+
+def _error(kind: str, detail: str) -> ValueError:
+    return ValueError(f"structured_outputs.{kind}: {_KIND_NAMES[kind]}: {detail}")
+
+
+# ---- xgrammar ---------------------------------------------------------------------------------------
+
+def _xgrammar_grammar(kind: str, spec: str, any_whitespace: bool) -> Any:
+    """The xgrammar Grammar of a constraint (no tokenizer needed): parses, so it raises on bad syntax."""
+    import xgrammar as xgr
+    if kind == "json":
+        return xgr.Grammar.from_json_schema(spec, any_whitespace=any_whitespace)
+    if kind == "json_object":
+        return xgr.Grammar.builtin_json_grammar()
+    if kind == "regex":
+        return xgr.Grammar.from_regex(spec)
+    if kind == "choice":
+        return xgr.Grammar.from_regex(_choice_regex(json.loads(spec)))
+    if kind == "grammar":
+        return xgr.Grammar.from_ebnf(spec)
+    return xgr.Grammar.from_structural_tag(spec)
+
+
+class XgrammarBackend:
+    name = "xgrammar"
+
+    def __init__(self, tokenizer: Any, vocab_size: int) -> None:
+        import xgrammar as xgr
+        self.vocab_size = vocab_size
+        self.tokenizer_info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size)
+        # The manager's thread pool compiles one grammar per thread; xgrammar's own threads stay few.
+        self.compiler = xgr.GrammarCompiler(self.tokenizer_info, max_threads=2)
+
+    @staticmethod
+    def check_syntax(kind: str, spec: str, any_whitespace: bool) -> None:
+        try:
+            _xgrammar_grammar(kind, spec, any_whitespace)
+        except Exception as e:  # noqa: BLE001 - xgrammar raises RuntimeError for every parse error
+            raise _error(kind, _clean(e)) from None
+
+    def compile(self, kind: str, spec: str, any_whitespace: bool) -> Any:
+        try:
+            return self.compiler.compile_grammar(_xgrammar_grammar(kind, spec, any_whitespace))
+        except Exception as e:  # noqa: BLE001
+            raise _error(kind, _clean(e)) from None
+
+    def matcher(self, compiled: Any) -> "XgrammarGrammar":
+        return XgrammarGrammar(compiled)
+
+
+class XgrammarGrammar:
+    __slots__ = ("_matcher",)
+
+    def __init__(self, compiled: Any) -> None:
+        import xgrammar as xgr
+        self._matcher = xgr.GrammarMatcher(compiled)
+
+    def accept_token(self, token_id: int) -> bool:
+        return self._matcher.accept_token(token_id)
+
+    def fill_bitmask(self, bitmask: Any, row: int) -> None:
+        self._matcher.fill_next_token_bitmask(bitmask, row)
+
+    def is_terminated(self) -> bool:
+        return self._matcher.is_terminated()
+
+    def rollback(self, num_tokens: int) -> None:
+        self._matcher.rollback(num_tokens)
+
+
+# ---- llguidance ---------------------------------------------------------------------------------------
+
+def _guidance_grammar(kind: str, spec: str, any_whitespace: bool) -> str:
+    import llguidance
+    if kind == "json":
+        schema = json.loads(spec)
+        if not any_whitespace and isinstance(schema, dict):
+            schema = {**schema, "x-guidance": {"whitespace_flexible": False}}
+        return llguidance.LLMatcher.grammar_from_json_schema(json.dumps(schema))
+    if kind == "json_object":
+        return llguidance.LLMatcher.grammar_from_json_schema('{"type": "object"}')
+    if kind == "choice":
+        return llguidance.grammar_from("regex", _choice_regex(json.loads(spec)))
+    if kind == "grammar":
+        return llguidance.grammar_from("grammar", spec)
+    if kind == "regex":
+        return llguidance.grammar_from("regex", spec)
+    raise ValueError("structured_outputs.structural_tag: the guidance backend does not support structural tags")
+
+
+class GuidanceBackend:
+    name = "guidance"
+
+    def __init__(self, tokenizer: Any, vocab_size: int) -> None:
+        import llguidance.hf
+        self.vocab_size = vocab_size
+        self.ll_tokenizer = llguidance.hf.from_tokenizer(tokenizer, n_vocab=vocab_size)
+        self.stop_token_ids = frozenset([tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else [])
+
+    @staticmethod
+    def check_syntax(kind: str, spec: str, any_whitespace: bool) -> str:
+        """Returns the guidance grammar text; raises ValueError naming the problem."""
+        import llguidance
+        try:
+            grammar = _guidance_grammar(kind, spec, any_whitespace)
+        except ValueError as e:
+            if str(e).startswith("structured_outputs."):
+                raise
+            raise _error(kind, str(e)) from None
+        problem = llguidance.LLMatcher.validate_grammar(grammar)
+        if problem:
+            raise _error(kind, problem.strip().splitlines()[0])
+        return grammar
+
+    def compile(self, kind: str, spec: str, any_whitespace: bool) -> str:
+        return self.check_syntax(kind, spec, any_whitespace)
+
+    def matcher(self, compiled: str) -> "GuidanceGrammar":
+        return GuidanceGrammar(self.ll_tokenizer, compiled, self.stop_token_ids)
+
+
+class GuidanceGrammar:
+    """llguidance stops as soon as the grammar can take nothing more (``}`` of a JSON object) and then allows
+    only eos; like xgrammar's, this matcher is terminated once it has taken that eos, so the request ends on a
+    stop token and the text keeps its last character."""
+    __slots__ = ("_matcher", "_stop_token_ids", "_last_token")
+
+    def __init__(self, ll_tokenizer: Any, grammar: str, stop_token_ids: frozenset[int]) -> None:
+        import llguidance
+        self._matcher = llguidance.LLMatcher(ll_tokenizer, grammar)
+        if self._matcher.is_error():
+            raise ValueError(f"structured_outputs: {self._matcher.get_error()}")
+        self._stop_token_ids = stop_token_ids
+        self._last_token = -1
+
+    def accept_token(self, token_id: int) -> bool:
+        self._last_token = token_id
+        return self._matcher.consume_token(token_id) and not self._matcher.is_error()
+
+    def fill_bitmask(self, bitmask: Any, row: int) -> None:
+        import llguidance.torch
+        llguidance.torch.fill_next_token_bitmask(self._matcher, bitmask, row)
+
+    def is_terminated(self) -> bool:
+        return self._matcher.is_stopped() and self._last_token in self._stop_token_ids
+
+    def rollback(self, num_tokens: int) -> None:
+        self._matcher.rollback(num_tokens)
+
+
+BACKENDS = {"xgrammar": XgrammarBackend, "guidance": GuidanceBackend}
+
+
+def resolve_backend(params: StructuredOutputsParams, engine_backend: str) -> str:
+    """Checks the constraint's syntax and returns the backend that will compile it ("xgrammar" or
+    "guidance"). ``auto`` takes xgrammar, and llguidance for what xgrammar refuses. Raises ValueError
+    naming the problem (invalid JSON schema, bad regex, grammar syntax error)."""
+    backend = params.backend or engine_backend
+    kind, spec = spec_of(params)
+    any_whitespace = not params.disable_any_whitespace
+    if backend == "guidance":
+        GuidanceBackend.check_syntax(kind, spec, any_whitespace)
+        return "guidance"
+    try:
+        XgrammarBackend.check_syntax(kind, spec, any_whitespace)
+        return "xgrammar"
+    except ValueError as xgrammar_error:
+        if backend != "auto" or kind == "structural_tag":
+            raise
+        try:
+            GuidanceBackend.check_syntax(kind, spec, any_whitespace)
+        except ValueError:
+            raise xgrammar_error from None
+        return "guidance"

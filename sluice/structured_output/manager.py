@@ -1,0 +1,205 @@
+"""StructuredOutputManager: compiles requests' grammars off the step loop and fills each step's token bitmask.
+
+The engine core owns it; the scheduler sees only ``Request.structured_output`` (a StructuredOutputRequest):
+
+    EngineCore.add_request  -> manager.attach(request)        compile queued in the thread pool (cached by
+                                                              (backend, kind, spec)); the request waits
+    Scheduler.schedule      -> request.structured_output.is_ready()   not admitted until its grammar is
+                                                              compiled; one that failed finishes "error"
+    EngineCore.step         -> manager.grammar_bitmask(...)   the grammars of the step's constrained requests
+    ModelRunner.launch      -> apply_grammar_bitmask(...)     one bitmask row per constrained request that
+                                                              samples, filled on the host; disallowed logits
+                                                              set to -inf in one op
+    Scheduler._check_stop   -> request.structured_output.advance(token)   the matcher takes each accepted
+                                                              token; a finished grammar stops the request
+
+A batch without constrained requests costs one counter check per step. With async scheduling a step in which
+a constrained request samples is launched only after the previous step's samples reached the host (the
+engine core collects first), so its mask is computed from a matcher that has taken every earlier token.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from typing import TYPE_CHECKING, Any
+
+from sluice.sampling_params import StructuredOutputsParams
+from sluice.structured_output.backends import BACKENDS, Grammar, resolve_backend, spec_of
+
+if TYPE_CHECKING:
+    import torch
+
+    from sluice.config import ModelConfig
+    from sluice.core.interface import SchedulerOutput
+    from sluice.core.request import Request
+
+logger = logging.getLogger(__name__)
+
+
+class GrammarBitmask:
+    """The grammars of one step's constrained requests; the runner asks for the bitmask of those that sample
+    (it alone knows which do: a prompt chunk that stops short of the known tokens samples nothing)."""
+    __slots__ = ("grammars", "vocab_size")
+
+    def __init__(self, grammars: dict[str, Grammar], vocab_size: int) -> None:
+        self.grammars = grammars
+        self.vocab_size = vocab_size
+
+    def fill(self, sampling_req_ids: list[str]) -> "tuple[list[int], torch.Tensor] | None":
+        """(rows of ``sampling_req_ids`` that are constrained, their int32 bitmask [len(rows), ceil(V / 32)]),
+        filled on the host; None when no sampling row is constrained."""
+        grammars = self.grammars
+        rows = [i for i, req_id in enumerate(sampling_req_ids) if req_id in grammars]
+        if not rows:
+            return None
+        import xgrammar as xgr
+        bitmask = xgr.allocate_token_bitmask(len(rows), self.vocab_size)
+        for k, row in enumerate(rows):
+            grammars[sampling_req_ids[row]].fill_bitmask(bitmask, k)
+        return rows, bitmask
+
+
+class StructuredOutputRequest:
+    """One request's grammar state: the compile future until it is done, then its matcher."""
+    __slots__ = ("_future", "_manager", "grammar", "error", "_freed")
+
+    def __init__(self, future: Future, manager: "StructuredOutputManager") -> None:
+        self._future = future
+        self._manager = manager
+        self.grammar: Grammar | None = None
+        self.error: str | None = None  # why the grammar could not be compiled
+        self._freed = False
+
+    def is_ready(self) -> bool:
+        """Whether the grammar is compiled and the request may run (False also when it failed: see error)."""
+        if self.grammar is not None:
+            return True
+        if self.error is not None or not self._future.done():
+            return False
+        try:
+            backend, compiled = self._future.result()
+            self.grammar = backend.matcher(compiled)
+        except Exception as e:  # noqa: BLE001 - a bad grammar fails its own request only
+            self.error = str(e) or type(e).__name__
+            return False
+        return True
+
+    def advance(self, token_id: int) -> bool:
+        """Feeds an accepted token to the matcher; True when the request must stop (the grammar ended, or
+        the token is outside it, which the mask prevents unless the engine sampled without it)."""
+        grammar = self.grammar
+        if grammar is None:
+            return False
+        if not grammar.accept_token(token_id):
+            logger.warning("token %d is outside the request's grammar; the request stops", token_id)
+            return True
+        return grammar.is_terminated()
+
+    def rollback(self, num_tokens: int) -> None:
+        """Undoes the last ``num_tokens`` accepted tokens (speculative decoding's rejected drafts)."""
+        if self.grammar is not None and num_tokens > 0:
+            self.grammar.rollback(num_tokens)
+
+    def free(self) -> None:
+        if not self._freed:
+            self._freed = True
+            self.grammar = None
+            self._manager.num_active -= 1
+
+
+class StructuredOutputManager:
+    """Grammar compilation (a thread pool, a cache) and the per-step bitmask of the engine core."""
+
+    def __init__(self, model_config: "ModelConfig", backend: str, max_workers: int | None = None) -> None:
+        self.model_config = model_config
+        self.backend = backend
+        self.vocab_size = model_config.vocab_size
+        self.max_workers = max_workers or max(1, min(4, (os.cpu_count() or 2) // 2))
+        self._executor: ThreadPoolExecutor | None = None
+        self._compiled: dict[tuple[str, str, str, bool], Future] = {}
+        self._backends: dict[str, Any] = {}
+        self._lock = threading.Lock()  # the backends are built once, by the first compile that needs them
+        self._tokenizer: Any = None
+        self.num_active = 0  # attached requests not freed yet: 0 makes every per-step hook a no-op
+
+    # ---- compiling ---------------------------------------------------------------------------------
+
+    def attach(self, request: "Request") -> None:
+        """Queues the compile of the request's grammar (or reuses the cached one) and attaches its state."""
+        params = request.sampling_params.structured_outputs
+        request.structured_output = StructuredOutputRequest(self.compile_async(params), self)
+        self.num_active += 1
+
+    def compile_async(self, params: StructuredOutputsParams) -> Future:
+        kind, spec = spec_of(params)
+        key = (params.backend or self.backend, kind, spec, not params.disable_any_whitespace)
+        future = self._compiled.get(key)
+        if future is None:
+            if self._executor is None:
+                self._executor = ThreadPoolExecutor(self.max_workers, thread_name_prefix="sluice-grammar")
+            future = self._executor.submit(self._compile, params, kind, spec)
+            self._compiled[key] = future
+            future.add_done_callback(lambda f, key=key: self._forget_failure(key, f))
+        return future
+
+    def _forget_failure(self, key: tuple, future: Future) -> None:
+        if future.exception() is not None:  # an error is not cached: the same spec is checked again
+            self._compiled.pop(key, None)
+
+    def _compile(self, params: StructuredOutputsParams, kind: str, spec: str) -> tuple[Any, Any]:
+        backend = self._backend(resolve_backend(params, self.backend))
+        return backend, backend.compile(kind, spec, not params.disable_any_whitespace)
+
+    def _backend(self, name: str) -> Any:
+        with self._lock:
+            backend = self._backends.get(name)
+            if backend is None:
+                if self._tokenizer is None:
+                    self._tokenizer = self._load_tokenizer()
+                backend = BACKENDS[name](self._tokenizer, self.vocab_size)
+                self._backends[name] = backend
+            return backend
+
+    def _load_tokenizer(self) -> Any:
+        if self.model_config.skip_tokenizer_init:
+            raise ValueError("structured_outputs needs a tokenizer, but the engine runs with skip_tokenizer_init")
+        from sluice.tokenizer import get_tokenizer
+        return get_tokenizer(self.model_config.model, self.model_config.tokenizer)
+
+    def wait_for_compiles(self, timeout: float) -> None:
+        """Blocks up to ``timeout`` seconds until a compile still running finishes (an idle engine core
+        whose only waiting requests wait for their grammars sleeps here instead of spinning)."""
+        pending = [f for f in self._compiled.values() if not f.done()]
+        if pending:
+            wait(pending, timeout=timeout, return_when=FIRST_COMPLETED)
+
+    def shutdown(self) -> None:
+        if self._executor is not None:
+            self._executor.shutdown(wait=False, cancel_futures=True)
+
+    # ---- each step ----------------------------------------------------------------------------------
+
+    def has_constrained(self, requests: dict[str, "Request"], scheduler_output: "SchedulerOutput") -> bool:
+        """Whether a constrained request is in the step (async scheduling then collects the previous step
+        first, so that its matcher has taken its last token before the mask is filled)."""
+        if not self.num_active:
+            return False
+        return any((request := requests.get(r)) is not None and request.structured_output is not None
+                   for r in scheduler_output.num_scheduled_tokens)
+
+    def grammar_bitmask(self, requests: dict[str, "Request"],
+                        scheduler_output: "SchedulerOutput") -> GrammarBitmask | None:
+        """The grammars of the step's constrained requests (None when there are none): the runner fills the
+        bitmask of those that sample, after the previous step's samples have advanced them."""
+        if not self.num_active:
+            return None
+        grammars: dict[str, Grammar] = {}
+        for req_id in scheduler_output.num_scheduled_tokens:
+            request = requests.get(req_id)
+            if request is None or request.structured_output is None or request.is_finished():
+                continue
+            if request.structured_output.grammar is not None:
+                grammars[req_id] = request.structured_output.grammar
+        return GrammarBitmask(grammars, self.vocab_size) if grammars else None
