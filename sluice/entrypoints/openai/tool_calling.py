@@ -122,8 +122,34 @@ class RequiredToolsParser(ToolParser):
             calls = scan_call_objects(text, start + 1, final, separator=",", closing="]",
                                       arguments_keys=("parameters",))
         except (MalformedError, ValueError):
+            if final:  # cut off (max_tokens): the calls the array completed before the cut still count
+                complete = self._complete_calls(text, start)
+                if complete:
+                    return ParsedOutput(calls=complete)
             return ParsedOutput(content=text)
         return ParsedOutput(calls=calls)
+
+    @staticmethod
+    def _complete_calls(text: str, start: int) -> list[PartialCall]:
+        """The leading calls of a cut-off array whose name and arguments are whole (a model that keeps adding
+        calls until max_tokens still returns the ones it finished)."""
+        if start >= len(text) or text[start] != "[":
+            return []
+        try:
+            calls = scan_call_objects(text, start + 1, False, separator=",", closing="]",
+                                      arguments_keys=("parameters",))
+        except (MalformedError, ValueError):
+            return []
+        complete = []
+        for call in calls:
+            try:
+                json.loads(call.arguments)
+            except ValueError:
+                break
+            if call.name is None:
+                break
+            complete.append(call)
+        return complete
 
 
 class NamedFunctionParser(ToolParser):
