@@ -58,10 +58,12 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor
         x_fp8, scale_a = quantize_fp8_per_row(x2)
     else:
         x_fp8, scale_a = quantize_fp8_static(x2, input_scale), input_scale.float().reshape(1, 1).expand(x2.shape[0], 1)
-    # CUDA's row-wise scaled matmul produces bfloat16 only; the CPU one any float dtype.
-    mm_dtype = torch.bfloat16 if x.is_cuda else out_dtype
-    out = torch._scaled_mm(x_fp8, weight.t(), scale_a=scale_a.contiguous(), scale_b=weight_scale.view(1, -1),
-                           out_dtype=mm_dtype).to(out_dtype)
+    if x.is_cuda:  # CUDA's row-wise scaled matmul produces bfloat16 only
+        out = torch._scaled_mm(x_fp8, weight.t(), scale_a=scale_a.contiguous(), scale_b=weight_scale.view(1, -1),
+                               out_dtype=torch.bfloat16).to(out_dtype)
+    else:  # the reference: float8 values in float32, scaled after the product (CPU _scaled_mm is per-tensor only
+        # before torch 2.13)
+        out = (torch.mm(x_fp8.float(), weight.float().t()) * scale_a * weight_scale.view(1, -1)).to(out_dtype)
     if bias is not None:
         out = out + bias
     return out.reshape(*shape[:-1], weight.shape[0])
