@@ -109,7 +109,9 @@ class _ProcessPool:
                     args.host, sockets[0].getsockname()[1])
         spawn = multiprocessing.get_context("spawn")
         for index, sock in enumerate(sockets):
-            worker = spawn.Process(target=worker_main, name=f"sluice-api-server-{index}", daemon=True,
+            # Not daemonic: an API server starts processes of its own (the chat template render pool); this
+            # parent ends every one it started (kill_leftovers) whatever way it exits.
+            worker = spawn.Process(target=worker_main, name=f"sluice-api-server-{index}", daemon=False,
                                    args=(args, config, index, sock, addresses, self.core.pid))
             worker.start()
             self.workers.append(worker)
