@@ -89,7 +89,7 @@ class TurnResult:
 
 
 async def run_conversations(base_url: str, model: str, conversations: Sequence[Conversation], gaps: Sequence[float],
-                            headers: dict[str, str], show_progress: bool = True,
+                            headers: dict[str, str], vocab_size: int, show_progress: bool = True,
                             timeout_s: float = 6 * 3600) -> tuple[list[TurnResult], float]:
     """Every conversation, its turns in order; conversations start on their arrival schedule."""
     import httpx
@@ -113,7 +113,7 @@ async def run_conversations(base_url: str, model: str, conversations: Sequence[C
                                                headers, {"return_token_ids": True}, generated)
                 kind = "ids" if len(generated) == output_len else "synthetic"
                 if kind == "synthetic":
-                    generated = rng.integers(FIRST_TOKEN_ID, max(prompt) + 1, size=output_len).tolist()
+                    generated = rng.integers(FIRST_TOKEN_ID, vocab_size, size=output_len).tolist()
                 results.append(TurnResult(index, turn, result, kind))
                 progress.update(1)
                 if not result.success:

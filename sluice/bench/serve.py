@@ -246,7 +246,7 @@ def run_multiturn(args: argparse.Namespace) -> int:
     before = scrape()
     gaps = arrival_gaps(len(conversations), args.request_rate, args.burstiness, args.seed)
     turns, duration = asyncio.run(run_conversations(args.base_url, args.model, conversations, gaps, headers,
-                                                    not args.no_progress))
+                                                    vocab_size, not args.no_progress))
     results = [t.result for t in turns]
     report = build_report(args, calculate_metrics(results, duration, slos), slos, results)
     report["workload"] = "W8"

@@ -93,10 +93,6 @@ class KVOffload:
         self.transfers = KVTransfers()
         self.stats = OffloadStats()
 
-    @property
-    def num_free_swap_blocks(self) -> int:
-        return len(self._free_swap_blocks)
-
     # ---- preemption ------------------------------------------------------------------------------
     def swap_out(self, request: Request, kv_cache_manager: KVCacheManager) -> bool:
         """Swaps the victim's computed KV out if the policy says so and there is room; False: recompute.

@@ -10,7 +10,8 @@ its adapters in ``max_loras`` slots, ranks zero-padded to ``max_lora_rank``, the
     A [slots, r_max, in]      B [slots, out_i, r_max]      out[:, off_i : off_i + out_i] += x A[s]^T B[s]^T
 
 Each step the runner sets the ``LoRABatch``: which token rows use which slot (tokens of the base model
-use none). Rows are grouped by slot, so one step costs one shrink and one expand matmul per slot in use:
+use none). Rows are grouped by slot, so one step costs one shrink and one expand matmul per slot and
+sub-projection that slot's adapter targets:
 
     tokens   t0 t1 t2 t3 t4 t5          segments  slot 0 -> rows [0, 1, 4]
     slot      0  0  -  1  0  1                    slot 1 -> rows [3, 5]        (t2: base)

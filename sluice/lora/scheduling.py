@@ -12,8 +12,6 @@ from collections import deque
 from sluice.core.request import Request, RequestStatus
 from sluice.stats import LoRAStats
 
-LORA_SCHEDULING = ("fair", "fcfs")
-
 
 class FairLoRAQueue:
     """Start-time fair queuing over adapters (the base model counts as one): each adapter has a virtual

@@ -16,13 +16,9 @@ def apply_grammar_bitmask(logits: torch.Tensor, sampling_req_ids: list[str], gra
     if filled is None:
         return
     import xgrammar as xgr
-    rows, bitmask = filled
+    rows, bitmask = filled  # one bitmask row per logits row, as the kernel takes them
     vocab_size = logits.shape[-1]
     num_bits = bitmask.shape[-1] * 32
-    if len(rows) < logits.shape[0]:  # the kernel takes one bitmask row per logits row
-        full = torch.full((logits.shape[0], bitmask.shape[-1]), -1, dtype=torch.int32)
-        full[rows] = bitmask
-        bitmask = full
     xgr.apply_token_bitmask_inplace(logits, bitmask.to(logits.device, non_blocking=True),
                                     vocab_size=min(vocab_size, num_bits), indices=rows)
     if vocab_size > num_bits:

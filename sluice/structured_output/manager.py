@@ -48,16 +48,17 @@ class GrammarBitmask:
         self.vocab_size = vocab_size
 
     def fill(self, sampling_req_ids: list[str]) -> "tuple[list[int], torch.Tensor] | None":
-        """(rows of ``sampling_req_ids`` that are constrained, their int32 bitmask [len(rows), ceil(V / 32)]),
-        filled on the host; None when no sampling row is constrained."""
+        """(rows of ``sampling_req_ids`` that are constrained, the int32 bitmask [len(sampling_req_ids),
+        ceil(V / 32)] with those rows filled on the host and every other row all-allowed); None when no
+        sampling row is constrained."""
         grammars = self.grammars
         rows = [i for i, req_id in enumerate(sampling_req_ids) if req_id in grammars]
         if not rows:
             return None
         import xgrammar as xgr
-        bitmask = xgr.allocate_token_bitmask(len(rows), self.vocab_size)
-        for k, row in enumerate(rows):
-            grammars[sampling_req_ids[row]].fill_bitmask(bitmask, k)
+        bitmask = xgr.allocate_token_bitmask(len(sampling_req_ids), self.vocab_size)  # all allowed
+        for row in rows:
+            grammars[sampling_req_ids[row]].fill_bitmask(bitmask, row)
         return rows, bitmask
 
 

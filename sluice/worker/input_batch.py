@@ -55,6 +55,7 @@ class InputBatch:
         self.num_tokens = np.zeros(max_num_reqs, dtype=np.int64)
         self.num_prompt_tokens = np.zeros(max_num_reqs, dtype=np.int64)
         self.num_computed_tokens = np.zeros(max_num_reqs, dtype=np.int64)
+        self.lora_int_ids = np.zeros(max_num_reqs, dtype=np.int64)  # each row's LoRA adapter (0: the base model)
         self.block_table = np.zeros((max_num_reqs, max_blocks), dtype=np.int32)
         self.num_blocks = np.zeros(max_num_reqs, dtype=np.int64)
         self._free_rows = list(range(max_num_reqs - 1, -1, -1))
@@ -72,6 +73,7 @@ class InputBatch:
         self.num_tokens[row] = len(tokens)
         self.num_prompt_tokens[row] = len(new.prompt_token_ids)
         self.num_computed_tokens[row] = new.num_computed_tokens
+        self.lora_int_ids[row] = new.lora_request.lora_int_id if new.lora_request is not None else 0
         self.num_blocks[row] = 0
         self.append_blocks(row, new.block_ids)
         return row

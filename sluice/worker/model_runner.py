@@ -51,7 +51,6 @@ class RequestState:
     prompt_logprobs: int | None  # top logprobs per prompt position it asked for
     per_step_sampling: bool  # penalties, bad words, min_tokens: its sampling metadata changes every step
     reads_output_on_host: bool  # bad words: sampling reads its last output ids on the host
-    lora_int_id: int = 0  # its LoRA adapter (0: the base model)
 
     @classmethod
     def create(cls, row: int, new: NewRequestData, device: torch.device) -> "RequestState":
@@ -59,8 +58,7 @@ class RequestState:
         sampling = RequestSamplingState.create(params, new.prompt_token_ids, list(new.output_token_ids),
                                                new.eos_token_id, device=device)
         return cls(row, sampling, params.prompt_logprobs, params.uses_per_step_state,
-                   params.reads_output_text_on_host,
-                   new.lora_request.lora_int_id if new.lora_request is not None else 0)
+                   params.reads_output_text_on_host)
 
 
 @dataclass(slots=True)
@@ -264,8 +262,6 @@ class ModelRunner:
             self._remove_request(req_id)
         for new in out.scheduled_new_reqs:
             self._remove_request(new.req_id)  # resumed after preemption
-            if new.lora_request is not None:
-                self.lora_manager.add_adapter(new.lora_request)
             state = RequestState.create(self.input_batch.add_request(new), new, self.device)
             self.requests[new.req_id] = state
             self._count_features(state, 1)
@@ -302,10 +298,9 @@ class ModelRunner:
         return self.model(step.input_ids, step.positions, self._plan(step.metadata, len(step.input_ids)))
 
     def _prepare_lora(self, inputs: StepInputs) -> None:
-        """Gives each token its request's adapter id and lets the LoRA manager fill slots for the step."""
-        requests = self.requests
-        lora_ids = np.fromiter((requests[r].lora_int_id for r in inputs.req_ids), dtype=np.int64,
-                               count=len(inputs.req_ids))
+        """Gives each token its request's adapter id (InputBatch's per-row column) and lets the LoRA manager fill
+        slots for the step."""
+        lora_ids = self.input_batch.lora_int_ids[inputs.rows]
         self.lora_manager.prepare_step(np.repeat(lora_ids, np.diff(inputs.query_start_loc)))
 
     def _pick_graph(self, inputs: StepInputs) -> tuple[DecodeGraphs | None, int | None, int | None, int | None]:

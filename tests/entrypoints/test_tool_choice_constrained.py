@@ -7,7 +7,7 @@ import json
 import jsonschema
 import pytest
 
-pytest.importorskip("sluice.structured_output")  # constrained decoding
+pytest.importorskip("xgrammar")  # constrained decoding
 
 from tests.entrypoints.server_utils import RemoteServer  # noqa: E402
 
@@ -75,7 +75,8 @@ def test_named_function_returns_its_call(client):
     choice = response.choices[0]
     [call] = choice.message.tool_calls
     assert call.function.name == "get_time" and choice.message.content is None
+    assert choice.finish_reason == "stop"  # a named function ends as OpenAI's do
     _check("get_time", call.function.arguments)
     chunks = list(client.chat.completions.create(model=model, tool_choice=named, stream=True, **COMMON))
-    calls, _ = _streamed_calls(chunks)
-    assert calls == [("get_time", call.function.arguments)]
+    calls, finish_reason = _streamed_calls(chunks)
+    assert calls == [("get_time", call.function.arguments)] and finish_reason == "stop"

@@ -169,3 +169,37 @@ def test_required_schema_is_an_array_of_name_and_parameters_per_tool():
             jsonschema.validate(bad, schema)
     assert "maxItems" not in required_calls_schema(tools, parallel=True)
     assert json.dumps(schema)  # plain JSON for the grammar compiler
+
+
+def test_two_tools_with_clashing_defs_are_a_400_for_required():
+    from sluice.entrypoints.openai.errors import OpenAIError
+    from sluice.entrypoints.openai.protocol import ChatCompletionToolParam
+
+    def tool(name: str, p_type: str) -> ChatCompletionToolParam:
+        return ChatCompletionToolParam.model_validate({"type": "function", "function": {"name": name, "parameters": {
+            "type": "object", "properties": {"p": {"$ref": "#/$defs/P"}}, "$defs": {"P": {"type": p_type}}}}})
+
+    assert required_calls_schema([tool("f", "integer"), tool("g", "integer")], parallel=True)["$defs"] == \
+        {"P": {"type": "integer"}}  # the same definition twice is one
+    with pytest.raises(OpenAIError) as error:
+        required_calls_schema([tool("f", "integer"), tool("g", "string")], parallel=True)
+    assert error.value.status == 400 and "'P'" in error.value.message
+
+
+@pytest.mark.parametrize("name", ["auto", "none", "required"])
+def test_a_forced_function_named_like_a_mode_is_still_that_function(name):
+    from sluice.entrypoints.openai.protocol import ChatCompletionRequest
+    from sluice.entrypoints.openai.tool_calling import ToolCallConfig, apply_tool_plan, plan_tool_calls
+    from sluice.sampling_params import SamplingParams
+
+    request = ChatCompletionRequest.model_validate({
+        "messages": [{"role": "user", "content": "hi"}],
+        "tools": [{"type": "function", "function": {"name": name, "parameters": {
+            "type": "object", "properties": {"x": {"type": "integer"}}}}}],
+        "tool_choice": {"type": "function", "function": {"name": name}}})
+    plan = plan_tool_calls(request, ToolCallConfig())
+    assert (plan.choice, plan.function, plan.forced, plan.max_calls) == ("function", name, True, 1)
+    params = SamplingParams()
+    apply_tool_plan(plan, request, params)
+    assert params.structured_outputs.json == {"type": "object", "properties": {"x": {"type": "integer"}}}
+    assert both_ways(plan.parser, '{"x": 1}') == (None, [(name, '{"x": 1}')])

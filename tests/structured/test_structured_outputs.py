@@ -92,8 +92,8 @@ def test_choice_regex_and_grammar_outputs_match(llm):
     info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=llm.llm_engine.model_config.vocab_size)
     matcher = xgr.GrammarMatcher(xgr.GrammarCompiler(info).compile_grammar(GRAMMAR))
     assert matcher.accept_string(outputs[3].outputs[0].text) and matcher.is_completed()
-    if outputs[4].outputs[0].finish_reason == "stop":
-        assert isinstance(json.loads(outputs[4].outputs[0].text), dict)
+    assert outputs[4].outputs[0].finish_reason == "stop", outputs[4].outputs[0].text
+    assert isinstance(json.loads(outputs[4].outputs[0].text), dict)
 
 
 def test_guidance_backend_output_validates(llm):

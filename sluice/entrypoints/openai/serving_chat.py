@@ -29,8 +29,7 @@ from sluice.entrypoints.openai.tool_calling import (ToolPlan, apply_tool_plan, p
 from sluice.entrypoints.openai.tool_parsers import ToolCallStreamer
 from sluice.outputs import CompletionOutput, RequestOutput
 from sluice.entrypoints.openai.render_pool import ChatRenderPool, TemplateRenderError
-from sluice.tokenizer import (CHAT_TEMPLATE_TIMEOUT_S, ChatTemplateLimitError, check_template_kwargs,
-                              prepare_chat_render)
+from sluice.tokenizer import CHAT_TEMPLATE_TIMEOUT_S, ChatTemplateLimitError, prepare_chat_render
 
 
 class OpenAIServingChat(OpenAIServing):
@@ -84,7 +83,6 @@ class OpenAIServingChat(OpenAIServing):
         conversation = [template_message(m, index) for index, m in enumerate(messages)]
         tokenizer = self.require_tokenizer("a chat", "messages")
         try:
-            check_template_kwargs(tokenizer, template_kwargs or {})  # before they meet render_chat's own arguments
             job = await self.run_in_tokenizer_pool(
                 prepare_chat_render, tokenizer, conversation, chat_template or self.default_chat_template,
                 add_generation_prompt, template_kwargs, tools)

@@ -44,23 +44,25 @@ class ToolCallConfig:
 
 
 def structured_outputs_available() -> bool:
-    return importlib.util.find_spec("sluice.structured_output") is not None
+    """Whether constrained decoding can run here (its grammar library is installed)."""
+    return importlib.util.find_spec("xgrammar") is not None or importlib.util.find_spec("llguidance") is not None
 
 
-def tool_choice_of(request: ChatCompletionRequest) -> str:
-    """"none", "auto", "required" or the forced function's name, after checking the request's tools."""
+def tool_choice_of(request: ChatCompletionRequest) -> tuple[str, str | None]:
+    """("none" | "auto" | "required", None) or ("function", the forced function's name), after checking the
+    request's tools (a function may be called "auto": its name never stands for a mode)."""
     choice = request.tool_choice if request.tool_choice is not None else "auto" if request.tools else "none"
     for index, tool in enumerate(request.tools or []):
         _check_tool(index, tool)
     if choice != "none" and not request.tools:
         raise bad_request(f"tool_choice {_shown(request.tool_choice)} needs tools", "tool_choice")
     if isinstance(choice, str):
-        return choice
+        return choice, None
     names = [tool.function.name for tool in request.tools or []]
     if choice.function.name not in names:
         raise bad_request(f"tool_choice names the function {choice.function.name!r}, which is not among the "
                           f"tools ({', '.join(map(repr, names))})", "tool_choice")
-    return choice.function.name
+    return "function", choice.function.name
 
 
 def _shown(choice: Any) -> str:
@@ -96,7 +98,10 @@ def required_calls_schema(tools: list[ChatCompletionToolParam], parallel: bool) 
     items = []
     for tool in tools:
         schema = dict(parameters_schema(tool))
-        defs.update(schema.pop("$defs", {}))
+        for name, definition in schema.pop("$defs", {}).items():
+            if defs.setdefault(name, definition) != definition:
+                raise bad_request(f"tools: two tools define $defs {name!r} differently; tool_choice \"required\" "
+                                  "puts every tool's $defs in one schema", "tools")
         items.append({"properties": {"name": {"type": "string", "enum": [tool.function.name]},
                                      "parameters": schema},
                       "required": ["name", "parameters"]})
@@ -166,18 +171,20 @@ class NamedFunctionParser(ToolParser):
 @dataclass
 class ToolPlan:
     """How one request's output is read: ``parser`` None for plain content."""
-    choice: str
+    choice: str  # "none" | "auto" | "required" | "function"
     parser: ToolParser | None
     max_calls: int | None  # 1 when parallel_tool_calls is false
+    function: str | None = None  # the forced function's name (choice "function")
 
     @property
     def forced(self) -> bool:
-        return self.choice not in ("none", "auto")
+        return self.choice in ("required", "function")
 
 
 def plan_tool_calls(request: ChatCompletionRequest, config: ToolCallConfig) -> ToolPlan:
     """Checks the request's tools and tool_choice against the server's flags (400s) and picks the parser."""
-    choice = tool_choice_of(request)
+    choice, function = tool_choice_of(request)
+    shown = repr(function) if function is not None else repr(choice)
     max_calls = 1 if request.parallel_tool_calls is False else None
     if choice == "none":
         return ToolPlan(choice, None, None)
@@ -187,24 +194,24 @@ def plan_tool_calls(request: ChatCompletionRequest, config: ToolCallConfig) -> T
                               '"auto" when tools are given)', "tool_choice")
         return ToolPlan(choice, get_tool_parser(config.tool_call_parser), max_calls)
     if request.response_format is not None and request.response_format.type != "text":
-        raise bad_request(f"tool_choice {choice!r} constrains the output itself; it cannot be combined with "
+        raise bad_request(f"tool_choice {shown} constrains the output itself; it cannot be combined with "
                           "response_format", "response_format")
     if not structured_outputs_available():
-        raise bad_request(f"tool_choice {choice!r} needs structured outputs (constrained decoding), which this "
+        raise bad_request(f"tool_choice {shown} needs structured outputs (constrained decoding), which this "
                           "server does not have", "tool_choice")
     if choice == "required":
         return ToolPlan(choice, RequiredToolsParser(), max_calls)
-    return ToolPlan(choice, NamedFunctionParser(choice), 1)
+    return ToolPlan(choice, NamedFunctionParser(function), 1, function)
 
 
 def apply_tool_plan(plan: ToolPlan, request: ChatCompletionRequest, params: SamplingParams) -> None:
     """Constrains the output for the forced choices (compact JSON: no run of whitespace can eat the token
     budget of a small model); lets the auto parser keep its format's tokens."""
     if plan.choice == "required":
-        schema = required_calls_schema(request.tools or [], parallel=request.parallel_tool_calls is not False)
+        schema = required_calls_schema(request.tools or [], parallel=plan.max_calls is None)
         params.structured_outputs = StructuredOutputsParams(json=schema, disable_any_whitespace=True)
-    elif plan.forced:
-        tool = next(t for t in request.tools or [] if t.function.name == plan.choice)
+    elif plan.function is not None:
+        tool = next(t for t in request.tools or [] if t.function.name == plan.function)
         params.structured_outputs = StructuredOutputsParams(json=parameters_schema(tool), disable_any_whitespace=True)
     elif plan.parser is not None:
         plan.parser.adjust_request(params)
