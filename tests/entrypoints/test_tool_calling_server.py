@@ -62,7 +62,9 @@ def test_streamed_tool_call_sends_the_name_first_then_argument_fragments(client)
     first, rest = pieces[0], pieces[1:]
     assert CALL_ID.fullmatch(first.id) and first.type == "function" and first.index == 0
     assert first.function.name == "get_weather" and not first.function.arguments
-    assert len(rest) >= 2 and all(p.index == 0 and p.id is None and p.function.name is None for p in rest)
+    # How many fragments depends on how many tokens each stream chunk carries (a loaded machine merges them);
+    # splitting at every step size is covered by test_tool_parsers.py.
+    assert rest and all(p.index == 0 and p.id is None and p.function.name is None for p in rest)
     assert content == "I will check."
     assert "".join(p.function.arguments for p in rest) == ARGUMENTS
     assert chunks[-1].choices[0].finish_reason == "tool_calls"
