@@ -104,6 +104,21 @@ def test_guidance_backend_output_validates(llm):
     jsonschema.validate(json.loads(out.text), schema)
 
 
+def test_auto_backend_falls_back_to_guidance_for_a_grammar_xgrammar_refuses():
+    """A Lark grammar is an EBNF syntax error to xgrammar: ``auto`` compiles it with llguidance, the output follows
+    it, and ``xgrammar`` alone refuses it with the parser's message."""
+    lark = 'start: "(" ITEM ("," ITEM)* ")"\nITEM: /[a-z]{1,4}/\n'
+    auto = LLM(max_model_len=128, device="cpu", num_kv_blocks=64, structured_outputs_backend="auto")
+    params = SamplingParams(temperature=0.0, max_tokens=24, structured_outputs=StructuredOutputsParams(grammar=lark))
+    out = auto.generate(["List some short words:"], params, use_tqdm=False)[0].outputs[0]
+    assert out.finish_reason == "stop", out.text
+    assert re.fullmatch(r"\([a-z]{1,4}(,[a-z]{1,4})*\)", out.text), out.text
+    assert auto.llm_engine.core.scheduler.kv_cache_manager.usage == 0.0
+    with pytest.raises(ValueError, match="grammar syntax error"):
+        auto.generate(["x"], SamplingParams(max_tokens=2, structured_outputs=StructuredOutputsParams(
+            grammar=lark, backend="xgrammar")), use_tqdm=False)
+
+
 @pytest.mark.parametrize("constraint,needle", [
     (dict(json={"type": "foo"}), "invalid JSON schema"),
     (dict(json="{not json"), "not valid JSON"),
