@@ -23,6 +23,7 @@ import logging
 import os
 import threading
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from collections import OrderedDict
 from typing import TYPE_CHECKING, Any
 
 from sluice.sampling_params import StructuredOutputsParams
@@ -113,13 +114,17 @@ class StructuredOutputRequest:
 class StructuredOutputManager:
     """Grammar compilation (a thread pool, a cache) and the per-step bitmask of the engine core."""
 
-    def __init__(self, model_config: "ModelConfig", backend: str, max_workers: int | None = None) -> None:
+    def __init__(self, model_config: "ModelConfig", backend: str, max_workers: int | None = None,
+                 max_cached: int = 512) -> None:
         self.model_config = model_config
         self.backend = backend
         self.vocab_size = model_config.vocab_size
         self.max_workers = max_workers or max(1, min(4, (os.cpu_count() or 2) // 2))
         self._executor: ThreadPoolExecutor | None = None
-        self._compiled: dict[tuple[str, str, str, bool], Future] = {}
+        # compiled grammars by spec, least recently used first; a request holds its own future, so evicting
+        # one never touches a running request
+        self._compiled: OrderedDict[tuple[str, str, str, bool], Future] = OrderedDict()
+        self.max_cached = max_cached
         self._backends: dict[str, Any] = {}
         self._lock = threading.Lock()  # the backends are built once, by the first compile that needs them
         self._tokenizer: Any = None
@@ -137,17 +142,18 @@ class StructuredOutputManager:
         kind, spec = spec_of(params)
         key = (params.backend or self.backend, kind, spec, not params.disable_any_whitespace)
         future = self._compiled.get(key)
+        if future is not None and future.done() and future.exception() is not None:
+            future = None  # an error is not cached: the same spec is checked again
         if future is None:
             if self._executor is None:
                 self._executor = ThreadPoolExecutor(self.max_workers, thread_name_prefix="sluice-grammar")
             future = self._executor.submit(self._compile, params, kind, spec)
             self._compiled[key] = future
-            future.add_done_callback(lambda f, key=key: self._forget_failure(key, f))
+            while len(self._compiled) > self.max_cached:
+                self._compiled.popitem(last=False)
+        else:
+            self._compiled.move_to_end(key)
         return future
-
-    def _forget_failure(self, key: tuple, future: Future) -> None:
-        if future.exception() is not None:  # an error is not cached: the same spec is checked again
-            self._compiled.pop(key, None)
 
     def _compile(self, params: StructuredOutputsParams, kind: str, spec: str) -> tuple[Any, Any]:
         backend = self._backend(resolve_backend(params, self.backend))

@@ -67,3 +67,26 @@ def test_w7_constrains_every_w1_request_and_fractions_keep_the_lengths():
     mixed = generate_workload("W1", 1000, num_prompts=200, structured_fraction=0.25)
     assert 25 <= sum(r.json_schema is not None for r in mixed) <= 75
     assert all(r.json_schema is None for r in w1)
+
+
+def test_compiled_grammar_cache_is_bounded_lru_and_does_not_keep_failures():
+    from sluice.config import EngineArgs, create_engine_config
+    from sluice.structured_output.manager import StructuredOutputManager
+
+    config = create_engine_config(EngineArgs(device="cpu"))
+    manager = StructuredOutputManager(config.model, "xgrammar", max_cached=2)
+    try:
+        first = manager.compile_async(StructuredOutputsParams(choice=["a", "b"]))
+        manager.compile_async(StructuredOutputsParams(choice=["c"]))
+        assert manager.compile_async(StructuredOutputsParams(choice=["a", "b"])) is first  # a hit, now newest
+        manager.compile_async(StructuredOutputsParams(choice=["d"]))  # evicts ["c"], the least recently used
+        assert len(manager._compiled) == 2
+        assert manager.compile_async(StructuredOutputsParams(choice=["a", "b"])) is first
+        first.result(timeout=60)
+        bad = StructuredOutputsParams(regex="(abc", backend="xgrammar")
+        failed = manager.compile_async(bad)
+        with pytest.raises(ValueError):
+            failed.result(timeout=60)
+        assert manager.compile_async(bad) is not failed  # an error is compiled (and reported) again
+    finally:
+        manager.shutdown()
