@@ -78,14 +78,18 @@ class LLM:
     def chat(self, messages: list[dict] | list[list[dict]],
              sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
              use_tqdm: bool = True, chat_template: str | None = None,
-             add_generation_prompt: bool = True, **template_kwargs: Any) -> list[RequestOutput]:
-        """Applies the model's chat template to one conversation or a list of them, then generates."""
+             add_generation_prompt: bool = True, tools: list[dict] | None = None,
+             **template_kwargs: Any) -> list[RequestOutput]:
+        """Applies the model's chat template to one conversation or a list of them, then generates.
+        ``tools``: OpenAI function definitions ({"type": "function", "function": {...}}) for templates that
+        show them to the model; the reply's tool calls are in its text (the server parses them)."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
         if chat_template is not None:  # offline, a path to a template file is fine (the server never reads one)
             from sluice.tokenizer import get_chat_template
             chat_template = get_chat_template(self.llm_engine.tokenizer, chat_template)
         prompts = [{"prompt_token_ids": self.llm_engine.apply_chat_template(
-            conv, add_generation_prompt=add_generation_prompt, chat_template=chat_template, **template_kwargs)}
+            conv, add_generation_prompt=add_generation_prompt, chat_template=chat_template, tools=tools,
+            **template_kwargs)}
             for conv in conversations]
         return self._run(prompts, sampling_params, use_tqdm, None)
 

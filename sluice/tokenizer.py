@@ -147,12 +147,14 @@ def _apply_chat_template_parameters(tokenizer_class: type) -> frozenset[str]:
 
 def apply_chat_template(tokenizer: PreTrainedTokenizerBase, messages: Sequence[ChatMessage],
                         chat_template: str | None = None, add_generation_prompt: bool = True,
-                        tokenize: bool = True, **template_kwargs: Any) -> list[int] | str:
+                        tokenize: bool = True, tools: Sequence[Mapping[str, Any]] | None = None,
+                        **template_kwargs: Any) -> list[int] | str:
     """Render ``messages`` with the chat template; token ids when ``tokenize`` (the default), else the text.
+    ``tools``: function definitions the template shows the model (as the server's ``tools`` field).
 
     Encoding adds no special tokens: the template already wrote any BOS the model wants.
     """
-    text = render_chat(tokenizer, messages, chat_template, add_generation_prompt, template_kwargs)
+    text = render_chat(tokenizer, messages, chat_template, add_generation_prompt, template_kwargs, tools=tools)
     if not tokenize:
         return text
     return tokenizer.encode(text, add_special_tokens=False)

@@ -62,6 +62,21 @@ def test_default_model_answers_the_capital_of_france(default_llm):
     assert "<|im_end|>" not in out.text
 
 
+def test_chat_shows_tools_to_a_template_that_renders_them(default_llm):
+    """``LLM.chat(tools=...)`` passes the function definitions to the template, as the server's ``tools`` does."""
+    template = ("{% for t in tools or [] %}TOOL {{ t.function.name }}\n{% endfor %}"
+                "{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}assistant:")
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
+    messages = [{"role": "user", "content": "Weather in Paris?"}]
+    params = SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=0)
+    tokenizer = default_llm.get_tokenizer()
+    with_tools = default_llm.chat(messages, params, use_tqdm=False, chat_template=template, tools=tools)[0]
+    assert with_tools.prompt_token_ids == tokenizer.encode(
+        "TOOL get_weather\nuser: Weather in Paris?\nassistant:", add_special_tokens=False)
+    without = default_llm.chat(messages, params, use_tqdm=False, chat_template=template)[0]
+    assert tokenizer.decode(without.prompt_token_ids) == "user: Weather in Paris?\nassistant:"
+
+
 def test_default_model_logits_match_transformers(default_llm):
     """Prompt logprobs from sluice equal log_softmax of transformers' forward on the same GGUF weights."""
     checkpoint = GGUFCheckpoint(default_model_path())
