@@ -70,6 +70,18 @@ def test_streamed_tool_call_sends_the_name_first_then_argument_fragments(client)
     assert chunks[-1].choices[0].finish_reason == "tool_calls"
 
 
+def test_streamed_tool_call_keeps_every_tokens_logprob(client):
+    """Tokens the tool streamer holds back (a call may be starting) send their logprobs with the next chunk:
+    the stream carries one logprob per generated token, the same as the non-streamed answer."""
+    kwargs = dict(model=MODEL, messages=ASK, tools=[WEATHER_TOOL], logprobs=True, top_logprobs=1)
+    chunks = list(client.chat.completions.create(stream=True, stream_options={"include_usage": True}, **kwargs))
+    streamed = [t for c in chunks if c.choices and c.choices[0].logprobs
+                for t in c.choices[0].logprobs.content or []]
+    whole = client.chat.completions.create(**kwargs)
+    assert len(streamed) == chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+    assert [t.token for t in streamed] == [t.token for t in whole.choices[0].logprobs.content]
+
+
 def test_tool_choice_none_gives_the_text_as_content(client):
     """No parser: special tokens are skipped as usual (the auto tests pass only because hermes keeps them)."""
     response = client.chat.completions.create(model=MODEL, messages=ASK, tools=[WEATHER_TOOL], tool_choice="none")

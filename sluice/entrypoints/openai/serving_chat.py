@@ -7,6 +7,7 @@ chunk with its id and name, then chunks with fragments of its arguments.
 """
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -122,6 +123,7 @@ class OpenAIServingChat(OpenAIServing):
                      for index in range(request.n)} if plan.parser is not None else {}
         finished: set[int] = set()
         num_generated = 0
+        held: dict[int, tuple[list[int], list]] = {}  # per choice: tokens held back by its tool streamer
 
         def usage() -> UsageInfo:
             return UsageInfo.of(len(prompt.token_ids), num_generated)
@@ -145,9 +147,16 @@ class OpenAIServingChat(OpenAIServing):
                         if c.finish_reason is not None:
                             deltas += streamer.finish()
                             finish_reason = _finish_reason(c.finish_reason, streamer.tools_called, plan)
+                        if num_top is not None and (c.index in held or (not deltas and c.finish_reason is None)):
+                            ids, logprobs = held.setdefault(c.index, ([], []))
+                            ids += c.token_ids
+                            logprobs += c.logprobs or []
                         if not deltas and c.finish_reason is None:
-                            continue  # held back: it may be the start of a call
+                            continue  # held back: it may be the start of a call; its logprobs go with the next
                         deltas = deltas or [DeltaMessage(content="")]
+                        if c.index in held:
+                            ids, logprobs = held.pop(c.index)
+                            c = dataclasses.replace(c, token_ids=ids, logprobs=logprobs)
                     for number, delta in enumerate(deltas):
                         last = number == len(deltas) - 1
                         choice = ChatStreamChoice(index=c.index, delta=delta,
