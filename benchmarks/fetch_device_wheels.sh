@@ -18,11 +18,17 @@ PACKAGES=(
   fastapi==0.165.0 starlette==1.10.0 uvicorn==0.54.0 pydantic==2.13.4 pydantic-core==2.46.4
   msgspec==0.22.0 pyzmq==27.3.0 prometheus_client==0.26.0 httpx==0.28.1 httpcore==1.0.9
 )
-PLATFORMS=(--platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux_2_28_x86_64)
+# The grammar library of structured outputs (W7), fetched without its dependencies: they are torch, triton,
+# transformers and numpy, which the device has, and pydantic and typing_extensions, which come with PACKAGES.
+GRAMMAR_PACKAGES=(xgrammar==0.2.9 apache-tvm-ffi==0.1.15.post2)
+PLATFORMS=(--platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux_2_24_x86_64
+           --platform manylinux_2_27_x86_64 --platform manylinux_2_28_x86_64)
 
 mkdir -p "$DEST"
 pip download --quiet --disable-pip-version-check --only-binary=:all: --python-version "$PYTHON_VERSION" \
   "${PLATFORMS[@]}" -d "$DEST" "${PACKAGES[@]}"
+pip download --quiet --disable-pip-version-check --only-binary=:all: --no-deps --python-version "$PYTHON_VERSION" \
+  --implementation cp "${PLATFORMS[@]}" -d "$DEST" "${GRAMMAR_PACKAGES[@]}"
 
 # The offline install the device will do, resolved here into a scratch folder.
 check_dir=$(mktemp -d)
