@@ -3,7 +3,7 @@
 #   1. W8 multi-turn through `sluice serve` at --gpu-memory-utilization 0.5, without and with the host prefix tier
 #      (--kv-offload-space): later turns' median TTFT and the hit rate of each tier
 #   2. a preemption-heavy W3 (a KV pool forced small): --preemption-mode recompute vs auto with --swap-space, at
-#      W3's lengths and at 8x them (contexts to 16K)
+#      W3's lengths and at 4x them (contexts to 8K)
 #
 #     OUT=/some/folder bash benchmarks/kv_tiers_h100.sh            # on the device, from the repository root
 #     KV_SMOKE=1 OUT=/tmp/kv bash benchmarks/kv_tiers_h100.sh      # CPU rehearsal: tiny model, tiny numbers
