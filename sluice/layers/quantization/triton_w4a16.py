@@ -1,0 +1,200 @@
+"""Triton GEMM for weight-only integer layers (W4A16, and 8-bit GPTQ): y = x W^T with W dequantized in registers.
+
+Every format (AWQ, GPTQ with or without act-order, compressed-tensors pack-quantized) is repacked once at load
+from w4a16.py's canonical form into one kernel layout:
+
+    qweight  int32 [K / P, N]   P = 32 / bits codes per word, packed along K, lowest bits first:
+                                word [r, n] holds W[n, r*P .. r*P + P - 1]; N is contiguous (coalesced loads)
+    scales   dtype [G, N]       group g covers input rows g*group_size .. (g+1)*group_size - 1
+    zeros    dtype [G, N]       zero point in code units (symmetric formats: 2^(bits-1) everywhere)
+    perm     long  [K] | None   act-order: the input channels sorted by group, so every group is contiguous;
+                                the activations are gathered x[:, perm] before the kernel
+
+Each program computes a [BLOCK_M, BLOCK_N] tile of y over one K range: it loads BLOCK_K / P packed rows,
+shifts them into [BLOCK_K, BLOCK_N] codes, dequantizes (code - zero) * scale in float32, rounds to the
+activation dtype (as the reference rounds its dense weight) and accumulates ``tl.dot`` in float32.
+
+    decode (M <= 16)    BLOCK_M 16, split-K: the step reads the weights once, so the grid must cover the SMs
+                        even when N / BLOCK_N is small; each K slice writes a float32 partial, summed after
+    prefill             BLOCK_M 64-128, BLOCK_N 128, no split
+
+The dequantize-then-matmul torch path of w4a16.py stays the reference (and the CPU path).
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+ACTIVATION_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+@dataclass(frozen=True, slots=True)
+class W4A16KernelConfig:
+    block_m: int
+    block_n: int
+    block_k: int
+    split_k: int = 1
+    num_warps: int = 4
+    num_stages: int = 3
+
+
+@dataclass(slots=True)
+class PackedWeight:
+    """A layer's weight in the kernel layout (see the module docstring)."""
+    qweight: torch.Tensor
+    scales: torch.Tensor
+    zeros: torch.Tensor
+    perm: torch.Tensor | None
+    bits: int
+    group_size: int  # rows per group in the (permuted) K order; K itself for one group per channel
+    in_features: int
+    out_features: int
+
+
+def pack_along_k(codes_kn: torch.Tensor, bits: int) -> torch.Tensor:
+    """uint8 codes [K, N] -> int32 [K / P, N], P = 32 / bits, code k*P + j in bits j*bits.. of word k."""
+    per_word = 32 // bits
+    rows, cols = codes_kn.shape
+    if rows % per_word:
+        raise ValueError(f"{rows} input features are not a multiple of {per_word} ({bits}-bit codes per int32)")
+    shifts = torch.arange(0, 32, bits, device=codes_kn.device, dtype=torch.int64).view(1, per_word, 1)
+    words = (codes_kn.to(torch.int64).view(rows // per_word, per_word, cols) << shifts).sum(dim=1)
+    return torch.where(words >= 2 ** 31, words - 2 ** 32, words).to(torch.int32)  # the same 32 bits, signed
+
+
+def pack_canonical(codes: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor, g_idx: torch.Tensor, bits: int,
+                   dtype: torch.dtype) -> PackedWeight | None:
+    """w4a16.py's canonical form (codes [N, K], zeros/scales [N, G], g_idx [K]) -> the kernel layout.
+
+    None when the groups are not all the same size (a g_idx no GPTQ writes): the caller keeps the torch path."""
+    out_features, in_features = codes.shape
+    num_groups = scales.shape[1]
+    if in_features % num_groups:
+        return None
+    group_size = in_features // num_groups
+    g_idx = g_idx.to(codes.device).long()
+    perm = None
+    if not torch.equal(g_idx, torch.arange(in_features, device=g_idx.device) // group_size):
+        perm = torch.argsort(g_idx, stable=True)
+        if not torch.equal(g_idx[perm], torch.arange(in_features, device=g_idx.device) // group_size):
+            return None
+        codes = codes[:, perm]
+    return PackedWeight(qweight=pack_along_k(codes.t().contiguous(), bits).contiguous(),
+                        scales=scales.t().to(dtype).contiguous(), zeros=zeros.t().to(dtype).contiguous(),
+                        perm=perm, bits=bits, group_size=group_size, in_features=in_features,
+                        out_features=out_features)
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 132  # the interpreter: an H100's count, so that tests see the same tiles as the GPU
+
+
+def default_config(m: int, n: int, k: int, group_size: int, device: torch.device) -> W4A16KernelConfig:
+    """Tiles by the number of rows. Decode is bound by reading the weights (K * N / 2 bytes): small BLOCK_M and
+    enough programs (split-K) to keep every SM streaming. Prefill is bound by the dot: large tiles.
+    ``SLUICE_W4A16_CONFIG=block_m,block_n,block_k,split_k,num_warps,num_stages`` overrides (benchmark sweeps)."""
+    override = os.environ.get("SLUICE_W4A16_CONFIG")
+    if override:
+        return W4A16KernelConfig(*(int(v) for v in override.split(",")))
+    if m <= 16:
+        block_m, block_n, block_k, warps, stages = 16, 64, 128, 4, 4
+    elif m <= 64:
+        block_m, block_n, block_k, warps, stages = 32 if m <= 32 else 64, 64, 128, 4, 4
+    else:
+        block_m, block_n, block_k, warps, stages = (64, 128, 64, 4, 4) if m <= 256 else (128, 128, 64, 8, 3)
+    tiles = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
+    k_blocks = triton.cdiv(k, block_k)
+    # Two waves of programs; each K slice keeps at least 4 BLOCK_K steps so the partials stay few.
+    split_k = max(1, min(2 * _num_sms(device) // tiles, k_blocks // 4, 16)) if m <= 64 else 1
+    return W4A16KernelConfig(block_m, block_n, block_k, split_k, warps, stages)
+
+
+@triton.jit(do_not_specialize=["M"])
+def _w4a16_gemm_kernel(x_ptr, qweight_ptr, scales_ptr, zeros_ptr, bias_ptr, out_ptr,
+                       M, N, K, k_per_split, stride_xm, stride_qk, stride_sg, stride_os, stride_om,
+                       BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    PER_WORD: tl.constexpr = 32 // BITS
+    # One group per K step when the step lies inside a group: one row of scales and zeros per step.
+    GROUP_PER_STEP: tl.constexpr = GROUP_SIZE % BLOCK_K == 0
+    pid = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    pid_m = pid // num_pid_n
+    pid_n = pid % num_pid_n
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    offs_k = tl.arange(0, BLOCK_K)
+    offs_word = tl.arange(0, BLOCK_K // PER_WORD)
+    shifts = tl.arange(0, PER_WORD) * BITS
+    x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    k_start = pid_k * k_per_split
+    k_end = tl.minimum(k_start + k_per_split, K)
+    for k0 in range(k_start, k_end, BLOCK_K):
+        ks = k0 + offs_k
+        a = tl.load(x_rows + ks[None, :], mask=mask_m[:, None] & (ks < k_end)[None, :], other=0.0)
+        words = k0 // PER_WORD + offs_word
+        packed = tl.load(qweight_ptr + words.to(tl.int64)[:, None] * stride_qk + offs_n[None, :],
+                         mask=(words < K // PER_WORD)[:, None] & mask_n[None, :], other=0)
+        codes = (packed[:, None, :] >> shifts[None, :, None]) & ((1 << BITS) - 1)  # [BLOCK_K / P, P, BLOCK_N]
+        codes = tl.reshape(codes, (BLOCK_K, BLOCK_N))
+        if GROUP_PER_STEP:
+            group_ptrs = (k0 // GROUP_SIZE) * stride_sg + offs_n[None, :]
+            group_mask = mask_n[None, :]
+        else:
+            group_ptrs = (ks // GROUP_SIZE)[:, None] * stride_sg + offs_n[None, :]
+            group_mask = (ks < k_end)[:, None] & mask_n[None, :]
+        scales = tl.load(scales_ptr + group_ptrs, mask=group_mask, other=0.0).to(tl.float32)
+        zeros = tl.load(zeros_ptr + group_ptrs, mask=group_mask, other=0.0).to(tl.float32)
+        weight = ((codes.to(tl.float32) - zeros) * scales).to(a.dtype)
+        acc = tl.dot(a, weight, acc, input_precision=DOT_PRECISION, out_dtype=tl.float32)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    out_ptrs = out_ptr + pid_k * stride_os + offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :]
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+
+
+def w4a16_gemm(x: torch.Tensor, weight: PackedWeight, bias: torch.Tensor | None = None,
+               config: W4A16KernelConfig | None = None) -> torch.Tensor:
+    """x [..., K] (float16/bfloat16/float32) -> [..., N] in x's dtype."""
+    shape = x.shape
+    x2 = x.reshape(-1, shape[-1])
+    if weight.perm is not None:
+        x2 = x2.index_select(1, weight.perm)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    m, k, n = x2.shape[0], weight.in_features, weight.out_features
+    if m == 0:
+        return x.new_empty(*shape[:-1], n)
+    config = config or default_config(m, n, k, weight.group_size, x.device)
+    k_per_split = triton.cdiv(triton.cdiv(k, config.split_k), config.block_k) * config.block_k
+    split_k = triton.cdiv(k, k_per_split)
+    if split_k == 1:
+        out = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    else:  # float32 partials, one per K slice; the bias goes into the first only
+        out = torch.empty(split_k, m, n, dtype=torch.float32, device=x.device)
+    grid = (triton.cdiv(m, config.block_m) * triton.cdiv(n, config.block_n), split_k)
+    has_bias = bias is not None and split_k == 1
+    _w4a16_gemm_kernel[grid](
+        x2, weight.qweight, weight.scales, weight.zeros, bias if has_bias else x2, out,
+        m, n, k, k_per_split, x2.stride(0), weight.qweight.stride(0), weight.scales.stride(0),
+        out.stride(0) if split_k > 1 else 0, out.stride(-2),
+        BITS=weight.bits, GROUP_SIZE=weight.group_size, HAS_BIAS=has_bias,
+        DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",  # float32 models: no TF32 rounding
+        BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
+        num_warps=config.num_warps, num_stages=config.num_stages)
+    if split_k > 1:
+        out = out.sum(dim=0)
+        if bias is not None:
+            out += bias
+        out = out.to(x.dtype)
+    return out.reshape(*shape[:-1], n)

@@ -1,0 +1,126 @@
+"""The W4A16 Triton GEMM computes what the dequantize-then-matmul reference (w4a16.dequantize) computes,
+for every checkpoint format's canonical form after repacking: AWQ, GPTQ (sym/asym, act-order, 8-bit),
+compressed-tensors pack-quantized; group sizes 32/64/128 and per channel; decode and prefill row counts.
+
+Runs on CUDA; skipped without it. Without a GPU, under the Triton interpreter:
+
+    TRITON_INTERPRET=1 python -m pytest -q tests/gpu/test_triton_w4a16.py
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from sluice.layers.quantization.w4a16 import AWQMethod, GPTQMethod, PackQuantizedMethod, dequantize
+from tests.quantization import checkpoints as ckpt
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+DEVICE = "cuda" if torch.cuda.is_available() else ("cpu" if INTERPRET else None)
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(DEVICE is None, reason="needs CUDA (or TRITON_INTERPRET=1 for the interpreter)")]
+triton_w4a16 = pytest.importorskip("sluice.layers.quantization.triton_w4a16")
+
+BF16 = pytest.param(torch.bfloat16, id="bf16", marks=pytest.mark.skipif(INTERPRET, reason="interpreter bf16"))
+
+
+def _format(name: str, bits: int, group_size: int):
+    """(checkpoint quantizer, the method that reads it) for one format."""
+    if name == "awq":
+        return ckpt.awq_quantizer(group_size), AWQMethod(bits, group_size)
+    if name == "ct":
+        return ckpt.ct_w4a16_quantizer(group_size), PackQuantizedMethod(bits, group_size)
+    sym, act_order = name in ("gptq_sym", "gptq_sym_act_order"), name.endswith("act_order")
+    return (ckpt.gptq_quantizer(bits, group_size, desc_act=act_order, sym=sym),
+            GPTQMethod(bits, group_size, zeros_minus_one=True))
+
+
+def _canonical(fmt: str, bits: int, group_size: int, n: int, k: int, seed: int):
+    quantizer, method = _format(fmt, bits, group_size)
+    w = torch.randn(n, k, generator=torch.Generator().manual_seed(seed)) * k ** -0.5
+    tensors, _ = quantizer("layer.weight", w)
+    return method.shard_to_canonical(None, tensors, n)
+
+
+def _check(fmt, bits, group_size, m, n, k, dtype, bias=False, config=None, seed=0):
+    canonical = _canonical(fmt, bits, group_size, n, k, seed)
+    packed = triton_w4a16.pack_canonical(**canonical, bits=bits, dtype=dtype)
+    assert packed is not None
+    assert (packed.perm is not None) == fmt.endswith("act_order")
+    packed = triton_w4a16.PackedWeight(packed.qweight.to(DEVICE), packed.scales.to(DEVICE), packed.zeros.to(DEVICE),
+                                       None if packed.perm is None else packed.perm.to(DEVICE), packed.bits,
+                                       packed.group_size, packed.in_features, packed.out_features)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(seed + 1)).to(dtype)
+    b = torch.randn(n, generator=torch.Generator().manual_seed(seed + 2)).to(dtype) if bias else None
+    # The reference: the dense weight from the layer's own (dtype-rounded) scales and zeros, float32 matmul.
+    weight = dequantize(canonical["codes"], canonical["zeros"].to(dtype), canonical["scales"].to(dtype),
+                        canonical["g_idx"]).to(dtype)
+    expected = x.float() @ weight.float().t() + (0 if b is None else b.float())
+    out = triton_w4a16.w4a16_gemm(x.to(DEVICE), packed, None if b is None else b.to(DEVICE), config).cpu()
+    assert out.dtype == dtype and out.shape == (m, n)
+    tol = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[dtype]
+    scale = expected.abs().max().item()
+    torch.testing.assert_close(out.float(), expected, rtol=0, atol=tol * scale)
+
+
+FORMATS = ["awq", "gptq_sym", "gptq_asym", "gptq_sym_act_order", "gptq_asym_act_order", "ct"]
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("group_size", [32, 64, 128])
+def test_every_format_and_group_size_matches_the_reference(fmt, group_size):
+    _check(fmt, 4, group_size, m=3, n=48, k=4 * group_size, dtype=torch.float16, seed=group_size)
+
+
+@pytest.mark.parametrize("m", [1, 2, 5, 16, 17, 33, 64, 65, 130, 300])
+def test_decode_and_prefill_row_counts(m):
+    _check("gptq_asym_act_order", 4, 64, m=m, n=80, k=256, dtype=torch.float16, bias=m % 2 == 1, seed=m)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, BF16, torch.float32], ids=["fp16", "bf16", "fp32"])
+def test_activation_dtypes(dtype):
+    _check("awq", 4, 32, m=7, n=64, k=192, dtype=dtype, bias=True)
+
+
+def test_eight_bit_gptq():
+    _check("gptq_sym", 8, 64, m=4, n=40, k=256, dtype=torch.float16)
+    _check("gptq_asym_act_order", 8, 32, m=20, n=24, k=128, dtype=torch.float16)
+
+
+@pytest.mark.parametrize("config", [
+    triton_w4a16.W4A16KernelConfig(16, 32, 64, split_k=3),    # K slices that end inside a step
+    triton_w4a16.W4A16KernelConfig(16, 64, 128, split_k=2),   # BLOCK_K across two 64-groups
+    triton_w4a16.W4A16KernelConfig(32, 32, 32, split_k=1),
+], ids=["split3", "block_k_over_groups", "no_split"])
+def test_split_k_and_tiles_that_cross_groups(config):
+    _check("gptq_asym_act_order", 4, 64, m=9, n=72, k=320, dtype=torch.float16, bias=True, config=config)
+
+
+def test_channelwise_scales():
+    canonical = _canonical("ct", 4, 32, 40, 96, seed=3)
+    scales = canonical["scales"][:, :1].contiguous()  # one group per output channel
+    canonical = {**canonical, "scales": scales, "zeros": canonical["zeros"][:, :1].contiguous(),
+                 "g_idx": torch.zeros(96, dtype=torch.long)}
+    packed = triton_w4a16.pack_canonical(**canonical, bits=4, dtype=torch.float16)
+    assert packed.group_size == 96 and packed.perm is None
+    x = torch.randn(5, 96, generator=torch.Generator().manual_seed(4)).half()
+    expected = x.float() @ dequantize(canonical["codes"], canonical["zeros"].half(), scales.half(),
+                                      canonical["g_idx"]).half().float().t()
+    packed = triton_w4a16.PackedWeight(packed.qweight.to(DEVICE), packed.scales.to(DEVICE), packed.zeros.to(DEVICE),
+                                       None, 4, 96, 96, 40)
+    out = triton_w4a16.w4a16_gemm(x.to(DEVICE), packed).cpu().float()
+    torch.testing.assert_close(out, expected, rtol=0, atol=2e-3 * expected.abs().max().item())
+
+
+def test_unequal_groups_are_left_to_the_torch_path():
+    canonical = _canonical("gptq_asym", 4, 32, 16, 64, seed=5)
+    g_idx = torch.tensor([0] * 40 + [1] * 24)
+    assert triton_w4a16.pack_canonical(**{**canonical, "g_idx": g_idx}, bits=4, dtype=torch.float16) is None
+
+
+def test_packing_round_trips():
+    codes = torch.randint(0, 16, (64, 24), generator=torch.Generator().manual_seed(6), dtype=torch.uint8)
+    words = triton_w4a16.pack_along_k(codes, 4)
+    from sluice.layers.quantization.w4a16 import unpack_int32
+    assert torch.equal(unpack_int32(words, 4, 0), codes)
