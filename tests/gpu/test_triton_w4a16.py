@@ -1,6 +1,6 @@
 """The W4A16 Triton GEMM computes what the dequantize-then-matmul reference (w4a16.dequantize) computes,
 for every checkpoint format's canonical form after repacking: AWQ, GPTQ (sym/asym, act-order, 8-bit),
-compressed-tensors pack-quantized; group sizes 32/64/128 and per channel; decode and prefill row counts.
+compressed-tensors pack-quantized, online RTN; group sizes 32/64/128 and per channel; decode and prefill row counts.
 
 Runs on CUDA; skipped without it. Without a GPU, under the Triton interpreter:
 
@@ -13,7 +13,7 @@ import os
 import pytest
 import torch
 
-from sluice.layers.quantization.w4a16 import AWQMethod, GPTQMethod, PackQuantizedMethod, dequantize
+from sluice.layers.quantization.w4a16 import AWQMethod, GPTQMethod, PackQuantizedMethod, dequantize, quantize_rtn
 from tests.quantization import checkpoints as ckpt
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -37,8 +37,10 @@ def _format(name: str, bits: int, group_size: int):
 
 
 def _canonical(fmt: str, bits: int, group_size: int, n: int, k: int, seed: int):
-    quantizer, method = _format(fmt, bits, group_size)
     w = torch.randn(n, k, generator=torch.Generator().manual_seed(seed)) * k ** -0.5
+    if fmt == "rtn":  # --quantization rtn: quantized at load
+        return quantize_rtn(w, bits, group_size)
+    quantizer, method = _format(fmt, bits, group_size)
     tensors, _ = quantizer("layer.weight", w)
     return method.shard_to_canonical(None, tensors, n)
 
@@ -64,7 +66,7 @@ def _check(fmt, bits, group_size, m, n, k, dtype, bias=False, config=None, seed=
     torch.testing.assert_close(out.float(), expected, rtol=0, atol=tol * scale)
 
 
-FORMATS = ["awq", "gptq_sym", "gptq_asym", "gptq_sym_act_order", "gptq_asym_act_order", "ct"]
+FORMATS = ["awq", "gptq_sym", "gptq_asym", "gptq_sym_act_order", "gptq_asym_act_order", "ct", "rtn"]
 
 
 @pytest.mark.parametrize("fmt", FORMATS)

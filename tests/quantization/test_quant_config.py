@@ -20,7 +20,7 @@ def _hf(quantization_config=None):
 
 @pytest.mark.parametrize("flag, ckpt, message", [
     ("int3", None, "quantization must be one of fp8, awq, gptq, compressed-tensors"),
-    ("awq", None, "only fp8 quantizes an unquantized checkpoint at load"),
+    ("awq", None, "only fp8 and rtn quantize an unquantized checkpoint at load"),
     (None, {"quant_method": "bitsandbytes"}, "checkpoint quantization 'bitsandbytes' is not supported; supported: fp8"),
     ("fp8", {"quant_method": "awq", "bits": 4, "group_size": 128}, "--quantization fp8 conflicts with the checkpoint"),
     (None, {"quant_method": "awq", "bits": 3, "group_size": 128}, "awq supports bits 4, got 3"),

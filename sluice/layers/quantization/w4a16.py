@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
-from sluice.layers.quantization.base import CheckpointShardsMethod, set_tensor
+from sluice.layers.quantization.base import CheckpointShardsMethod, UnquantizedLinearMethod, set_tensor
 
 try:  # the CUDA kernel; without Triton, CUDA layers dequantize per call
     from sluice.layers.quantization import triton_w4a16
@@ -152,3 +152,35 @@ class PackQuantizedMethod(WeightOnlyIntMethod):
         group = codes.shape[1] if self.group_size == -1 else self.group_size
         return {"codes": codes, "zeros": torch.full_like(scales, 1 << (self.bits - 1)), "scales": scales,
                 "g_idx": default_g_idx(codes.shape[1], group, codes.device)}
+
+
+def quantize_rtn(weight: torch.Tensor, bits: int, group_size: int) -> dict[str, torch.Tensor]:
+    """Round to nearest, asymmetric, per group of ``group_size`` input channels: the canonical form of ``weight``."""
+    rows, cols = weight.shape
+    g_idx = default_g_idx(cols, group_size, weight.device)
+    groups = weight.float().reshape(rows, -1, cols if group_size == -1 else group_size)
+    low = groups.amin(dim=-1).clamp(max=0)
+    high = groups.amax(dim=-1).clamp(min=0)
+    maxq = (1 << bits) - 1
+    scales = ((high - low) / maxq).clamp(min=1e-10)
+    zeros = (-low / scales).round().clamp(0, maxq)
+    codes = (groups / scales.unsqueeze(-1)).round() + zeros.unsqueeze(-1)
+    return {"codes": codes.clamp(0, maxq).to(torch.uint8).reshape(rows, cols), "zeros": zeros, "scales": scales,
+            "g_idx": g_idx}
+
+
+class RtnMethod(WeightOnlyIntMethod):
+    """``--quantization rtn``: a 16/32-bit checkpoint (or dummy weights) quantized at load to 4-bit codes,
+    round to nearest, asymmetric, group 128; then the same compute form and kernels as AWQ/GPTQ."""
+
+    def __init__(self, bits: int = 4, group_size: int = 128) -> None:
+        super().__init__(bits, group_size)
+
+    def create_weights(self, layer: "LinearBase") -> None:
+        UnquantizedLinearMethod().create_weights(layer)
+
+    def process_weights_after_loading(self, layer: "LinearBase") -> None:
+        group_size = self.group_size if layer.input_size % max(self.group_size, 1) == 0 else -1
+        tensors = quantize_rtn(layer.weight.data, self.bits, group_size)
+        del layer.weight
+        self.finalize(layer, tensors)
