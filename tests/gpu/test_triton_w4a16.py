@@ -8,6 +8,7 @@ Runs on CUDA; skipped without it. Without a GPU, under the Triton interpreter:
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import pytest
@@ -126,3 +127,21 @@ def test_packing_round_trips():
     words = triton_w4a16.pack_along_k(codes, 4)
     from sluice.layers.quantization.w4a16 import unpack_int32
     assert torch.equal(unpack_int32(words, 4, 0), codes)
+
+
+@pytest.mark.parametrize("dequant", ["half", "magic32", "f32"])
+@pytest.mark.parametrize("unpack", ["reshape", "gather"])
+@pytest.mark.parametrize("fmt,bits", [("gptq_asym_act_order", 4), ("gptq_sym", 8)])
+def test_every_dequantization_and_unpacking_gives_the_same_weights(dequant, unpack, fmt, bits):
+    config = triton_w4a16.W4A16KernelConfig(16, 32, 64, split_k=2, dequant=dequant, unpack=unpack)
+    _check(fmt, bits, 32, m=6, n=40, k=192, dtype=torch.float16, bias=True, config=config)
+
+
+def test_sixteen_bit_dequantization_is_chosen_only_where_it_is_exact():
+    canonical = _canonical("awq", 4, 32, 16, 64, seed=9)
+    bf16_4bit = triton_w4a16.pack_canonical(**canonical, bits=4, dtype=torch.bfloat16)
+    assert triton_w4a16._dequant_mode("auto", torch.bfloat16, bf16_4bit) == "half"
+    assert triton_w4a16._dequant_mode("auto", torch.float32, bf16_4bit) == "magic32"
+    assert triton_w4a16._dequant_mode("auto", torch.float16, bf16_4bit) == "magic32"  # scales of another dtype
+    bf16_8bit = dataclasses.replace(bf16_4bit, bits=8)
+    assert triton_w4a16._dequant_mode("half", torch.bfloat16, bf16_8bit) == "magic32"  # 128 + 255 is not exact

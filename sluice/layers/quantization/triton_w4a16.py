@@ -11,8 +11,15 @@ from w4a16.py's canonical form into one kernel layout:
                                 the activations are gathered x[:, perm] before the kernel
 
 Each program computes a [BLOCK_M, BLOCK_N] tile of y over one K range: it loads BLOCK_K / P packed rows,
-shifts them into [BLOCK_K, BLOCK_N] codes, dequantizes (code - zero) * scale in float32, rounds to the
-activation dtype (as the reference rounds its dense weight) and accumulates ``tl.dot`` in float32.
+shifts them into [BLOCK_K, BLOCK_N] codes, dequantizes (code - zero) * scale to the activation dtype and
+accumulates ``tl.dot`` in float32. The dequantized weight equals the reference's (float32 math rounded
+once to the 16-bit dtype) in every mode; the modes differ in instruction count, which matters at decode,
+where the kernel must dequantize K * N values in the time HBM takes to deliver K * N / 2 bytes:
+
+    half      (default for 4-bit bf16/fp16) 16-bit math; the code ORed into the mantissa of 128.0 (bf16) or
+              1024.0 (fp16) is that value plus the code, so no int -> float conversion (16 per clock per SM)
+    magic32   float32 math, the code ORed into 2^23; one conversion to the 16-bit dtype at the end
+    f32       int -> float32 conversion, float32 math
 
     decode (M <= 16)    BLOCK_M 16, split-K: the step reads the weights once, so the grid must cover the SMs
                         even when N / BLOCK_N is small; each K slice writes a float32 partial, summed after
@@ -40,6 +47,8 @@ class W4A16KernelConfig:
     split_k: int = 1
     num_warps: int = 4
     num_stages: int = 3
+    dequant: str = "auto"  # half (16-bit math; auto's choice where exact) | magic32 | f32 (float32 math)
+    unpack: str = "reshape"  # reshape (each packed word loaded once) | gather (each row loads its word)
 
 
 @dataclass(slots=True)
@@ -98,10 +107,12 @@ def _num_sms(device: torch.device) -> int:
 def default_config(m: int, n: int, k: int, group_size: int, device: torch.device) -> W4A16KernelConfig:
     """Tiles by the number of rows. Decode is bound by reading the weights (K * N / 2 bytes): small BLOCK_M and
     enough programs (split-K) to keep every SM streaming. Prefill is bound by the dot: large tiles.
-    ``SLUICE_W4A16_CONFIG=block_m,block_n,block_k,split_k,num_warps,num_stages`` overrides (benchmark sweeps)."""
+    ``SLUICE_W4A16_CONFIG=block_m,block_n,block_k,split_k,num_warps,num_stages[,dequant[,unpack]]`` overrides
+    (what benchmarks/quant_kernel_bench.py --sweep finds)."""
     override = os.environ.get("SLUICE_W4A16_CONFIG")
     if override:
-        return W4A16KernelConfig(*(int(v) for v in override.split(",")))
+        values = override.split(",")
+        return W4A16KernelConfig(*(int(v) for v in values[:6]), *values[6:])
     if m <= 16:
         block_m, block_n, block_k, warps, stages = 16, 64, 128, 4, 4
     elif m <= 64:
@@ -119,8 +130,11 @@ def default_config(m: int, n: int, k: int, group_size: int, device: torch.device
 def _w4a16_gemm_kernel(x_ptr, qweight_ptr, scales_ptr, zeros_ptr, bias_ptr, out_ptr,
                        M, N, K, k_per_split, stride_xm, stride_qk, stride_sg, stride_os, stride_om,
                        BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                       DEQUANT: tl.constexpr, UNPACK: tl.constexpr, MAGIC_BITS: tl.constexpr,
+                       MAGIC_VALUE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                       BLOCK_K: tl.constexpr):
     PER_WORD: tl.constexpr = 32 // BITS
+    CODE_MASK: tl.constexpr = (1 << BITS) - 1
     # One group per K step when the step lies inside a group: one row of scales and zeros per step.
     GROUP_PER_STEP: tl.constexpr = GROUP_SIZE % BLOCK_K == 0
     pid = tl.program_id(0)
@@ -142,25 +156,55 @@ def _w4a16_gemm_kernel(x_ptr, qweight_ptr, scales_ptr, zeros_ptr, bias_ptr, out_
     for k0 in range(k_start, k_end, BLOCK_K):
         ks = k0 + offs_k
         a = tl.load(x_rows + ks[None, :], mask=mask_m[:, None] & (ks < k_end)[None, :], other=0.0)
-        words = k0 // PER_WORD + offs_word
-        packed = tl.load(qweight_ptr + words.to(tl.int64)[:, None] * stride_qk + offs_n[None, :],
-                         mask=(words < K // PER_WORD)[:, None] & mask_n[None, :], other=0)
-        codes = (packed[:, None, :] >> shifts[None, :, None]) & ((1 << BITS) - 1)  # [BLOCK_K / P, P, BLOCK_N]
-        codes = tl.reshape(codes, (BLOCK_K, BLOCK_N))
+        if UNPACK == "gather":  # every row loads its own word (P rows share one, served by L1)
+            packed = tl.load(qweight_ptr + (ks // PER_WORD).to(tl.int64)[:, None] * stride_qk + offs_n[None, :],
+                             mask=(ks < K)[:, None] & mask_n[None, :], other=0)
+            codes = (packed >> ((ks % PER_WORD) * BITS)[:, None]) & CODE_MASK
+        else:  # "reshape": each word loaded once, shifted into P rows
+            words = k0 // PER_WORD + offs_word
+            packed = tl.load(qweight_ptr + words.to(tl.int64)[:, None] * stride_qk + offs_n[None, :],
+                             mask=(words < K // PER_WORD)[:, None] & mask_n[None, :], other=0)
+            codes = (packed[:, None, :] >> shifts[None, :, None]) & CODE_MASK  # [BLOCK_K / P, P, BLOCK_N]
+            codes = tl.reshape(codes, (BLOCK_K, BLOCK_N))
         if GROUP_PER_STEP:
             group_ptrs = (k0 // GROUP_SIZE) * stride_sg + offs_n[None, :]
             group_mask = mask_n[None, :]
         else:
             group_ptrs = (ks // GROUP_SIZE)[:, None] * stride_sg + offs_n[None, :]
             group_mask = (ks < k_end)[:, None] & mask_n[None, :]
-        scales = tl.load(scales_ptr + group_ptrs, mask=group_mask, other=0.0).to(tl.float32)
-        zeros = tl.load(zeros_ptr + group_ptrs, mask=group_mask, other=0.0).to(tl.float32)
-        weight = ((codes.to(tl.float32) - zeros) * scales).to(a.dtype)
+        scales = tl.load(scales_ptr + group_ptrs, mask=group_mask, other=0.0)
+        zeros = tl.load(zeros_ptr + group_ptrs, mask=group_mask, other=0.0)
+        if DEQUANT == "half":
+            # 16-bit math, exact as the reference's: the code's bits under MAGIC_BITS read as MAGIC_VALUE + code
+            # (bf16 128 + c, fp16 1024 + c); minus (MAGIC_VALUE + zero) is the exact integer c - zero, and the
+            # product with the scale rounds once, as float32 math rounded to the 16-bit dtype does.
+            magic = (codes | MAGIC_BITS).to(tl.int16).to(a.dtype, bitcast=True)
+            weight = (magic - (zeros + MAGIC_VALUE)) * scales
+        elif DEQUANT == "magic32":  # float32 math; 2^23 + code from the bits, no int -> float conversion
+            magic = (codes | 0x4B000000).to(tl.float32, bitcast=True)
+            weight = ((magic - (zeros.to(tl.float32) + 8388608.0)) * scales.to(tl.float32)).to(a.dtype)
+        else:  # "f32"
+            weight = ((codes.to(tl.float32) - zeros.to(tl.float32)) * scales.to(tl.float32)).to(a.dtype)
         acc = tl.dot(a, weight, acc, input_precision=DOT_PRECISION, out_dtype=tl.float32)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
     out_ptrs = out_ptr + pid_k * stride_os + offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :]
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+
+
+# 16-bit dequantization: (bits of the 16-bit value with the code in its low mantissa bits, that value at code 0)
+_HALF_MAGIC = {torch.bfloat16: (0x4300, 128.0), torch.float16: (0x6400, 1024.0)}
+
+
+def _dequant_mode(requested: str, x_dtype: torch.dtype, weight: PackedWeight) -> str:
+    """``half`` needs 16-bit activations, scales of the same dtype and codes below the magic value's ulp range."""
+    half_ok = (x_dtype in _HALF_MAGIC and weight.scales.dtype == x_dtype
+               and (1 << weight.bits) <= {torch.bfloat16: 128, torch.float16: 1024}.get(x_dtype, 0))
+    if requested == "auto":
+        return "half" if half_ok else "magic32"
+    if requested == "half" and not half_ok:
+        return "magic32"
+    return requested
 
 
 def w4a16_gemm(x: torch.Tensor, weight: PackedWeight, bias: torch.Tensor | None = None,
@@ -184,11 +228,14 @@ def w4a16_gemm(x: torch.Tensor, weight: PackedWeight, bias: torch.Tensor | None 
         out = torch.empty(split_k, m, n, dtype=torch.float32, device=x.device)
     grid = (triton.cdiv(m, config.block_m) * triton.cdiv(n, config.block_n), split_k)
     has_bias = bias is not None and split_k == 1
+    dequant = _dequant_mode(config.dequant, x.dtype, weight)
+    magic_bits, magic_value = _HALF_MAGIC.get(x.dtype, (0, 0.0))
     _w4a16_gemm_kernel[grid](
         x2, weight.qweight, weight.scales, weight.zeros, bias if has_bias else x2, out,
         m, n, k, k_per_split, x2.stride(0), weight.qweight.stride(0), weight.scales.stride(0),
         out.stride(0) if split_k > 1 else 0, out.stride(-2),
-        BITS=weight.bits, GROUP_SIZE=weight.group_size, HAS_BIAS=has_bias,
+        BITS=weight.bits, GROUP_SIZE=weight.group_size, HAS_BIAS=has_bias, DEQUANT=dequant, UNPACK=config.unpack,
+        MAGIC_BITS=magic_bits, MAGIC_VALUE=magic_value,
         DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",  # float32 models: no TF32 rounding
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
         num_warps=config.num_warps, num_stages=config.num_stages)
