@@ -15,7 +15,8 @@ decode steps run), in microseconds:
 
 ``x_bf16`` columns are bf16 time over that time (higher is better); ``w4a16_tbps`` the weight bytes
 (K * N / 2 + scales and zeros) over the time. ``--sweep`` also times a list of W4A16 tile configs at each
-(shape, M) and reports the best (set it with SLUICE_W4A16_CONFIG to try it in the engine). Each result
+(shape, M), and the default tiles with each dequantization (half, magic32, f32) and unpacking (reshape,
+gather), and reports the best (set it with SLUICE_W4A16_CONFIG to try it in the engine). Each result
 is checked against the torch reference first (max abs error relative to the output's max).
 """
 from __future__ import annotations
@@ -111,7 +112,9 @@ def measure(name: str, n: int, k: int, m: int, w: dict, sweep: bool) -> dict:
                                                                   quant="triton"))
         if sweep:
             runs = []
-            for config in sweep_list(m):
+            variants = [dataclasses.replace(default, dequant=dequant, unpack=unpack)
+                        for dequant in ("half", "magic32", "f32") for unpack in ("reshape", "gather")]
+            for config in variants + sweep_list(m):
                 try:
                     runs.append(dict(config=dataclasses.asdict(config),
                                      us=bench_us(lambda: triton_w4a16.w4a16_gemm(x, packed, config=config))))
