@@ -145,3 +145,17 @@ def test_sixteen_bit_dequantization_is_chosen_only_where_it_is_exact():
     assert triton_w4a16._dequant_mode("auto", torch.float16, bf16_4bit) == "magic32"  # scales of another dtype
     bf16_8bit = dataclasses.replace(bf16_4bit, bits=8)
     assert triton_w4a16._dequant_mode("half", torch.bfloat16, bf16_8bit) == "magic32"  # 128 + 255 is not exact
+
+
+def test_packing_sets_the_sign_bit_like_the_checkpoints_do():
+    """The top code of a word lands in bits 28..31 (4-bit) or 24..31 (8-bit), as GPTQ's int32 words hold it."""
+    from sluice.layers.quantization.w4a16 import unpack_int32
+
+    for bits in (4, 8):
+        codes = torch.full((32 // bits, 3), (1 << bits) - 1, dtype=torch.uint8)
+        codes[:, 1] = torch.arange(32 // bits, dtype=torch.uint8)
+        words = triton_w4a16.pack_along_k(codes, bits)
+        assert words[0, 0].item() == -1
+        assert torch.equal(unpack_int32(words, bits, 0), codes)
+        expected = torch.from_numpy(ckpt.pack_rows_of_codes(codes.t().numpy(), bits).T.copy())
+        assert torch.equal(words, expected)

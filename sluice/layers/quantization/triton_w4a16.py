@@ -29,6 +29,7 @@ The dequantize-then-matmul torch path of w4a16.py stays the reference (and the C
 """
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 
@@ -65,14 +66,21 @@ class PackedWeight:
 
 
 def pack_along_k(codes_kn: torch.Tensor, bits: int) -> torch.Tensor:
-    """uint8 codes [K, N] -> int32 [K / P, N], P = 32 / bits, code k*P + j in bits j*bits.. of word k."""
+    """uint8 codes [K, N] -> int32 [K / P, N], P = 32 / bits, code k*P + j in bits j*bits.. of word k.
+
+    In int32 throughout, one slot at a time (a large layer's codes widened to int64 would take gigabytes):
+    the top slot is added as a signed value times 2^(32 - bits), which sets the same bits without overflow."""
     per_word = 32 // bits
     rows, cols = codes_kn.shape
     if rows % per_word:
         raise ValueError(f"{rows} input features are not a multiple of {per_word} ({bits}-bit codes per int32)")
-    shifts = torch.arange(0, 32, bits, device=codes_kn.device, dtype=torch.int64).view(1, per_word, 1)
-    words = (codes_kn.to(torch.int64).view(rows // per_word, per_word, cols) << shifts).sum(dim=1)
-    return torch.where(words >= 2 ** 31, words - 2 ** 32, words).to(torch.int32)  # the same 32 bits, signed
+    slots = codes_kn.view(rows // per_word, per_word, cols)
+    words = torch.zeros(rows // per_word, cols, dtype=torch.int32, device=codes_kn.device)
+    for j in range(per_word - 1):
+        words |= slots[:, j].to(torch.int32) << (j * bits)
+    top = slots[:, -1].to(torch.int32)
+    top = torch.where(top >= 1 << (bits - 1), top - (1 << bits), top)
+    return words + top * (1 << (32 - bits))
 
 
 def pack_canonical(codes: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor, g_idx: torch.Tensor, bits: int,
@@ -98,6 +106,7 @@ def pack_canonical(codes: torch.Tensor, zeros: torch.Tensor, scales: torch.Tenso
                         out_features=out_features)
 
 
+@functools.lru_cache(maxsize=None)
 def _num_sms(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
@@ -179,7 +188,7 @@ def _w4a16_gemm_kernel(x_ptr, qweight_ptr, scales_ptr, zeros_ptr, bias_ptr, out_
             # (bf16 128 + c, fp16 1024 + c); minus (MAGIC_VALUE + zero) is the exact integer c - zero, and the
             # product with the scale rounds once, as float32 math rounded to the 16-bit dtype does.
             magic = (codes | MAGIC_BITS).to(tl.int16).to(a.dtype, bitcast=True)
-            weight = (magic - (zeros + MAGIC_VALUE)) * scales
+            weight = ((magic - (zeros + MAGIC_VALUE).to(a.dtype)) * scales).to(a.dtype)
         elif DEQUANT == "magic32":  # float32 math; 2^23 + code from the bits, no int -> float conversion
             magic = (codes | 0x4B000000).to(tl.float32, bitcast=True)
             weight = ((magic - (zeros.to(tl.float32) + 8388608.0)) * scales.to(tl.float32)).to(a.dtype)
