@@ -91,13 +91,25 @@ def test_eight_bit_gptq():
     _check("gptq_asym_act_order", 8, 32, m=20, n=24, k=128, dtype=torch.float16)
 
 
+@pytest.mark.parametrize("reduce", ["atomic", "partials"])
 @pytest.mark.parametrize("config", [
     triton_w4a16.W4A16KernelConfig(16, 32, 64, split_k=3),    # K slices that end inside a step
     triton_w4a16.W4A16KernelConfig(16, 64, 128, split_k=2),   # BLOCK_K across two 64-groups
     triton_w4a16.W4A16KernelConfig(32, 32, 32, split_k=1),
 ], ids=["split3", "block_k_over_groups", "no_split"])
-def test_split_k_and_tiles_that_cross_groups(config):
+def test_split_k_and_tiles_that_cross_groups(config, reduce):
+    config = dataclasses.replace(config, reduce=reduce)
     _check("gptq_asym_act_order", 4, 64, m=9, n=72, k=320, dtype=torch.float16, bias=True, config=config)
+
+
+def test_the_split_k_workspace_is_left_zeroed_for_the_next_call():
+    from sluice.layers.quantization import triton_splitk
+
+    config = triton_w4a16.W4A16KernelConfig(16, 32, 64, split_k=4)
+    for m in (3, 16, 5):  # a later call reuses the workspace and counters the earlier ones used
+        _check("awq", 4, 32, m=m, n=64, k=256, dtype=torch.float16, bias=True, config=config, seed=m)
+        values, counters = triton_splitk._WORKSPACES[torch.device(DEVICE)]
+        assert not values.any() and not counters.any()
 
 
 def test_channelwise_scales():

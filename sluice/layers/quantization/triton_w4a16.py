@@ -21,8 +21,9 @@ where the kernel must dequantize K * N values in the time HBM takes to deliver K
     magic32   float32 math, the code ORed into 2^23; one conversion to the 16-bit dtype at the end
     f32       int -> float32 conversion, float32 math
 
-    decode (M <= 16)    BLOCK_M 16, split-K: the step reads the weights once, so the grid must cover the SMs
-                        even when N / BLOCK_N is small; each K slice writes a float32 partial, summed after
+    decode (M <= 64)    BLOCK_M 16-64, split-K: the step reads the weights once, so the grid must cover the SMs
+                        even when N / BLOCK_N is small; the K slices' float32 sums meet in the kernel
+                        (triton_splitk.py)
     prefill             BLOCK_M 64-128, BLOCK_N 128, no split
 
 The dequantize-then-matmul torch path of w4a16.py stays the reference (and the CPU path).
@@ -37,7 +38,11 @@ import torch
 import triton
 import triton.language as tl
 
+from sluice.layers.quantization import triton_splitk
+from sluice.layers.quantization.triton_splitk import store_tile
+
 ACTIVATION_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+DECODE_MAX_M = 64  # up to this many rows the default tiles split K
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,6 +55,7 @@ class W4A16KernelConfig:
     num_stages: int = 3
     dequant: str = "auto"  # half (16-bit math; auto's choice where exact) | magic32 | f32 (float32 math)
     unpack: str = "reshape"  # reshape (each packed word loaded once) | gather (each row loads its word)
+    reduce: str = "atomic"  # split-K sums: atomic (in the kernel, triton_splitk.py) | partials (summed after)
 
 
 @dataclass(slots=True)
@@ -116,7 +122,7 @@ def _num_sms(device: torch.device) -> int:
 def default_config(m: int, n: int, k: int, group_size: int, device: torch.device) -> W4A16KernelConfig:
     """Tiles by the number of rows. Decode is bound by reading the weights (K * N / 2 bytes): small BLOCK_M and
     enough programs (split-K) to keep every SM streaming. Prefill is bound by the dot: large tiles.
-    ``SLUICE_W4A16_CONFIG=block_m,block_n,block_k,split_k,num_warps,num_stages[,dequant[,unpack]]`` overrides
+    ``SLUICE_W4A16_CONFIG=block_m,block_n,block_k,split_k,num_warps,num_stages[,dequant[,unpack[,reduce]]]`` overrides
     (what benchmarks/quant_kernel_bench.py --sweep finds)."""
     override = os.environ.get("SLUICE_W4A16_CONFIG")
     if override:
@@ -130,14 +136,15 @@ def default_config(m: int, n: int, k: int, group_size: int, device: torch.device
         block_m, block_n, block_k, warps, stages = (64, 128, 64, 4, 4) if m <= 256 else (128, 128, 64, 8, 3)
     tiles = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
     k_blocks = triton.cdiv(k, block_k)
-    # Two waves of programs; each K slice keeps at least 4 BLOCK_K steps so the partials stay few.
-    split_k = max(1, min(2 * _num_sms(device) // tiles, k_blocks // 4, 16)) if m <= 64 else 1
+    # Two waves of programs; each K slice keeps at least 4 BLOCK_K steps so that few sums meet per tile.
+    split_k = max(1, min(2 * _num_sms(device) // tiles, k_blocks // 4, 16)) if m <= DECODE_MAX_M else 1
     return W4A16KernelConfig(block_m, block_n, block_k, split_k, warps, stages)
 
 
 @triton.jit(do_not_specialize=["M"])
-def _w4a16_gemm_kernel(x_ptr, qweight_ptr, scales_ptr, zeros_ptr, bias_ptr, out_ptr,
-                       M, N, K, k_per_split, stride_xm, stride_qk, stride_sg, stride_os, stride_om,
+def _w4a16_gemm_kernel(x_ptr, qweight_ptr, scales_ptr, zeros_ptr, bias_ptr, out_ptr, workspace_ptr, counter_ptr,
+                       M, N, K, k_per_split, split_k, stride_xm, stride_qk, stride_sg, stride_os, stride_om,
+                       REDUCE_IN_KERNEL: tl.constexpr,
                        BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr,
                        DEQUANT: tl.constexpr, UNPACK: tl.constexpr, MAGIC_BITS: tl.constexpr,
                        MAGIC_VALUE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -196,9 +203,10 @@ def _w4a16_gemm_kernel(x_ptr, qweight_ptr, scales_ptr, zeros_ptr, bias_ptr, out_
             weight = ((codes.to(tl.float32) - zeros.to(tl.float32)) * scales.to(tl.float32)).to(a.dtype)
         acc = tl.dot(a, weight, acc, input_precision=DOT_PRECISION, out_dtype=tl.float32)
     if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-    out_ptrs = out_ptr + pid_k * stride_os + offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :]
-    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+        if pid_k == 0:  # once per tile: the K slices' sums add up
+            acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    store_tile(acc, out_ptr + pid_k * stride_os, stride_om, offs_m, offs_n, mask_m[:, None] & mask_n[None, :],
+               workspace_ptr, counter_ptr, pid, split_k, N, REDUCE_IN_KERNEL)
 
 
 # 16-bit dequantization: (bits of the 16-bit value with the code in its low mantissa bits, that value at code 0)
@@ -231,26 +239,32 @@ def w4a16_gemm(x: torch.Tensor, weight: PackedWeight, bias: torch.Tensor | None 
     config = config or default_config(m, n, k, weight.group_size, x.device)
     k_per_split = triton.cdiv(triton.cdiv(k, config.split_k), config.block_k) * config.block_k
     split_k = triton.cdiv(k, k_per_split)
-    if split_k == 1:
+    grid = (triton_splitk.num_tiles(m, n, config.block_m, config.block_n), split_k)
+    workspace = None
+    if split_k > 1 and config.reduce == "atomic":
+        workspace = triton_splitk.workspace(x.device, m * n, grid[0])
+    if split_k == 1 or workspace is not None:
         out = torch.empty(m, n, dtype=x.dtype, device=x.device)
-    else:  # float32 partials, one per K slice; the bias goes into the first only
+    else:  # float32 partials, one per K slice (the bias in the first), summed after
         out = torch.empty(split_k, m, n, dtype=torch.float32, device=x.device)
-    grid = (triton.cdiv(m, config.block_m) * triton.cdiv(n, config.block_n), split_k)
-    has_bias = bias is not None and split_k == 1
     dequant = _dequant_mode(config.dequant, x.dtype, weight)
     magic_bits, magic_value = _HALF_MAGIC.get(x.dtype, (0, 0.0))
     _w4a16_gemm_kernel[grid](
-        x2, weight.qweight, weight.scales, weight.zeros, bias if has_bias else x2, out,
-        m, n, k, k_per_split, x2.stride(0), weight.qweight.stride(0), weight.scales.stride(0),
-        out.stride(0) if split_k > 1 else 0, out.stride(-2),
-        BITS=weight.bits, GROUP_SIZE=weight.group_size, HAS_BIAS=has_bias, DEQUANT=dequant, UNPACK=config.unpack,
-        MAGIC_BITS=magic_bits, MAGIC_VALUE=magic_value,
+        x2, weight.qweight, weight.scales, weight.zeros, x2 if bias is None else bias, out,
+        out if workspace is None else workspace[0], out if workspace is None else workspace[1],
+        m, n, k, k_per_split, split_k, x2.stride(0), weight.qweight.stride(0), weight.scales.stride(0),
+        out.stride(0) if out.dim() == 3 else 0, out.stride(-2), REDUCE_IN_KERNEL=workspace is not None,
+        BITS=weight.bits, GROUP_SIZE=weight.group_size, HAS_BIAS=bias is not None, DEQUANT=dequant,
+        UNPACK=config.unpack, MAGIC_BITS=magic_bits, MAGIC_VALUE=magic_value,
         DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",  # float32 models: no TF32 rounding
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
         num_warps=config.num_warps, num_stages=config.num_stages)
-    if split_k > 1:
-        out = out.sum(dim=0)
-        if bias is not None:
-            out += bias
-        out = out.to(x.dtype)
+    if out.dim() == 3:
+        out = out.sum(dim=0).to(x.dtype)
     return out.reshape(*shape[:-1], n)
+
+
+def reserve_decode_workspace(device: torch.device, out_features: int) -> None:
+    """At load: the split-K workspace for this layer's decode-sized calls (up to 64 rows, any default tiles)."""
+    triton_splitk.reserve(device, DECODE_MAX_M * out_features, triton_splitk.num_tiles(DECODE_MAX_M, out_features,
+                                                                                       16, 32))

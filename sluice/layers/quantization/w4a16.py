@@ -93,6 +93,7 @@ class WeightOnlyIntMethod(CheckpointShardsMethod):
             set_tensor(layer, "zeros", packed.zeros)
             layer.register_buffer("perm", packed.perm)
             self.kernel_shape = (packed.group_size, packed.in_features, packed.out_features)
+            triton_w4a16.reserve_decode_workspace(layer.device, packed.out_features)
             return
         self.mode = "per_call"
         set_tensor(layer, "codes", tensors["codes"].contiguous())
