@@ -103,3 +103,16 @@ def test_fp8_linear_paths_agree_on_cuda(m, static):
         for gemm in ("scaled_mm", "triton"):
             out = fp8_linear(x, weight, weight_scale, input_scale, None, gemm=gemm, quant=quant).float().cpu()
             torch.testing.assert_close(out, reference, rtol=2e-2, atol=2e-2 * reference.abs().max().item())
+
+
+def test_gemm_without_a_workspace_sums_float32_partials(monkeypatch):
+    """While a CUDA graph is captured the workspace cannot grow: the K slices then write partials."""
+    from sluice.layers.quantization import triton_splitk
+
+    monkeypatch.setattr(triton_splitk, "workspace", lambda *args: None)
+    x_fp8, scale_a, weight, weight_scale = _gemm_case(5, 40, 512, seed=9)
+    bias = torch.randn(40, generator=torch.Generator().manual_seed(10))
+    expected = torch.mm(x_fp8.float(), weight.float().t()) * scale_a * weight_scale.view(1, -1) + bias
+    out = triton_fp8.fp8_gemm(x_fp8.to(DEVICE), scale_a.to(DEVICE), weight.to(DEVICE), weight_scale.to(DEVICE),
+                              bias.to(DEVICE), torch.float32, triton_fp8.Fp8GemmConfig(16, 32, 64, split_k=4)).cpu()
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-5 * expected.abs().max().item())

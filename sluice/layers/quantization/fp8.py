@@ -95,6 +95,11 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor
 class Fp8W8A8Apply(LinearMethod):
     """The layer holds ``weight`` (float8 [N, K]), ``weight_scale`` (float32 [N]), ``input_scale`` (None: dynamic)."""
 
+    @staticmethod
+    def reserve_kernel_workspace(layer: "LinearBase") -> None:
+        if layer.device.type == "cuda" and triton_fp8 is not None and FP8_GEMM == "triton":
+            triton_fp8.reserve_decode_workspace(layer.device, layer.weight.shape[0], TRITON_GEMM_MAX_M)
+
     def apply(self, layer: "LinearBase", x: torch.Tensor) -> torch.Tensor:
         return fp8_linear(x, layer.weight, layer.weight_scale, layer.input_scale, layer.bias)
 
@@ -111,6 +116,7 @@ class Fp8OnlineMethod(Fp8W8A8Apply):
         set_tensor(layer, "weight", weight)
         set_tensor(layer, "weight_scale", scale.view(-1))
         layer.input_scale = None
+        self.reserve_kernel_workspace(layer)
 
 
 class Fp8CheckpointMethod(CheckpointShardsMethod, Fp8W8A8Apply):
@@ -142,6 +148,7 @@ class Fp8CheckpointMethod(CheckpointShardsMethod, Fp8W8A8Apply):
         set_tensor(layer, "weight", tensors["weight"])
         set_tensor(layer, "weight_scale", tensors["weight_scale"].contiguous())
         set_tensor(layer, "input_scale", tensors.get("input_scale"))
+        self.reserve_kernel_workspace(layer)
 
 
 def dequantize_fp8_blockwise(weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:

@@ -6,6 +6,7 @@
                             (written to every row, so the matmul takes the same row-wise scale tensor)
     fp8_gemm                x_fp8 [M, K] @ weight [N, K]^T * scale_a [M, 1] * scale_b [N] (+ bias), for small M:
                             split-K so that a decode step's few rows still spread the weight read over every SM
+                            (the slices' sums meet in the kernel: triton_splitk.py)
 
 The division is IEEE (``div_rn``), so the quantized activations equal fp8.py's ``quantize_fp8_per_row``
 bit for bit (the amax is exact in any dtype).
@@ -17,6 +18,9 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
+
+from sluice.layers.quantization import triton_splitk
+from sluice.layers.quantization.triton_splitk import store_tile
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = float(torch.finfo(FP8).max)
@@ -91,8 +95,9 @@ def default_gemm_config(m: int, n: int, k: int, num_sms: int) -> Fp8GemmConfig:
 
 
 @triton.jit(do_not_specialize=["M"])
-def _fp8_gemm_kernel(a_ptr, b_ptr, scale_a_ptr, scale_b_ptr, bias_ptr, out_ptr, M, N, K, k_per_split,
-                     stride_am, stride_bn, stride_os, stride_om, HAS_BIAS: tl.constexpr,
+def _fp8_gemm_kernel(a_ptr, b_ptr, scale_a_ptr, scale_b_ptr, bias_ptr, out_ptr, workspace_ptr, counter_ptr,
+                     M, N, K, k_per_split, split_k, stride_am, stride_bn, stride_os, stride_om,
+                     HAS_BIAS: tl.constexpr, REDUCE_IN_KERNEL: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -116,11 +121,12 @@ def _fp8_gemm_kernel(a_ptr, b_ptr, scale_a_ptr, scale_b_ptr, bias_ptr, out_ptr, 
         acc = tl.dot(a, b, acc, out_dtype=tl.float32)
     scale_a = tl.load(scale_a_ptr + offs_m, mask=mask_m, other=0.0)
     scale_b = tl.load(scale_b_ptr + offs_n, mask=mask_n, other=0.0)
-    acc = acc * scale_a[:, None] * scale_b[None, :]
+    acc = acc * scale_a[:, None] * scale_b[None, :]  # per K slice: the scales distribute over the sum
     if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-    out_ptrs = out_ptr + pid_k * stride_os + offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :]
-    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+        if pid_k == 0:
+            acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    store_tile(acc, out_ptr + pid_k * stride_os, stride_om, offs_m, offs_n, mask_m[:, None] & mask_n[None, :],
+               workspace_ptr, counter_ptr, pid, split_k, N, REDUCE_IN_KERNEL)
 
 
 def fp8_gemm(x_fp8: torch.Tensor, scale_a: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
@@ -133,18 +139,24 @@ def fp8_gemm(x_fp8: torch.Tensor, scale_a: torch.Tensor, weight: torch.Tensor, w
         config = default_gemm_config(m, n, k, num_sms)
     k_per_split = triton.cdiv(triton.cdiv(k, config.split_k), config.block_k) * config.block_k
     split_k = triton.cdiv(k, k_per_split)
-    out = (torch.empty(m, n, dtype=out_dtype, device=x_fp8.device) if split_k == 1
-           else torch.empty(split_k, m, n, dtype=torch.float32, device=x_fp8.device))
-    has_bias = bias is not None and split_k == 1
-    grid = (triton.cdiv(m, config.block_m) * triton.cdiv(n, config.block_n), split_k)
-    _fp8_gemm_kernel[grid](x_fp8, weight, scale_a, weight_scale, bias if has_bias else weight_scale, out,
-                           m, n, k, k_per_split, x_fp8.stride(0), weight.stride(0),
-                           out.stride(0) if split_k > 1 else 0, out.stride(-2), HAS_BIAS=has_bias,
+    grid = (triton_splitk.num_tiles(m, n, config.block_m, config.block_n), split_k)
+    workspace = triton_splitk.workspace(x_fp8.device, m * n, grid[0]) if split_k > 1 else None
+    if split_k == 1 or workspace is not None:
+        out = torch.empty(m, n, dtype=out_dtype, device=x_fp8.device)
+    else:  # capturing a CUDA graph with a workspace too small: float32 partials, summed after
+        out = torch.empty(split_k, m, n, dtype=torch.float32, device=x_fp8.device)
+    _fp8_gemm_kernel[grid](x_fp8, weight, scale_a, weight_scale, weight_scale if bias is None else bias, out,
+                           out if workspace is None else workspace[0], out if workspace is None else workspace[1],
+                           m, n, k, k_per_split, split_k, x_fp8.stride(0), weight.stride(0),
+                           out.stride(0) if out.dim() == 3 else 0, out.stride(-2), HAS_BIAS=bias is not None,
+                           REDUCE_IN_KERNEL=workspace is not None,
                            BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
                            num_warps=config.num_warps, num_stages=config.num_stages)
-    if split_k > 1:
-        out = out.sum(dim=0)
-        if bias is not None:
-            out += bias
-        out = out.to(out_dtype)
+    if out.dim() == 3:
+        out = out.sum(dim=0).to(out_dtype)
     return out
+
+
+def reserve_decode_workspace(device: torch.device, out_features: int, max_rows: int) -> None:
+    """At load: the split-K workspace for this layer's calls of up to ``max_rows`` rows."""
+    triton_splitk.reserve(device, max_rows * out_features, triton_splitk.num_tiles(max_rows, out_features, 16, 64))
