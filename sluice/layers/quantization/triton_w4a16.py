@@ -43,6 +43,7 @@ from sluice.layers.quantization.triton_splitk import store_tile
 
 ACTIVATION_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 DECODE_MAX_M = 64  # up to this many rows the default tiles split K
+CONFIG_OVERRIDE = os.environ.get("SLUICE_W4A16_CONFIG")  # read once: default_config runs for every call
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,9 +125,8 @@ def default_config(m: int, n: int, k: int, group_size: int, device: torch.device
     enough programs (split-K) to keep every SM streaming. Prefill is bound by the dot: large tiles.
     ``SLUICE_W4A16_CONFIG=block_m,block_n,block_k,split_k,num_warps,num_stages[,dequant[,unpack[,reduce]]]`` overrides
     (what benchmarks/quant_kernel_bench.py --sweep finds)."""
-    override = os.environ.get("SLUICE_W4A16_CONFIG")
-    if override:
-        values = override.split(",")
+    if CONFIG_OVERRIDE:
+        values = CONFIG_OVERRIDE.split(",")
         return W4A16KernelConfig(*(int(v) for v in values[:6]), *values[6:])
     if m <= 16:
         block_m, block_n, block_k, warps, stages = 16, 64, 128, 4, 4
