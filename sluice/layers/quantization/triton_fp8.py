@@ -13,14 +13,12 @@ bit for bit (the amax is exact in any dtype).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import triton
 import triton.language as tl
 
 from sluice.layers.quantization import triton_splitk
-from sluice.layers.quantization.triton_splitk import store_tile
+from sluice.layers.quantization.triton_splitk import TileConfig, decode_split_k, store_tile
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = float(torch.finfo(FP8).max)
@@ -75,28 +73,19 @@ def quantize_activations(x: torch.Tensor, static_scale: torch.Tensor | None = No
     return q, scales
 
 
-@dataclass(frozen=True, slots=True)
-class Fp8GemmConfig:
-    block_m: int
-    block_n: int
-    block_k: int
-    split_k: int = 1
-    num_warps: int = 4
-    num_stages: int = 4
+Fp8GemmConfig = TileConfig
 
 
-def default_gemm_config(m: int, n: int, k: int, num_sms: int) -> Fp8GemmConfig:
+def default_gemm_config(m: int, n: int, k: int, device: torch.device) -> TileConfig:
     """Small M only (decode): the step streams the weight, so the grid must cover the SMs (split-K)."""
     block_m = 16 if m <= 16 else (32 if m <= 32 else 64)
     block_n, block_k = 64, 128
-    tiles = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
-    split_k = max(1, min(2 * num_sms // tiles, triton.cdiv(k, block_k) // 4, 16))
-    return Fp8GemmConfig(block_m, block_n, block_k, split_k)
+    return TileConfig(block_m, block_n, block_k, decode_split_k(m, n, k, block_m, block_n, block_k, device))
 
 
 @triton.jit(do_not_specialize=["M"])
 def _fp8_gemm_kernel(a_ptr, b_ptr, scale_a_ptr, scale_b_ptr, bias_ptr, out_ptr, workspace_ptr, counter_ptr,
-                     M, N, K, k_per_split, split_k, stride_am, stride_bn, stride_os, stride_om,
+                     k_per_split, split_k, stride_os, stride_om, M, N, K, stride_am, stride_bn,
                      HAS_BIAS: tl.constexpr, REDUCE_IN_KERNEL: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     pid = tl.program_id(0)
@@ -134,27 +123,14 @@ def fp8_gemm(x_fp8: torch.Tensor, scale_a: torch.Tensor, weight: torch.Tensor, w
     """float8 x [M, K] (scales [M, 1]) times float8 weight [N, K] (scales [N]) -> [M, N] in ``out_dtype``."""
     m, k = x_fp8.shape
     n = weight.shape[0]
-    if config is None:
-        num_sms = torch.cuda.get_device_properties(x_fp8.device).multi_processor_count if x_fp8.is_cuda else 132
-        config = default_gemm_config(m, n, k, num_sms)
-    k_per_split = triton.cdiv(triton.cdiv(k, config.split_k), config.block_k) * config.block_k
-    split_k = triton.cdiv(k, k_per_split)
-    grid = (triton_splitk.num_tiles(m, n, config.block_m, config.block_n), split_k)
-    workspace = triton_splitk.workspace(x_fp8.device, m * n, grid[0]) if split_k > 1 else None
-    if split_k == 1 or workspace is not None:
-        out = torch.empty(m, n, dtype=out_dtype, device=x_fp8.device)
-    else:  # capturing a CUDA graph with a workspace too small: float32 partials, summed after
-        out = torch.empty(split_k, m, n, dtype=torch.float32, device=x_fp8.device)
-    _fp8_gemm_kernel[grid](x_fp8, weight, scale_a, weight_scale, weight_scale if bias is None else bias, out,
-                           out if workspace is None else workspace[0], out if workspace is None else workspace[1],
-                           m, n, k, k_per_split, split_k, x_fp8.stride(0), weight.stride(0),
-                           out.stride(0) if out.dim() == 3 else 0, out.stride(-2), HAS_BIAS=bias is not None,
-                           REDUCE_IN_KERNEL=workspace is not None,
-                           BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
-                           num_warps=config.num_warps, num_stages=config.num_stages)
-    if out.dim() == 3:
-        out = out.sum(dim=0).to(out_dtype)
-    return out
+    config = config or default_gemm_config(m, n, k, x_fp8.device)
+    launch = triton_splitk.plan_launch(m, n, k, config, out_dtype, x_fp8.device)
+    _fp8_gemm_kernel[launch.grid](x_fp8, weight, scale_a, weight_scale, weight_scale if bias is None else bias,
+                                  *launch.kernel_args(), m, n, k, x_fp8.stride(0), weight.stride(0),
+                                  HAS_BIAS=bias is not None, REDUCE_IN_KERNEL=launch.reduce_in_kernel,
+                                  BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
+                                  num_warps=config.num_warps, num_stages=config.num_stages)
+    return launch.result(out_dtype)
 
 
 def reserve_decode_workspace(device: torch.device, out_features: int, max_rows: int) -> None:

@@ -15,6 +15,9 @@ The float32 sum's order depends on arrival order: results may differ in the last
 """
 from __future__ import annotations
 
+import functools
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
@@ -70,3 +73,68 @@ def store_tile(acc, out_ptr, stride_om, offs_m, offs_n, mask, workspace_ptr, cou
 
 def num_tiles(m: int, n: int, block_m: int, block_n: int) -> int:
     return triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
+
+
+@functools.lru_cache(maxsize=None)
+def num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 132  # the interpreter: an H100's count, so that tests see the same tiles as the GPU
+
+
+def decode_split_k(m: int, n: int, k: int, block_m: int, block_n: int, block_k: int, device: torch.device) -> int:
+    """K slices for a weight-streaming GEMM: about two waves of programs, each slice at least 4 BLOCK_K steps
+    (so that few sums meet per tile), at most 16."""
+    tiles = num_tiles(m, n, block_m, block_n)
+    return max(1, min(2 * num_sms(device) // tiles, triton.cdiv(k, block_k) // 4, 16))
+
+
+@dataclass(frozen=True, slots=True)
+class TileConfig:
+    """Tiles of a split-K GEMM launch; ``reduce``: atomic (in the kernel) | partials (float32, summed after)."""
+    block_m: int
+    block_n: int
+    block_k: int
+    split_k: int = 1
+    num_warps: int = 4
+    num_stages: int = 4
+    reduce: str = "atomic"
+
+
+@dataclass(frozen=True, slots=True)
+class SplitKLaunch:
+    """One launch's grid (tiles, K slices), its output and, for in-kernel sums, the workspace."""
+    grid: tuple[int, int]
+    k_per_split: int
+    out: torch.Tensor  # [M, N] in the output dtype, or [split_k, M, N] float32 partials
+    workspace: tuple[torch.Tensor, torch.Tensor] | None
+
+    @property
+    def split_k(self) -> int:
+        return self.grid[1]
+
+    @property
+    def reduce_in_kernel(self) -> bool:
+        return self.workspace is not None
+
+    def kernel_args(self) -> tuple:
+        """out, workspace values, counters, k_per_split, split_k, stride of the K slices, row stride of out."""
+        values, counters = self.workspace or (self.out, self.out)
+        return (self.out, values, counters, self.k_per_split, self.split_k,
+                self.out.stride(0) if self.out.dim() == 3 else 0, self.out.stride(-2))
+
+    def result(self, dtype: torch.dtype) -> torch.Tensor:
+        return self.out.sum(dim=0).to(dtype) if self.out.dim() == 3 else self.out
+
+
+def plan_launch(m: int, n: int, k: int, config: TileConfig, out_dtype: torch.dtype,
+                device: torch.device) -> SplitKLaunch:
+    k_per_split = triton.cdiv(triton.cdiv(k, config.split_k), config.block_k) * config.block_k
+    split_k = triton.cdiv(k, k_per_split)  # every slice non-empty: the tile's arrivals count to split_k
+    tiles = num_tiles(m, n, config.block_m, config.block_n)
+    ws = workspace(device, m * n, tiles) if split_k > 1 and config.reduce == "atomic" else None
+    if split_k == 1 or ws is not None:
+        out = torch.empty(m, n, dtype=out_dtype, device=device)
+    else:  # partials asked for, or capturing a CUDA graph with a workspace too small
+        out = torch.empty(split_k, m, n, dtype=torch.float32, device=device)
+    return SplitKLaunch((tiles, split_k), k_per_split, out, ws)

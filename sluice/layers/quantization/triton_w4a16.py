@@ -30,7 +30,6 @@ The dequantize-then-matmul torch path of w4a16.py stays the reference (and the C
 """
 from __future__ import annotations
 
-import functools
 import os
 from dataclasses import dataclass
 
@@ -39,7 +38,7 @@ import triton
 import triton.language as tl
 
 from sluice.layers.quantization import triton_splitk
-from sluice.layers.quantization.triton_splitk import store_tile
+from sluice.layers.quantization.triton_splitk import TileConfig, decode_split_k, store_tile
 
 ACTIVATION_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 DECODE_MAX_M = 64  # up to this many rows the default tiles split K
@@ -47,16 +46,9 @@ CONFIG_OVERRIDE = os.environ.get("SLUICE_W4A16_CONFIG")  # read once: default_co
 
 
 @dataclass(frozen=True, slots=True)
-class W4A16KernelConfig:
-    block_m: int
-    block_n: int
-    block_k: int
-    split_k: int = 1
-    num_warps: int = 4
-    num_stages: int = 3
+class W4A16KernelConfig(TileConfig):
     dequant: str = "auto"  # half (16-bit math; auto's choice where exact) | magic32 | f32 (float32 math)
     unpack: str = "reshape"  # reshape (each packed word loaded once) | gather (each row loads its word)
-    reduce: str = "atomic"  # split-K sums: atomic (in the kernel, triton_splitk.py) | partials (summed after)
 
 
 @dataclass(slots=True)
@@ -113,17 +105,10 @@ def pack_canonical(codes: torch.Tensor, zeros: torch.Tensor, scales: torch.Tenso
                         out_features=out_features)
 
 
-@functools.lru_cache(maxsize=None)
-def _num_sms(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 132  # the interpreter: an H100's count, so that tests see the same tiles as the GPU
-
-
 def default_config(m: int, n: int, k: int, group_size: int, device: torch.device) -> W4A16KernelConfig:
     """Tiles by the number of rows. Decode is bound by reading the weights (K * N / 2 bytes): small BLOCK_M and
     enough programs (split-K) to keep every SM streaming. Prefill is bound by the dot: large tiles.
-    ``SLUICE_W4A16_CONFIG=block_m,block_n,block_k,split_k,num_warps,num_stages[,dequant[,unpack[,reduce]]]`` overrides
+    ``SLUICE_W4A16_CONFIG=block_m,block_n,block_k,split_k,num_warps,num_stages[,reduce[,dequant[,unpack]]]`` overrides
     (what benchmarks/quant_kernel_bench.py --sweep finds)."""
     if CONFIG_OVERRIDE:
         values = CONFIG_OVERRIDE.split(",")
@@ -134,16 +119,13 @@ def default_config(m: int, n: int, k: int, group_size: int, device: torch.device
         block_m, block_n, block_k, warps, stages = 32 if m <= 32 else 64, 64, 128, 4, 4
     else:
         block_m, block_n, block_k, warps, stages = (64, 128, 64, 4, 4) if m <= 256 else (128, 128, 64, 8, 3)
-    tiles = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
-    k_blocks = triton.cdiv(k, block_k)
-    # Two waves of programs; each K slice keeps at least 4 BLOCK_K steps so that few sums meet per tile.
-    split_k = max(1, min(2 * _num_sms(device) // tiles, k_blocks // 4, 16)) if m <= DECODE_MAX_M else 1
+    split_k = decode_split_k(m, n, k, block_m, block_n, block_k, device) if m <= DECODE_MAX_M else 1
     return W4A16KernelConfig(block_m, block_n, block_k, split_k, warps, stages)
 
 
 @triton.jit(do_not_specialize=["M"])
 def _w4a16_gemm_kernel(x_ptr, qweight_ptr, scales_ptr, zeros_ptr, bias_ptr, out_ptr, workspace_ptr, counter_ptr,
-                       M, N, K, k_per_split, split_k, stride_xm, stride_qk, stride_sg, stride_os, stride_om,
+                       k_per_split, split_k, stride_os, stride_om, M, N, K, stride_xm, stride_qk, stride_sg,
                        REDUCE_IN_KERNEL: tl.constexpr,
                        BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr,
                        DEQUANT: tl.constexpr, UNPACK: tl.constexpr, MAGIC_BITS: tl.constexpr,
@@ -237,31 +219,18 @@ def w4a16_gemm(x: torch.Tensor, weight: PackedWeight, bias: torch.Tensor | None 
     if m == 0:
         return x.new_empty(*shape[:-1], n)
     config = config or default_config(m, n, k, weight.group_size, x.device)
-    k_per_split = triton.cdiv(triton.cdiv(k, config.split_k), config.block_k) * config.block_k
-    split_k = triton.cdiv(k, k_per_split)
-    grid = (triton_splitk.num_tiles(m, n, config.block_m, config.block_n), split_k)
-    workspace = None
-    if split_k > 1 and config.reduce == "atomic":
-        workspace = triton_splitk.workspace(x.device, m * n, grid[0])
-    if split_k == 1 or workspace is not None:
-        out = torch.empty(m, n, dtype=x.dtype, device=x.device)
-    else:  # float32 partials, one per K slice (the bias in the first), summed after
-        out = torch.empty(split_k, m, n, dtype=torch.float32, device=x.device)
+    launch = triton_splitk.plan_launch(m, n, k, config, x.dtype, x.device)
     dequant = _dequant_mode(config.dequant, x.dtype, weight)
     magic_bits, magic_value = _HALF_MAGIC.get(x.dtype, (0, 0.0))
-    _w4a16_gemm_kernel[grid](
-        x2, weight.qweight, weight.scales, weight.zeros, x2 if bias is None else bias, out,
-        out if workspace is None else workspace[0], out if workspace is None else workspace[1],
-        m, n, k, k_per_split, split_k, x2.stride(0), weight.qweight.stride(0), weight.scales.stride(0),
-        out.stride(0) if out.dim() == 3 else 0, out.stride(-2), REDUCE_IN_KERNEL=workspace is not None,
-        BITS=weight.bits, GROUP_SIZE=weight.group_size, HAS_BIAS=bias is not None, DEQUANT=dequant,
-        UNPACK=config.unpack, MAGIC_BITS=magic_bits, MAGIC_VALUE=magic_value,
-        DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",  # float32 models: no TF32 rounding
+    _w4a16_gemm_kernel[launch.grid](
+        x2, weight.qweight, weight.scales, weight.zeros, x2 if bias is None else bias, *launch.kernel_args(),
+        m, n, k, x2.stride(0), weight.qweight.stride(0), weight.scales.stride(0),
+        REDUCE_IN_KERNEL=launch.reduce_in_kernel, BITS=weight.bits, GROUP_SIZE=weight.group_size,
+        HAS_BIAS=bias is not None, DEQUANT=dequant, UNPACK=config.unpack, MAGIC_BITS=magic_bits,
+        MAGIC_VALUE=magic_value, DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",  # no TF32 rounding
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
         num_warps=config.num_warps, num_stages=config.num_stages)
-    if out.dim() == 3:
-        out = out.sum(dim=0).to(x.dtype)
-    return out.reshape(*shape[:-1], n)
+    return launch.result(x.dtype).reshape(*shape[:-1], n)
 
 
 def reserve_decode_workspace(device: torch.device, out_features: int) -> None:
