@@ -90,7 +90,7 @@ def sweep_list(m: int) -> list:
 def measure(name: str, n: int, k: int, m: int, w: dict, sweep: bool) -> dict:
     x = torch.randn(m, k, device=DEVICE, dtype=torch.bfloat16)
     packed, w8, w8_scale = w["packed"], w["w8"], w["w8_scale"]
-    default = triton_w4a16.default_config(m, n, k, packed.group_size, x.device)
+    default = triton_w4a16.default_config(m, n, k, x.device)
     w4_reference = x.float() @ w["w4_dense"].float().t()
     fp8_reference = fp8_linear(x.float(), w8, w8_scale, None, None, gemm="scaled_mm", quant="torch")
     result = dict(shape=name, n=n, k=k, m=m, w4a16_config=dataclasses.asdict(default),

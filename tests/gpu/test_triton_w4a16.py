@@ -171,3 +171,10 @@ def test_packing_sets_the_sign_bit_like_the_checkpoints_do():
         assert torch.equal(unpack_int32(words, bits, 0), codes)
         expected = torch.from_numpy(ckpt.pack_rows_of_codes(codes.t().numpy(), bits).T.copy())
         assert torch.equal(words, expected)
+
+
+@pytest.mark.parametrize("m", [1, 12, 40])
+def test_default_decode_tiles_split_k(m):
+    config = triton_w4a16.default_config(m, 64, 2048, torch.device(DEVICE))
+    assert config.split_k > 1
+    _check("gptq_asym", 4, 128, m=m, n=64, k=2048, dtype=torch.float16, bias=True, seed=m)

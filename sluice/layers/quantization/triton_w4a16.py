@@ -105,7 +105,7 @@ def pack_canonical(codes: torch.Tensor, zeros: torch.Tensor, scales: torch.Tenso
                         out_features=out_features)
 
 
-def default_config(m: int, n: int, k: int, group_size: int, device: torch.device) -> W4A16KernelConfig:
+def default_config(m: int, n: int, k: int, device: torch.device) -> W4A16KernelConfig:
     """Tiles by the number of rows. Decode is bound by reading the weights (K * N / 2 bytes): small BLOCK_M and
     enough programs (split-K) to keep every SM streaming. Prefill is bound by the dot: large tiles.
     ``SLUICE_W4A16_CONFIG=block_m,block_n,block_k,split_k,num_warps,num_stages[,reduce[,dequant[,unpack]]]`` overrides
@@ -218,7 +218,7 @@ def w4a16_gemm(x: torch.Tensor, weight: PackedWeight, bias: torch.Tensor | None 
     m, k, n = x2.shape[0], weight.in_features, weight.out_features
     if m == 0:
         return x.new_empty(*shape[:-1], n)
-    config = config or default_config(m, n, k, weight.group_size, x.device)
+    config = config or default_config(m, n, k, x.device)
     launch = triton_splitk.plan_launch(m, n, k, config, x.dtype, x.device)
     dequant = _dequant_mode(config.dequant, x.dtype, weight)
     magic_bits, magic_value = _HALF_MAGIC.get(x.dtype, (0, 0.0))
