@@ -64,7 +64,7 @@ def resolve_quant_config(hf_config: Any, flag: str | None) -> QuantConfig | None
     method = str(ckpt.get("quant_method", "")).replace("_", "-")
     if method not in QUANTIZATION_METHODS or method in ONLINE_ONLY:
         raise ValueError(f"checkpoint quantization {method!r} is not supported; supported: "
-                         f"{', '.join(QUANTIZATION_METHODS)}")
+                         f"{', '.join(m for m in QUANTIZATION_METHODS if m not in ONLINE_ONLY)}")
     if flag is not None and flag != method:
         raise ValueError(f"--quantization {flag} conflicts with the checkpoint's quantization {method!r}")
     return {"fp8": _fp8_config, "awq": _awq_config, "gptq": _gptq_config,
