@@ -7,7 +7,9 @@ For each shape (N, K) and row count M, replayed from a CUDA graph (triton.testin
 decode steps run), in microseconds:
 
     bf16            F.linear(x, W) with W bf16 [N, K]                     (cuBLAS)
-    w4a16           triton_w4a16.w4a16_gemm: 4-bit RTN weights, asymmetric, group 128 (default tiles)
+    w4a16           triton_w4a16.w4a16_gemm: 4-bit RTN weights, asymmetric, group 128 (default tiles; from
+                    DENSE_MIN_M rows dequantize + torch.matmul); at M >= 256 also w4a16_fused_us and
+                    w4a16_dense_us: each prefill path forced
     fp8_scaled_mm   fp8.fp8_linear: Triton per-token activation quant + torch._scaled_mm (row-wise scales)
     fp8_torch_quant the same with the torch activation quant (the path before the Triton kernel)
     fp8_triton      fp8.fp8_linear with SLUICE_FP8_GEMM=triton: the split-K Triton GEMM (M <= 64 only)
@@ -100,6 +102,9 @@ def measure(name: str, n: int, k: int, m: int, w: dict, sweep: bool) -> dict:
     with torch.no_grad():
         result["bf16_us"] = bench_us(lambda: F.linear(x, w["bf16"]))
         result["w4a16_us"] = bench_us(lambda: triton_w4a16.w4a16_gemm(x, packed))
+        if m >= 256:  # both prefill paths, whichever DENSE_MIN_M picks
+            result["w4a16_fused_us"] = bench_us(lambda: triton_w4a16.w4a16_gemm(x, packed, dense_min_m=1 << 30))
+            result["w4a16_dense_us"] = bench_us(lambda: triton_w4a16.w4a16_gemm(x, packed, dense_min_m=1))
         result["fp8_scaled_mm_us"] = bench_us(lambda: fp8_linear(x, w8, w8_scale, None, None, gemm="scaled_mm",
                                                                  quant="triton"))
         result["fp8_torch_quant_us"] = bench_us(lambda: fp8_linear(x, w8, w8_scale, None, None, gemm="scaled_mm",
@@ -126,7 +131,7 @@ def measure(name: str, n: int, k: int, m: int, w: dict, sweep: bool) -> dict:
                 result["w4a16_best"] = min(timed, key=lambda r: r["us"])
     result["w4a16_tbps"] = weight_bytes / result["w4a16_us"] / 1e6
     result["bf16_tbps"] = n * k * 2 / result["bf16_us"] / 1e6
-    for key in ("w4a16", "fp8_scaled_mm", "fp8_torch_quant", "fp8_triton"):
+    for key in ("w4a16", "w4a16_fused", "w4a16_dense", "fp8_scaled_mm", "fp8_torch_quant", "fp8_triton"):
         if f"{key}_us" in result:
             result[f"{key}_x_bf16"] = result["bf16_us"] / result[f"{key}_us"]
     return result
@@ -139,12 +144,13 @@ def format_row(r: dict) -> str:
     return (f"{r['shape']:<13}{r['m']:>5}{cell('bf16_us')}{cell('w4a16_us')}{cell('w4a16_x_bf16', '7.2f')}"
             f"{cell('w4a16_tbps', '7.2f')}{cell('fp8_scaled_mm_us')}{cell('fp8_scaled_mm_x_bf16', '7.2f')}"
             f"{cell('fp8_torch_quant_us')}{cell('fp8_triton_us')}{cell('fp8_triton_x_bf16', '7.2f')}"
-            f"{cell('fp8_quant_us', '8.1f')}"
+            f"{cell('fp8_quant_us', '8.1f')}{cell('w4a16_fused_us')}{cell('w4a16_dense_us')}"
             + (f"   best w4a16 {best['us']:.1f} us {tuple(best['config'].values())}" if best else ""))
 
 
 HEADER = (f"{'shape':<13}{'M':>5}{'bf16':>9}{'w4a16':>9}{'x':>7}{'TB/s':>7}{'fp8 smm':>9}{'x':>7}"
-          f"{'fp8 tq':>9}{'fp8 tri':>9}{'x':>7}{'quant':>8}   (microseconds; x = bf16 time / this)")
+          f"{'fp8 tq':>9}{'fp8 tri':>9}{'x':>7}{'quant':>8}{'w4 fused':>9}{'w4 dense':>9}"
+          "   (microseconds; x = bf16 time / this)")
 
 
 def main() -> int:

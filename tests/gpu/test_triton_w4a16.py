@@ -46,7 +46,7 @@ def _canonical(fmt: str, bits: int, group_size: int, n: int, k: int, seed: int):
     return method.shard_to_canonical(None, tensors, n)
 
 
-def _check(fmt, bits, group_size, m, n, k, dtype, bias=False, config=None, seed=0):
+def _check(fmt, bits, group_size, m, n, k, dtype, bias=False, config=None, seed=0, dense_min_m=None):
     canonical = _canonical(fmt, bits, group_size, n, k, seed)
     packed = triton_w4a16.pack_canonical(**canonical, bits=bits, dtype=dtype)
     assert packed is not None
@@ -60,7 +60,8 @@ def _check(fmt, bits, group_size, m, n, k, dtype, bias=False, config=None, seed=
     weight = dequantize(canonical["codes"], canonical["zeros"].to(dtype), canonical["scales"].to(dtype),
                         canonical["g_idx"]).to(dtype)
     expected = x.float() @ weight.float().t() + (0 if b is None else b.float())
-    out = triton_w4a16.w4a16_gemm(x.to(DEVICE), packed, None if b is None else b.to(DEVICE), config).cpu()
+    out = triton_w4a16.w4a16_gemm(x.to(DEVICE), packed, None if b is None else b.to(DEVICE), config,
+                                  dense_min_m).cpu()
     assert out.dtype == dtype and out.shape == (m, n)
     tol = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[dtype]
     scale = expected.abs().max().item()
@@ -178,3 +179,24 @@ def test_default_decode_tiles_split_k(m):
     config = triton_w4a16.default_config(m, 64, 2048, torch.device(DEVICE))
     assert config.split_k > 1
     _check("gptq_asym", 4, 128, m=m, n=64, k=2048, dtype=torch.float16, bias=True, seed=m)
+
+
+@pytest.mark.parametrize("dequant", ["half", "magic32", "f32"])
+@pytest.mark.parametrize("fmt,bits,group_size", [("gptq_asym_act_order", 4, 32), ("awq", 4, 128), ("gptq_sym", 8, 64)])
+def test_dequantized_weights_equal_the_reference_bit_for_bit(dequant, fmt, bits, group_size):
+    canonical = _canonical(fmt, bits, group_size, 40, 256, seed=11)
+    packed = triton_w4a16.pack_canonical(**canonical, bits=bits, dtype=torch.float16)
+    expected = dequantize(canonical["codes"], canonical["zeros"].half(), canonical["scales"].half(),
+                          canonical["g_idx"]).half()
+    if packed.perm is not None:
+        expected = expected[:, packed.perm]  # the kernel's K order
+    device_packed = dataclasses.replace(packed, qweight=packed.qweight.to(DEVICE), scales=packed.scales.to(DEVICE),
+                                        zeros=packed.zeros.to(DEVICE))
+    dense = triton_w4a16.w4a16_dequantize(device_packed, torch.float16, dequant).cpu()
+    assert dense.shape == (256, 40)
+    assert torch.equal(dense.t(), expected)
+
+
+def test_long_prefills_multiply_a_dequantized_weight():
+    _check("gptq_asym_act_order", 4, 64, m=40, n=72, k=256, dtype=torch.float16, bias=True, dense_min_m=32)
+    _check("awq", 4, 32, m=8, n=48, k=128, dtype=torch.float32, dense_min_m=1)

@@ -24,7 +24,8 @@ where the kernel must dequantize K * N values in the time HBM takes to deliver K
     decode (M <= 64)    BLOCK_M 16-64, split-K: the step reads the weights once, so the grid must cover the SMs
                         even when N / BLOCK_N is small; the K slices' float32 sums meet in the kernel
                         (triton_splitk.py)
-    prefill             BLOCK_M 64-128, BLOCK_N 128, no split
+    prefill             BLOCK_M 64-128, BLOCK_N 128, no split; from DENSE_MIN_M rows (1024) the weight is
+                        dequantized by a Triton kernel into a temporary dense [K, N] for torch.matmul
 
 The dequantize-then-matmul torch path of w4a16.py stays the reference (and the CPU path).
 """
@@ -43,6 +44,7 @@ from sluice.layers.quantization.triton_splitk import TileConfig, decode_split_k,
 ACTIVATION_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 DECODE_MAX_M = 64  # up to this many rows the default tiles split K
 CONFIG_OVERRIDE = os.environ.get("SLUICE_W4A16_CONFIG")  # read once: default_config runs for every call
+DENSE_MIN_M = int(os.environ.get("SLUICE_W4A16_DENSE_MIN_M", "1024"))  # rows from which dequantize + matmul
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,6 +125,51 @@ def default_config(m: int, n: int, k: int, device: torch.device) -> W4A16KernelC
     return W4A16KernelConfig(block_m, block_n, block_k, split_k, warps, stages)
 
 
+@triton.jit
+def _dequantize_tile(qweight_ptr, scales_ptr, zeros_ptr, k0, k_end, K, offs_n, mask_n, stride_qk, stride_sg,
+                     dtype_ptr, BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, DEQUANT: tl.constexpr,
+                     UNPACK: tl.constexpr, MAGIC_BITS: tl.constexpr, MAGIC_VALUE: tl.constexpr,
+                     BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+    """W[k0 : k0 + BLOCK_K, offs_n] (rows from k_end on: zero codes) in the element type of ``dtype_ptr``."""
+    PER_WORD: tl.constexpr = 32 // BITS
+    CODE_MASK: tl.constexpr = (1 << BITS) - 1
+    # One group per K step when the step lies inside a group: one row of scales and zeros per step.
+    GROUP_PER_STEP: tl.constexpr = GROUP_SIZE % BLOCK_K == 0
+    dtype = dtype_ptr.dtype.element_ty
+    ks = k0 + tl.arange(0, BLOCK_K)
+    if UNPACK == "gather":  # every row loads its own word (P rows share one, served by L1)
+        packed = tl.load(qweight_ptr + (ks // PER_WORD).to(tl.int64)[:, None] * stride_qk + offs_n[None, :],
+                         mask=(ks < K)[:, None] & mask_n[None, :], other=0)
+        codes = (packed >> ((ks % PER_WORD) * BITS)[:, None]) & CODE_MASK
+    else:  # "reshape": each word loaded once, shifted into P rows
+        words = k0 // PER_WORD + tl.arange(0, BLOCK_K // PER_WORD)
+        packed = tl.load(qweight_ptr + words.to(tl.int64)[:, None] * stride_qk + offs_n[None, :],
+                         mask=(words < K // PER_WORD)[:, None] & mask_n[None, :], other=0)
+        shifts = tl.arange(0, PER_WORD) * BITS
+        codes = (packed[:, None, :] >> shifts[None, :, None]) & CODE_MASK  # [BLOCK_K / P, P, BLOCK_N]
+        codes = tl.reshape(codes, (BLOCK_K, BLOCK_N))
+    if GROUP_PER_STEP:
+        group_ptrs = (k0 // GROUP_SIZE) * stride_sg + offs_n[None, :]
+        group_mask = mask_n[None, :]
+    else:
+        group_ptrs = (ks // GROUP_SIZE)[:, None] * stride_sg + offs_n[None, :]
+        group_mask = (ks < k_end)[:, None] & mask_n[None, :]
+    scales = tl.load(scales_ptr + group_ptrs, mask=group_mask, other=0.0)
+    zeros = tl.load(zeros_ptr + group_ptrs, mask=group_mask, other=0.0)
+    if DEQUANT == "half":
+        # 16-bit math, exact as the reference's: the code's bits under MAGIC_BITS read as MAGIC_VALUE + code
+        # (bf16 128 + c, fp16 1024 + c); minus (MAGIC_VALUE + zero) is the exact integer c - zero, and the
+        # product with the scale rounds once, as float32 math rounded to the 16-bit dtype does.
+        magic = (codes | MAGIC_BITS).to(tl.int16).to(dtype, bitcast=True)
+        weight = ((magic - (zeros + MAGIC_VALUE).to(dtype)) * scales).to(dtype)
+    elif DEQUANT == "magic32":  # float32 math; 2^23 + code from the bits, no int -> float conversion
+        magic = (codes | 0x4B000000).to(tl.float32, bitcast=True)
+        weight = ((magic - (zeros.to(tl.float32) + 8388608.0)) * scales.to(tl.float32)).to(dtype)
+    else:  # "f32"
+        weight = ((codes.to(tl.float32) - zeros.to(tl.float32)) * scales.to(tl.float32)).to(dtype)
+    return weight
+
+
 @triton.jit(do_not_specialize=["M"])
 def _w4a16_gemm_kernel(x_ptr, qweight_ptr, scales_ptr, zeros_ptr, bias_ptr, out_ptr, workspace_ptr, counter_ptr,
                        k_per_split, split_k, stride_os, stride_om, M, N, K, stride_xm, stride_qk, stride_sg,
@@ -131,10 +178,6 @@ def _w4a16_gemm_kernel(x_ptr, qweight_ptr, scales_ptr, zeros_ptr, bias_ptr, out_
                        DEQUANT: tl.constexpr, UNPACK: tl.constexpr, MAGIC_BITS: tl.constexpr,
                        MAGIC_VALUE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                        BLOCK_K: tl.constexpr):
-    PER_WORD: tl.constexpr = 32 // BITS
-    CODE_MASK: tl.constexpr = (1 << BITS) - 1
-    # One group per K step when the step lies inside a group: one row of scales and zeros per step.
-    GROUP_PER_STEP: tl.constexpr = GROUP_SIZE % BLOCK_K == 0
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
     num_pid_n = tl.cdiv(N, BLOCK_N)
@@ -145,8 +188,6 @@ def _w4a16_gemm_kernel(x_ptr, qweight_ptr, scales_ptr, zeros_ptr, bias_ptr, out_
     mask_m = offs_m < M
     mask_n = offs_n < N
     offs_k = tl.arange(0, BLOCK_K)
-    offs_word = tl.arange(0, BLOCK_K // PER_WORD)
-    shifts = tl.arange(0, PER_WORD) * BITS
     x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     k_start = pid_k * k_per_split
@@ -154,41 +195,30 @@ def _w4a16_gemm_kernel(x_ptr, qweight_ptr, scales_ptr, zeros_ptr, bias_ptr, out_
     for k0 in range(k_start, k_end, BLOCK_K):
         ks = k0 + offs_k
         a = tl.load(x_rows + ks[None, :], mask=mask_m[:, None] & (ks < k_end)[None, :], other=0.0)
-        if UNPACK == "gather":  # every row loads its own word (P rows share one, served by L1)
-            packed = tl.load(qweight_ptr + (ks // PER_WORD).to(tl.int64)[:, None] * stride_qk + offs_n[None, :],
-                             mask=(ks < K)[:, None] & mask_n[None, :], other=0)
-            codes = (packed >> ((ks % PER_WORD) * BITS)[:, None]) & CODE_MASK
-        else:  # "reshape": each word loaded once, shifted into P rows
-            words = k0 // PER_WORD + offs_word
-            packed = tl.load(qweight_ptr + words.to(tl.int64)[:, None] * stride_qk + offs_n[None, :],
-                             mask=(words < K // PER_WORD)[:, None] & mask_n[None, :], other=0)
-            codes = (packed[:, None, :] >> shifts[None, :, None]) & CODE_MASK  # [BLOCK_K / P, P, BLOCK_N]
-            codes = tl.reshape(codes, (BLOCK_K, BLOCK_N))
-        if GROUP_PER_STEP:
-            group_ptrs = (k0 // GROUP_SIZE) * stride_sg + offs_n[None, :]
-            group_mask = mask_n[None, :]
-        else:
-            group_ptrs = (ks // GROUP_SIZE)[:, None] * stride_sg + offs_n[None, :]
-            group_mask = (ks < k_end)[:, None] & mask_n[None, :]
-        scales = tl.load(scales_ptr + group_ptrs, mask=group_mask, other=0.0)
-        zeros = tl.load(zeros_ptr + group_ptrs, mask=group_mask, other=0.0)
-        if DEQUANT == "half":
-            # 16-bit math, exact as the reference's: the code's bits under MAGIC_BITS read as MAGIC_VALUE + code
-            # (bf16 128 + c, fp16 1024 + c); minus (MAGIC_VALUE + zero) is the exact integer c - zero, and the
-            # product with the scale rounds once, as float32 math rounded to the 16-bit dtype does.
-            magic = (codes | MAGIC_BITS).to(tl.int16).to(a.dtype, bitcast=True)
-            weight = ((magic - (zeros + MAGIC_VALUE).to(a.dtype)) * scales).to(a.dtype)
-        elif DEQUANT == "magic32":  # float32 math; 2^23 + code from the bits, no int -> float conversion
-            magic = (codes | 0x4B000000).to(tl.float32, bitcast=True)
-            weight = ((magic - (zeros.to(tl.float32) + 8388608.0)) * scales.to(tl.float32)).to(a.dtype)
-        else:  # "f32"
-            weight = ((codes.to(tl.float32) - zeros.to(tl.float32)) * scales.to(tl.float32)).to(a.dtype)
+        weight = _dequantize_tile(qweight_ptr, scales_ptr, zeros_ptr, k0, k_end, K, offs_n, mask_n, stride_qk,
+                                  stride_sg, x_ptr, BITS, GROUP_SIZE, DEQUANT, UNPACK, MAGIC_BITS, MAGIC_VALUE,
+                                  BLOCK_K, BLOCK_N)
         acc = tl.dot(a, weight, acc, input_precision=DOT_PRECISION, out_dtype=tl.float32)
     if HAS_BIAS:
         if pid_k == 0:  # once per tile: the K slices' sums add up
             acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
     store_tile(acc, out_ptr + pid_k * stride_os, stride_om, offs_m, offs_n, mask_m[:, None] & mask_n[None, :],
                workspace_ptr, counter_ptr, pid, split_k, N, REDUCE_IN_KERNEL)
+
+
+@triton.jit
+def _w4a16_dequantize_kernel(qweight_ptr, scales_ptr, zeros_ptr, out_ptr, N, K, stride_qk, stride_sg, stride_ok,
+                             BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, DEQUANT: tl.constexpr,
+                             UNPACK: tl.constexpr, MAGIC_BITS: tl.constexpr, MAGIC_VALUE: tl.constexpr,
+                             BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+    k0 = tl.program_id(0) * BLOCK_K
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    weight = _dequantize_tile(qweight_ptr, scales_ptr, zeros_ptr, k0, K, K, offs_n, mask_n, stride_qk, stride_sg,
+                              out_ptr, BITS, GROUP_SIZE, DEQUANT, UNPACK, MAGIC_BITS, MAGIC_VALUE, BLOCK_K, BLOCK_N)
+    ks = k0 + tl.arange(0, BLOCK_K)
+    tl.store(out_ptr + ks.to(tl.int64)[:, None] * stride_ok + offs_n[None, :], weight,
+             mask=(ks < K)[:, None] & mask_n[None, :])
 
 
 # 16-bit dequantization: (bits of the 16-bit value with the code in its low mantissa bits, that value at code 0)
@@ -206,9 +236,26 @@ def _dequant_mode(requested: str, x_dtype: torch.dtype, weight: PackedWeight) ->
     return requested
 
 
+def w4a16_dequantize(weight: PackedWeight, dtype: torch.dtype, dequant: str = "auto") -> torch.Tensor:
+    """The dense weight transposed, [K, N] in ``dtype`` (input channels in kernel order: permuted by act-order)."""
+    k, n = weight.in_features, weight.out_features
+    out = torch.empty(k, n, dtype=dtype, device=weight.qweight.device)
+    block_k, block_n = 64, 128
+    magic_bits, magic_value = _HALF_MAGIC.get(dtype, (0, 0.0))
+    _w4a16_dequantize_kernel[(triton.cdiv(k, block_k), triton.cdiv(n, block_n))](
+        weight.qweight, weight.scales, weight.zeros, out, n, k, weight.qweight.stride(0), weight.scales.stride(0),
+        out.stride(0), BITS=weight.bits, GROUP_SIZE=weight.group_size, DEQUANT=_dequant_mode(dequant, dtype, weight),
+        UNPACK="reshape", MAGIC_BITS=magic_bits, MAGIC_VALUE=magic_value, BLOCK_K=block_k, BLOCK_N=block_n)
+    return out
+
+
 def w4a16_gemm(x: torch.Tensor, weight: PackedWeight, bias: torch.Tensor | None = None,
-               config: W4A16KernelConfig | None = None) -> torch.Tensor:
-    """x [..., K] (float16/bfloat16/float32) -> [..., N] in x's dtype."""
+               config: W4A16KernelConfig | None = None, dense_min_m: int | None = None) -> torch.Tensor:
+    """x [..., K] (float16/bfloat16/float32) -> [..., N] in x's dtype.
+
+    From ``dense_min_m`` rows on (default DENSE_MIN_M) the weight is dequantized into a temporary dense
+    [K, N] and multiplied by torch.matmul: a long prefill is bound by the matmul, where the fused kernel
+    would dequantize every weight tile once per BLOCK_M rows."""
     shape = x.shape
     x2 = x.reshape(-1, shape[-1])
     if weight.perm is not None:
@@ -218,6 +265,11 @@ def w4a16_gemm(x: torch.Tensor, weight: PackedWeight, bias: torch.Tensor | None 
     m, k, n = x2.shape[0], weight.in_features, weight.out_features
     if m == 0:
         return x.new_empty(*shape[:-1], n)
+    if m >= (DENSE_MIN_M if dense_min_m is None else dense_min_m) and config is None:
+        out = torch.matmul(x2, w4a16_dequantize(weight, x.dtype))
+        if bias is not None:
+            out += bias
+        return out.reshape(*shape[:-1], n)
     config = config or default_config(m, n, k, x.device)
     launch = triton_splitk.plan_launch(m, n, k, config, x.dtype, x.device)
     dequant = _dequant_mode(config.dequant, x.dtype, weight)
