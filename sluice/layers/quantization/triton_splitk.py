@@ -26,9 +26,17 @@ _WORKSPACES: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 _OUTGROWN: list[tuple[torch.Tensor, torch.Tensor]] = []
 
 
+def _device_key(device: torch.device | str) -> torch.device:
+    """``cuda`` and ``cuda:<current>`` are one device (layers may say the first, tensors say the second)."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
 def reserve(device: torch.device, numel: int, num_tiles: int) -> None:
     """Makes the device's workspace hold ``numel`` float32 values and ``num_tiles`` counters."""
-    device = torch.device(device)
+    device = _device_key(device)
     current = _WORKSPACES.get(device)
     if current is not None and current[0].numel() >= numel and current[1].numel() >= num_tiles:
         return
@@ -41,7 +49,7 @@ def reserve(device: torch.device, numel: int, num_tiles: int) -> None:
 
 def workspace(device: torch.device, numel: int, num_tiles: int) -> tuple[torch.Tensor, torch.Tensor] | None:
     """The device's workspace if it is large enough (grown first when not capturing a CUDA graph), else None."""
-    device = torch.device(device)
+    device = _device_key(device)
     current = _WORKSPACES.get(device)
     if current is None or current[0].numel() < numel or current[1].numel() < num_tiles:
         if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
