@@ -109,7 +109,7 @@ def test_the_split_k_workspace_is_left_zeroed_for_the_next_call():
     config = triton_w4a16.W4A16KernelConfig(16, 32, 64, split_k=4)
     for m in (3, 16, 5):  # a later call reuses the workspace and counters the earlier ones used
         _check("awq", 4, 32, m=m, n=64, k=256, dtype=torch.float16, bias=True, config=config, seed=m)
-        values, counters = triton_splitk._WORKSPACES[torch.device(DEVICE)]
+        values, counters = triton_splitk._WORKSPACES[triton_splitk._device_key(DEVICE)]
         assert not values.any() and not counters.any()
 
 
