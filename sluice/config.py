@@ -91,7 +91,7 @@ class EngineArgs:
     seed: int = 0
     max_model_len: int | None = None
     load_format: str = "auto"
-    quantization: str | None = None  # fp8 | awq | gptq | compressed-tensors (sluice/layers/quantization/)
+    quantization: str | None = None  # fp8 | awq | gptq | compressed-tensors | rtn (sluice/layers/quantization/)
     device: str = "auto"
     block_size: int = 16
     enable_prefix_caching: bool = True
@@ -136,7 +136,8 @@ class EngineArgs:
         "seed": "seed for dummy weights and for requests that give no seed",
         "max_model_len": "longest prompt + output in tokens (default: the model's context length)",
         "load_format": "auto, safetensors, gguf, or dummy (random weights, for benchmarks)",
-        "quantization": "fp8 (quantizes a 16/32-bit checkpoint at load), awq, gptq or compressed-tensors; "
+        "quantization": "fp8 or rtn (4-bit weights; both quantize a 16/32-bit checkpoint at load), awq, gptq or "
+                        "compressed-tensors; "
                         "default: the checkpoint's quantization_config, if any",
         "device": "auto (cuda when available), cpu or cuda",
         "block_size": "tokens per KV cache block",

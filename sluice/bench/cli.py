@@ -1,14 +1,16 @@
 """`sluice bench ...`: benchmark subcommands. This file owns the `bench` parser and `bench throughput`.
 
     sluice bench throughput --workload W1 [--num-prompts N] [--peers hf,hf-cb] [--peer-num-prompts M]
-                            [--model PATH|L8|G9|Q30A3] [engine flags...] [--output-json FILE]
+                            [--model PATH|L8|G9|Q30A3] [--quantization Q [--compare]] [engine flags...]
+                            [--output-json FILE]
 
 `bench throughput` resolves the model (``L8`` is the Llama-3.1-8B shape of docs/benchmarks.md, ``G9`` the
 Gemma-2-9B shape, ``Q30A3`` the Qwen3-30B-A3B mixture-of-experts shape; each is written as a config-only folder
 and loaded with dummy weights), builds the workload's requests, times the engine on them
 (W4: prefix caching on and off), then each peer on the first ``--peer-num-prompts`` of the same requests, and
 reports tokens per second, ratios (engine over peer, output tokens per second: fair across subsets) and the
-roofline fraction. Other benchmark subcommands (``serve``) live in their own modules of this package and register
+roofline fraction. ``--compare`` (with ``--quantization``) also times the same flags without quantization on the
+same requests and reports quantized over unquantized output tokens per second. Other benchmark subcommands (``serve``) live in their own modules of this package and register
 themselves through their ``add_parser(bench_subparsers)``.
 """
 from __future__ import annotations
@@ -80,6 +82,9 @@ def add_throughput_parser(bench_subparsers: argparse._SubParsersAction) -> argpa
                        help=f"result file (default: {DEFAULT_RESULTS_DIR}/throughput_<workload>_<model>_<device>_"
                             "<date>.json)")
     bench.add_argument("--no-progress", action="store_true", help="no progress bar")
+    bench.add_argument("--compare", action="store_true",
+                       help="with --quantization: also run the unquantized model (the same flags without "
+                            "--quantization) on the same requests, and report quantized over unquantized")
     EngineArgs.add_cli_args(parser)
     parser.set_defaults(func=run_throughput_command)
     return parser
@@ -175,6 +180,8 @@ def run_throughput_command(args: argparse.Namespace) -> int:
         value = getattr(args, name)
         if value is not None and value < 1:
             raise ValueError(f"{name} must be at least 1, got {value}")
+    if args.compare and args.quantization in (None, "None", "none", ""):
+        raise ValueError("--compare runs the model with and without --quantization: pass --quantization")
     with tempfile.TemporaryDirectory(prefix="sluice-bench-") as scratch:
         model = resolve_model(EngineArgs.from_cli_args(args), scratch)
         report = run_throughput_benchmark(args, model, peers)
@@ -198,13 +205,17 @@ def run_throughput_benchmark(args: argparse.Namespace, model: ResolvedModel, pee
                       use_tqdm=not args.no_progress)
     runs = {}
     if args.workload == "W4":  # docs/benchmarks.md: W4 runs with prefix caching on and off
-        runs["engine"] = run_sluice(dataclasses.replace(engine_args, enable_prefix_caching=True), requests,
-                                    **run_kwargs)
+        timed_args = dataclasses.replace(engine_args, enable_prefix_caching=True)
+        runs["engine"] = run_sluice(timed_args, requests, **run_kwargs)
         runs["engine_prefix_caching_off"] = run_sluice(
             dataclasses.replace(engine_args, enable_prefix_caching=False), requests, name="sluice-no-prefix-cache",
             **run_kwargs)
     else:
+        timed_args = engine_args
         runs["engine"] = run_sluice(engine_args, requests, **run_kwargs)
+    if args.compare:  # the same requests and flags, without quantization
+        runs["engine_unquantized"] = run_sluice(dataclasses.replace(timed_args, quantization=None), requests,
+                                                name="sluice-unquantized", **run_kwargs)
     peer_requests = requests[:args.peer_num_prompts] if args.peer_num_prompts else requests
     peer_config = PeerConfig(batch_size=args.hf_batch_size, vllm_pythonpath=args.vllm_pythonpath,
                              enable_prefix_caching=engine_args.enable_prefix_caching)
@@ -252,6 +263,11 @@ def build_report(args: argparse.Namespace, model: ResolvedModel, model_config: A
         off = runs["engine_prefix_caching_off"].result
         report["engine_prefix_caching_off"] = {"name": off.name, **off.to_dict()}
         report["prefix_caching_speedup"] = off.elapsed_s / engine.elapsed_s
+    if "engine_unquantized" in runs:
+        base = runs["engine_unquantized"].result
+        report["engine_unquantized"] = {"name": base.name, **base.to_dict()}
+        report["quantization"] = model.engine_args.quantization
+        report["quantized_speedup"] = engine.output_tokens_per_s / base.output_tokens_per_s
     return report
 
 
@@ -261,6 +277,9 @@ def format_table(report: dict[str, Any]) -> str:
     if "engine_prefix_caching_off" in report:
         off = report["engine_prefix_caching_off"]
         rows.append((off["name"], off, report["engine"]["output_tokens_per_s"] / off["output_tokens_per_s"]))
+    if "engine_unquantized" in report:
+        base = report["engine_unquantized"]
+        rows.append((base["name"], base, report["quantized_speedup"]))
     rows += [(name, peer, report["ratios"][name]) for name, peer in report["peers"].items()]
     header = f"{'':<24}{'requests':>9}{'req/s':>10}{'output tok/s':>14}{'total tok/s':>13}{'engine/this':>13}"
     lines = [f"{report['workload']} on {report['device']}, model {report['model']} ({report['dtype']}), "
@@ -275,6 +294,9 @@ def format_table(report: dict[str, Any]) -> str:
                  f"{roofline['peak_flops'] / 1e12:.0f} TFLOP/s)")
     if "prefix_caching_speedup" in report:
         lines.append(f"prefix caching on vs off: {report['prefix_caching_speedup']:.2f}x")
+    if "quantized_speedup" in report:
+        lines.append(f"--quantization {report['quantization']} vs unquantized ({report['dtype']}): "
+                     f"{report['quantized_speedup']:.2f}x output tok/s")
     return "\n".join(lines)
 
 

@@ -95,3 +95,21 @@ def test_q30a3_without_a_tokenizer_says_which_flag_is_missing(capsys):
     assert main(["bench", "throughput", "--model", "Q30A3", "--num-prompts", "1"]) == 1
     err = capsys.readouterr().err
     assert "tokenizer" in err and "Q30A3" in err
+
+
+def test_compare_runs_the_quantized_and_unquantized_model_on_the_same_requests(tiny_model, tmp_path, capsys):
+    report = _run(tiny_model, tmp_path / "cmp.json", "--workload", "W1", "--num-prompts", "3",
+                  "--quantization", "rtn", "--compare")
+    quantized, unquantized = report["engine"], report["engine_unquantized"]
+    assert report["quantization"] == "rtn" and quantized["engine_args"]["quantization"] == "rtn"
+    assert (quantized["prompt_tokens"], quantized["output_tokens"]) == (unquantized["prompt_tokens"],
+                                                                        unquantized["output_tokens"])
+    assert report["quantized_speedup"] == pytest.approx(quantized["output_tokens_per_s"]
+                                                        / unquantized["output_tokens_per_s"])
+    table = capsys.readouterr().out
+    assert "sluice-unquantized" in table and "--quantization rtn vs unquantized" in table
+
+
+def test_compare_without_quantization_says_what_is_missing(tiny_model, capsys):
+    assert main(["bench", "throughput", "--model", tiny_model, "--compare", "--num-prompts", "1"]) == 1
+    assert "--compare runs the model with and without --quantization" in capsys.readouterr().err

@@ -44,3 +44,23 @@ def test_cuda_layers_match_the_cpu_reference(fmt, num_tokens, tmp_path):
         out = layer(x.to("cuda", torch.bfloat16)).float().cpu()
         # bfloat16 inputs and outputs (and, for W8A8, bfloat16-rounded activation scales) against float32
         torch.testing.assert_close(out, expected, rtol=3e-2, atol=3e-2 * expected.abs().max().item())
+
+
+@pytest.mark.parametrize("num_tokens", [1, 16, 300])
+def test_cuda_rtn_layers_match_the_cpu_reference(num_tokens, tmp_path):
+    """--quantization rtn: the CUDA layers run the W4A16 Triton GEMM on the codes the CPU dequantizes at load
+    (both quantize the same bfloat16 weights)."""
+    src = save_tiny_model(tmp_path / "src", "llama", tokenizer=False)
+
+    def build(device):
+        return build_model(load_hf_config(src), torch.bfloat16, device, get_attention_backend(device),
+                           weights=iterate_safetensors(src), quantization="rtn")
+    reference = dict(build("cpu").named_modules())
+    for name, layer in build("cuda").named_modules():
+        if not isinstance(layer, LinearBase):
+            continue
+        assert layer.linear_method.mode == "triton", name
+        x = torch.randn(num_tokens, layer.input_size, generator=torch.Generator().manual_seed(num_tokens))
+        expected = x.bfloat16().float() @ reference[name].weight.float().t()
+        out = layer(x.to("cuda", torch.bfloat16)).float().cpu()
+        torch.testing.assert_close(out, expected, rtol=2e-2, atol=2e-2 * expected.abs().max().item())

@@ -20,8 +20,10 @@ def _hf(quantization_config=None):
 
 @pytest.mark.parametrize("flag, ckpt, message", [
     ("int3", None, "quantization must be one of fp8, awq, gptq, compressed-tensors"),
-    ("awq", None, "only fp8 quantizes an unquantized checkpoint at load"),
+    ("awq", None, "only fp8 and rtn quantize an unquantized checkpoint at load"),
     (None, {"quant_method": "bitsandbytes"}, "checkpoint quantization 'bitsandbytes' is not supported; supported: fp8"),
+    (None, {"quant_method": "rtn"}, "checkpoint quantization 'rtn' is not supported; supported: fp8, awq, gptq, "
+                                    "compressed-tensors$"),
     ("fp8", {"quant_method": "awq", "bits": 4, "group_size": 128}, "--quantization fp8 conflicts with the checkpoint"),
     (None, {"quant_method": "awq", "bits": 3, "group_size": 128}, "awq supports bits 4, got 3"),
     (None, {"quant_method": "gptq", "bits": 2, "group_size": 128}, "gptq supports bits 4, 8, got 2"),
@@ -53,3 +55,9 @@ def test_engine_config_rejects_a_flag_that_conflicts_with_the_checkpoint(tmp_pat
         create_engine_config(EngineArgs(model=str(path), quantization="gptq"), DeviceConfig("cpu"))
     with pytest.raises(ValueError, match="quantization must be one of"):
         create_engine_config(EngineArgs(model=str(path), quantization="int4"), DeviceConfig("cpu"))
+
+
+def test_rtn_quantizes_an_unquantized_checkpoint_at_load():
+    config = resolve_quant_config(_hf(), "rtn")
+    method = config.linear_method()
+    assert config.name == "rtn" and (method.bits, method.group_size) == (4, 128)

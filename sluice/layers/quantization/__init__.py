@@ -4,6 +4,7 @@ or the ``--quantization`` flag.
     resolve_quant_config(hf_config, flag)  -> QuantConfig | None
         checkpoint says nothing, flag None       unquantized
         checkpoint says nothing, flag "fp8"      online FP8: the 16/32-bit weights quantized at load
+        checkpoint says nothing, flag "rtn"      online 4-bit: round to nearest, asymmetric, group 128 (W4A16)
         checkpoint says "fp8" | "awq" | "gptq" | "compressed-tensors"
                                                  loaded in that format; a different flag is an error
 
@@ -17,9 +18,11 @@ from typing import Any
 from sluice.layers.quantization.base import (LinearMethod, QuantConfig, process_quantized_weights,
                                              quantization_context, unquantize_ignored_layers)
 from sluice.layers.quantization.fp8 import Fp8BlockMethod, Fp8CheckpointMethod, Fp8OnlineMethod
-from sluice.layers.quantization.w4a16 import AWQMethod, GPTQMethod, PackQuantizedMethod
+from sluice.layers.quantization.w4a16 import AWQMethod, GPTQMethod, PackQuantizedMethod, RtnMethod
 
-QUANTIZATION_METHODS = ("fp8", "awq", "gptq", "compressed-tensors")
+QUANTIZATION_METHODS = ("fp8", "awq", "gptq", "compressed-tensors", "rtn")
+ONLINE_METHODS = {"fp8": Fp8OnlineMethod, "rtn": RtnMethod}  # quantize a 16/32-bit checkpoint at load
+ONLINE_ONLY = ("rtn",)  # no checkpoint format of that name
 GROUP_SIZES = (-1, 32, 64, 128)
 
 __all__ = ["QUANTIZATION_METHODS", "QuantConfig", "resolve_quant_config", "quantization_context",
@@ -52,14 +55,16 @@ def resolve_quant_config(hf_config: Any, flag: str | None) -> QuantConfig | None
         raise ValueError(f"quantization must be one of {', '.join(QUANTIZATION_METHODS)} (or None), got {flag!r}")
     ckpt = checkpoint_quantization_config(hf_config)
     if ckpt is None:
-        if flag in (None, "fp8"):
-            return None if flag is None else SimpleQuantConfig("fp8", Fp8OnlineMethod)
+        if flag is None:
+            return None
+        if flag in ONLINE_METHODS:
+            return SimpleQuantConfig(flag, ONLINE_METHODS[flag])
         raise ValueError(f"--quantization {flag} needs a checkpoint quantized in that format (its config.json has "
-                         "no quantization_config); only fp8 quantizes an unquantized checkpoint at load")
+                         "no quantization_config); only fp8 and rtn quantize an unquantized checkpoint at load")
     method = str(ckpt.get("quant_method", "")).replace("_", "-")
-    if method not in QUANTIZATION_METHODS:
+    if method not in QUANTIZATION_METHODS or method in ONLINE_ONLY:
         raise ValueError(f"checkpoint quantization {method!r} is not supported; supported: "
-                         f"{', '.join(QUANTIZATION_METHODS)}")
+                         f"{', '.join(m for m in QUANTIZATION_METHODS if m not in ONLINE_ONLY)}")
     if flag is not None and flag != method:
         raise ValueError(f"--quantization {flag} conflicts with the checkpoint's quantization {method!r}")
     return {"fp8": _fp8_config, "awq": _awq_config, "gptq": _gptq_config,

@@ -9,12 +9,15 @@
 W8A8 matmuls (the first two) quantize activations per token (dynamic) or with the checkpoint's static
 ``input_scale`` (the largest of a fused layer's shards, as vLLM), then run ``torch._scaled_mm`` with
 row-wise scales: scale_a [M, 1], scale_b [1, N]. On CUDA it needs compute capability 8.9+ (Ada, Hopper);
-on the CPU the same call is the reference. Block-wise weights are dequantized rather than requantized
+the activations are quantized by one Triton kernel (triton_fp8.py; the torch ops here are the CPU
+reference and give the same float8 values), and ``SLUICE_FP8_GEMM=triton`` swaps ``_scaled_mm`` for a
+split-K Triton GEMM at small M (decode). Block-wise weights are dequantized rather than requantized
 per channel because the latter would round them a second time: the dense weight equals the
 checkpoint's dequantized weight exactly (in float32; rounded once to 16-bit dtypes).
 """
 from __future__ import annotations
 
+import os
 from typing import TYPE_CHECKING
 
 import torch
@@ -23,11 +26,22 @@ import torch.nn.functional as F
 from sluice.layers.quantization.base import (CheckpointShardsMethod, LinearMethod, UnquantizedLinearMethod,
                                              set_tensor)
 
+try:  # CUDA kernels: activation quantization in one launch, a small-M GEMM
+    from sluice.layers.quantization import triton_fp8
+except ImportError:
+    triton_fp8 = None
+
 if TYPE_CHECKING:
     from sluice.layers.linear import LinearBase
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8).max
+FP8_GEMM = os.environ.get("SLUICE_FP8_GEMM", "scaled_mm")  # scaled_mm | triton (small M; see fp8_linear)
+FP8_QUANT = os.environ.get("SLUICE_FP8_QUANT", "triton")  # triton | torch: CUDA activation quantization
+TRITON_GEMM_MAX_M = int(os.environ.get("SLUICE_FP8_TRITON_MAX_M", "64"))
+if FP8_GEMM not in ("scaled_mm", "triton") or FP8_QUANT not in ("triton", "torch"):
+    raise ValueError(f"SLUICE_FP8_GEMM must be scaled_mm or triton (got {FP8_GEMM!r}), SLUICE_FP8_QUANT triton "
+                     f"or torch (got {FP8_QUANT!r})")
 
 
 def check_fp8_device(device: torch.device) -> None:
@@ -48,16 +62,25 @@ def quantize_fp8_static(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 
 
 def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, input_scale: torch.Tensor | None,
-               bias: torch.Tensor | None) -> torch.Tensor:
-    """x [..., K] (model dtype) times float8 weight [N, K] with per-channel ``weight_scale`` [N]."""
+               bias: torch.Tensor | None, gemm: str | None = None, quant: str | None = None) -> torch.Tensor:
+    """x [..., K] (model dtype) times float8 weight [N, K] with per-channel ``weight_scale`` [N].
+
+    On CUDA ``quant`` (default $SLUICE_FP8_QUANT, else triton) picks how activations are quantized and
+    ``gemm`` (default $SLUICE_FP8_GEMM, else scaled_mm) the matmul: ``triton`` runs triton_fp8's split-K
+    GEMM for up to TRITON_GEMM_MAX_M rows and ``_scaled_mm`` above."""
     shape, out_dtype = x.shape, x.dtype
     x2 = x.reshape(-1, shape[-1])
     if x2.shape[0] == 0:
         return x.new_empty(*shape[:-1], weight.shape[0])
-    if input_scale is None:
+    if x.is_cuda and triton_fp8 is not None and (quant or FP8_QUANT) == "triton":
+        x_fp8, scale_a = triton_fp8.quantize_activations(x2, input_scale)
+    elif input_scale is None:
         x_fp8, scale_a = quantize_fp8_per_row(x2)
     else:
         x_fp8, scale_a = quantize_fp8_static(x2, input_scale), input_scale.float().reshape(1, 1).expand(x2.shape[0], 1)
+    if x.is_cuda and triton_fp8 is not None and (gemm or FP8_GEMM) == "triton" and x2.shape[0] <= TRITON_GEMM_MAX_M:
+        out = triton_fp8.fp8_gemm(x_fp8, scale_a, weight, weight_scale, bias, out_dtype)
+        return out.reshape(*shape[:-1], weight.shape[0])
     if x.is_cuda:  # CUDA's row-wise scaled matmul produces bfloat16 only
         out = torch._scaled_mm(x_fp8, weight.t(), scale_a=scale_a.contiguous(), scale_b=weight_scale.view(1, -1),
                                out_dtype=torch.bfloat16).to(out_dtype)
@@ -71,6 +94,11 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor
 
 class Fp8W8A8Apply(LinearMethod):
     """The layer holds ``weight`` (float8 [N, K]), ``weight_scale`` (float32 [N]), ``input_scale`` (None: dynamic)."""
+
+    @staticmethod
+    def reserve_kernel_workspace(layer: "LinearBase") -> None:
+        if layer.device.type == "cuda" and triton_fp8 is not None and FP8_GEMM == "triton":
+            triton_fp8.reserve_decode_workspace(layer.device, layer.weight.shape[0], TRITON_GEMM_MAX_M)
 
     def apply(self, layer: "LinearBase", x: torch.Tensor) -> torch.Tensor:
         return fp8_linear(x, layer.weight, layer.weight_scale, layer.input_scale, layer.bias)
@@ -88,6 +116,7 @@ class Fp8OnlineMethod(Fp8W8A8Apply):
         set_tensor(layer, "weight", weight)
         set_tensor(layer, "weight_scale", scale.view(-1))
         layer.input_scale = None
+        self.reserve_kernel_workspace(layer)
 
 
 class Fp8CheckpointMethod(CheckpointShardsMethod, Fp8W8A8Apply):
@@ -119,6 +148,7 @@ class Fp8CheckpointMethod(CheckpointShardsMethod, Fp8W8A8Apply):
         set_tensor(layer, "weight", tensors["weight"])
         set_tensor(layer, "weight_scale", tensors["weight_scale"].contiguous())
         set_tensor(layer, "input_scale", tensors.get("input_scale"))
+        self.reserve_kernel_workspace(layer)
 
 
 def dequantize_fp8_blockwise(weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:

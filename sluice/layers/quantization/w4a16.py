@@ -16,8 +16,10 @@ Packed layouts (int32 words, lowest bits first):
                       minus one (checkpoint_format "gptq"; "gptq_v2" stores them as is)
     pack-quantized    weight_packed [N, K / 8] along K, codes offset by 8 (symmetric, no zero point tensor)
 
-On the CPU the dense weight is dequantized once at load (the reference path). On CUDA the codes stay
-in uint8 and each call dequantizes into the model dtype before the matmul.
+On the CPU the dense weight is dequantized once at load (the reference path). On CUDA every format is
+repacked at load into triton_w4a16.py's layout (int32 words along K, act-order channels sorted by group)
+and the Triton GEMM dequantizes in registers; without Triton the codes stay in uint8 and each call
+dequantizes into the model dtype before the matmul.
 """
 from __future__ import annotations
 
@@ -26,7 +28,12 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
-from sluice.layers.quantization.base import CheckpointShardsMethod, set_tensor
+from sluice.layers.quantization.base import CheckpointShardsMethod, UnquantizedLinearMethod, set_tensor
+
+try:  # the CUDA kernel; without Triton, CUDA layers dequantize per call
+    from sluice.layers.quantization import triton_w4a16
+except ImportError:
+    triton_w4a16 = None
 
 if TYPE_CHECKING:
     from sluice.layers.linear import LinearBase
@@ -68,21 +75,40 @@ class WeightOnlyIntMethod(CheckpointShardsMethod):
 
     def __init__(self, bits: int, group_size: int) -> None:
         self.bits, self.group_size = bits, group_size
+        self.mode = "dense"  # dense (CPU: dequantized once) | triton (CUDA kernel) | per_call (CUDA, no kernel)
+        self.kernel_shape: tuple[int, int, int] = (0, 0, 0)  # group_size in kernel order, in and out features
 
     def finalize(self, layer: "LinearBase", tensors: dict[str, torch.Tensor]) -> None:
         if layer.device.type == "cpu":
             set_tensor(layer, "weight", dequantize(**tensors).to(layer.dtype))
-            self.dense = True
+            self.mode = "dense"
             return
-        self.dense = False
+        packed = None
+        if triton_w4a16 is not None and layer.dtype in triton_w4a16.ACTIVATION_DTYPES:
+            packed = triton_w4a16.pack_canonical(**tensors, bits=self.bits, dtype=layer.dtype)
+        if packed is not None:
+            self.mode = "triton"
+            set_tensor(layer, "qweight", packed.qweight)
+            set_tensor(layer, "scales", packed.scales)
+            set_tensor(layer, "zeros", packed.zeros)
+            layer.register_buffer("perm", packed.perm)
+            self.kernel_shape = (packed.group_size, packed.in_features, packed.out_features)
+            triton_w4a16.reserve_decode_workspace(layer.device, packed.out_features)
+            return
+        self.mode = "per_call"
         set_tensor(layer, "codes", tensors["codes"].contiguous())
         set_tensor(layer, "zeros", tensors["zeros"].to(layer.dtype))
         set_tensor(layer, "scales", tensors["scales"].to(layer.dtype))
         layer.register_buffer("g_idx", tensors["g_idx"])
 
     def apply(self, layer: "LinearBase", x: torch.Tensor) -> torch.Tensor:
-        if self.dense:
+        if self.mode == "dense":
             return F.linear(x, layer.weight, layer.bias)
+        if self.mode == "triton":
+            group_size, in_features, out_features = self.kernel_shape
+            packed = triton_w4a16.PackedWeight(layer.qweight, layer.scales, layer.zeros, layer.perm, self.bits,
+                                               group_size, in_features, out_features)
+            return triton_w4a16.w4a16_gemm(x, packed, layer.bias)
         weight = dequantize(layer.codes, layer.zeros, layer.scales, layer.g_idx).to(x.dtype)
         return F.linear(x, weight, layer.bias)
 
@@ -127,3 +153,35 @@ class PackQuantizedMethod(WeightOnlyIntMethod):
         group = codes.shape[1] if self.group_size == -1 else self.group_size
         return {"codes": codes, "zeros": torch.full_like(scales, 1 << (self.bits - 1)), "scales": scales,
                 "g_idx": default_g_idx(codes.shape[1], group, codes.device)}
+
+
+def quantize_rtn(weight: torch.Tensor, bits: int, group_size: int) -> dict[str, torch.Tensor]:
+    """Round to nearest, asymmetric, per group of ``group_size`` input channels: the canonical form of ``weight``."""
+    rows, cols = weight.shape
+    g_idx = default_g_idx(cols, group_size, weight.device)
+    groups = weight.float().reshape(rows, -1, cols if group_size == -1 else group_size)
+    low = groups.amin(dim=-1).clamp(max=0)
+    high = groups.amax(dim=-1).clamp(min=0)
+    maxq = (1 << bits) - 1
+    scales = ((high - low) / maxq).clamp(min=1e-10)
+    zeros = (-low / scales).round().clamp(0, maxq)
+    codes = (groups / scales.unsqueeze(-1)).round() + zeros.unsqueeze(-1)
+    return {"codes": codes.clamp(0, maxq).to(torch.uint8).reshape(rows, cols), "zeros": zeros, "scales": scales,
+            "g_idx": g_idx}
+
+
+class RtnMethod(WeightOnlyIntMethod):
+    """``--quantization rtn``: a 16/32-bit checkpoint (or dummy weights) quantized at load to 4-bit codes,
+    round to nearest, asymmetric, group 128; then the same compute form and kernels as AWQ/GPTQ."""
+
+    def __init__(self, bits: int = 4, group_size: int = 128) -> None:
+        super().__init__(bits, group_size)
+
+    def create_weights(self, layer: "LinearBase") -> None:
+        UnquantizedLinearMethod().create_weights(layer)
+
+    def process_weights_after_loading(self, layer: "LinearBase") -> None:
+        group_size = self.group_size if layer.input_size % max(self.group_size, 1) == 0 else -1
+        tensors = quantize_rtn(layer.weight.data, self.bits, group_size)
+        del layer.weight
+        self.finalize(layer, tensors)
