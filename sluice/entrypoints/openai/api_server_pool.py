@@ -116,9 +116,9 @@ class _ProcessPool:
                                                 engine_index=index if data_parallel else None,
                                                 env=core_env(config, index) if data_parallel else None))
         cores = [(core_addresses, core.pid) for core_addresses, core in zip(addresses, self.cores)]
-        logger.info("engine core(s) in process(es) %s; %d API servers on http://%s:%d",
-                    ", ".join(str(core.pid) for core in self.cores), len(sockets), args.host,
-                    sockets[0].getsockname()[1])
+        logger.info("engine core%s in process%s %s; %d API servers on http://%s:%d", "s" if data_parallel else "",
+                    "es" if data_parallel else "", ", ".join(str(core.pid) for core in self.cores), len(sockets),
+                    args.host, sockets[0].getsockname()[1])
         spawn = multiprocessing.get_context("spawn")
         for index, sock in enumerate(sockets):
             # Not daemonic: an API server starts processes of its own (the chat template render pool); this
