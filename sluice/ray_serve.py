@@ -57,7 +57,7 @@ logger = logging.getLogger("ray.serve")
 # Ray Serve's prefix-cache affinity router (ray.serve.llm.request_router.PrefixCacheAffinityRouter re-exports it,
 # but that module pulls in ray[llm]'s dependencies; the class itself needs only Serve).
 PREFIX_ROUTER = "ray.llm._internal.serve.routing_policies.prefix_aware.prefix_aware_router.PrefixCacheAffinityRouter"
-MAX_ATTEMPTS = 3  # tries of a request whose replica failed before its first byte
+MAX_ATTEMPTS = 5  # tries of a request whose replica failed before its first byte
 _RETRYABLE = (RayActorError, ActorDiedError, ActorUnavailableError, BackPressureError, DeploymentUnavailableError)
 _SERVER_KEYS = {"min_replicas": 1, "max_replicas": 2, "initial_replicas": None, "target_ongoing_requests": 8,
                 "max_ongoing_requests": 64, "imbalanced_threshold": 8, "num_cpus": 1, "num_gpus": None,
@@ -246,7 +246,7 @@ class OpenAIIngress:
                     raise OpenAIError("no engine replica could take the request", 503, code="unavailable") from e
                 logger.warning("replica failed before the first byte (%s); retrying (%d/%d)", type(e).__name__,
                                attempt, MAX_ATTEMPTS)
-                await asyncio.sleep(0.05 * attempt)
+                await asyncio.sleep(0.1 * attempt)  # time for Serve to drop the dead replica
         raise AssertionError("unreachable")
 
 
