@@ -19,6 +19,7 @@ from sluice.engine.dp_client import BALANCE_ABS_THRESHOLD, PrefixRouter, core_en
 from sluice.entrypoints.cli import main
 from sluice.sampling_params import SamplingParams
 from tests.entrypoints.server_utils import RemoteServer
+from tests.tiny_models import save_tiny_model
 
 BLOCK = 16
 
@@ -80,6 +81,29 @@ def test_each_core_gets_its_own_gpus_or_its_share_of_the_cpu_threads():
 def test_data_parallel_needs_the_process_split(capsys):
     assert main(["serve", "--data-parallel-size", "2", "--no-process-split"]) == 1
     assert "--data-parallel-size 2 runs each engine core in its own process" in capsys.readouterr().err
+
+
+# ---- offline -----------------------------------------------------------------------------------------------------
+def test_offline_llm_over_two_cores_generates_what_one_core_does(tmp_path):
+    from sluice import LLM
+
+    model = str(save_tiny_model(tmp_path / "tiny"))
+    prompts = [f"topic {t} " * 12 + f"question {q}" for t in range(6) for q in range(2)]
+    params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    flags = {"device": "cpu", "dtype": "float32", "max_model_len": 256, "num_kv_blocks": 64}
+    expected = [o.outputs[0].token_ids for o in LLM(model, **flags).generate(prompts, params, use_tqdm=False)]
+    llm = LLM(model, data_parallel_size=2, **flags)
+    try:
+        outputs = llm.generate(prompts, params, use_tqdm=False)
+        n = SamplingParams(max_tokens=4, temperature=0.8, seed=1, n=3)
+        (fanned,) = llm.generate([prompts[0]], n, use_tqdm=False)
+        client = llm.llm_engine.engine_core
+        assert [o.outputs[0].token_ids for o in outputs] == expected
+        assert len(fanned.outputs) == 3 and all(len(c.token_ids) == 4 for c in fanned.outputs)
+        assert all(routed > 0 for routed in client.num_routed), client.num_routed
+        assert not client.has_unfinished_requests()
+    finally:
+        llm.llm_engine.shutdown()
 
 
 # ---- end to end --------------------------------------------------------------------------------------------------
