@@ -122,9 +122,11 @@ def test_two_cores_answer_everything_share_the_load_and_keep_prefixes_together()
     try:
         client = server.client(timeout=120)
 
+        model = client.models.list().data[0].id
+
         def complete(prompt: str):
-            return client.completions.create(model=client.models.list().data[0].id, prompt=prompt, max_tokens=4, extra_body={"ignore_eos": True},
-                                             temperature=0)
+            return client.completions.create(model=model, prompt=prompt, max_tokens=4, temperature=0,
+                                             extra_body={"ignore_eos": True})
 
         with ThreadPoolExecutor(8) as pool:  # each topic's first request, all at once
             first = list(pool.map(complete, [system_prompt(t) + "why?" for t in TOPICS]))

@@ -16,8 +16,8 @@ Shutdown: the first SIGTERM (or Ctrl-C, which the API servers leave to the paren
 SIGTERM: each drains its own requests as one server does, sends the core Shutdown and exits 0; the core exits
 once all of them have; the parent exits 0. A second signal is forwarded too (each API server exits at once).
 
-A killed engine core (any of the D): every API server sees it through a pidfd, answers /health with 503 and exits 1 after
-``DEAD_ENGINE_GRACE_S``; the parent exits 1. An API server that exits with an error takes the others down
+A killed engine core (any of the D): every API server sees it through a pidfd, answers /health with 503 and exits 1
+after ``DEAD_ENGINE_GRACE_S``; the parent exits 1. An API server that exits with an error takes the others down
 (drained, with SIGTERM) and the parent exits 1.
 
 /metrics: prometheus_client's multiprocess mode over a directory the parent creates and removes; each API
