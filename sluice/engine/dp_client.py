@@ -103,8 +103,8 @@ class DPClient:
     def __init__(self, config: EngineConfig, cores: list[MPClient]) -> None:
         """Use ``spawn`` or ``attach``."""
         self.cores = cores
-        self.config = cores[0].config
-        self.info = cores[0].info
+        smallest = min(cores, key=lambda core: core.info.num_kv_blocks)  # what every core can take
+        self.config, self.info = smallest.config, smallest.info
         self.router = PrefixRouter(len(cores), config.cache.block_size)
         self._owner: dict[str, int] = {}  # request id -> its core, while the core may still send outputs for it
         self._poller = zmq.Poller()
