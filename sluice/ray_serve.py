@@ -33,16 +33,18 @@ from types import SimpleNamespace
 from typing import Any, AsyncIterator
 
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from ray import serve
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 from ray.serve.config import AutoscalingConfig, RequestRouterConfig
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
+from pydantic import ValidationError
 from starlette.requests import Request as StarletteRequest
 
 from sluice.config import EngineArgs, create_engine_config
 from sluice.engine.async_engine import AsyncLLM
-from sluice.entrypoints.openai.errors import OpenAIError, install_exception_handlers
+from sluice.entrypoints.openai.errors import OpenAIError, install_exception_handlers, validation_error_to_openai
 from sluice.entrypoints.openai.protocol import ChatCompletionRequest, CompletionRequest
 from sluice.entrypoints.openai.render_pool import ChatRenderPool
 from sluice.entrypoints.openai.sampling import ServingLimits
@@ -130,8 +132,8 @@ class SluiceEngine:
                 response = await self.completions.create_completion(CompletionRequest(**request.body), raw_request)
         except OpenAIError as e:
             response = e.response()
-        except ValueError as e:  # a body the protocol refuses (pydantic's ValidationError is a ValueError)
-            response = OpenAIError(str(e), 400).response()
+        except ValidationError as e:  # a body the protocol refuses: the 400 `sluice serve` gives
+            response = validation_error_to_openai(RequestValidationError(e.errors())).response()
         yield {"status": response.status_code, "media_type": response.media_type,
                "headers": {k: v for k, v in response.headers.items() if k.lower() != "content-length"}}
         if isinstance(response, StreamingResponse):

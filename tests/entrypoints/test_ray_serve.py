@@ -75,6 +75,8 @@ def test_two_replicas_answer_stream_and_survive_a_killed_replica(app_url):
                                                  stream_options={"include_usage": True}))
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text and len([c for c in chunks if c.choices]) > 2 and 0 < chunks[-1].usage.completion_tokens <= 6
+    with pytest.raises(openai.BadRequestError, match="parameter 'best_of_all' is not supported"):
+        client.completions.create(model=model, prompt="x", max_tokens=1, extra_body={"best_of_all": 2})
     assert len(engine_replicas()) == 2 and running_engine_replicas() == 2
 
     # Load: non-streamed requests (their first byte is the whole answer), each on its own connection.
