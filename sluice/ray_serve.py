@@ -64,7 +64,7 @@ _RETRYABLE = (RayActorError, ActorDiedError, ActorUnavailableError, BackPressure
 _SERVER_KEYS = {"min_replicas": 1, "max_replicas": 2, "initial_replicas": None, "target_ongoing_requests": 8,
                 "max_ongoing_requests": 64, "imbalanced_threshold": 8, "num_cpus": 1, "num_gpus": None,
                 "health_check_period_s": 5, "health_check_timeout_s": 30, "max_n": 128,
-                "generation_config": "auto", "route_prefix": "/", "name": "sluice"}
+                "generation_config": "auto", "name": "sluice"}
 
 
 @dataclass(frozen=True, slots=True)

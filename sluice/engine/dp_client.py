@@ -29,6 +29,8 @@ import hashlib
 import os
 import weakref
 from collections.abc import Iterable, Sequence
+from multiprocessing.process import BaseProcess
+from typing import TYPE_CHECKING
 
 import zmq
 
@@ -39,6 +41,9 @@ from sluice.engine.core_client import MPClient, spawn_engine_core
 from sluice.engine.core_proc import CoreAddresses
 from sluice.engine.cpu_threads import ENV_CPU_THREADS, default_cpu_threads
 from sluice.stats import KVCacheEvents, SchedulerStats
+
+if TYPE_CHECKING:
+    from sluice.engine.client import CoreAttachment
 
 VIRTUAL_NODES_PER_CORE = 64  # points per core on the hash ring: shares within a few percent of 1/N
 PREFIX_BLOCKS = 1  # prompt blocks hashed for affinity: requests sharing these land on one core
@@ -119,17 +124,17 @@ class DPClient:
     @classmethod
     def spawn(cls, config: EngineConfig) -> "DPClient":
         """Starts ``data_parallel_size`` cores (each waits for its model in parallel) and waits until all are ready."""
-        started = []
+        started: list[tuple[CoreAddresses, BaseProcess]] = []
+        clients: list[MPClient] = []
         try:
             for index in range(config.parallel.data_parallel_size):
                 addresses = CoreAddresses.create(num_clients=1)
                 process = spawn_engine_core(config, addresses, engine_index=index, env=core_env(config, index))
                 started.append((addresses, process))
-            clients: list[MPClient] = []
             for addresses, process in started:
                 clients.append(MPClient.of_process(config, addresses, process))
         except BaseException:
-            for client in clients if "clients" in locals() else []:
+            for client in clients:
                 client.shutdown()
             for addresses, process in started:
                 if process.is_alive():
@@ -142,12 +147,13 @@ class DPClient:
         return client
 
     @classmethod
-    def attach(cls, config: EngineConfig, attachments: Sequence[object]) -> "DPClient":
-        """Joins cores another process started; ``attachments``: a client.CoreAttachment per core."""
+    def attach(cls, config: EngineConfig, attachments: Sequence[CoreAttachment]) -> "DPClient":
+        """Joins cores another process started (the API server pool): one attachment per core."""
         clients: list[MPClient] = []
         try:
-            for a in attachments:
-                clients.append(MPClient.attach(config, a.addresses, a.index, a.core_pid))
+            for attachment in attachments:
+                clients.append(MPClient.attach(config, attachment.addresses, attachment.index,
+                                               attachment.core_pid))
         except BaseException:
             for client in clients:
                 client.shutdown()
