@@ -7,6 +7,7 @@ hit counters in the one /metrics), and SIGTERM stops it all with exit 0.
 """
 from __future__ import annotations
 
+import os
 import random
 import signal
 from concurrent.futures import ThreadPoolExecutor
@@ -15,9 +16,10 @@ from types import SimpleNamespace
 import pytest
 
 from sluice.core.request import Request
-from sluice.engine.dp_client import BALANCE_ABS_THRESHOLD, PrefixRouter, core_env
+from sluice.engine.dp_client import BALANCE_ABS_THRESHOLD, DPClient, PrefixRouter, core_env
 from sluice.entrypoints.cli import main
 from sluice.sampling_params import SamplingParams
+from sluice.stats import SchedulerStats
 from tests.entrypoints.server_utils import RemoteServer
 from tests.tiny_models import save_tiny_model
 
@@ -63,6 +65,50 @@ def test_an_overloaded_or_full_prefix_core_is_passed_over_for_the_least_loaded()
     kv = [0.0, 0.0]
     kv[home] = 0.97
     assert router.choose(request(prompt), [0, 0], kv) == other
+
+
+class RecordingCore:
+    """Stands in for one core's MPClient: records what the DPClient sends it."""
+
+    def __init__(self, num_kv_blocks: int) -> None:
+        self.info = SimpleNamespace(num_kv_blocks=num_kv_blocks)
+        self.config = SimpleNamespace(num_kv_blocks=num_kv_blocks)
+        self.latest_stats = SchedulerStats()
+        self.added: list[str] = []
+        self.aborted: list[str] = []
+        self.stopped: list[str] = []
+        self._pipe = os.pipe()
+        self.poll_handles = (self._pipe[0],)
+
+    num_unfinished = property(lambda self: len(self.added) - len(self.aborted) - len(self.stopped))
+
+    def add_request(self, request: Request) -> None:
+        self.added.append(request.request_id)
+
+    def abort_requests(self, ids) -> None:
+        self.aborted += ids
+
+    def stop_requests(self, ids) -> None:
+        self.stopped += ids
+
+
+def test_aborts_and_stops_go_to_the_core_that_owns_the_request_and_n_children_stay_together():
+    cores = [RecordingCore(100), RecordingCore(80)]
+    client = DPClient(SimpleNamespace(cache=SimpleNamespace(block_size=BLOCK)), cores)
+    assert client.config.num_kv_blocks == 80  # requests are validated against the smallest core
+    prompts = {f"p{i}": [i] * BLOCK for i in range(40)}
+    for request_id, prompt in prompts.items():
+        client.add_request(request(prompt, request_id))
+    for i in range(3):
+        client.add_request(Request(f"n-{i}", [7] * BLOCK, SamplingParams(), parent_request_id="n"))
+    assert all(cores[client.router.affinity(request(p))].added.count(r) == 1 for r, p in prompts.items())
+    assert sum(f"n-{i}" in cores[0].added for i in range(3)) in (0, 3)
+    client.abort_requests(["p1", "p2", "unknown"])
+    client.stop_requests(["p3"])
+    for r in ("p1", "p2"):
+        assert [r in core.aborted for core in cores] == [r in core.added for core in cores]
+    assert [("p3" in core.stopped) for core in cores] == [("p3" in core.added) for core in cores]
+    assert client.num_routed == [len(core.added) for core in cores] and min(client.num_routed) > 0
 
 
 def test_each_core_gets_its_own_gpus_or_its_share_of_the_cpu_threads():
