@@ -183,7 +183,8 @@ def run_engine_core(config: EngineConfig, addresses: CoreAddresses, parent_pid: 
     ``export_metrics``: write the scheduler's Prometheus series (several API servers share this core, and
     prometheus_client runs in multiprocess mode), labelled ``engine`` with ``engine_index`` when given (one of
     several data-parallel cores)."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s[core]: %(message)s")
+    core_name = "core" if engine_index is None else f"core-{engine_index}"
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s %(levelname)s %(name)s[{core_name}]: %(message)s")
     # Ctrl-C and a SIGTERM to the process group are the API servers' to handle (they drain, then send Shutdown);
     # the core must outlive them so in-flight requests can finish.
     signal.signal(signal.SIGINT, signal.SIG_IGN)

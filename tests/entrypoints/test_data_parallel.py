@@ -162,6 +162,7 @@ def system_prompt(topic: str) -> str:
             f"short paragraph at a time, and always stay on the subject of {topic}. Question: ")
 
 
+@pytest.mark.slow
 def test_two_cores_answer_everything_share_the_load_and_keep_prefixes_together():
     server = RemoteServer(None, ["--data-parallel-size", "2", "--api-server-count", "2", "--max-model-len", "512",
                                  "--num-kv-blocks", "256"], startup_timeout=300)
