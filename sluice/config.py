@@ -109,6 +109,7 @@ class EngineArgs:
     enforce_eager: bool = False
     async_scheduling: bool | None = None  # default: on for CUDA
     tensor_parallel_size: int = 1
+    data_parallel_size: int = 1  # engine cores, each a full replica in its own process (engine/dp_client.py)
     disable_log_stats: bool = False
     cpu_threads: int | None = None  # torch threads of the process running the model on the CPU
     runner: str = "auto"  # auto | generate | pooling (embeddings); see sluice/pooling/config.py
@@ -161,6 +162,8 @@ class EngineArgs:
         "enforce_eager": "never capture CUDA graphs",
         "async_scheduling": "schedule step t+1 while step t runs on the GPU (default: on for CUDA)",
         "tensor_parallel_size": "GPUs to shard the model over",
+        "data_parallel_size": "engine cores (full model replicas, each its own process and devices) behind the "
+                              "front end; requests are routed by prompt prefix and load",
         "disable_log_stats": "do not log engine stats",
         "cpu_threads": "torch threads for the model on the CPU (default: $SLUICE_CPU_THREADS, else "
                        "$OMP_NUM_THREADS, else the physical cores)",
@@ -252,6 +255,8 @@ class EngineArgs:
                 raise ValueError("collect_detailed_traces needs otlp_traces_endpoint (--otlp-traces-endpoint)")
         if self.tensor_parallel_size != 1:
             raise ValueError("tensor_parallel_size > 1 is not supported yet")
+        if self.data_parallel_size < 1:
+            raise ValueError(f"data_parallel_size must be at least 1, got {self.data_parallel_size}")
         if self.enable_lora:
             for name in ("max_loras", "max_lora_rank"):
                 if getattr(self, name) < 1:
@@ -359,6 +364,7 @@ class CacheConfig:
 @dataclass(frozen=True)
 class ParallelConfig:
     tensor_parallel_size: int = 1
+    data_parallel_size: int = 1
 
 
 @dataclass(frozen=True)
@@ -490,7 +496,7 @@ def create_engine_config(args: EngineArgs, device: DeviceConfig | None = None) -
         kv_cache_memory_bytes=args.kv_cache_memory or DEFAULT_CPU_KV_CACHE_BYTES,
         sliding_window=model.kv_sliding_window)
     return EngineConfig(model=model, cache=cache, scheduler=scheduler,
-                        parallel=ParallelConfig(args.tensor_parallel_size), device=device,
+                        parallel=ParallelConfig(args.tensor_parallel_size, args.data_parallel_size), device=device,
                         observability=ObservabilityConfig(
                             kv_cache_metrics=args.kv_cache_metrics,
                             kv_cache_metrics_sample=args.kv_cache_metrics_sample,

@@ -62,25 +62,37 @@ _CACHE_CONFIG_LABELS = ("model_name", "block_size", "enable_prefix_caching", "nu
                         "num_cpu_blocks", "swap_space_bytes")
 
 
-def _gauge(registry: CollectorRegistry, model_name: str, name: str, doc: str) -> Gauge:
+# A series' base labels: the served model name, and ``engine`` (the core's index) under data parallelism, where
+# every engine core writes its own scheduler series (as vLLM labels them).
+Labels = dict[str, str]
+
+
+def _base_labels(model_name: str | Labels) -> Labels:
+    return {"model_name": model_name} if isinstance(model_name, str) else model_name
+
+
+def _gauge(registry: CollectorRegistry, model_name: str | Labels, name: str, doc: str) -> Gauge:
     # One writer per gauge (this process, or the engine core with several API servers): its latest value counts.
-    return Gauge(PREFIX + name, doc, ["model_name"], registry=registry,
-                 multiprocess_mode="mostrecent").labels(model_name)
+    labels = _base_labels(model_name)
+    return Gauge(PREFIX + name, doc, list(labels), registry=registry,
+                 multiprocess_mode="mostrecent").labels(**labels)
 
 
-def _counter(registry: CollectorRegistry, model_name: str, name: str, doc: str) -> Counter:
-    return Counter(PREFIX + name, doc, ["model_name"], registry=registry).labels(model_name)
+def _counter(registry: CollectorRegistry, model_name: str | Labels, name: str, doc: str) -> Counter:
+    labels = _base_labels(model_name)
+    return Counter(PREFIX + name, doc, list(labels), registry=registry).labels(**labels)
 
 
-def _histogram(registry: CollectorRegistry, model_name: str, name: str, doc: str,
+def _histogram(registry: CollectorRegistry, model_name: str | Labels, name: str, doc: str,
                buckets: tuple[float, ...]) -> Histogram:
-    return Histogram(PREFIX + name, doc, ["model_name"], buckets=buckets, registry=registry).labels(model_name)
+    labels = _base_labels(model_name)
+    return Histogram(PREFIX + name, doc, list(labels), buckets=buckets, registry=registry).labels(**labels)
 
 
 class KVCacheMetrics:
     """``--kv-cache-metrics``: sampled KV block residency histograms (sluice/core/kv_metrics.py)."""
 
-    def __init__(self, registry: CollectorRegistry, model_name: str) -> None:
+    def __init__(self, registry: CollectorRegistry, model_name: str | Labels) -> None:
         self.lifetime = _histogram(registry, model_name, "kv_block_lifetime_seconds",
                                    "KV block lifetime from allocation to eviction (sampled blocks).", _KV_BLOCK_BUCKETS)
         self.idle_before_evict = _histogram(registry, model_name, "kv_block_idle_before_evict_seconds",
@@ -102,13 +114,14 @@ class KVOffloadMetrics:
     """``--swap-space`` / ``--kv-offload-space``: preemptions by mode, bytes swapped, host-tier hits
     (sluice/core/kv_offload.py)."""
 
-    def __init__(self, registry: CollectorRegistry, model_name: str) -> None:
+    def __init__(self, registry: CollectorRegistry, model_name: str | Labels) -> None:
+        base = _base_labels(model_name)
         by_mode = Counter(PREFIX + "num_preemptions_by_mode", "Preemptions by how the KV was given up: "
-                          "swap (copied to host memory) or recompute.", ["model_name", "mode"], registry=registry)
-        self.preemptions = {mode: by_mode.labels(model_name, mode) for mode in ("swap", "recompute")}
+                          "swap (copied to host memory) or recompute.", [*base, "mode"], registry=registry)
+        self.preemptions = {mode: by_mode.labels(**base, mode=mode) for mode in ("swap", "recompute")}
         swapped = Counter(PREFIX + "kv_swap_bytes", "KV bytes copied for swap preemption, out to host memory "
-                          "and back in.", ["model_name", "direction"], registry=registry)
-        self.swap_bytes = {direction: swapped.labels(model_name, direction) for direction in ("out", "in")}
+                          "and back in.", [*base, "direction"], registry=registry)
+        self.swap_bytes = {direction: swapped.labels(**base, direction=direction) for direction in ("out", "in")}
         self.host_hits = _counter(registry, model_name, "prefix_cache_host_hits",
                                   "Prompt tokens found in the host prefix-cache tier (also counted in "
                                   "prefix_cache_hits).")
@@ -128,27 +141,34 @@ class KVOffloadMetrics:
 
 
 class SchedulerMetrics:
-    """The scheduler's series: gauges of its state and counters of its cumulative totals."""
+    """The scheduler's series: gauges of its state and counters of its cumulative totals.
 
-    def __init__(self, model_name: str, registry: CollectorRegistry | None = None) -> None:
+    ``engine_index``: one of several data-parallel engine cores; its series carry ``engine="<index>"``."""
+
+    def __init__(self, model_name: str, registry: CollectorRegistry | None = None,
+                 engine_index: int | None = None) -> None:
         registry = registry or CollectorRegistry()
-        self._registry, self._model_name = registry, model_name
-        self.num_requests_running = _gauge(registry, model_name, "num_requests_running",
+        labels: Labels = {"model_name": model_name}
+        if engine_index is not None:
+            labels["engine"] = str(engine_index)
+        self._registry, self._labels = registry, labels
+        self.num_requests_running = _gauge(registry, labels, "num_requests_running",
                                            "Requests in the running batch.")
-        self.num_requests_waiting = _gauge(registry, model_name, "num_requests_waiting",
+        self.num_requests_waiting = _gauge(registry, labels, "num_requests_waiting",
                                            "Requests waiting to be scheduled.")
-        self.kv_cache_usage = _gauge(registry, model_name, "kv_cache_usage_perc",
+        self.kv_cache_usage = _gauge(registry, labels, "kv_cache_usage_perc",
                                      "KV cache usage; 1 means 100 percent.")
-        self.prefix_cache_queries = _counter(registry, model_name, "prefix_cache_queries",
+        self.prefix_cache_queries = _counter(registry, labels, "prefix_cache_queries",
                                              "Prompt tokens looked up in the prefix cache.")
-        self.prefix_cache_hits = _counter(registry, model_name, "prefix_cache_hits",
+        self.prefix_cache_hits = _counter(registry, labels, "prefix_cache_hits",
                                           "Prompt tokens found in the prefix cache.")
-        self.num_preemptions = _counter(registry, model_name, "num_preemptions", "Cumulative number of preemptions.")
+        self.num_preemptions = _counter(registry, labels, "num_preemptions", "Cumulative number of preemptions.")
         waiting_by_reason = Gauge(PREFIX + "num_requests_waiting_by_reason",
                                   "Waiting requests by reason: capacity (KV blocks, max_num_seqs, a preemption) or "
-                                  "deferred (the step's token budget ran out first).", ["model_name", "reason"],
+                                  "deferred (the step's token budget ran out first).", [*labels, "reason"],
                                   registry=registry, multiprocess_mode="mostrecent")
-        self.waiting_by_reason = {reason: waiting_by_reason.labels(model_name, reason) for reason in WAITING_REASONS}
+        self.waiting_by_reason = {reason: waiting_by_reason.labels(**labels, reason=reason)
+                                  for reason in WAITING_REASONS}
         self.kv_cache: KVCacheMetrics | None = None  # made by the first --kv-cache-metrics report
         self.kv_offload: KVOffloadMetrics | None = None  # made by the first report with swap or a host tier
         self.lora_info: Gauge | None = None  # made by the first report with LoRA on
@@ -163,11 +183,11 @@ class SchedulerMetrics:
         self.waiting_by_reason["deferred"].set(stats.num_waiting_reqs - stats.num_waiting_for_capacity)
         if stats.kv_cache_events is not None:
             if self.kv_cache is None:
-                self.kv_cache = KVCacheMetrics(self._registry, self._model_name)
+                self.kv_cache = KVCacheMetrics(self._registry, self._labels)
             self.kv_cache.record(stats.kv_cache_events)
         if stats.kv_offload is not None:
             if self.kv_offload is None:
-                self.kv_offload = KVOffloadMetrics(self._registry, self._model_name)
+                self.kv_offload = KVOffloadMetrics(self._registry, self._labels)
             self.kv_offload.record(stats.kv_offload)
         if stats.lora is not None:
             self._record_lora(stats.lora)

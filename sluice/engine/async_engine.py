@@ -150,7 +150,7 @@ class AsyncLLM:
     @classmethod
     def from_config(cls, config: EngineConfig, stat_loggers: list[StatLogger] | None = None,
                     max_num_queued_reqs: int | None = None, process_split: bool = False,
-                    attach: CoreAttachment | None = None) -> "AsyncLLM":
+                    attach: CoreAttachment | list[CoreAttachment] | None = None) -> "AsyncLLM":
         """An AsyncLLM over the engine core client for ``config`` (make_engine_core_client: in process, a core
         process of its own with ``process_split``, or the shared core of ``attach``)."""
         latest = LatestSchedulerStats()

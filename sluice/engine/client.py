@@ -96,13 +96,20 @@ class CoreAttachment:
 
 
 def make_engine_core_client(config: EngineConfig, process_split: bool = False,
-                            attach: CoreAttachment | None = None) -> EngineCoreClient:
+                            attach: CoreAttachment | list[CoreAttachment] | None = None) -> EngineCoreClient:
     """The client for ``config``: in process by default, a core process of its own with ``process_split``,
-    or the shared core of ``attach``."""
+    or the shared core of ``attach``. With ``data_parallel_size`` N above 1: N core processes of its own, or
+    the N shared cores of ``attach`` (a list), behind a DPClient (engine/dp_client.py)."""
+    if config.parallel.data_parallel_size > 1:
+        from sluice.engine.dp_client import DPClient
+
+        return DPClient.spawn(config) if attach is None else DPClient.attach(config, attach)
     if attach is None and not process_split:
         return InprocClient(config)
     from sluice.engine.core_client import MPClient
 
+    if isinstance(attach, list):
+        (attach,) = attach
     if attach is not None:
         return MPClient.attach(config, attach.addresses, attach.index, attach.core_pid)
     return MPClient.spawn(config)

@@ -45,13 +45,26 @@ logger = logging.getLogger(__name__)
 DEFAULT_STARTUP_TIMEOUT_S = 600.0
 
 
-def spawn_engine_core(config: EngineConfig, addresses: CoreAddresses, export_metrics: bool = False) -> BaseProcess:
+def spawn_engine_core(config: EngineConfig, addresses: CoreAddresses, export_metrics: bool = False,
+                      engine_index: int | None = None, env: dict[str, str] | None = None) -> BaseProcess:
     """Starts the core process for ``addresses``' clients; it exits if this process goes away.
-    ``export_metrics``: it writes the scheduler's Prometheus series itself (see sluice/metrics.py)."""
+    ``export_metrics``: it writes the scheduler's Prometheus series itself (see sluice/metrics.py), labelled
+    ``engine=engine_index`` when one of several data-parallel cores. ``env``: set in the core's environment
+    (its devices and CPU threads under data parallelism)."""
+    name = "sluice-engine-core" if engine_index is None else f"sluice-engine-core-{engine_index}"
     process = multiprocessing.get_context("spawn").Process(
-        target=run_engine_core, args=(config, addresses, os.getpid(), export_metrics), name="sluice-engine-core",
+        target=run_engine_core, args=(config, addresses, os.getpid(), export_metrics, engine_index), name=name,
         daemon=True)
-    process.start()
+    saved = {key: os.environ.get(key) for key in env or {}}
+    os.environ.update(env or {})  # a spawned child copies this process's environment at start()
+    try:
+        process.start()
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
     return process
 
 
@@ -120,7 +133,12 @@ class MPClient:
     def spawn(cls, config: EngineConfig, startup_timeout_s: float = DEFAULT_STARTUP_TIMEOUT_S) -> "MPClient":
         """Starts an engine core of its own (this client is its only one) and waits until it is ready."""
         addresses = CoreAddresses.create(num_clients=1)
-        process = spawn_engine_core(config, addresses)
+        return cls.of_process(config, addresses, spawn_engine_core(config, addresses), startup_timeout_s)
+
+    @classmethod
+    def of_process(cls, config: EngineConfig, addresses: CoreAddresses, process: BaseProcess,
+                   startup_timeout_s: float = DEFAULT_STARTUP_TIMEOUT_S) -> "MPClient":
+        """The only client of a core this process already started (``spawn_engine_core``); waits until ready."""
         return cls(config, addresses, 0, _CoreWatch(process.pid, process), startup_timeout_s)
 
     @classmethod
@@ -138,6 +156,22 @@ class MPClient:
     @property
     def core_pid(self) -> int:
         return self._watch.pid
+
+    @property
+    def latest_stats(self) -> SchedulerStats:
+        """The scheduler's stats of the last core step received, without handing out its per-step events."""
+        return self._stats
+
+    @property
+    def num_unfinished(self) -> int:
+        """Requests this client added that the core may still produce outputs for."""
+        return len(self._unfinished)
+
+    @property
+    def poll_handles(self) -> tuple[zmq.Socket, int]:
+        """What turns readable when ``step()`` has something to receive: the output socket and the core's exit
+        (a caller watching several cores polls these before stepping the one that answered)."""
+        return self._output, self._watch.fd
 
     def _wait_ready(self, timeout_s: float) -> CoreReady:
         message = self._receive(timeout_s)

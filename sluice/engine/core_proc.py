@@ -177,12 +177,14 @@ class _ClientSockets:
 
 
 def run_engine_core(config: EngineConfig, addresses: CoreAddresses, parent_pid: int,
-                    export_metrics: bool = False) -> None:
+                    export_metrics: bool = False, engine_index: int | None = None) -> None:
     """The spawned process's entry point: build the core, report ready (or the failure), run the busy loop.
 
     ``export_metrics``: write the scheduler's Prometheus series (several API servers share this core, and
-    prometheus_client runs in multiprocess mode)."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s[core]: %(message)s")
+    prometheus_client runs in multiprocess mode), labelled ``engine`` with ``engine_index`` when given (one of
+    several data-parallel cores)."""
+    core_name = "core" if engine_index is None else f"core-{engine_index}"
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s %(levelname)s %(name)s[{core_name}]: %(message)s")
     # Ctrl-C and a SIGTERM to the process group are the API servers' to handle (they drain, then send Shutdown);
     # the core must outlive them so in-flight requests can finish.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -202,7 +204,7 @@ def run_engine_core(config: EngineConfig, addresses: CoreAddresses, parent_pid: 
         metrics = None
         if export_metrics:  # before ready: the API servers' /metrics has the series from their first answer
             from sluice.metrics import SchedulerMetrics
-            metrics = SchedulerMetrics(config.model.served_model_name)
+            metrics = SchedulerMetrics(config.model.served_model_name, engine_index=engine_index)
         freeze_startup_heap()  # no 0.3 s collections of the start-up heap between steps
         for client in clients:
             client.output.send(ready)

@@ -76,7 +76,8 @@ class LLMEngine:
 
     @classmethod
     def from_config(cls, config: EngineConfig, stat_loggers: list[StatLogger] | None = None,
-                    process_split: bool = False, attach: CoreAttachment | None = None) -> "LLMEngine":
+                    process_split: bool = False,
+                    attach: CoreAttachment | list[CoreAttachment] | None = None) -> "LLMEngine":
         """An engine over the client ``make_engine_core_client`` makes for ``config``."""
         client = make_engine_core_client(config, process_split, attach)
         try:

@@ -283,7 +283,7 @@ def run_server(args: argparse.Namespace) -> int:
     raise_open_files_limit()
     config = create_engine_config(engine_args_from(args))  # once, before the core starts
     make_lora_modules(args, config)  # a bad --lora-modules entry fails now, before the model loads
-    if args.api_server_count > 1:
+    if args.api_server_count > 1 or config.parallel.data_parallel_size > 1:
         return run_api_server_pool(args, config, run_api_server_worker)
     metrics = PrometheusStatLogger(config.model.served_model_name)
     engine = AsyncLLM.from_config(config, stat_loggers=server_stat_loggers(config, metrics),
@@ -325,6 +325,9 @@ def validate_server_args(args: argparse.Namespace) -> None:
     if args.api_server_count > 1 and not args.process_split:
         raise ValueError(f"--api-server-count {args.api_server_count} needs the engine core in its own process, "
                          "which the API servers share: drop --no-process-split")
+    if getattr(args, "data_parallel_size", 1) > 1 and not args.process_split:
+        raise ValueError(f"--data-parallel-size {args.data_parallel_size} runs each engine core in its own "
+                         "process: drop --no-process-split")
     if (args.lora_modules or args.enable_lora_runtime_updates) and not args.enable_lora:
         raise ValueError("--lora-modules and --enable-lora-runtime-updates need --enable-lora")
 
@@ -418,14 +421,15 @@ class FrontEndServer(DrainingServer):
 
 
 def run_api_server_worker(args: argparse.Namespace, config: EngineConfig, index: int, sock: socket.socket,
-                          addresses: CoreAddresses, core_pid: int) -> None:
-    """API server ``index``: the spawned process's entry point; exits with the server's exit code."""
+                          cores: list[tuple[CoreAddresses, int]]) -> None:
+    """API server ``index``: the spawned process's entry point; exits with the server's exit code. ``cores``:
+    the engine cores' (addresses, pid), one unless data parallel."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # see FrontEndServer
     logging.basicConfig(level=logging.INFO,
                         format=f"%(asctime)s %(levelname)s %(name)s[api-server-{index}]: %(message)s")
     metrics = PrometheusStatLogger(config.model.served_model_name, scheduler_series=False)  # the core's own
     async_llm = AsyncLLM.from_config(config, server_stat_loggers(config, metrics), args.max_num_queued_reqs,
-                                     attach=CoreAttachment(addresses, index, core_pid))
+                                     attach=[CoreAttachment(addresses, index, pid) for addresses, pid in cores])
     exit_code = serve(args, async_llm, metrics, sockets=[sock], api_server_index=index, server_class=FrontEndServer)
     # Everything is closed by now; skip the interpreter's teardown, which takes seconds with torch loaded.
     logging.shutdown()

@@ -1,25 +1,28 @@
-"""`sluice serve --api-server-count N`: N API server processes in front of one engine-core process, one port.
+"""`sluice serve --api-server-count N`: N API server processes in front of one engine-core process, one port;
+with `--data-parallel-size D`, in front of D engine-core processes.
 
     parent process (run_api_server_pool)
       binds N listening sockets on host:port (SO_REUSEPORT: the kernel spreads new connections over them)
-      starts the engine core (engine/core_proc.py) with N clients, then N API servers (run_api_server_worker)
+      starts the D engine cores (engine/core_proc.py), each with N clients and its own devices
+      (dp_client.core_env), then N API servers (run_api_server_worker)
       forwards SIGTERM / SIGINT to the API servers, watches every child, exits with their verdict
 
     API server i: the single-process server (api_server.serve) on socket i, over an MPClient attached as client i
       (api_server.run_api_server_worker; this module never imports api_server, which starts the pool):
-      HTTP, tokenization, detokenization, streaming for the connections it accepted; request ids carry i
+      HTTP, tokenization, detokenization, streaming for the connections it accepted; request ids carry i;
+      with D > 1 a DPClient over D such MPClients routes each request to a core (engine/dp_client.py)
 
 Shutdown: the first SIGTERM (or Ctrl-C, which the API servers leave to the parent) reaches every API server as
 SIGTERM: each drains its own requests as one server does, sends the core Shutdown and exits 0; the core exits
 once all of them have; the parent exits 0. A second signal is forwarded too (each API server exits at once).
 
-A killed engine core: every API server sees it through a pidfd, answers /health with 503 and exits 1 after
-``DEAD_ENGINE_GRACE_S``; the parent exits 1. An API server that exits with an error takes the others down
+A killed engine core (any of the D): every API server sees it through a pidfd, answers /health with 503 and exits 1
+after ``DEAD_ENGINE_GRACE_S``; the parent exits 1. An API server that exits with an error takes the others down
 (drained, with SIGTERM) and the parent exits 1.
 
 /metrics: prometheus_client's multiprocess mode over a directory the parent creates and removes; each API
 server's /metrics shows the whole server: the request series summed over the API servers, the scheduler's
-series as the engine core writes them (see sluice/metrics.py).
+series as the engine core writes them (see sluice/metrics.py), with D > 1 each core's labelled ``engine``.
 """
 from __future__ import annotations
 
@@ -38,13 +41,15 @@ from typing import Any, Callable
 from sluice.config import EngineConfig
 from sluice.engine.core_client import spawn_engine_core
 from sluice.engine.core_proc import CoreAddresses
+from sluice.engine.dp_client import core_env
 from sluice.metrics import MULTIPROC_DIR_ENV
 
 logger = logging.getLogger("sluice.server")
 
 DEAD_ENGINE_GRACE_S = 1.0  # a dead engine's server keeps answering 503 this long (health checks see it), then exits
-# The API server process's entry point: (args, config, index, socket, core addresses, core pid) -> never returns.
-WorkerMain = Callable[[argparse.Namespace, EngineConfig, int, socket.socket, CoreAddresses, int], None]
+# The API server process's entry point: (args, config, index, socket, [(core addresses, core pid) per engine core])
+# -> never returns.
+WorkerMain = Callable[[argparse.Namespace, EngineConfig, int, socket.socket, list[tuple[CoreAddresses, int]]], None]
 
 _CORE_EXIT_WAIT_S = 10.0  # after the last API server exits, the core has this long to follow before it is killed
 _DEAD_CORE_WAIT_S = DEAD_ENGINE_GRACE_S + 30.0  # API servers that outlive a dead core this long are killed
@@ -79,7 +84,7 @@ def run_api_server_pool(args: argparse.Namespace, config: EngineConfig, worker_m
     sockets = bind_listening_sockets(args.host, args.port, args.api_server_count)
     metrics_dir = tempfile.mkdtemp(prefix="sluice-metrics-")
     os.environ[MULTIPROC_DIR_ENV] = metrics_dir  # inherited by the API servers (see sluice/metrics.py)
-    addresses = CoreAddresses.create(args.api_server_count)
+    addresses = [CoreAddresses.create(args.api_server_count) for _ in range(config.parallel.data_parallel_size)]
     pool = _ProcessPool()
     try:
         pool.start(args, config, worker_main, sockets, addresses)
@@ -89,30 +94,37 @@ def run_api_server_pool(args: argparse.Namespace, config: EngineConfig, worker_m
             sock.close()
         pool.kill_leftovers()
         shutil.rmtree(metrics_dir, ignore_errors=True)
-        addresses.remove()
+        for core_addresses in addresses:
+            core_addresses.remove()
 
 
 class _ProcessPool:
-    """The engine core and the API server processes, as the parent sees them."""
+    """The engine cores and the API server processes, as the parent sees them."""
 
     def __init__(self) -> None:
-        self.core: BaseProcess | None = None
+        self.cores: list[BaseProcess] = []
         self.workers: list[BaseProcess] = []
         self.stopping = False  # a shutdown signal arrived: API servers killed by the forwarded SIGTERM are fine
 
     def start(self, args: argparse.Namespace, config: EngineConfig, worker_main: WorkerMain,
-              sockets: list[socket.socket], addresses: CoreAddresses) -> None:
+              sockets: list[socket.socket], addresses: list[CoreAddresses]) -> None:
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, self.forward_signal)
-        self.core = spawn_engine_core(config, addresses, export_metrics=True)
-        logger.info("engine core in process %d; %d API servers on http://%s:%d", self.core.pid, len(sockets),
+        data_parallel = len(addresses) > 1
+        for index, core_addresses in enumerate(addresses):
+            self.cores.append(spawn_engine_core(config, core_addresses, export_metrics=True,
+                                                engine_index=index if data_parallel else None,
+                                                env=core_env(config, index) if data_parallel else None))
+        cores = [(core_addresses, core.pid) for core_addresses, core in zip(addresses, self.cores)]
+        logger.info("engine core%s in process%s %s; %d API servers on http://%s:%d", "s" if data_parallel else "",
+                    "es" if data_parallel else "", ", ".join(str(core.pid) for core in self.cores), len(sockets),
                     args.host, sockets[0].getsockname()[1])
         spawn = multiprocessing.get_context("spawn")
         for index, sock in enumerate(sockets):
             # Not daemonic: an API server starts processes of its own (the chat template render pool); this
             # parent ends every one it started (kill_leftovers) whatever way it exits.
             worker = spawn.Process(target=worker_main, name=f"sluice-api-server-{index}", daemon=False,
-                                   args=(args, config, index, sock, addresses, self.core.pid))
+                                   args=(args, config, index, sock, cores))
             worker.start()
             self.workers.append(worker)
             if self.stopping:  # the signal came while it was starting
@@ -133,17 +145,18 @@ class _ProcessPool:
                 pass
 
     def supervise(self) -> int:
-        """Waits for every API server, then the core. 0 only if all of them ended cleanly."""
-        core, workers = self.core, self.workers
+        """Waits for every API server, then the cores. 0 only if all of them ended cleanly."""
+        workers = self.workers
         failed = False
         core_dead_since: float | None = None
         while any(worker.exitcode is None for worker in workers):
             time.sleep(_POLL_S)  # polled: waiting on the children's sentinels spun here while one was exiting
-            if core_dead_since is None and not core.is_alive() and core.exitcode != 0:
-                # (It exits 0 only after every API server said Shutdown.) Each API server notices on its own,
+            dead = [core for core in self.cores if not core.is_alive() and core.exitcode != 0]
+            if core_dead_since is None and dead:
+                # (A core exits 0 only after every API server said Shutdown.) Each API server notices on its own,
                 # answers 503 for a grace period and exits 1.
                 core_dead_since, failed = time.monotonic(), True
-                logger.error("the engine core exited unexpectedly (exit code %s)", core.exitcode)
+                logger.error("the engine core %s exited unexpectedly (exit code %s)", dead[0].name, dead[0].exitcode)
             if core_dead_since is not None:
                 if time.monotonic() - core_dead_since > _DEAD_CORE_WAIT_S:
                     for worker in workers:
@@ -157,13 +170,15 @@ class _ProcessPool:
                 logger.error("API server process %d exited with %d; stopping the others", bad[0].pid,
                              bad[0].exitcode)
                 self.forward_signal(signal.SIGTERM, None)
-        core.join(_CORE_EXIT_WAIT_S)  # it exits once every API server has said Shutdown
-        if core.is_alive():
-            logger.warning("the engine core did not exit after the API servers; killing it")
+        deadline = time.monotonic() + _CORE_EXIT_WAIT_S
+        for core in self.cores:
+            core.join(max(0.0, deadline - time.monotonic()))  # it exits once every API server has said Shutdown
+            if core.is_alive():
+                logger.warning("the engine core %s did not exit after the API servers; killing it", core.name)
         return 1 if failed else 0
 
     def kill_leftovers(self) -> None:
-        for child in [*self.workers, *([self.core] if self.core is not None else [])]:
+        for child in [*self.workers, *self.cores]:
             if child.is_alive():
                 child.kill()
                 child.join(5)

@@ -80,7 +80,10 @@ def parse_snapshot(text: str, prefix: str = "sluice:", t: float | None = None) -
     for family in text_string_to_metric_families(text):
         name = family.name
         if name.startswith(prefix) and name[len(prefix):] in _GAUGES:
-            snap.gauges[name[len(prefix):]] = sum(s.value for s in family.samples)
+            values = [s.value for s in family.samples]  # one per engine core under data parallelism
+            key = name[len(prefix):]
+            snap.gauges[key] = (sum(values) / len(values) if key == "kv_cache_usage_perc" and values
+                                else sum(values))
         elif name.startswith(prefix) and name[len(prefix):] in _COUNTERS:
             snap.counters[name[len(prefix):]] = sum(s.value for s in family.samples if s.name.endswith("_total"))
         elif name == prefix + "request_success":
@@ -90,7 +93,8 @@ def parse_snapshot(text: str, prefix: str = "sluice:", t: float | None = None) -
                     snap.finished[reason] = snap.finished.get(reason, 0.0) + s.value
         elif name == prefix + "num_requests_waiting_by_reason":
             for s in family.samples:
-                snap.waiting_by_reason[s.labels.get("reason", "")] = s.value
+                reason = s.labels.get("reason", "")
+                snap.waiting_by_reason[reason] = snap.waiting_by_reason.get(reason, 0.0) + s.value
         elif name in wanted_hist:
             buckets: dict[float, float] = {}
             for s in family.samples:
