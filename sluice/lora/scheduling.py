@@ -7,6 +7,8 @@ behind its backlog.
 """
 from __future__ import annotations
 
+import heapq
+import operator
 from collections import deque
 
 from sluice.core.request import Request, RequestStatus
@@ -28,22 +30,37 @@ class FairLoRAQueue:
     def __init__(self) -> None:
         self.virtual_time: dict[int, float] = {}
         self.now = 0.0
+        self._version = 0  # bumped by started(): the order depends on virtual times
+        self._last: list[Request] | None = None  # the last order returned, and the version it was made at
+        self._last_version = -1
 
     def order(self, waiting: list[Request]) -> list[Request]:
+        """The fair order of ``waiting``: a merge of the adapters' FIFO queues through a heap keyed by
+        (virtual time, head's arrival, first place in ``waiting``), O(n log adapters). When neither the
+        waiting list nor any virtual time changed since the last call, and that merge never had to break
+        a tie by place (which depends on the list's order), ordering the last order gives it back: it stands."""
+        if self._last is not None and self._last_version == self._version and _same_requests(waiting, self._last):
+            return waiting
         resumed = [r for r in waiting if r.status == RequestStatus.PREEMPTED]
         queues: dict[int, deque[Request]] = {}
         for request in waiting:
             if request.status != RequestStatus.PREEMPTED:
                 queues.setdefault(request.lora_int_id, deque()).append(request)
-        clock = {lora_id: max(self.virtual_time.get(lora_id, 0.0), self.now) for lora_id in queues}
+        heap = [(max(self.virtual_time.get(lora_id, 0.0), self.now), queue[0].arrival_time, place, lora_id)
+                for place, (lora_id, queue) in enumerate(queues.items())]
+        heapq.heapify(heap)
         ordered = resumed
-        while queues:
-            lora_id = min(queues, key=lambda i: (clock[i], queues[i][0].arrival_time))
+        tied = False
+        while heap:
+            clock, arrival, place, lora_id = heap[0]
+            tied = tied or any(entry[:2] == (clock, arrival) for entry in heap[1:3])
             queue = queues[lora_id]
             ordered.append(queue.popleft())
-            clock[lora_id] += 1
-            if not queue:
-                del queues[lora_id]
+            if queue:
+                heapq.heapreplace(heap, (clock + 1, queue[0].arrival_time, place, lora_id))
+            else:
+                heapq.heappop(heap)
+        self._last, self._last_version = (None, -1) if tied else (ordered, self._version)
         return ordered
 
     def started(self, request: Request) -> None:
@@ -51,6 +68,13 @@ class FairLoRAQueue:
         start = max(self.virtual_time.get(lora_id, 0.0), self.now)
         self.now = start
         self.virtual_time[lora_id] = start + 1
+        self._version += 1
+
+
+def _same_requests(waiting: list[Request], last: list[Request]) -> bool:
+    """Whether ``waiting`` holds the same requests in the same order as ``last`` (by identity): the order
+    of an ordered list is itself, so nothing needs merging."""
+    return len(waiting) == len(last) and all(map(operator.is_, waiting, last))
 
 
 class LoRAAdmission:

@@ -102,3 +102,67 @@ def test_lora_requests_info_gauge_names_running_and_waiting_adapters():
     metrics.record(stats)
     text = generate_latest(registry).decode()
     assert 'sluice:lora_requests_info{max_lora="1",running_lora_adapters="a1",waiting_lora_adapters="a2"}' in text
+
+
+def _reference_fair_order(queue, waiting: list[Request]) -> list[Request]:
+    """The fair order spelled out: each time, the adapter with the lowest (virtual time, head's arrival),
+    ties to the adapter seen first in ``waiting``; preempted requests first."""
+    from collections import deque
+
+    from sluice.core.request import RequestStatus
+
+    ordered = [r for r in waiting if r.status == RequestStatus.PREEMPTED]
+    queues: dict[int, deque] = {}
+    for request in waiting:
+        if request.status != RequestStatus.PREEMPTED:
+            queues.setdefault(request.lora_int_id, deque()).append(request)
+    clock = {i: max(queue.virtual_time.get(i, 0.0), queue.now) for i in queues}
+    while queues:
+        lora_id = min(queues, key=lambda i: (clock[i], queues[i][0].arrival_time))
+        ordered.append(queues[lora_id].popleft())
+        clock[lora_id] += 1
+        if not queues[lora_id]:
+            del queues[lora_id]
+    return ordered
+
+
+def test_heap_order_equals_the_spelled_out_fair_order_as_requests_come_and_start():
+    import random
+
+    from sluice.core.request import RequestStatus
+    from sluice.lora.scheduling import FairLoRAQueue
+
+    rng = random.Random(0)
+    queue = FairLoRAQueue()
+    waiting: list[Request] = []
+    for step in range(300):
+        for i in range(rng.choice([0, 0, 1, 3])):
+            request = _request(f"r{step}-{i}", rng.choice([0, 1, 1, 1, 2, 3, 4]))
+            request.arrival_time = float(step // 3)  # equal arrivals: ties between adapters
+            waiting.insert(0, request) if rng.random() < 0.05 else waiting.append(request)
+            if rng.random() < 0.05:
+                request.status = RequestStatus.PREEMPTED
+        expected = _reference_fair_order(queue, waiting)
+        waiting[:] = queue.order(waiting)
+        assert [r.request_id for r in waiting] == [r.request_id for r in expected]
+        again = _reference_fair_order(queue, waiting)  # nothing changed (the merge may skip itself)
+        assert [r.request_id for r in queue.order(waiting)] == [r.request_id for r in again]
+        for _ in range(rng.choice([0, 0, 1, 2])):  # start some, not always from the front
+            if waiting:
+                started = waiting.pop(min(len(waiting) - 1, rng.choice([0, 0, 0, 1, 3])))
+                queue.started(started)
+
+
+def test_an_unchanged_waiting_list_is_not_merged_again():
+    from sluice.lora.scheduling import FairLoRAQueue
+
+    queue = FairLoRAQueue()
+    waiting = []
+    for i, lora_id in enumerate([1, 1, 1, 2, 2, 3]):
+        waiting.append(_request(f"r{i}", lora_id))
+        waiting[-1].arrival_time = float(i)
+    waiting[:] = queue.order(waiting)
+    assert [r.request_id for r in waiting] == ["r0", "r3", "r5", "r1", "r4", "r2"]
+    assert queue.order(waiting) is waiting  # no arrival, no start: the order stands
+    queue.started(waiting.pop(0))
+    assert queue.order(waiting) is not waiting  # a virtual time moved: merged again
