@@ -174,3 +174,39 @@ def test_lora_linear_method_runs_the_kernels_when_the_batch_has_an_index():
     step.fill(token_slots)
     batch.active = True
     _assert_close(layer(x), _reference(x, base, weights, token_slots, [8, 8]))
+
+
+@pytest.mark.skipif(not INTERPRET, reason="the engine on the CPU with the kernels forced on: interpreter only")
+def test_engine_with_the_kernels_matches_peft_generate(tmp_path, monkeypatch):
+    """The whole path on the CPU: LoRAManager fills the index, every wrapped layer runs the (interpreted)
+    kernels; a batch mixing two adapters and the base model gives each row PEFT's own greedy tokens. The
+    prompt step (> 16 rows) groups rows by slot, the decode steps (9 rows) go per row."""
+    import functools
+
+    from sluice import LLM, LoRARequest, SamplingParams
+    from sluice.lora.manager import LoRAManager
+    from tests.lora.peft_adapters import save_peft_adapter
+    from tests.tiny_models import hf_greedy, save_tiny_model
+
+    monkeypatch.setattr(LoRAManager, "__init__", functools.partialmethod(LoRAManager.__init__, use_kernels=True))
+    base = save_tiny_model(tmp_path / "base", "llama")
+    prompts = [[5, 17, 300, 42], [7] * 19 + [8, 9], [100, 200]]
+    all_targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    expected = {
+        "all_r8": save_peft_adapter(base, tmp_path / "all_r8", 8, all_targets, seed=1, prompts=prompts,
+                                    max_new_tokens=6),
+        "attn_r4": save_peft_adapter(base, tmp_path / "attn_r4", 4, ["q_proj", "v_proj"], seed=2, prompts=prompts,
+                                     max_new_tokens=6),
+        None: hf_greedy(base, prompts, 6)}
+    assert expected["all_r8"] != expected[None] and expected["attn_r4"] != expected[None]  # adapters matter
+    requests = {"all_r8": LoRARequest("all_r8", 1, str(tmp_path / "all_r8")),
+                "attn_r4": LoRARequest("attn_r4", 2, str(tmp_path / "attn_r4")), None: None}
+    llm = LLM(model=str(base), dtype="float32", device="cpu", max_model_len=64, enable_lora=True, max_loras=2,
+              max_lora_rank=8)
+    assert llm.llm_engine.core.runner.lora_manager.batch.step_index is not None
+    names = [name for name in expected for _ in prompts]
+    outputs = llm.generate([{"prompt_token_ids": p} for _ in expected for p in prompts],
+                           SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True), use_tqdm=False,
+                           lora_request=[requests[name] for name in names])
+    got = [o.outputs[0].token_ids for o in outputs]
+    assert got == [expected[name][i % len(prompts)] for i, name in enumerate(names)]
