@@ -24,6 +24,7 @@ bucket size keeps the right one. The intermediate ``xa`` is float32, one row per
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -107,9 +108,10 @@ class LoRAStepIndex:
 @triton.jit
 def _shrink_grouped_kernel(x_ptr, a_ptr, xa_ptr, sorted_rows_ptr, slot_start_ptr, slot_num_rows_ptr,
                            K, R, stride_xm, stride_xk, stride_as, stride_ai, stride_ar, stride_ak,
-                           stride_xas, stride_xam, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
-                           BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
-    tile, sub, slot = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+                           stride_xas, stride_xam, split_k, k_per_split, PRECISION: tl.constexpr,
+                           BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
+    pid, sub, slot = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    tile, split = pid // split_k, pid % split_k
     num_rows = tl.load(slot_num_rows_ptr + slot)
     if tile * BLOCK_M >= num_rows:
         return
@@ -121,22 +123,27 @@ def _shrink_grouped_kernel(x_ptr, a_ptr, xa_ptr, sorted_rows_ptr, slot_start_ptr
     offs_k = tl.arange(0, BLOCK_K)
     a_base = a_ptr + sub * stride_as + slot * stride_ai
     acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    k_start = split * k_per_split
+    for k0 in range(k_start, tl.minimum(k_start + k_per_split, K), BLOCK_K):
         k = k0 + offs_k
         x = tl.load(x_ptr + rows[:, None] * stride_xm + k[None, :] * stride_xk,
                     mask=row_mask[:, None] & (k[None, :] < K), other=0.0)
         a = tl.load(a_base + offs_r[None, :] * stride_ar + k[:, None] * stride_ak,
                     mask=(offs_r[None, :] < R) & (k[:, None] < K), other=0.0)  # A^T tile [BLOCK_K, BLOCK_R]
         acc = tl.dot(x, a, acc, input_precision=PRECISION)
-    tl.store(xa_ptr + sub * stride_xas + rows[:, None] * stride_xam + offs_r[None, :], acc,
-             mask=row_mask[:, None] & (offs_r[None, :] < R))
+    xa_ptrs = xa_ptr + sub * stride_xas + rows[:, None] * stride_xam + offs_r[None, :]
+    mask = row_mask[:, None] & (offs_r[None, :] < R)
+    if split_k == 1:
+        tl.store(xa_ptrs, acc, mask=mask)
+    else:
+        tl.atomic_add(xa_ptrs, acc, mask=mask)
 
 
 @triton.jit
 def _shrink_per_row_kernel(x_ptr, a_ptr, xa_ptr, token_slots_ptr, K, R, stride_xm, stride_xk, stride_as,
-                           stride_ai, stride_ar, stride_ak, stride_xas, stride_xam,
-                           BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
-    row, sub = tl.program_id(0), tl.program_id(1)
+                           stride_ai, stride_ar, stride_ak, stride_xas, stride_xam, split_k,
+                           k_per_split, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
+    row, sub, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     slot = tl.load(token_slots_ptr + row)
     if slot < 0:
         return
@@ -144,13 +151,18 @@ def _shrink_per_row_kernel(x_ptr, a_ptr, xa_ptr, token_slots_ptr, K, R, stride_x
     offs_k = tl.arange(0, BLOCK_K)
     a_base = a_ptr + sub * stride_as + slot.to(tl.int64) * stride_ai
     acc = tl.zeros((BLOCK_R,), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    k_start = split * k_per_split
+    for k0 in range(k_start, tl.minimum(k_start + k_per_split, K), BLOCK_K):
         k = k0 + offs_k
         x = tl.load(x_ptr + row * stride_xm + k * stride_xk, mask=k < K, other=0.0).to(tl.float32)
         a = tl.load(a_base + offs_r[:, None] * stride_ar + k[None, :] * stride_ak,
                     mask=(offs_r[:, None] < R) & (k[None, :] < K), other=0.0).to(tl.float32)
         acc += tl.sum(a * x[None, :], axis=1)
-    tl.store(xa_ptr + sub * stride_xas + row * stride_xam + offs_r, acc, mask=offs_r < R)
+    xa_ptrs = xa_ptr + sub * stride_xas + row * stride_xam + offs_r
+    if split_k == 1:
+        tl.store(xa_ptrs, acc, mask=offs_r < R)
+    else:
+        tl.atomic_add(xa_ptrs, acc, mask=offs_r < R)
 
 
 @triton.jit
@@ -213,23 +225,45 @@ def _block_r(rank: int) -> int:
     return max(16, triton.next_power_of_2(rank))
 
 
+@functools.cache
+def _num_sms(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+
+
+def _split_k(in_features: int, block_k: int, num_programs: int, device: torch.device) -> tuple[int, int]:
+    """(splits of the input dimension, its length per split, a multiple of block_k). A shrink's output is tiny
+    (r_max columns), so without splitting a decode step's few working programs each walk all of K (14336 for
+    L8's down_proj) while the GPU idles; splits (summed with atomic adds) give it ~4 programs per SM."""
+    max_split = max(1, in_features // (2 * block_k))  # at least two K-blocks per split
+    split = max(1, min(max_split, 4 * _num_sms(device) // max(1, num_programs)))
+    k_per_split = triton.cdiv(triton.cdiv(in_features, split), block_k) * block_k
+    return triton.cdiv(in_features, k_per_split), k_per_split
+
+
 def lora_shrink(x: torch.Tensor, lora_a: torch.Tensor, xa: torch.Tensor, step: LoRAStepIndex) -> None:
     """xa[i, t] = x[t] A[i, slot(t)]^T for every sub-projection i and every row t with a slot (one launch).
 
     x [T, in]; lora_a [subs, slots, r_max, in]; xa float32 [>= subs, >= T, r_max] (rows without a slot are
-    left as they are)."""
+    left as they are, unless the input dimension is split: then rows 0..T-1 are zeroed first)."""
     num_tokens, in_features = x.shape
     num_subs, num_slots, rank = lora_a.shape[:3]
     block_r = _block_r(rank)
-    if num_tokens <= PER_ROW_MAX_TOKENS:
-        _shrink_per_row_kernel[(num_tokens, num_subs)](
+    per_row = num_tokens <= PER_ROW_MAX_TOKENS
+    block_k = 256 if per_row else 64
+    # Working programs: a row (per row) or a 16-row tile of one slot's rows (at most T/16 + slots tiles).
+    working = num_tokens * num_subs if per_row else (triton.cdiv(num_tokens, _BLOCK_M) + num_slots) * num_subs
+    split_k, k_per_split = _split_k(in_features, block_k, working, x.device)
+    if split_k > 1:
+        xa[:num_subs, :num_tokens].zero_()
+    if per_row:
+        _shrink_per_row_kernel[(num_tokens, num_subs, split_k)](
             x, lora_a, xa, step.token_slots, in_features, rank, x.stride(0), x.stride(1), *lora_a.stride(),
-            xa.stride(0), xa.stride(1), BLOCK_R=block_r, BLOCK_K=256)
+            xa.stride(0), xa.stride(1), split_k, k_per_split, BLOCK_R=block_r, BLOCK_K=block_k)
         return
-    _shrink_grouped_kernel[(triton.cdiv(num_tokens, _BLOCK_M), num_subs, num_slots)](
+    _shrink_grouped_kernel[(triton.cdiv(num_tokens, _BLOCK_M) * split_k, num_subs, num_slots)](
         x, lora_a, xa, step.sorted_rows, step.slot_start, step.slot_num_rows, in_features, rank,
-        x.stride(0), x.stride(1), *lora_a.stride(), xa.stride(0), xa.stride(1), PRECISION=_precision(x),
-        BLOCK_M=_BLOCK_M, BLOCK_R=block_r, BLOCK_K=64)
+        x.stride(0), x.stride(1), *lora_a.stride(), xa.stride(0), xa.stride(1), split_k, k_per_split,
+        PRECISION=_precision(x), BLOCK_M=_BLOCK_M, BLOCK_R=block_r, BLOCK_K=block_k)
 
 
 def lora_expand(xa: torch.Tensor, lora_b: torch.Tensor, out: torch.Tensor, sub_offsets: torch.Tensor,

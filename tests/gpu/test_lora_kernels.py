@@ -28,7 +28,9 @@ BF16 = pytest.param(torch.bfloat16, id="bf16", marks=needs_cuda)
 FP16 = pytest.param(torch.float16, id="fp16", marks=needs_cuda)
 FP32 = pytest.param(torch.float32, id="fp32")
 # (input size, sub-projection sizes): fused qkv with GQA, fused gate_up, o/down; odd widths (masked tiles).
-LAYERS = {"qkv": (64, [64, 16, 16]), "gate_up": (48, [80, 80]), "down": (96, [40]), "odd": (37, [29, 11, 5])}
+# "wide": an input long enough that the shrink splits it (partial sums added atomically; see _split_k).
+LAYERS = {"qkv": (64, [64, 16, 16]), "gate_up": (48, [80, 80]), "down": (96, [40]), "odd": (37, [29, 11, 5]),
+          "wide": (2000, [40])}
 LARGE_LAYERS = {"l8_qkv": (4096, [4096, 1024, 1024]), "l8_down": (14336, [4096])}
 
 
@@ -120,6 +122,16 @@ def test_one_adapter_or_none_over_the_whole_step(num_tokens):
         if slot == -1:
             assert torch.equal(result, out)
         _assert_close(result, _reference(x, out, weights, token_slots, [16, 16]))
+
+
+def test_wide_inputs_are_split_for_small_steps_and_large_ones_alike():
+    """The "wide" cases above do run split: per row (5 rows) and grouped (17, 40 rows)."""
+    device = torch.device(DEVICE)
+    for num_tokens, block_k in ((5, 256), (17, 64), (40, 64)):
+        per_row = num_tokens <= triton_ops.PER_ROW_MAX_TOKENS
+        working = num_tokens if per_row else -(-num_tokens // 16) + 3
+        split_k, k_per_split = triton_ops._split_k(2000, block_k, working, device)
+        assert split_k > 1 and k_per_split % block_k == 0 and (split_k - 1) * k_per_split < 2000 <= split_k * k_per_split
 
 
 def test_padded_rows_past_the_step_are_left_alone():
