@@ -188,11 +188,11 @@ def test_lora_linear_method_runs_the_kernels_when_the_batch_has_an_index():
     _assert_close(layer(x), _reference(x, base, weights, token_slots, [8, 8]))
 
 
-@pytest.mark.skipif(not INTERPRET, reason="the engine on the CPU with the kernels forced on: interpreter only")
 def test_engine_with_the_kernels_matches_peft_generate(tmp_path, monkeypatch):
-    """The whole path on the CPU: LoRAManager fills the index, every wrapped layer runs the (interpreted)
-    kernels; a batch mixing two adapters and the base model gives each row PEFT's own greedy tokens. The
-    prompt step (> 16 rows) groups rows by slot, the decode steps (9 rows) go per row."""
+    """The whole path: LoRAManager fills the index, every wrapped layer runs the kernels (on CUDA inside the
+    CUDA graphs; on the CPU interpreted, forced on); a batch mixing two adapters and the base model gives each
+    row PEFT's own greedy tokens. The prompt step (> 16 rows) groups rows by slot, the decode steps (9 rows)
+    go per row."""
     import functools
 
     from sluice import LLM, LoRARequest, SamplingParams
@@ -200,7 +200,8 @@ def test_engine_with_the_kernels_matches_peft_generate(tmp_path, monkeypatch):
     from tests.lora.peft_adapters import save_peft_adapter
     from tests.tiny_models import hf_greedy, save_tiny_model
 
-    monkeypatch.setattr(LoRAManager, "__init__", functools.partialmethod(LoRAManager.__init__, use_kernels=True))
+    if DEVICE == "cpu":
+        monkeypatch.setattr(LoRAManager, "__init__", functools.partialmethod(LoRAManager.__init__, use_kernels=True))
     base = save_tiny_model(tmp_path / "base", "llama")
     prompts = [[5, 17, 300, 42], [7] * 19 + [8, 9], [100, 200]]
     all_targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -213,12 +214,48 @@ def test_engine_with_the_kernels_matches_peft_generate(tmp_path, monkeypatch):
     assert expected["all_r8"] != expected[None] and expected["attn_r4"] != expected[None]  # adapters matter
     requests = {"all_r8": LoRARequest("all_r8", 1, str(tmp_path / "all_r8")),
                 "attn_r4": LoRARequest("attn_r4", 2, str(tmp_path / "attn_r4")), None: None}
-    llm = LLM(model=str(base), dtype="float32", device="cpu", max_model_len=64, enable_lora=True, max_loras=2,
+    llm = LLM(model=str(base), dtype="float32", device=DEVICE, max_model_len=64, enable_lora=True, max_loras=2,
               max_lora_rank=8)
-    assert llm.llm_engine.core.runner.lora_manager.batch.step_index is not None
+    runner = llm.llm_engine.core.runner
+    assert runner.lora_manager.batch.step_index is not None
+    assert DEVICE == "cpu" or runner.decode_graphs is not None  # CUDA: the graphs hold the LoRA kernels
     names = [name for name in expected for _ in prompts]
     outputs = llm.generate([{"prompt_token_ids": p} for _ in expected for p in prompts],
                            SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True), use_tqdm=False,
                            lora_request=[requests[name] for name in names])
     got = [o.outputs[0].token_ids for o in outputs]
     assert got == [expected[name][i % len(prompts)] for i, name in enumerate(names)]
+    assert DEVICE == "cpu" or runner.decode_graphs.num_replays > 0
+
+
+@needs_cuda
+def test_a_captured_graph_follows_the_index_and_the_slots():
+    """A CUDA graph captured over an empty index applies whatever the index and the slots hold at replay:
+    new rows, other slots, an adapter replaced in its slot."""
+    weights, x, out, token_slots = _problem("qkv", 16, [16, 8, 16], 40, torch.bfloat16, seed=5)
+    step = triton_ops.LoRAStepIndex.allocate(64, 3, torch.device(DEVICE))
+    batch = LoRABatch(step_index=step, shrunk=torch.zeros(3, 64, 16, dtype=torch.float32, device=DEVICE),
+                      active=True)
+    result = torch.empty_like(out)
+
+    def forward() -> None:
+        result.copy_(out)
+        apply_lora_kernels(x, result, weights, batch)
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        forward()  # compiles outside the capture
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        forward()
+    for seed, slots in ((6, token_slots), (7, token_slots[::-1].copy())):
+        step.fill(slots)
+        graph.replay()
+        torch.cuda.synchronize()
+        _assert_close(result, _reference(x, out, weights, slots, [16, 8, 16]))
+        gen = torch.Generator().manual_seed(seed)  # a new adapter in slot 1, as LoRAManager loads one
+        for sub, size in enumerate(weights.output_sizes):
+            weights.set_slot(1, sub, (torch.randn(8, 64, generator=gen) / 8).to(torch.bfloat16),
+                             (torch.randn(size, 8, generator=gen) / 3).to(torch.bfloat16))
