@@ -25,9 +25,12 @@ layer runs one Triton shrink and one expand launch for all its sub-projections; 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from sluice.lora.triton_ops import LoRAStepIndex
 
 
 @dataclass(slots=True)
@@ -39,7 +42,7 @@ class LoRABatch:
     slot_ranks: list[int] = field(default_factory=list)
     # CUDA: the rows' slots on the device (triton_ops.LoRAStepIndex) and the float32 shrink output
     # [max subs, max_num_tokens, r_max] every layer shares; None on the CPU.
-    step_index: Any = None
+    step_index: LoRAStepIndex | None = None
     shrunk: torch.Tensor | None = None
     active: bool = False  # CUDA: whether any row of this step has an adapter (else eager steps skip the kernels)
 

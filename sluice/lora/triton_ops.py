@@ -106,6 +106,15 @@ class LoRAStepIndex:
 
 
 @triton.jit
+def _tile_rows(sorted_rows_ptr, slot_start_ptr, slot, tile, num_rows, BLOCK_M: tl.constexpr):
+    """The token rows of tile ``tile`` of ``slot``'s group (int64), and which of the BLOCK_M are real."""
+    offs_m = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_mask = offs_m < num_rows
+    rows = tl.load(sorted_rows_ptr + tl.load(slot_start_ptr + slot) + offs_m, mask=row_mask, other=0)
+    return rows.to(tl.int64), row_mask
+
+
+@triton.jit
 def _shrink_grouped_kernel(x_ptr, a_ptr, xa_ptr, sorted_rows_ptr, slot_start_ptr, slot_num_rows_ptr,
                            K, R, stride_xm, stride_xk, stride_as, stride_ai, stride_ar, stride_ak,
                            stride_xas, stride_xam, split_k, k_per_split, PRECISION: tl.constexpr,
@@ -115,10 +124,7 @@ def _shrink_grouped_kernel(x_ptr, a_ptr, xa_ptr, sorted_rows_ptr, slot_start_ptr
     num_rows = tl.load(slot_num_rows_ptr + slot)
     if tile * BLOCK_M >= num_rows:
         return
-    start = tl.load(slot_start_ptr + slot)
-    offs_m = tile * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_mask = offs_m < num_rows
-    rows = tl.load(sorted_rows_ptr + start + offs_m, mask=row_mask, other=0).to(tl.int64)
+    rows, row_mask = _tile_rows(sorted_rows_ptr, slot_start_ptr, slot, tile, num_rows, BLOCK_M)
     offs_r = tl.arange(0, BLOCK_R)
     offs_k = tl.arange(0, BLOCK_K)
     a_base = a_ptr + sub * stride_as + slot * stride_ai
@@ -177,10 +183,7 @@ def _expand_grouped_kernel(xa_ptr, b_ptr, out_ptr, sorted_rows_ptr, slot_start_p
     col_end = tl.load(sub_offsets_ptr + sub + 1)
     if tile * BLOCK_M >= num_rows or col_start + n_tile * BLOCK_N >= col_end:
         return
-    start = tl.load(slot_start_ptr + slot)
-    offs_m = tile * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_mask = offs_m < num_rows
-    rows = tl.load(sorted_rows_ptr + start + offs_m, mask=row_mask, other=0).to(tl.int64)
+    rows, row_mask = _tile_rows(sorted_rows_ptr, slot_start_ptr, slot, tile, num_rows, BLOCK_M)
     offs_r = tl.arange(0, BLOCK_R)
     cols = col_start + n_tile * BLOCK_N + tl.arange(0, BLOCK_N)
     col_mask = cols < col_end
