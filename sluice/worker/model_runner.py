@@ -209,8 +209,7 @@ class ModelRunner:
         self.kv_caches = allocate_kv_caches(self.kv_spec, num_blocks, self.device)
         self._bind(self.kv_caches)
         if self.device.type == "cuda" and not self.enforce_eager:
-            with self.lora_manager.capturing() if self.lora_manager is not None else contextlib.nullcontext():
-                self.capture_cuda_graphs()
+            self.capture_cuda_graphs()
 
     def initialize_host_kv_cache(self, num_host_blocks: int) -> None:
         """Allocates the host KV blocks (after the device KV cache) for swap space and the host prefix tier."""
@@ -222,7 +221,12 @@ class ModelRunner:
         return measure_preemption_costs(self.kv_spec, self.num_parameters, self._num_heads, self.device)
 
     def capture_cuda_graphs(self) -> None:
-        """Captures the decode and mixed-step graphs (after the KV cache is bound: they read its address)."""
+        """Captures the decode and mixed-step graphs (after the KV cache is bound: they read its address);
+        with LoRA on, with the LoRA kernels in them."""
+        with self.lora_manager.capturing() if self.lora_manager is not None else contextlib.nullcontext():
+            self._capture_cuda_graphs()
+
+    def _capture_cuda_graphs(self) -> None:
         max_len = self.model_config.max_model_len
         graphs = DecodeGraphs(self.model, self.step_buffers, capture_sizes(self.max_num_seqs), max_seq_len=max_len)
         pool = graphs.capture()
