@@ -20,7 +20,8 @@ Two ways to cover the rows, the same arithmetic:
   group is a row or two and a 16-row tile would be mostly empty.
 
 The choice depends on the step's token count only (``PER_ROW_MAX_TOKENS``), so a graph captured for a
-bucket size keeps the right one. The intermediate ``xa`` is float32, one row per token and sub-projection.
+bucket size keeps the right one. The intermediate ``xa`` is float32, one row per token and sub-projection;
+when a step has few working programs the shrink splits the input dimension too (``_split_k``).
 """
 from __future__ import annotations
 
