@@ -2,6 +2,8 @@
 finds no slot waits in its place while others (the base model, adapters already running) go ahead."""
 from __future__ import annotations
 
+import pytest
+
 from sluice.config import CacheConfig, SchedulerConfig
 from sluice.core.request import Request
 from sluice.core.scheduler import Scheduler
@@ -126,7 +128,10 @@ def _reference_fair_order(queue, waiting: list[Request]) -> list[Request]:
     return ordered
 
 
-def test_heap_order_equals_the_spelled_out_fair_order_as_requests_come_and_start():
+@pytest.mark.parametrize("arrivals", ["tied", "distinct"])
+def test_fair_order_equals_the_spelled_out_fair_order_as_requests_come_and_start(arrivals):
+    """Tied arrivals (three steps share a time) make ties the full merge breaks by place; distinct ones let
+    most steps take the incremental path. Either way: the order of the spelled-out merge."""
     import random
 
     from sluice.core.request import RequestStatus
@@ -134,11 +139,14 @@ def test_heap_order_equals_the_spelled_out_fair_order_as_requests_come_and_start
 
     rng = random.Random(0)
     queue = FairLoRAQueue()
+    merges = []
+    full_merge = queue._merge
+    queue._merge = lambda w: merges.append(1) or full_merge(w)
     waiting: list[Request] = []
     for step in range(300):
         for i in range(rng.choice([0, 0, 1, 3])):
             request = _request(f"r{step}-{i}", rng.choice([0, 1, 1, 1, 2, 3, 4]))
-            request.arrival_time = float(step // 3)  # equal arrivals: ties between adapters
+            request.arrival_time = float(step // 3) if arrivals == "tied" else step + i / 10
             waiting.insert(0, request) if rng.random() < 0.05 else waiting.append(request)
             if rng.random() < 0.05:
                 request.status = RequestStatus.PREEMPTED
@@ -149,11 +157,13 @@ def test_heap_order_equals_the_spelled_out_fair_order_as_requests_come_and_start
         assert [r.request_id for r in queue.order(waiting)] == [r.request_id for r in again]
         for _ in range(rng.choice([0, 0, 1, 2])):  # start some, not always from the front
             if waiting:
-                started = waiting.pop(min(len(waiting) - 1, rng.choice([0, 0, 0, 1, 3])))
+                started = waiting.pop(min(len(waiting) - 1, rng.choice([0, 0, 0, 0, 0, 0, 1, 3])))
                 queue.started(started)
+    if arrivals == "distinct":
+        assert len(merges) < 200, len(merges)  # of 300 steps: the others took the incremental path
 
 
-def test_an_unchanged_waiting_list_is_not_merged_again():
+def test_an_unchanged_list_stands_and_arrivals_after_front_starts_are_inserted_without_a_merge():
     from sluice.lora.scheduling import FairLoRAQueue
 
     queue = FairLoRAQueue()
@@ -165,4 +175,12 @@ def test_an_unchanged_waiting_list_is_not_merged_again():
     assert [r.request_id for r in waiting] == ["r0", "r3", "r5", "r1", "r4", "r2"]
     assert queue.order(waiting) is waiting  # no arrival, no start: the order stands
     queue.started(waiting.pop(0))
-    assert queue.order(waiting) is not waiting  # a virtual time moved: merged again
+    waiting.append(_request("r6", 1))
+    waiting[-1].arrival_time = 6.0
+    merges = []
+    monkeypatched = queue._merge
+    queue._merge = lambda w: merges.append(1) or monkeypatched(w)
+    waiting[:] = queue.order(waiting)  # the front started, one arrived: inserted at its key, no merge
+    assert [r.request_id for r in waiting] == ["r3", "r5", "r1", "r4", "r2", "r6"] and not merges
+    queue.started(waiting.pop(1))  # not the front: a full merge next time
+    assert [r.request_id for r in queue.order(waiting)] == ["r3", "r1", "r4", "r2", "r6"] and merges
