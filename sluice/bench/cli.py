@@ -1,7 +1,8 @@
 """`sluice bench ...`: benchmark subcommands. This file owns the `bench` parser and `bench throughput`.
 
     sluice bench throughput --workload W1 [--num-prompts N] [--peers hf,hf-cb] [--peer-num-prompts M]
-                            [--model PATH|L8|G9|Q30A3] [--quantization Q [--compare]] [engine flags...]
+                            [--model PATH|L8|G9|Q30A3] [--quantization Q [--compare]]
+                            [--num-loras 8 --lora-rank 16] [engine flags...]
                             [--output-json FILE]
 
 `bench throughput` resolves the model (``L8`` is the Llama-3.1-8B shape of docs/benchmarks.md, ``G9`` the
@@ -10,8 +11,11 @@ and loaded with dummy weights), builds the workload's requests, times the engine
 (W4: prefix caching on and off), then each peer on the first ``--peer-num-prompts`` of the same requests, and
 reports tokens per second, ratios (engine over peer, output tokens per second: fair across subsets) and the
 roofline fraction. ``--compare`` (with ``--quantization``) also times the same flags without quantization on the
-same requests and reports quantized over unquantized output tokens per second. Other benchmark subcommands (``serve``) live in their own modules of this package and register
-themselves through their ``add_parser(bench_subparsers)``.
+same requests and reports quantized over unquantized output tokens per second. With ``--num-loras N`` the
+engine runs twice on the same requests: without LoRA (``engine_base``), then with N dummy adapters of
+``--lora-rank`` on all seven projections, requests spread evenly over them (``engine``; ``lora_over_base`` is its
+output tokens per second over the base run's). Other benchmark subcommands (``serve``) live in their own modules
+of this package and register themselves through their ``add_parser(bench_subparsers)``.
 """
 from __future__ import annotations
 
@@ -29,7 +33,7 @@ from sluice.config import EngineArgs
 L8_NAME = "L8"
 G9_NAME = "G9"
 Q30A3_NAME = "Q30A3"
-_OTHER_BENCHMARKS = ("sluice.bench.serve",)  # optional modules exposing add_parser(bench_subparsers)
+_OTHER_BENCHMARKS = ("sluice.bench.serve", "sluice.bench.lora")  # optional modules exposing add_parser(bench_subparsers)
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -85,6 +89,10 @@ def add_throughput_parser(bench_subparsers: argparse._SubParsersAction) -> argpa
     bench.add_argument("--compare", action="store_true",
                        help="with --quantization: also run the unquantized model (the same flags without "
                             "--quantization) on the same requests, and report quantized over unquantized")
+    bench.add_argument("--num-loras", type=int, default=0,
+                       help="also run with this many dummy LoRA adapters (all seven projections), requests spread "
+                            "evenly over them, after a run without LoRA on the same requests")
+    bench.add_argument("--lora-rank", type=int, default=16, help="rank of the --num-loras adapters")
     EngineArgs.add_cli_args(parser)
     parser.set_defaults(func=run_throughput_command)
     return parser
@@ -182,6 +190,8 @@ def run_throughput_command(args: argparse.Namespace) -> int:
             raise ValueError(f"{name} must be at least 1, got {value}")
     if args.compare and args.quantization in (None, "None", "none", ""):
         raise ValueError("--compare runs the model with and without --quantization: pass --quantization")
+    if args.compare and getattr(args, "num_loras", 0):
+        raise ValueError("--compare and --num-loras each add a baseline run: give one of them")
     with tempfile.TemporaryDirectory(prefix="sluice-bench-") as scratch:
         model = resolve_model(EngineArgs.from_cli_args(args), scratch)
         report = run_throughput_benchmark(args, model, peers)
@@ -210,6 +220,9 @@ def run_throughput_benchmark(args: argparse.Namespace, model: ResolvedModel, pee
         runs["engine_prefix_caching_off"] = run_sluice(
             dataclasses.replace(engine_args, enable_prefix_caching=False), requests, name="sluice-no-prefix-cache",
             **run_kwargs)
+    elif getattr(args, "num_loras", 0):
+        runs.update(run_base_and_lora(engine_args, model_config.hf_config, requests, args.num_loras, args.lora_rank,
+                                      run_kwargs))
     else:
         timed_args = engine_args
         runs["engine"] = run_sluice(engine_args, requests, **run_kwargs)
@@ -221,6 +234,25 @@ def run_throughput_benchmark(args: argparse.Namespace, model: ResolvedModel, pee
                              enable_prefix_caching=engine_args.enable_prefix_caching)
     peer_results = {name: PEER_RUNNERS[name](model_config, peer_requests, peer_config) for name in peers}
     return build_report(args, model, model_config, requests, runs, peer_results)
+
+
+def run_base_and_lora(engine_args: EngineArgs, hf_config: Any, requests: list, num_loras: int, rank: int,
+                      run_kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The engine without LoRA ("engine_base"), then with ``num_loras`` dummy adapters ("engine")."""
+    from sluice.bench.lora import spread_lora_requests, write_dummy_adapters
+    from sluice.bench.throughput import run_sluice
+
+    base_args = dataclasses.replace(engine_args, enable_lora=False)
+    runs = {"engine_base": run_sluice(base_args, requests, name="sluice-base", **run_kwargs)}
+    with tempfile.TemporaryDirectory(prefix="sluice-loras-") as folder:
+        paths = write_dummy_adapters(hf_config, folder, num_loras, rank, seed=engine_args.seed)
+        max_loras = engine_args.max_loras if engine_args.enable_lora else num_loras
+        lora_args = dataclasses.replace(engine_args, enable_lora=True, max_loras=max_loras,
+                                        max_lora_rank=max(rank, engine_args.max_lora_rank), max_cpu_loras=num_loras)
+        runs["engine"] = run_sluice(lora_args, requests, name=f"sluice-{num_loras}-loras-r{rank}",
+                                    lora_requests=spread_lora_requests(len(requests), paths), **run_kwargs)
+    runs["engine"].result.extra["max_loras"] = max_loras
+    return runs
 
 
 def build_report(args: argparse.Namespace, model: ResolvedModel, model_config: Any, requests: list,
@@ -268,6 +300,12 @@ def build_report(args: argparse.Namespace, model: ResolvedModel, model_config: A
         report["engine_unquantized"] = {"name": base.name, **base.to_dict()}
         report["quantization"] = model.engine_args.quantization
         report["quantized_speedup"] = engine.output_tokens_per_s / base.output_tokens_per_s
+    if "engine_base" in runs:
+        base = runs["engine_base"].result
+        report["engine_base"] = {"name": base.name, **base.to_dict()}
+        report["lora"] = {"num_loras": args.num_loras, "lora_rank": args.lora_rank,
+                          "targets": "q, k, v, o, gate, up, down", "requests": "spread evenly (request i: i mod N)"}
+        report["lora_over_base"] = engine.output_tokens_per_s / base.output_tokens_per_s
     return report
 
 
@@ -280,13 +318,16 @@ def format_table(report: dict[str, Any]) -> str:
     if "engine_unquantized" in report:
         base = report["engine_unquantized"]
         rows.append((base["name"], base, report["quantized_speedup"]))
+    if "engine_base" in report:
+        base = report["engine_base"]
+        rows.append((base["name"], base, report["engine"]["output_tokens_per_s"] / base["output_tokens_per_s"]))
     rows += [(name, peer, report["ratios"][name]) for name, peer in report["peers"].items()]
-    header = f"{'':<24}{'requests':>9}{'req/s':>10}{'output tok/s':>14}{'total tok/s':>13}{'engine/this':>13}"
+    header = f"{'':<28}{'requests':>9}{'req/s':>10}{'output tok/s':>14}{'total tok/s':>13}{'engine/this':>13}"
     lines = [f"{report['workload']} on {report['device']}, model {report['model']} ({report['dtype']}), "
              f"{report['num_prompts']} requests, peers on {report['peer_num_prompts']}", header]
     for name, result, ratio in rows:
         ratio_text = "-" if ratio is None else f"{ratio:.2f}x"
-        lines.append(f"{name:<24}{result['num_requests']:>9}{result['requests_per_s']:>10.2f}"
+        lines.append(f"{name:<28}{result['num_requests']:>9}{result['requests_per_s']:>10.2f}"
                      f"{result['output_tokens_per_s']:>14.1f}{result['total_tokens_per_s']:>13.1f}{ratio_text:>13}")
     roofline = report["roofline"]
     lines.append(f"roofline fraction {report['roofline_fraction']:.3f} (lower bound {roofline['lower_bound_s']:.3g} s "
@@ -297,6 +338,9 @@ def format_table(report: dict[str, Any]) -> str:
     if "quantized_speedup" in report:
         lines.append(f"--quantization {report['quantization']} vs unquantized ({report['dtype']}): "
                      f"{report['quantized_speedup']:.2f}x output tok/s")
+    if "lora_over_base" in report:
+        lines.append(f"LoRA ({report['lora']['num_loras']} adapters, rank {report['lora']['lora_rank']}) over base, "
+                     f"output tok/s: {report['lora_over_base']:.3f}")
     return "\n".join(lines)
 
 

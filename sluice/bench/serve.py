@@ -23,6 +23,11 @@ Long-prompt mix (``--long-prompt-len 32768 --num-long-prompts 4``): that many lo
 at even intervals of the arrival order, so they arrive while short requests stream. The report then has the
 short requests' own latencies under ``engine.short_requests`` (``itl_ms_p50``, ``itl_ms_p99`` and
 ``itl_p99_over_p50``: does a long prefill stall the decodes?) and the long ones' under ``engine.long_requests``.
+
+LoRA mix (``--lora-mix noisy:8 lora-1:1 ... lora-7:1``, adapters the server serves, e.g. from ``sluice bench
+make-loras``): each request goes to one adapter, drawn in proportion to its weight (sluice/bench/lora.py); the
+report adds ``engine.per_adapter`` (each adapter's metrics) and ``engine.light_adapters`` (every adapter but the
+heaviest, together).
 """
 from __future__ import annotations
 
@@ -73,6 +78,9 @@ def format_table(report: dict[str, Any]) -> str:
                   f"{'P99 / median ITL, short requests:':<40}{short['itl_p99_over_p50'] or float('nan'):.2f}",
                   f"{'Median TTFT, short requests (ms):':<40}{short['ttft_ms_p50']:.2f}",
                   f"{'Mean TTFT, long prompts (ms):':<40}{long['ttft_ms_mean']:.2f}"]
+    if "per_adapter" in e:
+        from sluice.bench.lora import format_lora_lines
+        lines += format_lora_lines(e)
     lines.append("=" * 56)
     return "\n".join(lines)
 
@@ -108,6 +116,9 @@ def add_parser(bench_subparsers: argparse._SubParsersAction) -> argparse.Argumen
     parser.add_argument("--seed", type=int, default=0, help="seeds the workload and the arrival times")
     parser.add_argument("--structured-fraction", type=float, default=0.0,
                         help="fraction of requests sent with a response_format JSON schema (W7's schemas)")
+    parser.add_argument("--lora-mix", nargs="*", default=None, metavar="NAME:WEIGHT",
+                        help="send each request to one of these served LoRA adapters (model names), drawn in "
+                             "proportion to the weights; per-adapter TTFT percentiles in the report")
     parser.add_argument("--api-key", default=os.environ.get("SLUICE_API_KEY") or os.environ.get("OPENAI_API_KEY"))
     parser.add_argument("--num-warmup-prompts", type=int, default=1, help="untimed requests first (also a check)")
     parser.add_argument("--device-name", default=None, help="the server's device for the report (default: local)")
@@ -153,9 +164,18 @@ def build_requests(args: argparse.Namespace, headers: dict[str, str]) -> list[Se
     mixed = [(r, False) for r in workload]
     if args.long_prompt_len:
         mixed = spread_evenly(workload, _long_prompts(args, vocab_size, max_model_len))
+    models = _request_models(args, len(mixed))
     return [ServeRequest(tokenizer.decode(r.prompt_token_ids) if args.prompt_format == "text" else r.prompt_token_ids,
-                         len(r.prompt_token_ids), r.output_len, is_long, getattr(r, "json_schema", None))
-            for r, is_long in mixed]
+                         len(r.prompt_token_ids), r.output_len, is_long, getattr(r, "json_schema", None), model)
+            for (r, is_long), model in zip(mixed, models)]
+
+
+def _request_models(args: argparse.Namespace, num_requests: int) -> list[str | None]:
+    """Each request's model field: an adapter of --lora-mix, or None (the run's --model)."""
+    from sluice.bench.lora import assign_adapters, parse_lora_mix
+
+    mix = parse_lora_mix(getattr(args, "lora_mix", None))
+    return assign_adapters(num_requests, mix, args.seed) if mix else [None] * num_requests
 
 
 def _tokenizer(args: argparse.Namespace) -> Any:
@@ -216,6 +236,12 @@ def run_serve_command(args: argparse.Namespace) -> int:
     report = build_report(args, calculate_metrics(results, duration, slos), slos, results)
     if args.long_prompt_len:
         report["engine"].update(long_prompt_metrics(requests, results, duration, slos))
+    if args.lora_mix:
+        from sluice.bench.lora import parse_lora_mix, per_adapter_metrics
+
+        mix = parse_lora_mix(args.lora_mix)
+        report["lora_mix"] = mix
+        report["engine"].update(per_adapter_metrics([r.model for r in requests], results, mix, duration, slos))
     print(format_table(report))
     write_report(report, args.output_json or default_output_path("serve", report, f"rate-{report['request_rate']}"))
     return 0 if report["engine"]["failed"] == 0 else 1

@@ -23,6 +23,7 @@ class ServeRequest:
     output_len: int
     is_long: bool = False  # one of the long-prompt mix's
     json_schema: dict | None = None  # --structured-fraction: sent as response_format json_schema
+    model: str | None = None  # the model field (a LoRA adapter's name, --lora-mix); None: the run's model
 
 
 @dataclass(slots=True)
@@ -62,7 +63,7 @@ async def send_completion(client: Any, url: str, model: str, request: ServeReque
                           token_ids_out: list[int] | None = None) -> RequestResult:
     """Streams one completion; never raises (a failure is a result with ``success`` False). ``token_ids_out``
     collects the generated ids the stream carries (with ``return_token_ids`` in ``extra_body``)."""
-    payload = {"model": model, "prompt": request.prompt, "max_tokens": request.output_len, "temperature": 1.0,
+    payload = {"model": request.model or model, "prompt": request.prompt, "max_tokens": request.output_len, "temperature": 1.0,
                "top_p": 1.0, "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True},
                **(extra_body or {})}
     if request.json_schema is not None:

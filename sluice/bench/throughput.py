@@ -109,26 +109,32 @@ def sampling_params_for(requests: Sequence[BenchRequest], detokenize: bool) -> l
 
 
 def run_sluice(engine_args: EngineArgs, requests: Sequence[BenchRequest], name: str = "sluice",
-               detokenize: bool = True, num_warmup: int = 4, use_tqdm: bool = True) -> EngineRun:
-    """Loads the engine, warms it up, and times ``LLM.generate`` over ``requests``. The engine is dropped after."""
+               detokenize: bool = True, num_warmup: int = 4, use_tqdm: bool = True,
+               lora_requests: Sequence[Any] | None = None) -> EngineRun:
+    """Loads the engine, warms it up, and times ``LLM.generate`` over ``requests``. The engine is dropped after.
+    ``lora_requests``: each request's adapter (LoRARequest or None), for an engine with LoRA enabled."""
     from sluice.llm import LLM
 
     kwargs = {f.name: getattr(engine_args, f.name) for f in dataclasses.fields(engine_args)
               if not f.name.startswith("_")}
     llm = LLM(**kwargs)
     engine = llm.llm_engine
+    if lora_requests:  # every adapter loaded (and its kernels compiled) before the clock starts
+        num_warmup = max(num_warmup, len({id(r) for r in lora_requests if r is not None}))
     if num_warmup:
         # Reversed prompts: the same lengths, but no block the timed run could find in the prefix cache.
         warmup = [BenchRequest(r.prompt_token_ids[::-1], min(r.output_len, 8), r.json_schema)
                   for r in requests[:num_warmup]]
-        llm.generate(_prompts(warmup), sampling_params_for(warmup, detokenize), use_tqdm=False)
+        llm.generate(_prompts(warmup), sampling_params_for(warmup, detokenize), use_tqdm=False,
+                     lora_request=list(lora_requests[:num_warmup]) if lora_requests else None)
     recorder = StepRecorder(engine.engine_core.make_stats())
     engine.stat_loggers.append(recorder)
     prompts, params = _prompts(requests), sampling_params_for(requests, detokenize)
     _sync(engine.model_config.device)
     with CompileLog() as compiles:  # a compile in the timed run is a stall that start-up should have paid
         start = time.perf_counter()
-        outputs = llm.generate(prompts, params, use_tqdm=use_tqdm)
+        outputs = llm.generate(prompts, params, use_tqdm=use_tqdm,
+                               lora_request=list(lora_requests) if lora_requests else None)
         _sync(engine.model_config.device)
         elapsed = time.perf_counter() - start
     engine.stat_loggers.remove(recorder)
@@ -138,7 +144,8 @@ def run_sluice(engine_args: EngineArgs, requests: Sequence[BenchRequest], name: 
                        ", ".join(sorted({event["kernel"] for event in compiles.events})))
     generated = sum(len(o.outputs[0].token_ids) for o in outputs)
     cache_hit_rate = recorder.prefix_cache_hits / recorder.prefix_cache_queries if recorder.prefix_cache_queries else 0.0
-    extra = {"enable_prefix_caching": engine_args.enable_prefix_caching, "avg_batch": recorder.avg_batch,
+    extra = {"enable_prefix_caching": engine_args.enable_prefix_caching, "enable_lora": engine_args.enable_lora,
+             "avg_batch": recorder.avg_batch,
              "prefix_cache_hit_rate": cache_hit_rate, "num_preemptions": recorder.num_preemptions,
              "triton_compiles_during_run": len(compiles.events), "triton_compile_s": compiles.seconds}
     run = EngineRun(ThroughputResult.from_requests(name, requests, elapsed, output_tokens=generated, extra=extra),

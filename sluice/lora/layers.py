@@ -9,18 +9,28 @@ its adapters in ``max_loras`` slots, ranks zero-padded to ``max_lora_rank``, the
 
     A [slots, r_max, in]      B [slots, out_i, r_max]      out[:, off_i : off_i + out_i] += x A[s]^T B[s]^T
 
+The sub-projections' A's are one tensor [subs, slots, r_max, in] and their B's one [slots, out, r_max] (B's
+rows the fused output columns), ``lora_a[i]`` and ``lora_b[i]`` views into them.
+
 Each step the runner sets the ``LoRABatch``: which token rows use which slot (tokens of the base model
-use none). Rows are grouped by slot, so one step costs one shrink and one expand matmul per slot and
-sub-projection that slot's adapter targets:
+use none). On the CPU (``apply_lora``, also the reference) rows are grouped by slot, so one step costs one
+shrink and one expand matmul per slot and sub-projection that slot's adapter targets:
 
     tokens   t0 t1 t2 t3 t4 t5          segments  slot 0 -> rows [0, 1, 4]
     slot      0  0  -  1  0  1                    slot 1 -> rows [3, 5]        (t2: base)
+
+On CUDA the batch carries ``step_index`` instead (persistent device buffers, see triton_ops.py) and each
+layer runs one Triton shrink and one expand launch for all its sub-projections; CUDA graphs capture them.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from sluice.lora.triton_ops import LoRAStepIndex
 
 
 @dataclass(slots=True)
@@ -30,6 +40,11 @@ class LoRABatch:
     segments: list[tuple[int, slice | torch.Tensor]] = field(default_factory=list)
     # slot -> rank of the adapter loaded there (the matmuls use only that many of the r_max rows).
     slot_ranks: list[int] = field(default_factory=list)
+    # CUDA: the rows' slots on the device (triton_ops.LoRAStepIndex) and the float32 shrink output
+    # [max subs, max_num_tokens, r_max] every layer shares; None on the CPU.
+    step_index: LoRAStepIndex | None = None
+    shrunk: torch.Tensor | None = None
+    active: bool = False  # CUDA: whether any row of this step has an adapter (else eager steps skip the kernels)
 
 
 class LoRASlotWeights:
@@ -39,9 +54,12 @@ class LoRASlotWeights:
                  dtype: torch.dtype, device: torch.device) -> None:
         self.output_sizes = list(output_sizes)
         self.offsets = [sum(output_sizes[:i]) for i in range(len(output_sizes))]
-        self.lora_a = [torch.zeros(max_loras, max_rank, input_size, dtype=dtype, device=device)
-                       for _ in output_sizes]
-        self.lora_b = [torch.zeros(max_loras, size, max_rank, dtype=dtype, device=device) for size in output_sizes]
+        self.a_stacked = torch.zeros(len(output_sizes), max_loras, max_rank, input_size, dtype=dtype, device=device)
+        self.b_stacked = torch.zeros(max_loras, sum(output_sizes), max_rank, dtype=dtype, device=device)
+        self.lora_a = list(self.a_stacked.unbind(0))
+        self.lora_b = [self.b_stacked[:, offset:offset + size] for offset, size in zip(self.offsets, output_sizes)]
+        # For the kernels: column offsets of the sub-projections, [subs + 1] on the device.
+        self.sub_offsets = torch.tensor(self.offsets + [sum(output_sizes)], dtype=torch.int32, device=device)
         # Host-side: which (slot, sub-projection) holds a non-zero adapter, so untargeted ones cost nothing.
         self.active = [[False] * len(output_sizes) for _ in range(max_loras)]
 
@@ -88,7 +106,22 @@ class LoRALinearMethod:
 
     def apply(self, layer: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
         out = self.base_method.apply(layer, x)
-        if not self.batch.segments:
+        batch = self.batch
+        if batch.step_index is not None:
+            # active also while graphs are captured (LoRAManager.capturing): replays read the step's index.
+            if batch.active:
+                apply_lora_kernels(x.reshape(-1, x.shape[-1]), out.view(-1, out.shape[-1]), self.weights, batch)
             return out
-        return apply_lora(x.reshape(-1, x.shape[-1]), out.view(-1, out.shape[-1]), self.weights, self.batch
+        if not batch.segments:
+            return out
+        return apply_lora(x.reshape(-1, x.shape[-1]), out.view(-1, out.shape[-1]), self.weights, batch
                           ).view(out.shape)
+
+
+def apply_lora_kernels(x: torch.Tensor, out: torch.Tensor, weights: LoRASlotWeights, batch: LoRABatch) -> None:
+    """out += the LoRA delta with the Triton kernels (CUDA): one shrink and one expand launch per layer."""
+    from sluice.lora.triton_ops import lora_expand, lora_shrink
+
+    lora_shrink(x, weights.a_stacked, batch.shrunk, batch.step_index)
+    lora_expand(batch.shrunk, weights.b_stacked, out, weights.sub_offsets, max(weights.output_sizes),
+                batch.step_index)

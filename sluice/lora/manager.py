@@ -10,10 +10,12 @@ PEFT names its tensors after the separate projections; sluice fuses some of them
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
 from collections import OrderedDict
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -41,7 +43,9 @@ class LoRAAdapter:
 
 class LoRAManager:
     def __init__(self, model: torch.nn.Module, config: LoRAConfig, dtype: torch.dtype,
-                 device: torch.device) -> None:
+                 device: torch.device, max_num_tokens: int | None = None, use_kernels: bool | None = None) -> None:
+        """``max_num_tokens``: the most token rows of a step (sizes the kernels' buffers; needed with them).
+        ``use_kernels``: the Triton kernels (default: on CUDA) rather than the torch path."""
         self.config = config
         self.dtype, self.device = dtype, device
         self.batch = LoRABatch(slot_ranks=[0] * config.max_loras)
@@ -53,6 +57,14 @@ class LoRAManager:
                                           dtype, device)
                 module.linear_method = LoRALinearMethod(module.linear_method, weights, self.batch)
                 self.layers[name] = weights
+        if use_kernels if use_kernels is not None else device.type == "cuda":
+            if max_num_tokens is None:
+                raise ValueError("the LoRA kernels need max_num_tokens")
+            from sluice.lora.triton_ops import LoRAStepIndex
+            max_subs = max((len(w.output_sizes) for w in self.layers.values()), default=1)
+            self.batch.step_index = LoRAStepIndex.allocate(max_num_tokens, config.max_loras, device)
+            self.batch.shrunk = torch.zeros(max_subs, max_num_tokens, config.max_lora_rank, dtype=torch.float32,
+                                            device=device)
         self._shard_index = _shard_indices(getattr(model, "stacked_params_mapping", []))
         self.requests: dict[int, LoRARequest] = {}  # every adapter seen: reloaded from its path when evicted
         self.cpu_cache: OrderedDict[int, LoRAAdapter] = OrderedDict()
@@ -124,6 +136,13 @@ class LoRAManager:
         if len(ids) > self.config.max_loras:
             raise RuntimeError(f"a step uses {len(ids)} adapters, more than max_loras={self.config.max_loras}")
         slot_of = {lora_id: self._slot_for(lora_id, ids) for lora_id in ids}
+        if self.batch.step_index is not None:
+            token_slots = np.full(len(token_lora_ids), -1, dtype=np.int32)
+            for lora_id, slot in slot_of.items():
+                token_slots[token_lora_ids == lora_id] = slot
+            self.batch.step_index.fill(token_slots)
+            self.batch.active = bool(ids)
+            return
         segments: list[tuple[int, slice | torch.Tensor]] = []
         if len(ids) == 1 and (token_lora_ids == ids[0]).all():
             segments.append((slot_of[ids[0]], slice(0, len(token_lora_ids))))
@@ -132,6 +151,21 @@ class LoRAManager:
                 rows = np.flatnonzero(token_lora_ids == lora_id)
                 segments.append((slot, torch.from_numpy(rows).to(self.device, non_blocking=True)))
         self.batch.segments = segments
+
+    @contextlib.contextmanager
+    def capturing(self) -> Iterator[None]:
+        """While CUDA graphs are captured: the layers launch the kernels (in the warm-up passes too, so that
+        Triton compiles outside the capture) over an index with no adapter rows; at replay the index the
+        runner fills for the step decides which rows they touch."""
+        if self.batch.step_index is None:
+            yield
+            return
+        self.batch.step_index.fill(np.zeros(0, dtype=np.int32))
+        self.batch.active = True
+        try:
+            yield
+        finally:
+            self.batch.active = False
 
     def _slot_for(self, lora_id: int, needed: list[int]) -> int:
         if lora_id in self.slots:

@@ -13,6 +13,7 @@ synchronisation of a step is reading the sampled token ids.
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import time
@@ -139,7 +140,8 @@ class ModelRunner:
         self.model.eval()
         if self.lora_config is not None:  # wraps the linear layers' methods: LoRA hooks in only when asked for
             from sluice.lora.manager import LoRAManager
-            self.lora_manager = LoRAManager(self.model, self.lora_config, self.dtype, self.device)
+            self.lora_manager = LoRAManager(self.model, self.lora_config, self.dtype, self.device,
+                                            max_num_tokens=self.step_buffers.max_num_tokens)
         self.load_seconds = time.perf_counter() - start
 
     @property
@@ -206,8 +208,7 @@ class ModelRunner:
     def initialize_kv_cache(self, num_blocks: int) -> None:
         self.kv_caches = allocate_kv_caches(self.kv_spec, num_blocks, self.device)
         self._bind(self.kv_caches)
-        # The LoRA path groups token rows on the host each step: it runs eagerly.
-        if self.device.type == "cuda" and not self.enforce_eager and self.lora_manager is None:
+        if self.device.type == "cuda" and not self.enforce_eager:
             self.capture_cuda_graphs()
 
     def initialize_host_kv_cache(self, num_host_blocks: int) -> None:
@@ -220,7 +221,12 @@ class ModelRunner:
         return measure_preemption_costs(self.kv_spec, self.num_parameters, self._num_heads, self.device)
 
     def capture_cuda_graphs(self) -> None:
-        """Captures the decode and mixed-step graphs (after the KV cache is bound: they read its address)."""
+        """Captures the decode and mixed-step graphs (after the KV cache is bound: they read its address);
+        with LoRA on, with the LoRA kernels in them."""
+        with self.lora_manager.capturing() if self.lora_manager is not None else contextlib.nullcontext():
+            self._capture_cuda_graphs()
+
+    def _capture_cuda_graphs(self) -> None:
         max_len = self.model_config.max_model_len
         graphs = DecodeGraphs(self.model, self.step_buffers, capture_sizes(self.max_num_seqs), max_seq_len=max_len)
         pool = graphs.capture()

@@ -2,6 +2,8 @@
 finds no slot waits in its place while others (the base model, adapters already running) go ahead."""
 from __future__ import annotations
 
+import pytest
+
 from sluice.config import CacheConfig, SchedulerConfig
 from sluice.core.request import Request
 from sluice.core.scheduler import Scheduler
@@ -102,3 +104,83 @@ def test_lora_requests_info_gauge_names_running_and_waiting_adapters():
     metrics.record(stats)
     text = generate_latest(registry).decode()
     assert 'sluice:lora_requests_info{max_lora="1",running_lora_adapters="a1",waiting_lora_adapters="a2"}' in text
+
+
+def _reference_fair_order(queue, waiting: list[Request]) -> list[Request]:
+    """The fair order spelled out: each time, the adapter with the lowest (virtual time, head's arrival),
+    ties to the adapter seen first in ``waiting``; preempted requests first."""
+    from collections import deque
+
+    from sluice.core.request import RequestStatus
+
+    ordered = [r for r in waiting if r.status == RequestStatus.PREEMPTED]
+    queues: dict[int, deque] = {}
+    for request in waiting:
+        if request.status != RequestStatus.PREEMPTED:
+            queues.setdefault(request.lora_int_id, deque()).append(request)
+    clock = {i: max(queue.virtual_time.get(i, 0.0), queue.now) for i in queues}
+    while queues:
+        lora_id = min(queues, key=lambda i: (clock[i], queues[i][0].arrival_time))
+        ordered.append(queues[lora_id].popleft())
+        clock[lora_id] += 1
+        if not queues[lora_id]:
+            del queues[lora_id]
+    return ordered
+
+
+@pytest.mark.parametrize("arrivals", ["tied", "distinct"])
+def test_fair_order_equals_the_spelled_out_fair_order_as_requests_come_and_start(arrivals):
+    """Tied arrivals (three steps share a time) make ties the full merge breaks by place; distinct ones let
+    most steps take the incremental path. Either way: the order of the spelled-out merge."""
+    import random
+
+    from sluice.core.request import RequestStatus
+    from sluice.lora.scheduling import FairLoRAQueue
+
+    rng = random.Random(0)
+    queue = FairLoRAQueue()
+    merges = []
+    full_merge = queue._merge
+    queue._merge = lambda w: merges.append(1) or full_merge(w)
+    waiting: list[Request] = []
+    for step in range(300):
+        for i in range(rng.choice([0, 0, 1, 3])):
+            request = _request(f"r{step}-{i}", rng.choice([0, 1, 1, 1, 2, 3, 4]))
+            request.arrival_time = float(step // 3) if arrivals == "tied" else step + i / 10
+            waiting.insert(0, request) if rng.random() < 0.05 else waiting.append(request)
+            if rng.random() < 0.05:
+                request.status = RequestStatus.PREEMPTED
+        expected = _reference_fair_order(queue, waiting)
+        waiting[:] = queue.order(waiting)
+        assert [r.request_id for r in waiting] == [r.request_id for r in expected]
+        again = _reference_fair_order(queue, waiting)  # nothing changed (the merge may skip itself)
+        assert [r.request_id for r in queue.order(waiting)] == [r.request_id for r in again]
+        for _ in range(rng.choice([0, 0, 1, 2])):  # start some, not always from the front
+            if waiting:
+                started = waiting.pop(min(len(waiting) - 1, rng.choice([0, 0, 0, 0, 0, 0, 1, 3])))
+                queue.started(started)
+    if arrivals == "distinct":
+        assert len(merges) < 200, len(merges)  # of 300 steps: the others took the incremental path
+
+
+def test_an_unchanged_list_stands_and_arrivals_after_front_starts_are_inserted_without_a_merge():
+    from sluice.lora.scheduling import FairLoRAQueue
+
+    queue = FairLoRAQueue()
+    waiting = []
+    for i, lora_id in enumerate([1, 1, 1, 2, 2, 3]):
+        waiting.append(_request(f"r{i}", lora_id))
+        waiting[-1].arrival_time = float(i)
+    waiting[:] = queue.order(waiting)
+    assert [r.request_id for r in waiting] == ["r0", "r3", "r5", "r1", "r4", "r2"]
+    assert queue.order(waiting) is waiting  # no arrival, no start: the order stands
+    queue.started(waiting.pop(0))
+    waiting.append(_request("r6", 1))
+    waiting[-1].arrival_time = 6.0
+    merges = []
+    monkeypatched = queue._merge
+    queue._merge = lambda w: merges.append(1) or monkeypatched(w)
+    waiting[:] = queue.order(waiting)  # the front started, one arrived: inserted at its key, no merge
+    assert [r.request_id for r in waiting] == ["r3", "r5", "r1", "r4", "r2", "r6"] and not merges
+    queue.started(waiting.pop(1))  # not the front: a full merge next time
+    assert [r.request_id for r in queue.order(waiting)] == ["r3", "r1", "r4", "r2", "r6"] and merges
