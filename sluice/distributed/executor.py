@@ -187,10 +187,30 @@ class TPExecutor:
         """Sends the step to every worker, then launches it here (grammars apply on rank 0, which samples)."""
         self._check_workers()
         self._send((STEP, (scheduler_output,)))
-        return self.runner.launch(scheduler_output, grammar)
+        try:
+            return self.runner.launch(scheduler_output, grammar)
+        except RuntimeError as exc:
+            self._blame_dead_worker(exc)
+            raise
 
     def collect(self, step: Any) -> Any:
-        return self.runner.collect(step)
+        try:
+            return self.runner.collect(step)
+        except RuntimeError as exc:
+            self._blame_dead_worker(exc)
+            raise
+
+    def _blame_dead_worker(self, exc: RuntimeError) -> None:
+        """A collective fails when a peer's connection drops: say which worker died, if one did."""
+        deadline = time.monotonic() + 1.0
+        while True:
+            for worker in self._workers:
+                if worker.process.poll() is not None:
+                    self._dead = self._dead or worker.describe_exit()
+                    raise TPWorkerDiedError(self._dead) from exc
+            if time.monotonic() > deadline:
+                return
+            time.sleep(0.05)
 
     def execute(self, scheduler_output: Any, grammar: Any = None) -> Any:
         return self.collect(self.launch(scheduler_output, grammar))
