@@ -174,10 +174,16 @@ class QKVParallelLinear(ColumnParallelLinear):
         index = "qkv".index(shard_id)
         offset, size = sum(self.output_sizes[:index]), self.output_sizes[index]
         # Which slice of the checkpoint's heads this rank holds: its q heads, or its (maybe shared) KV heads.
-        head_block = self.tp_rank if shard_id == "q" else self.tp_rank // self.num_kv_head_replicas
+        name = f"{type(self).__name__} shard {shard_id}"
+        if self.tp_size > 1:
+            num_blocks = self.tp_size if shard_id == "q" else self.tp_size // self.num_kv_head_replicas
+            if loaded_weight.shape[0] != num_blocks * size:
+                raise ValueError(f"{name}: checkpoint tensor has {loaded_weight.shape[0]} rows, "
+                                 f"expected {num_blocks * size}")
+            head_block = self.tp_rank if shard_id == "q" else self.tp_rank // self.num_kv_head_replicas
+            loaded_weight = loaded_weight.narrow(0, head_block * size, size)
         with torch.no_grad():
-            copy_weight_checked(param.data.narrow(0, offset, size), loaded_weight.narrow(0, head_block * size, size),
-                                f"{type(self).__name__} shard {shard_id}")
+            copy_weight_checked(param.data.narrow(0, offset, size), loaded_weight, name)
 
 
 def check_tp_heads(num_heads: int, num_kv_heads: int, tp_size: int) -> None:
