@@ -1,8 +1,9 @@
 """What a tensor-parallel engine (tensor_parallel_size > 1) runs, and what it refuses with a clear error.
 
-Sharded today: the dense decoder families built from Llama's blocks (Llama, Mistral, Qwen2, Qwen3, Gemma 2/3,
-Phi-3), unquantized, for generation. Refused: pipeline parallelism, quantized linear methods, LoRA, mixture of
-experts, pooling (embedding) engines, GGUF files, and head counts that do not split into whole heads per rank.
+Sharded today: the decoder families built from Llama's blocks (Llama, Mistral, Qwen2, Qwen3, Gemma 2/3, Phi-3,
+and the mixture-of-experts Mixtral, Qwen2-MoE, Qwen3-MoE: experts split along their intermediate dimension),
+unquantized, for generation. Refused: pipeline parallelism, quantized linear methods, LoRA, pooling (embedding)
+engines, GGUF files, and head counts or sizes that do not split evenly across the ranks.
 """
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ if TYPE_CHECKING:
 TP_ARCHITECTURES = frozenset({
     "LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
     "Gemma2ForCausalLM", "Gemma3ForCausalLM", "Phi3ForCausalLM",
+    # experts split along their intermediate dimension, like the dense MLP
+    "MixtralForCausalLM", "Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM",
 })
 EXECUTOR_BACKENDS = ("mp", "ray")
 
@@ -54,7 +57,7 @@ def check_tp_model(model: "ModelConfig", tp_size: int) -> None:
     if getattr(hf_config, "quantization_config", None):
         raise ValueError("quantized checkpoints are not supported with tensor_parallel_size > 1")
     check_tp_heads(hf_config.num_attention_heads, hf_num_kv_heads(hf_config), tp_size)
-    for name in ("hidden_size", "intermediate_size"):
+    for name in ("hidden_size", "intermediate_size", "moe_intermediate_size", "shared_expert_intermediate_size"):
         size = getattr(hf_config, name, None)
         if size is not None and size % tp_size:
             raise ValueError(f"tensor_parallel_size {tp_size} must divide {name} ({size})")

@@ -23,7 +23,7 @@ def test_flags_tensor_parallelism_cannot_serve_are_refused(overrides, message):
 
 
 @pytest.mark.parametrize("arch, overrides, message", [
-    ("mixtral", {}, "MixtralForCausalLM is not supported with tensor_parallel_size > 1"),
+    ("qwen3_moe", dict(num_key_value_heads=2, moe_intermediate_size=41), "must divide moe_intermediate_size \\(41\\)"),
     ("qwen2", {}, "must divide the number of KV heads \\(3\\) or be a multiple of it"),  # 3 KV heads over 2 ranks
     ("llama", dict(num_attention_heads=3, num_key_value_heads=1, hidden_size=48), "attention heads \\(3\\)"),
 ])
@@ -31,6 +31,12 @@ def test_models_that_do_not_shard_are_refused(tmp_path, arch, overrides, message
     path = save_tiny_model(tmp_path / arch, arch, **overrides)
     with pytest.raises(ValueError, match=message):
         create_engine_config(EngineArgs(model=str(path), tensor_parallel_size=2), CPU)
+
+
+def test_pooling_engines_are_refused(tmp_path):
+    path = save_tiny_model(tmp_path / "llama", "llama")
+    with pytest.raises(ValueError, match="pooling"):
+        create_engine_config(EngineArgs(model=str(path), tensor_parallel_size=2, runner="pooling"), CPU)
 
 
 def test_kv_heads_split_or_replicate_across_ranks():

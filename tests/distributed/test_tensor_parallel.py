@@ -3,7 +3,8 @@
 Each engine runs with a 16-token step budget (chunked prefill everywhere), a KV pool small enough to force
 preemption, and prefix caching on (the second round hits the cache). The models exercise every sharding
 rule: tied embeddings and row-parallel biases (Llama), a vocabulary that does not split evenly and a single
-KV head replicated on both ranks (Qwen2), async scheduling (rank 0 launches a step before collecting the last).
+KV head replicated on both ranks (Qwen2), experts split along their intermediate dimension (Qwen2-MoE); with
+async scheduling (rank 0 launches a step before collecting the last).
 """
 from __future__ import annotations
 
@@ -23,6 +24,8 @@ MODELS = {
     "llama": dict(arch="llama", tie_word_embeddings=True, attention_bias=True, mlp_bias=True),
     # 6 heads, 1 KV head (replicated on both ranks); vocab 383 (rank 1's last row is padding); qkv bias
     "qwen2_one_kv_head": dict(arch="qwen2", num_key_value_heads=1, vocab_size=383),
+    # experts split along their intermediate dimension, a shared expert, a dense layer (mlp_only_layers)
+    "qwen2_moe": dict(arch="qwen2_moe", num_key_value_heads=2),
 }
 
 
