@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from sluice.distributed.parallel_state import destroy_tp_group, init_tp_group, set_nccl_env_defaults
-from sluice.distributed.worker import COMMANDS, SHUTDOWN, STEP, make_runner
+from sluice.distributed.worker import COMMANDS, SHUTDOWN, STEP, make_runner, set_rank_cpu_threads
 
 logger = logging.getLogger(__name__)
 
@@ -82,6 +82,12 @@ class TPExecutor:
         if parallel.distributed_executor_backend == "ray":
             _check_ray()
         world_size = parallel.tensor_parallel_size
+        if config.model.device == "cuda":
+            import torch
+            if torch.cuda.device_count() < world_size:
+                raise ValueError(f"tensor_parallel_size {world_size} needs as many GPUs; "
+                                 f"{torch.cuda.device_count()} are visible")
+        set_rank_cpu_threads(config, world_size)
         set_nccl_env_defaults()  # inherited by the workers
         init_method = f"tcp://127.0.0.1:{_free_port()}"
         self._closing = False

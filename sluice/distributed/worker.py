@@ -42,6 +42,18 @@ COMMANDS: dict[str, Callable[..., Any]] = {
 }
 
 
+def set_rank_cpu_threads(config: Any, world_size: int) -> None:
+    """On the CPU the ranks share the machine: without an explicit --cpu-threads each takes 1/N of the default."""
+    from sluice.engine.cpu_threads import resolve_cpu_threads, set_cpu_threads
+
+    if config.model.device != "cpu":
+        return
+    threads = resolve_cpu_threads(config.model.cpu_threads)
+    if threads is not None and config.model.cpu_threads is None:
+        threads = max(1, threads // world_size)
+    set_cpu_threads(threads)
+
+
 def make_runner(config: Any) -> Any:
     from sluice.worker.model_runner import ModelRunner
     return ModelRunner(config.model, config.cache.block_size, config.scheduler.max_num_seqs,
@@ -63,9 +75,8 @@ def run_worker(conn: Connection) -> None:
     import torch
 
     from sluice.distributed.parallel_state import init_tp_group
-    from sluice.engine.cpu_threads import set_cpu_threads
 
-    set_cpu_threads(config.model.cpu_threads)
+    set_rank_cpu_threads(config, world_size)
     init_tp_group(rank, world_size, init_method, config.model.device)
     runner = make_runner(config)
     with torch.inference_mode():

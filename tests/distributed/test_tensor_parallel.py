@@ -16,9 +16,9 @@ from sluice import LLM, SamplingParams
 from tests.engine.test_hf_equivalence import assert_no_leaked_blocks
 from tests.tiny_models import hf_greedy, save_tiny_model
 
-MAX_NEW_TOKENS = 10
+MAX_NEW_TOKENS = 6
 TIGHT_ENGINE = dict(dtype="float32", device="cpu", max_model_len=128, max_num_batched_tokens=16, block_size=4,
-                    num_kv_blocks=24, enable_prefix_caching=True)
+                    num_kv_blocks=20, enable_prefix_caching=True)
 MODELS = {
     # 4 heads, 2 KV heads (one per rank); tied embeddings; biases on o_proj and down_proj (row-parallel)
     "llama": dict(arch="llama", tie_word_embeddings=True, attention_bias=True, mlp_bias=True),
@@ -31,7 +31,7 @@ MODELS = {
 
 def _prompts(seed: int = 0) -> list[list[int]]:
     rng = random.Random(seed)
-    prompts = [[rng.randrange(4, 383) for _ in range(n)] for n in (1, 5, 17, 33, 9)]
+    prompts = [[rng.randrange(4, 383) for _ in range(n)] for n in (1, 17, 33)]
     shared = [rng.randrange(4, 383) for _ in range(24)]
     return prompts + [shared + [rng.randrange(4, 383) for _ in range(k)] for k in (2, 11)]
 
