@@ -31,7 +31,8 @@ from pathlib import Path
 from typing import Any
 
 from sluice.distributed.parallel_state import destroy_tp_group, init_tp_group, set_nccl_env_defaults
-from sluice.distributed.worker import COMMANDS, SHUTDOWN, STEP, make_runner, set_rank_cpu_threads
+from sluice.distributed.worker import COMMANDS, SHUTDOWN, STEP, set_rank_cpu_threads
+from sluice.worker.model_runner import make_model_runner
 
 logger = logging.getLogger(__name__)
 
@@ -102,10 +103,13 @@ class TPExecutor:
             raise
         self._wake_r, self._wake_w = os.pipe()
         threading.Thread(target=self._watch_workers, name="tp-worker-watchdog", daemon=True).start()
-        self.runner = make_runner(config)
+        self.runner = make_model_runner(config)
 
     def __getattr__(self, name: str) -> Any:
-        return getattr(self.__dict__["runner"], name)
+        runner = self.__dict__.get("runner")
+        if runner is None:
+            raise AttributeError(name)
+        return getattr(runner, name)
 
     def _join_group(self, world_size: int, init_method: str, device_type: str) -> None:
         """Joins the TP group in a thread, so that a worker dying before it joins fails start-up, not hangs it."""
@@ -231,7 +235,7 @@ class TPExecutor:
             return
         self._closing = True
         atexit.unregister(self.shutdown)
-        if hasattr(self, "_wake_w"):
+        if "_wake_w" in self.__dict__:
             os.write(self._wake_w, b"x")
         for worker in self._workers:
             try:

@@ -54,13 +54,6 @@ def set_rank_cpu_threads(config: Any, world_size: int) -> None:
     set_cpu_threads(threads)
 
 
-def make_runner(config: Any) -> Any:
-    from sluice.worker.model_runner import ModelRunner
-    return ModelRunner(config.model, config.cache.block_size, config.scheduler.max_num_seqs,
-                       config.scheduler.max_num_batched_tokens, enforce_eager=config.model.enforce_eager,
-                       lora_config=config.lora)
-
-
 def _exit_when_parent_dies(parent_pid: int) -> None:
     while True:
         time.sleep(0.5)
@@ -75,10 +68,11 @@ def run_worker(conn: Connection) -> None:
     import torch
 
     from sluice.distributed.parallel_state import init_tp_group
+    from sluice.worker.model_runner import make_model_runner
 
     set_rank_cpu_threads(config, world_size)
     init_tp_group(rank, world_size, init_method, config.model.device)
-    runner = make_runner(config)
+    runner = make_model_runner(config)
     with torch.inference_mode():
         while True:
             try:

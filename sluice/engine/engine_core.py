@@ -28,7 +28,7 @@ from sluice.engine.cpu_threads import set_cpu_threads
 from sluice.engine.startup import StartupTimer
 from sluice.stats import SchedulerStats
 from sluice.structured_output import StructuredOutputManager
-from sluice.worker.model_runner import LaunchedStep, ModelRunner
+from sluice.worker.model_runner import LaunchedStep, make_model_runner
 
 logger = logging.getLogger(__name__)
 
@@ -51,9 +51,7 @@ class EngineCore:
         timer = StartupTimer()
         set_cpu_threads(config.model.cpu_threads)
         if config.parallel.tensor_parallel_size == 1:
-            self.runner = ModelRunner(config.model, config.cache.block_size, config.scheduler.max_num_seqs,
-                                      config.scheduler.max_num_batched_tokens,
-                                      enforce_eager=config.model.enforce_eager, lora_config=config.lora)
+            self.runner = make_model_runner(config)
         else:  # rank 0 here, ranks 1..N-1 in processes it starts: same calls (sluice/distributed/executor.py)
             from sluice.distributed.executor import TPExecutor
             self.runner = TPExecutor(config)

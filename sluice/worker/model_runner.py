@@ -23,11 +23,11 @@ import numpy as np
 import torch
 
 from sluice.attention import AttentionMetadata, get_attention_backend
-from sluice.config import CacheConfig, LoRAConfig, ModelConfig
+from sluice.config import CacheConfig, EngineConfig, LoRAConfig, ModelConfig
+from sluice.core.interface import LogprobsLists, ModelRunnerOutput, NewRequestData, SchedulerOutput
 from sluice.distributed.communication import tp_broadcast
 from sluice.distributed.parallel_state import get_tp_rank_and_size
 from sluice.distributed.support import per_rank_heads
-from sluice.core.interface import LogprobsLists, ModelRunnerOutput, NewRequestData, SchedulerOutput
 from sluice.sample.logprobs import compute_prompt_logprobs
 from sluice.sample.metadata import PendingOutputs, RequestSamplingState, SamplingMetadata
 from sluice.sample.sampler import Sampler, SamplerOutput
@@ -471,3 +471,10 @@ class ModelRunner:
             targets = torch.from_numpy(self.input_batch.token_ids[row, start + 1:stop + 1]).to(self.device)
             result[req_id] = compute_prompt_logprobs(logits, targets, num_logprobs)
         return result
+
+
+def make_model_runner(config: EngineConfig) -> ModelRunner:
+    """The runner of one rank (the only one at tensor_parallel_size 1), before its model is loaded."""
+    return ModelRunner(config.model, config.cache.block_size, config.scheduler.max_num_seqs,
+                       config.scheduler.max_num_batched_tokens, enforce_eager=config.model.enforce_eager,
+                       lora_config=config.lora)
