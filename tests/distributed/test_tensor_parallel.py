@@ -65,5 +65,21 @@ def test_two_ranks_match_one_rank_and_transformers(tiny_model):
         stats = core.make_stats()
         assert stats.num_preemptions > 0
         assert stats.prefix_cache_hits > 0
+        assert_random_samples_are_every_ranks_tokens(llm, single, prompts[:3])
     finally:
         llm.llm_engine.shutdown()
+
+
+def assert_random_samples_are_every_ranks_tokens(llm: LLM, single: LLM, prompts: list[list[int]]) -> None:
+    """Unseeded sampling draws differently on each rank's RNG; every rank must still go on from rank 0's tokens.
+    A rank that appended its own draw would compute K/V of other tokens: the logprobs rank 0 reports for its
+    samples would then differ from the single-rank engine's prompt logprobs of the same sequences."""
+    params = SamplingParams(temperature=1.0, max_tokens=MAX_NEW_TOKENS, ignore_eos=True, logprobs=0)
+    outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    check = SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=0)
+    for prompt, output in zip(prompts, outputs):
+        sampled = output.outputs[0]
+        reference = single.generate([{"prompt_token_ids": prompt + sampled.token_ids}], check, use_tqdm=False)[0]
+        for i, (token_id, logprobs) in enumerate(zip(sampled.token_ids, sampled.logprobs)):
+            expected = reference.prompt_logprobs[len(prompt) + i][token_id].logprob
+            assert logprobs[token_id].logprob == pytest.approx(expected, abs=1e-4)
