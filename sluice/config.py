@@ -110,6 +110,8 @@ class EngineArgs:
     async_scheduling: bool | None = None  # default: on for CUDA
     tensor_parallel_size: int = 1
     data_parallel_size: int = 1  # engine cores, each a full replica in its own process (engine/dp_client.py)
+    pipeline_parallel_size: int = 1  # only 1: pipeline parallelism is not implemented
+    distributed_executor_backend: str = "mp"  # mp | ray: how ranks 1..N-1 of tensor parallelism are started
     disable_log_stats: bool = False
     cpu_threads: int | None = None  # torch threads of the process running the model on the CPU
     runner: str = "auto"  # auto | generate | pooling (embeddings); see sluice/pooling/config.py
@@ -161,9 +163,13 @@ class EngineArgs:
         "max_logprobs": "largest logprobs / prompt_logprobs a request may ask for",
         "enforce_eager": "never capture CUDA graphs",
         "async_scheduling": "schedule step t+1 while step t runs on the GPU (default: on for CUDA)",
-        "tensor_parallel_size": "GPUs to shard the model over",
+        "tensor_parallel_size": "ranks (GPUs; processes on the CPU) to shard the model over: attention heads, "
+                                "MLP and vocabulary split across them (sluice/distributed/)",
         "data_parallel_size": "engine cores (full model replicas, each its own process and devices) behind the "
                               "front end; requests are routed by prompt prefix and load",
+        "pipeline_parallel_size": "only 1: pipeline parallelism is not supported (use --tensor-parallel-size)",
+        "distributed_executor_backend": "mp: ranks 1..N-1 of tensor parallelism are processes the engine core "
+                                        "spawns; ray: Ray actors (not implemented yet)",
         "disable_log_stats": "do not log engine stats",
         "cpu_threads": "torch threads for the model on the CPU (default: $SLUICE_CPU_THREADS, else "
                        "$OMP_NUM_THREADS, else the physical cores)",
@@ -254,7 +260,11 @@ class EngineArgs:
             if not self.otlp_traces_endpoint:
                 raise ValueError("collect_detailed_traces needs otlp_traces_endpoint (--otlp-traces-endpoint)")
         if self.tensor_parallel_size != 1:
-            raise ValueError("tensor_parallel_size > 1 is not supported yet")
+            from sluice.distributed.support import check_parallel_args
+            check_parallel_args(self)
+        if self.pipeline_parallel_size != 1:
+            raise ValueError(f"pipeline_parallel_size must be 1, got {self.pipeline_parallel_size}: pipeline "
+                             "parallelism is not supported (tensor_parallel_size shards the model instead)")
         if self.data_parallel_size < 1:
             raise ValueError(f"data_parallel_size must be at least 1, got {self.data_parallel_size}")
         if self.enable_lora:
@@ -365,6 +375,7 @@ class CacheConfig:
 class ParallelConfig:
     tensor_parallel_size: int = 1
     data_parallel_size: int = 1
+    distributed_executor_backend: str = "mp"  # mp | ray (sluice/distributed/executor.py)
 
 
 @dataclass(frozen=True)
@@ -481,6 +492,9 @@ def create_engine_config(args: EngineArgs, device: DeviceConfig | None = None) -
         skip_tokenizer_init=args.skip_tokenizer_init, max_logprobs=args.max_logprobs,
         enforce_eager=args.enforce_eager, cpu_threads=args.cpu_threads,
         pooler_config=resolve_pooler_config(args.runner, args.task, model_path, hf_config))
+    if args.tensor_parallel_size > 1:
+        from sluice.distributed.support import check_tp_model
+        check_tp_model(model, args.tensor_parallel_size)
     max_num_seqs, max_num_batched_tokens = resolve_batch_limits(args, max_model_len, device)
     scheduler = SchedulerConfig(
         max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens, max_model_len=max_model_len,
@@ -496,7 +510,9 @@ def create_engine_config(args: EngineArgs, device: DeviceConfig | None = None) -
         kv_cache_memory_bytes=args.kv_cache_memory or DEFAULT_CPU_KV_CACHE_BYTES,
         sliding_window=model.kv_sliding_window)
     return EngineConfig(model=model, cache=cache, scheduler=scheduler,
-                        parallel=ParallelConfig(args.tensor_parallel_size, args.data_parallel_size), device=device,
+                        parallel=ParallelConfig(args.tensor_parallel_size, args.data_parallel_size,
+                                                args.distributed_executor_backend),
+                        device=device,
                         observability=ObservabilityConfig(
                             kv_cache_metrics=args.kv_cache_metrics,
                             kv_cache_metrics_sample=args.kv_cache_metrics_sample,

@@ -84,7 +84,7 @@ class InprocClient:
         pass  # a failure of this core raises from the call that hit it
 
     def shutdown(self) -> None:
-        pass
+        self.engine_core.shutdown()
 
 
 @dataclass(frozen=True)

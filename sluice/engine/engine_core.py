@@ -28,7 +28,7 @@ from sluice.engine.cpu_threads import set_cpu_threads
 from sluice.engine.startup import StartupTimer
 from sluice.stats import SchedulerStats
 from sluice.structured_output import StructuredOutputManager
-from sluice.worker.model_runner import LaunchedStep, ModelRunner
+from sluice.worker.model_runner import LaunchedStep, make_model_runner
 
 logger = logging.getLogger(__name__)
 
@@ -50,9 +50,11 @@ class EngineCore:
         """``config``: resolved by create_engine_config; ``self.config`` is it with the KV cache sized."""
         timer = StartupTimer()
         set_cpu_threads(config.model.cpu_threads)
-        self.runner = ModelRunner(config.model, config.cache.block_size, config.scheduler.max_num_seqs,
-                                  config.scheduler.max_num_batched_tokens,
-                                  enforce_eager=config.model.enforce_eager, lora_config=config.lora)
+        if config.parallel.tensor_parallel_size == 1:
+            self.runner = make_model_runner(config)
+        else:  # rank 0 here, ranks 1..N-1 in processes it starts: same calls (sluice/distributed/executor.py)
+            from sluice.distributed.executor import TPExecutor
+            self.runner = TPExecutor(config)
         timer.lap("config")
         self.runner.load_model()
         timer.lap("weights")
@@ -156,6 +158,11 @@ class EngineCore:
     def _finish(self, step: tuple[SchedulerOutput, LaunchedStep]) -> list[EngineCoreOutput]:
         scheduler_output, launched = step
         return self.scheduler.update_from_output(scheduler_output, self.runner.collect(launched))
+
+    def shutdown(self) -> None:
+        """Stops tensor-parallel workers, if any (idempotent)."""
+        if self.config.parallel.tensor_parallel_size > 1:
+            self.runner.shutdown()
 
     def make_stats(self) -> SchedulerStats:
         stats = self.scheduler.make_stats()

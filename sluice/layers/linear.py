@@ -5,9 +5,10 @@ Merged projections take HF's separate tensors one shard at a time:
     qkv_proj.weight      [q rows | k rows | v rows]     <- q_proj (shard "q"), k_proj ("k"), v_proj ("v")
     gate_up_proj.weight  [gate rows | up rows]          <- gate_proj (shard 0), up_proj (shard 1)
 
-Tensor parallelism (not wired yet) would split column-parallel layers by output rows and
-row-parallel layers by input columns; the loaders already narrow by ``tp_rank`` over
-``tp_size`` so that only ``get_tp_rank_and_size`` has to change. Quantization attaches as the
+Tensor parallelism (sluice/distributed/) splits column-parallel layers by output rows and
+row-parallel layers by input columns; each loader narrows the full checkpoint tensor to this
+rank's part, and a row-parallel layer all-reduces its partial outputs. With fewer KV heads than
+ranks, each KV head is replicated on tp_size / num_kv_heads ranks. Quantization attaches as the
 layer's ``linear_method``, chosen when the layer is built (sluice/layers/quantization/): it creates
 the weight tensors and applies them; the models never see it.
 """
@@ -16,14 +17,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from sluice.distributed.communication import tp_all_reduce
+from sluice.distributed.parallel_state import get_tp_rank_and_size
 from sluice.layers.quantization.base import LinearMethod, UnquantizedLinearMethod, linear_method_for_new_layer
 
-__all__ = ["UnquantizedLinearMethod"]
-
-
-def get_tp_rank_and_size() -> tuple[int, int]:
-    """(rank, world size) of the tensor-parallel group; a single rank until TP lands."""
-    return 0, 1
+__all__ = ["UnquantizedLinearMethod", "get_tp_rank_and_size"]
 
 
 def copy_weight_checked(target: torch.Tensor, loaded_weight: torch.Tensor, name: str) -> None:
@@ -141,18 +139,23 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
 
 
 class QKVParallelLinear(ColumnParallelLinear):
-    """q, k and v projections in one matmul; output rows are [q heads | k heads | v heads]."""
+    """q, k and v projections in one matmul; output rows are [q heads | k heads | v heads] of this rank.
+
+    Rank r holds q heads [r * H/N, (r + 1) * H/N) and the KV heads they attend with: Hkv/N of them, or,
+    with fewer KV heads than ranks, the one KV head shared by N/Hkv consecutive ranks (replicated).
+    """
 
     shard_ids = ("q", "k", "v")
 
     def __init__(self, hidden_size: int, head_dim: int, total_num_heads: int, total_num_kv_heads: int,
                  bias: bool = False) -> None:
         _, tp_size = get_tp_rank_and_size()
+        check_tp_heads(total_num_heads, total_num_kv_heads, tp_size)
         self.head_dim = head_dim
         self.num_heads = total_num_heads // tp_size
-        # With more ranks than KV heads, each KV head would be replicated; not needed at tp_size 1.
         self.num_kv_heads = max(1, total_num_kv_heads // tp_size)
-        output_size = (total_num_heads + 2 * total_num_kv_heads) * head_dim
+        self.num_kv_head_replicas = max(1, tp_size // total_num_kv_heads)
+        output_size = (total_num_heads + 2 * self.num_kv_heads * tp_size) * head_dim
         super().__init__(hidden_size, output_size, bias, num_shards=3)
 
     @property
@@ -170,15 +173,33 @@ class QKVParallelLinear(ColumnParallelLinear):
             raise ValueError(f"shard_id must be 'q', 'k' or 'v', got {shard_id!r}")
         index = "qkv".index(shard_id)
         offset, size = sum(self.output_sizes[:index]), self.output_sizes[index]
+        # Which slice of the checkpoint's heads this rank holds: its q heads, or its (maybe shared) KV heads.
+        name = f"{type(self).__name__} shard {shard_id}"
+        if self.tp_size > 1:
+            num_blocks = self.tp_size if shard_id == "q" else self.tp_size // self.num_kv_head_replicas
+            if loaded_weight.shape[0] != num_blocks * size:
+                raise ValueError(f"{name}: checkpoint tensor has {loaded_weight.shape[0]} rows, "
+                                 f"expected {num_blocks * size}")
+            head_block = self.tp_rank if shard_id == "q" else self.tp_rank // self.num_kv_head_replicas
+            loaded_weight = loaded_weight.narrow(0, head_block * size, size)
         with torch.no_grad():
-            copy_weight_checked(param.data.narrow(0, offset, size), self._narrow_to_rank(loaded_weight, 0),
-                          f"{type(self).__name__} shard {shard_id}")
+            copy_weight_checked(param.data.narrow(0, offset, size), loaded_weight, name)
+
+
+def check_tp_heads(num_heads: int, num_kv_heads: int, tp_size: int) -> None:
+    """Each rank must hold whole query heads and whole KV heads (or one KV head shared by whole ranks)."""
+    if num_heads % tp_size:
+        raise ValueError(f"tensor_parallel_size {tp_size} must divide the number of attention heads ({num_heads})")
+    if num_kv_heads % tp_size and tp_size % num_kv_heads:
+        raise ValueError(f"tensor_parallel_size {tp_size} must divide the number of KV heads ({num_kv_heads}) "
+                         f"or be a multiple of it (KV heads are then replicated)")
 
 
 class RowParallelLinear(LinearBase):
-    """Input features split across ranks; partial outputs would be all-reduced (TP > 1).
+    """Input features split across ranks; the partial outputs are all-reduced (TP > 1).
 
-    The bias is not split (1-D tensors are never narrowed along dim 1).
+    The bias is not split (1-D tensors are never narrowed along dim 1): rank 0 holds it and the other
+    ranks hold zeros, so the sum adds it once.
     """
 
     tp_dim = 1
@@ -187,8 +208,11 @@ class RowParallelLinear(LinearBase):
         _, tp_size = get_tp_rank_and_size()
         super().__init__(input_size // tp_size, output_size, bias)
 
+    def weight_loader(self, param: nn.Parameter, loaded_weight: torch.Tensor, shard_id=None) -> None:
+        if param is self.bias and self.tp_rank > 0:
+            loaded_weight = torch.zeros_like(loaded_weight)
+        super().weight_loader(param, loaded_weight, shard_id)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.linear_method.apply(self, x)
-        if self.tp_size > 1:
-            raise NotImplementedError("tensor-parallel all-reduce is not wired yet")
-        return out
+        return tp_all_reduce(out) if self.tp_size > 1 else out

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sluice.distributed.communication import tp_all_reduce
 from sluice.layers.linear import ReplicatedLinear, copy_weight_checked, get_tp_rank_and_size
 
 try:  # CPU-only installs have no triton; they run experts_torch
@@ -125,7 +126,12 @@ class FusedMoE(nn.Module):
             copy_weight_checked(target, loaded_weight, f"{type(self).__name__} expert {expert} {shard}")
 
     def forward(self, hidden_states: torch.Tensor, router_logits: torch.Tensor) -> torch.Tensor:
-        """hidden [T, H], router logits [T, E] -> [T, H]."""
+        """hidden [T, H], router logits [T, E] -> [T, H]. With tensor parallelism each rank holds a slice of every
+        expert's intermediate dimension; the partial outputs are all-reduced."""
+        out = self._experts(hidden_states, router_logits)
+        return tp_all_reduce(out) if self.tp_size > 1 else out
+
+    def _experts(self, hidden_states: torch.Tensor, router_logits: torch.Tensor) -> torch.Tensor:
         if fused_moe is not None and fused_moe.can_fused_experts(hidden_states, self.w13_weight, self.w2_weight):
             topk_weights, topk_ids = fused_moe.route(router_logits, self.top_k, self.renormalize,
                                                      self.round_weights_to_dtype)

@@ -24,8 +24,11 @@ import numpy as np
 import torch
 
 from sluice.attention import AttentionMetadata, get_attention_backend
-from sluice.config import CacheConfig, LoRAConfig, ModelConfig
+from sluice.config import CacheConfig, EngineConfig, LoRAConfig, ModelConfig
 from sluice.core.interface import LogprobsLists, ModelRunnerOutput, NewRequestData, SchedulerOutput
+from sluice.distributed.communication import tp_broadcast
+from sluice.distributed.parallel_state import get_tp_rank_and_size
+from sluice.distributed.support import per_rank_heads
 from sluice.sample.logprobs import compute_prompt_logprobs
 from sluice.sample.metadata import PendingOutputs, RequestSamplingState, SamplingMetadata
 from sluice.sample.sampler import Sampler, SamplerOutput
@@ -108,9 +111,12 @@ class ModelRunner:
         # The last launched step's sampled ids (device) and, per InputBatch row, the index of its sample.
         self._last_sampled: tuple[torch.Tensor, np.ndarray] | None = None
         self._sampled_host = SampledIdsReadback(max_num_seqs, self.device)
-        self.kv_spec = KVCacheSpec(model_config.num_layers, model_config.num_kv_heads,
+        # With tensor parallelism this rank holds its share of the heads (sluice/distributed/).
+        self.tp_rank, self.tp_size = get_tp_rank_and_size()
+        self._num_heads, self._num_kv_heads = per_rank_heads(model_config.num_attention_heads,
+                                                             model_config.num_kv_heads, self.tp_size)
+        self.kv_spec = KVCacheSpec(model_config.num_layers, self._num_kv_heads,
                                    model_config.head_dim, block_size, self.dtype)
-        self._num_heads, self._num_kv_heads = model_config.num_attention_heads, model_config.num_kv_heads
         # Pooling engines (embeddings) pool hidden states where others sample: see sluice/pooling/pooler.py.
         self.pooler: Pooler | None = None
         # Host KV blocks and the copies to and from them (--swap-space, --kv-offload-space): worker/kv_swap.py.
@@ -392,6 +398,8 @@ class ModelRunner:
                 apply_grammar_bitmask(logits, inputs.sampling_req_ids, grammar)
             metadata = self._sampling_metadata(inputs, states, logits.shape[-1])
             result = self.sampler.sample(logits, metadata)
+            if self.tp_size > 1:  # every rank goes on from rank 0's samples, whatever its own RNG drew
+                tp_broadcast(result.sampled_token_ids)
             host_ids = self._sampled_host.copy_async(result.sampled_token_ids)
             row_to_index = np.full(self.max_num_seqs, -1, dtype=np.int64)
             row_to_index[inputs.sampling_rows] = np.arange(num_sampling)
@@ -469,3 +477,10 @@ class ModelRunner:
             targets = torch.from_numpy(self.input_batch.token_ids[row, start + 1:stop + 1]).to(self.device)
             result[req_id] = compute_prompt_logprobs(logits, targets, num_logprobs)
         return result
+
+
+def make_model_runner(config: EngineConfig) -> ModelRunner:
+    """The runner of one rank (the only one at tensor_parallel_size 1), before its model is loaded."""
+    return ModelRunner(config.model, config.cache.block_size, config.scheduler.max_num_seqs,
+                       config.scheduler.max_num_batched_tokens, enforce_eager=config.model.enforce_eager,
+                       lora_config=config.lora)
