@@ -145,10 +145,10 @@ def run_make_loras(args: argparse.Namespace) -> int:
 
     from transformers import AutoConfig
 
-    from sluice.bench.cli import _SHAPE_WRITERS
+    from sluice.bench.shapes import SHAPE_WRITERS
 
     with tempfile.TemporaryDirectory() as scratch:
-        writer = _SHAPE_WRITERS.get(args.model)
+        writer = SHAPE_WRITERS.get(args.model)
         hf_config = AutoConfig.from_pretrained(writer(scratch) if writer else args.model)
     paths = write_dummy_adapters(hf_config, args.out, args.num_loras, args.lora_rank, args.seed)
     print("--lora-modules " + " ".join(f"lora-{i}={path}" for i, path in enumerate(paths)))
