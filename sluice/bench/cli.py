@@ -299,8 +299,11 @@ def device_name(device: str) -> str:
 
 
 def git_commit() -> str | None:
-    """``git rev-parse HEAD`` of the sluice checkout, else $SLUICE_COMMIT (for copies of the tree without .git)."""
+    """$SLUICE_COMMIT when set (a copy of the tree names what it is a copy of: its .git, if it has one, may be
+    stale), else ``git rev-parse HEAD`` of the sluice checkout."""
     fallback = os.environ.get("SLUICE_COMMIT") or None
+    if fallback:
+        return fallback
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
                              cwd=os.path.dirname(os.path.abspath(__file__)))
