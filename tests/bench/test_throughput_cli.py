@@ -95,3 +95,12 @@ def test_q30a3_without_a_tokenizer_says_which_flag_is_missing(capsys):
     assert main(["bench", "throughput", "--model", "Q30A3", "--num-prompts", "1"]) == 1
     err = capsys.readouterr().err
     assert "tokenizer" in err and "Q30A3" in err
+
+
+def test_fp8_kv_cache_flag_runs_and_is_reported(tiny_model, tmp_path):
+    report = _run(tiny_model, tmp_path / "fp8.json", "--workload", "W1", "--num-prompts", "4",
+                  "--kv-cache-dtype", "fp8", "--calculate-kv-scales")
+    requests = generate_workload("W1", 384, 4, seed=0, max_model_len=512, length_scale=0.05)
+    assert report["engine"]["output_tokens"] == sum(r.output_len for r in requests)
+    settings = report["engine"]["engine_args"]
+    assert settings["kv_cache_dtype"] == "fp8" and settings["calculate_kv_scales"]
