@@ -191,7 +191,8 @@ class EngineArgs:
                                       "xgrammar refuses)",
     }
     _NOT_FLAGS = {"usage_context"}
-    _CHOICES = {"dtype": DTYPES, "kv_cache_dtype": KV_CACHE_DTYPES, "load_format": LOAD_FORMATS, "scheduling_policy": POLICIES, "device": DEVICES,
+    _CHOICES = {"dtype": DTYPES, "load_format": LOAD_FORMATS, "scheduling_policy": POLICIES, "device": DEVICES,
+                "kv_cache_dtype": KV_CACHE_DTYPES,
                 "runner": ("auto", "generate", "pooling"), "task": ("auto", "generate", "embed"),
                 "preemption_mode": ("auto", "recompute", "swap"),
                 "lora_scheduling": ("fair", "fcfs"),

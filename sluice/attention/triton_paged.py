@@ -238,9 +238,10 @@ class _Launch:
                     TILE_N=cfg.tile_n, MIN_SPLIT_TILES=self.min_split_tiles, DECODE_ONLY=self.decode_only)
         scale_arg, window, soft_cap, sliding_on, soft_cap_on = options.kernel_args(scale)
         kv_fp8 = options.kv_scales is not None
+        kv_scales = options.kv_scales if kv_fp8 else part_lse  # unread without KV_FP8: any valid pointer
         paged_attention_kernel[(num_q_tiles, num_kv_heads, self.num_splits)](
             out, query, kv_cache, metadata.block_table, metadata.seq_lens, metadata.query_start_loc,
-            part_out, part_lse, options.kv_scales if kv_fp8 else part_lse, scale_arg, metadata.num_reqs, self.num_splits, window, soft_cap,
+            part_out, part_lse, kv_scales, scale_arg, metadata.num_reqs, self.num_splits, window, soft_cap,
             query.stride(0), query.stride(1), out.stride(0), out.stride(1),
             kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3),
             metadata.block_table.stride(0),
