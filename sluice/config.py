@@ -32,6 +32,7 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy")
 POLICIES = ("fcfs", "priority")
 DEVICES = ("auto", "cpu", "cuda")
+KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3", "fp8_e5m2")  # vLLM's choices; fp8_e5m2 is refused (validate)
 USAGE_CONTEXTS = ("llm", "server")
 DEFAULT_CPU_KV_CACHE_BYTES = 1 << 30
 LARGE_GPU_MIN_BYTES = 70 * 2**30
@@ -94,6 +95,8 @@ class EngineArgs:
     quantization: str | None = None  # fp8 | awq | gptq | compressed-tensors | rtn (sluice/layers/quantization/)
     device: str = "auto"
     block_size: int = 16
+    kv_cache_dtype: str = "auto"  # auto (the model's dtype) | fp8 | fp8_e4m3 (sluice/attention/kv_quant.py)
+    calculate_kv_scales: bool = False  # fp8 KV scales from the first step's K and V (amax / 448)
     enable_prefix_caching: bool = True
     gpu_memory_utilization: float = 0.9
     kv_cache_memory: int | None = None  # bytes of KV cache on CPU; default 1 GiB
@@ -144,6 +147,11 @@ class EngineArgs:
                         "default: the checkpoint's quantization_config, if any",
         "device": "auto (cuda when available), cpu or cuda",
         "block_size": "tokens per KV cache block",
+        "kv_cache_dtype": "KV cache element type: auto (the model's dtype) or fp8 / fp8_e4m3 (float8_e4m3fn with "
+                          "a per-layer K and V scale from the checkpoint, else 1.0; half the bytes, twice the "
+                          "blocks; CUDA needs compute capability 8.9+)",
+        "calculate_kv_scales": "with --kv-cache-dtype fp8: set each layer's K and V scales from the first step's "
+                               "K and V (amax / 448) instead of the checkpoint's or 1.0",
         "enable_prefix_caching": "reuse KV blocks of shared prompt prefixes",
         "gpu_memory_utilization": "fraction of GPU memory for weights, activations and KV cache",
         "kv_cache_memory": "bytes of KV cache when running on the CPU",
@@ -194,6 +202,7 @@ class EngineArgs:
     }
     _NOT_FLAGS = {"usage_context"}
     _CHOICES = {"dtype": DTYPES, "load_format": LOAD_FORMATS, "scheduling_policy": POLICIES, "device": DEVICES,
+                "kv_cache_dtype": KV_CACHE_DTYPES,
                 "runner": ("auto", "generate", "pooling"), "task": ("auto", "generate", "embed"),
                 "preemption_mode": ("auto", "recompute", "swap"),
                 "lora_scheduling": ("fair", "fcfs"),
@@ -232,6 +241,10 @@ class EngineArgs:
         for name, choices in self._CHOICES.items():
             if getattr(self, name) not in choices:
                 raise ValueError(f"{name} must be one of {', '.join(choices)}, got {getattr(self, name)!r}")
+        if self.kv_cache_dtype == "fp8_e5m2":
+            raise ValueError("kv_cache_dtype fp8_e5m2 is not supported: use fp8 (float8_e4m3fn with per-layer scales)")
+        if self.calculate_kv_scales and self.kv_cache_dtype == "auto":
+            raise ValueError("calculate_kv_scales needs an fp8 KV cache (--kv-cache-dtype fp8)")
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
             raise ValueError(f"block_size must be a power of two, got {self.block_size}")
         if self.usage_context not in USAGE_CONTEXTS:
@@ -361,6 +374,8 @@ class CacheConfig:
     kv_offload_space_bytes: int = 0  # host prefix-cache tier (0: off)
     preemption_mode: str = "auto"
     sliding_window: int | None = None  # every layer's window: the KV cache manager frees blocks behind it
+    cache_dtype: str = "auto"  # --kv-cache-dtype: auto (the model's dtype), fp8 or fp8_e4m3
+    calculate_kv_scales: bool = False  # fp8 scales from the first step's K and V
     gpu_memory_utilization: float = 0.9
     kv_cache_memory_bytes: int = DEFAULT_CPU_KV_CACHE_BYTES  # the KV budget on the CPU
 
@@ -508,7 +523,8 @@ def create_engine_config(args: EngineArgs, device: DeviceConfig | None = None) -
         swap_space_bytes=int(args.swap_space * 2**30), kv_offload_space_bytes=int(args.kv_offload_space * 2**30),
         preemption_mode=args.preemption_mode, gpu_memory_utilization=args.gpu_memory_utilization,
         kv_cache_memory_bytes=args.kv_cache_memory or DEFAULT_CPU_KV_CACHE_BYTES,
-        sliding_window=model.kv_sliding_window)
+        sliding_window=model.kv_sliding_window, cache_dtype=args.kv_cache_dtype,
+        calculate_kv_scales=args.calculate_kv_scales)
     return EngineConfig(model=model, cache=cache, scheduler=scheduler,
                         parallel=ParallelConfig(args.tensor_parallel_size, args.data_parallel_size,
                                                 args.distributed_executor_backend),

@@ -58,8 +58,8 @@ def _one_two_five_buckets(largest: int) -> tuple[int, ...]:
 
 _TOKEN_COUNT_BUCKETS = _one_two_five_buckets(1_000_000)
 # cache_config_info's labels: sluice's CacheConfig fields, plus vLLM's num_gpu_blocks for the pool size.
-_CACHE_CONFIG_LABELS = ("model_name", "block_size", "enable_prefix_caching", "num_blocks", "num_gpu_blocks",
-                        "num_cpu_blocks", "swap_space_bytes")
+_CACHE_CONFIG_LABELS = ("model_name", "block_size", "cache_dtype", "enable_prefix_caching", "num_blocks",
+                        "num_gpu_blocks", "num_cpu_blocks", "swap_space_bytes")
 
 
 # A series' base labels: the served model name, and ``engine`` (the core's index) under data parallelism, where

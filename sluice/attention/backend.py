@@ -52,18 +52,21 @@ class AttentionBackend(Protocol):
         ...
 
     def write_kv(self, key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
-                 slot_mapping: torch.Tensor) -> None:
-        """key/value: [num_tokens, num_kv_heads, head_dim]; writes them to their slots."""
+                 slot_mapping: torch.Tensor, kv_scales: torch.Tensor | None = None) -> None:
+        """key/value: [num_tokens, num_kv_heads, head_dim]; writes them to their slots. A float8 cache
+        stores ``x / scale`` (``kv_scales``: float32 [k_scale, v_scale], see kv_quant.py); any other cache
+        the values in its dtype, and ignores ``kv_scales``."""
         ...
 
     def forward(self, query: torch.Tensor, kv_cache: torch.Tensor, metadata: AttentionMetadata,
                 scale: float, sliding_window: int | None = None,
-                logits_soft_cap: float | None = None) -> torch.Tensor:
+                logits_soft_cap: float | None = None, kv_scales: torch.Tensor | None = None) -> torch.Tensor:
         """query: [num_tokens, num_heads, head_dim] -> output of the same shape.
 
         Causal within each request: query row at position p sees positions <= p, and with a
         ``sliding_window`` W only positions > p - W (blocks wholly before that are never read).
         ``logits_soft_cap`` c: scores (after ``scale``) become c * tanh(scores / c).
         GQA: query head h reads KV head ``h // (num_heads // num_kv_heads)``.
+        A float8 cache's K and V are read as ``float(x) * scale`` (``kv_scales`` as in ``write_kv``).
         """
         ...

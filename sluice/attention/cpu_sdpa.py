@@ -15,7 +15,8 @@ masks per window size) is the *plan*: built once per step and shared by every la
 
 Without a soft cap the math is ``scaled_dot_product_attention`` (GQA through ``enable_gqa``); with a
 soft cap it is the same masked softmax written out in float32, as the reference does. Semantics are
-those of ``torch_ref.py``, the reference these are tested against.
+those of ``torch_ref.py``, the reference these are tested against. An fp8 cache (kv_quant.py) is read in
+the query's dtype with its scales folded into the math: k_scale into the softmax scale, v_scale into the output.
 """
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from sluice.attention.backend import AttentionMetadata
+from sluice.attention.kv_quant import kv_scales_of
 from sluice.attention.torch_ref import TorchRefBackend
 
 
@@ -102,13 +104,19 @@ class CpuSdpaBackend:
 
     def forward(self, query: torch.Tensor, kv_cache: torch.Tensor, metadata: AttentionMetadata,
                 scale: float, sliding_window: int | None = None,
-                logits_soft_cap: float | None = None) -> torch.Tensor:
+                logits_soft_cap: float | None = None, kv_scales: torch.Tensor | None = None) -> torch.Tensor:
+        v_scale = 1.0
+        scales = kv_scales_of(kv_cache, kv_scales)
+        if scales is not None:  # scores use k * k_scale: fold it into the softmax scale; v_scale scales the output
+            k_scale, v_scale = scales.tolist()
+            scale = scale * k_scale
         plan = metadata.plan
         if not isinstance(plan, CpuAttentionPlan):
             plan = self.plan(metadata, query.shape[0], query.shape[1], kv_cache.shape[3])
         groups = plan.groups
         if len(groups) == 1 and groups[0].gather_index is None and plan.num_tokens == query.shape[0]:
-            return _attend(query, kv_cache, metadata.block_table, groups[0], scale, sliding_window, logits_soft_cap)
+            out = _attend(query, kv_cache, metadata.block_table, groups[0], scale, sliding_window, logits_soft_cap)
+            return out if v_scale == 1.0 else out.mul_(v_scale)
         out = torch.zeros_like(query)  # padding tokens (if any) attend to nothing
         for group in groups:
             q = query.index_select(0, group.gather_index) if group.gather_index is not None \
@@ -120,7 +128,7 @@ class CpuSdpaBackend:
                 out[:plan.num_tokens] = o
             else:
                 out.index_copy_(0, group.scatter_index, o)
-        return out
+        return out if v_scale == 1.0 else out.mul_(v_scale)
 
 
 def _make_group(members: np.ndarray, qsl: np.ndarray, query_lens: np.ndarray, seq_lens: np.ndarray,

@@ -7,12 +7,16 @@ Per-layer options, as vLLM names them: ``sliding_window`` W (a query at position
 positions p - W + 1 .. p, as transformers' sliding-window mask does; blocks wholly before the
 window are never read, so the KV cache manager may have recycled them) and ``logits_soft_cap``
 c (scores become c * tanh(scores / c) before the mask, Gemma 2).
+
+An fp8 KV cache (kv_quant.py) is written as ``x / scale`` in float8 and read back as ``float(x) * scale``, in
+float32, before any of the math.
 """
 from __future__ import annotations
 
 import torch
 
 from sluice.attention.backend import AttentionMetadata
+from sluice.attention.kv_quant import kv_scales_of, quantize_fp8
 
 
 class TorchRefBackend:
@@ -22,15 +26,22 @@ class TorchRefBackend:
         return None  # it decides nothing ahead: it loops over the requests
 
     def write_kv(self, key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
-                 slot_mapping: torch.Tensor) -> None:
+                 slot_mapping: torch.Tensor, kv_scales: torch.Tensor | None = None) -> None:
         num_blocks, block_size = kv_cache.shape[1], kv_cache.shape[2]
         flat = kv_cache.view(2, num_blocks * block_size, *kv_cache.shape[3:])
-        flat[0].index_copy_(0, slot_mapping, key.to(kv_cache.dtype))
-        flat[1].index_copy_(0, slot_mapping, value.to(kv_cache.dtype))
+        scales = kv_scales_of(kv_cache, kv_scales)
+        if scales is None:
+            flat[0].index_copy_(0, slot_mapping, key.to(kv_cache.dtype))
+            flat[1].index_copy_(0, slot_mapping, value.to(kv_cache.dtype))
+            return
+        flat = flat.view(torch.uint8)  # torch has no float8 index_copy_ on the CPU: the bytes are the same
+        flat[0].index_copy_(0, slot_mapping, quantize_fp8(key, scales[0]).view(torch.uint8))
+        flat[1].index_copy_(0, slot_mapping, quantize_fp8(value, scales[1]).view(torch.uint8))
 
     def forward(self, query: torch.Tensor, kv_cache: torch.Tensor, metadata: AttentionMetadata,
                 scale: float, sliding_window: int | None = None,
-                logits_soft_cap: float | None = None) -> torch.Tensor:
+                logits_soft_cap: float | None = None, kv_scales: torch.Tensor | None = None) -> torch.Tensor:
+        scales = kv_scales_of(kv_cache, kv_scales)
         qsl = metadata.query_start_loc_cpu or metadata.query_start_loc.tolist()
         seq_lens = metadata.seq_lens_cpu or metadata.seq_lens.tolist()
         block_size = kv_cache.shape[2]
@@ -51,6 +62,8 @@ class TorchRefBackend:
             # [num_blocks, block_size, kv_heads, d] -> [seq_len - first_pos, kv_heads, d]
             k = kv_cache[0, blocks].reshape(-1, num_kv_heads, kv_cache.shape[4])[:seq_len - first_pos]
             v = kv_cache[1, blocks].reshape(-1, num_kv_heads, kv_cache.shape[4])[:seq_len - first_pos]
+            if scales is not None:
+                k, v = k.float() * scales[0], v.float() * scales[1]
             out[start:end] = _causal_attention(query[start:end], k, v, scale, group, first_pos, seq_len,
                                                sliding_window, logits_soft_cap)
         return out

@@ -25,6 +25,10 @@ Per-layer options (constexpr switches, so layers without them compile and run as
 SLIDING: a row at position p sees positions > p - sliding_window; a program walks only the KV
 tiles from its first row's window start, so blocks before it are never read (the KV cache
 manager may have recycled them). SOFT_CAP: scores become soft_cap * tanh(scores / soft_cap).
+KV_FP8: the cache holds float8_e4m3fn (attention/kv_quant.py): the write stores x / scale, clamped to
++-448 and rounded to nearest even; attention reads K and V in the query's dtype with k_scale folded into
+the softmax scale and v_scale into the output (the same product as dequantizing each element first).
+The layer's [k_scale, v_scale] are read from device memory, so graphs see scales set after capture.
 """
 from __future__ import annotations
 
@@ -37,12 +41,39 @@ import triton.language as tl
 PER_STEP_COUNTS = ["num_reqs", "num_splits"]
 
 
+FP8_MAX = tl.constexpr(448.0)  # kv_quant.FP8_MAX
+
+
 @triton.jit
-def write_kv_kernel(key_ptr, value_ptr, kv_ptr, slot_ptr,
+def _round_to_fp8_e4m3(x):
+    """x (float32, |x| <= 448) rounded to the nearest float8_e4m3fn value (ties to even), still in float32,
+    so the cast that follows is exact. Casting directly rounds correctly on the GPU, but the Triton
+    interpreter truncates and drops the carry into the exponent; rounding here gives both the same bits.
+    Normal range: keep 3 of float32's 23 mantissa bits; below 2**-6 (subnormals): multiples of 2**-9."""
+    bits = x.to(tl.uint32, bitcast=True)
+    sign = bits & 0x80000000
+    magnitude = bits ^ sign
+    normal = (magnitude + 0x7FFFF + ((magnitude >> 20) & 1)) & 0x7FF00000
+    # adding 1.5 * 2**14 puts the float32 ulp at 2**-9: the addition itself rounds to nearest even
+    subnormal = ((magnitude.to(tl.float32, bitcast=True) + 24576.0) - 24576.0).to(tl.uint32, bitcast=True)
+    rounded = tl.where(magnitude < 0x3C800000, subnormal, normal)  # 0x3C800000: 2**-6
+    return (rounded | sign).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _quantize_fp8(x, scale):
+    """x / scale as float8_e4m3fn, saturated at +-448 (kv_quant.quantize_fp8)."""
+    y = tl.minimum(tl.maximum(x.to(tl.float32) / scale, -FP8_MAX), FP8_MAX)
+    return _round_to_fp8_e4m3(y).to(tl.float8e4nv)
+
+
+@triton.jit
+def write_kv_kernel(key_ptr, value_ptr, kv_ptr, slot_ptr, kv_scale_ptr,
                      stride_key_t, stride_key_h, stride_val_t, stride_val_h,
                      stride_kv, stride_kb, stride_kt, stride_kh,
                      NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
-                     HEADS_PAD: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr):
+                     HEADS_PAD: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+                     KV_FP8: tl.constexpr):
     token = tl.program_id(0).to(tl.int64)
     slot = tl.load(slot_ptr + token).to(tl.int64)
     if slot < 0:  # padded token (CUDA graph bucket): nothing to write
@@ -56,8 +87,12 @@ def write_kv_kernel(key_ptr, value_ptr, kv_ptr, slot_ptr,
                     mask=mask)
     dst = (kv_ptr + (slot // BLOCK_SIZE) * stride_kb + (slot % BLOCK_SIZE) * stride_kt
            + offs_h[:, None] * stride_kh + offs_d[None, :])
-    tl.store(dst, key.to(kv_ptr.dtype.element_ty), mask=mask)
-    tl.store(dst + stride_kv, value.to(kv_ptr.dtype.element_ty), mask=mask)
+    if KV_FP8:
+        tl.store(dst, _quantize_fp8(key, tl.load(kv_scale_ptr)), mask=mask)
+        tl.store(dst + stride_kv, _quantize_fp8(value, tl.load(kv_scale_ptr + 1)), mask=mask)
+    else:
+        tl.store(dst, key.to(kv_ptr.dtype.element_ty), mask=mask)
+        tl.store(dst + stride_kv, value.to(kv_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -132,7 +167,7 @@ def _soft_cap(scores, soft_cap):
 @triton.jit(do_not_specialize=PER_STEP_COUNTS)
 def paged_attention_kernel(
         out_ptr, q_ptr, kv_ptr, block_table_ptr, seq_lens_ptr, query_start_loc_ptr,
-        part_out_ptr, part_lse_ptr,
+        part_out_ptr, part_lse_ptr, kv_scale_ptr,
         scale_log2, num_reqs, num_splits, sliding_window, soft_cap,
         stride_qt, stride_qh, stride_ot, stride_oh,
         stride_kv, stride_kb, stride_kt, stride_kh, stride_bt,
@@ -141,7 +176,7 @@ def paged_attention_kernel(
         HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr,
         TILE_N: tl.constexpr, DECODE_ONLY: tl.constexpr, SPLIT: tl.constexpr,
         MIN_SPLIT_TILES: tl.constexpr, ROW_CLASS: tl.constexpr, SHORT_QUERY_LEN: tl.constexpr,
-        DOT_PRECISION: tl.constexpr, SLIDING: tl.constexpr, SOFT_CAP: tl.constexpr):
+        DOT_PRECISION: tl.constexpr, SLIDING: tl.constexpr, SOFT_CAP: tl.constexpr, KV_FP8: tl.constexpr):
     q_tile = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -184,6 +219,8 @@ def paged_attention_kernel(
         tile_lo = first_tile + split * tiles_per_split
         tile_hi = tl.minimum(tile_lo + tiles_per_split, first_tile + num_tiles)
 
+    if KV_FP8:  # scores are q . (k * k_scale)
+        scale_log2 = scale_log2 * tl.load(kv_scale_ptr)
     offs_n = tl.arange(0, TILE_N)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -214,6 +251,8 @@ def paged_attention_kernel(
 
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
     out = acc / l_safe[:, None]
+    if KV_FP8:  # the output is p . (v * v_scale)
+        out = out * tl.load(kv_scale_ptr + 1)
     out_mask = row_valid[:, None] & d_valid[None, :]
     if used_splits > 1:
         part = (part_out_ptr + split * stride_ps + q_token[:, None] * stride_pt + head[:, None] * stride_ph

@@ -26,6 +26,7 @@ import torch
 import triton
 
 from sluice.attention.backend import AttentionMetadata
+from sluice.attention.kv_quant import kv_scales_of
 from sluice.attention.triton_kernels import merge_splits_kernel, paged_attention_kernel, write_kv_kernel
 
 LOG2E = 1.4426950408889634
@@ -129,8 +130,9 @@ class TritonPagedBackend:
                                 metadata.seq_lens.device)
 
     def write_kv(self, key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
-                 slot_mapping: torch.Tensor) -> None:
+                 slot_mapping: torch.Tensor, kv_scales: torch.Tensor | None = None) -> None:
         _check_kv_cache(kv_cache)
+        scales = kv_scales_of(kv_cache, kv_scales)
         num_kv_heads, head_dim = kv_cache.shape[3], kv_cache.shape[4]
         for name, t in (("key", key), ("value", value)):
             if t.dim() != 3 or tuple(t.shape[1:]) != (num_kv_heads, head_dim):
@@ -142,19 +144,20 @@ class TritonPagedBackend:
         if num_tokens == 0:
             return
         write_kv_kernel[(num_tokens,)](
-            key, value, kv_cache, slot_mapping,
+            key, value, kv_cache, slot_mapping, scales if scales is not None else slot_mapping,
             key.stride(0), key.stride(1), value.stride(0), value.stride(1),
             kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3),
             NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim,
             HEADS_PAD=triton.next_power_of_2(num_kv_heads), HEAD_DIM_PAD=triton.next_power_of_2(head_dim),
-            BLOCK_SIZE=kv_cache.shape[2])
+            BLOCK_SIZE=kv_cache.shape[2], KV_FP8=scales is not None)
 
     def forward(self, query: torch.Tensor, kv_cache: torch.Tensor, metadata: AttentionMetadata,
                 scale: float, out: torch.Tensor | None = None, sliding_window: int | None = None,
-                logits_soft_cap: float | None = None) -> torch.Tensor:
+                logits_soft_cap: float | None = None, kv_scales: torch.Tensor | None = None) -> torch.Tensor:
         """As AttentionBackend.forward; ``out`` (same shape as query) may be given, e.g. a static
         buffer under CUDA graphs. Rows of tokens past ``query_start_loc[num_reqs]`` are left as is."""
         _check_kv_cache(kv_cache)
+        scales = kv_scales_of(kv_cache, kv_scales)
         num_kv_heads, head_dim = kv_cache.shape[3], kv_cache.shape[4]
         if query.dim() != 3 or query.shape[2] != head_dim:
             raise ValueError(f"query must be [num_tokens, num_heads, {head_dim}], got {tuple(query.shape)}")
@@ -170,8 +173,8 @@ class TritonPagedBackend:
         plan = metadata.plan
         if plan is None:  # a caller outside the model runner (kernel tests, benchmarks): plan this call
             plan = self.plan(metadata, query.shape[0], query.shape[1], num_kv_heads)
-        options = (NO_OPTIONS if sliding_window is None and logits_soft_cap is None
-                   else AttentionOptions(sliding_window, logits_soft_cap))
+        options = (NO_OPTIONS if sliding_window is None and logits_soft_cap is None and scales is None
+                   else AttentionOptions(sliding_window, logits_soft_cap, scales))
         plan.run(query, kv_cache, metadata, scale, out, options)
         return out
 
@@ -181,6 +184,7 @@ class AttentionOptions:
     """A layer's own attention options (kernel constexpr switches when set)."""
     sliding_window: int | None = None
     logits_soft_cap: float | None = None
+    kv_scales: torch.Tensor | None = None  # [k_scale, v_scale] of an fp8 KV cache
 
     def kernel_args(self, scale: float) -> tuple[float, int, float, bool, bool]:
         """(scale, sliding_window, soft_cap) runtime args, then the SLIDING and SOFT_CAP constexprs."""
@@ -233,9 +237,11 @@ class _Launch:
         rows = dict(ROW_CLASS=self.row_class, SHORT_QUERY_LEN=self.short_query_len, BLOCK_Q=self.block_q,
                     TILE_N=cfg.tile_n, MIN_SPLIT_TILES=self.min_split_tiles, DECODE_ONLY=self.decode_only)
         scale_arg, window, soft_cap, sliding_on, soft_cap_on = options.kernel_args(scale)
+        kv_fp8 = options.kv_scales is not None
+        kv_scales = options.kv_scales if kv_fp8 else part_lse  # unread without KV_FP8: any valid pointer
         paged_attention_kernel[(num_q_tiles, num_kv_heads, self.num_splits)](
             out, query, kv_cache, metadata.block_table, metadata.seq_lens, metadata.query_start_loc,
-            part_out, part_lse, scale_arg, metadata.num_reqs, self.num_splits, window, soft_cap,
+            part_out, part_lse, kv_scales, scale_arg, metadata.num_reqs, self.num_splits, window, soft_cap,
             query.stride(0), query.stride(1), out.stride(0), out.stride(1),
             kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3),
             metadata.block_table.stride(0),
@@ -244,7 +250,7 @@ class _Launch:
             BLOCK_SIZE=kv_cache.shape[2], SPLIT=split,
             DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
             num_warps=cfg.num_warps, num_stages=cfg.num_stages, SOFT_CAP=soft_cap_on,
-            SLIDING=sliding_on, **rows)
+            SLIDING=sliding_on, KV_FP8=kv_fp8, **rows)
         if split:
             merge_rows = metadata.num_reqs if self.decode_only else num_tokens
             merge_splits_kernel[(merge_rows, num_heads)](

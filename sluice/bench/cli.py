@@ -178,7 +178,9 @@ def run_throughput_benchmark(args: argparse.Namespace, model: ResolvedModel, pee
                                                 name="sluice-unquantized", **run_kwargs)
     peer_requests = requests[:args.peer_num_prompts] if args.peer_num_prompts else requests
     peer_config = PeerConfig(batch_size=args.hf_batch_size, vllm_pythonpath=args.vllm_pythonpath,
-                             enable_prefix_caching=engine_args.enable_prefix_caching)
+                             enable_prefix_caching=engine_args.enable_prefix_caching,
+                             kv_cache_dtype=engine_args.kv_cache_dtype,
+                             calculate_kv_scales=engine_args.calculate_kv_scales)
     peer_results = {name: PEER_RUNNERS[name](model_config, peer_requests, peer_config) for name in peers}
     return build_report(args, model, model_config, requests, runs, peer_results)
 
@@ -209,7 +211,8 @@ def build_report(args: argparse.Namespace, model: ResolvedModel, model_config: A
     engine_run = runs["engine"]
     engine = engine_run.result
     dtype_bytes = {"float32": 4, "bfloat16": 2, "float16": 2}[model_config.dtype]
-    shape = ModelShape.from_hf_config(model_config.hf_config, dtype_bytes)
+    shape = dataclasses.replace(ModelShape.from_hf_config(model_config.hf_config, dtype_bytes),
+                                kv_dtype_bytes=1 if model.engine_args.kv_cache_dtype != "auto" else 0)
     prompts = [r.prompt_token_ids for r in requests]
     prefill_tokens = count_prefill_tokens(prompts, model.engine_args.block_size,
                                           engine.extra["enable_prefix_caching"])

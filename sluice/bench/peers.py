@@ -41,6 +41,8 @@ class PeerConfig:
     vllm_pythonpath: str | None = None  # vllm: where vLLM is installed (vllm_peer.find_vllm)
     vllm_timeout_s: float = 3600.0  # vllm: the whole peer process, start-up included
     enable_prefix_caching: bool = True  # vllm: as the engine ran
+    kv_cache_dtype: str = "auto"  # vllm: as the engine ran (--kv-cache-dtype)
+    calculate_kv_scales: bool = False
 
 
 def load_hf_model(model_config: ModelConfig, attn_implementation: str) -> Any:

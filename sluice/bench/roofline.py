@@ -48,6 +48,7 @@ class ModelShape:
     num_experts: int = 0  # 0: dense; else each layer's MLP is a mixture of experts (plus a dense
     num_experts_per_tok: int = 0  # shared part of ``intermediate_size``, 0 where there is none)
     moe_intermediate_size: int = 0
+    kv_dtype_bytes: int = 0  # bytes per KV element (--kv-cache-dtype fp8: 1); 0: dtype_bytes
 
     @classmethod
     def from_hf_config(cls, hf_config: Any, dtype_bytes: int) -> "ModelShape":
@@ -111,7 +112,7 @@ class ModelShape:
 
     @property
     def kv_bytes_per_token(self) -> int:
-        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * self.dtype_bytes
+        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * (self.kv_dtype_bytes or self.dtype_bytes)
 
 
 @dataclass(frozen=True, slots=True)

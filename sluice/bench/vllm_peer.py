@@ -62,6 +62,7 @@ def run_vllm(model_config: Any, requests: Sequence[Any], config: Any) -> Any:
         "dtype": model_config.dtype, "load_format": model_config.load_format,
         "max_model_len": model_config.max_model_len, "seed": model_config.seed,
         "enable_prefix_caching": config.enable_prefix_caching,
+        "kv_cache_dtype": config.kv_cache_dtype, "calculate_kv_scales": config.calculate_kv_scales,
         "requests": [[list(r.prompt_token_ids), r.output_len] for r in requests],
     }
     checkout = str(Path(__file__).resolve().parents[2])
@@ -99,7 +100,10 @@ def _peer_main(job_path: str, result_path: str) -> int:
 
     engine_args = {"model": job["model"], "tokenizer": job["tokenizer"], "dtype": job["dtype"],
                    "load_format": job["load_format"], "max_model_len": job["max_model_len"], "seed": job["seed"],
-                   "enable_prefix_caching": job["enable_prefix_caching"], "skip_tokenizer_init": False}
+                   "enable_prefix_caching": job["enable_prefix_caching"], "skip_tokenizer_init": False,
+                   "kv_cache_dtype": job.get("kv_cache_dtype", "auto")}
+    if job.get("calculate_kv_scales"):
+        engine_args["calculate_kv_scales"] = True
     llm = vllm.LLM(**engine_args)
     startup_s = time.perf_counter() - start
 

@@ -59,13 +59,14 @@ class LLMEngine:
 
     def _log_startup(self) -> None:
         cfg, info, cache = self.model_config, self.engine_core.info, self.config.cache
+        kv_dtype = cfg.dtype if cache.cache_dtype == "auto" else "float8_e4m3fn"  # --kv-cache-dtype
         logger.info("model %s (%s): %.1fM parameters, %s on %s, loaded in %.1f s",
                     cfg.served_model_name, cfg.model, info.num_parameters / 1e6, cfg.dtype, cfg.device,
                     info.load_seconds)
-        logger.info("KV cache: %d blocks of %d tokens = %d tokens (%.1f MiB); max_model_len %d, "
+        logger.info("KV cache: %d blocks of %d tokens = %d tokens (%.1f MiB of %s); max_model_len %d, "
                     "max_num_seqs %d, max_num_batched_tokens %d, prefix caching %s",
                     cache.num_blocks, cache.block_size, cache.num_kv_tokens,
-                    cache.num_blocks * info.kv_bytes_per_block / 2**20, self.max_model_len,
+                    cache.num_blocks * info.kv_bytes_per_block / 2**20, kv_dtype, self.max_model_len,
                     self.config.scheduler.max_num_seqs, self.config.scheduler.max_num_batched_tokens,
                     "on" if cache.enable_prefix_caching else "off")
 

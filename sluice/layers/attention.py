@@ -5,6 +5,10 @@ this module only reshapes packed [T, heads * head_dim] tensors to [T, heads, hea
 Its ``kv_cache`` ([2, num_blocks, block_size, num_kv_heads, head_dim]) is not a parameter or
 buffer: the model runner allocates the caches once memory is measured and binds them with
 ``bind_kv_cache``, one per Attention module in layer order.
+
+An fp8 cache (``--kv-cache-dtype fp8``, sluice/attention/kv_quant.py) is written and read through the layer's
+``kv_scales`` ([k_scale, v_scale], float32): 1.0, the checkpoint's (models/kv_scales.py), or, with
+``--calculate-kv-scales``, amax / 448 of the K and V of the first step the model runner flags.
 """
 from __future__ import annotations
 
@@ -27,6 +31,8 @@ class Attention(nn.Module):
         self.sliding_window, self.logits_soft_cap = sliding_window, logits_soft_cap
         self.backend = backend
         self.kv_cache = torch.empty(0)  # bound by bind_kv_cache
+        self.kv_scales = torch.ones(2, dtype=torch.float32)  # moved to the cache's device by bind_kv_cache
+        self.calculate_kv_scales = False  # set for one step by the model runner (--calculate-kv-scales)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 attn_metadata: AttentionMetadata) -> torch.Tensor:
@@ -37,9 +43,12 @@ class Attention(nn.Module):
         q = q.view(num_tokens, self.num_heads, self.head_dim)
         k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
         v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
-        self.backend.write_kv(k, v, self.kv_cache, attn_metadata.slot_mapping)
-        out = self.backend.forward(q, self.kv_cache, attn_metadata, self.scale,
-                                   sliding_window=self.sliding_window, logits_soft_cap=self.logits_soft_cap)
+        if self.calculate_kv_scales:
+            from sluice.attention.kv_quant import calculated_kv_scales
+            self.kv_scales.copy_(calculated_kv_scales(k, v))
+        self.backend.write_kv(k, v, self.kv_cache, attn_metadata.slot_mapping, kv_scales=self.kv_scales)
+        out = self.backend.forward(q, self.kv_cache, attn_metadata, self.scale, sliding_window=self.sliding_window,
+                                   logits_soft_cap=self.logits_soft_cap, kv_scales=self.kv_scales)
         return out.reshape(num_tokens, self.num_heads * self.head_dim)
 
 
@@ -50,3 +59,5 @@ def bind_kv_cache(model: nn.Module, kv_caches: list[torch.Tensor]) -> None:
         raise ValueError(f"kv_caches has {len(kv_caches)} tensors but the model has {len(layers)} attention layers")
     for i, layer in enumerate(layers):
         layer.kv_cache = kv_caches[i] if kv_caches else torch.empty(0)
+        if kv_caches:  # the kernels read the scales on the cache's device (a no-op once they are there)
+            layer.kv_scales = layer.kv_scales.to(kv_caches[i].device)

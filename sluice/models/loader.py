@@ -5,7 +5,8 @@
     resolve_dtype(config, "auto")   the checkpoint's dtype; on CPU, 16-bit checkpoints run in bfloat16 where the
                                     CPU has native bf16 (AMX / AVX512-BF16), float32 elsewhere
     build_model(...)                instantiate on the target device (quantized linear layers if the
-                                    checkpoint or ``quantization`` says so), then load or fill dummy weights
+                                    checkpoint or ``quantization`` says so), then load or fill dummy weights;
+                                    KV cache scales go to the attention layers (kv_scales.py)
 
 The model is constructed directly on the target device in the target dtype (parameters are
 ``torch.empty``), so weights stream from the mmapped safetensors into their final place with no
@@ -24,6 +25,7 @@ from safetensors import safe_open
 from tqdm import tqdm
 
 from sluice.attention.backend import AttentionBackend
+from sluice.models.kv_scales import KVScaleCollector
 from sluice.models.registry import get_model_class
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -123,7 +125,9 @@ def build_model(hf_config: Any, dtype: torch.dtype, device: torch.device | str, 
     with quantization_context(quant_config):
         model = model_class(hf_config, dtype, torch.device(device), attn_backend)
     unquantize_ignored_layers(model, quant_config)
-    _load_or_fill(model, weights, load_format, seed)
+    kv_scales = KVScaleCollector()  # KV cache scales are no parameters: each layer's Attention takes them
+    _load_or_fill(model, kv_scales.filter(weights) if weights is not None else None, load_format, seed)
+    model.checkpoint_kv_scales = kv_scales.apply(model)  # layer index -> (k_scale, v_scale) the checkpoint had
     process_quantized_weights(model)
     return model.eval()
 

@@ -11,7 +11,8 @@ On CUDA the copies run on their own stream, after the work already queued on the
 last step may still be writing its KV), and the compute stream waits for them only where the step's forward
 begins: the host's preparation of the step (inputs, block tables, uploads) overlaps them. Device->host copies
 go first, so a device block freed by a victim can be refilled in the same step. On the CPU they are plain
-copies.
+copies. They move bytes: an fp8 cache is copied through uint8 views of the same shape (torch has no float8
+index_copy_ on the CPU), and its host blocks are half the size of a 16-bit cache's.
 """
 from __future__ import annotations
 
@@ -27,9 +28,10 @@ class KVSwapper:
     def __init__(self, spec: KVCacheSpec, num_host_blocks: int, kv_caches: list[torch.Tensor],
                  device: torch.device) -> None:
         self.device = device
-        self.kv_caches = kv_caches
+        self.kv_caches = [_as_bytes(kv) for kv in kv_caches]
         shape = (num_host_blocks, spec.num_layers, 2, spec.block_size, spec.num_kv_heads, spec.head_dim)
-        self.host_kv = torch.zeros(shape, dtype=spec.dtype, pin_memory=device.type == "cuda")
+        host_dtype = self.kv_caches[0].dtype if self.kv_caches else spec.dtype
+        self.host_kv = torch.zeros(shape, dtype=host_dtype, pin_memory=device.type == "cuda")
         self.copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
 
     def run(self, transfers: KVTransfers) -> None:
@@ -69,6 +71,11 @@ class KVSwapper:
             kv.index_copy_(1, device_ids, staged[:, layer].transpose(0, 1))
 
 
+def _as_bytes(kv_cache: torch.Tensor) -> torch.Tensor:
+    """A float8 cache as uint8 (the same storage and shape); any other cache as it is."""
+    return kv_cache.view(torch.uint8) if kv_cache.element_size() == 1 and kv_cache.is_floating_point() else kv_cache
+
+
 def _host_runs(host_ids: list[int]) -> list[tuple[int, int, int]]:
     """(index into host_ids, first host block, length) of each run of consecutive host block ids: one copy each.
 
@@ -85,12 +92,13 @@ def _host_runs(host_ids: list[int]) -> list[tuple[int, int, int]]:
 
 
 def measure_preemption_costs(spec: KVCacheSpec, num_parameters: int, num_attention_heads: int,
-                             device: torch.device) -> PreemptionCosts:
-    """Times a square matmul in the KV dtype and a host<->device copy (a host memcpy on the CPU): the rates the
-    scheduler weighs recompute against swap with."""
+                             device: torch.device, compute_dtype: torch.dtype | None = None) -> PreemptionCosts:
+    """Times a square matmul in the model's dtype (default: the KV dtype) and a host<->device copy (a host
+    memcpy on the CPU): the rates the scheduler weighs recompute against swap with."""
     n = 4096 if device.type == "cuda" else 256  # large enough on a GPU that launch overhead does not count
-    a = torch.randn(n, n, dtype=spec.dtype, device=device)
-    b = torch.randn(n, n, dtype=spec.dtype, device=device)
+    dtype = compute_dtype or spec.dtype
+    a = torch.randn(n, n, dtype=dtype, device=device)
+    b = torch.randn(n, n, dtype=dtype, device=device)
     matmul_seconds = _timed(lambda: a @ b, device)
     num_bytes = 32 << 20
     host = torch.empty(num_bytes, dtype=torch.uint8, pin_memory=device.type == "cuda")

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from sluice.attention import AttentionMetadata, get_attention_backend
+from sluice.attention.kv_quant import FP8_KV_DTYPE, check_fp8_kv_device, resolve_kv_cache_dtype
 from sluice.config import CacheConfig, EngineConfig, LoRAConfig, ModelConfig
 from sluice.core.interface import LogprobsLists, ModelRunnerOutput, NewRequestData, SchedulerOutput
 from sluice.distributed.communication import tp_broadcast
@@ -80,7 +81,9 @@ class LaunchedStep:
 class ModelRunner:
     def __init__(self, model_config: ModelConfig, block_size: int, max_num_seqs: int,
                  max_num_batched_tokens: int, enforce_eager: bool = False,
-                 lora_config: LoRAConfig | None = None) -> None:
+                 lora_config: LoRAConfig | None = None, kv_cache_dtype: str = "auto",
+                 calculate_kv_scales: bool = False) -> None:
+        """``kv_cache_dtype``: --kv-cache-dtype (auto: the model's dtype; fp8: attention/kv_quant.py)."""
         self.model_config = model_config
         self.lora_config = lora_config
         self.lora_manager: LoRAManager | None = None  # set by load_model with LoRA on
@@ -111,12 +114,17 @@ class ModelRunner:
         # The last launched step's sampled ids (device) and, per InputBatch row, the index of its sample.
         self._last_sampled: tuple[torch.Tensor, np.ndarray] | None = None
         self._sampled_host = SampledIdsReadback(max_num_seqs, self.device)
+        self.kv_dtype = resolve_kv_cache_dtype(kv_cache_dtype, self.dtype)
+        if self.kv_dtype == FP8_KV_DTYPE and self.device.type == "cuda":
+            check_fp8_kv_device(self.device)
+        # --calculate-kv-scales: the first step with tokens sets every layer's scales (_forward_calculating_kv_scales)
+        self._calculate_kv_scales = calculate_kv_scales and self.kv_dtype == FP8_KV_DTYPE
         # With tensor parallelism this rank holds its share of the heads (sluice/distributed/).
         self.tp_rank, self.tp_size = get_tp_rank_and_size()
         self._num_heads, self._num_kv_heads = per_rank_heads(model_config.num_attention_heads,
                                                              model_config.num_kv_heads, self.tp_size)
         self.kv_spec = KVCacheSpec(model_config.num_layers, self._num_kv_heads,
-                                   model_config.head_dim, block_size, self.dtype)
+                                   model_config.head_dim, block_size, self.kv_dtype)
         # Pooling engines (embeddings) pool hidden states where others sample: see sluice/pooling/pooler.py.
         self.pooler: Pooler | None = None
         # Host KV blocks and the copies to and from them (--swap-space, --kv-offload-space): worker/kv_swap.py.
@@ -144,11 +152,28 @@ class ModelRunner:
         self.model = build_model(cfg.hf_config, self.dtype, self.device, self.attn_backend,
                                  weights=weights, load_format=cfg.load_format, seed=cfg.seed, **quant)
         self.model.eval()
+        self._log_kv_scales(getattr(self.model, "checkpoint_kv_scales", {}))
         if self.lora_config is not None:  # wraps the linear layers' methods: LoRA hooks in only when asked for
             from sluice.lora.manager import LoRAManager
             self.lora_manager = LoRAManager(self.model, self.lora_config, self.dtype, self.device,
                                             max_num_tokens=self.step_buffers.max_num_tokens)
         self.load_seconds = time.perf_counter() - start
+
+    def _log_kv_scales(self, checkpoint_scales: dict[int, tuple[float, float]]) -> None:
+        """Says where an fp8 KV cache's scales come from (once, at load)."""
+        if self.kv_dtype != FP8_KV_DTYPE:
+            if checkpoint_scales:
+                logger.info("the checkpoint's KV cache scales are unused: the KV cache is %s (--kv-cache-dtype auto)",
+                            self.kv_spec.dtype)
+            return
+        if self._calculate_kv_scales:
+            logger.info("fp8 KV cache: scales will be calculated from the first step's K and V (amax / 448)")
+        elif len(checkpoint_scales) < self.model_config.num_layers:
+            logger.warning("fp8 KV cache: the checkpoint has K/V scales for %d of %d layers; the others use 1.0, "
+                           "which may cost accuracy (--calculate-kv-scales derives them from the first step)",
+                           len(checkpoint_scales), self.model_config.num_layers)
+        else:
+            logger.info("fp8 KV cache: K/V scales from the checkpoint for all %d layers", len(checkpoint_scales))
 
     @property
     def num_parameters(self) -> int:
@@ -224,7 +249,7 @@ class ModelRunner:
 
     def measure_preemption_costs(self) -> "PreemptionCosts":
         from sluice.worker.kv_swap import measure_preemption_costs
-        return measure_preemption_costs(self.kv_spec, self.num_parameters, self._num_heads, self.device)
+        return measure_preemption_costs(self.kv_spec, self.num_parameters, self._num_heads, self.device, self.dtype)
 
     def capture_cuda_graphs(self) -> None:
         """Captures the decode and mixed-step graphs (after the KV cache is bound: they read its address);
@@ -302,12 +327,36 @@ class ModelRunner:
         """Uploads the step and runs the model: hidden states [num_tokens (+ padding), hidden]."""
         if self.lora_manager is not None:
             self._prepare_lora(inputs)
-        graphs, bucket, padded_reqs, padded_tokens = self._pick_graph(inputs)
+        graphs, bucket, padded_reqs, padded_tokens = (self._pick_graph(inputs) if not self._calculate_kv_scales
+                                                      else (None, None, None, None))
         step = self.step_buffers.upload(inputs, self.input_batch.pop_block_diffs(), num_padded_reqs=padded_reqs,
                                         num_padded_tokens=padded_tokens, pending=self._pending(inputs))
         if bucket is not None:
             return graphs.run(bucket)
-        return self.model(step.input_ids, step.positions, self._plan(step.metadata, len(step.input_ids)))
+        metadata = self._plan(step.metadata, len(step.input_ids))
+        if self._calculate_kv_scales:
+            return self._forward_calculating_kv_scales(step.input_ids, step.positions, metadata)
+        return self.model(step.input_ids, step.positions, metadata)
+
+    def _forward_calculating_kv_scales(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                                       metadata: AttentionMetadata) -> torch.Tensor:
+        """--calculate-kv-scales: the first step sets each layer's scales from its own K and V before writing
+        them (eagerly: a graph would replay the kernels, not the layers' Python). The scales live in device
+        tensors that the captured graphs read, so later steps use them whichever way they run."""
+        from sluice.layers.attention import Attention
+        layers = [m for m in self.model.modules() if isinstance(m, Attention)]
+        for layer in layers:
+            layer.calculate_kv_scales = True
+        try:
+            hidden = self.model(input_ids, positions, metadata)
+        finally:
+            for layer in layers:
+                layer.calculate_kv_scales = False
+        self._calculate_kv_scales = False
+        scales = torch.stack([layer.kv_scales for layer in layers]).cpu()
+        logger.info("fp8 KV cache scales calculated from the first step (%d tokens): k %.3g..%.3g, v %.3g..%.3g",
+                    len(input_ids), scales[:, 0].min(), scales[:, 0].max(), scales[:, 1].min(), scales[:, 1].max())
+        return hidden
 
     def _prepare_lora(self, inputs: StepInputs) -> None:
         """Gives each token its request's adapter id (InputBatch's per-row column) and lets the LoRA manager fill
@@ -483,4 +532,5 @@ def make_model_runner(config: EngineConfig) -> ModelRunner:
     """The runner of one rank (the only one at tensor_parallel_size 1), before its model is loaded."""
     return ModelRunner(config.model, config.cache.block_size, config.scheduler.max_num_seqs,
                        config.scheduler.max_num_batched_tokens, enforce_eager=config.model.enforce_eager,
-                       lora_config=config.lora)
+                       lora_config=config.lora, kv_cache_dtype=config.cache.cache_dtype,
+                       calculate_kv_scales=config.cache.calculate_kv_scales)

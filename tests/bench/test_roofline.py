@@ -99,3 +99,14 @@ def test_moe_bound_sums_each_steps_batch():
                        vocab_size=100, tie_word_embeddings=False, dtype_bytes=2)
     assert workload_roofline(dense, [1] * 256, [1] * 256, 128, decode_batches={1: 1, 255: 1}).decode_s == \
         pytest.approx(workload_roofline(dense, [1] * 256, [1] * 256, 128).decode_s)
+
+
+def test_fp8_kv_cache_halves_the_kv_bytes_of_a_bf16_model():
+    import dataclasses
+
+    from sluice.bench.schedule_bound import l8_shape
+
+    bf16 = l8_shape()
+    fp8 = dataclasses.replace(bf16, kv_dtype_bytes=1)
+    assert fp8.kv_bytes_per_token * 2 == bf16.kv_bytes_per_token
+    assert fp8.decode_weight_bytes == bf16.decode_weight_bytes

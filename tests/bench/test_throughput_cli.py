@@ -113,3 +113,12 @@ def test_compare_runs_the_quantized_and_unquantized_model_on_the_same_requests(t
 def test_compare_without_quantization_says_what_is_missing(tiny_model, capsys):
     assert main(["bench", "throughput", "--model", tiny_model, "--compare", "--num-prompts", "1"]) == 1
     assert "--compare runs the model with and without --quantization" in capsys.readouterr().err
+
+
+def test_fp8_kv_cache_flag_runs_and_is_reported(tiny_model, tmp_path):
+    report = _run(tiny_model, tmp_path / "fp8.json", "--workload", "W1", "--num-prompts", "4",
+                  "--kv-cache-dtype", "fp8", "--calculate-kv-scales")
+    requests = generate_workload("W1", 384, 4, seed=0, max_model_len=512, length_scale=0.05)
+    assert report["engine"]["output_tokens"] == sum(r.output_len for r in requests)
+    settings = report["engine"]["engine_args"]
+    assert settings["kv_cache_dtype"] == "fp8" and settings["calculate_kv_scales"]
