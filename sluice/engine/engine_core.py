@@ -52,7 +52,8 @@ class EngineCore:
         set_cpu_threads(config.model.cpu_threads)
         self.runner = ModelRunner(config.model, config.cache.block_size, config.scheduler.max_num_seqs,
                                   config.scheduler.max_num_batched_tokens,
-                                  enforce_eager=config.model.enforce_eager, lora_config=config.lora)
+                                  enforce_eager=config.model.enforce_eager, lora_config=config.lora,
+                                  speculative=config.speculative)
         timer.lap("config")
         self.runner.load_model()
         timer.lap("weights")

@@ -1,0 +1,69 @@
+"""Proposers: the runner's one hook for speculative decoding, chosen from ``--speculative-config``.
+
+After each step the runner asks its proposer for the tokens that should follow each speculating request's
+(now known) tokens; they travel to the scheduler in ``ModelRunnerOutput.spec_token_ids`` and come back, as
+many as the budget and the request's limits allow, in the next step's ``scheduled_spec_token_ids``.
+
+    ngram        prompt lookup over the request's tokens on the host (ngram.py)
+    draft_model  a smaller model of the same vocabulary (draft_model.py): it runs every step's tokens too,
+                 with its own KV cache under the target's block ids, then k one-token steps from each
+                 sampled token (argmax)
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Protocol
+
+import numpy as np
+
+from sluice.spec_decode.config import SpeculativeConfig
+from sluice.spec_decode.ngram import NgramProposer
+
+if TYPE_CHECKING:
+    from sluice.worker.input_batch import StepInputs
+    from sluice.worker.model_runner import ModelRunner
+
+
+class Proposer(Protocol):
+    num_speculative_tokens: int
+
+    def after_forward(self, runner: "ModelRunner", inputs: "StepInputs") -> None:
+        """Called once the target's forward of a step is queued (a draft model runs the same tokens)."""
+
+    def propose(self, runner: "ModelRunner", req_ids: list[str], rows: np.ndarray) -> dict[str, list[int]]:
+        """Proposals for the requests (InputBatch rows) whose tokens the last step extended."""
+
+
+def make_proposer(config: SpeculativeConfig) -> Proposer:
+    if config.method == "ngram":
+        return NgramLookup(config)
+    from sluice.spec_decode.draft_model import DraftModelProposer
+    return DraftModelProposer(config)
+
+
+def speculation_allowed(config: SpeculativeConfig, runner: "ModelRunner") -> bool:
+    """``disable_by_batch_size``: no proposals while that many requests or more run."""
+    limit = config.disable_by_batch_size
+    return limit is None or len(runner.requests) < limit
+
+
+class NgramLookup:
+    """Prompt lookup on each row's tokens in InputBatch (no device work)."""
+
+    def __init__(self, config: SpeculativeConfig) -> None:
+        self.config = config
+        self.num_speculative_tokens = config.num_speculative_tokens
+        self.lookup = NgramProposer(config.num_speculative_tokens, config.prompt_lookup_min, config.prompt_lookup_max)
+
+    def after_forward(self, runner: "ModelRunner", inputs: "StepInputs") -> None:
+        return None
+
+    def propose(self, runner: "ModelRunner", req_ids: list[str], rows: np.ndarray) -> dict[str, list[int]]:
+        if not req_ids or not speculation_allowed(self.config, runner):
+            return {}
+        batch = runner.input_batch
+        proposals = {}
+        for req_id, row in zip(req_ids, rows.tolist()):
+            tokens = self.lookup.propose(batch.token_ids[row, :batch.num_tokens[row]])
+            if len(tokens):
+                proposals[req_id] = tokens.tolist()
+        return proposals
