@@ -240,3 +240,39 @@ def test_the_speculative_config_flag_takes_json(models):
     assert config.speculative.num_speculative_tokens == 5 and config.speculative.prompt_lookup_max == 3
     assert config.speculative.disable_by_batch_size == 8
     assert not config.scheduler.async_scheduling
+
+
+def test_spec_decode_counters_reach_prometheus(models):
+    from sluice.metrics import PrometheusStatLogger
+    from sluice.stats import IterationStats
+    target, draft, prompts, _ = models
+    llm = _engine(target, draft, "self")
+    metrics = PrometheusStatLogger("tiny")
+    params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+    llm.generate([{"prompt_token_ids": p} for p in prompts[:3]], params, use_tqdm=False)
+    metrics.record(llm.llm_engine.core.make_stats(), IterationStats())
+    llm.generate([{"prompt_token_ids": p} for p in prompts[3:5]], params, use_tqdm=False)
+    stats = llm.llm_engine.core.make_stats()
+    metrics.record(stats, IterationStats())
+    text = metrics.render().decode()
+    spec = stats.spec_decoding
+
+    def value(series: str) -> float:
+        return float(next(line.split()[-1] for line in text.splitlines() if line.startswith(series)))
+    assert value('sluice:spec_decode_num_drafts_total{model_name="tiny"}') == spec.num_drafts
+    assert value('sluice:spec_decode_num_draft_tokens_total{model_name="tiny"}') == spec.num_draft_tokens
+    assert value('sluice:spec_decode_num_accepted_tokens_total{model_name="tiny"}') == spec.num_accepted_tokens
+    assert value('sluice:spec_decode_num_accepted_tokens_per_pos_total{model_name="tiny",position="0"}') == \
+        spec.num_accepted_tokens_per_pos[0] > 0
+
+
+def test_disable_by_batch_size_stops_proposals_for_large_batches(models):
+    target, draft, prompts, expected = models
+    llm = _engine(target, draft, {**NGRAM, "disable_by_batch_size": 2})
+    params = SamplingParams(temperature=0.0, max_tokens=MAX_NEW_TOKENS, ignore_eos=True)
+    outputs = llm.generate([{"prompt_token_ids": p} for p in prompts[4:6]], params, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in outputs] == expected[4:6]
+    assert llm.llm_engine.core.make_stats().spec_decoding is None  # two running: no proposal ever
+    outputs = llm.generate([{"prompt_token_ids": prompts[4]}], params, use_tqdm=False)
+    assert outputs[0].outputs[0].token_ids == expected[4]
+    assert llm.llm_engine.core.make_stats().spec_decoding.num_drafts > 0
