@@ -27,7 +27,7 @@ from sluice.config import EngineArgs
 L8_NAME = "L8"
 G9_NAME = "G9"
 Q30A3_NAME = "Q30A3"
-_OTHER_BENCHMARKS = ("sluice.bench.serve",)  # optional modules exposing add_parser(bench_subparsers)
+_OTHER_BENCHMARKS = ("sluice.bench.serve", "sluice.bench.latency")  # optional modules exposing add_parser(bench_subparsers)
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
