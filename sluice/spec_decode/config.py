@@ -30,6 +30,10 @@ class SpeculativeConfig:
     draft_hf_config: Any = None  # draft_model: its config, read once here
     disable_by_batch_size: int | None = None  # no proposals while this many requests or more run
 
+    def allows_proposals(self, num_running: int) -> bool:
+        """``disable_by_batch_size``: no proposals while that many requests or more run."""
+        return self.disable_by_batch_size is None or num_running < self.disable_by_batch_size
+
     @property
     def num_lookahead_tokens(self) -> int:
         """KV slots a request needs beyond the step's tokens: a draft model writes its proposals' KV."""

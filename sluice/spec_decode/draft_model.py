@@ -27,7 +27,6 @@ import torch
 from sluice.attention import AttentionMetadata
 from sluice.sample.argmax import row_argmax
 from sluice.spec_decode.config import SpeculativeConfig
-from sluice.spec_decode.proposer import speculation_allowed
 from sluice.worker.kv_cache import KVCacheSpec, allocate_kv_caches
 
 if TYPE_CHECKING:
@@ -77,7 +76,7 @@ class DraftModelProposer:
         self.model(step.input_ids[:num_tokens], step.positions[:num_tokens], metadata)
 
     def propose(self, runner: "ModelRunner", req_ids: list[str], rows: np.ndarray) -> dict[str, list[int]]:
-        if not req_ids or not speculation_allowed(self.config, runner):
+        if not req_ids or not self.config.allows_proposals(len(runner.requests)):
             return {}
         batch, device, block_size = runner.input_batch, runner.device, runner.block_size
         last = batch.num_tokens[rows] - 1  # each row's newest token: known, its KV not yet written

@@ -40,12 +40,6 @@ def make_proposer(config: SpeculativeConfig) -> Proposer:
     return DraftModelProposer(config)
 
 
-def speculation_allowed(config: SpeculativeConfig, runner: "ModelRunner") -> bool:
-    """``disable_by_batch_size``: no proposals while that many requests or more run."""
-    limit = config.disable_by_batch_size
-    return limit is None or len(runner.requests) < limit
-
-
 class NgramLookup:
     """Prompt lookup on each row's tokens in InputBatch (no device work)."""
 
@@ -58,7 +52,7 @@ class NgramLookup:
         return None
 
     def propose(self, runner: "ModelRunner", req_ids: list[str], rows: np.ndarray) -> dict[str, list[int]]:
-        if not req_ids or not speculation_allowed(self.config, runner):
+        if not req_ids or not self.config.allows_proposals(len(runner.requests)):
             return {}
         batch = runner.input_batch
         proposals = {}
