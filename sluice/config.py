@@ -488,6 +488,10 @@ def create_engine_config(args: EngineArgs, device: DeviceConfig | None = None) -
     max_num_seqs, max_num_batched_tokens = resolve_batch_limits(args, max_model_len, device)
     speculative = _speculative_config(args, model)
     async_scheduling = args.async_scheduling if args.async_scheduling is not None else device.type == "cuda"
+    if args.async_scheduling and speculative is not None:
+        import logging
+        logging.getLogger(__name__).warning("async_scheduling is off with speculative_config: each step's "
+                                            "proposals come from the tokens the previous step verified")
     scheduler = SchedulerConfig(
         max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens, max_model_len=max_model_len,
         policy=args.scheduling_policy,

@@ -55,12 +55,12 @@ class DraftModelProposer:
         self._num_heads, self._num_kv_heads = hf.num_attention_heads, num_kv_heads
 
     @property
-    def bytes_per_block(self) -> int:
+    def kv_bytes_per_block(self) -> int:
         return self.kv_spec.bytes_per_block
 
-    def initialize_kv_cache(self, num_blocks: int, device: torch.device) -> None:
+    def initialize_kv_cache(self, num_blocks: int, runner: "ModelRunner") -> None:
         from sluice.layers.attention import bind_kv_cache
-        self.kv_caches = allocate_kv_caches(self.kv_spec, num_blocks, device)
+        self.kv_caches = allocate_kv_caches(self.kv_spec, num_blocks, runner.device)
         bind_kv_cache(self.model, self.kv_caches)
 
     def _plan(self, runner: "ModelRunner", metadata: AttentionMetadata, num_tokens: int) -> AttentionMetadata:

@@ -25,6 +25,13 @@ if TYPE_CHECKING:
 
 class Proposer(Protocol):
     num_speculative_tokens: int
+    kv_bytes_per_block: int  # KV bytes it keeps per block of the target's pool (0: none)
+
+    def load(self, runner: "ModelRunner") -> None:
+        """Called once the target model is loaded (a draft model loads its weights)."""
+
+    def initialize_kv_cache(self, num_blocks: int, runner: "ModelRunner") -> None:
+        """Called once the target's KV cache is allocated (a draft model allocates its own)."""
 
     def after_forward(self, runner: "ModelRunner", inputs: "StepInputs") -> None:
         """Called once the target's forward of a step is queued (a draft model runs the same tokens)."""
@@ -47,6 +54,13 @@ class NgramLookup:
         self.config = config
         self.num_speculative_tokens = config.num_speculative_tokens
         self.lookup = NgramProposer(config.num_speculative_tokens, config.prompt_lookup_min, config.prompt_lookup_max)
+        self.kv_bytes_per_block = 0
+
+    def load(self, runner: "ModelRunner") -> None:
+        return None
+
+    def initialize_kv_cache(self, num_blocks: int, runner: "ModelRunner") -> None:
+        return None
 
     def after_forward(self, runner: "ModelRunner", inputs: "StepInputs") -> None:
         return None

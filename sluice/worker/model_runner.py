@@ -157,7 +157,7 @@ class ModelRunner:
         if self.lora_config is not None:  # wraps the linear layers' methods: LoRA hooks in only when asked for
             from sluice.lora.manager import LoRAManager
             self.lora_manager = LoRAManager(self.model, self.lora_config, self.dtype, self.device)
-        if hasattr(self.proposer, "load"):  # a draft model
+        if self.proposer is not None:  # a draft model loads its weights
             self.proposer.load(self)
         self.load_seconds = time.perf_counter() - start
 
@@ -174,10 +174,10 @@ class ModelRunner:
             available = available_gpu_kv_bytes(self.device, cache.gpu_memory_utilization)
         else:
             available = cache.kv_cache_memory_bytes
-        if hasattr(self.proposer, "bytes_per_block"):
+        if self.proposer is not None and self.proposer.kv_bytes_per_block:
             # A draft model keeps its KV under the same block ids: a block costs both models' bytes.
             target = self.kv_spec.bytes_per_block
-            available = available * target // (target + self.proposer.bytes_per_block)
+            available = available * target // (target + self.proposer.kv_bytes_per_block)
         num_blocks = num_blocks_for_memory(self.kv_spec, available)
         if num_blocks == 0:
             raise ValueError("no memory left for the KV cache: lower max_num_batched_tokens or raise "
@@ -229,8 +229,8 @@ class ModelRunner:
     def initialize_kv_cache(self, num_blocks: int) -> None:
         self.kv_caches = allocate_kv_caches(self.kv_spec, num_blocks, self.device)
         self._bind(self.kv_caches)
-        if hasattr(self.proposer, "initialize_kv_cache"):
-            self.proposer.initialize_kv_cache(num_blocks, self.device)
+        if self.proposer is not None:
+            self.proposer.initialize_kv_cache(num_blocks, self)
         # The LoRA path groups token rows on the host each step: it runs eagerly.
         if self.device.type == "cuda" and not self.enforce_eager and self.lora_manager is None:
             self.capture_cuda_graphs()

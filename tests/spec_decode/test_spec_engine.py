@@ -38,11 +38,10 @@ def models(tmp_path_factory):
 
 
 class WrongProposer:
-    """Proposes k tokens that can never be the target's greedy choice (the argmax is rejected... by proposing
-    a token the argmax never is: one past the last output token, checked against the logits at verification
-    by construction of the test: such a proposal is only kept when it equals the argmax, which the test
-    asserts never happened)."""
+    """Proposes the last token with its lowest bit flipped, three times: the test asserts none was ever kept
+    (every proposal rejected), and the output is still the target's."""
     num_speculative_tokens = 3
+    kv_bytes_per_block = 0
 
     def after_forward(self, runner, inputs) -> None:
         return None
