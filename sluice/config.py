@@ -522,7 +522,8 @@ def create_engine_config(args: EngineArgs, device: DeviceConfig | None = None) -
 
 def _speculative_config(args: EngineArgs, model: ModelConfig) -> "SpeculativeConfig | None":
     from sluice.spec_decode.config import parse_speculative_config
-    speculative = parse_speculative_config(args.speculative_config, model.vocab_size, args.load_format)
+    speculative = parse_speculative_config(args.speculative_config, model.vocab_size, args.load_format,
+                                           model.hf_config.hidden_size)
     if speculative is None:
         return None
     if model.pooler_config is not None:

@@ -4,6 +4,7 @@ vLLM's JSON, for example::
 
     {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_min": 2, "prompt_lookup_max": 5}
     {"model": "/path/to/small-model", "num_speculative_tokens": 3}     (method "draft_model")
+    {"method": "eagle", "model": "/path/to/eagle-head", "num_speculative_tokens": 3}   (eagle.py)
     ... "disable_by_batch_size": 32                                     (no proposals while 32+ requests run)
 
 A bad config (unknown method or key, fewer than one token, a draft model of another vocabulary) is a
@@ -15,19 +16,19 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-METHODS = ("ngram", "draft_model")
+METHODS = ("ngram", "draft_model", "eagle")
 _KEYS = {"method", "model", "num_speculative_tokens", "prompt_lookup_min", "prompt_lookup_max",
          "disable_by_batch_size"}
 
 
 @dataclass(frozen=True, slots=True)
 class SpeculativeConfig:
-    method: str  # ngram | draft_model
+    method: str  # ngram | draft_model | eagle
     num_speculative_tokens: int
     prompt_lookup_min: int = 1  # ngram
     prompt_lookup_max: int = 4  # ngram
-    model: str | None = None  # draft_model: an HF folder with the target's vocabulary
-    draft_hf_config: Any = None  # draft_model: its config, read once here
+    model: str | None = None  # draft_model, eagle: an HF folder with the target's vocabulary
+    draft_hf_config: Any = None  # draft_model, eagle: its config, read once here
     disable_by_batch_size: int | None = None  # no proposals while this many requests or more run
 
     def allows_proposals(self, num_running: int) -> bool:
@@ -37,11 +38,11 @@ class SpeculativeConfig:
     @property
     def num_lookahead_tokens(self) -> int:
         """KV slots a request needs beyond the step's tokens: a draft model writes its proposals' KV."""
-        return self.num_speculative_tokens if self.method == "draft_model" else 0
+        return self.num_speculative_tokens if self.method in ("draft_model", "eagle") else 0
 
 
-def parse_speculative_config(value: str | dict | None, target_vocab_size: int,
-                             load_format: str = "auto") -> SpeculativeConfig | None:
+def parse_speculative_config(value: str | dict | None, target_vocab_size: int, load_format: str = "auto",
+                             target_hidden_size: int | None = None) -> SpeculativeConfig | None:
     """The JSON string or dict of ``speculative_config``, checked; None when absent."""
     if value is None or value == "" or value == {}:
         return None
@@ -56,6 +57,9 @@ def parse_speculative_config(value: str | dict | None, target_vocab_size: int,
     if unknown:
         raise ValueError(f"speculative_config: unknown keys {unknown}; known: {sorted(_KEYS)}")
     method = value.get("method") or ("draft_model" if value.get("model") else None)
+    if method == "eagle3":
+        raise ValueError("speculative_config.method eagle3 is not supported yet (its head reads three of the target's "
+                         "layers and maps a draft vocabulary); use eagle, draft_model or ngram")
     if method not in METHODS:
         raise ValueError(f"speculative_config.method must be one of {', '.join(METHODS)} (or give a draft "
                          f"\"model\"), got {value.get('method')!r}")
@@ -77,11 +81,13 @@ def parse_speculative_config(value: str | dict | None, target_vocab_size: int,
         return SpeculativeConfig("ngram", k, lo, hi, disable_by_batch_size=disable)
     model = value.get("model")
     if not model:
-        raise ValueError("speculative_config: method draft_model needs a \"model\" (an HF folder)")
+        raise ValueError(f"speculative_config: method {method} needs a \"model\" (an HF folder)")
     from sluice.models.model_config import read_checkpoint
     path, hf_config, _ = read_checkpoint(model, load_format)
     if hf_config.vocab_size != target_vocab_size:
         raise ValueError(f"speculative_config.model {model!r} has vocab_size {hf_config.vocab_size}, the target "
                          f"model {target_vocab_size}: a draft model must share the target's vocabulary")
-    return SpeculativeConfig("draft_model", k, model=path, draft_hf_config=hf_config,
-                             disable_by_batch_size=disable)
+    if method == "eagle" and target_hidden_size is not None and hf_config.hidden_size != target_hidden_size:
+        raise ValueError(f"speculative_config.model {model!r}: an EAGLE head of hidden_size {hf_config.hidden_size} "
+                         f"does not fit a target of hidden_size {target_hidden_size}")
+    return SpeculativeConfig(method, k, model=path, draft_hf_config=hf_config, disable_by_batch_size=disable)

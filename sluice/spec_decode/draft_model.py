@@ -49,6 +49,9 @@ class DraftModelProposer:
         weights = None if load_format == "dummy" else iterate_safetensors(self.config.model)
         self.model = build_model(hf, runner.dtype, runner.device, runner.attn_backend, weights=weights,
                                  load_format=load_format, seed=runner.model_config.seed).eval()
+        self._init_kv_spec(hf, runner)
+
+    def _init_kv_spec(self, hf: object, runner: "ModelRunner") -> None:
         head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
         num_kv_heads = getattr(hf, "num_key_value_heads", None) or hf.num_attention_heads
         self.kv_spec = KVCacheSpec(hf.num_hidden_layers, num_kv_heads, head_dim, runner.block_size, runner.dtype)
@@ -68,7 +71,7 @@ class DraftModelProposer:
         metadata.plan = runner.attn_backend.plan(metadata, num_tokens, self._num_heads, self._num_kv_heads)
         return metadata
 
-    def after_forward(self, runner: "ModelRunner", inputs: "StepInputs") -> None:
+    def after_forward(self, runner: "ModelRunner", inputs: "StepInputs", hidden: torch.Tensor) -> None:
         """Runs the step's tokens through the draft, so its KV keeps up with the target's."""
         step = runner.last_device_step
         num_tokens = len(inputs.input_ids)
@@ -84,7 +87,6 @@ class DraftModelProposer:
         allocated = batch.num_blocks[rows] * block_size
         num_steps = np.clip(allocated - last, 0, self.num_speculative_tokens)
         tokens = torch.from_numpy(batch.token_ids[rows, last]).to(device)
-        block_table = torch.from_numpy(batch.block_table[rows]).to(device)
         proposals = np.zeros((len(rows), self.num_speculative_tokens), dtype=np.int64)
         active = np.arange(len(rows))
         for j in range(int(num_steps.max(initial=0))):
@@ -98,21 +100,31 @@ class DraftModelProposer:
             active_rows = rows[active]
             slots = batch.block_table[active_rows, positions // block_size].astype(np.int64) * block_size \
                 + positions % block_size
-            hidden = self._decode(runner, tokens, positions, slots, block_table[torch.from_numpy(active).to(device)])
+            hidden = self._decode(runner, tokens, positions, slots, active_rows)
             tokens = row_argmax(self.model.compute_logits(hidden).to(torch.float32))
             proposals[active, j] = tokens.cpu().numpy()
         return {req_id: proposals[i, :num_steps[i]].tolist() for i, req_id in enumerate(req_ids) if num_steps[i]}
 
     def _decode(self, runner: "ModelRunner", tokens: torch.Tensor, positions: np.ndarray, slots: np.ndarray,
-                block_table: torch.Tensor) -> torch.Tensor:
+                rows: np.ndarray) -> torch.Tensor:
         """One token per request at ``positions``: the draft's hidden states [len(tokens), hidden]."""
-        device, n = runner.device, len(positions)
-        seq_lens = (positions + 1).astype(np.int32)
-        starts = np.arange(n + 1, dtype=np.int32)
+        ones = np.ones(len(positions), dtype=np.int64)
+        metadata = self._metadata(runner, ones, positions + 1, slots, rows)
+        return self.model(tokens, torch.from_numpy(positions.astype(np.int64)).to(runner.device), metadata)
+
+    def _metadata(self, runner: "ModelRunner", query_lens: np.ndarray, seq_lens: np.ndarray, slots: np.ndarray,
+                  rows: np.ndarray) -> AttentionMetadata:
+        """Attention metadata of a draft pass: request i (InputBatch row ``rows[i]``) computes its last
+        ``query_lens[i]`` of ``seq_lens[i]`` positions, into ``slots``."""
+        device = runner.device
+        starts = np.zeros(len(query_lens) + 1, dtype=np.int32)
+        np.cumsum(query_lens, out=starts[1:])
+        seq_lens = seq_lens.astype(np.int32)
         metadata = AttentionMetadata(
-            num_actual_tokens=n, num_reqs=n,
+            num_actual_tokens=int(starts[-1]), num_reqs=len(query_lens),
             query_start_loc=torch.from_numpy(starts).to(device), seq_lens=torch.from_numpy(seq_lens).to(device),
-            block_table=block_table, slot_mapping=torch.from_numpy(slots).to(device), max_query_len=1,
-            max_seq_len=int(seq_lens.max()), query_start_loc_cpu=starts.tolist(), seq_lens_cpu=seq_lens.tolist())
-        metadata = self._plan(runner, metadata, n)
-        return self.model(tokens, torch.from_numpy(positions.astype(np.int64)).to(device), metadata)
+            block_table=torch.from_numpy(runner.input_batch.block_table[rows]).to(device),
+            slot_mapping=torch.from_numpy(np.ascontiguousarray(slots, dtype=np.int64)).to(device),
+            max_query_len=int(query_lens.max()), max_seq_len=int(seq_lens.max()),
+            query_start_loc_cpu=starts.tolist(), seq_lens_cpu=seq_lens.tolist())
+        return self._plan(runner, metadata, int(starts[-1]))

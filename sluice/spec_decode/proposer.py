@@ -8,12 +8,14 @@ many as the budget and the request's limits allow, in the next step's ``schedule
     draft_model  a smaller model of the same vocabulary (draft_model.py): it runs every step's tokens too,
                  with its own KV cache under the target's block ids, then k one-token steps from each
                  sampled token (argmax)
+    eagle        a one-layer EAGLE head over the target's hidden states (eagle.py), the same KV scheme
 """
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
+import torch
 
 from sluice.spec_decode.config import SpeculativeConfig
 from sluice.spec_decode.ngram import NgramProposer
@@ -33,8 +35,9 @@ class Proposer(Protocol):
     def initialize_kv_cache(self, num_blocks: int, runner: "ModelRunner") -> None:
         """Called once the target's KV cache is allocated (a draft model allocates its own)."""
 
-    def after_forward(self, runner: "ModelRunner", inputs: "StepInputs") -> None:
-        """Called once the target's forward of a step is queued (a draft model runs the same tokens)."""
+    def after_forward(self, runner: "ModelRunner", inputs: "StepInputs", hidden: torch.Tensor) -> None:
+        """Called once the target's forward of a step is queued with its hidden states (a draft model runs the
+        same tokens; EAGLE keeps the hidden states for after verification)."""
 
     def propose(self, runner: "ModelRunner", req_ids: list[str], rows: np.ndarray) -> dict[str, list[int]]:
         """Proposals for the requests (InputBatch rows) whose tokens the last step extended."""
@@ -43,6 +46,9 @@ class Proposer(Protocol):
 def make_proposer(config: SpeculativeConfig) -> Proposer:
     if config.method == "ngram":
         return NgramLookup(config)
+    if config.method == "eagle":
+        from sluice.spec_decode.eagle import EagleProposer
+        return EagleProposer(config)
     from sluice.spec_decode.draft_model import DraftModelProposer
     return DraftModelProposer(config)
 
@@ -62,7 +68,7 @@ class NgramLookup:
     def initialize_kv_cache(self, num_blocks: int, runner: "ModelRunner") -> None:
         return None
 
-    def after_forward(self, runner: "ModelRunner", inputs: "StepInputs") -> None:
+    def after_forward(self, runner: "ModelRunner", inputs: "StepInputs", hidden: torch.Tensor) -> None:
         return None
 
     def propose(self, runner: "ModelRunner", req_ids: list[str], rows: np.ndarray) -> dict[str, list[int]]:

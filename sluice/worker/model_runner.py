@@ -402,7 +402,7 @@ class ModelRunner:
         inputs = self.input_batch.prepare(num_scheduled, rows, num_spec)
         hidden = self._forward(inputs)
         if self.proposer is not None:
-            self.proposer.after_forward(self, inputs)
+            self.proposer.after_forward(self, inputs, hidden)
         if self.pooler is not None:  # pooled vectors instead of samples
             new_rows = {new.req_id: requests[new.req_id].row for new in scheduler_output.scheduled_new_reqs}
             pooled = self.pooler.pool(scheduler_output, inputs, hidden, new_rows)

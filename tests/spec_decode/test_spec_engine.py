@@ -43,7 +43,7 @@ class WrongProposer:
     num_speculative_tokens = 3
     kv_bytes_per_block = 0
 
-    def after_forward(self, runner, inputs) -> None:
+    def after_forward(self, runner, inputs, hidden) -> None:
         return None
 
     def propose(self, runner, req_ids, rows):
