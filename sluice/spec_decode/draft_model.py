@@ -87,7 +87,8 @@ class DraftModelProposer:
         allocated = batch.num_blocks[rows] * block_size
         num_steps = np.clip(allocated - last, 0, self.num_speculative_tokens)
         tokens = torch.from_numpy(batch.token_ids[rows, last]).to(device)
-        proposals = np.zeros((len(rows), self.num_speculative_tokens), dtype=np.int64)
+        # Filled on the device and read once at the end: no sync per draft step.
+        proposals = torch.zeros((len(rows), self.num_speculative_tokens), dtype=torch.long, device=device)
         active = np.arange(len(rows))
         for j in range(int(num_steps.max(initial=0))):
             keep = num_steps[active] > j
@@ -102,7 +103,8 @@ class DraftModelProposer:
                 + positions % block_size
             hidden = self._decode(runner, tokens, positions, slots, active_rows)
             tokens = row_argmax(self.model.compute_logits(hidden).to(torch.float32))
-            proposals[active, j] = tokens.cpu().numpy()
+            proposals[torch.from_numpy(active).to(device), j] = tokens
+        proposals = proposals.cpu().numpy()
         return {req_id: proposals[i, :num_steps[i]].tolist() for i, req_id in enumerate(req_ids) if num_steps[i]}
 
     def _decode(self, runner: "ModelRunner", tokens: torch.Tensor, positions: np.ndarray, slots: np.ndarray,

@@ -124,11 +124,30 @@ class EagleProposer(DraftModelProposer):
         return embed(tokens)
 
     def after_forward(self, runner: "ModelRunner", inputs: "StepInputs", hidden: torch.Tensor) -> None:
-        self._step = (inputs, hidden)  # the head needs the next tokens: it runs once they are verified
+        if inputs.sampling_req_ids:
+            self._step = (inputs, hidden)  # the head needs the next tokens: it runs once they are verified
+        else:  # prompt chunks only: every next token is a known prompt token
+            self._run_pairs(runner, inputs, hidden)
 
     def propose(self, runner: "ModelRunner", req_ids: list[str], rows: np.ndarray) -> dict[str, list[int]]:
         inputs, hidden = self._step
         self._step = None
+        filled = self._run_pairs(runner, inputs, hidden)
+        if filled is None:
+            return {}
+        out, last_of_row = filled
+        proposing = [(req_id, int(row)) for req_id, row in zip(req_ids, rows.tolist()) if int(row) in last_of_row]
+        if not proposing or not self.config.allows_proposals(len(runner.requests)):
+            return {}
+        prop_rows = np.array([row for _, row in proposing], dtype=np.int64)
+        features = out[torch.tensor([last_of_row[row] for _, row in proposing], device=runner.device)]
+        proposals, num_steps = self._decode_loop(runner, prop_rows, features)
+        return {req_id: proposals[i, :num_steps[i]].tolist() for i, (req_id, _) in enumerate(proposing)
+                if num_steps[i]}
+
+    def _run_pairs(self, runner: "ModelRunner", inputs: "StepInputs", hidden: torch.Tensor
+                   ) -> tuple[torch.Tensor, dict[int, int]] | None:
+        """Runs the head over the step's pairs whose next token is known; (its outputs, each row's last pair)."""
         batch, device = runner.input_batch, runner.device
         # Pairs of every request of the step: positions from its first scheduled one up to its valid KV.
         starts = inputs.positions[inputs.query_start_loc[:-1].astype(np.int64)] if len(inputs.rows) else np.zeros(0)
@@ -137,7 +156,7 @@ class EagleProposer(DraftModelProposer):
         keep = lengths > 0
         step_rows, starts, lengths, ends = inputs.rows[keep], starts[keep], lengths[keep], ends[keep]
         if not len(step_rows):
-            return {}
+            return None
         offsets = np.arange(int(lengths.sum()), dtype=np.int64) - np.repeat(np.cumsum(lengths) - lengths, lengths)
         positions = np.repeat(starts, lengths) + offsets
         flat = np.repeat(inputs.query_start_loc[:-1][keep].astype(np.int64), lengths) + offsets
@@ -145,15 +164,7 @@ class EagleProposer(DraftModelProposer):
         tokens = torch.from_numpy(batch.token_ids[token_rows, positions + 1]).to(device)
         target_hidden = hidden[torch.from_numpy(flat).to(device)]
         out = self._run(runner, tokens, target_hidden, positions, token_rows, step_rows, lengths, ends)
-        last_of_row = {int(r): int(i) for r, i in zip(step_rows, np.cumsum(lengths) - 1)}
-        proposing = [(req_id, int(row)) for req_id, row in zip(req_ids, rows.tolist()) if int(row) in last_of_row]
-        if not proposing or not self.config.allows_proposals(len(runner.requests)):
-            return {}
-        prop_rows = np.array([row for _, row in proposing], dtype=np.int64)
-        features = out[torch.tensor([last_of_row[row] for _, row in proposing], device=device)]
-        proposals, num_steps = self._decode_loop(runner, prop_rows, features)
-        return {req_id: proposals[i, :num_steps[i]].tolist() for i, (req_id, _) in enumerate(proposing)
-                if num_steps[i]}
+        return out, {int(r): int(i) for r, i in zip(step_rows, np.cumsum(lengths) - 1)}
 
     def _run(self, runner, tokens, target_hidden, positions, token_rows, step_rows, lengths, seq_lens):
         block_size = runner.block_size
@@ -169,11 +180,12 @@ class EagleProposer(DraftModelProposer):
         first = batch.num_tokens[rows] - 1  # the first proposal's pair sits one past the last verified one
         allocated = batch.num_blocks[rows] * runner.block_size
         num_steps = np.clip(allocated - first, 0, self.num_speculative_tokens)
-        proposals = np.zeros((len(rows), self.num_speculative_tokens), dtype=np.int64)
+        # Filled on the device and read once at the end: no sync per head step.
+        proposals = torch.zeros((len(rows), self.num_speculative_tokens), dtype=torch.long, device=device)
         tokens = row_argmax(self._target.compute_logits(features).to(torch.float32))
         active = np.arange(len(rows))
         for j in range(int(num_steps.max(initial=0))):
-            proposals[active, j] = tokens.cpu().numpy()
+            proposals[torch.from_numpy(active).to(device), j] = tokens
             keep = num_steps[active] > j + 1
             if not keep.any():
                 break
@@ -183,4 +195,4 @@ class EagleProposer(DraftModelProposer):
             ones = np.ones(len(active), dtype=np.int64)
             features = self._run(runner, tokens, features, positions, rows[active], rows[active], ones, positions + 1)
             tokens = row_argmax(self._target.compute_logits(features).to(torch.float32))
-        return proposals, num_steps
+        return proposals.cpu().numpy(), num_steps
