@@ -240,7 +240,7 @@ class Scheduler:
                                  - request.num_computed_tokens, step.token_budget, self.long_prefill_token_threshold)
             if num_new_tokens <= 0:
                 continue
-            num_slots = num_new_tokens + self._lookahead(request, num_new_tokens)
+            num_slots = num_new_tokens + (self._lookahead(request, num_new_tokens) if self.num_lookahead_tokens else 0)
             new_block_ids = self.kv_cache_manager.allocate_slots(request, num_slots)
             while new_block_ids is None:
                 victim = self._pick_victim()
@@ -275,8 +275,10 @@ class Scheduler:
                           if self.kv_offload is not None else 0)
             num_new_tokens = min(request.num_tokens - num_computed - num_loaded, step.token_budget,
                                  self.long_prefill_token_threshold)
-            num_slots = num_loaded + num_new_tokens + self._lookahead(request, num_computed + num_loaded + num_new_tokens
-                                                                      - request.num_computed_tokens)
+            num_slots = num_loaded + num_new_tokens
+            if self.num_lookahead_tokens:
+                num_slots += self._lookahead(request, num_computed + num_loaded + num_new_tokens
+                                             - request.num_computed_tokens)
             if self.kv_cache_manager.allocate_slots(request, num_slots, computed_blocks) is None:
                 self._admission_blocked = True
                 break
@@ -306,9 +308,7 @@ class Scheduler:
         self._free_request(request)
 
     def _lookahead(self, request: Request, num_new_tokens: int) -> int:
-        """KV slots to allocate past a step's tokens, short of max_model_len (0 without a draft model)."""
-        if not self.num_lookahead_tokens:
-            return 0
+        """KV slots to allocate past a step's tokens, short of max_model_len (a draft model's proposals' KV)."""
         return max(0, min(self.num_lookahead_tokens,
                           self.max_model_len - request.num_computed_tokens - num_new_tokens))
 
