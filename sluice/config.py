@@ -26,7 +26,10 @@ import ctypes
 import dataclasses
 import os
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from sluice.spec_decode.config import SpeculativeConfig
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy")
@@ -129,6 +132,8 @@ class EngineArgs:
     max_cpu_loras: int | None = None  # default: max_loras
     lora_scheduling: str = "fair"  # fair | fcfs: the order waiting requests of different adapters start in
     structured_outputs_backend: str = "xgrammar"  # auto | xgrammar | guidance (sluice/structured_output/)
+    # Speculative decoding (sluice/spec_decode/): vLLM's JSON, a string on the command line or a dict.
+    speculative_config: str | dict | None = None
     # Not a flag: who drives the engine ("llm": offline LLM, "server": the API server); picks batch defaults.
     usage_context: str = "llm"
 
@@ -199,6 +204,9 @@ class EngineArgs:
         "structured_outputs_backend": "grammar library for structured outputs (response_format, guided_json...): "
                                       "xgrammar, guidance (llguidance), or auto (xgrammar, llguidance for what "
                                       "xgrammar refuses)",
+        "speculative_config": "speculative decoding, as JSON: {\"method\": \"ngram\", \"num_speculative_tokens\": "
+                              "4, \"prompt_lookup_min\": 2, \"prompt_lookup_max\": 5} or {\"model\": DRAFT_FOLDER, "
+                              "\"num_speculative_tokens\": 3}; optional \"disable_by_batch_size\"",
     }
     _NOT_FLAGS = {"usage_context"}
     _CHOICES = {"dtype": DTYPES, "load_format": LOAD_FORMATS, "scheduling_policy": POLICIES, "device": DEVICES,
@@ -357,6 +365,8 @@ class SchedulerConfig:
     policy: str = "fcfs"
     async_scheduling: bool = False
     long_prefill_token_threshold: int = 0
+    # KV slots allocated past each step's tokens (a draft model writes its proposals' KV there; 0 otherwise).
+    num_lookahead_tokens: int = 0
 
     @property
     def max_prefill_chunk(self) -> int:
@@ -443,6 +453,7 @@ class EngineConfig:
     usage_context: str = "llm"
     disable_log_stats: bool = False
     lora: LoRAConfig | None = None  # None: LoRA off, and the model is built without the hook
+    speculative: "SpeculativeConfig | None" = None  # None: no speculative decoding (sluice/spec_decode/)
 
     @property
     def max_model_len(self) -> int:
@@ -511,11 +522,20 @@ def create_engine_config(args: EngineArgs, device: DeviceConfig | None = None) -
         from sluice.distributed.support import check_tp_model
         check_tp_model(model, args.tensor_parallel_size)
     max_num_seqs, max_num_batched_tokens = resolve_batch_limits(args, max_model_len, device)
+    speculative = _speculative_config(args, model)
+    async_scheduling = args.async_scheduling if args.async_scheduling is not None else device.type == "cuda"
+    if args.async_scheduling and speculative is not None:
+        import logging
+        logging.getLogger(__name__).warning("async_scheduling is off with speculative_config: each step's "
+                                            "proposals come from the tokens the previous step verified")
     scheduler = SchedulerConfig(
         max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens, max_model_len=max_model_len,
         policy=args.scheduling_policy,
-        async_scheduling=args.async_scheduling if args.async_scheduling is not None else device.type == "cuda",
-        long_prefill_token_threshold=args.long_prefill_token_threshold)
+        # A proposal is made from the tokens the previous step verified: a speculating engine runs its steps
+        # one after the other.
+        async_scheduling=async_scheduling and speculative is None,
+        long_prefill_token_threshold=args.long_prefill_token_threshold,
+        num_lookahead_tokens=speculative.num_lookahead_tokens if speculative is not None else 0)
     cache = CacheConfig(
         block_size=args.block_size,
         enable_prefix_caching=args.enable_prefix_caching and prefix_caching_applies(model.pooler_config),
@@ -536,7 +556,21 @@ def create_engine_config(args: EngineArgs, device: DeviceConfig | None = None) -
                             collect_detailed_traces=args.collect_detailed_traces),
                         structured_outputs=StructuredOutputsConfig(args.structured_outputs_backend),
                         usage_context=args.usage_context, disable_log_stats=args.disable_log_stats,
-                        lora=_lora_config(args))
+                        lora=_lora_config(args), speculative=speculative)
+
+
+def _speculative_config(args: EngineArgs, model: ModelConfig) -> "SpeculativeConfig | None":
+    from sluice.spec_decode.config import parse_speculative_config
+    speculative = parse_speculative_config(args.speculative_config, model.vocab_size, args.load_format,
+                                           model.hf_config.hidden_size)
+    if speculative is None:
+        return None
+    if model.pooler_config is not None:
+        raise ValueError("speculative_config applies to generation models, not to pooling (embedding) ones")
+    if model.kv_sliding_window is not None:
+        raise ValueError("speculative_config: models whose every layer has a sliding window are not supported "
+                         "(their KV cache frees blocks behind the window, which rejected proposals would need)")
+    return speculative
 
 
 def _lora_config(args: EngineArgs) -> LoRAConfig | None:

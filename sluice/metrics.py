@@ -24,7 +24,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 from prometheus_client import multiprocess
 
 from sluice.stats import (EngineInfo, IterationStats, KVCacheEvents, LoRAStats, OffloadStats, SchedulerStats,
-                          StatLogger)
+                          SpecDecodingStats, StatLogger)
 
 PREFIX = "sluice:"
 MULTIPROC_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"
@@ -140,6 +140,34 @@ class KVOffloadMetrics:
         self._last = dataclasses.replace(stats)
 
 
+class SpecDecodingMetrics:
+    """``--speculative-config``: proposals verified and kept, in total and per position (vLLM's spec_decode_*)."""
+
+    def __init__(self, registry: CollectorRegistry, model_name: str) -> None:
+        self._model_name = model_name
+        self.num_drafts = _counter(registry, model_name, "spec_decode_num_drafts",
+                                   "Requests-steps that verified proposed tokens.")
+        self.num_draft_tokens = _counter(registry, model_name, "spec_decode_num_draft_tokens",
+                                         "Proposed tokens verified.")
+        self.num_accepted_tokens = _counter(registry, model_name, "spec_decode_num_accepted_tokens",
+                                            "Proposed tokens kept.")
+        self.accepted_per_pos = Counter(PREFIX + "spec_decode_num_accepted_tokens_per_pos",
+                                        "Proposed tokens kept, by position among a request's proposals.",
+                                        ["model_name", "position"], registry=registry)
+        self._last = SpecDecodingStats()
+
+    def record(self, stats: SpecDecodingStats) -> None:
+        last = self._last
+        self.num_drafts.inc(max(0, stats.num_drafts - last.num_drafts))
+        self.num_draft_tokens.inc(max(0, stats.num_draft_tokens - last.num_draft_tokens))
+        self.num_accepted_tokens.inc(max(0, stats.num_accepted_tokens - last.num_accepted_tokens))
+        previous = last.num_accepted_tokens_per_pos
+        for position, count in enumerate(stats.num_accepted_tokens_per_pos):
+            delta = count - (previous[position] if position < len(previous) else 0)
+            self.accepted_per_pos.labels(self._model_name, str(position)).inc(max(0, delta))
+        self._last = stats.copy()
+
+
 class SchedulerMetrics:
     """The scheduler's series: gauges of its state and counters of its cumulative totals.
 
@@ -172,6 +200,7 @@ class SchedulerMetrics:
         self.kv_cache: KVCacheMetrics | None = None  # made by the first --kv-cache-metrics report
         self.kv_offload: KVOffloadMetrics | None = None  # made by the first report with swap or a host tier
         self.lora_info: Gauge | None = None  # made by the first report with LoRA on
+        self.spec_decoding: SpecDecodingMetrics | None = None  # made by the first report that verified proposals
         # The scheduler reports cumulative totals; counters take increments.
         self._last_cumulative = SchedulerStats()
 
@@ -191,6 +220,10 @@ class SchedulerMetrics:
             self.kv_offload.record(stats.kv_offload)
         if stats.lora is not None:
             self._record_lora(stats.lora)
+        if stats.spec_decoding is not None:
+            if self.spec_decoding is None:
+                self.spec_decoding = SpecDecodingMetrics(self._registry, self._model_name)
+            self.spec_decoding.record(stats.spec_decoding)
         last = self._last_cumulative
         self.prefix_cache_queries.inc(max(0, stats.prefix_cache_queries - last.prefix_cache_queries))
         self.prefix_cache_hits.inc(max(0, stats.prefix_cache_hits - last.prefix_cache_hits))

@@ -44,6 +44,33 @@ class LoRAStats:
 
 
 @dataclass(slots=True)
+class SpecDecodingStats:
+    """Speculative decoding, cumulative: proposals verified, and how many were kept at each position."""
+    num_drafts: int = 0  # requests-steps that verified at least one proposal
+    num_draft_tokens: int = 0
+    num_accepted_tokens: int = 0
+    num_accepted_tokens_per_pos: list[int] = field(default_factory=list)  # [i]: kept proposals at position i
+
+    def observe(self, num_draft_tokens: int, num_accepted: int) -> None:
+        self.num_drafts += 1
+        self.num_draft_tokens += num_draft_tokens
+        self.num_accepted_tokens += num_accepted
+        per_pos = self.num_accepted_tokens_per_pos
+        if len(per_pos) < num_draft_tokens:
+            per_pos.extend([0] * (num_draft_tokens - len(per_pos)))
+        for i in range(num_accepted):
+            per_pos[i] += 1
+
+    def copy(self) -> "SpecDecodingStats":
+        return SpecDecodingStats(self.num_drafts, self.num_draft_tokens, self.num_accepted_tokens,
+                                 list(self.num_accepted_tokens_per_pos))
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.num_accepted_tokens / self.num_draft_tokens if self.num_draft_tokens else 0.0
+
+
+@dataclass(slots=True)
 class SchedulerStats:
     num_running_reqs: int = 0
     num_waiting_reqs: int = 0
@@ -57,6 +84,7 @@ class SchedulerStats:
     kv_cache_events: KVCacheEvents | None = None  # only with --kv-cache-metrics
     kv_offload: OffloadStats | None = None  # only with --swap-space or --kv-offload-space (cumulative)
     lora: LoRAStats | None = None  # only with --enable-lora
+    spec_decoding: SpecDecodingStats | None = None  # only with --speculative-config, once it verified (cumulative)
 
 
 @dataclass(slots=True)

@@ -33,7 +33,8 @@ from sluice.config import EngineArgs
 from sluice.bench.shapes import (  # noqa: F401 - the shapes' writers, re-exported for scripts
     G9_NAME, L8_NAME, Q30A3_NAME, SHAPE_WRITERS, write_g9_config, write_l8_config, write_q30a3_config,
 )
-_OTHER_BENCHMARKS = ("sluice.bench.serve", "sluice.bench.lora")  # optional modules exposing add_parser(bench_subparsers)
+_OTHER_BENCHMARKS = ("sluice.bench.serve", "sluice.bench.lora",
+                     "sluice.bench.latency")  # optional modules exposing add_parser(bench_subparsers)
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:

@@ -63,6 +63,9 @@ class SchedulerOutput:
     # KV block copies between device and host memory to run before this step's forward (swap preemption,
     # the host prefix tier: core/kv_offload.py); None when there are none.
     kv_transfers: "KVTransfers | None" = None
+    # Speculative decoding: req_id -> proposed tokens scheduled after its known tokens (counted in
+    # num_scheduled_tokens); the runner verifies them and samples the token after the kept ones.
+    scheduled_spec_token_ids: dict[str, list[int]] = field(default_factory=dict)
 
     @property
     def num_reqs(self) -> int:
@@ -87,7 +90,8 @@ class LogprobsLists:
 class ModelRunnerOutput:
     # Order of requests in this step's batch.
     req_ids: list[str]
-    # req_id -> tokens sampled this step ([] for a prefill chunk that samples nothing).
+    # req_id -> tokens sampled this step ([] for a prefill chunk that samples nothing; with speculative
+    # decoding, the kept proposals and the token after them).
     sampled_token_ids: dict[str, list[int]]
     # req_id -> logprobs of the sampled tokens, when the request asked for them.
     logprobs: dict[str, LogprobsLists] = field(default_factory=dict)
@@ -96,6 +100,8 @@ class ModelRunnerOutput:
     # Pooling engines: req_id -> the pooled hidden state (float32 bytes) of each request whose prompt this
     # step completed; such a request is finished (sampled_token_ids has none for it).
     pooler_output: dict[str, bytes] = field(default_factory=dict)
+    # Speculative decoding: req_id -> tokens proposed to follow its new tokens (verified by the next step).
+    spec_token_ids: dict[str, list[int]] = field(default_factory=dict)
 
 
 FINISH_REASON_ERROR = "error"  # a request the engine failed on its own (vLLM's name); the others carry on

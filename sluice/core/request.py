@@ -51,7 +51,7 @@ class Request:
         "eos_token_id", "priority", "arrival_time", "status", "stop_reason",
         "num_computed_tokens", "num_cached_tokens", "num_preemptions",
         "block_hashes", "lora_int_id", "lora_request", "cache_salt", "parent_request_id", "num_output_placeholders",
-        "first_scheduled_time", "structured_output",
+        "first_scheduled_time", "structured_output", "spec_token_ids",
     )
 
     def __init__(
@@ -98,6 +98,9 @@ class Request:
         # Structured outputs: its grammar state (sluice/structured_output/manager.py StructuredOutputRequest),
         # attached by the engine core; the scheduler waits for ``is_ready()`` and feeds ``advance(token)``.
         self.structured_output = None
+        # Speculative decoding: tokens proposed to follow its known ones, for the next step to verify. They are
+        # scheduled as tokens beyond num_tokens; the verified ones become output tokens, the rest are dropped.
+        self.spec_token_ids: list[int] = []
 
     @property
     def num_prompt_tokens(self) -> int:

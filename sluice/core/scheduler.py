@@ -31,6 +31,17 @@ A request whose pending samples will end it (max_tokens, max_model_len) is not s
 one that stops on eos or a stop token wastes the one step already scheduled, whose sample is
 dropped. ``update_from_output(t)`` always runs before ``schedule(t+2)``, so at most one sample
 per request is pending.
+
+Speculative decoding: a request's proposed tokens (``Request.spec_token_ids``, from the runner's proposer)
+are scheduled as tokens beyond ``num_tokens``, in the same budget as everyone's:
+
+    A  num_tokens=9  computed=8  spec=[x y z]  -> 4 tokens (its last token + 3 proposals), samples 1..4
+    update: 2 proposals kept + 1 sampled     -> num_tokens=12, computed rolls back from 12 to 11
+
+``update_from_output`` rolls ``num_computed_tokens`` back past the rejected proposals (their KV slots are
+written again later) and checks stops token by token. A budget that runs out keeps a prefix of the proposals.
+Blocks are published to the prefix cache only up to ``num_tokens``, so no cached block holds an unverified
+token.
 """
 from __future__ import annotations
 
@@ -49,7 +60,7 @@ from sluice.core.interface import (
 from sluice.core.kv_offload import KVOffload
 from sluice.core.sliding_window_manager import make_kv_cache_manager
 from sluice.core.request import Request, RequestStatus
-from sluice.stats import SchedulerStats
+from sluice.stats import SchedulerStats, SpecDecodingStats
 
 logger = logging.getLogger(__name__)
 
@@ -82,11 +93,20 @@ class _StepPlan:
     # Running requests: block ids appended this step.
     new_block_ids: dict[str, list[int]] = field(default_factory=dict)
     preempted_req_ids: set[str] = field(default_factory=set)
+    # Speculative decoding: proposals scheduled this step (included in num_scheduled_tokens).
+    spec_token_ids: dict[str, list[int]] = field(default_factory=dict)
 
     def add_running(self, request: Request, num_tokens: int, new_block_ids: list[int]) -> None:
         self.num_scheduled_tokens[request.request_id] = num_tokens
         self.new_block_ids[request.request_id] = new_block_ids
         self.token_budget -= num_tokens
+        if request.spec_token_ids:
+            # Tokens past its known (and pending) ones are proposals; a cut budget keeps their prefix.
+            num_spec = num_tokens - (request.num_tokens + request.num_output_placeholders
+                                     - request.num_computed_tokens)
+            if num_spec > 0:
+                self.spec_token_ids[request.request_id] = request.spec_token_ids[:num_spec]
+            request.spec_token_ids = []
 
     def add_new(self, request: Request, num_tokens: int) -> None:
         self.num_scheduled_tokens[request.request_id] = num_tokens
@@ -97,6 +117,7 @@ class _StepPlan:
         """Undoes add_running for a request preempted later in the same step."""
         num_tokens = self.num_scheduled_tokens.pop(request.request_id, 0)
         self.new_block_ids.pop(request.request_id, None)
+        self.spec_token_ids.pop(request.request_id, None)
         self.token_budget += num_tokens
 
 
@@ -111,6 +132,8 @@ class Scheduler:
         # A prompt chunk takes at most this many tokens per step, so that a long prompt's prefill
         # cannot stretch the steps every running request waits on (0: the budget is the limit).
         self.long_prefill_token_threshold = scheduler_config.max_prefill_chunk
+        # KV slots past each step's tokens (a draft model writes its proposals' KV there).
+        self.num_lookahead_tokens = scheduler_config.num_lookahead_tokens
         self.kv_cache_manager = make_kv_cache_manager(
             cache_config.num_blocks, cache_config.block_size, cache_config.enable_prefix_caching,
             cache_config.sliding_window)
@@ -136,6 +159,8 @@ class Scheduler:
         self.admission: AdmissionHook | None = None
         # Outputs of requests that failed in schedule() (finish reason "error"), sent by the next update.
         self._failed_outputs: list[EngineCoreOutput] = []
+        # Speculative decoding's counters, from the first step that verified proposals (None until then).
+        self.spec_decoding_stats: SpecDecodingStats | None = None
 
     # ---- requests in and out ------------------------------------------------------------
 
@@ -189,6 +214,7 @@ class Scheduler:
             num_waiting_for_capacity=len(self.waiting) if self._admission_blocked else 0,
             kv_cache_events=self.kv_cache_events_source() if self.kv_cache_events_source is not None else None,
             kv_offload=dataclasses.replace(self.kv_offload.stats) if self.kv_offload is not None else None,
+            spec_decoding=self.spec_decoding_stats.copy() if self.spec_decoding_stats is not None else None,
         )
 
     # ---- one step -----------------------------------------------------------------------
@@ -210,17 +236,18 @@ class Scheduler:
                 continue
             if request.num_output_placeholders and self._pending_samples_end(request):
                 continue
-            num_new_tokens = min(request.num_tokens + request.num_output_placeholders - request.num_computed_tokens,
-                                 step.token_budget, self.long_prefill_token_threshold)
+            num_new_tokens = min(request.num_tokens + request.num_output_placeholders + len(request.spec_token_ids)
+                                 - request.num_computed_tokens, step.token_budget, self.long_prefill_token_threshold)
             if num_new_tokens <= 0:
                 continue
-            new_block_ids = self.kv_cache_manager.allocate_slots(request, num_new_tokens)
+            num_slots = num_new_tokens + (self._lookahead(request, num_new_tokens) if self.num_lookahead_tokens else 0)
+            new_block_ids = self.kv_cache_manager.allocate_slots(request, num_slots)
             while new_block_ids is None:
                 victim = self._pick_victim()
                 self._preempt(victim, step)
                 if victim is request:
                     break
-                new_block_ids = self.kv_cache_manager.allocate_slots(request, num_new_tokens)
+                new_block_ids = self.kv_cache_manager.allocate_slots(request, num_slots)
             if new_block_ids is not None:
                 step.add_running(request, num_new_tokens, new_block_ids)
 
@@ -248,7 +275,11 @@ class Scheduler:
                           if self.kv_offload is not None else 0)
             num_new_tokens = min(request.num_tokens - num_computed - num_loaded, step.token_budget,
                                  self.long_prefill_token_threshold)
-            if self.kv_cache_manager.allocate_slots(request, num_loaded + num_new_tokens, computed_blocks) is None:
+            num_slots = num_loaded + num_new_tokens
+            if self.num_lookahead_tokens:
+                num_slots += self._lookahead(request, num_computed + num_loaded + num_new_tokens
+                                             - request.num_computed_tokens)
+            if self.kv_cache_manager.allocate_slots(request, num_slots, computed_blocks) is None:
                 self._admission_blocked = True
                 break
             if self.kv_offload is not None:
@@ -275,6 +306,11 @@ class Scheduler:
         request.status = RequestStatus.FINISHED_ERROR
         self._failed_outputs.append(EngineCoreOutput(request.request_id, [], finish_reason=request.get_finish_reason()))
         self._free_request(request)
+
+    def _lookahead(self, request: Request, num_new_tokens: int) -> int:
+        """KV slots to allocate past a step's tokens, short of max_model_len (a draft model's proposals' KV)."""
+        return max(0, min(self.num_lookahead_tokens,
+                          self.max_model_len - request.num_computed_tokens - num_new_tokens))
 
     def _pending_samples_end(self, request: Request) -> bool:
         """Whether the samples still on their way will finish the request by length."""
@@ -306,6 +342,7 @@ class Scheduler:
         self.kv_cache_manager.free(request)
         request.status = RequestStatus.PREEMPTED
         request.num_computed_tokens = 0
+        request.spec_token_ids = []
         request.num_preemptions += 1
         self.num_preemptions += 1
         self._enqueue_waiting(request, front=True)
@@ -353,6 +390,7 @@ class Scheduler:
             finished_req_ids=finished_req_ids,
             preempted_req_ids=step.preempted_req_ids,
             kv_transfers=kv_transfers,
+            scheduled_spec_token_ids=step.spec_token_ids,
         )
 
     # ---- after the runner ---------------------------------------------------------------
@@ -373,6 +411,8 @@ class Scheduler:
                 request.num_output_placeholders = max(0, request.num_output_placeholders - len(sampled))
             # Async scheduling: a request preempted after its step was launched waits, yet samples.
             was_running = request.status == RequestStatus.RUNNING
+            if scheduler_output.scheduled_spec_token_ids and sampled:
+                self._roll_back_rejected(request, scheduler_output.scheduled_spec_token_ids.get(req_id), sampled)
             new_token_ids = self._append_until_stop(request, sampled)
             logprobs = model_runner_output.logprobs.get(req_id)
             if logprobs is not None and len(new_token_ids) < len(sampled):
@@ -394,7 +434,31 @@ class Scheduler:
             if request.is_finished():
                 (self.running if was_running else self.waiting).remove(request)
                 self._free_request(request)
+            elif model_runner_output.spec_token_ids:
+                self._take_proposals(request, model_runner_output.spec_token_ids.get(req_id))
         return outputs
+
+    def _roll_back_rejected(self, request: Request, spec_token_ids: list[int] | None, sampled: list[int]) -> None:
+        """Rolls ``num_computed_tokens`` back past the proposals the runner rejected; counts the verification."""
+        if not spec_token_ids:
+            return
+        num_accepted = len(sampled) - 1
+        request.num_computed_tokens -= len(spec_token_ids) - num_accepted
+        if self.spec_decoding_stats is None:
+            self.spec_decoding_stats = SpecDecodingStats()
+        self.spec_decoding_stats.observe(len(spec_token_ids), num_accepted)
+
+    def _take_proposals(self, request: Request, proposals: list[int] | None) -> None:
+        """Keeps a request's proposals for the next step, as many as its length limits leave room to keep.
+        Constrained (structured-output) requests do not speculate: their grammar must see each token first."""
+        if not proposals or request.structured_output is not None:
+            return
+        room = self.max_model_len - request.num_tokens - 1
+        max_tokens = request.sampling_params.max_tokens
+        if max_tokens is not None:
+            room = min(room, max_tokens - request.num_output_tokens - 1)
+        if room > 0:
+            request.spec_token_ids = list(proposals[:room])
 
     def _finish_pooled(self, pooler_output: dict[str, bytes]) -> list[EngineCoreOutput]:
         """Pooling requests end with their prompt: each pooled one finishes (stop) and frees its blocks.

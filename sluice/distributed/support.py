@@ -35,6 +35,8 @@ def check_parallel_args(args: "EngineArgs") -> None:
         raise ValueError("LoRA (enable_lora) is not supported with tensor_parallel_size > 1")
     if args.quantization is not None:
         raise ValueError(f"quantization {args.quantization!r} is not supported with tensor_parallel_size > 1")
+    if getattr(args, "speculative_config", None):
+        raise ValueError("speculative decoding (speculative_config) is not supported with tensor_parallel_size > 1")
 
 
 def check_tp_model(model: "ModelConfig", tp_size: int) -> None:

@@ -152,9 +152,11 @@ class OutputProcessor:
                 # A stop token (eos or a stop id) ending the request leaves its text out.
                 stop_str = child.detokenizer.update(out.new_token_ids,
                                                     stop_terminated=out.finish_reason == "stop")
-                if stop_str is not None and out.finish_reason is None:
+                # A step may bring several tokens (speculative decoding): a stop string among them ends the
+                # text even where a later one of them finished the request (max_tokens, eos).
+                if stop_str is not None:
                     child.finish_reason, child.stop_reason = "stop", stop_str
-                    stopped_by_string = True
+                    stopped_by_string = out.finish_reason is None  # the core still runs it: stop it there
         if out.new_prompt_logprobs is not None:
             from sluice.sample.logprobs import to_logprob_dicts
             dicts = to_logprob_dicts(out.new_prompt_logprobs, self.tokenizer)

@@ -37,5 +37,11 @@ class LoggingStatLogger(StatLogger):
             self._prompt_tokens / elapsed, self._generation_tokens / elapsed, scheduler_stats.num_running_reqs,
             scheduler_stats.num_waiting_reqs, 100 * scheduler_stats.kv_cache_usage,
             100 * hits / queries if queries else 0.0, scheduler_stats.num_preemptions)
+        spec = scheduler_stats.spec_decoding
+        if spec is not None and spec.num_drafts:
+            self._logger.info("speculative decoding: mean acceptance length %.2f, draft acceptance rate %.1f%%, "
+                              "per position %s (cumulative)", 1 + spec.num_accepted_tokens / spec.num_drafts,
+                              100 * spec.acceptance_rate,
+                              ", ".join(f"{n / spec.num_drafts:.2f}" for n in spec.num_accepted_tokens_per_pos))
         self._last_log, self._prompt_tokens, self._generation_tokens = now, 0, 0
         self._last_queries, self._last_hits = scheduler_stats.prefix_cache_queries, scheduler_stats.prefix_cache_hits

@@ -44,6 +44,9 @@ class StepInputs:
     # (their input_ids entry is a stale placeholder the runner overwrites on the device).
     pending_token_indices: np.ndarray  # int64 [num_pending]: flat token indices
     pending_rows: np.ndarray  # int64 [num_pending]: the rows those tokens belong to
+    # Speculative decoding (None in a step without proposals): proposals scheduled per sampling request; the
+    # logits that verify k proposals are those of its last k + 1 tokens.
+    num_spec_sampling: np.ndarray | None = None  # int64 [num_sampling_reqs]
 
 
 class InputBatch:
@@ -107,13 +110,27 @@ class InputBatch:
         block_ids = np.fromiter((b for _, _, ids in diffs for b in ids), dtype=np.int64, count=len(rows))
         return rows, cols, block_ids
 
+    def write_spec_tokens(self, row: int, token_ids: list[int]) -> None:
+        """Puts proposed tokens after a row's known tokens (they stay unknown: num_tokens does not move)."""
+        start = int(self.num_tokens[row])
+        self.token_ids[row, start:start + len(token_ids)] = token_ids
+
+    def accept_tokens(self, row: int, token_ids: list[int], num_rejected: int) -> None:
+        """Appends a verification's output tokens to a row; its computed tokens roll back past the rejected."""
+        start = int(self.num_tokens[row])
+        self.token_ids[row, start:start + len(token_ids)] = token_ids
+        self.num_tokens[row] = start + len(token_ids)
+        self.num_computed_tokens[row] -= num_rejected
+
     def append_tokens(self, rows: np.ndarray, token_ids: np.ndarray) -> None:
         """Appends one sampled token per row (rows are distinct)."""
         self.token_ids[rows, self.num_tokens[rows]] = token_ids
         self.num_tokens[rows] += 1
 
-    def prepare(self, num_scheduled_tokens: dict[str, int], rows: np.ndarray) -> StepInputs:
-        """The step's flat inputs; ``rows[i]`` is the row of the i-th request of ``num_scheduled_tokens``."""
+    def prepare(self, num_scheduled_tokens: dict[str, int], rows: np.ndarray,
+                num_spec: np.ndarray | None = None) -> StepInputs:
+        """The step's flat inputs; ``rows[i]`` is the row of the i-th request of ``num_scheduled_tokens``.
+        ``num_spec[i]``: proposals scheduled for it (written past its known tokens by write_spec_tokens)."""
         req_ids = list(num_scheduled_tokens)
         num_sched = np.fromiter(num_scheduled_tokens.values(), dtype=np.int64, count=len(req_ids))
         start = self.num_computed_tokens[rows]
@@ -131,7 +148,8 @@ class InputBatch:
         self.num_computed_tokens[rows] = seq_lens
         samples = seq_lens >= self.num_tokens[rows]
         # A position at or past a row's known tokens is a sample still on its way (async scheduling).
-        pending = np.flatnonzero(positions >= self.num_tokens[token_rows])
+        known = self.num_tokens[token_rows] if num_spec is None else self.num_tokens[token_rows] + num_spec[req_of_token]
+        pending = np.flatnonzero(positions >= known)
         return StepInputs(
             req_ids=req_ids,
             rows=rows,
@@ -147,4 +165,5 @@ class InputBatch:
             sampling_rows=rows[samples],
             pending_token_indices=pending,
             pending_rows=token_rows[pending],
+            num_spec_sampling=num_spec[samples] if num_spec is not None else None,
         )

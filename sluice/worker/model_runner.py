@@ -43,6 +43,8 @@ if TYPE_CHECKING:
     from sluice.core.kv_offload import PreemptionCosts
     from sluice.lora.manager import LoRAManager
     from sluice.pooling.pooler import PooledStep
+    from sluice.spec_decode.config import SpeculativeConfig
+    from sluice.spec_decode.proposer import Proposer
     from sluice.worker.kv_swap import KVSwapper
 
 logger = logging.getLogger(__name__)
@@ -56,14 +58,18 @@ class RequestState:
     prompt_logprobs: int | None  # top logprobs per prompt position it asked for
     per_step_sampling: bool  # penalties, bad words, min_tokens: its sampling metadata changes every step
     reads_output_on_host: bool  # bad words: sampling reads its last output ids on the host
+    # Speculative decoding: it gets proposals and is verified (no per-step sampling state, logprobs or grammar).
+    speculates: bool = False
 
     @classmethod
     def create(cls, row: int, new: NewRequestData, device: torch.device) -> "RequestState":
         params = new.sampling_params
         sampling = RequestSamplingState.create(params, new.prompt_token_ids, list(new.output_token_ids),
                                                new.eos_token_id, device=device)
+        speculates = not (params.uses_per_step_state or params.reads_output_text_on_host
+                          or params.logprobs is not None or params.structured_outputs is not None)
         return cls(row, sampling, params.prompt_logprobs, params.uses_per_step_state,
-                   params.reads_output_text_on_host)
+                   params.reads_output_text_on_host, speculates)
 
 
 @dataclass(slots=True)
@@ -76,14 +82,20 @@ class LaunchedStep:
     host_ids: PendingSampledIds | None
     prompt_logprobs: dict[str, LogprobsLists]
     pooled: "PooledStep | None" = None  # pooling engines: the vectors of requests whose prompt completed
+    # Speculative decoding: output tokens [num_sampling, k + 1] (-1 past each row's last), the proposals each
+    # row verified, and the rows the plain sampler took (sampler_output's logprobs are theirs).
+    spec_out: torch.Tensor | None = None
+    num_spec: np.ndarray | None = None
+    plain_req_ids: list[str] | None = None
 
 
 class ModelRunner:
     def __init__(self, model_config: ModelConfig, block_size: int, max_num_seqs: int,
                  max_num_batched_tokens: int, enforce_eager: bool = False,
                  lora_config: LoRAConfig | None = None, kv_cache_dtype: str = "auto",
-                 calculate_kv_scales: bool = False) -> None:
-        """``kv_cache_dtype``: --kv-cache-dtype (auto: the model's dtype; fp8: attention/kv_quant.py)."""
+                 calculate_kv_scales: bool = False, speculative: "SpeculativeConfig | None" = None) -> None:
+        """``kv_cache_dtype``: --kv-cache-dtype (auto: the model's dtype; fp8: attention/kv_quant.py);
+        ``speculative``: --speculative-config (the proposer hook: sluice/spec_decode/proposer.py)."""
         self.model_config = model_config
         self.lora_config = lora_config
         self.lora_manager: LoRAManager | None = None  # set by load_model with LoRA on
@@ -132,6 +144,12 @@ class ModelRunner:
         if model_config.pooler_config is not None:
             from sluice.pooling.pooler import Pooler
             self.pooler = Pooler(model_config.pooler_config, max_num_seqs, self.device)
+        # Speculative decoding's proposer (sluice/spec_decode/proposer.py); None: every step samples one token.
+        self.proposer: Proposer | None = None
+        self.last_device_step = None  # with a proposer: the last step's device inputs (a draft model reruns them)
+        if speculative is not None:
+            from sluice.spec_decode.proposer import make_proposer
+            self.proposer = make_proposer(speculative)
 
     # ---- setup -------------------------------------------------------------------------
     def load_model(self) -> None:
@@ -157,6 +175,8 @@ class ModelRunner:
             from sluice.lora.manager import LoRAManager
             self.lora_manager = LoRAManager(self.model, self.lora_config, self.dtype, self.device,
                                             max_num_tokens=self.step_buffers.max_num_tokens)
+        if self.proposer is not None:  # a draft model loads its weights
+            self.proposer.load(self)
         self.load_seconds = time.perf_counter() - start
 
     def _log_kv_scales(self, checkpoint_scales: dict[int, tuple[float, float]]) -> None:
@@ -188,6 +208,10 @@ class ModelRunner:
             available = available_gpu_kv_bytes(self.device, cache.gpu_memory_utilization)
         else:
             available = cache.kv_cache_memory_bytes
+        if self.proposer is not None and self.proposer.kv_bytes_per_block:
+            # A draft model keeps its KV under the same block ids: a block costs both models' bytes.
+            target = self.kv_spec.bytes_per_block
+            available = available * target // (target + self.proposer.kv_bytes_per_block)
         num_blocks = num_blocks_for_memory(self.kv_spec, available)
         if num_blocks == 0:
             raise ValueError("no memory left for the KV cache: lower max_num_batched_tokens or raise "
@@ -239,6 +263,8 @@ class ModelRunner:
     def initialize_kv_cache(self, num_blocks: int) -> None:
         self.kv_caches = allocate_kv_caches(self.kv_spec, num_blocks, self.device)
         self._bind(self.kv_caches)
+        if self.proposer is not None:
+            self.proposer.initialize_kv_cache(num_blocks, self)
         if self.device.type == "cuda" and not self.enforce_eager:
             self.capture_cuda_graphs()
 
@@ -331,6 +357,8 @@ class ModelRunner:
                                                       else (None, None, None, None))
         step = self.step_buffers.upload(inputs, self.input_batch.pop_block_diffs(), num_padded_reqs=padded_reqs,
                                         num_padded_tokens=padded_tokens, pending=self._pending(inputs))
+        if self.proposer is not None:
+            self.last_device_step = step  # a draft model runs the same inputs
         if bucket is not None:
             return graphs.run(bucket)
         metadata = self._plan(step.metadata, len(step.input_ids))
@@ -431,14 +459,21 @@ class ModelRunner:
         num_scheduled = scheduler_output.num_scheduled_tokens
         requests = self.requests
         rows = np.fromiter((requests[r].row for r in num_scheduled), dtype=np.int64, count=len(num_scheduled))
-        inputs = self.input_batch.prepare(num_scheduled, rows)
+        spec = scheduler_output.scheduled_spec_token_ids
+        num_spec = self._write_proposals(spec, num_scheduled, rows) if spec else None
+        inputs = self.input_batch.prepare(num_scheduled, rows, num_spec)
         hidden = self._forward(inputs)
+        if self.proposer is not None:
+            self.proposer.after_forward(self, inputs, hidden)
         if self.pooler is not None:  # pooled vectors instead of samples
             new_rows = {new.req_id: requests[new.req_id].row for new in scheduler_output.scheduled_new_reqs}
             pooled = self.pooler.pool(scheduler_output, inputs, hidden, new_rows)
             return LaunchedStep(inputs.req_ids, [], [], None, None, {}, pooled)
         result, host_ids = None, None
         states = [requests[r].sampling for r in inputs.sampling_req_ids]
+        if inputs.sampling_req_ids and self.proposer is not None:
+            prompt_logprobs = self._prompt_logprobs(inputs, hidden) if self._num_prompt_logprobs else {}
+            return self._launch_speculative(inputs, hidden, states, grammar, spec, prompt_logprobs)
         if inputs.sampling_req_ids:
             num_sampling = len(inputs.sampling_req_ids)
             logits = self.model.compute_logits(hidden[self.step_buffers.logits_indices[:num_sampling]])
@@ -456,8 +491,81 @@ class ModelRunner:
         prompt_logprobs = self._prompt_logprobs(inputs, hidden) if self._num_prompt_logprobs else {}
         return LaunchedStep(inputs.req_ids, inputs.sampling_req_ids, states, result, host_ids, prompt_logprobs)
 
+    def _write_proposals(self, spec: dict[str, list[int]], num_scheduled: dict[str, int],
+                         rows: np.ndarray) -> np.ndarray:
+        """Writes the scheduled proposals after their rows' tokens; returns each scheduled request's count."""
+        num_spec = np.zeros(len(rows), dtype=np.int64)
+        for i, req_id in enumerate(num_scheduled):
+            token_ids = spec.get(req_id)
+            if token_ids:
+                self.input_batch.write_spec_tokens(int(rows[i]), token_ids)
+                num_spec[i] = len(token_ids)
+        return num_spec
+
+    def _launch_speculative(self, inputs: StepInputs, hidden: torch.Tensor, states: list[RequestSamplingState],
+                            grammar: GrammarBitmask | None, spec: dict[str, list[int]],
+                            prompt_logprobs: dict[str, LogprobsLists]) -> LaunchedStep:
+        """Samples a speculating engine's step: requests that speculate are verified (with or without
+        proposals: sluice/spec_decode/verify.py), the others take the plain sampler on their last logits."""
+        from sluice.spec_decode.verify import verify_proposals
+        req_ids = inputs.sampling_req_ids
+        width = self.proposer.num_speculative_tokens
+        num_spec = (inputs.num_spec_sampling if inputs.num_spec_sampling is not None
+                    else np.zeros(len(req_ids), dtype=np.int64))
+        speculates = np.fromiter((self.requests[r].speculates for r in req_ids), dtype=bool, count=len(req_ids))
+        out = torch.full((len(req_ids), width + 1), -1, dtype=torch.long, device=self.device)
+        result, plain_req_ids = None, None
+        plain = np.flatnonzero(~speculates)
+        if len(plain):
+            plain_req_ids = [req_ids[i] for i in plain]
+            logits = self.model.compute_logits(hidden[self._to_device(inputs.logits_indices[plain])])
+            if grammar is not None:
+                from sluice.structured_output.apply import apply_grammar_bitmask
+                apply_grammar_bitmask(logits, plain_req_ids, grammar)
+            plain_states = [states[i] for i in plain]
+            result = self.sampler.sample(logits, SamplingMetadata.build(plain_states, logits.shape[-1], self.device))
+            out[self._to_device(plain), 0] = result.sampled_token_ids
+        verified = np.flatnonzero(speculates)
+        if len(verified):
+            ks = num_spec[verified]
+            lengths = ks + 1
+            first = inputs.logits_indices[verified] - ks
+            offsets = np.arange(int(lengths.sum()), dtype=np.int64) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+            logits = self.model.compute_logits(hidden[self._to_device(np.repeat(first, lengths) + offsets)])
+            out[self._to_device(verified)] = verify_proposals(
+                logits, [states[i] for i in verified], ks, [spec.get(req_ids[i], []) for i in verified], width)
+        return LaunchedStep(inputs.req_ids, req_ids, states, result, None, prompt_logprobs,
+                            spec_out=out, num_spec=num_spec, plain_req_ids=plain_req_ids)
+
+    def _to_device(self, indices: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(indices, dtype=np.int64)).to(self.device, non_blocking=True)
+
+    def _collect_speculative(self, step: LaunchedStep) -> ModelRunnerOutput:
+        """Records a verified step's output tokens (1 .. k + 1 per request), then asks for the next proposals."""
+        sampled: dict[str, list[int]] = {r: [] for r in step.req_ids}
+        tokens = step.spec_out.cpu().numpy()
+        requests = self.requests
+        proposing_ids, proposing_rows = [], []
+        for i, (req_id, sampling) in enumerate(zip(step.sampling_req_ids, step.states)):
+            token_ids = tokens[i][tokens[i] >= 0].tolist()
+            sampled[req_id] = token_ids
+            state = requests.get(req_id)
+            if state is not None and state.sampling is sampling:
+                sampling.output_token_ids.extend(token_ids)
+                self.input_batch.accept_tokens(state.row, token_ids, int(step.num_spec[i]) + 1 - len(token_ids))
+                if state.speculates:
+                    proposing_ids.append(req_id)
+                    proposing_rows.append(state.row)
+        logprobs = (step.sampler_output.logprobs_by_request(step.plain_req_ids)
+                    if step.sampler_output is not None else {})
+        proposals = self.proposer.propose(self, proposing_ids, np.asarray(proposing_rows, dtype=np.int64))
+        return ModelRunnerOutput(req_ids=step.req_ids, sampled_token_ids=sampled, logprobs=logprobs,
+                                 prompt_logprobs=step.prompt_logprobs, spec_token_ids=proposals)
+
     def collect(self, step: LaunchedStep) -> ModelRunnerOutput:
         """Waits for a launched step's samples and records them (the step's one device sync)."""
+        if step.spec_out is not None:
+            return self._collect_speculative(step)
         sampled: dict[str, list[int]] = {r: [] for r in step.req_ids}
         logprobs = {}
         if step.sampling_req_ids:
@@ -533,4 +641,4 @@ def make_model_runner(config: EngineConfig) -> ModelRunner:
     return ModelRunner(config.model, config.cache.block_size, config.scheduler.max_num_seqs,
                        config.scheduler.max_num_batched_tokens, enforce_eager=config.model.enforce_eager,
                        lora_config=config.lora, kv_cache_dtype=config.cache.cache_dtype,
-                       calculate_kv_scales=config.cache.calculate_kv_scales)
+                       calculate_kv_scales=config.cache.calculate_kv_scales, speculative=config.speculative)

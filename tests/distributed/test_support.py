@@ -15,6 +15,8 @@ CPU = DeviceConfig(type="cpu")
     (dict(pipeline_parallel_size=2), "pipeline parallelism is not supported"),
     (dict(tensor_parallel_size=2, enable_lora=True), "LoRA"),
     (dict(tensor_parallel_size=2, quantization="fp8"), "quantization 'fp8' is not supported"),
+    (dict(tensor_parallel_size=2, speculative_config={"method": "ngram", "num_speculative_tokens": 2}),
+     "speculative decoding"),
     (dict(tensor_parallel_size=2, distributed_executor_backend="threads"), "distributed_executor_backend"),
 ])
 def test_flags_tensor_parallelism_cannot_serve_are_refused(overrides, message):

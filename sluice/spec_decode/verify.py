@@ -1,0 +1,91 @@
+"""The runner's verification of a step's proposals: logits at each proposal's position and after the last one
+-> the kept proposals and one more token per request, on the device, no per-row host sync.
+
+    request A proposed [x y z] (k = 3): logits rows  a0 a1 a2 a3   (a0: after A's last known token)
+    request B proposed nothing   (k = 0): logits row  b0
+    -> output [B, K + 1]: A [x y t -1] (z rejected, t from the target), B [u -1 -1 -1]
+
+Every request that may speculate goes through here in a speculating engine, with or without proposals this
+step, so a seeded request consumes its generator the same way every step: ``width`` (the configured k) uniform
+draws and one exponential per vocabulary entry, whatever its neighbours propose. Proposals are one-hot (prompt
+lookup, or a draft model's argmax), for which the speculative sampling rule in rejection.py is exact.
+Requests with per-step sampling state (penalties, bad words, min_tokens), logprobs or a grammar do not speculate
+and sample with the plain sampler.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from sluice.sample.argmax import row_argmax
+from sluice.sample.metadata import RequestSamplingState, SamplingMetadata
+from sluice.sample.sampler import Sampler, apply_min_p, apply_top_k_top_p
+from sluice.spec_decode.rejection import PLACEHOLDER, rejection_sample
+
+
+def verify_proposals(logits: torch.Tensor, states: list[RequestSamplingState], num_spec: np.ndarray,
+                     spec_token_ids: list[list[int]], width: int) -> torch.Tensor:
+    """Output tokens [B, width + 1] (long, PLACEHOLDER past each row's last).
+
+    logits          [sum(num_spec + 1), V]: request i's k_i + 1 rows in order
+    states          [B]: each request's sampling state
+    num_spec        [B] int64: its k_i (0 .. width)
+    spec_token_ids  [B]: its proposals (k_i each)
+    """
+    device = logits.device
+    batch, vocab = len(states), logits.shape[-1]
+    lengths = num_spec + 1
+    row_of = np.repeat(np.arange(batch), lengths)
+    col_of = np.arange(len(row_of)) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+    metadata = SamplingMetadata.build([states[i] for i in row_of], vocab, device)
+    logits = Sampler.process_logits(logits.to(torch.float32), metadata)
+    drafts_host = np.zeros((batch, width), dtype=np.int64)
+    for i, ids in enumerate(spec_token_ids):
+        drafts_host[i, :len(ids)] = ids
+    drafts = torch.from_numpy(drafts_host).to(device, non_blocking=True)
+    num_draft = torch.from_numpy(num_spec.astype(np.int64)).to(device, non_blocking=True)
+    flat = (torch.from_numpy(row_of * (width + 1) + col_of)).to(device, non_blocking=True)
+    greedy_rows = [s.params.is_greedy for s in states]
+    if all(greedy_rows):
+        return _verify_greedy(row_argmax(logits), flat, drafts, num_draft, batch, width)
+    probs = _target_probs(logits, metadata)
+    if metadata.greedy_mask is not None:  # greedy rows: one-hot at their argmax (the rule then keeps argmax)
+        one_hot = torch.zeros_like(probs).scatter_(1, row_argmax(logits)[:, None], 1.0)
+        probs = torch.where(metadata.greedy_mask[:, None], one_hot, probs)
+    target = torch.zeros(batch * (width + 1), vocab, dtype=torch.float32, device=device)
+    target[flat] = probs  # rows past a request's k + 1 stay zero: the rule never reads them
+    generators = {i: s.generator for i, s in enumerate(states) if s.generator is not None and not greedy_rows[i]}
+    greedy = torch.tensor(greedy_rows, dtype=torch.bool).to(device, non_blocking=True)
+    out, _ = rejection_sample(target.view(batch, width + 1, vocab), drafts, num_draft, greedy,
+                              generators=generators)
+    return out
+
+
+def _verify_greedy(argmax: torch.Tensor, flat: torch.Tensor, drafts: torch.Tensor, num_draft: torch.Tensor,
+                   batch: int, width: int) -> torch.Tensor:
+    """Greedy rows only: keep proposals while they equal the target's argmax, then the argmax after them."""
+    device = argmax.device
+    target = torch.full((batch * (width + 1),), PLACEHOLDER, dtype=torch.long, device=device)
+    target[flat] = argmax
+    target = target.view(batch, width + 1)
+    positions = torch.arange(width, device=device)
+    accept = (target[:, :width] == drafts) & (positions[None, :] < num_draft[:, None])
+    num_kept = accept.to(torch.int64).cumprod(dim=1).sum(dim=1)
+    out = torch.full((batch, width + 1), PLACEHOLDER, dtype=torch.long, device=device)
+    keep = positions[None, :] < num_kept[:, None]
+    out[:, :width] = torch.where(keep, drafts, out[:, :width])
+    rows = torch.arange(batch, device=device)
+    out[rows, num_kept] = target[rows, num_kept]
+    return out
+
+
+def _target_probs(logits: torch.Tensor, metadata: SamplingMetadata) -> torch.Tensor:
+    """The target's sampling distribution per row: temperature, top-k, top-p, softmax, min-p (as the sampler)."""
+    if metadata.temperature is not None:
+        logits = logits / metadata.temperature.unsqueeze(1)
+    logits = apply_top_k_top_p(logits, metadata.top_k, metadata.max_top_k, metadata.top_p)
+    probs = torch.softmax(logits, dim=-1)
+    if metadata.min_p is not None:
+        probs = apply_min_p(probs, metadata.min_p)
+        probs = probs / probs.sum(dim=-1, keepdim=True)
+    return probs
