@@ -143,17 +143,18 @@ class KVOffloadMetrics:
 class SpecDecodingMetrics:
     """``--speculative-config``: proposals verified and kept, in total and per position (vLLM's spec_decode_*)."""
 
-    def __init__(self, registry: CollectorRegistry, model_name: str) -> None:
-        self._model_name = model_name
-        self.num_drafts = _counter(registry, model_name, "spec_decode_num_drafts",
+    def __init__(self, registry: CollectorRegistry, model_name: str | Labels) -> None:
+        labels = _base_labels(model_name)
+        self.num_drafts = _counter(registry, labels, "spec_decode_num_drafts",
                                    "Requests-steps that verified proposed tokens.")
-        self.num_draft_tokens = _counter(registry, model_name, "spec_decode_num_draft_tokens",
+        self.num_draft_tokens = _counter(registry, labels, "spec_decode_num_draft_tokens",
                                          "Proposed tokens verified.")
-        self.num_accepted_tokens = _counter(registry, model_name, "spec_decode_num_accepted_tokens",
+        self.num_accepted_tokens = _counter(registry, labels, "spec_decode_num_accepted_tokens",
                                             "Proposed tokens kept.")
-        self.accepted_per_pos = Counter(PREFIX + "spec_decode_num_accepted_tokens_per_pos",
-                                        "Proposed tokens kept, by position among a request's proposals.",
-                                        ["model_name", "position"], registry=registry)
+        accepted_per_pos = Counter(PREFIX + "spec_decode_num_accepted_tokens_per_pos",
+                                   "Proposed tokens kept, by position among a request's proposals.",
+                                   [*labels, "position"], registry=registry)
+        self.accepted_per_pos = lambda position: accepted_per_pos.labels(**labels, position=position)
         self._last = SpecDecodingStats()
 
     def record(self, stats: SpecDecodingStats) -> None:
@@ -164,7 +165,7 @@ class SpecDecodingMetrics:
         previous = last.num_accepted_tokens_per_pos
         for position, count in enumerate(stats.num_accepted_tokens_per_pos):
             delta = count - (previous[position] if position < len(previous) else 0)
-            self.accepted_per_pos.labels(self._model_name, str(position)).inc(max(0, delta))
+            self.accepted_per_pos(str(position)).inc(max(0, delta))
         self._last = stats.copy()
 
 
@@ -222,7 +223,7 @@ class SchedulerMetrics:
             self._record_lora(stats.lora)
         if stats.spec_decoding is not None:
             if self.spec_decoding is None:
-                self.spec_decoding = SpecDecodingMetrics(self._registry, self._model_name)
+                self.spec_decoding = SpecDecodingMetrics(self._registry, self._labels)
             self.spec_decoding.record(stats.spec_decoding)
         last = self._last_cumulative
         self.prefix_cache_queries.inc(max(0, stats.prefix_cache_queries - last.prefix_cache_queries))
