@@ -72,7 +72,8 @@ def test_small_m_gemm_matches_the_reference(m, n, k, dtype):
     out = triton_fp8.fp8_gemm(x_fp8.to(DEVICE), scale_a.to(DEVICE), weight.to(DEVICE), weight_scale.to(DEVICE),
                               None if bias is None else bias.to(DEVICE), dtype).cpu()
     assert out.dtype == dtype and out.shape == (m, n)
-    tol = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 8e-3}[dtype]
+    # Hopper's fp8 tensor cores accumulate with fewer than float32's bits: float32 output gets 1e-4 on CUDA
+    tol = {torch.float32: 1e-4 if DEVICE == "cuda" else 1e-5, torch.float16: 1e-3, torch.bfloat16: 8e-3}[dtype]
     torch.testing.assert_close(out.float(), expected, rtol=0, atol=tol * expected.abs().max().item())
 
 
@@ -84,7 +85,7 @@ def test_gemm_split_k_and_tiles(config):
     expected = torch.mm(x_fp8.float(), weight.float().t()) * scale_a * weight_scale.view(1, -1) + bias
     out = triton_fp8.fp8_gemm(x_fp8.to(DEVICE), scale_a.to(DEVICE), weight.to(DEVICE), weight_scale.to(DEVICE),
                               bias.to(DEVICE), torch.float32, config).cpu()
-    torch.testing.assert_close(out, expected, rtol=0, atol=1e-5 * expected.abs().max().item())
+    torch.testing.assert_close(out, expected, rtol=0, atol=(1e-4 if DEVICE == "cuda" else 1e-5) * expected.abs().max().item())
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="fp8_linear takes the kernels on CUDA only")
@@ -115,4 +116,4 @@ def test_gemm_without_a_workspace_sums_float32_partials(monkeypatch):
     expected = torch.mm(x_fp8.float(), weight.float().t()) * scale_a * weight_scale.view(1, -1) + bias
     out = triton_fp8.fp8_gemm(x_fp8.to(DEVICE), scale_a.to(DEVICE), weight.to(DEVICE), weight_scale.to(DEVICE),
                               bias.to(DEVICE), torch.float32, triton_fp8.Fp8GemmConfig(16, 32, 64, split_k=4)).cpu()
-    torch.testing.assert_close(out, expected, rtol=0, atol=1e-5 * expected.abs().max().item())
+    torch.testing.assert_close(out, expected, rtol=0, atol=(1e-4 if DEVICE == "cuda" else 1e-5) * expected.abs().max().item())

@@ -36,13 +36,13 @@ def _quantize_fp8_kernel(x_ptr, q_ptr, scale_ptr, static_scale_ptr, K, stride_xm
         scale = tl.load(static_scale_ptr).to(tl.float32)
     elif ONE_BLOCK:
         x = tl.load(x_row + cols, mask=cols < K, other=0.0).to(tl.float32)
-        scale = tl.maximum(tl.max(tl.abs(x), axis=0), 1e-12) / FP8_MAX
+        scale = tl.math.div_rn(tl.maximum(tl.max(tl.abs(x), axis=0), 1e-12), FP8_MAX)
     else:
         amax = tl.zeros((BLOCK,), dtype=tl.float32)
         for k0 in range(0, K, BLOCK):
             x = tl.load(x_row + k0 + cols, mask=k0 + cols < K, other=0.0).to(tl.float32)
             amax = tl.maximum(amax, tl.abs(x))
-        scale = tl.maximum(tl.max(amax, axis=0), 1e-12) / FP8_MAX
+        scale = tl.math.div_rn(tl.maximum(tl.max(amax, axis=0), 1e-12), FP8_MAX)
     tl.store(scale_ptr + row, scale)
     if ONE_BLOCK:
         if STATIC:

@@ -281,7 +281,8 @@ def w4a16_gemm(x: torch.Tensor, weight: PackedWeight, bias: torch.Tensor | None 
         HAS_BIAS=bias is not None, DEQUANT=dequant, UNPACK=config.unpack, MAGIC_BITS=magic_bits,
         MAGIC_VALUE=magic_value, DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",  # no TF32 rounding
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
-        num_warps=config.num_warps, num_stages=config.num_stages)
+        # float32 activations take twice the shared memory per stage: at most two stages fit the H100's 227 KiB
+        num_warps=config.num_warps, num_stages=config.num_stages if x.element_size() < 4 else min(config.num_stages, 2))
     return launch.result(x.dtype).reshape(*shape[:-1], n)
 
 
