@@ -118,7 +118,7 @@ class TPExecutor:
     """What the EngineCore calls its runner when tensor_parallel_size > 1: rank 0's ModelRunner (every attribute
     not defined here is the runner's) plus the ranks 1..N-1 it drives. A backend starts those ranks
     (``_start_workers``) and waits for one to end (``_wait_for_an_exit``); sending steps, set-up calls,
-    the watchdog and shutdown are the same for all (make_tp_executor picks the backend)."""
+    the watchdog and shutdown are the same for all (backends.make_tp_executor picks one)."""
 
     def __init__(self, config: Any) -> None:
         world_size = config.parallel.tensor_parallel_size
@@ -324,14 +324,6 @@ class MPExecutor(TPExecutor):
     @property
     def worker_pids(self) -> list[int]:
         return [worker.process.pid for worker in self._workers]
-
-
-def make_tp_executor(config: Any) -> TPExecutor:
-    """The executor of ``config.parallel.distributed_executor_backend``: mp (processes) or ray (actors)."""
-    if config.parallel.distributed_executor_backend == "ray":
-        from sluice.distributed.ray_executor import RayExecutor
-        return RayExecutor(config)
-    return MPExecutor(config)
 
 
 def _free_port() -> int:
