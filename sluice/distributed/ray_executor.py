@@ -52,30 +52,46 @@ class _ActorRank(RankHandle):
         self.actor = actor
         self.run_ref = run_ref
         self.conn: Connection | None = None  # type: ignore[assignment]
+        self.status: str | None = None  # how ``run`` ended, once it has
+        self.watched = False  # the watchdog waits on ``run_ref`` and records its end
 
     @property
     def where(self) -> str:
         return f"Ray actor {self.actor._actor_id.hex()[:12]}"
 
     def exit_status(self) -> str | None:
+        """Asks Ray (about 0.1 ms) until the watchdog takes over; from then on what the watchdog recorded, so
+        that a step pays nothing (the socket's end shows a dead actor to ``_check_workers`` at once anyway)."""
+        if self.status is None and not self.watched:
+            self.settle(timeout_s=0)
+        return self.status
+
+    def settle(self, timeout_s: float | None) -> bool:
+        """Records how the actor's ``run`` ended, waiting up to ``timeout_s`` for it; False while it runs."""
         import ray
 
-        ready, _ = ray.wait([self.run_ref], timeout=0)
+        ready, _ = ray.wait([self.run_ref], timeout=timeout_s)
         if not ready:
-            return None
+            return False
         try:
             ray.get(self.run_ref)
+            self.status = "stopped"
         except ray.exceptions.RayActorError:
-            return "died (its Ray actor was killed or its process exited)"
+            self.status = "died (its Ray actor was killed or its process exited)"
         except ray.exceptions.RayError as exc:
-            return f"failed: {str(exc).strip().splitlines()[-1]}"
-        return "stopped"
+            self.status = f"failed: {str(exc).strip().splitlines()[-1]}"
+        return True
+
+    def describe_exit(self) -> str:
+        if self.status is None:
+            self.settle(timeout_s=2.0)  # its socket closed: Ray learns of the actor's end within moments
+        return super().describe_exit()
 
     def stop(self, timeout_s: float) -> None:
         import ray
 
         try:
-            ray.wait([self.run_ref], timeout=max(0.1, timeout_s))
+            self.settle(timeout_s=max(0.1, timeout_s))
         finally:
             ray.kill(self.actor)
             if self.conn is not None:
@@ -120,12 +136,15 @@ class RayExecutor(TPExecutor):
         import ray
 
         runs = {worker.run_ref: worker for worker in self._workers}
+        for worker in runs.values():
+            worker.watched = True
         while not self._closing:
             try:
                 ready, _ = ray.wait(list(runs), num_returns=1, timeout=0.5)
             except Exception:  # noqa: BLE001 - Ray shut down under the watchdog: nothing left to watch
                 return None
             if ready:
+                runs[ready[0]].settle(timeout_s=None)
                 return runs[ready[0]]
         return None
 
