@@ -8,7 +8,8 @@
       watchdog: ray.wait on every actor's run ref (ready once the actor dies or its rank fails)
 
 The placement group holds one bundle per rank, rank 0's included ({"GPU": 1} on CUDA, {"CPU": 1} on the
-CPU), packed on one node (STRICT_PACK): the TCP store of the TP group and the sockets are on loopback. On
+CPU), packed (STRICT_PACK) on the node of this process: the TCP store of the TP group and the sockets are on
+loopback. On
 CUDA the actors see every GPU of the node (RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES) and rank r uses
 device r, as with the mp backend. Ray is joined when this process already initialised it or RAY_ADDRESS
 names a cluster; otherwise a local instance is started here and shut down with the engine.
@@ -180,14 +181,18 @@ def _connect_ray(world_size: int) -> bool:
 
 
 def _reserve_bundles(world_size: int, bundle: dict[str, float]) -> Any:
+    """One bundle per rank on this node: rank 0's bundle asks for a sliver of this node's own resource, and
+    STRICT_PACK puts the others beside it (the ranks meet on loopback)."""
     import ray
     from ray.util.placement_group import placement_group, remove_placement_group
 
-    group = placement_group([dict(bundle) for _ in range(world_size)], strategy="STRICT_PACK")
+    this_node = {f"node:{ray.util.get_node_ip_address()}": 0.001}
+    bundles = [{**bundle, **this_node}] + [dict(bundle) for _ in range(1, world_size)]
+    group = placement_group(bundles, strategy="STRICT_PACK")
     ready, _ = ray.wait([group.ready()], timeout=PLACEMENT_TIMEOUT_S)
     if not ready:
         remove_placement_group(group)
-        raise RuntimeError(f"tensor_parallel_size {world_size} needs {world_size} x {bundle} on one Ray node; "
+        raise RuntimeError(f"tensor_parallel_size {world_size} needs {world_size} x {bundle} on this Ray node; "
                            f"none freed within {PLACEMENT_TIMEOUT_S:.0f} s (available: {ray.available_resources()})")
     return group
 

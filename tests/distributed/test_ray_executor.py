@@ -38,7 +38,9 @@ def test_ray_ranks_match_one_rank_and_the_local_ray_is_shut_down(model_path):
     try:
         runner = llm.llm_engine.core.runner
         assert type(runner).__name__ == "RayExecutor" and len(runner.worker_actors) == 1
-        assert runner._placement_group.bundle_specs == [{"CPU": 1}, {"CPU": 1}]  # rank 0's bundle held too
+        rank0_bundle, rank1_bundle = runner._placement_group.bundle_specs  # rank 0's bundle held too, on this node
+        assert rank0_bundle == {"CPU": 1, f"node:{ray.util.get_node_ip_address()}": 0.001}
+        assert rank1_bundle == {"CPU": 1}
         assert _greedy(llm, prompts) == expected
         assert_no_leaked_blocks(llm)
         assert llm.llm_engine.core.make_stats().num_preemptions > 0
