@@ -182,7 +182,8 @@ class EngineArgs:
                               "front end; requests are routed by prompt prefix and load",
         "pipeline_parallel_size": "only 1: pipeline parallelism is not supported (use --tensor-parallel-size)",
         "distributed_executor_backend": "mp: ranks 1..N-1 of tensor parallelism are processes the engine core "
-                                        "spawns; ray: Ray actors (not implemented yet)",
+                                        "spawns; ray: Ray actors in a placement group (joins RAY_ADDRESS "
+                                        "or this process's Ray, else starts a local one)",
         "disable_log_stats": "do not log engine stats",
         "cpu_threads": "torch threads for the model on the CPU (default: $SLUICE_CPU_THREADS, else "
                        "$OMP_NUM_THREADS, else the physical cores)",
@@ -400,7 +401,7 @@ class CacheConfig:
 class ParallelConfig:
     tensor_parallel_size: int = 1
     data_parallel_size: int = 1
-    distributed_executor_backend: str = "mp"  # mp | ray (sluice/distributed/executor.py)
+    distributed_executor_backend: str = "mp"  # mp | ray (sluice/distributed/executor.py, ray_executor.py)
 
 
 @dataclass(frozen=True)

@@ -1,19 +1,22 @@
 """Rank 0 of a tensor-parallel engine (tensor_parallel_size > 1): the engine core's runner.
 
-    engine-core process                                  worker processes (worker.py)
-    EngineCore --launch/collect--> TPExecutor            rank 1 .. N-1: ModelRunner
-                                     | ModelRunner (rank 0: samples, talks to the scheduler)
+    engine-core process                                  ranks 1..N-1 (worker.py)
+    EngineCore --launch/collect--> TPExecutor            mp:  child processes (MPExecutor, here)
+                                     | ModelRunner        ray: Ray actors (RayExecutor, ray_executor.py)
+                                     | (rank 0: samples, talks to the scheduler)
                                      | each step: pickled SchedulerOutput --socket--> every worker
                                      '-- the forward's collectives (all-reduce, all-gather) with them
 
 Every rank runs the same step on its shard of the weights; rank 0's sampled ids are broadcast so all
 ranks append the same tokens. Set-up calls (load, KV sizing: the smallest of the ranks' probes, KV
-allocation) run on all ranks together. A TP = 1 engine never imports this module.
+allocation) run on all ranks together. A TP = 1 engine never imports this module. The two backends differ
+only in how a rank is started, stopped and seen to end (``RankHandle``, ``_start_workers``,
+``_wait_for_an_exit``); the socket protocol, the set-up calls, the steps and the watchdog are shared.
 
-A worker that dies takes the engine down: a watchdog thread waits on every worker's pidfd; on an exit it
-logs which rank died and ends this process with exit code 1 (a step blocked in a collective with the dead
-rank would otherwise wait for the collective's timeout). The next call that reaches a dead worker raises
-``TPWorkerDiedError`` first when it can.
+A worker that dies takes the engine down: a watchdog thread waits for any worker to end (a pidfd per
+process; the Ray actor's task ref); on an exit it logs which rank died and ends this process with exit
+code 1 (a step blocked in a collective with the dead rank would otherwise wait for the collective's
+timeout). The next call that reaches a dead worker raises ``TPWorkerDiedError`` first when it can.
 """
 from __future__ import annotations
 
@@ -41,10 +44,43 @@ DEATH_GRACE_S = 2.0
 
 
 class TPWorkerDiedError(RuntimeError):
-    """A tensor-parallel worker process exited (or reported a failure): the engine cannot go on."""
+    """A tensor-parallel worker (process or Ray actor) exited or reported a failure: the engine cannot go on."""
 
 
-class _Worker:
+class RankHandle:
+    """One rank 1..N-1 as rank 0 sees it: the connection it reads commands from, and whether it is gone.
+    A backend says how the rank runs (``where``, ``exit_status``, ``stop``); the rest is shared."""
+
+    rank: int
+    conn: Connection
+
+    @property
+    def where(self) -> str:
+        """What the rank runs in, for messages: "pid 1234", "Ray actor 3f2a..."."""
+        raise NotImplementedError
+
+    def exit_status(self) -> str | None:
+        """How the rank ended ("exited with code 1"); None while it runs."""
+        raise NotImplementedError
+
+    def stop(self, timeout_s: float) -> None:
+        """Waits up to ``timeout_s`` for the rank to end after SHUTDOWN, then ends it by force."""
+        raise NotImplementedError
+
+    def describe_exit(self) -> str:
+        status = self.exit_status()
+        message = f"tensor-parallel worker rank {self.rank} ({self.where}) " + (status or "stopped answering")
+        if self.conn is not None and self.conn.poll(0):
+            try:
+                kind, detail = self.conn.recv()
+                if kind == "error":
+                    message += f":\n{detail}"
+            except (EOFError, OSError):
+                pass
+        return message
+
+
+class _ProcessRank(RankHandle):
     """One spawned rank: its process, the socket to it, and a pidfd that becomes readable when it exits."""
 
     def __init__(self, rank: int, payload: tuple) -> None:
@@ -60,29 +96,32 @@ class _Worker:
         self.pidfd = os.pidfd_open(self.process.pid)
         self.conn.send(payload)
 
-    def describe_exit(self) -> str:
+    @property
+    def where(self) -> str:
+        return f"pid {self.process.pid}"
+
+    def exit_status(self) -> str | None:
         code = self.process.poll()
-        message = f"tensor-parallel worker rank {self.rank} (pid {self.process.pid}) "
-        message += "exited with code " + str(code) if code is not None else "stopped answering"
-        if self.conn.poll(0):
-            try:
-                kind, detail = self.conn.recv()
-                if kind == "error":
-                    message += f":\n{detail}"
-            except (EOFError, OSError):
-                pass
-        return message
+        return None if code is None else f"exited with code {code}"
+
+    def stop(self, timeout_s: float) -> None:
+        try:
+            self.process.wait(max(0.1, timeout_s))
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        self.conn.close()
+        os.close(self.pidfd)
 
 
 class TPExecutor:
     """What the EngineCore calls its runner when tensor_parallel_size > 1: rank 0's ModelRunner (every attribute
-    not defined here is the runner's) plus the ranks 1..N-1 it drives."""
+    not defined here is the runner's) plus the ranks 1..N-1 it drives. A backend starts those ranks
+    (``_start_workers``) and waits for one to end (``_wait_for_an_exit``); sending steps, set-up calls,
+    the watchdog and shutdown are the same for all (backends.make_tp_executor picks one)."""
 
     def __init__(self, config: Any) -> None:
-        parallel = config.parallel
-        if parallel.distributed_executor_backend == "ray":
-            _check_ray()
-        world_size = parallel.tensor_parallel_size
+        world_size = config.parallel.tensor_parallel_size
         if config.model.device == "cuda":
             import torch
             if torch.cuda.device_count() < world_size:
@@ -93,16 +132,17 @@ class TPExecutor:
         init_method = f"tcp://127.0.0.1:{_free_port()}"
         self._closing = False
         self._dead: str | None = None
-        self._workers = [_Worker(rank, (config, rank, world_size, init_method, os.getpid()))
-                         for rank in range(1, world_size)]
+        self._workers: list[RankHandle] = []
+        self._watchdog: threading.Thread | None = None
         atexit.register(self.shutdown)
         try:
+            self._workers = self._start_workers(config, world_size, init_method)
             self._join_group(world_size, init_method, config.model.device)
         except BaseException:
             self.shutdown()
             raise
-        self._wake_r, self._wake_w = os.pipe()
-        threading.Thread(target=self._watch_workers, name="tp-worker-watchdog", daemon=True).start()
+        self._watchdog = threading.Thread(target=self._watch_workers, name="tp-worker-watchdog", daemon=True)
+        self._watchdog.start()
         self.runner = make_model_runner(config)
 
     def __getattr__(self, name: str) -> Any:
@@ -111,6 +151,22 @@ class TPExecutor:
             raise AttributeError(name)
         return getattr(runner, name)
 
+    # ---- what a backend provides -----------------------------------------------------------
+    def _start_workers(self, config: Any, world_size: int, init_method: str) -> list[RankHandle]:
+        """Starts ranks 1..N-1 and sends each (config, rank, world size, init method, parent pid or None)."""
+        raise NotImplementedError
+
+    def _wait_for_an_exit(self) -> RankHandle | None:
+        """Blocks until a worker ends (that worker) or shutdown begins (None)."""
+        raise NotImplementedError
+
+    def _wake_watchdog(self) -> None:
+        """Makes a blocked ``_wait_for_an_exit`` return (shutdown has begun)."""
+
+    def _release(self) -> None:
+        """What the backend frees once every worker has stopped."""
+
+    # ---- start-up ------------------------------------------------------------------------------
     def _join_group(self, world_size: int, init_method: str, device_type: str) -> None:
         """Joins the TP group in a thread, so that a worker dying before it joins fails start-up, not hangs it."""
         failure: list[BaseException] = []
@@ -126,19 +182,16 @@ class TPExecutor:
         while thread.is_alive():
             thread.join(0.1)
             for worker in self._workers:
-                if worker.process.poll() is not None:
+                if worker.exit_status() is not None:
                     raise TPWorkerDiedError(worker.describe_exit() + " before joining the tensor-parallel group")
         if failure:
             raise failure[0]
 
     # ---- the watchdog ------------------------------------------------------------------
     def _watch_workers(self) -> None:
-        pidfds = {worker.pidfd: worker for worker in self._workers}
-        ready = wait(list(pidfds) + [self._wake_r])
-        if self._closing or self._wake_r in ready:
+        worker = self._wait_for_an_exit()
+        if worker is None or self._closing:
             return
-        worker = pidfds[next(fd for fd in ready if fd in pidfds)]
-        worker.process.wait()
         self._dead = worker.describe_exit()
         logger.error("%s; the engine stops", self._dead)
         time.sleep(DEATH_GRACE_S)
@@ -151,7 +204,7 @@ class TPExecutor:
         if self._dead is not None:
             raise TPWorkerDiedError(self._dead)
         for worker in self._workers:
-            if worker.conn.poll(0) or worker.process.poll() is not None:  # a worker only writes when it fails
+            if worker.conn.poll(0) or worker.exit_status() is not None:  # a worker only writes when it fails
                 self._dead = worker.describe_exit()
                 raise TPWorkerDiedError(self._dead)
 
@@ -215,7 +268,7 @@ class TPExecutor:
         deadline = time.monotonic() + 1.0
         while True:
             for worker in self._workers:
-                if worker.process.poll() is not None:
+                if worker.exit_status() is not None:
                     self._dead = self._dead or worker.describe_exit()
                     raise TPWorkerDiedError(self._dead) from exc
             if time.monotonic() > deadline:
@@ -225,18 +278,13 @@ class TPExecutor:
     def execute(self, scheduler_output: Any, grammar: Any = None) -> Any:
         return self.collect(self.launch(scheduler_output, grammar))
 
-    @property
-    def worker_pids(self) -> list[int]:
-        return [worker.process.pid for worker in self._workers]
-
     def shutdown(self) -> None:
         """Stops the workers and leaves the TP group (idempotent)."""
         if self._closing:
             return
         self._closing = True
         atexit.unregister(self.shutdown)
-        if "_wake_w" in self.__dict__:
-            os.write(self._wake_w, b"x")
+        self._wake_watchdog()
         for worker in self._workers:
             try:
                 worker.conn.send_bytes(pickle.dumps((SHUTDOWN, ())))
@@ -244,26 +292,41 @@ class TPExecutor:
                 pass
         deadline = time.monotonic() + 5.0
         for worker in self._workers:
-            try:
-                worker.process.wait(max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                worker.process.kill()
-                worker.process.wait()
-            worker.conn.close()
-            os.close(worker.pidfd)
+            worker.stop(deadline - time.monotonic())
+        if self._watchdog is not None and self._watchdog is not threading.current_thread():
+            self._watchdog.join(1.0)  # it returns once it sees the shutdown; the backend's release comes after
         destroy_tp_group()
+        self._release()
+
+
+class MPExecutor(TPExecutor):
+    """``--distributed-executor-backend mp``: each rank a child process (python -m sluice.distributed.worker)
+    over a socket pair; the watchdog waits on their pidfds."""
+
+    def _start_workers(self, config: Any, world_size: int, init_method: str) -> list[RankHandle]:
+        self._wake_r, self._wake_w = os.pipe()
+        return [_ProcessRank(rank, (config, rank, world_size, init_method, os.getpid()))
+                for rank in range(1, world_size)]
+
+    def _wait_for_an_exit(self) -> RankHandle | None:
+        pidfds = {worker.pidfd: worker for worker in self._workers}
+        ready = wait(list(pidfds) + [self._wake_r])
+        if self._wake_r in ready:
+            return None
+        worker = pidfds[next(fd for fd in ready if fd in pidfds)]
+        worker.process.wait()
+        return worker
+
+    def _wake_watchdog(self) -> None:
+        if "_wake_w" in self.__dict__:
+            os.write(self._wake_w, b"x")
+
+    @property
+    def worker_pids(self) -> list[int]:
+        return [worker.process.pid for worker in self._workers]
 
 
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def _check_ray() -> None:
-    try:
-        import ray  # noqa: F401
-    except ImportError:
-        raise ValueError("distributed_executor_backend 'ray' needs the ray package (pip install ray); "
-                         "the default 'mp' needs nothing") from None
-    raise ValueError("distributed_executor_backend 'ray' is not implemented yet; use 'mp' (the default)")

@@ -2,11 +2,12 @@
 
 Sharded today: the decoder families built from Llama's blocks (Llama, Mistral, Qwen2, Qwen3, Gemma 2/3, Phi-3,
 and the mixture-of-experts Mixtral, Qwen2-MoE, Qwen3-MoE: experts split along their intermediate dimension),
-unquantized, for generation. Refused: pipeline parallelism, quantized linear methods, LoRA, pooling (embedding)
+unquantized, for generation, with ranks 1..N-1 as processes (mp) or Ray actors (ray). Refused: pipeline parallelism, quantized linear methods, LoRA, pooling (embedding)
 engines, GGUF files, and head counts or sizes that do not split evenly across the ranks.
 """
 from __future__ import annotations
 
+import importlib.util
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -31,6 +32,9 @@ def check_parallel_args(args: "EngineArgs") -> None:
     if args.distributed_executor_backend not in EXECUTOR_BACKENDS:
         raise ValueError(f"distributed_executor_backend must be one of {', '.join(EXECUTOR_BACKENDS)}, "
                          f"got {args.distributed_executor_backend!r}")
+    if args.distributed_executor_backend == "ray" and importlib.util.find_spec("ray") is None:
+        raise ValueError("distributed_executor_backend 'ray' needs the ray package (pip install \"sluice[ray]\"); "
+                         "the default 'mp' needs nothing")
     if args.enable_lora:
         raise ValueError("LoRA (enable_lora) is not supported with tensor_parallel_size > 1")
     if args.quantization is not None:

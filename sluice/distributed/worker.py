@@ -1,13 +1,15 @@
 """Ranks 1..N-1 of a tensor-parallel engine: a process that runs whatever rank 0 sends.
 
-    python -m sluice.distributed.worker <fd>      (started by executor.TPExecutor; <fd> is its end of a
+    python -m sluice.distributed.worker <fd>      (started by executor.MPExecutor; <fd> is its end of a
                                                     socket pair to rank 0)
+    RankActor.run in a Ray actor                  (started by ray_executor.RayExecutor; it connects to rank 0)
 
 It receives (config, rank, world size, init method, parent pid), joins the TP group, builds its
 ModelRunner, then answers commands in order: set-up calls (``COMMANDS``, each answered with its result)
 and steps (the scheduler's output, no answer: the step's collectives keep the ranks in lock step). A
 failure is sent back as a traceback before the process exits 1; so is the loss of rank 0 (its socket
-closes, or the parent process is gone).
+closes, or the parent process is gone). In a Ray actor (``standalone=False``) the loop returns instead of
+ending the process: the executor kills the actor.
 """
 from __future__ import annotations
 
@@ -61,13 +63,14 @@ def _exit_when_parent_dies(parent_pid: int) -> None:
             os._exit(1)  # rank 0 is gone: a collective would wait for it forever
 
 
-def run_worker(conn: Connection) -> None:
+def run_worker(conn: Connection, standalone: bool = True) -> None:
     config, rank, world_size, init_method, parent_pid = conn.recv()
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s %(levelname)s %(name)s[tp{rank}]: %(message)s")
-    threading.Thread(target=_exit_when_parent_dies, args=(parent_pid,), daemon=True).start()
+    if parent_pid is not None:
+        threading.Thread(target=_exit_when_parent_dies, args=(parent_pid,), daemon=True).start()
     import torch
 
-    from sluice.distributed.parallel_state import init_tp_group
+    from sluice.distributed.parallel_state import destroy_tp_group, init_tp_group
     from sluice.worker.model_runner import make_model_runner
 
     set_rank_cpu_threads(config, world_size)
@@ -81,6 +84,9 @@ def run_worker(conn: Connection) -> None:
                 return
             if command == SHUTDOWN:
                 conn.send(("ok", None))
+                if not standalone:
+                    destroy_tp_group()
+                    return
                 logging.shutdown()
                 os._exit(0)  # nothing left to flush: skip the interpreter's (slow) teardown of torch
             if command == STEP:
@@ -89,10 +95,10 @@ def run_worker(conn: Connection) -> None:
                 conn.send(("ok", COMMANDS[command](runner, *args)))
 
 
-def main() -> None:
-    conn = Connection(int(sys.argv[1]))
+def serve_rank(conn: Connection, standalone: bool) -> None:
+    """run_worker; a failure goes back to rank 0 as a traceback, then ends the process (or, in an actor, raises)."""
     try:
-        run_worker(conn)
+        run_worker(conn, standalone)
     except BaseException:  # noqa: BLE001 - rank 0 must hear why this rank stopped
         message = traceback.format_exc()
         logger.error("tensor-parallel worker failed:\n%s", message)
@@ -100,7 +106,13 @@ def main() -> None:
             conn.send(("error", message))
         except OSError:
             pass
+        if not standalone:
+            raise
         os._exit(1)
+
+
+def main() -> None:
+    serve_rank(Connection(int(sys.argv[1])), standalone=True)
 
 
 if __name__ == "__main__":

@@ -53,8 +53,8 @@ class EngineCore:
         if config.parallel.tensor_parallel_size == 1:
             self.runner = make_model_runner(config)
         else:  # rank 0 here, ranks 1..N-1 in processes it starts: same calls (sluice/distributed/executor.py)
-            from sluice.distributed.executor import TPExecutor
-            self.runner = TPExecutor(config)
+            from sluice.distributed.backends import make_tp_executor
+            self.runner = make_tp_executor(config)
         timer.lap("config")
         self.runner.load_model()
         timer.lap("weights")

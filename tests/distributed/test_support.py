@@ -1,6 +1,8 @@
 """What a tensor-parallel engine refuses, each with an error naming the reason (no process is started)."""
 from __future__ import annotations
 
+import sys
+
 import pytest
 
 from sluice.config import DeviceConfig, EngineArgs, create_engine_config
@@ -39,6 +41,14 @@ def test_pooling_engines_are_refused(tmp_path):
     path = save_tiny_model(tmp_path / "llama", "llama")
     with pytest.raises(ValueError, match="pooling"):
         create_engine_config(EngineArgs(model=str(path), tensor_parallel_size=2, runner="pooling"), CPU)
+
+
+def test_ray_backend_is_accepted_when_ray_is_installed_and_refused_otherwise(monkeypatch):
+    EngineArgs(tensor_parallel_size=2, distributed_executor_backend="ray").validate()
+    monkeypatch.setitem(sys.modules, "ray", None)  # as if ray were not installed
+    with pytest.raises(ValueError, match="'ray' needs the ray package"):
+        EngineArgs(tensor_parallel_size=2, distributed_executor_backend="ray").validate()
+    EngineArgs(tensor_parallel_size=1, distributed_executor_backend="ray").validate()  # no ranks to start
 
 
 def test_kv_heads_split_or_replicate_across_ranks():
