@@ -82,20 +82,8 @@ cleanup() {
 }
 trap cleanup EXIT
 log "writing the model folder"
-MODEL_DIR=$(SMOKE="$SMOKE" WORK="$WORK" "$PYTHON" - <<'EOF'
-import os
-from tests.tiny_models import build_tokenizer, tiny_config
-from sluice.bench.cli import write_l8_config
-work = os.environ["WORK"]
-if os.environ["SMOKE"] == "1":
-    folder = os.path.join(work, "tiny")
-    tiny_config("llama", max_position_embeddings=2048).save_pretrained(folder)
-else:
-    folder = write_l8_config(work)
-build_tokenizer().save_pretrained(folder)  # 320 tokens; prompts are token ids
-print(folder)
-EOF
-) || { log "could not write the model folder"; exit 1; }
+TINY_FLAGS=(); if [[ "$SMOKE" == 1 ]]; then TINY_FLAGS=(--tiny --max-position-embeddings 2048); fi
+MODEL_DIR=$("$PYTHON" benchmarks/model_dir.py "$WORK" "${TINY_FLAGS[@]}") || { log "could not write the model folder"; exit 1; }
 VOCAB=$("$PYTHON" -c "import json,sys; print(json.load(open(sys.argv[1] + '/config.json'))['vocab_size'])" "$MODEL_DIR")
 
 # ---- 3. the server and W5 -------------------------------------------------------------------------------------
