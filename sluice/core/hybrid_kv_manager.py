@@ -27,48 +27,12 @@ Swap preemption is refused (``can_swap`` is False), so a preempted hybrid reques
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
 
 from sluice.core.block_pool import BlockPool, KVBlock
 from sluice.core.kv_cache_manager import KVCacheManager, PrefixCacheStats, _cdiv
+from sluice.core.kv_layer_groups import KVLayerGroup
 from sluice.core.request import Request
 from sluice.core.sliding_window_manager import SlidingWindowKVCacheManager
-
-
-@dataclass(frozen=True, slots=True)
-class KVLayerGroup:
-    """Layers (indices in model order) that share one block table; ``sliding_window`` None: global attention."""
-    sliding_window: int | None
-    layers: tuple[int, ...]
-
-
-def is_hybrid(layer_windows: list[int | None]) -> bool:
-    """Whether the model mixes windowed and global attention layers (the only case this manager serves)."""
-    return any(w is None for w in layer_windows) and any(w is not None for w in layer_windows)
-
-
-def kv_layer_groups(layer_windows: list[int | None]) -> list[KVLayerGroup]:
-    """Groups the layers by window (None first), each type cut into groups of the smallest type's size.
-
-        [W, G, W, G, W, W, G, W] -> size 3: G (1, 3, 6), W (0, 2, 4), W (5, 7)
-    """
-    by_window: dict[int | None, list[int]] = {}
-    for layer, window in enumerate(layer_windows):
-        by_window.setdefault(window, []).append(layer)
-    size = min(len(layers) for layers in by_window.values())
-    order = sorted(by_window, key=lambda w: (w is not None, w or 0))
-    return [KVLayerGroup(window, tuple(by_window[window][i:i + size]))
-            for window in order for i in range(0, len(by_window[window]), size)]
-
-
-def hybrid_request_blocks(num_tokens: int, groups: list[KVLayerGroup], max_chunk_tokens: int,
-                          block_size: int) -> int:
-    """The most blocks (of ``group_size`` layers each) a request of ``num_tokens`` tokens holds."""
-    from sluice.config import windowed_request_blocks
-    full = _cdiv(num_tokens, block_size)
-    return sum(full if g.sliding_window is None
-               else min(full, windowed_request_blocks(g.sliding_window, max_chunk_tokens, block_size))
-               for g in groups)
 
 
 class _GroupPool:

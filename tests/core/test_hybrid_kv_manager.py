@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import random
 
-from sluice.core.hybrid_kv_manager import (HybridKVCacheManager, KVLayerGroup, hybrid_request_blocks, is_hybrid,
-                                           kv_layer_groups)
+from sluice.config import hybrid_request_blocks
+from sluice.core.hybrid_kv_manager import HybridKVCacheManager
+from sluice.core.kv_layer_groups import (KVLayerGroup, is_hybrid,
+                                         kv_layer_groups)
 from sluice.core.sliding_window_manager import NULL_BLOCK
 from tests.core.fakes import make_request
 
