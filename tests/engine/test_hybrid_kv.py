@@ -16,7 +16,7 @@ from tests.tiny_models import hf_greedy, save_tiny_model
 
 S, F = "sliding_attention", "full_attention"
 WINDOW, BLOCK_SIZE, CHUNK = 8, 4, 16
-MAX_NEW_TOKENS = 40
+MAX_NEW_TOKENS = 30
 # Live blocks of a windowed group: the window and one chunk, plus a partly filled block at each end.
 MAX_WINDOW_BLOCKS = -(-(WINDOW + CHUNK) // BLOCK_SIZE) + 1
 
@@ -94,3 +94,9 @@ def test_windowed_groups_stay_bounded_while_the_context_grows(tmp_path, family):
     held = sum(last_live) * group_size
     assert held < 0.65 * keep_everything if family == "gemma2" else held < 0.4 * keep_everything
     assert_no_leaked_blocks(llm)
+
+
+@pytest.mark.parametrize("option", [dict(swap_space=1), dict(kv_offload_space=1)])
+def test_swap_and_the_host_tier_are_refused_in_one_line(tmp_path, option):
+    with pytest.raises(ValueError, match="swap_space / kv_offload_space: models mixing sliding-window"):
+        LLM(model=str(_save(tmp_path, "gemma2")), dtype="float32", device="cpu", max_model_len=128, **option)
