@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from sluice.core.kv_layer_groups import KVLayerGroup
     from sluice.spec_decode.config import SpeculativeConfig
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -352,6 +353,14 @@ class ModelConfig:
         return hf_context_length(self.hf_config)
 
     @property
+    def kv_layer_groups(self) -> "tuple[KVLayerGroup, ...] | None":
+        """The layer groups of a model mixing windowed and global layers (one block table each), else None."""
+        from sluice.core.kv_layer_groups import is_hybrid, kv_layer_groups
+        from sluice.models.model_config import hf_layer_sliding_windows
+        windows = hf_layer_sliding_windows(self.hf_config)
+        return tuple(kv_layer_groups(windows)) if is_hybrid(windows) else None
+
+    @property
     def kv_sliding_window(self) -> int | None:
         """The window the KV cache manager may free blocks behind: set only when every layer has one."""
         from sluice.models.model_config import hf_kv_sliding_window
@@ -385,6 +394,8 @@ class CacheConfig:
     kv_offload_space_bytes: int = 0  # host prefix-cache tier (0: off)
     preemption_mode: str = "auto"
     sliding_window: int | None = None  # every layer's window: the KV cache manager frees blocks behind it
+    # Windowed and global layers mixed (Gemma 2/3): one block table per group (core/hybrid_kv_manager.py).
+    kv_layer_groups: "tuple[KVLayerGroup, ...] | None" = None
     cache_dtype: str = "auto"  # --kv-cache-dtype: auto (the model's dtype), fp8 or fp8_e4m3
     calculate_kv_scales: bool = False  # fp8 scales from the first step's K and V
     gpu_memory_utilization: float = 0.9
@@ -477,7 +488,17 @@ def kv_capped_max_model_len(max_model_len: int, cache: CacheConfig, max_chunk_to
     """A request longer than the whole KV cache could never run, even alone: lengths are capped at its size.
 
     With a sliding window on every layer a request holds at most its window and one prompt chunk, so a pool of
-    that size runs requests of any length."""
+    that size runs requests of any length. With layer groups, a block is one group deep: a request of T tokens
+    holds ``hybrid_request_blocks(T)`` of them."""
+    if cache.kv_layer_groups is not None and cache.num_blocks is not None:
+        longest, too_long = 0, max_model_len + 1  # the footprint grows with the length: bisect it
+        while too_long - longest > 1:
+            mid = (longest + too_long) // 2
+            if hybrid_request_blocks(mid, cache.kv_layer_groups, max_chunk_tokens, cache.block_size) <= cache.num_blocks:
+                longest = mid
+            else:
+                too_long = mid
+        return longest
     if cache.sliding_window is not None and cache.num_blocks is not None:
         if cache.num_blocks >= windowed_request_blocks(cache.sliding_window, max_chunk_tokens, cache.block_size):
             return max_model_len
@@ -488,6 +509,15 @@ def windowed_request_blocks(sliding_window: int, max_chunk_tokens: int, block_si
     """The most blocks a request holds when every layer is windowed: its window and one prompt chunk, plus the
     partly filled block at each end."""
     return -(-(sliding_window + max_chunk_tokens) // block_size) + 1
+
+
+def hybrid_request_blocks(num_tokens: int, groups: "tuple[KVLayerGroup, ...] | list[KVLayerGroup]",
+                          max_chunk_tokens: int, block_size: int) -> int:
+    """The most blocks (one layer group deep each) a request of ``num_tokens`` tokens holds: every block in the
+    global groups, at most ``windowed_request_blocks`` in each windowed one."""
+    full = -(-num_tokens // block_size)
+    return sum(full if g.sliding_window is None else
+               min(full, windowed_request_blocks(g.sliding_window, max_chunk_tokens, block_size)) for g in groups)
 
 
 # ---- resolution ----------------------------------------------------------------------------------------------
@@ -544,7 +574,8 @@ def create_engine_config(args: EngineArgs, device: DeviceConfig | None = None) -
         swap_space_bytes=int(args.swap_space * 2**30), kv_offload_space_bytes=int(args.kv_offload_space * 2**30),
         preemption_mode=args.preemption_mode, gpu_memory_utilization=args.gpu_memory_utilization,
         kv_cache_memory_bytes=args.kv_cache_memory or DEFAULT_CPU_KV_CACHE_BYTES,
-        sliding_window=model.kv_sliding_window, cache_dtype=args.kv_cache_dtype,
+        sliding_window=model.kv_sliding_window, kv_layer_groups=_kv_layer_groups(args, model),
+        cache_dtype=args.kv_cache_dtype,
         calculate_kv_scales=args.calculate_kv_scales)
     return EngineConfig(model=model, cache=cache, scheduler=scheduler,
                         parallel=ParallelConfig(args.tensor_parallel_size, args.data_parallel_size,
@@ -560,6 +591,15 @@ def create_engine_config(args: EngineArgs, device: DeviceConfig | None = None) -
                         lora=_lora_config(args), speculative=speculative)
 
 
+def _kv_layer_groups(args: EngineArgs, model: ModelConfig) -> "tuple[KVLayerGroup, ...] | None":
+    groups = model.kv_layer_groups
+    if groups is not None and (args.swap_space or args.kv_offload_space):
+        raise ValueError("swap_space / kv_offload_space: models mixing sliding-window and global layers (Gemma 2/3) "
+                         "keep one block table per layer group, which swap and the host tier do not copy; "
+                         "leave them at 0 (preempted requests recompute)")
+    return groups
+
+
 def _speculative_config(args: EngineArgs, model: ModelConfig) -> "SpeculativeConfig | None":
     from sluice.spec_decode.config import parse_speculative_config
     speculative = parse_speculative_config(args.speculative_config, model.vocab_size, args.load_format,
@@ -568,6 +608,9 @@ def _speculative_config(args: EngineArgs, model: ModelConfig) -> "SpeculativeCon
         return None
     if model.pooler_config is not None:
         raise ValueError("speculative_config applies to generation models, not to pooling (embedding) ones")
+    if model.kv_layer_groups is not None:
+        raise ValueError("speculative_config: models mixing sliding-window and global layers are not supported "
+                         "(their windowed layers free blocks behind the window, which rejected proposals would need)")
     if model.kv_sliding_window is not None:
         raise ValueError("speculative_config: models whose every layer has a sliding window are not supported "
                          "(their KV cache frees blocks behind the window, which rejected proposals would need)")

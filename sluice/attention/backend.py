@@ -41,6 +41,9 @@ class AttentionMetadata:
     seq_lens_cpu: list[int] | None = None
     # The backend's launch plan for this step (AttentionBackend.plan); None: the backend makes one per call.
     plan: Any = None
+    # Layer groups (windowed and global layers mixed, worker/step_buffers.py): the metadata of groups 1.., each
+    # with its own block table and slot mapping; this one is group 0's.
+    kv_groups: tuple["AttentionMetadata", ...] = ()
 
 
 class AttentionBackend(Protocol):

@@ -35,7 +35,7 @@ class NewRequestData:
     prompt_token_ids: list[int]
     output_token_ids: list[int]
     sampling_params: "SamplingParams"
-    block_ids: list[int]
+    block_ids: list[int]  # one list per layer group with windowed and global layers mixed (hybrid_kv_manager.py)
     num_computed_tokens: int  # before this step's tokens (a prefix-cache hit, or 0)
     eos_token_id: int | None = None
     lora_request: "LoRARequest | None" = None  # the adapter it runs with (None: the base model)
@@ -45,7 +45,7 @@ class NewRequestData:
 class CachedRequestData:
     """A request the runner already holds: only what changed since last step."""
     req_id: str
-    new_block_ids: list[int]
+    new_block_ids: list[int]  # one list per layer group, as NewRequestData.block_ids
     num_computed_tokens: int  # before this step's tokens
 
 

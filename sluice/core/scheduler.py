@@ -134,9 +134,15 @@ class Scheduler:
         self.long_prefill_token_threshold = scheduler_config.max_prefill_chunk
         # KV slots past each step's tokens (a draft model writes its proposals' KV there).
         self.num_lookahead_tokens = scheduler_config.num_lookahead_tokens
-        self.kv_cache_manager = make_kv_cache_manager(
-            cache_config.num_blocks, cache_config.block_size, cache_config.enable_prefix_caching,
-            cache_config.sliding_window)
+        if cache_config.kv_layer_groups is None:
+            self.kv_cache_manager = make_kv_cache_manager(
+                cache_config.num_blocks, cache_config.block_size, cache_config.enable_prefix_caching,
+                cache_config.sliding_window)
+        else:  # windowed and global layers: one block table per layer group (block ids: one list per group)
+            from sluice.core.hybrid_kv_manager import HybridKVCacheManager
+            self.kv_cache_manager = HybridKVCacheManager(
+                cache_config.num_blocks, cache_config.block_size, cache_config.enable_prefix_caching,
+                list(cache_config.kv_layer_groups))
         # EngineConfig.with_kv_cache has capped it already; a scheduler built by hand gets the same cap.
         self.max_model_len = kv_capped_max_model_len(scheduler_config.max_model_len, cache_config,
                                                      self.long_prefill_token_threshold)

@@ -14,8 +14,9 @@ A dead entry becomes ``NULL_BLOCK`` (id 0, owned by no one): the table keeps one
 range, and the attention backends never read blocks before a query's window, so whatever id 0 holds
 is never seen. Freed blocks keep their hash in the LRU free queue like any freed block: their KV is
 intact until reused, so prefix lookups (which need every block from the start) stay correct.
-Models with any full-attention layer (Gemma 2/3) share one block table across layers and keep
-every block; the scheduler builds this class only for windowed models, so others pay nothing.
+Models mixing windowed and full-attention layers (Gemma 2/3) use one of these per windowed layer group
+(core/hybrid_kv_manager.py); the scheduler builds this class alone only for models whose every layer is
+windowed, so others pay nothing.
 """
 from __future__ import annotations
 

@@ -33,12 +33,15 @@ class Attention(nn.Module):
         self.kv_cache = torch.empty(0)  # bound by bind_kv_cache
         self.kv_scales = torch.ones(2, dtype=torch.float32)  # moved to the cache's device by bind_kv_cache
         self.calculate_kv_scales = False  # set for one step by the model runner (--calculate-kv-scales)
+        self.kv_group = 0  # its layer group's block table (bind_kv_cache; > 0 only with windowed and global layers)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 attn_metadata: AttentionMetadata) -> torch.Tensor:
         """q: [T, H * D], k/v: [T, Hkv * D] -> [T, H * D]."""
         if self.kv_cache.numel() == 0:
             raise RuntimeError("Attention has no KV cache: call bind_kv_cache(model, kv_caches) first")
+        if self.kv_group:
+            attn_metadata = attn_metadata.kv_groups[self.kv_group - 1]
         num_tokens = q.shape[0]
         q = q.view(num_tokens, self.num_heads, self.head_dim)
         k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
@@ -52,12 +55,14 @@ class Attention(nn.Module):
         return out.reshape(num_tokens, self.num_heads * self.head_dim)
 
 
-def bind_kv_cache(model: nn.Module, kv_caches: list[torch.Tensor]) -> None:
-    """Gives the i-th Attention module (in layer order) ``kv_caches[i]``; an empty list unbinds all."""
+def bind_kv_cache(model: nn.Module, kv_caches: list[torch.Tensor], kv_groups: list[int] | None = None) -> None:
+    """Gives the i-th Attention module (in layer order) ``kv_caches[i]``; an empty list unbinds all.
+    ``kv_groups[i]``: the layer group whose block table layer i reads (windowed and global layers mixed)."""
     layers = [m for m in model.modules() if isinstance(m, Attention)]
     if kv_caches and len(kv_caches) != len(layers):
         raise ValueError(f"kv_caches has {len(kv_caches)} tensors but the model has {len(layers)} attention layers")
     for i, layer in enumerate(layers):
         layer.kv_cache = kv_caches[i] if kv_caches else torch.empty(0)
+        layer.kv_group = kv_groups[i] if kv_groups else 0
         if kv_caches:  # the kernels read the scales on the cache's device (a no-op once they are there)
             layer.kv_scales = layer.kv_scales.to(kv_caches[i].device)

@@ -47,20 +47,26 @@ class StepInputs:
     # Speculative decoding (None in a step without proposals): proposals scheduled per sampling request; the
     # logits that verify k proposals are those of its last k + 1 tokens.
     num_spec_sampling: np.ndarray | None = None  # int64 [num_sampling_reqs]
+    # Layer groups (windowed and global layers mixed): the slots of groups 1.. (group 0's are slot_mapping).
+    group_slot_mappings: np.ndarray | None = None  # int64 [num_kv_groups - 1, num_tokens]
 
 
 class InputBatch:
-    def __init__(self, max_num_reqs: int, max_model_len: int, block_size: int) -> None:
+    def __init__(self, max_num_reqs: int, max_model_len: int, block_size: int, num_kv_groups: int = 1) -> None:
+        """``num_kv_groups`` > 1 (windowed and global layers mixed): a row holds one block table per layer group,
+        side by side (group g in columns g * max_blocks ..), and block ids come as one list per group."""
         self.max_model_len = max_model_len
         self.block_size = block_size
-        max_blocks = -(-max_model_len // block_size)
+        self.num_kv_groups = num_kv_groups
+        self.max_blocks = max_blocks = -(-max_model_len // block_size)
         self.token_ids = np.zeros((max_num_reqs, max_model_len), dtype=np.int64)
         self.num_tokens = np.zeros(max_num_reqs, dtype=np.int64)
         self.num_prompt_tokens = np.zeros(max_num_reqs, dtype=np.int64)
         self.num_computed_tokens = np.zeros(max_num_reqs, dtype=np.int64)
         self.lora_int_ids = np.zeros(max_num_reqs, dtype=np.int64)  # each row's LoRA adapter (0: the base model)
-        self.block_table = np.zeros((max_num_reqs, max_blocks), dtype=np.int32)
-        self.num_blocks = np.zeros(max_num_reqs, dtype=np.int64)
+        self.block_table = np.zeros((max_num_reqs, num_kv_groups * max_blocks), dtype=np.int32)
+        self.num_blocks = np.zeros(max_num_reqs, dtype=np.int64)  # group 0's
+        self._num_group_blocks = np.zeros((max_num_reqs, num_kv_groups), dtype=np.int64)  # groups 1.. (column g)
         self._free_rows = list(range(max_num_reqs - 1, -1, -1))
         # Block-table entries written since the last pop_block_diffs(): (row, first column, block ids).
         # The device copy of the block table is updated from these diffs, never rebuilt.
@@ -78,6 +84,7 @@ class InputBatch:
         self.num_computed_tokens[row] = new.num_computed_tokens
         self.lora_int_ids[row] = new.lora_request.lora_int_id if new.lora_request is not None else 0
         self.num_blocks[row] = 0
+        self._num_group_blocks[row] = 0
         self.append_blocks(row, new.block_ids)
         return row
 
@@ -85,15 +92,25 @@ class InputBatch:
         """Frees a finished or preempted request's row."""
         self._free_rows.append(row)
 
-    def append_blocks(self, row: int, block_ids: list[int]) -> None:
+    def append_blocks(self, row: int, block_ids: list[int] | list[list[int]]) -> None:
+        """Appends to a row's block table (with layer groups, ``block_ids`` has one list per group)."""
+        if self.num_kv_groups > 1:
+            for group, group_block_ids in enumerate(block_ids):
+                self._append_blocks(row, group, group_block_ids)  # type: ignore[arg-type]
+        else:
+            self._append_blocks(row, 0, block_ids)  # type: ignore[arg-type]
+
+    def _append_blocks(self, row: int, group: int, block_ids: list[int]) -> None:
         if block_ids:
-            start = int(self.num_blocks[row])
-            if start + len(block_ids) > self.block_table.shape[1]:
+            counts = self.num_blocks if group == 0 else self._num_group_blocks[:, group]
+            start = int(counts[row])
+            if start + len(block_ids) > self.max_blocks:
                 raise ValueError(f"block_ids: row {row} would hold {start + len(block_ids)} blocks, "
-                                 f"more than max_model_len allows ({self.block_table.shape[1]})")
-            self.block_table[row, start:start + len(block_ids)] = block_ids
-            self.num_blocks[row] = start + len(block_ids)
-            self._block_diffs.append((row, start, block_ids))
+                                 f"more than max_model_len allows ({self.max_blocks})")
+            column = group * self.max_blocks + start
+            self.block_table[row, column:column + len(block_ids)] = block_ids
+            counts[row] = start + len(block_ids)
+            self._block_diffs.append((row, column, block_ids))
 
     def pop_block_diffs(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(rows, columns, block ids) of every block-table entry written since the last call."""
@@ -143,7 +160,12 @@ class InputBatch:
         token_rows = rows[req_of_token]
         input_ids = self.token_ids[token_rows, positions]
         block_ids = self.block_table[token_rows, positions // self.block_size].astype(np.int64)
-        slot_mapping = block_ids * self.block_size + positions % self.block_size
+        offsets = positions % self.block_size
+        slot_mapping = block_ids * self.block_size + offsets
+        group_slot_mappings = None
+        if self.num_kv_groups > 1:
+            columns = np.arange(1, self.num_kv_groups)[:, None] * self.max_blocks + positions // self.block_size
+            group_slot_mappings = self.block_table[token_rows, columns].astype(np.int64) * self.block_size + offsets
         seq_lens = start + num_sched
         self.num_computed_tokens[rows] = seq_lens
         samples = seq_lens >= self.num_tokens[rows]
@@ -166,4 +188,5 @@ class InputBatch:
             pending_token_indices=pending,
             pending_rows=token_rows[pending],
             num_spec_sampling=num_spec[samples] if num_spec is not None else None,
+            group_slot_mappings=group_slot_mappings,
         )

@@ -107,9 +107,14 @@ class ModelRunner:
         self.attn_backend = get_attention_backend(self.device.type)
         self.model: torch.nn.Module | None = None
         self.kv_caches: list[torch.Tensor] = []
-        self.input_batch = InputBatch(max_num_seqs, model_config.max_model_len, block_size)
+        # Windowed and global layers mixed (Gemma 2/3): one block table per layer group, and one KV tensor serves
+        # one layer of each group (core/hybrid_kv_manager.py); None for every other model.
+        self.kv_layer_groups = model_config.kv_layer_groups
+        num_kv_groups = len(self.kv_layer_groups) if self.kv_layer_groups is not None else 1
+        self.input_batch = InputBatch(max_num_seqs, model_config.max_model_len, block_size, num_kv_groups)
         max_blocks_per_req = -(-model_config.max_model_len // block_size)
-        self.step_buffers = StepBuffers(max_num_seqs, max_num_batched_tokens, max_blocks_per_req, self.device)
+        self.step_buffers = StepBuffers(max_num_seqs, max_num_batched_tokens, max_blocks_per_req, self.device,
+                                        num_kv_groups)
         # CUDA graphs (decode, and steps with prompt chunks), captured once the KV cache exists; None on CPU or
         # with enforce_eager.
         self.enforce_eager = enforce_eager
@@ -135,7 +140,9 @@ class ModelRunner:
         self.tp_rank, self.tp_size = get_tp_rank_and_size()
         self._num_heads, self._num_kv_heads = per_rank_heads(model_config.num_attention_heads,
                                                              model_config.num_kv_heads, self.tp_size)
-        self.kv_spec = KVCacheSpec(model_config.num_layers, self._num_kv_heads,
+        num_kv_layers = (len(self.kv_layer_groups[0].layers) if self.kv_layer_groups is not None
+                         else model_config.num_layers)  # a block holds one layer group's KV
+        self.kv_spec = KVCacheSpec(num_kv_layers, self._num_kv_heads,
                                    model_config.head_dim, block_size, self.kv_dtype)
         # Pooling engines (embeddings) pool hidden states where others sample: see sluice/pooling/pooler.py.
         self.pooler: Pooler | None = None
@@ -258,6 +265,8 @@ class ModelRunner:
             seq_lens=torch.tensor(query_lens, dtype=torch.int32, device=device),
             block_table=block_table, slot_mapping=slots, max_query_len=max(query_lens),
             max_seq_len=max(query_lens), query_start_loc_cpu=starts, seq_lens_cpu=list(query_lens))
+        if self.kv_layer_groups is not None:  # every group in the same blocks: the profile's step writes them once
+            metadata.kv_groups = (metadata,) * (len(self.kv_layer_groups) - 1)
         return self._plan(metadata, starts[-1])
 
     def initialize_kv_cache(self, num_blocks: int) -> None:
@@ -317,7 +326,17 @@ class ModelRunner:
 
     def _bind(self, kv_caches: list[torch.Tensor]) -> None:
         from sluice.layers.attention import bind_kv_cache
-        bind_kv_cache(self.model, kv_caches)
+        if self.kv_layer_groups is None or not kv_caches:
+            bind_kv_cache(self.model, kv_caches)
+            return
+        # Tensor k serves the k-th layer of every group: a block id belongs to one group at a time.
+        num_layers = sum(len(group.layers) for group in self.kv_layer_groups)
+        layer_caches: list[torch.Tensor] = [kv_caches[0]] * num_layers
+        layer_groups = [0] * num_layers
+        for group_index, group in enumerate(self.kv_layer_groups):
+            for k, layer in enumerate(group.layers):
+                layer_caches[layer], layer_groups[layer] = kv_caches[k], group_index
+        bind_kv_cache(self.model, layer_caches, layer_groups)
 
     # ---- one step ----------------------------------------------------------------------
     def _update_states(self, out: SchedulerOutput) -> None:
@@ -347,6 +366,9 @@ class ModelRunner:
     def _plan(self, metadata: AttentionMetadata, num_tokens: int) -> AttentionMetadata:
         """Attaches the attention backend's launch plan for the step, built once here for every layer."""
         metadata.plan = self.attn_backend.plan(metadata, num_tokens, self._num_heads, self._num_kv_heads)
+        for group_metadata in metadata.kv_groups:  # a plan may hold block ids (cpu_sdpa): one per group
+            group_metadata.plan = self.attn_backend.plan(group_metadata, num_tokens, self._num_heads,
+                                                         self._num_kv_heads)
         return metadata
 
     def _forward(self, inputs: StepInputs) -> torch.Tensor:

@@ -21,6 +21,8 @@ step t+1 never races the still-running copy of step t, and nothing here synchron
 """
 from __future__ import annotations
 
+import dataclasses
+
 from dataclasses import dataclass
 
 import numpy as np
@@ -52,8 +54,14 @@ class _HostRegions:
 
 class StepBuffers:
     def __init__(self, max_num_reqs: int, max_num_tokens: int, max_blocks_per_req: int,
-                 device: torch.device) -> None:
+                 device: torch.device, num_kv_groups: int = 1) -> None:
+        """``num_kv_groups`` > 1 (windowed and global layers mixed): each row holds one block table per layer
+        group side by side (``max_blocks_per_req`` columns each), and groups 1.. get their own slot mapping; the
+        metadata of group g (g >= 1) is ``metadata.kv_groups[g - 1]``."""
         self.device = device
+        self.num_kv_groups = num_kv_groups
+        self.max_blocks_per_req = max_blocks_per_req
+        max_blocks_per_req *= num_kv_groups
         self.max_num_reqs = R = max_num_reqs
         self.max_num_tokens = T = max(max_num_tokens, max_num_reqs)  # a padded decode step has R tokens
         self._diff_base = 3 * T + 4 * R
@@ -75,6 +83,8 @@ class StepBuffers:
         self.seq_lens = self.i32[R + 1:2 * R + 1]
         self.block_table_by_row = torch.zeros((R, max_blocks_per_req), dtype=torch.int32, device=device)
         self.block_table = torch.zeros((R, max_blocks_per_req), dtype=torch.int32, device=device)
+        self.group_slot_mapping = (torch.full((num_kv_groups - 1, T), -1, dtype=torch.int64, device=device)
+                                   if num_kv_groups > 1 else None)
 
     def _host(self) -> _HostRegions:
         host = self._hosts[self._next_host]
@@ -149,6 +159,10 @@ class StepBuffers:
         if num_pending:  # the previous step's samples, still on the device, become input ids
             self.input_ids.index_copy_(0, self.pending_token_indices[:num_pending],
                                        pending[1].index_select(0, self.pending_sources[:num_pending]))
+        if self.group_slot_mapping is not None:
+            group_slots = torch.full((self.num_kv_groups - 1, padded_tokens), -1, dtype=torch.int64)
+            group_slots[:, :num_tokens] = torch.from_numpy(inputs.group_slot_mappings)
+            self.group_slot_mapping[:, :padded_tokens].copy_(group_slots)
         on_cpu = self.device.type == "cpu"
         metadata = AttentionMetadata(
             num_actual_tokens=num_tokens, num_reqs=num_reqs,
@@ -159,18 +173,29 @@ class StepBuffers:
             query_start_loc_cpu=inputs.query_start_loc.tolist() if on_cpu else None,
             seq_lens_cpu=inputs.seq_lens.tolist() if on_cpu else None)
         return DeviceStep(self.input_ids[:padded_tokens], self.positions[:padded_tokens],
-                          self.logits_indices[:num_logits], metadata, padded_reqs)
+                          self.logits_indices[:num_logits], self._with_kv_groups(metadata), padded_reqs)
 
     def graph_metadata(self, num_tokens: int, num_reqs: int, max_query_len: int,
                        max_seq_len: int) -> AttentionMetadata:
         """Metadata over the first ``num_tokens`` tokens and ``num_reqs`` rows, for capturing a graph;
         ``max_query_len`` and ``max_seq_len`` are the largest the graph will see (the attention
         backend picks its launch from them)."""
-        return AttentionMetadata(
+        return self._with_kv_groups(AttentionMetadata(
             num_actual_tokens=num_tokens, num_reqs=num_reqs,
             query_start_loc=self.query_start_loc[:num_reqs + 1], seq_lens=self.seq_lens[:num_reqs],
             block_table=self.block_table[:num_reqs], slot_mapping=self.slot_mapping[:num_tokens],
-            max_query_len=max_query_len, max_seq_len=max_seq_len)
+            max_query_len=max_query_len, max_seq_len=max_seq_len))
+
+    def _with_kv_groups(self, metadata: AttentionMetadata) -> AttentionMetadata:
+        """With layer groups: group 0's block table in ``metadata``, each other group's in ``kv_groups``."""
+        if self.group_slot_mapping is None:
+            return metadata
+        width, num_tokens = self.max_blocks_per_req, metadata.num_actual_tokens
+        table = metadata.block_table
+        groups = tuple(dataclasses.replace(metadata, block_table=table[:, g * width:(g + 1) * width],
+                                           slot_mapping=self.group_slot_mapping[g - 1, :num_tokens])
+                       for g in range(1, self.num_kv_groups))
+        return dataclasses.replace(metadata, block_table=table[:, :width], kv_groups=groups)
 
     def fill_dummy(self, num_tokens: int, num_reqs: int, max_seq_len: int) -> None:
         """Harmless inputs for graph warm-up and capture, no KV writes: every request decodes one
@@ -187,6 +212,8 @@ class StepBuffers:
         self.input_ids[:num_tokens].zero_()
         self.positions[:num_tokens].zero_()
         self.slot_mapping[:num_tokens].fill_(-1)
+        if self.group_slot_mapping is not None:
+            self.group_slot_mapping[:, :num_tokens].fill_(-1)
         lens = torch.tensor(query_lens, dtype=torch.int32)
         self.query_start_loc[0] = 0
         self.query_start_loc[1:num_reqs + 1].copy_(torch.cumsum(lens, 0, dtype=torch.int32))
