@@ -133,19 +133,20 @@ class EngineCore:
 
     def step(self) -> list[EngineCoreOutput]:
         scheduler_output = self.scheduler.schedule()
-        structured = self.structured_output
+        structured, requests = self.structured_output, self.scheduler.requests
+        grammars = structured.step_grammars(requests, scheduler_output)
         if structured.num_active and scheduler_output.is_empty() and self._in_flight is None:
             structured.wait_for_compiles(0.01)  # only requests whose grammar is compiling: no busy loop
         if not self._async_scheduling:
-            grammar = structured.grammar_bitmask(self.scheduler.requests, scheduler_output)
+            grammar = structured.grammar_bitmask(requests, grammars)
             return self.scheduler.update_from_output(scheduler_output,
                                                      self.runner.execute(scheduler_output, grammar))
         previous, self._in_flight = self._in_flight, None
         outputs: list[EngineCoreOutput] = []
         if previous is not None and (scheduler_output.is_empty() or self.runner.must_collect_first(scheduler_output)
-                                     or structured.has_constrained(self.scheduler.requests, scheduler_output)):
+                                     or grammars):
             outputs, previous = self._finish(previous), None
-        grammar = structured.grammar_bitmask(self.scheduler.requests, scheduler_output)
+        grammar = structured.grammar_bitmask(requests, grammars)
         launched = self.runner.launch(scheduler_output, grammar)
         if previous is not None:
             outputs = self._finish(previous)

@@ -6,7 +6,8 @@ The engine core owns it; the scheduler sees only ``Request.structured_output`` (
                                                               (backend, kind, spec)); the request waits
     Scheduler.schedule      -> request.structured_output.is_ready()   not admitted until its grammar is
                                                               compiled; one that failed finishes "error"
-    EngineCore.step         -> manager.grammar_bitmask(...)   the grammars of the step's constrained requests
+    EngineCore.step         -> manager.step_grammars(...)     the grammars of the step's constrained requests
+                               manager.grammar_bitmask(...)   (less any that finished) for the runner
     ModelRunner.launch      -> apply_grammar_bitmask(...)     one bitmask row per constrained request that
                                                               samples, filled on the host; disallowed logits
                                                               set to -inf in one op
@@ -188,25 +189,23 @@ class StructuredOutputManager:
 
     # ---- each step ----------------------------------------------------------------------------------
 
-    def has_constrained(self, requests: dict[str, "Request"], scheduler_output: "SchedulerOutput") -> bool:
-        """Whether a constrained request is in the step (async scheduling then collects the previous step
-        first, so that its matcher has taken its last token before the mask is filled)."""
+    def step_grammars(self, requests: dict[str, "Request"], scheduler_output: "SchedulerOutput") -> dict[str, Grammar]:
+        """The grammars of the step's constrained requests, in one walk of the step (empty when there are none).
+        With async scheduling a non-empty answer makes the core collect the previous step first, so that each
+        matcher has taken its last token before ``grammar_bitmask`` hands them to the runner."""
         if not self.num_active:
-            return False
-        return any((request := requests.get(r)) is not None and request.structured_output is not None
-                   for r in scheduler_output.num_scheduled_tokens)
-
-    def grammar_bitmask(self, requests: dict[str, "Request"],
-                        scheduler_output: "SchedulerOutput") -> GrammarBitmask | None:
-        """The grammars of the step's constrained requests (None when there are none): the runner fills the
-        bitmask of those that sample, after the previous step's samples have advanced them."""
-        if not self.num_active:
-            return None
+            return {}
         grammars: dict[str, Grammar] = {}
         for req_id in scheduler_output.num_scheduled_tokens:
             request = requests.get(req_id)
-            if request is None or request.structured_output is None or request.is_finished():
-                continue
-            if request.structured_output.grammar is not None:
+            if request is not None and request.structured_output is not None \
+                    and request.structured_output.grammar is not None:
                 grammars[req_id] = request.structured_output.grammar
-        return GrammarBitmask(grammars, self.vocab_size) if grammars else None
+        return grammars
+
+    def grammar_bitmask(self, requests: dict[str, "Request"], grammars: dict[str, Grammar]) -> GrammarBitmask | None:
+        """The step's grammars less those of requests that finished meanwhile (None when none are left): the
+        runner fills the bitmask of those that sample."""
+        live = {r: g for r, g in grammars.items()
+                if (request := requests.get(r)) is not None and not request.is_finished()}
+        return GrammarBitmask(live, self.vocab_size) if live else None
