@@ -257,7 +257,13 @@ class SamplingParams:
         self._all_stop_token_ids = set(self.stop_token_ids) | set(extra)
 
     def clone(self) -> "SamplingParams":
-        return copy.deepcopy(self)
+        """An independent copy: scalars are shared, containers and nested params copied (a deepcopy of
+        every field costs ~100 calls per request, paid twice per request on the way in)."""
+        new = copy.copy(self)
+        for name, value in vars(self).items():
+            if value is not None and not isinstance(value, (int, float, str, enum.Enum)):
+                setattr(new, name, copy.deepcopy(value))
+        return new
 
 
 class ContextLengthError(ValueError):

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sluice.core.interface import EngineCoreOutput
-from sluice.engine.detokenizer import IncrementalDetokenizer
+from sluice.engine.detokenizer import IncrementalDetokenizer, fast_decoder
 from sluice.engine.stats import FinishedRequestStats, IterationStats
 from sluice.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from sluice.sampling_params import RequestOutputKind, SamplingParams
@@ -59,12 +59,16 @@ class ParentRequestState:
 
     @property
     def finished(self) -> bool:
-        return all(c.finish_reason is not None for c in self.children_states.values())
+        for child in self.children_states.values():
+            if child.finish_reason is None:
+                return False
+        return True
 
 
 class OutputProcessor:
     def __init__(self, tokenizer: Any) -> None:
         self.tokenizer = tokenizer
+        self._fast_decoder = fast_decoder(tokenizer) if tokenizer is not None else None
         self.child_to_parent: dict[str, ParentRequestState] = {}
         self.parents: dict[str, ParentRequestState] = {}
         # Aborted requests, reported with the next step's stats.
@@ -81,7 +85,7 @@ class OutputProcessor:
         self.parents[parent.request_id] = parent
         children = parent.children()
         for index, (child_id, params) in enumerate(children):
-            detok = (IncrementalDetokenizer(self.tokenizer, parent.prompt_token_ids, params)
+            detok = (IncrementalDetokenizer(self.tokenizer, parent.prompt_token_ids, params, self._fast_decoder)
                      if params.detokenize and self.tokenizer is not None else None)
             parent.children_states[child_id] = ChildState(index, params, detok)
             self.child_to_parent[child_id] = parent

@@ -35,6 +35,9 @@ class RotaryEmbedding(nn.Module):
     may be strided column slices of the qkv projection); on CPU they are new tensors.
     """
 
+    # (positions, dtype, rope, rotary_dim, cos, sin) of the last forward_torch: the other layers of the step reuse it
+    _step_cos_sin: tuple | None = None
+
     def __init__(self, head_dim: int, rope: RopeSettings) -> None:
         super().__init__()
         self.head_dim = head_dim
@@ -62,12 +65,21 @@ class RotaryEmbedding(nn.Module):
         inv_freq = self.inv_freq
         if self.rope.is_dynamic:
             inv_freq = dynamic_inv_freq(positions, self.exponents, self.rope)
+        else:  # every layer of a step rotates the same positions with the same frequencies: once per step
+            cached = RotaryEmbedding._step_cos_sin
+            if cached is not None and cached[0] is positions and cached[1] is query.dtype and cached[2] == self.rope \
+                    and cached[3] == self.rotary_dim:
+                return self._rotate(query, cached[4], cached[5]), self._rotate(key, cached[4], cached[5])
         freqs = positions.float().unsqueeze(-1) * inv_freq  # [T, rotary_dim / 2]
         cos, sin = freqs.cos(), freqs.sin()
         if self.attention_scaling != 1.0:
             cos, sin = cos * self.attention_scaling, sin * self.attention_scaling
         cos = cos.to(query.dtype).unsqueeze(1)  # [T, 1, rotary_dim / 2]: broadcast over heads
         sin = sin.to(query.dtype).unsqueeze(1)
+        if not self.rope.is_dynamic:
+            # Keyed by the positions tensor itself (each step hands the layers a new one, and the reference
+            # held here keeps its id from being reused), the settings (which fix inv_freq) and the dtype.
+            RotaryEmbedding._step_cos_sin = (positions, query.dtype, self.rope, self.rotary_dim, cos, sin)
         return self._rotate(query, cos, sin), self._rotate(key, cos, sin)
 
     def _rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

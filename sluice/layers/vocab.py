@@ -52,7 +52,12 @@ class VocabEmbedding(nn.Module):
 
 
 class LMHead(VocabEmbedding):
-    """hidden [N, H] -> logits [N, vocab] in float32 (what the sampler expects)."""
+    """hidden [N, H] -> logits [N, vocab] in float32 (what the sampler expects).
+
+    ``packed``: the table pre-packed for the CPU's bf16/fp16 matmul (layers/cpu_linear.py), or None.
+    """
+
+    packed = None
 
     def __init__(self, num_embeddings: int, embedding_dim: int, bias: bool = False) -> None:
         super().__init__(num_embeddings, embedding_dim)
@@ -68,7 +73,10 @@ class LMHead(VocabEmbedding):
         self.weight = embedding.weight
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        logits = F.linear(hidden_states, self.weight, self.bias).float()
+        if self.packed is not None:
+            logits = self.packed.linear(hidden_states, self.bias).float()
+        else:
+            logits = F.linear(hidden_states, self.weight, self.bias).float()
         if self.tp_size == 1:
             return logits
         return tp_all_gather(logits, dim=-1)[..., :self.num_embeddings]

@@ -129,6 +129,9 @@ def build_model(hf_config: Any, dtype: torch.dtype, device: torch.device | str, 
     _load_or_fill(model, kv_scales.filter(weights) if weights is not None else None, load_format, seed)
     model.checkpoint_kv_scales = kv_scales.apply(model)  # layer index -> (k_scale, v_scale) the checkpoint had
     process_quantized_weights(model)
+    if torch.device(device).type == "cpu":
+        from sluice.layers.cpu_linear import pack_cpu_weights
+        pack_cpu_weights(model)
     return model.eval()
 
 

@@ -105,6 +105,9 @@ class ModelRunner:
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.attn_backend = get_attention_backend(self.device.type)
+        if self.device.type == "cpu":
+            from sluice.worker.cpu_malloc import tune_cpu_malloc
+            tune_cpu_malloc()
         self.model: torch.nn.Module | None = None
         self.kv_caches: list[torch.Tensor] = []
         # Windowed and global layers mixed (Gemma 2/3): one block table per layer group, and one KV tensor serves

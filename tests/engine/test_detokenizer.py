@@ -136,3 +136,27 @@ def test_first_output_token_is_decoded_in_the_prompts_context(tokenizer):
     feed(detokenizer, ids[split:])
     assert "\ufffd" not in detokenizer.output_text
     assert detokenizer.output_text.endswith("本語")
+
+
+def test_fast_decoder_gives_the_tokenizers_own_text(tokenizer):
+    """The Rust decoder used in the engine (fast_decoder) yields the same incremental text as decode()."""
+    from sluice.engine.detokenizer import fast_decoder
+    decoder = fast_decoder(tokenizer)
+    assert decoder is not None
+    special = tokenizer.eos_token_id
+    ids = encode(tokenizer, TEXT) + [special] + encode(tokenizer, " and more 🙂🙂")
+    for skip in (True, False):
+        texts = []
+        for dec in (None, decoder):
+            detok = IncrementalDetokenizer(tokenizer, encode(tokenizer, "the end"),
+                                           SamplingParams(skip_special_tokens=skip), dec)
+            feed(detok, ids)
+            texts.append(detok.output_text)
+        assert texts[0] == texts[1] == tokenizer.decode(ids, skip_special_tokens=skip)
+
+
+def test_fast_decoder_is_not_used_where_decode_cleans_up_spaces(tokenizer, monkeypatch):
+    from sluice.engine.detokenizer import fast_decoder
+    monkeypatch.setattr(tokenizer, "clean_up_tokenization_spaces", True)
+    assert fast_decoder(tokenizer) is None
+    assert fast_decoder(object()) is None

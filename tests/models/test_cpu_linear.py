@@ -1,0 +1,108 @@
+"""Packed bf16/fp16 weights on the CPU (layers/cpu_linear.py): the same numbers as F.linear, bit for bit."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from sluice.layers.cpu_linear import (CpuPackedLinearMethod, PackedWeight, pack_cpu_weights,
+                                      packed_linear_supported)
+from sluice.layers.linear import MergedColumnParallelLinear, RowParallelLinear
+from sluice.layers.quantization.base import UnquantizedLinearMethod
+
+needs_bf16 = pytest.mark.skipif(not packed_linear_supported(torch.bfloat16),
+                                reason="this CPU has no native bf16 matmul (or oneDNN is missing)")
+
+
+@needs_bf16
+@pytest.mark.parametrize("rows", [1, 3, 16, 257])
+@pytest.mark.parametrize("bias", [False, True])
+def test_packed_product_equals_f_linear_bit_for_bit(rows, bias):
+    torch.manual_seed(rows)
+    weight = torch.randn(384, 160, dtype=torch.bfloat16)
+    b = torch.randn(384, dtype=torch.bfloat16) if bias else None
+    packed = PackedWeight(weight)
+    for shape in ((rows, 160), (2, rows, 160)):
+        x = torch.randn(shape, dtype=torch.bfloat16)
+        assert torch.equal(packed.linear(x, b), F.linear(x, weight, b))
+
+
+@needs_bf16
+def test_weight_changed_in_place_is_packed_again():
+    weight = torch.randn(64, 32, dtype=torch.bfloat16)
+    packed = PackedWeight(weight)
+    x = torch.randn(4, 32, dtype=torch.bfloat16)
+    before = packed.linear(x, None)
+    with torch.no_grad():
+        weight.mul_(2)
+    after = packed.linear(x, None)
+    assert torch.equal(after, F.linear(x, weight)) and not torch.equal(after, before)
+
+
+@needs_bf16
+def test_other_input_dtypes_and_empty_inputs_take_f_linear():
+    weight = torch.randn(64, 32, dtype=torch.bfloat16)
+    packed = PackedWeight(weight)
+    assert packed.linear(torch.empty(0, 32, dtype=torch.bfloat16), None).shape == (0, 64)
+    with pytest.raises(RuntimeError):  # F.linear's own dtype error, not a silent cast
+        packed.linear(torch.randn(2, 32), None)
+
+
+def _layers(dtype):
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        model = torch.nn.ModuleDict({"gate_up": MergedColumnParallelLinear(32, [48, 48]),
+                                     "down": RowParallelLinear(48, 32)})
+    finally:
+        torch.set_default_dtype(previous)
+    for p in model.parameters():
+        torch.nn.init.normal_(p)
+    return model
+
+
+@needs_bf16
+def test_pack_cpu_weights_moves_dense_layers_to_the_packed_method():
+    model = _layers(torch.bfloat16)
+    x = torch.randn(5, 32, dtype=torch.bfloat16)
+    expected = model["down"](model["gate_up"](x)[:, :48])
+    assert pack_cpu_weights(model) == 2
+    assert all(isinstance(m.linear_method, CpuPackedLinearMethod) for m in model.values())
+    assert torch.equal(model["down"](model["gate_up"](x)[:, :48]), expected)
+
+
+def test_float32_models_and_the_off_switch_keep_f_linear(monkeypatch):
+    model = _layers(torch.float32)
+    assert pack_cpu_weights(model) == 0
+    assert all(type(m.linear_method) is UnquantizedLinearMethod for m in model.values())
+    monkeypatch.setenv("SLUICE_CPU_PACKED_LINEAR", "0")
+    assert not packed_linear_supported(torch.bfloat16)
+    assert pack_cpu_weights(_layers(torch.bfloat16)) == 0
+
+
+@needs_bf16
+def test_engine_greedy_output_is_the_same_with_and_without_packing(monkeypatch, tmp_path):
+    """bf16 tiny Llama through the whole engine: packing changes no token."""
+    from sluice import LLM, SamplingParams
+    from tests.tiny_models import save_tiny_model
+    save_tiny_model(tmp_path)
+    prompts = [{"prompt_token_ids": list(range(5 + i, 40 + 3 * i))} for i in range(4)]
+    params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+    outputs = []
+    for flag in ("1", "0"):
+        monkeypatch.setenv("SLUICE_CPU_PACKED_LINEAR", flag)
+        llm = LLM(model=str(tmp_path), dtype="bfloat16", device="cpu", max_model_len=128, seed=0)
+        outputs.append([o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)])
+        del llm
+    assert outputs[0] == outputs[1] and len(outputs[0][0]) == 12
+
+
+@needs_bf16
+def test_a_cpu_bf16_model_is_built_with_packed_weights():
+    from sluice.attention.torch_ref import TorchRefBackend
+    from sluice.models.loader import build_model
+    from tests.tiny_models import tiny_config
+    model = build_model(tiny_config("llama"), torch.bfloat16, "cpu", TorchRefBackend(), load_format="dummy")
+    methods = [type(m.linear_method) for m in model.modules() if hasattr(m, "linear_method")]
+    assert methods and all(m is CpuPackedLinearMethod for m in methods)
+    assert model.lm_head.packed is not None
+    model32 = build_model(tiny_config("llama"), torch.float32, "cpu", TorchRefBackend(), load_format="dummy")
+    assert model32.lm_head.packed is None
