@@ -35,7 +35,8 @@ class RotaryEmbedding(nn.Module):
     may be strided column slices of the qkv projection); on CPU they are new tensors.
     """
 
-    # (positions, dtype, rope, rotary_dim, cos, sin) of the last forward_torch: the other layers of the step reuse it
+    # (positions, its version, dtype, rope, rotary_dim, cos, sin) of the last CPU forward_torch, which the other
+    # layers of the step reuse
     _step_cos_sin: tuple | None = None
 
     def __init__(self, head_dim: int, rope: RopeSettings) -> None:
@@ -67,19 +68,22 @@ class RotaryEmbedding(nn.Module):
             inv_freq = dynamic_inv_freq(positions, self.exponents, self.rope)
         else:  # every layer of a step rotates the same positions with the same frequencies: once per step
             cached = RotaryEmbedding._step_cos_sin
-            if cached is not None and cached[0] is positions and cached[1] is query.dtype and cached[2] == self.rope \
-                    and cached[3] == self.rotary_dim:
-                return self._rotate(query, cached[4], cached[5]), self._rotate(key, cached[4], cached[5])
+            if cached is not None and cached[0] is positions and cached[1] == positions._version \
+                    and cached[2] is query.dtype and cached[3] == self.rope and cached[4] == self.rotary_dim:
+                return self._rotate(query, cached[5], cached[6]), self._rotate(key, cached[5], cached[6])
         freqs = positions.float().unsqueeze(-1) * inv_freq  # [T, rotary_dim / 2]
         cos, sin = freqs.cos(), freqs.sin()
         if self.attention_scaling != 1.0:
             cos, sin = cos * self.attention_scaling, sin * self.attention_scaling
         cos = cos.to(query.dtype).unsqueeze(1)  # [T, 1, rotary_dim / 2]: broadcast over heads
         sin = sin.to(query.dtype).unsqueeze(1)
-        if not self.rope.is_dynamic:
-            # Keyed by the positions tensor itself (each step hands the layers a new one, and the reference
-            # held here keeps its id from being reused), the settings (which fix inv_freq) and the dtype.
-            RotaryEmbedding._step_cos_sin = (positions, query.dtype, self.rope, self.rotary_dim, cos, sin)
+        if not self.rope.is_dynamic and positions.device.type == "cpu":
+            # Keyed by the positions tensor itself (each step hands the layers a new one, the reference held
+            # here keeps its id from being reused, and its version counter catches in-place updates), the
+            # settings (which fix inv_freq) and the dtype. CPU only: on CUDA this path serves the ropes the fused
+            # kernel does not take, and a graph capture must record its own cos/sin, not reuse its warm-up's.
+            RotaryEmbedding._step_cos_sin = (positions, positions._version, query.dtype, self.rope,
+                                             self.rotary_dim, cos, sin)
         return self._rotate(query, cos, sin), self._rotate(key, cos, sin)
 
     def _rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -57,3 +57,16 @@ def test_clone_copies_containers_and_nested_params():
     assert params.stop == ["a"] and params.stop_token_ids == [7] and params.logit_bias == {3: 1.0}
     assert params.allowed_token_ids == [1, 2] and params.structured_outputs.json == {"type": "object"}
     assert 99 not in params.all_stop_token_ids
+
+
+def test_positions_updated_in_place_get_new_cos_sin():
+    """A proposer that advances its positions tensor in place between forwards must not see stale cos/sin."""
+    rope = _rope()
+    positions = torch.tensor([3, 4, 5])
+    q, k = torch.randn(3, 16), torch.randn(3, 16)
+    RotaryEmbedding._step_cos_sin = None
+    rope.forward_torch(positions, q, k)
+    positions.add_(1)
+    moved = rope.forward_torch(positions, q, k)
+    fresh = rope.forward_torch(positions.clone(), q, k)
+    assert torch.equal(moved[0], fresh[0]) and torch.equal(moved[1], fresh[1])
