@@ -117,3 +117,13 @@ def test_gemm_without_a_workspace_sums_float32_partials(monkeypatch):
     out = triton_fp8.fp8_gemm(x_fp8.to(DEVICE), scale_a.to(DEVICE), weight.to(DEVICE), weight_scale.to(DEVICE),
                               bias.to(DEVICE), torch.float32, triton_fp8.Fp8GemmConfig(16, 32, 64, split_k=4)).cpu()
     torch.testing.assert_close(out, expected, rtol=0, atol=(1e-4 if DEVICE == "cuda" else 1e-5) * expected.abs().max().item())
+
+
+def test_gemm_takes_a_per_tensor_scale_expanded_to_the_rows():
+    """A static (checkpoint) input scale arrives as one value expanded to [M, 1] (stride 0): every row uses it."""
+    x_fp8, _, weight, weight_scale = _gemm_case(8, 64, 256, seed=11)
+    scale_a = torch.tensor([[0.05]]).expand(8, 1)
+    expected = torch.mm(x_fp8.float(), weight.float().t()) * 0.05 * weight_scale.view(1, -1)
+    out = triton_fp8.fp8_gemm(x_fp8.to(DEVICE), scale_a.to(DEVICE), weight.to(DEVICE), weight_scale.to(DEVICE),
+                              None, torch.float32).cpu()
+    torch.testing.assert_close(out, expected, rtol=0, atol=(1e-4 if DEVICE == "cuda" else 1e-5) * expected.abs().max().item())

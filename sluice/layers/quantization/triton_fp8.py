@@ -78,7 +78,9 @@ Fp8GemmConfig = TileConfig
 
 def default_gemm_config(m: int, n: int, k: int, device: torch.device) -> TileConfig:
     """Small M only (decode): the step streams the weight, so the grid must cover the SMs (split-K)."""
-    block_m = 16 if m <= 16 else (32 if m <= 32 else 64)
+    # At most 32 rows a tile: with 64, Triton's fp8 dot runs as Hopper wgmma, whose fp8 accumulation keeps fewer
+    # bits (measured on an H100: 6e-4 relative error against 1e-7 with 16 or 32 rows, same inputs).
+    block_m = 16 if m <= 16 else 32
     block_n, block_k = 64, 128
     return TileConfig(block_m, block_n, block_k, decode_split_k(m, n, k, block_m, block_n, block_k, device))
 
@@ -123,6 +125,9 @@ def fp8_gemm(x_fp8: torch.Tensor, scale_a: torch.Tensor, weight: torch.Tensor, w
     """float8 x [M, K] (scales [M, 1]) times float8 weight [N, K] (scales [N]) -> [M, N] in ``out_dtype``."""
     m, k = x_fp8.shape
     n = weight.shape[0]
+    # The kernel reads one scale per row at scale_a + row: a per-tensor scale expanded to [M, 1] (stride 0)
+    # must become M values first.
+    scale_a = scale_a.reshape(m).contiguous()
     config = config or default_gemm_config(m, n, k, x_fp8.device)
     launch = triton_splitk.plan_launch(m, n, k, config, out_dtype, x_fp8.device)
     _fp8_gemm_kernel[launch.grid](x_fp8, weight, scale_a, weight_scale, weight_scale if bias is None else bias,
