@@ -1,11 +1,16 @@
 """Where a CPU step's time goes with n running requests (1, 16, 256 by default).
 
     python benchmarks/cpu_step_profile.py --model /tmp/tiny --dtype bfloat16 [--sizes 1,16,256] [--steps 32]
+    python benchmarks/cpu_step_profile.py --model /tmp/tiny --decode-only [--steps 40]
 
 For each n: n prompts of 128 random token ids, greedy, ``--steps`` output tokens each, timed by wrapping the
 model runner: attention (the backend's plan, write_kv and forward, summed over layers), the rest of the model
 forward, the LM head (logits), the sampler, the runner's own work, and the rest of the engine step. Figures are
 per output step (wall / steps), prompt steps included. Prints one ``PROFILE n {...}`` line per size.
+
+``--decode-only``: the n requests (prompts of 128 tokens, 512 output tokens at most) are prefilled and decoded
+for 40 steps first; then ``--steps`` pure decode steps are timed (``step_ms``: one engine step with n running
+requests, their contexts growing from about 170 tokens). Prints ``DECODE n {...}``.
 """
 import argparse
 import collections
@@ -36,6 +41,7 @@ def main():
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--sizes", default="1,16,256")
     ap.add_argument("--steps", type=int, default=32)
+    ap.add_argument("--decode-only", action="store_true", help="time decode steps alone (see the docstring)")
     args = ap.parse_args()
     llm = LLM(model=args.model, dtype=args.dtype, max_model_len=2048, seed=0, max_num_seqs=256,
               kv_cache_memory=2 * 1024**3)
@@ -61,6 +67,29 @@ def main():
     timed(runner, "launch", "runner_step")
     timed(runner, "collect", "runner_step")
     rng = random.Random(0)
+    if args.decode_only:
+        engine = llm.llm_engine
+        for n in (int(s) for s in args.sizes.split(",")):
+            params = SamplingParams(temperature=0.0, max_tokens=512, ignore_eos=True)
+            ids = [f"{n}-{i}" for i in range(n)]
+            for request_id in ids:
+                engine.add_request(request_id, {"prompt_token_ids": [rng.randrange(4, 32000) for _ in range(128)]},
+                                   params)
+            for _ in range(40):
+                engine.step()
+            seconds.clear()
+            start = time.perf_counter()
+            for _ in range(args.steps):
+                engine.step()
+            wall = time.perf_counter() - start
+            row = {key: round(value * 1e3 / args.steps, 2) for key, value in seconds.items()}
+            row["model_other"] = round(row["model_forward"] - row["attention"], 2)
+            row["engine_other"] = round(wall * 1e3 / args.steps - row["runner_step"], 2)
+            row["step_ms"] = round(wall * 1e3 / args.steps, 2)
+            row["out_tok_per_s"] = round(n * args.steps / wall, 1)
+            print("DECODE", n, json.dumps(row), flush=True)
+            engine.abort_request(ids)
+        return
     for n in (int(s) for s in args.sizes.split(",")):
         prompts = [{"prompt_token_ids": [rng.randrange(4, 32000) for _ in range(128)]} for _ in range(n)]
         llm.generate(prompts[:2], SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True), use_tqdm=False)
