@@ -67,44 +67,38 @@ def main():
     timed(runner, "launch", "runner_step")
     timed(runner, "collect", "runner_step")
     rng = random.Random(0)
-    if args.decode_only:
-        engine = llm.llm_engine
-        for n in (int(s) for s in args.sizes.split(",")):
-            params = SamplingParams(temperature=0.0, max_tokens=512, ignore_eos=True)
+
+    def report(label: str, n: int, wall: float, wall_key: str) -> None:
+        row = {key: round(value * 1e3 / args.steps, 2) for key, value in seconds.items()}
+        row["model_other"] = round(row["model_forward"] - row["attention"], 2)
+        row["engine_other"] = round(wall * 1e3 / args.steps - row["runner_step"], 2)
+        row[wall_key] = round(wall * 1e3 / args.steps, 2)
+        row["out_tok_per_s"] = round(n * args.steps / wall, 1)
+        print(label, n, json.dumps(row), flush=True)
+
+    for n in (int(s) for s in args.sizes.split(",")):
+        prompts = [{"prompt_token_ids": [rng.randrange(4, 32000) for _ in range(128)]} for _ in range(n)]
+        if args.decode_only:
+            engine = llm.llm_engine
             ids = [f"{n}-{i}" for i in range(n)]
-            for request_id in ids:
-                engine.add_request(request_id, {"prompt_token_ids": [rng.randrange(4, 32000) for _ in range(128)]},
-                                   params)
+            params = SamplingParams(temperature=0.0, max_tokens=512, ignore_eos=True)
+            for request_id, prompt in zip(ids, prompts):
+                engine.add_request(request_id, prompt, params)
             for _ in range(40):
                 engine.step()
             seconds.clear()
             start = time.perf_counter()
             for _ in range(args.steps):
                 engine.step()
-            wall = time.perf_counter() - start
-            row = {key: round(value * 1e3 / args.steps, 2) for key, value in seconds.items()}
-            row["model_other"] = round(row["model_forward"] - row["attention"], 2)
-            row["engine_other"] = round(wall * 1e3 / args.steps - row["runner_step"], 2)
-            row["step_ms"] = round(wall * 1e3 / args.steps, 2)
-            row["out_tok_per_s"] = round(n * args.steps / wall, 1)
-            print("DECODE", n, json.dumps(row), flush=True)
+            report("DECODE", n, time.perf_counter() - start, "step_ms")
             engine.abort_request(ids)
-        return
-    for n in (int(s) for s in args.sizes.split(",")):
-        prompts = [{"prompt_token_ids": [rng.randrange(4, 32000) for _ in range(128)]} for _ in range(n)]
+            continue
         llm.generate(prompts[:2], SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True), use_tqdm=False)
         seconds.clear()
         start = time.perf_counter()
         llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=args.steps, ignore_eos=True),
                      use_tqdm=False)
-        wall = time.perf_counter() - start
-        row = {key: round(value * 1e3 / args.steps, 2) for key, value in seconds.items()}
-        row["model_other"] = round(row["model_forward"] - row["attention"], 2)
-        row["engine_other"] = round(wall * 1e3 / args.steps - row["runner_step"], 2)
-        row["wall_per_out_step_ms"] = round(wall * 1e3 / args.steps, 2)
-        row["out_tok_per_s"] = round(n * args.steps / wall, 1)
-        print("PROFILE", n, json.dumps(row), flush=True)
-
+        report("PROFILE", n, time.perf_counter() - start, "wall_per_out_step_ms")
 
 if __name__ == "__main__":
     main()
