@@ -1,7 +1,11 @@
 """The native paged decode kernel (cpu_kernel.py, csrc/paged_decode.c) against the reference (torch_ref.py)."""
 from __future__ import annotations
 
+import json
+import os
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -134,7 +138,11 @@ def test_the_built_library_is_cached_and_reused(kernel, monkeypatch, tmp_path):
     assert cpu_kernel.load_paged_decode() is not None
 
 
-def test_one_openmp_runtime_in_the_process(kernel):
-    with open("/proc/self/maps") as f:
-        gomps = {line.split()[-1] for line in f if "libgomp" in line}
-    assert len(gomps) == 1, gomps
+def test_the_kernel_shares_torchs_openmp_runtime(kernel):
+    """A fresh process (other libraries of a test session may bring their own): torch, then the kernel."""
+    script = ("import json, torch; from sluice.attention import cpu_kernel; assert cpu_kernel.load_paged_decode(); "
+              "print(json.dumps(sorted({l.split()[-1] for l in open('/proc/self/maps') if 'libgomp' in l})))")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True,
+                            env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    runtimes = json.loads(result.stdout)
+    assert len(runtimes) == 1, runtimes
