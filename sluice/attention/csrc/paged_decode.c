@@ -17,6 +17,9 @@
 #include <stdlib.h>
 #include <string.h>
 #include <omp.h>
+#ifdef __AVX512F__
+#include <immintrin.h>
+#endif
 
 enum { F32 = 0, BF16 = 1, F16 = 2, FP8_E4M3 = 3 };
 
@@ -39,30 +42,67 @@ static inline size_t elem_size(int dtype) {
     return dtype == F32 ? 4 : dtype == FP8_E4M3 ? 1 : 2;
 }
 
-/* n elements of type dtype at src -> float32 dst (each case a plain loop the compiler vectorizes) */
-static inline void to_float(const void *src, float *restrict dst, int n, int dtype) {
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+#define SIMD512 1
+static inline __mmask16 tail_mask(int n, int i) {
+    int left = n - i;
+    return left >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << left) - 1);
+}
+#endif
+
+/* n elements of type dtype at src as float32: src itself for float32, else converted into dst */
+static inline const float *to_float(const void *src, float *restrict dst, int n, int dtype) {
     switch (dtype) {
     case F32:
-        memcpy(dst, src, (size_t)n * 4);
-        break;
+        return (const float *)src;
     case BF16: {
         const uint16_t *s = (const uint16_t *)src;
+#ifdef SIMD512
+        for (int i = 0; i < n; i += 16) {
+            __mmask16 m = tail_mask(n, i);
+            __m512i w = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, s + i));
+            _mm512_mask_storeu_ps(dst + i, m, _mm512_castsi512_ps(_mm512_slli_epi32(w, 16)));
+        }
+#else
         for (int i = 0; i < n; i++) {
             uint32_t bits = (uint32_t)s[i] << 16;
             memcpy(dst + i, &bits, 4);
         }
-        break;
+#endif
+        return dst;
     }
     case F16: {
         const _Float16 *s = (const _Float16 *)src;
+#ifdef SIMD512
+        for (int i = 0; i < n; i += 16) {
+            __mmask16 m = tail_mask(n, i);
+            _mm512_mask_storeu_ps(dst + i, m, _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, s + i)));
+        }
+#else
         for (int i = 0; i < n; i++) dst[i] = (float)s[i];
-        break;
+#endif
+        return dst;
     }
     default: {
         const uint8_t *s = (const uint8_t *)src;
         for (int i = 0; i < n; i++) dst[i] = fp8_table[s[i]];
+        return dst;
     }
     }
+}
+
+/* dst[i] += a * x[i] */
+static inline void axpy(float *restrict dst, float a, const float *restrict x, int n) {
+#ifdef SIMD512
+    __m512 va = _mm512_set1_ps(a);
+    for (int i = 0; i < n; i += 16) {
+        __mmask16 m = tail_mask(n, i);
+        __m512 d = _mm512_maskz_loadu_ps(m, dst + i);
+        _mm512_mask_storeu_ps(dst + i, m, _mm512_fmadd_ps(va, _mm512_maskz_loadu_ps(m, x + i), d));
+    }
+#else
+    for (int i = 0; i < n; i++) dst[i] += a * x[i];
+#endif
 }
 
 static inline void from_float(const float *src, void *dst, int n, int dtype) {
@@ -87,20 +127,60 @@ static inline void from_float(const float *src, void *dst, int n, int dtype) {
     }
 }
 
+/* exp(x) for x <= 0 (scores minus their max), relative error ~2e-7: 2^(x log2 e) as 2^n * 2^f, f in [-0.5, 0.5],
+ * with a degree-6 polynomial for 2^f. Plain arithmetic, so loops over it vectorize (libm's expf does not). */
+static inline float exp_nonpositive(float x) {
+    x = x < -87.0f ? -87.0f : x;  /* also maps -inf to a value whose exp is ~0 */
+    float t = x * 1.44269504088896341f;
+    float n = __builtin_rintf(t);
+    float f = t - n;
+    float p = 1.5353362e-4f;
+    p = p * f + 1.3398874e-3f;
+    p = p * f + 9.6181291e-3f;
+    p = p * f + 5.5504109e-2f;
+    p = p * f + 2.4022651e-1f;
+    p = p * f + 6.9314718e-1f;
+    p = p * f + 1.0f;
+    int32_t bits;
+    memcpy(&bits, &p, 4);
+    bits += (int32_t)n << 23;
+    memcpy(&p, &bits, 4);
+    return x <= -87.0f ? 0.0f : p;
+}
+
 static inline float dot(const float *restrict a, const float *restrict b, int n) {
+#ifdef SIMD512
+    __m512 acc = _mm512_setzero_ps();
+    for (int i = 0; i < n; i += 16) {
+        __mmask16 m = tail_mask(n, i);
+        acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, a + i), _mm512_maskz_loadu_ps(m, b + i), acc);
+    }
+    return _mm512_reduce_add_ps(acc);
+#else
     float s = 0.0f;
 #pragma omp simd reduction(+ : s)
     for (int i = 0; i < n; i++) s += a[i] * b[i];
     return s;
+#endif
 }
 
 #define MAX_HEAD_DIM 256
 #define MAX_GROUP 16
 #define MAX_BLOCK 256
 
+static inline void prefetch_block(const char *k_base, const char *v_base, int32_t block, int block_size,
+                                  size_t row_stride, size_t head_off, size_t row_bytes) {
+    size_t off = (size_t)block * block_size * row_stride + head_off;
+    for (int t = 0; t < block_size; t++, off += row_stride)
+        for (size_t c = 0; c < row_bytes; c += 64) {
+            __builtin_prefetch(k_base + off + c, 0, 3);
+            __builtin_prefetch(v_base + off + c, 0, 3);
+        }
+}
+
 /* One item: G heads of kv head `kvh` of one request over blocks [b0, b1) of its visible range [first, last).
  * Leaves per head the running max m[g], sum l[g] and unnormalized accumulator acc[g * D]. */
-static void attend_range(const float *q, const char *k_base, const char *v_base, const int32_t *table_row,
+static inline __attribute__((always_inline)) void attend_range(const float *q, const char *k_base, const char *v_base, const int32_t *table_row,
                          int b0, int b1, int first, int last, int block_size, int num_kv_heads, int kvh, int D,
                          int G, int kv_dtype, float scale, float soft_cap, float *m, float *l, float *acc) {
     float krow[MAX_HEAD_DIM], vrow[MAX_HEAD_DIM];
@@ -109,7 +189,11 @@ static void attend_range(const float *q, const char *k_base, const char *v_base,
     const size_t row_stride = (size_t)num_kv_heads * D * esz;
     for (int g = 0; g < G; g++) { m[g] = -INFINITY; l[g] = 0.0f; }
     memset(acc, 0, sizeof(float) * G * D);
+    const size_t head_off = (size_t)kvh * D * esz, row_bytes = (size_t)D * esz;
+    if (b0 < b1) prefetch_block(k_base, v_base, table_row[b0], block_size, row_stride, head_off, row_bytes);
     for (int b = b0; b < b1; b++) {
+        if (b + 1 < b1)  /* the next block's rows are scattered elsewhere in the cache: ask for them early */
+            prefetch_block(k_base, v_base, table_row[b + 1], block_size, row_stride, head_off, row_bytes);
         int p0 = b * block_size, p1 = p0 + block_size;
         if (p0 < first) p0 = first;
         if (p1 > last) p1 = last;
@@ -119,9 +203,9 @@ static void attend_range(const float *q, const char *k_base, const char *v_base,
         const char *kb = k_base + block_off, *vb = v_base + block_off;
         int t0 = p0 - b * block_size;
         for (int t = 0; t < cnt; t++) {
-            to_float(kb + (size_t)(t0 + t) * row_stride, krow, D, kv_dtype);
+            const float *k = to_float(kb + (size_t)(t0 + t) * row_stride, krow, D, kv_dtype);
             for (int g = 0; g < G; g++) {
-                float s = dot(q + (size_t)g * D, krow, D) * scale;
+                float s = dot(q + (size_t)g * D, k, D) * scale;
                 if (soft_cap > 0.0f) s = soft_cap * tanhf(s / soft_cap);
                 scores[g * MAX_BLOCK + t] = s;
             }
@@ -131,9 +215,10 @@ static void attend_range(const float *q, const char *k_base, const char *v_base,
             float bm = sg[0];
             for (int t = 1; t < cnt; t++) bm = sg[t] > bm ? sg[t] : bm;
             float new_m = bm > m[g] ? bm : m[g];
-            float corr = expf(m[g] - new_m);  /* m = -inf at first: corr = 0 */
+            float corr = m[g] == -INFINITY ? 0.0f : expf(m[g] - new_m);
             float sum = 0.0f;
-            for (int t = 0; t < cnt; t++) { sg[t] = expf(sg[t] - new_m); sum += sg[t]; }
+#pragma omp simd reduction(+ : sum)
+            for (int t = 0; t < cnt; t++) { sg[t] = exp_nonpositive(sg[t] - new_m); sum += sg[t]; }
             l[g] = l[g] * corr + sum;
             m[g] = new_m;
             if (corr != 1.0f) {
@@ -143,13 +228,8 @@ static void attend_range(const float *q, const char *k_base, const char *v_base,
             }
         }
         for (int t = 0; t < cnt; t++) {
-            to_float(vb + (size_t)(t0 + t) * row_stride, vrow, D, kv_dtype);
-            for (int g = 0; g < G; g++) {
-                float p = scores[g * MAX_BLOCK + t];
-                float *ag = acc + (size_t)g * D;
-#pragma omp simd
-                for (int d = 0; d < D; d++) ag[d] += p * vrow[d];
-            }
+            const float *v = to_float(vb + (size_t)(t0 + t) * row_stride, vrow, D, kv_dtype);
+            for (int g = 0; g < G; g++) axpy(acc + (size_t)g * D, scores[g * MAX_BLOCK + t], v, D);
         }
     }
 }
@@ -200,13 +280,21 @@ int sluice_paged_decode(void *out, const void *query, const void *kv_cache, cons
         int b0 = fb + split * per, b1 = b0 + per < lb ? b0 + per : lb;
         const int64_t tok = tokens ? tokens[i] : i;
         const char *qp = (const char *)query + ((size_t)tok * token_stride + (size_t)kvh * G * D) * q_esz;
-        float qf[MAX_GROUP * MAX_HEAD_DIM];
-        to_float(qp, qf, G * D, q_dtype);
+        float qbuf[MAX_GROUP * MAX_HEAD_DIM];
+        const float *qf = to_float(qp, qbuf, G * D, q_dtype);
         float local[MAX_GROUP * (MAX_HEAD_DIM + 2)];
         float *m = partial ? partial + part_len * item : local;
         float *l = m + G, *acc = l + G;
-        attend_range(qf, k_base, v_base, block_table + (size_t)rows[i] * table_stride, b0, b1 > b0 ? b1 : b0,
-                     first, last, block_size, num_kv_heads, kvh, D, G, kv_dtype, scale, soft_cap, m, l, acc);
+        const int32_t *table_row = block_table + (size_t)rows[i] * table_stride;
+        if (b1 < b0) b1 = b0;
+        switch (D) {  /* constant head dims (the common ones) let the compiler unroll the row loops */
+#define ATTEND(DIM) attend_range(qf, k_base, v_base, table_row, b0, b1, first, last, block_size, num_kv_heads, \
+                                 kvh, DIM, G, kv_dtype, scale, soft_cap, m, l, acc)
+        case 64: ATTEND(64); break;
+        case 128: ATTEND(128); break;
+        default: ATTEND(D);
+#undef ATTEND
+        }
         if (splits == 1) {
             char *op = (char *)out + ((size_t)tok * out_stride + (size_t)kvh * G * D) * q_esz;
             for (int g = 0; g < G; g++) {
