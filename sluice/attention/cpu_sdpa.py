@@ -17,6 +17,12 @@ Without a soft cap the math is ``scaled_dot_product_attention`` (GQA through ``e
 soft cap it is the same masked softmax written out in float32, as the reference does. Semantics are
 those of ``torch_ref.py``, the reference these are tested against. An fp8 cache (kv_quant.py) is read in
 the query's dtype with its scales folded into the math: k_scale into the softmax scale, v_scale into the output.
+
+Decodes go to the native paged decode kernel (cpu_kernel.py, csrc/paged_decode.c) when it could be built: it
+reads K/V in place through the block table (no gathered copies, no mask) and writes the decode rows of the
+output directly. Its int32 arguments (table rows, sequence lengths, token of each decode) are part of the plan.
+Without a C compiler, with ``native_decode=False`` (``SLUICE_CPU_ATTENTION=sdpa``), or for shapes outside the
+kernel's (head_dim not a multiple of 8 or above 256, more than 16 query heads per KV head), decodes use SDPA.
 """
 from __future__ import annotations
 
@@ -26,8 +32,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from sluice.attention import cpu_kernel
 from sluice.attention.backend import AttentionMetadata
-from sluice.attention.kv_quant import kv_scales_of
+from sluice.attention.kv_quant import FP8_KV_DTYPE, kv_scales_of
 from sluice.attention.torch_ref import TorchRefBackend
 
 
@@ -79,13 +86,31 @@ class _Group:
 
 
 @dataclass(slots=True)
+class _NativeDecodes:
+    """The decode group as the native kernel takes it: int32 arrays kept alive here, their pointers precomputed."""
+    arrays: tuple[torch.Tensor, ...]  # block table, table rows, seq lens, tokens (or None: token i is request i)
+    pointer_args: tuple  # (block_table, rows, seq_lens, tokens) data pointers
+    num_reqs: int
+    table_stride: int
+    num_threads: int
+
+
+@dataclass(slots=True)
 class CpuAttentionPlan:
     groups: list[_Group]
     num_tokens: int  # real query tokens of the step (the query may carry padding after them)
+    native_decodes: _NativeDecodes | None = None  # set: groups[0] (the decodes) runs in the native kernel
+
+
+_KERNEL_DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2, FP8_KV_DTYPE: 3}
 
 
 class CpuSdpaBackend:
     name = "cpu_sdpa"
+
+    def __init__(self, native_decode: bool = True):
+        self.native_decode = native_decode
+        self._kernel = None  # loaded (compiled if need be) by the first plan with decodes
 
     def plan(self, metadata: AttentionMetadata, num_tokens: int, num_heads: int, num_kv_heads: int
              ) -> CpuAttentionPlan:
@@ -98,7 +123,15 @@ class CpuSdpaBackend:
         groups = [_make_group(members, qsl, query_lens, seq_lens, metadata.num_actual_tokens)
                   for members in (np.flatnonzero(query_lens == 1), np.flatnonzero(query_lens > 1))
                   if len(members)]
-        return CpuAttentionPlan(groups, metadata.num_actual_tokens)
+        plan = CpuAttentionPlan(groups, metadata.num_actual_tokens)
+        if self.native_decode and groups and groups[0].max_query_len == 1 and self._load_kernel() is not None:
+            plan.native_decodes = _native_decodes(groups[0], qsl, metadata.block_table)
+        return plan
+
+    def _load_kernel(self):
+        if self._kernel is None:
+            self._kernel = cpu_kernel.load_paged_decode() or False
+        return self._kernel or None
 
     write_kv = TorchRefBackend.write_kv  # the same index_copy_ into the flat slots
 
@@ -114,21 +147,69 @@ class CpuSdpaBackend:
         if not isinstance(plan, CpuAttentionPlan):
             plan = self.plan(metadata, query.shape[0], query.shape[1], kv_cache.shape[3])
         groups = plan.groups
+        native = plan.native_decodes
+        if native is not None and not _kernel_takes(query, kv_cache):
+            native = None
         if len(groups) == 1 and groups[0].gather_index is None and plan.num_tokens == query.shape[0]:
+            if native is not None:
+                out = torch.empty(query.shape, dtype=query.dtype)
+                self._decode(out, query, kv_cache, native, scale, v_scale, sliding_window, logits_soft_cap)
+                return out
             out = _attend(query, kv_cache, metadata.block_table, groups[0], scale, sliding_window, logits_soft_cap)
             return out if v_scale == 1.0 else out.mul_(v_scale)
-        out = torch.zeros_like(query)  # padding tokens (if any) attend to nothing
+        out = torch.zeros(query.shape, dtype=query.dtype)  # padding tokens (if any) attend to nothing
+        if native is not None:  # writes the decode rows in place; the chunks follow
+            self._decode(out, query, kv_cache, native, scale, v_scale, sliding_window, logits_soft_cap)
+            groups = groups[1:]
         for group in groups:
             q = query.index_select(0, group.gather_index) if group.gather_index is not None \
                 else query[:plan.num_tokens]
             o = _attend(q, kv_cache, metadata.block_table, group, scale, sliding_window, logits_soft_cap)
             if group.real_rows is not None:
                 o = o.index_select(0, group.real_rows)
+            if v_scale != 1.0:  # the kernel's rows come scaled already
+                o = o.mul_(v_scale)
             if group.scatter_index is None:
                 out[:plan.num_tokens] = o
             else:
                 out.index_copy_(0, group.scatter_index, o)
-        return out if v_scale == 1.0 else out.mul_(v_scale)
+        return out
+
+    def _decode(self, out: torch.Tensor, query: torch.Tensor, kv_cache: torch.Tensor, native: _NativeDecodes,
+                scale: float, v_scale: float, sliding_window: int | None, logits_soft_cap: float | None) -> None:
+        """The decode rows of ``out`` from the native kernel (v_scale applied)."""
+        if query.stride(2) != 1 or query.stride(1) != query.shape[2]:
+            query = query.contiguous()
+        _, num_blocks, block_size, num_kv_heads, head_dim = kv_cache.shape
+        rc = self._kernel(out.data_ptr(), query.data_ptr(), kv_cache.data_ptr(), *native.pointer_args,
+                          native.num_reqs, query.shape[1], num_kv_heads, head_dim, block_size, num_blocks,
+                          native.table_stride, query.stride(0), out.stride(0), _KERNEL_DTYPES[query.dtype],
+                          _KERNEL_DTYPES[kv_cache.dtype], scale, v_scale, sliding_window or 0,
+                          logits_soft_cap or 0.0, native.num_threads)
+        if rc != 0:
+            raise RuntimeError(f"the CPU paged decode kernel refused its arguments (code {rc})")
+
+
+def _kernel_takes(query: torch.Tensor, kv_cache: torch.Tensor) -> bool:
+    """Whether the native kernel handles this layer: its dtypes, a contiguous cache, head shapes in its bounds."""
+    head_dim, num_heads, num_kv_heads = query.shape[2], query.shape[1], kv_cache.shape[3]
+    return (query.dtype in (torch.float32, torch.bfloat16, torch.float16)
+            and kv_cache.dtype in (query.dtype, FP8_KV_DTYPE) and kv_cache.is_contiguous()
+            and head_dim % 8 == 0 and head_dim <= cpu_kernel.MAX_HEAD_DIM
+            and num_heads % num_kv_heads == 0 and num_heads // num_kv_heads <= cpu_kernel.MAX_GROUP
+            and kv_cache.shape[2] <= cpu_kernel.MAX_BLOCK_SIZE)
+
+
+def _native_decodes(group: _Group, qsl: np.ndarray, block_table: torch.Tensor) -> _NativeDecodes:
+    table = block_table if block_table.dtype == torch.int32 and block_table.is_contiguous() \
+        else block_table.to(torch.int32).contiguous()
+    rows = group.rows.to(torch.int32)
+    seq_lens = torch.from_numpy(group.seq_lens.astype(np.int32))
+    members = group.rows.numpy()
+    tokens = None if group.gather_index is None else torch.from_numpy(qsl[members].astype(np.int32))
+    arrays = (table, rows, seq_lens, tokens)
+    pointers = tuple(None if a is None else a.data_ptr() for a in arrays)
+    return _NativeDecodes(arrays, pointers, group.num_reqs, table.stride(0), torch.get_num_threads())
 
 
 def _make_group(members: np.ndarray, qsl: np.ndarray, query_lens: np.ndarray, seq_lens: np.ndarray,

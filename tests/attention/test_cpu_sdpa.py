@@ -86,9 +86,12 @@ def test_fast_path_matches_reference_in_bfloat16(seed):
 def test_cpu_default_is_the_fast_path_and_the_reference_stays_selectable(monkeypatch):
     from sluice.attention import get_attention_backend
     monkeypatch.delenv("SLUICE_CPU_ATTENTION", raising=False)
-    assert isinstance(get_attention_backend("cpu"), CpuSdpaBackend)
+    default = get_attention_backend("cpu")
+    assert isinstance(default, CpuSdpaBackend) and default.native_decode
+    monkeypatch.setenv("SLUICE_CPU_ATTENTION", "sdpa")
+    assert not get_attention_backend("cpu").native_decode
     monkeypatch.setenv("SLUICE_CPU_ATTENTION", "reference")
     assert isinstance(get_attention_backend("cpu"), TorchRefBackend)
     monkeypatch.setenv("SLUICE_CPU_ATTENTION", "fast")
-    with pytest.raises(ValueError, match="SLUICE_CPU_ATTENTION must be one of sdpa, reference"):
+    with pytest.raises(ValueError, match="SLUICE_CPU_ATTENTION must be one of native, sdpa, reference"):
         get_attention_backend("cpu")
