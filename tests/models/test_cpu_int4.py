@@ -80,15 +80,15 @@ def _fused_gate_up(qtypes: tuple[GGMLQuantizationType, GGMLQuantizationType]):
 def test_fused_layer_takes_int4_up_to_the_threshold_and_the_dense_weight_above():
     model, layer, blocks, dequantized = _fused_gate_up((Q4_1, Q4_0))
     pack_cpu_weights(model)
-    assert attach_cpu_int4_decode(model, blocks, max_rows=2) == ["mlp.gate_up_proj"]
+    assert attach_cpu_int4_decode(model, blocks) == ["mlp.gate_up_proj"]
     assert isinstance(layer.linear_method, CpuInt4DecodeLinearMethod)
     reference = torch.from_numpy(dequantized).t()
-    for rows in (1, 2, 3, 16):
+    for rows in (1, DEFAULT_MAX_ROWS, DEFAULT_MAX_ROWS + 1, 16):
         x = torch.randn(rows, 64, dtype=torch.bfloat16)
         out = layer(x)
         _assert_close_to_reference(out, x.float() @ reference)
         # the packed bf16 product equals F.linear bit for bit; the int4 one rounds differently
-        assert torch.equal(out, torch.nn.functional.linear(x, layer.weight)) == (rows > 2)
+        assert torch.equal(out, torch.nn.functional.linear(x, layer.weight)) == (rows > DEFAULT_MAX_ROWS)
 
 
 @needs_bf16
