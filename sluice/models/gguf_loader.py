@@ -70,6 +70,8 @@ _GLOBAL_TENSORS: dict[str, str] = {
     "output_norm": "model.norm",
     "output": "lm_head",
 }
+# Block formats whose 4-bit values the CPU int4 decode path keeps as they are (sluice/layers/quantization/cpu_int4.py).
+Q4_TENSOR_TYPES: frozenset[GGMLQuantizationType] = frozenset({GGMLQuantizationType.Q4_0, GGMLQuantizationType.Q4_1})
 # Tensors llama.cpp writes that have no HF parameter: rotary tables HF recomputes from the config.
 _SKIPPED_TENSORS = frozenset({"rope_freqs.weight"})
 _BLOCK_NAME = re.compile(r"^blk\.(\d+)\.(\w+)\.(weight|bias)$")
@@ -95,6 +97,16 @@ def _unpermute_qk(weight: np.ndarray, n_head: int) -> np.ndarray:
     return (weight.reshape(n_head, head_dim // 2, 2, *weight.shape[1:])
             .swapaxes(1, 2)
             .reshape(weight.shape))
+
+
+@dataclass(frozen=True, slots=True)
+class Q4Blocks:
+    """One Q4_0 / Q4_1 weight as the file stores it: ``blocks[row, block]`` holds 32 consecutive input features
+    of one output row (``Q4_0``: f16 d, 16 bytes of nibbles; ``Q4_1``: f16 d, f16 m, 16 bytes of nibbles).
+    Rows are in HF order (the q/k rotary permutation undone); ``blocks`` is a view of the file's mapping."""
+
+    qtype: GGMLQuantizationType
+    blocks: np.ndarray  # uint8 [out_features, in_features / 32, bytes per block]
 
 
 class _Reader(GGUFReader):
@@ -287,20 +299,41 @@ class GGUFCheckpoint:
 
         Tensors are produced one at a time, so peak memory is one dense tensor beyond the model.
         """
-        config = self.hf_config
         for tensor in self._reader.tensors:
             if tensor.name in _SKIPPED_TENSORS:
                 continue
             hf_name = gguf_to_hf_name(tensor.name)
-            values = self._dequantized(tensor)
-            if self._spec.permuted_qk and ".attn_q." in tensor.name:
-                values = _unpermute_qk(values, config.num_attention_heads)
-            elif self._spec.permuted_qk and ".attn_k." in tensor.name:
-                values = _unpermute_qk(values, config.num_key_value_heads)
+            values = self._hf_rows(tensor.name, self._dequantized(tensor))
             # torch.from_numpy refuses read-only arrays; the copy also detaches the tensor from the mmap.
             if not values.flags.writeable:
                 values = values.copy()
             yield hf_name, torch.from_numpy(values).to(dtype)
+
+    def _hf_rows(self, gguf_name: str, rows: np.ndarray) -> np.ndarray:
+        """Rows (output features, dim 0) of attn_q / attn_k back in HF's rotary order; others unchanged."""
+        if self._spec.permuted_qk and ".attn_q." in gguf_name:
+            return _unpermute_qk(rows, self.hf_config.num_attention_heads)
+        if self._spec.permuted_qk and ".attn_k." in gguf_name:
+            return _unpermute_qk(rows, self.hf_config.num_key_value_heads)
+        return rows
+
+    def q4_blocks(self) -> dict[str, Q4Blocks]:
+        """HF module name (``model.layers.0.self_attn.q_proj``) -> its Q4_0 / Q4_1 weight's raw blocks.
+
+        Only 2-D ``.weight`` tensors of those types are listed; nothing is read or copied until used. Rows are
+        whole blocks, so the q/k row unpermutation applies to the blocks exactly as to the dense weight.
+        """
+        found: dict[str, Q4Blocks] = {}
+        for tensor in self._reader.tensors:
+            qtype = GGMLQuantizationType(tensor.tensor_type)
+            if qtype not in Q4_TENSOR_TYPES or tensor.name in _SKIPPED_TENSORS or len(tensor.shape) != 2:
+                continue
+            hf_name = gguf_to_hf_name(tensor.name)
+            if not hf_name.endswith(".weight"):
+                continue
+            rows = tensor.data.reshape(int(tensor.shape[1]), int(tensor.shape[0]) // 32, -1)
+            found[hf_name.removesuffix(".weight")] = Q4Blocks(qtype, self._hf_rows(tensor.name, rows))
+        return found
 
     # ---- tokenizer ----
     def tokenizer(self):  # -> transformers.PreTrainedTokenizerBase

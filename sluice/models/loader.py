@@ -18,7 +18,7 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable, Iterator, Mapping
 
 import torch
 from safetensors import safe_open
@@ -113,10 +113,13 @@ def initialize_dummy_weights(model: torch.nn.Module, seed: int, low: float = -1e
 
 def build_model(hf_config: Any, dtype: torch.dtype, device: torch.device | str, attn_backend: AttentionBackend,
                 weights: Iterable[tuple[str, torch.Tensor]] | None = None, load_format: str = "auto",
-                seed: int = 0, quantization: str | None = None) -> torch.nn.Module:
+                seed: int = 0, quantization: str | None = None,
+                q4_blocks: Mapping[str, Any] | None = None) -> torch.nn.Module:
     """A model on ``device`` in ``dtype`` with its weights loaded (or dummy ones), in eval mode.
 
-    ``quantization``: the --quantization flag; the checkpoint's own ``quantization_config`` applies either way."""
+    ``quantization``: the --quantization flag; the checkpoint's own ``quantization_config`` applies either way.
+    ``q4_blocks``: a GGUF's raw Q4_0 / Q4_1 blocks per HF module name (``GGUFCheckpoint.q4_blocks``); on the CPU
+    in bf16 the layers they fill also keep them for small-batch products (layers/quantization/cpu_int4.py)."""
     from sluice.layers.quantization import (process_quantized_weights, quantization_context,
                                             resolve_quant_config, unquantize_ignored_layers)
 
@@ -132,6 +135,9 @@ def build_model(hf_config: Any, dtype: torch.dtype, device: torch.device | str, 
     if torch.device(device).type == "cpu":
         from sluice.layers.cpu_linear import pack_cpu_weights
         pack_cpu_weights(model)
+        from sluice.layers.quantization.cpu_int4 import attach_cpu_int4_decode, cpu_int4_decode_enabled
+        if q4_blocks and cpu_int4_decode_enabled(device, dtype):
+            attach_cpu_int4_decode(model, q4_blocks)
     return model.eval()
 
 

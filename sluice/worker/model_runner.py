@@ -169,14 +169,16 @@ class ModelRunner:
 
         cfg = self.model_config
         start = time.perf_counter()
+        q4_blocks = None  # a GGUF's 4-bit blocks, kept for CPU decode (layers/quantization/cpu_int4.py)
         if cfg.load_format == "dummy":
             weights = None
         elif cfg.is_gguf:
             from sluice.models.gguf_loader import GGUFCheckpoint
-            weights = GGUFCheckpoint(cfg.model).weights(dtype=self.dtype)
+            checkpoint = GGUFCheckpoint(cfg.model)
+            weights, q4_blocks = checkpoint.weights(dtype=self.dtype), checkpoint.q4_blocks()
         else:
             weights = iterate_safetensors(cfg.model)
-        quant = {} if self.pooler is not None else {"quantization": cfg.quantization}
+        quant = {} if self.pooler is not None else {"quantization": cfg.quantization, "q4_blocks": q4_blocks}
         self.model = build_model(cfg.hf_config, self.dtype, self.device, self.attn_backend,
                                  weights=weights, load_format=cfg.load_format, seed=cfg.seed, **quant)
         self.model.eval()
