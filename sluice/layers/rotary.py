@@ -68,7 +68,7 @@ class RotaryEmbedding(nn.Module):
             inv_freq = dynamic_inv_freq(positions, self.exponents, self.rope)
         else:  # every layer of a step rotates the same positions with the same frequencies: once per step
             cached = RotaryEmbedding._step_cos_sin
-            if cached is not None and cached[0] is positions and cached[1] == positions._version \
+            if cached is not None and cached[0] is positions and cached[1] == _version(positions) \
                     and cached[2] is query.dtype and cached[3] == self.rope and cached[4] == self.rotary_dim:
                 return self._rotate(query, cached[5], cached[6]), self._rotate(key, cached[5], cached[6])
         freqs = positions.float().unsqueeze(-1) * inv_freq  # [T, rotary_dim / 2]
@@ -77,11 +77,13 @@ class RotaryEmbedding(nn.Module):
             cos, sin = cos * self.attention_scaling, sin * self.attention_scaling
         cos = cos.to(query.dtype).unsqueeze(1)  # [T, 1, rotary_dim / 2]: broadcast over heads
         sin = sin.to(query.dtype).unsqueeze(1)
-        if not self.rope.is_dynamic and positions.device.type == "cpu":
+        if not self.rope.is_dynamic and positions.device.type == "cpu" and not positions.is_inference():
             # Keyed by the positions tensor itself (each step hands the layers a new one, the reference held
             # here keeps its id from being reused, and its version counter catches in-place updates), the
             # settings (which fix inv_freq) and the dtype. CPU only: on CUDA this path serves the ropes the fused
             # kernel does not take, and a graph capture must record its own cos/sin, not reuse its warm-up's.
+            # Tensors made under inference_mode keep no version counter (a draft proposer advances its
+            # positions in place), so they are never cached.
             RotaryEmbedding._step_cos_sin = (positions, positions._version, query.dtype, self.rope,
                                              self.rotary_dim, cos, sin)
         return self._rotate(query, cos, sin), self._rotate(key, cos, sin)
@@ -95,6 +97,10 @@ class RotaryEmbedding(nn.Module):
         if passthrough.shape[-1]:
             rotated = torch.cat((rotated, passthrough), dim=-1)
         return rotated.reshape(shape)
+
+
+def _version(positions: torch.Tensor) -> int:
+    return -1 if positions.is_inference() else positions._version
 
 
 def get_rope(head_dim: int, hf_config: Any, layer_type: str | None = None) -> RotaryEmbedding:

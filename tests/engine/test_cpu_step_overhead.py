@@ -70,3 +70,18 @@ def test_positions_updated_in_place_get_new_cos_sin():
     moved = rope.forward_torch(positions, q, k)
     fresh = rope.forward_torch(positions.clone(), q, k)
     assert torch.equal(moved[0], fresh[0]) and torch.equal(moved[1], fresh[1])
+
+
+def test_positions_made_under_inference_mode_are_rotated_fresh_each_time():
+    """Inference tensors keep no version counter: they are never cached, so in-place updates stay safe."""
+    rope = _rope()
+    q, k = torch.randn(3, 16), torch.randn(3, 16)
+    RotaryEmbedding._step_cos_sin = None
+    with torch.inference_mode():
+        positions = torch.tensor([3, 4, 5])
+        rope.forward_torch(positions, q, k)
+        assert RotaryEmbedding._step_cos_sin is None
+        positions.add_(1)
+        moved = rope.forward_torch(positions, q, k)
+    fresh = rope.forward_torch(torch.tensor([4, 5, 6]), q, k)
+    assert torch.equal(moved[0], fresh[0]) and torch.equal(moved[1], fresh[1])
