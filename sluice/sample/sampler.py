@@ -71,6 +71,10 @@ class Sampler:
     def sample(self, logits: torch.Tensor, metadata: SamplingMetadata) -> SamplerOutput:
         fused = self.takes_fused_path(logits, metadata)
         if not fused:
+            if metadata.all_greedy and not metadata.logprobs_rows and not self.needs_processing(metadata):
+                # argmax reads the logits in their own dtype (float32 holds every bfloat16/float16 value
+                # exactly, so the ids are the ones a float32 copy gives) and skips writing that copy
+                return SamplerOutput(row_argmax(logits))
             logits = logits.to(torch.float32)
         raw_logprobs = None
         if metadata.logprobs_rows:
@@ -104,11 +108,14 @@ class Sampler:
         return fused_sampling.sample(logits, metadata, step_seed)
 
     @staticmethod
+    def needs_processing(metadata: SamplingMetadata) -> bool:
+        return (metadata.logit_bias is not None or metadata.allowed_token_mask is not None
+                or metadata.banned_tokens is not None or metadata.penalties is not None)
+
+    @staticmethod
     def process_logits(logits: torch.Tensor, metadata: SamplingMetadata) -> torch.Tensor:
         """Bias, masks and penalties in float32; out of place, so the caller's logits stay as they were."""
-        needs_processing = (metadata.logit_bias is not None or metadata.allowed_token_mask is not None
-                            or metadata.banned_tokens is not None or metadata.penalties is not None)
-        if not needs_processing:
+        if not Sampler.needs_processing(metadata):
             return logits
         logits = logits.to(torch.float32)  # a no-op on the torch path, which is float32 already
         if metadata.logit_bias is not None:
