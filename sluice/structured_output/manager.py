@@ -14,6 +14,12 @@ The engine core owns it; the scheduler sees only ``Request.structured_output`` (
     Scheduler._check_stop   -> request.structured_output.advance(token)   the matcher takes each accepted
                                                               token; a finished grammar stops the request
 
+Speculative decoding: ``Scheduler._take_proposals`` keeps a constrained request's proposals only up to the first
+its grammar refuses (``valid_proposals``: the matcher walks them and rolls back), and the runner masks the
+request's k + 1 verification rows, row j with the mask after proposals 0..j-1 (``GrammarBitmask.fill`` walks
+the same way, on the host). ``_check_stop`` then advances the matcher by exactly the tokens the step output:
+the kept proposals and the token after them, one by one, up to the one that ends the grammar.
+
 A batch without constrained requests costs one counter check per step. With async scheduling a step in which
 a constrained request samples is launched only after the previous step's samples reached the host (the
 engine core collects first), so its mask is computed from a matcher that has taken every earlier token.
