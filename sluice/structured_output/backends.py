@@ -22,8 +22,9 @@ class Grammar(Protocol):
     """One request's matcher: where its output stands in the grammar.
 
     ``accept_token`` of a token outside the grammar returns False and leaves the matcher as it was;
-    ``rollback(n)`` undoes the last n accepted tokens, a terminating stop token included (speculative
-    decoding walks a request's proposals and back); ``fill_bitmask`` needs a matcher that is not terminated."""
+    ``rollback(n)`` undoes the last n accepted tokens (speculative decoding walks a request's proposals and
+    back: xgrammar's over a terminating stop token too, llguidance's proposals stop short of one);
+    ``fill_bitmask`` needs a matcher that is not terminated."""
 
     def accept_token(self, token_id: int) -> bool: ...
     def fill_bitmask(self, bitmask: Any, row: int) -> None: ...

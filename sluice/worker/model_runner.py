@@ -128,6 +128,7 @@ class ModelRunner:
         self.requests: dict[str, RequestState] = {}
         # How many requests of the table use each feature, so a step without any skips the lookups.
         self._num_prompt_logprobs = self._num_per_step_sampling = self._num_reading_host_output = 0
+        self._num_logprobs = 0  # speculating engines: verified rows' logprobs
         # Sampling metadata is reused while the same requests sample and none of them uses a
         # feature that changes per step (penalties, bad words, min_tokens).
         self._cached_sampling: tuple[list[str], SamplingMetadata] | None = None
@@ -366,6 +367,7 @@ class ModelRunner:
 
     def _count_features(self, state: RequestState, delta: int) -> None:
         self._num_prompt_logprobs += delta * (state.prompt_logprobs is not None)
+        self._num_logprobs += delta * (state.sampling.params.logprobs is not None)
         self._num_per_step_sampling += delta * state.per_step_sampling
         self._num_reading_host_output += delta * state.reads_output_on_host
 
@@ -535,7 +537,6 @@ class ModelRunner:
                             prompt_logprobs: dict[str, LogprobsLists]) -> LaunchedStep:
         """Samples a speculating engine's step: requests that speculate are verified (with or without
         proposals: sluice/spec_decode/verify.py), the others take the plain sampler on their last logits."""
-        from sluice.spec_decode.verify import verified_logprobs, verify_proposals
         req_ids = inputs.sampling_req_ids
         width = self.proposer.num_speculative_tokens
         num_spec = (inputs.num_spec_sampling if inputs.num_spec_sampling is not None
@@ -556,24 +557,31 @@ class ModelRunner:
         verified = np.flatnonzero(speculates)
         spec_logprobs = {}
         if len(verified):
-            ks = num_spec[verified]
-            lengths = ks + 1
-            first = inputs.logits_indices[verified] - ks
-            offsets = np.arange(int(lengths.sum()), dtype=np.int64) - np.repeat(np.cumsum(lengths) - lengths, lengths)
-            logits = self.model.compute_logits(hidden[self._to_device(np.repeat(first, lengths) + offsets)])
-            verified_ids = [req_ids[i] for i in verified]
-            proposals = [spec.get(r, []) for r in verified_ids]
-            if grammar is not None:  # row j of a constrained request: its grammar after proposals 0..j-1
-                from sluice.structured_output.apply import apply_grammar_bitmask
-                apply_grammar_bitmask(logits, verified_ids, grammar, proposals)
-            verified_states = [states[i] for i in verified]
-            verified_out = verify_proposals(logits, verified_states, ks, proposals, width)
-            out[self._to_device(verified)] = verified_out
-            spec_logprobs = {verified_ids[i]: lists for i, lists in
-                             verified_logprobs(logits, verified_states, ks, verified_out).items()}
+            out[self._to_device(verified)], spec_logprobs = self._verify(
+                inputs, hidden, verified, [states[i] for i in verified], num_spec[verified], spec, grammar, width)
         return LaunchedStep(inputs.req_ids, req_ids, states, result, None, prompt_logprobs,
                             spec_out=out, num_spec=num_spec, plain_req_ids=plain_req_ids,
                             spec_logprobs=spec_logprobs)
+
+    def _verify(self, inputs: StepInputs, hidden: torch.Tensor, verified: np.ndarray,
+                states: list[RequestSamplingState], ks: np.ndarray, spec: dict[str, list[int]],
+                grammar: GrammarBitmask | None, width: int) -> tuple[torch.Tensor, dict[str, LogprobsLists]]:
+        """The speculating sampling rows ``verified``: output tokens [len(verified), width + 1] and, for those
+        that asked, the logprobs of one position per verification row."""
+        from sluice.spec_decode.verify import verified_logprobs, verify_proposals
+        lengths = ks + 1
+        first = inputs.logits_indices[verified] - ks
+        offsets = np.arange(int(lengths.sum()), dtype=np.int64) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+        logits = self.model.compute_logits(hidden[self._to_device(np.repeat(first, lengths) + offsets)])
+        req_ids = [inputs.sampling_req_ids[i] for i in verified]
+        proposals = [spec.get(r, []) for r in req_ids]
+        if grammar is not None:  # row j of a constrained request: its grammar's mask after proposals 0..j-1
+            from sluice.structured_output.apply import apply_grammar_bitmask
+            apply_grammar_bitmask(logits, req_ids, grammar, proposals)
+        out = verify_proposals(logits, states, ks, proposals, width)
+        if not self._num_logprobs:
+            return out, {}
+        return out, {req_ids[i]: lists for i, lists in verified_logprobs(logits, states, ks, out).items()}
 
     def _to_device(self, indices: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(np.ascontiguousarray(indices, dtype=np.int64)).to(self.device, non_blocking=True)

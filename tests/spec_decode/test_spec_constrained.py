@@ -17,7 +17,7 @@ import torch
 
 from sluice import LLM, SamplingParams, StructuredOutputsParams
 from tests.engine.test_hf_equivalence import assert_no_leaked_blocks
-from tests.spec_decode.test_spec_engine import NGRAM, WrongProposer
+from tests.spec_decode.test_spec_engine import NGRAM, WrongProposer, _engine
 from tests.tiny_models import build_tokenizer, save_tiny_model
 
 SCHEMA = {"type": "object", "properties": {"color": {"enum": ["red", "green", "blue"]},
@@ -74,17 +74,6 @@ def models(tmp_path_factory):
     plain = LLM(model=str(target), dtype="float32", device="cpu", max_model_len=128)
     prompts, params = _batch()
     return target, draft, plain.generate(prompts, params, use_tqdm=False), plain
-
-
-def _engine(target, draft, spec, proposer=None, **kwargs) -> LLM:
-    if spec == "draft":
-        spec = {"model": str(draft), "num_speculative_tokens": 4}
-    elif spec == "self":
-        spec = {"model": str(target), "num_speculative_tokens": 4}
-    llm = LLM(model=str(target), dtype="float32", device="cpu", max_model_len=128, speculative_config=spec, **kwargs)
-    if proposer is not None:
-        llm.llm_engine.core.runner.proposer = proposer()
-    return llm
 
 
 def _assert_same_logprobs(got: list[dict], want: list[dict]) -> None:
