@@ -149,12 +149,15 @@ def test_logprobs_with_speculation_equal_logprobs_without(models, spec):
     target, draft, _, plain = models
     llm = _engine(target, draft, NGRAM if spec == "ngram" else spec)
     prompts = ["ab,ab,ab,ab,ab,", "The quick brown fox. The quick brown fox.", "x y z x y z x y z"]
-    params = [SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True, logprobs=k) for k in (0, 2, 5)]
+    params = [SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True, logprobs=k, prompt_logprobs=k)
+              for k in (0, 2, 5)]
     want = plain.generate(prompts, params, use_tqdm=False)
     got = llm.generate(prompts, params, use_tqdm=False)
     for g, w in zip(got, want):
         assert g.outputs[0].token_ids == w.outputs[0].token_ids
         _assert_same_logprobs(g.outputs[0].logprobs, w.outputs[0].logprobs)
+        assert g.prompt_logprobs[0] is None and w.prompt_logprobs[0] is None
+        _assert_same_logprobs(g.prompt_logprobs[1:], w.prompt_logprobs[1:])
     assert _accepted(llm) > 0  # several tokens per step, each with its own logprobs
     assert_no_leaked_blocks(llm)
 
