@@ -85,6 +85,10 @@ class LogprobsLists:
     logprobs: list[list[float]]
     ranks: list[int]  # rank of token_ids[i][0] in the full distribution (1 = most likely)
 
+    def rows(self, start: int, stop: int) -> "LogprobsLists":
+        """Positions start .. stop - 1."""
+        return LogprobsLists(self.token_ids[start:stop], self.logprobs[start:stop], self.ranks[start:stop])
+
 
 @dataclass(slots=True)
 class ModelRunnerOutput:

@@ -55,7 +55,7 @@ from typing import Protocol
 
 from sluice.config import POLICIES, CacheConfig, SchedulerConfig, kv_capped_max_model_len
 from sluice.core.interface import (
-    CachedRequestData, EngineCoreOutput, LogprobsLists, ModelRunnerOutput, NewRequestData, SchedulerOutput,
+    CachedRequestData, EngineCoreOutput, ModelRunnerOutput, NewRequestData, SchedulerOutput,
 )
 from sluice.core.kv_offload import KVOffload
 from sluice.core.sliding_window_manager import make_kv_cache_manager
@@ -422,7 +422,7 @@ class Scheduler:
             new_token_ids = self._append_until_stop(request, sampled)
             logprobs = model_runner_output.logprobs.get(req_id)
             if logprobs is not None and len(new_token_ids) < len(sampled):
-                logprobs = _truncate_logprobs(logprobs, len(new_token_ids))
+                logprobs = logprobs.rows(0, len(new_token_ids))
             prompt_logprobs = model_runner_output.prompt_logprobs.get(req_id)
             if new_token_ids or request.is_finished() or prompt_logprobs is not None:
                 outputs.append(EngineCoreOutput(
@@ -455,9 +455,12 @@ class Scheduler:
         self.spec_decoding_stats.observe(len(spec_token_ids), num_accepted)
 
     def _take_proposals(self, request: Request, proposals: list[int] | None) -> None:
-        """Keeps a request's proposals for the next step, as many as its length limits leave room to keep.
-        Constrained (structured-output) requests do not speculate: their grammar must see each token first."""
-        if not proposals or request.structured_output is not None:
+        """Keeps a request's proposals for the next step, as many as its length limits leave room to keep; a
+        constrained request's up to the first one its grammar refuses (its matcher has just taken this step's
+        tokens, and takes nothing more before the proposals are verified)."""
+        if proposals and request.structured_output is not None:
+            proposals = request.structured_output.valid_proposals(proposals)
+        if not proposals:
             return
         room = self.max_model_len - request.num_tokens - 1
         max_tokens = request.sampling_params.max_tokens
@@ -521,7 +524,3 @@ class Scheduler:
             self.kv_offload.free(request)
         self.finished_req_ids.add(request.request_id)
         del self.requests[request.request_id]
-
-
-def _truncate_logprobs(logprobs: LogprobsLists, num_rows: int) -> LogprobsLists:
-    return LogprobsLists(logprobs.token_ids[:num_rows], logprobs.logprobs[:num_rows], logprobs.ranks[:num_rows])

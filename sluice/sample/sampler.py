@@ -50,9 +50,7 @@ class SamplerOutput:
         """Splits the logprobs per request; ``req_ids`` are the batch rows' ids, in order."""
         if self.logprobs is None:
             return {}
-        lists = self.logprobs
-        return {req_ids[row]: LogprobsLists([lists.token_ids[i]], [lists.logprobs[i]], [lists.ranks[i]])
-                for i, row in enumerate(self.logprobs_rows)}
+        return {req_ids[row]: self.logprobs.rows(i, i + 1) for i, row in enumerate(self.logprobs_rows)}
 
 
 class Sampler:

@@ -9,15 +9,23 @@ Every request that may speculate goes through here in a speculating engine, with
 step, so a seeded request consumes its generator the same way every step: ``width`` (the configured k) uniform
 draws and one exponential per vocabulary entry, whatever its neighbours propose. Proposals are one-hot (prompt
 lookup, or a draft model's argmax), for which the speculative sampling rule in rejection.py is exact.
-Requests with per-step sampling state (penalties, bad words, min_tokens), logprobs or a grammar do not speculate
-and sample with the plain sampler.
+
+A constrained request (structured outputs) speculates too. The scheduler keeps only the leading proposals its
+grammar accepts; the runner masks its k + 1 rows before they come here, row j with the grammar's mask after
+proposals 0..j-1 (GrammarBitmask.fill), so greedy keeps proposals while they are the masked argmax and the
+token after them is one the grammar allows. A request with logprobs gets them for each output token from its
+row here (``verified_logprobs``), as the plain sampler computes them. Requests with per-step sampling state
+(penalties, bad words, min_tokens: each row would depend on the proposals before it) do not speculate and
+sample with the plain sampler.
 """
 from __future__ import annotations
 
 import numpy as np
 import torch
 
+from sluice.core.interface import LogprobsLists
 from sluice.sample.argmax import row_argmax
+from sluice.sample.logprobs import gather_logprobs
 from sluice.sample.metadata import RequestSamplingState, SamplingMetadata
 from sluice.sample.sampler import Sampler, apply_min_p, apply_top_k_top_p
 from sluice.spec_decode.rejection import PLACEHOLDER, rejection_sample
@@ -59,6 +67,32 @@ def verify_proposals(logits: torch.Tensor, states: list[RequestSamplingState], n
     out, _ = rejection_sample(target.view(batch, width + 1, vocab), drafts, num_draft, greedy,
                               generators=generators)
     return out
+
+
+def verified_logprobs(logits: torch.Tensor, states: list[RequestSamplingState], num_spec: np.ndarray,
+                      out: torch.Tensor) -> dict[int, LogprobsLists]:
+    """Logprobs of the output tokens of the requests that asked for them, as the plain sampler computes them:
+    log_softmax of the logits before bias, penalties and temperature (a grammar's mask applied), the token's
+    rank and the top ``logprobs`` alternatives. Index in ``states`` -> one position per verification row
+    (k_i + 1); positions past the request's last output token (PLACEHOLDER in ``out``) are the caller's to drop.
+
+    logits  as verify_proposals took them (it leaves them unchanged)
+    out     verify_proposals' output [B, width + 1]
+    """
+    asking = [i for i, s in enumerate(states) if s.params.logprobs is not None]
+    if not asking:
+        return {}
+    device = logits.device
+    lengths = num_spec + 1
+    starts = np.cumsum(lengths) - lengths
+    rows = np.concatenate([np.arange(starts[i], starts[i] + lengths[i]) for i in asking])
+    owners = np.repeat(asking, lengths[asking])
+    index = torch.from_numpy(np.stack([rows, owners, rows - starts[owners]])).to(device, non_blocking=True)
+    chosen = out[index[1], index[2]].clamp_min(0)
+    raw = torch.log_softmax(logits[index[0]].to(torch.float32), dim=-1)
+    lists = gather_logprobs(raw, chosen, [states[i].params.logprobs for i in owners.tolist()])
+    ends = np.cumsum(lengths[asking])
+    return {i: lists.rows(int(end - lengths[i]), int(end)) for i, end in zip(asking, ends)}
 
 
 def _verify_greedy(argmax: torch.Tensor, flat: torch.Tensor, drafts: torch.Tensor, num_draft: torch.Tensor,

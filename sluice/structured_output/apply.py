@@ -6,13 +6,15 @@ import torch
 from sluice.structured_output.manager import GrammarBitmask
 
 
-def apply_grammar_bitmask(logits: torch.Tensor, sampling_req_ids: list[str], grammar: GrammarBitmask) -> None:
+def apply_grammar_bitmask(logits: torch.Tensor, sampling_req_ids: list[str], grammar: GrammarBitmask,
+                          spec_token_ids: list[list[int]] | None = None) -> None:
     """Sets the logits of disallowed tokens to -inf, in place, on the rows of the constrained requests.
 
-    ``logits`` row i belongs to ``sampling_req_ids[i]``; logits wider than the bitmask (a padded LM head)
-    are disallowed past it. One xgrammar kernel on the rows (its CUDA kernel, or its CPU one: about 50 ms
-    for 256 rows of 49,152 logits where unpacking the bits for a torch masked fill takes 300 ms)."""
-    filled = grammar.fill(sampling_req_ids)
+    ``logits`` row i belongs to ``sampling_req_ids[i]``, or with ``spec_token_ids`` (verification) request i
+    has ``len(spec_token_ids[i]) + 1`` rows in order (GrammarBitmask.fill); logits wider than the bitmask (a
+    padded LM head) are disallowed past it. One xgrammar kernel on the rows (its CUDA kernel, or its CPU one:
+    about 50 ms for 256 rows of 49,152 logits where unpacking the bits for a torch masked fill takes 300 ms)."""
+    filled = grammar.fill(sampling_req_ids, spec_token_ids)
     if filled is None:
         return
     import xgrammar as xgr

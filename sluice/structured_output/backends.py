@@ -19,12 +19,19 @@ _XGRAMMAR_LOCATION = re.compile(r"^\[[0-9:]+\] \S+:\d+: ")  # "[01:10:15] /proje
 
 
 class Grammar(Protocol):
-    """One request's matcher: where its output stands in the grammar."""
+    """One request's matcher: where its output stands in the grammar.
+
+    ``accept_token`` of a token outside the grammar returns False and leaves the matcher as it was;
+    ``rollback(n)`` undoes the last n accepted tokens (speculative decoding walks a request's proposals and
+    back: xgrammar's over a terminating stop token too, llguidance's proposals stop short of one);
+    ``fill_bitmask`` needs a matcher that is not terminated."""
 
     def accept_token(self, token_id: int) -> bool: ...
     def fill_bitmask(self, bitmask: Any, row: int) -> None: ...
     def is_terminated(self) -> bool: ...
     def rollback(self, num_tokens: int) -> None: ...
+    def num_valid_tokens(self, token_ids: list[int]) -> int:
+        """How many leading ``token_ids`` the grammar accepts in turn from here; the matcher is left as it was."""
 
 
 def spec_of(params: StructuredOutputsParams) -> tuple[str, str]:
@@ -127,6 +134,15 @@ class XgrammarGrammar:
     def rollback(self, num_tokens: int) -> None:
         self._matcher.rollback(num_tokens)
 
+    def num_valid_tokens(self, token_ids: list[int]) -> int:
+        matcher, num_valid = self._matcher, 0
+        for token_id in token_ids:
+            if not matcher.accept_token(token_id):
+                break
+            num_valid += 1
+        matcher.rollback(num_valid)
+        return num_valid
+
 
 # ---- llguidance ---------------------------------------------------------------------------------------
 
@@ -182,8 +198,9 @@ class GuidanceBackend:
 class GuidanceGrammar:
     """llguidance stops as soon as the grammar can take nothing more (``}`` of a JSON object) and then allows
     only eos; like xgrammar's, this matcher is terminated once it has taken that eos, so the request ends on a
-    stop token and the text keeps its last character."""
-    __slots__ = ("_matcher", "_stop_token_ids", "_last_token")
+    stop token and the text keeps its last character. A token outside the grammar is refused without putting
+    the matcher in its (sticky) error state."""
+    __slots__ = ("_matcher", "_stop_token_ids", "_tokens")
 
     def __init__(self, ll_tokenizer: Any, grammar: str, stop_token_ids: frozenset[int]) -> None:
         import llguidance
@@ -191,21 +208,33 @@ class GuidanceGrammar:
         if self._matcher.is_error():
             raise ValueError(f"structured_outputs: {self._matcher.get_error()}")
         self._stop_token_ids = stop_token_ids
-        self._last_token = -1
+        self._tokens: list[int] = []  # accepted so far: is_terminated reads the last one, after rollbacks too
 
     def accept_token(self, token_id: int) -> bool:
-        self._last_token = token_id
-        return self._matcher.consume_token(token_id) and not self._matcher.is_error()
+        matcher = self._matcher
+        if matcher.is_stopped():  # only a stop token is left, which llguidance takes with consume_token alone
+            accepted = token_id in self._stop_token_ids and matcher.consume_token(token_id)
+        else:
+            accepted = matcher.try_consume_tokens([token_id]) == 1
+        if accepted:
+            self._tokens.append(token_id)
+        return accepted
 
     def fill_bitmask(self, bitmask: Any, row: int) -> None:
         import llguidance.torch
         llguidance.torch.fill_next_token_bitmask(self._matcher, bitmask, row)
 
     def is_terminated(self) -> bool:
-        return self._matcher.is_stopped() and self._last_token in self._stop_token_ids
+        return self._matcher.is_stopped() and bool(self._tokens) and self._tokens[-1] in self._stop_token_ids
 
     def rollback(self, num_tokens: int) -> None:
         self._matcher.rollback(num_tokens)
+        del self._tokens[len(self._tokens) - num_tokens:]
+
+    def num_valid_tokens(self, token_ids: list[int]) -> int:
+        # Up to the first stop token, not over it: llguidance counts a stop token only before it has stopped.
+        stops = [i for i, t in enumerate(token_ids) if t in self._stop_token_ids]
+        return self._matcher.validate_tokens(token_ids[:stops[0]] if stops else token_ids)
 
 
 BACKENDS = {"xgrammar": XgrammarBackend, "guidance": GuidanceBackend}

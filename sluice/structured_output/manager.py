@@ -14,12 +14,19 @@ The engine core owns it; the scheduler sees only ``Request.structured_output`` (
     Scheduler._check_stop   -> request.structured_output.advance(token)   the matcher takes each accepted
                                                               token; a finished grammar stops the request
 
+Speculative decoding: ``Scheduler._take_proposals`` keeps a constrained request's proposals only up to the first
+its grammar refuses (``valid_proposals``: the matcher walks them and rolls back), and the runner masks the
+request's k + 1 verification rows, row j with the mask after proposals 0..j-1 (``GrammarBitmask.fill`` walks
+the same way, on the host). ``_check_stop`` then advances the matcher by exactly the tokens the step output:
+the kept proposals and the token after them, one by one, up to the one that ends the grammar.
+
 A batch without constrained requests costs one counter check per step. With async scheduling a step in which
 a constrained request samples is launched only after the previous step's samples reached the host (the
 engine core collects first), so its mask is computed from a matcher that has taken every earlier token.
 """
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import threading
@@ -49,19 +56,48 @@ class GrammarBitmask:
         self.grammars = grammars
         self.vocab_size = vocab_size
 
-    def fill(self, sampling_req_ids: list[str]) -> "tuple[list[int], torch.Tensor] | None":
-        """(rows of ``sampling_req_ids`` that are constrained, the int32 bitmask [len(sampling_req_ids),
-        ceil(V / 32)] with those rows filled on the host and every other row all-allowed); None when no
-        sampling row is constrained."""
+    def fill(self, sampling_req_ids: list[str], spec_token_ids: "list[list[int]] | None" = None,
+             ) -> "tuple[list[int], torch.Tensor] | None":
+        """(the constrained rows, the int32 bitmask [rows, ceil(V / 32)] with those rows filled on the host and
+        every other row all-allowed); None when no sampling row is constrained.
+
+        Without ``spec_token_ids`` request i has row i. With them (speculative decoding's verification) request
+        i has ``len(spec_token_ids[i]) + 1`` rows in order, row j its mask after taking its proposals 0..j-1:
+
+            proposals [x y]   row 0: mask now   row 1: mask after x   row 2: mask after x y   (then rollback(2))
+        """
         grammars = self.grammars
-        rows = [i for i, req_id in enumerate(sampling_req_ids) if req_id in grammars]
-        if not rows:
+        lengths = [1] * len(sampling_req_ids) if spec_token_ids is None else [len(s) + 1 for s in spec_token_ids]
+        constrained = [i for i, req_id in enumerate(sampling_req_ids) if req_id in grammars]
+        if not constrained:
             return None
         import xgrammar as xgr
-        bitmask = xgr.allocate_token_bitmask(len(sampling_req_ids), self.vocab_size)  # all allowed
-        for row in rows:
-            grammars[sampling_req_ids[row]].fill_bitmask(bitmask, row)
+        starts = list(itertools.accumulate(lengths, initial=0))
+        bitmask = xgr.allocate_token_bitmask(starts[-1], self.vocab_size)  # all allowed
+        rows = []
+        for i in constrained:
+            proposals = spec_token_ids[i] if spec_token_ids is not None else ()
+            _fill_along(grammars[sampling_req_ids[i]], bitmask, starts[i], proposals)
+            rows.extend(range(starts[i], starts[i + 1]))
         return rows, bitmask
+
+
+def _fill_along(grammar: Grammar, bitmask: "torch.Tensor", row: int, proposals: "list[int] | tuple") -> None:
+    """Fills rows ``row ..`` with the masks before each proposal and after the last, then rolls the matcher
+    back. Rows after a proposal the grammar refuses, or after one that terminates it, stay all-allowed: the
+    refused proposal's own row masks it, so verification rejects it there and no later row is read; a
+    terminating one (eos) ends the request, so the token after it is dropped."""
+    num_taken = 0
+    for token_id in proposals:
+        grammar.fill_bitmask(bitmask, row + num_taken)
+        if not grammar.accept_token(token_id):
+            break
+        num_taken += 1
+        if grammar.is_terminated():
+            break
+    else:
+        grammar.fill_bitmask(bitmask, row + num_taken)
+    grammar.rollback(num_taken)
 
 
 class StructuredOutputRequest:
@@ -100,10 +136,11 @@ class StructuredOutputRequest:
             return True
         return grammar.is_terminated()
 
-    def rollback(self, num_tokens: int) -> None:
-        """Undoes the last ``num_tokens`` accepted tokens (speculative decoding's rejected drafts)."""
-        if self.grammar is not None and num_tokens > 0:
-            self.grammar.rollback(num_tokens)
+    def valid_proposals(self, proposals: list[int]) -> list[int]:
+        """The leading proposals the grammar accepts from where the request's output stands (speculative
+        decoding: the scheduler keeps only these, so the verification masks are filled along valid tokens)."""
+        grammar = self.grammar
+        return proposals[:grammar.num_valid_tokens(proposals)] if grammar is not None else []
 
     def free(self) -> None:
         if not self._freed:

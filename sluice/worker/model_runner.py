@@ -17,7 +17,7 @@ import contextlib
 import itertools
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -58,7 +58,7 @@ class RequestState:
     prompt_logprobs: int | None  # top logprobs per prompt position it asked for
     per_step_sampling: bool  # penalties, bad words, min_tokens: its sampling metadata changes every step
     reads_output_on_host: bool  # bad words: sampling reads its last output ids on the host
-    # Speculative decoding: it gets proposals and is verified (no per-step sampling state, logprobs or grammar).
+    # Speculative decoding: it gets proposals and is verified (no per-step sampling state: spec_decode/verify.py).
     speculates: bool = False
 
     @classmethod
@@ -66,8 +66,7 @@ class RequestState:
         params = new.sampling_params
         sampling = RequestSamplingState.create(params, new.prompt_token_ids, list(new.output_token_ids),
                                                new.eos_token_id, device=device)
-        speculates = not (params.uses_per_step_state or params.reads_output_text_on_host
-                          or params.logprobs is not None or params.structured_outputs is not None)
+        speculates = not (params.uses_per_step_state or params.reads_output_text_on_host)
         return cls(row, sampling, params.prompt_logprobs, params.uses_per_step_state,
                    params.reads_output_text_on_host, speculates)
 
@@ -83,10 +82,12 @@ class LaunchedStep:
     prompt_logprobs: dict[str, LogprobsLists]
     pooled: "PooledStep | None" = None  # pooling engines: the vectors of requests whose prompt completed
     # Speculative decoding: output tokens [num_sampling, k + 1] (-1 past each row's last), the proposals each
-    # row verified, and the rows the plain sampler took (sampler_output's logprobs are theirs).
+    # row verified, the rows the plain sampler took (sampler_output's logprobs are theirs), and the verified
+    # rows' logprobs (one position per verification row, cut to the output tokens in collect).
     spec_out: torch.Tensor | None = None
     num_spec: np.ndarray | None = None
     plain_req_ids: list[str] | None = None
+    spec_logprobs: dict[str, LogprobsLists] = field(default_factory=dict)
 
 
 class ModelRunner:
@@ -127,6 +128,7 @@ class ModelRunner:
         self.requests: dict[str, RequestState] = {}
         # How many requests of the table use each feature, so a step without any skips the lookups.
         self._num_prompt_logprobs = self._num_per_step_sampling = self._num_reading_host_output = 0
+        self._num_logprobs = 0  # speculating engines: verified rows' logprobs
         # Sampling metadata is reused while the same requests sample and none of them uses a
         # feature that changes per step (penalties, bad words, min_tokens).
         self._cached_sampling: tuple[list[str], SamplingMetadata] | None = None
@@ -365,6 +367,7 @@ class ModelRunner:
 
     def _count_features(self, state: RequestState, delta: int) -> None:
         self._num_prompt_logprobs += delta * (state.prompt_logprobs is not None)
+        self._num_logprobs += delta * (state.sampling.params.logprobs is not None)
         self._num_per_step_sampling += delta * state.per_step_sampling
         self._num_reading_host_output += delta * state.reads_output_on_host
 
@@ -534,7 +537,6 @@ class ModelRunner:
                             prompt_logprobs: dict[str, LogprobsLists]) -> LaunchedStep:
         """Samples a speculating engine's step: requests that speculate are verified (with or without
         proposals: sluice/spec_decode/verify.py), the others take the plain sampler on their last logits."""
-        from sluice.spec_decode.verify import verify_proposals
         req_ids = inputs.sampling_req_ids
         width = self.proposer.num_speculative_tokens
         num_spec = (inputs.num_spec_sampling if inputs.num_spec_sampling is not None
@@ -553,16 +555,33 @@ class ModelRunner:
             result = self.sampler.sample(logits, SamplingMetadata.build(plain_states, logits.shape[-1], self.device))
             out[self._to_device(plain), 0] = result.sampled_token_ids
         verified = np.flatnonzero(speculates)
+        spec_logprobs = {}
         if len(verified):
-            ks = num_spec[verified]
-            lengths = ks + 1
-            first = inputs.logits_indices[verified] - ks
-            offsets = np.arange(int(lengths.sum()), dtype=np.int64) - np.repeat(np.cumsum(lengths) - lengths, lengths)
-            logits = self.model.compute_logits(hidden[self._to_device(np.repeat(first, lengths) + offsets)])
-            out[self._to_device(verified)] = verify_proposals(
-                logits, [states[i] for i in verified], ks, [spec.get(req_ids[i], []) for i in verified], width)
+            out[self._to_device(verified)], spec_logprobs = self._verify(
+                inputs, hidden, verified, [states[i] for i in verified], num_spec[verified], spec, grammar, width)
         return LaunchedStep(inputs.req_ids, req_ids, states, result, None, prompt_logprobs,
-                            spec_out=out, num_spec=num_spec, plain_req_ids=plain_req_ids)
+                            spec_out=out, num_spec=num_spec, plain_req_ids=plain_req_ids,
+                            spec_logprobs=spec_logprobs)
+
+    def _verify(self, inputs: StepInputs, hidden: torch.Tensor, verified: np.ndarray,
+                states: list[RequestSamplingState], ks: np.ndarray, spec: dict[str, list[int]],
+                grammar: GrammarBitmask | None, width: int) -> tuple[torch.Tensor, dict[str, LogprobsLists]]:
+        """The speculating sampling rows ``verified``: output tokens [len(verified), width + 1] and, for those
+        that asked, the logprobs of one position per verification row."""
+        from sluice.spec_decode.verify import verified_logprobs, verify_proposals
+        lengths = ks + 1
+        first = inputs.logits_indices[verified] - ks
+        offsets = np.arange(int(lengths.sum()), dtype=np.int64) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+        logits = self.model.compute_logits(hidden[self._to_device(np.repeat(first, lengths) + offsets)])
+        req_ids = [inputs.sampling_req_ids[i] for i in verified]
+        proposals = [spec.get(r, []) for r in req_ids]
+        if grammar is not None:  # row j of a constrained request: its grammar's mask after proposals 0..j-1
+            from sluice.structured_output.apply import apply_grammar_bitmask
+            apply_grammar_bitmask(logits, req_ids, grammar, proposals)
+        out = verify_proposals(logits, states, ks, proposals, width)
+        if not self._num_logprobs:
+            return out, {}
+        return out, {req_ids[i]: lists for i, lists in verified_logprobs(logits, states, ks, out).items()}
 
     def _to_device(self, indices: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(np.ascontiguousarray(indices, dtype=np.int64)).to(self.device, non_blocking=True)
@@ -573,9 +592,13 @@ class ModelRunner:
         tokens = step.spec_out.cpu().numpy()
         requests = self.requests
         proposing_ids, proposing_rows = [], []
+        logprobs = (step.sampler_output.logprobs_by_request(step.plain_req_ids)
+                    if step.sampler_output is not None else {})
         for i, (req_id, sampling) in enumerate(zip(step.sampling_req_ids, step.states)):
             token_ids = tokens[i][tokens[i] >= 0].tolist()
             sampled[req_id] = token_ids
+            if req_id in step.spec_logprobs:
+                logprobs[req_id] = step.spec_logprobs[req_id].rows(0, len(token_ids))
             state = requests.get(req_id)
             if state is not None and state.sampling is sampling:
                 sampling.output_token_ids.extend(token_ids)
@@ -583,8 +606,6 @@ class ModelRunner:
                 if state.speculates:
                     proposing_ids.append(req_id)
                     proposing_rows.append(state.row)
-        logprobs = (step.sampler_output.logprobs_by_request(step.plain_req_ids)
-                    if step.sampler_output is not None else {})
         proposals = self.proposer.propose(self, proposing_ids, np.asarray(proposing_rows, dtype=np.int64))
         return ModelRunnerOutput(req_ids=step.req_ids, sampled_token_ids=sampled, logprobs=logprobs,
                                  prompt_logprobs=step.prompt_logprobs, spec_token_ids=proposals)

@@ -151,16 +151,22 @@ def test_n_greater_than_one_and_seeded_requests_repeat(models):
     assert_no_leaked_blocks(llm)
 
 
-def test_requests_with_logprobs_or_penalties_sample_plainly_beside_speculating_ones(models):
+def test_requests_with_penalties_sample_plainly_beside_speculating_ones(models):
     target, draft, prompts, expected = models
     llm = _engine(target, draft, "self")
+    plain = LLM(model=str(target), dtype="float32", device="cpu", max_model_len=128)
     greedy = SamplingParams(temperature=0.0, max_tokens=MAX_NEW_TOKENS, ignore_eos=True)
     with_logprobs = SamplingParams(temperature=0.0, max_tokens=MAX_NEW_TOKENS, ignore_eos=True, logprobs=2)
-    outputs = llm.generate([{"prompt_token_ids": p} for p in prompts[:4]], [greedy, with_logprobs] * 2,
-                           use_tqdm=False)
-    for output, want in zip(outputs, expected[:4]):
-        assert output.outputs[0].token_ids == want
+    penalized = SamplingParams(temperature=0.0, max_tokens=MAX_NEW_TOKENS, ignore_eos=True, repetition_penalty=1.5,
+                               frequency_penalty=0.5)
+    params = [greedy, with_logprobs, penalized, greedy]
+    batch = [{"prompt_token_ids": p} for p in prompts[:4]]
+    outputs = llm.generate(batch, params, use_tqdm=False)
+    want = plain.generate(batch, params, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in outputs] == [o.outputs[0].token_ids for o in want]
+    assert outputs[0].outputs[0].token_ids == expected[0] and outputs[1].outputs[0].token_ids == expected[1]
     assert len(outputs[1].outputs[0].logprobs) == MAX_NEW_TOKENS
+    assert llm.llm_engine.core.make_stats().spec_decoding.num_accepted_tokens > 0
     assert_no_leaked_blocks(llm)
 
 

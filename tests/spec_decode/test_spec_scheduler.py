@@ -76,24 +76,32 @@ def test_preemption_drops_proposals():
     assert request.spec_token_ids == [] and request.num_computed_tokens == 0
 
 
-def test_constrained_requests_do_not_speculate():
+def test_constrained_requests_keep_their_proposals_up_to_the_first_one_their_grammar_refuses():
     scheduler = make_scheduler(block_size=4)
     request = make_request("r", [1, 2, 3])
-    request.structured_output = _ReadyGrammar()
+    request.structured_output = _GrammarBelow(62)
     scheduler.add_request(request)
     step = scheduler.schedule()
-    scheduler.update_from_output(step, ModelRunnerOutput(["r"], {"r": [50]}, spec_token_ids={"r": [60, 61]}))
-    assert request.spec_token_ids == []
+    scheduler.update_from_output(step, ModelRunnerOutput(["r"], {"r": [50]}, spec_token_ids={"r": [60, 61, 62, 60]}))
+    assert request.spec_token_ids == [60, 61]
 
 
-class _ReadyGrammar:
+class _GrammarBelow:
+    """A ready grammar that accepts any token below ``limit``."""
     error = None
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
 
     def is_ready(self) -> bool:
         return True
 
     def advance(self, token_id: int) -> bool:
         return False
+
+    def valid_proposals(self, proposals: list[int]) -> list[int]:
+        refused = [i for i, t in enumerate(proposals) if t >= self.limit]
+        return proposals[:refused[0]] if refused else proposals
 
     def free(self) -> None:
         return None
