@@ -68,7 +68,7 @@ class RotaryEmbedding(nn.Module):
             inv_freq = dynamic_inv_freq(positions, self.exponents, self.rope)
         else:  # every layer of a step rotates the same positions with the same frequencies: once per step
             cached = RotaryEmbedding._step_cos_sin
-            if cached is not None and cached[0] is positions and cached[1] == _version(positions) \
+            if cached is not None and cached[0] is positions and cached[1] == positions._version \
                     and cached[2] is query.dtype and cached[3] == self.rope and cached[4] == self.rotary_dim:
                 return self._rotate(query, cached[5], cached[6]), self._rotate(key, cached[5], cached[6])
         freqs = positions.float().unsqueeze(-1) * inv_freq  # [T, rotary_dim / 2]
@@ -97,10 +97,6 @@ class RotaryEmbedding(nn.Module):
         if passthrough.shape[-1]:
             rotated = torch.cat((rotated, passthrough), dim=-1)
         return rotated.reshape(shape)
-
-
-def _version(positions: torch.Tensor) -> int:
-    return -1 if positions.is_inference() else positions._version
 
 
 def get_rope(head_dim: int, hf_config: Any, layer_type: str | None = None) -> RotaryEmbedding:

@@ -23,6 +23,10 @@ tokens still repeat for the same seed, alone or in any batch and across preempti
 long as its batches keep taking the fused path. A batch that takes the torch path (some
 row uses top-k / top-p / min-p) draws a seeded row's noise from its generator.
 Greedy rows on the fused path pick the lowest token id among tied maxima.
+
+The torch path goes to float32 only where it computes: logprobs, bias/masks/penalties and
+random rows; greedy rows take the argmax in the logits' own dtype (float32 holds every
+bf16/fp16 value exactly, so the ids are the ones a float32 copy gives).
 """
 from __future__ import annotations
 
@@ -68,12 +72,6 @@ class Sampler:
 
     def sample(self, logits: torch.Tensor, metadata: SamplingMetadata) -> SamplerOutput:
         fused = self.takes_fused_path(logits, metadata)
-        if not fused:
-            if metadata.all_greedy and not metadata.logprobs_rows and not self.needs_processing(metadata):
-                # argmax reads the logits in their own dtype (float32 holds every bfloat16/float16 value
-                # exactly, so the ids are the ones a float32 copy gives) and skips writing that copy
-                return SamplerOutput(row_argmax(logits))
-            logits = logits.to(torch.float32)
         raw_logprobs = None
         if metadata.logprobs_rows:
             rows = torch.tensor(metadata.logprobs_rows, dtype=torch.long).to(logits.device, non_blocking=True)
@@ -106,16 +104,13 @@ class Sampler:
         return fused_sampling.sample(logits, metadata, step_seed)
 
     @staticmethod
-    def needs_processing(metadata: SamplingMetadata) -> bool:
-        return (metadata.logit_bias is not None or metadata.allowed_token_mask is not None
-                or metadata.banned_tokens is not None or metadata.penalties is not None)
-
-    @staticmethod
     def process_logits(logits: torch.Tensor, metadata: SamplingMetadata) -> torch.Tensor:
         """Bias, masks and penalties in float32; out of place, so the caller's logits stay as they were."""
-        if not Sampler.needs_processing(metadata):
+        needs_processing = (metadata.logit_bias is not None or metadata.allowed_token_mask is not None
+                            or metadata.banned_tokens is not None or metadata.penalties is not None)
+        if not needs_processing:
             return logits
-        logits = logits.to(torch.float32)  # a no-op on the torch path, which is float32 already
+        logits = logits.to(torch.float32)
         if metadata.logit_bias is not None:
             logits = apply_logit_bias(logits, metadata.logit_bias)
         if metadata.allowed_token_mask is not None:
@@ -136,7 +131,7 @@ class Sampler:
         return torch.where(metadata.greedy_mask, greedy, random)
 
     def _sample_random(self, logits: torch.Tensor, metadata: SamplingMetadata) -> torch.Tensor:
-        logits = logits / metadata.temperature.unsqueeze(1)
+        logits = logits / metadata.temperature.unsqueeze(1)  # float32 temperature: bf16 logits widen
         logits = apply_top_k_top_p(logits, metadata.top_k, metadata.max_top_k, metadata.top_p)
         probs = torch.softmax(logits, dim=-1)
         if metadata.min_p is not None:

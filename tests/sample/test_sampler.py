@@ -151,3 +151,24 @@ def test_mixed_greedy_and_random_batch_keeps_greedy_rows_exact(rng):
     assert not metadata.all_greedy and not metadata.all_random
     tokens = Sampler().sample(logits, metadata).sampled_token_ids
     assert tokens[1::2].tolist() == logits[1::2].argmax(-1).tolist()
+
+
+def test_bf16_logits_sample_as_their_float32_copy(rng):
+    """Greedy rows take the argmax in bf16; random rows, bias and logprobs compute in float32: every id and
+    logprob equals what the same logits widened to float32 give."""
+    logits = torch.randn(6, VOCAB_SIZE, generator=rng).bfloat16()
+    logits[0, 7] = logits[0, 3] = logits[0].max() + 1  # a tie: the lowest id wins in both dtypes
+
+    def states():
+        return [make_state(SamplingParams(temperature=0.0)),
+                make_state(SamplingParams(temperature=0.0, logprobs=3)),
+                make_state(SamplingParams(temperature=0.0, logit_bias={5: 100.0})),
+                make_state(SamplingParams(temperature=0.8, top_k=20, seed=1)),
+                make_state(SamplingParams(temperature=1.2, seed=2, logprobs=2)),
+                make_state(SamplingParams(temperature=0.0))]
+    narrow, wide = sample(logits, states()), sample(logits.float(), states())
+    assert torch.equal(narrow.sampled_token_ids, wide.sampled_token_ids)
+    assert narrow.sampled_token_ids[0] == 3 and narrow.sampled_token_ids[2] == 5
+    assert narrow.logprobs == wide.logprobs
+    greedy_only = [make_state(SamplingParams(temperature=0.0)) for _ in range(6)]
+    assert torch.equal(sample(logits, greedy_only).sampled_token_ids, logits.float().argmax(-1))
