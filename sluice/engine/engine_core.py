@@ -9,9 +9,10 @@ for the host's bookkeeping:
                  (GPU runs t)       (queued behind t)  (waits for t)  (GPU runs t+1)
 
 and the outputs a call returns are those of the previous step. The step is collected before the
-next one launches when that one needs its samples on the host (bad words; structured outputs, whose
-token bitmask is filled from matchers that must have taken the previous sample), or when nothing else
-is scheduled.
+next one launches when that one needs its samples on the host (bad words), or when nothing else is
+scheduled. A step with structured outputs launches its forward first and collects the previous step
+inside the runner's launch, just before its token bitmask is filled (the matchers must have taken the
+previous samples): see DeferredGrammar.
 """
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ from sluice.engine.cpu_threads import set_cpu_threads
 from sluice.engine.startup import StartupTimer
 from sluice.stats import SchedulerStats
 from sluice.structured_output import StructuredOutputManager
+from sluice.structured_output.manager import DeferredGrammar, GrammarBitmask
 from sluice.worker.model_runner import LaunchedStep, make_model_runner
 
 logger = logging.getLogger(__name__)
@@ -143,13 +145,22 @@ class EngineCore:
                                                      self.runner.execute(scheduler_output, grammar))
         previous, self._in_flight = self._in_flight, None
         outputs: list[EngineCoreOutput] = []
-        if previous is not None and (scheduler_output.is_empty() or self.runner.must_collect_first(scheduler_output)
-                                     or grammars):
+        if previous is not None and (scheduler_output.is_empty() or self.runner.must_collect_first(scheduler_output)):
             outputs, previous = self._finish(previous), None
-        grammar = structured.grammar_bitmask(requests, grammars)
-        launched = self.runner.launch(scheduler_output, grammar)
-        if previous is not None:
-            outputs = self._finish(previous)
+        if grammars and previous is not None:
+            # The forward launches first; the runner asks for the bitmask once it is queued, and only then is
+            # the previous step collected (advancing the matchers) and the bitmask filled, while the device runs.
+            def make_bitmask(step: tuple[SchedulerOutput, LaunchedStep] = previous) -> GrammarBitmask | None:
+                outputs.extend(self._finish(step))
+                return structured.grammar_bitmask(requests, grammars)
+
+            deferred = DeferredGrammar(make_bitmask)
+            launched = self.runner.launch(scheduler_output, deferred)
+            deferred.resolve()
+        else:
+            launched = self.runner.launch(scheduler_output, structured.grammar_bitmask(requests, grammars))
+            if previous is not None:
+                outputs = self._finish(previous)
         if scheduler_output.is_empty():
             outputs += self._finish((scheduler_output, launched))
         else:

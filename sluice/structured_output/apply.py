@@ -14,7 +14,7 @@ def apply_grammar_bitmask(logits: torch.Tensor, sampling_req_ids: list[str], gra
     has ``len(spec_token_ids[i]) + 1`` rows in order (GrammarBitmask.fill); logits wider than the bitmask (a
     padded LM head) are disallowed past it. One xgrammar kernel on the rows (its CUDA kernel, or its CPU one:
     about 50 ms for 256 rows of 49,152 logits where unpacking the bits for a torch masked fill takes 300 ms)."""
-    filled = grammar.fill(sampling_req_ids, spec_token_ids)
+    filled = grammar.fill(sampling_req_ids, spec_token_ids, pin=logits.is_cuda)
     if filled is None:
         return
     import xgrammar as xgr

@@ -20,9 +20,13 @@ request's k + 1 verification rows, row j with the mask after proposals 0..j-1 (`
 the same way, on the host). ``_check_stop`` then advances the matcher by exactly the tokens the step output:
 the kept proposals and the token after them, one by one, up to the one that ends the grammar.
 
-A batch without constrained requests costs one counter check per step. With async scheduling a step in which
-a constrained request samples is launched only after the previous step's samples reached the host (the
-engine core collects first), so its mask is computed from a matcher that has taken every earlier token.
+A batch without constrained requests costs one counter check per step. With async scheduling a step with
+constrained requests launches its forward before the previous step is collected: the engine core hands the
+runner a DeferredGrammar, which the runner resolves once the forward is queued, and resolving it collects the
+previous step (its samples advance the matchers) and then names the grammars whose rows are filled. The host's
+bookkeeping and the fill run while the device computes the forward, and every mask still comes from a matcher
+that has taken every earlier token. On CUDA the bitmask is filled in pinned memory, so its copy to the device
+does not wait for the forward either.
 """
 from __future__ import annotations
 
@@ -38,6 +42,8 @@ from sluice.sampling_params import StructuredOutputsParams
 from sluice.structured_output.backends import BACKENDS, Grammar, resolve_backend, spec_of
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     import torch
 
     from sluice.config import ModelConfig
@@ -57,9 +63,10 @@ class GrammarBitmask:
         self.vocab_size = vocab_size
 
     def fill(self, sampling_req_ids: list[str], spec_token_ids: "list[list[int]] | None" = None,
-             ) -> "tuple[list[int], torch.Tensor] | None":
+             pin: bool = False) -> "tuple[list[int], torch.Tensor] | None":
         """(the constrained rows, the int32 bitmask [rows, ceil(V / 32)] with those rows filled on the host and
-        every other row all-allowed); None when no sampling row is constrained.
+        every other row all-allowed); None when no sampling row is constrained. ``pin``: in pinned memory (for
+        an asynchronous copy to a CUDA device).
 
         Without ``spec_token_ids`` request i has row i. With them (speculative decoding's verification) request
         i has ``len(spec_token_ids[i]) + 1`` rows in order, row j its mask after taking its proposals 0..j-1:
@@ -71,15 +78,41 @@ class GrammarBitmask:
         constrained = [i for i, req_id in enumerate(sampling_req_ids) if req_id in grammars]
         if not constrained:
             return None
-        import xgrammar as xgr
+        import torch
         starts = list(itertools.accumulate(lengths, initial=0))
-        bitmask = xgr.allocate_token_bitmask(starts[-1], self.vocab_size)  # all allowed
+        bitmask = torch.full((starts[-1], (self.vocab_size + 31) // 32), -1, dtype=torch.int32,
+                             pin_memory=pin)  # all allowed (xgrammar's layout: bit j of word w is token 32w + j)
         rows = []
         for i in constrained:
             proposals = spec_token_ids[i] if spec_token_ids is not None else ()
             _fill_along(grammars[sampling_req_ids[i]], bitmask, starts[i], proposals)
             rows.extend(range(starts[i], starts[i + 1]))
         return rows, bitmask
+
+
+class DeferredGrammar:
+    """A step's GrammarBitmask, made when it is first asked for (``resolve``, then the same answer again).
+
+    With async scheduling the engine core launches a constrained step with one of these in place of the bitmask;
+    the runner resolves it once the step's forward is queued, and making it collects the previous step (whose
+    samples advance the matchers) before naming the grammars to fill. The core resolves it after ``launch`` as
+    well, for a step that never asked (its constrained requests sample nothing)."""
+    __slots__ = ("_make", "_value")
+
+    def __init__(self, make: "Callable[[], GrammarBitmask | None]") -> None:
+        self._make: "Callable[[], GrammarBitmask | None] | None" = make
+        self._value: GrammarBitmask | None = None
+
+    def resolve(self) -> GrammarBitmask | None:
+        if self._make is not None:
+            make, self._make = self._make, None
+            self._value = make()
+        return self._value
+
+
+def resolve_grammar(grammar: "GrammarBitmask | DeferredGrammar | None") -> GrammarBitmask | None:
+    """The step's bitmask maker, made now if it was deferred."""
+    return grammar.resolve() if isinstance(grammar, DeferredGrammar) else grammar
 
 
 def _fill_along(grammar: Grammar, bitmask: "torch.Tensor", row: int, proposals: "list[int] | tuple") -> None:

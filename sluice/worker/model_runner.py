@@ -33,7 +33,7 @@ from sluice.distributed.support import per_rank_heads
 from sluice.sample.logprobs import compute_prompt_logprobs
 from sluice.sample.metadata import PendingOutputs, RequestSamplingState, SamplingMetadata
 from sluice.sample.sampler import Sampler, SamplerOutput
-from sluice.structured_output.manager import GrammarBitmask
+from sluice.structured_output.manager import DeferredGrammar, GrammarBitmask, resolve_grammar
 from sluice.worker.cuda_graphs import DecodeGraphs, MixedGraphs, capture_sizes, mixed_capture_sizes
 from sluice.worker.input_batch import InputBatch, StepInputs
 from sluice.worker.kv_cache import KVCacheSpec, allocate_kv_caches, available_gpu_kv_bytes, num_blocks_for_memory
@@ -467,16 +467,19 @@ class ModelRunner:
                    if (state := requests.get(r)) is not None)
 
     @torch.inference_mode()
-    def execute(self, scheduler_output: SchedulerOutput, grammar: GrammarBitmask | None = None) -> ModelRunnerOutput:
+    def execute(self, scheduler_output: SchedulerOutput,
+                grammar: GrammarBitmask | DeferredGrammar | None = None) -> ModelRunnerOutput:
         """One step, start to end: ``collect(launch(scheduler_output, grammar))``."""
         return self.collect(self.launch(scheduler_output, grammar))
 
     @torch.inference_mode()
-    def launch(self, scheduler_output: SchedulerOutput, grammar: GrammarBitmask | None = None) -> LaunchedStep:
+    def launch(self, scheduler_output: SchedulerOutput,
+               grammar: GrammarBitmask | DeferredGrammar | None = None) -> LaunchedStep:
         """Queues the step's work on the device and returns without waiting for it.
 
         ``grammar``: structured outputs' token bitmask for the constrained requests that sample (None: none
-        do), applied to their logits before sampling.
+        do), applied to their logits before sampling; a DeferredGrammar is resolved once the forward is queued
+        (and the sampling metadata built), so the host work it does overlaps the forward.
 
         The sampled ids are copied to the host asynchronously; ``collect`` waits for them. The
         next step may launch first: its pending tokens read these samples on the device.
@@ -507,10 +510,11 @@ class ModelRunner:
         if inputs.sampling_req_ids:
             num_sampling = len(inputs.sampling_req_ids)
             logits = self.model.compute_logits(hidden[self.step_buffers.logits_indices[:num_sampling]])
+            metadata = self._sampling_metadata(inputs, states, logits.shape[-1])
+            grammar = resolve_grammar(grammar)  # a deferred one may collect the previous step: after the metadata
             if grammar is not None:
                 from sluice.structured_output.apply import apply_grammar_bitmask
                 apply_grammar_bitmask(logits, inputs.sampling_req_ids, grammar)
-            metadata = self._sampling_metadata(inputs, states, logits.shape[-1])
             result = self.sampler.sample(logits, metadata)
             if self.tp_size > 1:  # every rank goes on from rank 0's samples, whatever its own RNG drew
                 tp_broadcast(result.sampled_token_ids)
@@ -533,11 +537,12 @@ class ModelRunner:
         return num_spec
 
     def _launch_speculative(self, inputs: StepInputs, hidden: torch.Tensor, states: list[RequestSamplingState],
-                            grammar: GrammarBitmask | None, spec: dict[str, list[int]],
+                            grammar: GrammarBitmask | DeferredGrammar | None, spec: dict[str, list[int]],
                             prompt_logprobs: dict[str, LogprobsLists]) -> LaunchedStep:
         """Samples a speculating engine's step: requests that speculate are verified (with or without
         proposals: sluice/spec_decode/verify.py), the others take the plain sampler on their last logits."""
         req_ids = inputs.sampling_req_ids
+        grammar = resolve_grammar(grammar)
         width = self.proposer.num_speculative_tokens
         num_spec = (inputs.num_spec_sampling if inputs.num_spec_sampling is not None
                     else np.zeros(len(req_ids), dtype=np.int64))

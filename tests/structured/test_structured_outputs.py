@@ -170,3 +170,40 @@ def test_constraints_hold_under_tiny_chunks_prefix_hits_preemption_and_async_sch
     core = llm.llm_engine.core
     assert core.make_stats().num_preemptions > 0
     assert core.scheduler.kv_cache_manager.usage == 0.0 and core.structured_output.num_active == 0
+
+
+def test_async_constrained_steps_launch_the_forward_before_collecting_the_previous_step():
+    """With async scheduling a constrained step's forward is queued before the previous step is collected (the
+    bitmask is filled inside the runner's launch, after that collection), and the tokens equal those of the
+    synchronous engine."""
+    prompts = [PROMPT + " " + "y" * i for i in range(4)]
+    params = [constrained(json=SCHEMAS[i % 3], max_tokens=24) for i in range(4)]
+    plain = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
+    expected = [o.outputs[0].token_ids for o in LLM(max_model_len=256, device="cpu", num_kv_blocks=128,
+                                                    async_scheduling=False).generate(prompts + ["Once"],
+                                                                                     params + [plain],
+                                                                                     use_tqdm=False)]
+    llm = LLM(max_model_len=256, device="cpu", num_kv_blocks=128, async_scheduling=True)
+    runner = llm.llm_engine.core.runner
+    events, in_launch = [], []
+    launch, forward, collect = runner.launch, runner._forward, runner.collect
+
+    def spy_launch(*args):
+        in_launch.append(True)
+        try:
+            return launch(*args)
+        finally:
+            in_launch.pop()
+
+    runner.launch = spy_launch
+    runner._forward = lambda inputs: (events.append("forward"), forward(inputs))[1]
+    runner.collect = lambda step: (events.append("collect in launch" if in_launch else "collect"), collect(step))[1]
+    outputs = llm.generate(prompts + ["Once"], params + [plain], use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in outputs] == expected
+    for out in outputs[:-1]:
+        json.loads(out.outputs[0].text)
+    # Decode steps: forward(t + 1) is queued, then step t is collected inside that launch.
+    pairs = list(zip(events, events[1:]))
+    assert pairs.count(("forward", "collect in launch")) >= 8
+    core = llm.llm_engine.core
+    assert core.scheduler.kv_cache_manager.usage == 0.0 and core.structured_output.num_active == 0
