@@ -14,11 +14,14 @@ A constrained request (structured outputs) speculates too. The scheduler keeps o
 grammar accepts; the runner masks its k + 1 rows before they come here, row j with the grammar's mask after
 proposals 0..j-1 (GrammarBitmask.fill), so greedy keeps proposals while they are the masked argmax and the
 token after them is one the grammar allows. A request with logprobs gets them for each output token from its
-row here (``verified_logprobs``), as the plain sampler computes them. Requests with per-step sampling state
-(penalties, bad words, min_tokens: each row would depend on the proposals before it) do not speculate and
-sample with the plain sampler.
+row here (``verified_logprobs``), as the plain sampler computes them. A request with per-step sampling state
+(penalties, bad words, min_tokens) has row j processed as if proposals 0..j-1 were already output: its
+penalty counts, banned bad-word continuations and min_tokens count include them, exactly what the plain
+sampler would see at that position had the earlier proposals been sampled.
 """
 from __future__ import annotations
+
+import dataclasses
 
 import numpy as np
 import torch
@@ -45,7 +48,7 @@ def verify_proposals(logits: torch.Tensor, states: list[RequestSamplingState], n
     lengths = num_spec + 1
     row_of = np.repeat(np.arange(batch), lengths)
     col_of = np.arange(len(row_of)) - np.repeat(np.cumsum(lengths) - lengths, lengths)
-    metadata = SamplingMetadata.build([states[i] for i in row_of], vocab, device)
+    metadata = SamplingMetadata.build(_row_states(states, row_of, col_of, spec_token_ids), vocab, device)
     logits = Sampler.process_logits(logits.to(torch.float32), metadata)
     drafts_host = np.zeros((batch, width), dtype=np.int64)
     for i, ids in enumerate(spec_token_ids):
@@ -93,6 +96,19 @@ def verified_logprobs(logits: torch.Tensor, states: list[RequestSamplingState], 
     lists = gather_logprobs(raw, chosen, [states[i].params.logprobs for i in owners.tolist()])
     ends = np.cumsum(lengths[asking])
     return {i: lists.rows(int(end - lengths[i]), int(end)) for i, end in zip(asking, ends)}
+
+
+def _row_states(states: list[RequestSamplingState], row_of: np.ndarray, col_of: np.ndarray,
+                spec_token_ids: list[list[int]]) -> list[RequestSamplingState]:
+    """The sampling state of each verification row: the request's own, or for a request with per-step state
+    (penalties, bad words, min_tokens) at row j > 0 a copy whose output also holds proposals 0..j-1."""
+    rows = [states[i] for i in row_of]
+    for r in np.flatnonzero(col_of > 0).tolist():
+        state, j = rows[r], int(col_of[r])
+        if state.params.uses_per_step_state:
+            rows[r] = dataclasses.replace(
+                state, output_token_ids=state.output_token_ids + list(spec_token_ids[int(row_of[r])][:j]))
+    return rows
 
 
 def _verify_greedy(argmax: torch.Tensor, flat: torch.Tensor, drafts: torch.Tensor, num_draft: torch.Tensor,

@@ -58,17 +58,14 @@ class RequestState:
     prompt_logprobs: int | None  # top logprobs per prompt position it asked for
     per_step_sampling: bool  # penalties, bad words, min_tokens: its sampling metadata changes every step
     reads_output_on_host: bool  # bad words: sampling reads its last output ids on the host
-    # Speculative decoding: it gets proposals and is verified (no per-step sampling state: spec_decode/verify.py).
-    speculates: bool = False
 
     @classmethod
     def create(cls, row: int, new: NewRequestData, device: torch.device) -> "RequestState":
         params = new.sampling_params
         sampling = RequestSamplingState.create(params, new.prompt_token_ids, list(new.output_token_ids),
                                                new.eos_token_id, device=device)
-        speculates = not (params.uses_per_step_state or params.reads_output_text_on_host)
         return cls(row, sampling, params.prompt_logprobs, params.uses_per_step_state,
-                   params.reads_output_text_on_host, speculates)
+                   params.reads_output_text_on_host)
 
 
 @dataclass(slots=True)
@@ -82,11 +79,10 @@ class LaunchedStep:
     prompt_logprobs: dict[str, LogprobsLists]
     pooled: "PooledStep | None" = None  # pooling engines: the vectors of requests whose prompt completed
     # Speculative decoding: output tokens [num_sampling, k + 1] (-1 past each row's last), the proposals each
-    # row verified, the rows the plain sampler took (sampler_output's logprobs are theirs), and the verified
-    # rows' logprobs (one position per verification row, cut to the output tokens in collect).
+    # row verified, and the logprobs of those that asked (one position per verification row, cut to the
+    # output tokens in collect).
     spec_out: torch.Tensor | None = None
     num_spec: np.ndarray | None = None
-    plain_req_ids: list[str] | None = None
     spec_logprobs: dict[str, LogprobsLists] = field(default_factory=dict)
 
 
@@ -539,46 +535,27 @@ class ModelRunner:
     def _launch_speculative(self, inputs: StepInputs, hidden: torch.Tensor, states: list[RequestSamplingState],
                             grammar: GrammarBitmask | DeferredGrammar | None, spec: dict[str, list[int]],
                             prompt_logprobs: dict[str, LogprobsLists]) -> LaunchedStep:
-        """Samples a speculating engine's step: requests that speculate are verified (with or without
-        proposals: sluice/spec_decode/verify.py), the others take the plain sampler on their last logits."""
-        req_ids = inputs.sampling_req_ids
+        """Samples a speculating engine's step: every sampling request is verified, with or without proposals
+        (sluice/spec_decode/verify.py)."""
         grammar = resolve_grammar(grammar)
-        width = self.proposer.num_speculative_tokens
         num_spec = (inputs.num_spec_sampling if inputs.num_spec_sampling is not None
-                    else np.zeros(len(req_ids), dtype=np.int64))
-        speculates = np.fromiter((self.requests[r].speculates for r in req_ids), dtype=bool, count=len(req_ids))
-        out = torch.full((len(req_ids), width + 1), -1, dtype=torch.long, device=self.device)
-        result, plain_req_ids = None, None
-        plain = np.flatnonzero(~speculates)
-        if len(plain):
-            plain_req_ids = [req_ids[i] for i in plain]
-            logits = self.model.compute_logits(hidden[self._to_device(inputs.logits_indices[plain])])
-            if grammar is not None:
-                from sluice.structured_output.apply import apply_grammar_bitmask
-                apply_grammar_bitmask(logits, plain_req_ids, grammar)
-            plain_states = [states[i] for i in plain]
-            result = self.sampler.sample(logits, SamplingMetadata.build(plain_states, logits.shape[-1], self.device))
-            out[self._to_device(plain), 0] = result.sampled_token_ids
-        verified = np.flatnonzero(speculates)
-        spec_logprobs = {}
-        if len(verified):
-            out[self._to_device(verified)], spec_logprobs = self._verify(
-                inputs, hidden, verified, [states[i] for i in verified], num_spec[verified], spec, grammar, width)
-        return LaunchedStep(inputs.req_ids, req_ids, states, result, None, prompt_logprobs,
-                            spec_out=out, num_spec=num_spec, plain_req_ids=plain_req_ids,
-                            spec_logprobs=spec_logprobs)
+                    else np.zeros(len(inputs.sampling_req_ids), dtype=np.int64))
+        out, spec_logprobs = self._verify(inputs, hidden, states, num_spec, spec, grammar,
+                                          self.proposer.num_speculative_tokens)
+        return LaunchedStep(inputs.req_ids, inputs.sampling_req_ids, states, None, None, prompt_logprobs,
+                            spec_out=out, num_spec=num_spec, spec_logprobs=spec_logprobs)
 
-    def _verify(self, inputs: StepInputs, hidden: torch.Tensor, verified: np.ndarray,
-                states: list[RequestSamplingState], ks: np.ndarray, spec: dict[str, list[int]],
-                grammar: GrammarBitmask | None, width: int) -> tuple[torch.Tensor, dict[str, LogprobsLists]]:
-        """The speculating sampling rows ``verified``: output tokens [len(verified), width + 1] and, for those
-        that asked, the logprobs of one position per verification row."""
+    def _verify(self, inputs: StepInputs, hidden: torch.Tensor, states: list[RequestSamplingState],
+                ks: np.ndarray, spec: dict[str, list[int]], grammar: GrammarBitmask | None,
+                width: int) -> tuple[torch.Tensor, dict[str, LogprobsLists]]:
+        """The step's sampling rows: output tokens [rows, width + 1] and, for those that asked, the logprobs of
+        one position per verification row."""
         from sluice.spec_decode.verify import verified_logprobs, verify_proposals
         lengths = ks + 1
-        first = inputs.logits_indices[verified] - ks
+        first = inputs.logits_indices - ks
         offsets = np.arange(int(lengths.sum()), dtype=np.int64) - np.repeat(np.cumsum(lengths) - lengths, lengths)
         logits = self.model.compute_logits(hidden[self._to_device(np.repeat(first, lengths) + offsets)])
-        req_ids = [inputs.sampling_req_ids[i] for i in verified]
+        req_ids = inputs.sampling_req_ids
         proposals = [spec.get(r, []) for r in req_ids]
         if grammar is not None:  # row j of a constrained request: its grammar's mask after proposals 0..j-1
             from sluice.structured_output.apply import apply_grammar_bitmask
@@ -597,8 +574,7 @@ class ModelRunner:
         tokens = step.spec_out.cpu().numpy()
         requests = self.requests
         proposing_ids, proposing_rows = [], []
-        logprobs = (step.sampler_output.logprobs_by_request(step.plain_req_ids)
-                    if step.sampler_output is not None else {})
+        logprobs = {}
         for i, (req_id, sampling) in enumerate(zip(step.sampling_req_ids, step.states)):
             token_ids = tokens[i][tokens[i] >= 0].tolist()
             sampled[req_id] = token_ids
@@ -608,9 +584,8 @@ class ModelRunner:
             if state is not None and state.sampling is sampling:
                 sampling.output_token_ids.extend(token_ids)
                 self.input_batch.accept_tokens(state.row, token_ids, int(step.num_spec[i]) + 1 - len(token_ids))
-                if state.speculates:
-                    proposing_ids.append(req_id)
-                    proposing_rows.append(state.row)
+                proposing_ids.append(req_id)
+                proposing_rows.append(state.row)
         proposals = self.proposer.propose(self, proposing_ids, np.asarray(proposing_rows, dtype=np.int64))
         return ModelRunnerOutput(req_ids=step.req_ids, sampled_token_ids=sampled, logprobs=logprobs,
                                  prompt_logprobs=step.prompt_logprobs, spec_token_ids=proposals)

@@ -151,23 +151,52 @@ def test_n_greater_than_one_and_seeded_requests_repeat(models):
     assert_no_leaked_blocks(llm)
 
 
-def test_requests_with_penalties_sample_plainly_beside_speculating_ones(models):
+@pytest.mark.parametrize("spec", ["self", "ngram"])
+def test_penalties_min_tokens_and_bad_words_speculate_and_match_the_plain_engine(models, spec):
+    """Requests with per-step sampling state are verified like the rest: row j of a request sees proposals
+    0..j-1 as output (penalty counts, bad-word prefixes, the min_tokens count), so greedy output equals the
+    engine without speculation, and their proposals are kept where the penalized argmax agrees."""
     target, draft, prompts, expected = models
-    llm = _engine(target, draft, "self")
+    llm = _engine(target, draft, NGRAM if spec == "ngram" else "self")
     plain = LLM(model=str(target), dtype="float32", device="cpu", max_model_len=128)
+    tokenizer = plain.get_tokenizer()
     greedy = SamplingParams(temperature=0.0, max_tokens=MAX_NEW_TOKENS, ignore_eos=True)
     with_logprobs = SamplingParams(temperature=0.0, max_tokens=MAX_NEW_TOKENS, ignore_eos=True, logprobs=2)
     penalized = SamplingParams(temperature=0.0, max_tokens=MAX_NEW_TOKENS, ignore_eos=True, repetition_penalty=1.5,
                                frequency_penalty=0.5)
-    params = [greedy, with_logprobs, penalized, greedy]
-    batch = [{"prompt_token_ids": p} for p in prompts[:4]]
+    presence = SamplingParams(temperature=0.0, max_tokens=MAX_NEW_TOKENS, presence_penalty=1.2, min_tokens=12,
+                              stop_token_ids=[int(expected[5][4])])
+    banned = SamplingParams(temperature=0.0, max_tokens=MAX_NEW_TOKENS, ignore_eos=True,
+                            bad_words=[tokenizer.decode(expected[4][2:4])])
+    params = [greedy, with_logprobs, penalized, presence, banned, penalized]
+    batch = [{"prompt_token_ids": p} for p in prompts[:6]]
     outputs = llm.generate(batch, params, use_tqdm=False)
     want = plain.generate(batch, params, use_tqdm=False)
     assert [o.outputs[0].token_ids for o in outputs] == [o.outputs[0].token_ids for o in want]
     assert outputs[0].outputs[0].token_ids == expected[0] and outputs[1].outputs[0].token_ids == expected[1]
+    assert outputs[2].outputs[0].token_ids != expected[2]  # the penalties changed the output
+    assert len(outputs[3].outputs[0].token_ids) >= 12
     assert len(outputs[1].outputs[0].logprobs) == MAX_NEW_TOKENS
     assert llm.llm_engine.core.make_stats().spec_decoding.num_accepted_tokens > 0
     assert_no_leaked_blocks(llm)
+
+
+def test_a_penalized_request_keeps_proposals_its_own_rows_agree_with():
+    """verify_proposals on hand-made logits: a frequency-penalized request's row 1 counts proposal 0, so a
+    proposal repeating it is rejected there (the unpenalized argmax would keep it)."""
+    import torch
+    from sluice.sample.metadata import RequestSamplingState
+    from sluice.spec_decode.verify import verify_proposals
+    vocab = 8
+    logits = torch.zeros(3, vocab)
+    logits[:, 5] = 2.0
+    logits[:, 6] = 1.5  # second best
+    params = SamplingParams(temperature=0.0, frequency_penalty=1.0, max_tokens=8)
+    state = RequestSamplingState.create(params, [1, 2], [])
+    out = verify_proposals(logits, [state], np.array([2]), [[5, 5]], width=2)
+    assert out.tolist() == [[5, 6, -1]]  # 5 kept; after it, 5 costs 1.0 and 6 wins: the second 5 is rejected
+    plain = RequestSamplingState.create(SamplingParams(temperature=0.0, max_tokens=8), [1, 2], [])
+    assert verify_proposals(logits, [plain], np.array([2]), [[5, 5]], width=2).tolist() == [[5, 5, 5]]
 
 
 @pytest.fixture(scope="module")
