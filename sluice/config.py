@@ -208,6 +208,7 @@ class EngineArgs:
                                       "xgrammar refuses)",
         "speculative_config": "speculative decoding, as JSON: {\"method\": \"ngram\", \"num_speculative_tokens\": "
                               "4, \"prompt_lookup_min\": 2, \"prompt_lookup_max\": 5} or {\"model\": DRAFT_FOLDER, "
+                              "\"num_speculative_tokens\": 3} or {\"method\": \"eagle3\", \"model\": HEAD_FOLDER, "
                               "\"num_speculative_tokens\": 3}; optional \"disable_by_batch_size\"",
     }
     _NOT_FLAGS = {"usage_context"}
@@ -603,7 +604,7 @@ def _kv_layer_groups(args: EngineArgs, model: ModelConfig) -> "tuple[KVLayerGrou
 def _speculative_config(args: EngineArgs, model: ModelConfig) -> "SpeculativeConfig | None":
     from sluice.spec_decode.config import parse_speculative_config
     speculative = parse_speculative_config(args.speculative_config, model.vocab_size, args.load_format,
-                                           model.hf_config.hidden_size)
+                                           model.hf_config)
     if speculative is None:
         return None
     if model.pooler_config is not None:

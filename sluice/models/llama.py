@@ -118,9 +118,37 @@ class LlamaDecoderLayer(nn.Module):
         return self.mlp(hidden_states), residual
 
 
+class AuxHiddenStates:
+    """The residual stream entering chosen layers, for a proposer that reads them (EAGLE-3:
+    spec_decode/eagle3.py). Layer ``layer_ids[j]``'s input (hidden + residual; layer 0's is the embedding)
+    fills columns ``j * H .. (j + 1) * H`` of the forward's rows in one static buffer::
+
+        buffer [max_num_tokens, len(layer_ids) * H]    row t: [ input of layer_ids[0] | ... | input of layer_ids[-1] ]
+
+    Written in place, never returned: a captured CUDA graph writes the same buffer on every replay, so the rows
+    of the step just run are there whichever way it ran (rows past its tokens hold padding or older steps)."""
+
+    def __init__(self, layer_ids: tuple[int, ...], max_num_tokens: int, hidden_size: int, dtype: torch.dtype,
+                 device: torch.device) -> None:
+        self.layer_ids = tuple(layer_ids)
+        self.buffer = torch.zeros(max_num_tokens, len(self.layer_ids) * hidden_size, dtype=dtype, device=device)
+        self._columns: dict[int, list[torch.Tensor]] = {}
+        for j, layer_idx in enumerate(self.layer_ids):
+            self._columns.setdefault(layer_idx, []).append(self.buffer[:, j * hidden_size:(j + 1) * hidden_size])
+
+    def record(self, layer_idx: int, hidden_states: torch.Tensor, residual: torch.Tensor | None) -> None:
+        for columns in self._columns.get(layer_idx, ()):
+            out = columns[:hidden_states.shape[0]]
+            if residual is None:
+                out.copy_(hidden_states)
+            else:
+                torch.add(hidden_states, residual, out=out)
+
+
 class LlamaModel(nn.Module):
     """``embedding_multiplier`` scales the embeddings (Gemma: sqrt(hidden_size)). Built under the model's
-    default dtype (_construction_defaults)."""
+    default dtype (_construction_defaults). ``aux_hidden_states``: None unless a proposer asked for the inputs
+    of some layers (``LlamaForCausalLM.capture_aux_hidden_states``)."""
 
     def __init__(self, config: Any, layers: list[nn.Module], norm_class: type[nn.Module] = RMSNorm,
                  embedding_multiplier: float | None = None) -> None:
@@ -131,13 +159,17 @@ class LlamaModel(nn.Module):
         # As transformers: the multiplier rounded to the model dtype (sqrt(3072) is 55.5 in bf16).
         self.embedding_multiplier = None if embedding_multiplier is None else float(
             torch.tensor(embedding_multiplier, dtype=torch.get_default_dtype()))
+        self.aux_hidden_states: AuxHiddenStates | None = None
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                 attn_metadata: AttentionMetadata) -> torch.Tensor:
         hidden_states, residual = self.embed_tokens(input_ids), None
         if self.embedding_multiplier is not None:
             hidden_states = hidden_states * self.embedding_multiplier
-        for layer in self.layers:
+        aux = self.aux_hidden_states
+        for i, layer in enumerate(self.layers):
+            if aux is not None:
+                aux.record(i, hidden_states, residual)
             hidden_states, residual = layer(positions, hidden_states, residual, attn_metadata)
         hidden_states, _ = self.norm(hidden_states, residual)
         return hidden_states
@@ -203,6 +235,17 @@ class LlamaForCausalLM(nn.Module):
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """hidden [N, hidden] (usually each request's last token) -> float32 logits [N, vocab]."""
         return self.lm_head(hidden_states)
+
+    def capture_aux_hidden_states(self, layer_ids: tuple[int, ...], max_num_tokens: int) -> AuxHiddenStates:
+        """From now on every forward writes the inputs of ``layer_ids`` into the returned buffer (EAGLE-3);
+        call before CUDA graphs are captured, so they write it too."""
+        num_layers = len(self.model.layers)
+        if any(not 0 <= i < num_layers for i in layer_ids):
+            raise ValueError(f"aux hidden state layer ids {list(layer_ids)} out of range: the model has "
+                             f"{num_layers} layers (0..{num_layers - 1})")
+        self.model.aux_hidden_states = AuxHiddenStates(layer_ids, max_num_tokens, self.config.hidden_size,
+                                                       self.dtype, self.device)
+        return self.model.aux_hidden_states
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         """Loads HF-named tensors; returns the names of the parameters filled.

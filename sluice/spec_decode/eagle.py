@@ -52,7 +52,6 @@ class EagleHead(nn.Module):
                                          for i in range(config.num_hidden_layers)])
             self.embed_tokens = VocabEmbedding(config.vocab_size, config.hidden_size) if own_embedding else None
         self.layers[0].input_layernorm = nn.Identity()  # EAGLE feeds fc's output to layer 0 unnormalized
-        self.stacked_params_mapping = LlamaForCausalLM.stacked_params_mapping
 
     def forward(self, embeddings: torch.Tensor, target_hidden: torch.Tensor, positions: torch.Tensor,
                 metadata: Any) -> torch.Tensor:
@@ -63,29 +62,32 @@ class EagleHead(nn.Module):
         return hidden + residual
 
     def load_weights(self, weights: dict[str, torch.Tensor]) -> None:
-        from sluice.layers.linear import default_weight_loader
-        params = dict(self.named_parameters())
-        loaded = set()
-        for name, tensor in weights.items():
-            name = name.removeprefix("model.")
-            shard = None
-            for param_part, weight_part, shard_id in self.stacked_params_mapping:
-                if weight_part in name:
-                    name, shard = name.replace(weight_part, param_part), shard_id
-                    break
-            if name not in params:
-                raise ValueError(f"EAGLE checkpoint tensor {name!r} matches no parameter of the EAGLE head "
-                                 "(expected fc, layers.0.*, embed_tokens)")
-            param = params[name]
-            loader = getattr(param, "weight_loader", None)
-            if loader is not None:
-                loader(param, tensor, shard)
-            else:
-                default_weight_loader(param, tensor, shard)
-            loaded.add(name)
-        missing = sorted(set(params) - loaded)
-        if missing:
-            raise ValueError(f"EAGLE checkpoint is missing {', '.join(missing[:8])}")
+        load_head_weights(self, weights, "EAGLE", "fc, layers.0.*, embed_tokens")
+
+
+def load_head_weights(head: nn.Module, weights: dict[str, torch.Tensor], kind: str, expected: str) -> None:
+    """Fills every parameter of ``head`` (q/k/v and gate/up into its merged projections) from checkpoint tensors
+    named as its parameters are; a tensor that matches none, or a parameter left unfilled, is a ValueError."""
+    from sluice.layers.linear import default_weight_loader
+    from sluice.models.llama import LlamaForCausalLM
+    params = dict(head.named_parameters())
+    loaded = set()
+    for name, tensor in weights.items():
+        name = name.removeprefix("model.")
+        shard = None
+        for param_part, weight_part, shard_id in LlamaForCausalLM.stacked_params_mapping:
+            if weight_part in name:
+                name, shard = name.replace(weight_part, param_part), shard_id
+                break
+        if name not in params:
+            raise ValueError(f"{kind} checkpoint tensor {name!r} matches no parameter of the head "
+                             f"(expected {expected})")
+        param = params[name]
+        getattr(param, "weight_loader", default_weight_loader)(param, tensor, shard)
+        loaded.add(name)
+    missing = sorted(set(params) - loaded)
+    if missing:
+        raise ValueError(f"{kind} checkpoint is missing {', '.join(missing[:8])}")
 
 
 def read_eagle_weights(folder: str) -> dict[str, torch.Tensor]:
@@ -182,7 +184,7 @@ class EagleProposer(DraftModelProposer):
         num_steps = np.clip(allocated - first, 0, self.num_speculative_tokens)
         # Filled on the device and read once at the end: no sync per head step.
         proposals = torch.zeros((len(rows), self.num_speculative_tokens), dtype=torch.long, device=device)
-        tokens = row_argmax(self._target.compute_logits(features).to(torch.float32))
+        tokens = self._next_tokens(features)
         active = np.arange(len(rows))
         for j in range(int(num_steps.max(initial=0))):
             proposals[torch.from_numpy(active).to(device), j] = tokens
@@ -194,5 +196,9 @@ class EagleProposer(DraftModelProposer):
             positions = first[active] + j
             ones = np.ones(len(active), dtype=np.int64)
             features = self._run(runner, tokens, features, positions, rows[active], rows[active], ones, positions + 1)
-            tokens = row_argmax(self._target.compute_logits(features).to(torch.float32))
+            tokens = self._next_tokens(features)
         return proposals.cpu().numpy(), num_steps
+
+    def _next_tokens(self, features: torch.Tensor) -> torch.Tensor:
+        """The head's guesses (target token ids) after its outputs ``features``: the target's lm_head, argmax."""
+        return row_argmax(self._target.compute_logits(features).to(torch.float32))

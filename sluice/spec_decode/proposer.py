@@ -9,6 +9,8 @@ many as the budget and the request's limits allow, in the next step's ``schedule
                  with its own KV cache under the target's block ids, then k one-token steps from each
                  sampled token (argmax)
     eagle        a one-layer EAGLE head over the target's hidden states (eagle.py), the same KV scheme
+    eagle3       a one-layer EAGLE-3 head over three of the target's layers, guessing in a draft
+                 vocabulary (eagle3.py), EAGLE's scheme
 """
 from __future__ import annotations
 
@@ -49,6 +51,9 @@ def make_proposer(config: SpeculativeConfig) -> Proposer:
     if config.method == "eagle":
         from sluice.spec_decode.eagle import EagleProposer
         return EagleProposer(config)
+    if config.method == "eagle3":
+        from sluice.spec_decode.eagle3 import Eagle3Proposer
+        return Eagle3Proposer(config)
     from sluice.spec_decode.draft_model import DraftModelProposer
     return DraftModelProposer(config)
 
