@@ -53,14 +53,23 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 
+# Rows per thread below which a step's bitmask is filled on the calling thread: a fill costs about 5-70 us
+# per row (more with a larger vocabulary), a hand-off to the pool about as much as a few rows.
+FILL_ROWS_PER_THREAD = 16
+
+
 class GrammarBitmask:
     """The grammars of one step's constrained requests; the runner asks for the bitmask of those that sample
-    (it alone knows which do: a prompt chunk that stops short of the known tokens samples nothing)."""
-    __slots__ = ("grammars", "vocab_size")
+    (it alone knows which do: a prompt chunk that stops short of the known tokens samples nothing).
+    ``pool``: ``num_threads`` threads that fill disjoint rows at once (the grammar libraries release the GIL
+    while filling)."""
+    __slots__ = ("grammars", "vocab_size", "pool", "num_threads")
 
-    def __init__(self, grammars: dict[str, Grammar], vocab_size: int) -> None:
+    def __init__(self, grammars: dict[str, Grammar], vocab_size: int,
+                 pool: "ThreadPoolExecutor | None" = None, num_threads: int = 1) -> None:
         self.grammars = grammars
         self.vocab_size = vocab_size
+        self.pool, self.num_threads = pool, num_threads if pool is not None else 1
 
     def fill(self, sampling_req_ids: list[str], spec_token_ids: "list[list[int]] | None" = None,
              pin: bool = False) -> "tuple[list[int], torch.Tensor] | None":
@@ -82,12 +91,21 @@ class GrammarBitmask:
         starts = list(itertools.accumulate(lengths, initial=0))
         bitmask = torch.full((starts[-1], (self.vocab_size + 31) // 32), -1, dtype=torch.int32,
                              pin_memory=pin)  # all allowed (xgrammar's layout: bit j of word w is token 32w + j)
-        rows = []
-        for i in constrained:
-            proposals = spec_token_ids[i] if spec_token_ids is not None else ()
-            _fill_along(grammars[sampling_req_ids[i]], bitmask, starts[i], proposals)
-            rows.extend(range(starts[i], starts[i + 1]))
+        work = [(grammars[sampling_req_ids[i]], starts[i], spec_token_ids[i] if spec_token_ids is not None else ())
+                for i in constrained]
+        num_threads = min(self.num_threads, len(work) // FILL_ROWS_PER_THREAD)
+        if num_threads > 1:  # each request's rows (and matcher) belong to one thread
+            for future in [self.pool.submit(_fill_rows, bitmask, work[k::num_threads]) for k in range(num_threads)]:
+                future.result()
+        else:
+            _fill_rows(bitmask, work)
+        rows = [row for i in constrained for row in range(starts[i], starts[i + 1])]
         return rows, bitmask
+
+
+def _fill_rows(bitmask: "torch.Tensor", work: "list[tuple[Grammar, int, list[int] | tuple]]") -> None:
+    for grammar, row, proposals in work:
+        _fill_along(grammar, bitmask, row, proposals)
 
 
 class DeferredGrammar:
@@ -192,6 +210,9 @@ class StructuredOutputManager:
         self.vocab_size = model_config.vocab_size
         self.max_workers = max_workers or max(1, min(4, (os.cpu_count() or 2) // 2))
         self._executor: ThreadPoolExecutor | None = None
+        # Threads that fill a large step's bitmask together (half the cores, at most 8; 1: the step's thread).
+        self.fill_threads = max(1, min(8, (os.cpu_count() or 2) // 2))
+        self._fill_pool: ThreadPoolExecutor | None = None
         # compiled grammars by spec, least recently used first; a request holds its own future, so evicting
         # one never touches a running request
         self._compiled: OrderedDict[tuple[str, str, str, bool], Future] = OrderedDict()
@@ -254,8 +275,9 @@ class StructuredOutputManager:
             wait(pending, timeout=timeout, return_when=FIRST_COMPLETED)
 
     def shutdown(self) -> None:
-        if self._executor is not None:
-            self._executor.shutdown(wait=False, cancel_futures=True)
+        for pool in (self._executor, self._fill_pool):
+            if pool is not None:
+                pool.shutdown(wait=False, cancel_futures=True)
 
     # ---- each step ----------------------------------------------------------------------------------
 
@@ -278,4 +300,8 @@ class StructuredOutputManager:
         runner fills the bitmask of those that sample."""
         live = {r: g for r, g in grammars.items()
                 if (request := requests.get(r)) is not None and not request.is_finished()}
-        return GrammarBitmask(live, self.vocab_size) if live else None
+        if not live:
+            return None
+        if self._fill_pool is None and self.fill_threads > 1 and len(live) >= 2 * FILL_ROWS_PER_THREAD:
+            self._fill_pool = ThreadPoolExecutor(self.fill_threads, thread_name_prefix="sluice-bitmask")
+        return GrammarBitmask(live, self.vocab_size, self._fill_pool, self.fill_threads)

@@ -217,3 +217,42 @@ def test_a_stop_token_ends_the_proposals_and_the_matcher_terminates_on_it(backen
     for token_id in ids:
         assert matcher.accept_token(token_id) and not matcher.is_terminated()
     assert matcher.accept_token(eos) and matcher.is_terminated()
+
+
+@pytest.mark.parametrize("backend", ["xgrammar", "guidance"])
+@pytest.mark.parametrize("speculative", [False, True])
+def test_a_bitmask_filled_by_a_thread_pool_equals_the_one_filled_in_turn(backend, speculative):
+    """Many constrained rows split over threads (each request's rows and matcher on one thread): the same bits,
+    rows and matcher states as one thread filling them all."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from sluice.structured_output.backends import BACKENDS
+    from sluice.structured_output.manager import FILL_ROWS_PER_THREAD, GrammarBitmask
+    tokenizer, vocab = build_tokenizer(), 384
+    grammar_backend = BACKENDS[backend](tokenizer, vocab)
+    compiled = grammar_backend.compile("regex", REPEAT, True)
+    ids = tokenizer.encode("ab,ab,", add_special_tokens=False)
+    num = 4 * FILL_ROWS_PER_THREAD
+
+    def matchers():
+        out = {}
+        for i in range(num):
+            out[f"c{i}"] = grammar_backend.matcher(compiled)
+            for token_id in ids[:i % len(ids)]:  # each at another point of the pattern
+                assert out[f"c{i}"].accept_token(token_id)
+        return out
+
+    req_ids = [f"c{i}" if i % 5 else f"u{i}" for i in range(num)]
+    proposals = [ids[i % 3:i % 3 + 2] for i in range(num)] if speculative else None
+    serial = GrammarBitmask(matchers(), vocab).fill(req_ids, proposals)
+    threaded_matchers = matchers()
+    with ThreadPoolExecutor(4) as pool:
+        threaded = GrammarBitmask(threaded_matchers, vocab, pool, num_threads=4).fill(req_ids, proposals)
+    assert threaded[0] == serial[0] and torch.equal(threaded[1], serial[1])
+    assert (threaded[1][serial[0]] != -1).any()  # the constrained rows were filled
+    row, again = torch.full((1, serial[1].shape[1]), -1, dtype=torch.int32), matchers()
+    for req_id, matcher in threaded_matchers.items():  # every matcher rolled back to where it was
+        matcher.fill_bitmask(row, 0)
+        reference = row.clone()
+        again[req_id].fill_bitmask(row, 0)
+        assert torch.equal(row, reference), req_id
