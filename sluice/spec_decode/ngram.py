@@ -4,8 +4,8 @@ occurrence of its latest n tokens.
 For n from ``prompt_lookup_max`` down to ``prompt_lookup_min``: take the request's last n tokens, find their most
 recent earlier occurrence in its tokens (prompt and output), and propose the (up to) ``num_speculative_tokens``
 tokens that followed it. The longest n with a match wins; no match proposes nothing. Matching is one vectorized
-comparison per n over the request's tokens (numpy sliding windows), no Python loop over positions, so it runs
-on the host while the device runs the previous step.
+comparison over the request's tokens (its last token against all), then each longer n filters the few
+candidates left: no Python loop over positions, and a request without a repeat costs a single pass.
 """
 from __future__ import annotations
 
@@ -13,7 +13,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from numpy.lib.stride_tricks import sliding_window_view
 
 _EMPTY = np.zeros(0, dtype=np.int64)
 
@@ -35,16 +34,26 @@ class NgramProposer:
         """Up to ``min(num_speculative_tokens, max_tokens)`` proposed token ids (int64), possibly none."""
         limit = self.num_speculative_tokens if max_tokens is None else min(self.num_speculative_tokens, max_tokens)
         tokens = np.asarray(token_ids, dtype=np.int64)
-        if limit <= 0 or len(tokens) < self.prompt_lookup_min + 1:
+        length = len(tokens)
+        if limit <= 0 or length < self.prompt_lookup_min + 1:
             return _EMPTY
-        for n in range(min(self.prompt_lookup_max, len(tokens) - 1), self.prompt_lookup_min - 1, -1):
-            # Windows that start at 0 .. len - n - 1: every earlier occurrence, not the suffix itself.
-            windows = sliding_window_view(tokens[:-1], n)
-            hits = np.flatnonzero((windows == tokens[-n:]).all(axis=1))
-            if len(hits):
-                start = int(hits[-1]) + n  # the most recent occurrence's continuation
-                return tokens[start:start + limit].copy()
-        return _EMPTY
+        # Earlier windows matching the last n tokens, by their end e (exclusive; e <= length - 1, so never the
+        # suffix itself): n = 1 is one comparison over the tokens, and each longer n keeps those of n - 1
+        # whose token before agrees too (a few candidates), so a request without a repeat costs one pass.
+        ends = np.flatnonzero(tokens[:-1] == tokens[-1]) + 1
+        found, n = None, 1
+        while True:
+            if n >= self.prompt_lookup_min and len(ends):
+                found = ends
+            if n == min(self.prompt_lookup_max, length - 1) or not len(ends):
+                break
+            ends = ends[ends > n]
+            ends = ends[tokens[ends - n - 1] == tokens[length - n - 1]]
+            n += 1
+        if found is None:
+            return _EMPTY
+        start = int(found[-1])  # the most recent occurrence of the longest match: its continuation
+        return tokens[start:start + limit].copy()
 
     def propose_batch(self, requests: Sequence[Sequence[int] | np.ndarray],
                       max_tokens: Sequence[int] | None = None) -> list[np.ndarray]:

@@ -1,3 +1,5 @@
+import random
+
 import numpy as np
 import pytest
 
@@ -51,3 +53,30 @@ def test_matches_a_brute_force_search_on_random_sequences():
 def test_bad_settings_are_refused(kwargs):
     with pytest.raises(ValueError):
         NgramProposer(**kwargs)
+
+
+def _sliding_window_reference(proposer, tokens, limit):
+    """The definition: for n from the longest down, every earlier window of n tokens equal to the last n; the
+    most recent one's continuation."""
+    from numpy.lib.stride_tricks import sliding_window_view
+    tokens = np.asarray(tokens, dtype=np.int64)
+    if limit <= 0 or len(tokens) < proposer.prompt_lookup_min + 1:
+        return []
+    for n in range(min(proposer.prompt_lookup_max, len(tokens) - 1), proposer.prompt_lookup_min - 1, -1):
+        hits = np.flatnonzero((sliding_window_view(tokens[:-1], n) == tokens[-n:]).all(axis=1))
+        if len(hits):
+            start = int(hits[-1]) + n
+            return tokens[start:start + limit].tolist()
+    return []
+
+
+def test_proposals_equal_the_sliding_window_definition_on_random_token_strings():
+    rng = random.Random(0)
+    for _ in range(3000):
+        lo = rng.randint(1, 4)
+        proposer = NgramProposer(rng.randint(1, 5), lo, rng.randint(lo, 6))
+        tokens = [rng.randrange(rng.choice([2, 3, 5, 50])) for _ in range(rng.randint(0, 40))]
+        limit = rng.choice([None, 0, 1, 3])
+        want = _sliding_window_reference(proposer, tokens, proposer.num_speculative_tokens if limit is None
+                                         else min(proposer.num_speculative_tokens, limit))
+        assert proposer.propose(tokens, limit).tolist() == want, (tokens, proposer, limit)
