@@ -94,9 +94,11 @@ def run_latency_benchmark(args: argparse.Namespace, engine_args: EngineArgs, bat
             llm.generate(requests, params, use_tqdm=False)
             latencies.append(time.perf_counter() - start)
         results.append(_batch_result(batch_size, args.output_len, latencies, before, _spec_stats(llm)))
+    from sluice.bench.cli import git_commit
     config = llm.llm_engine.config
     return {
-        "benchmark": "latency", "model": engine_args.model or "default", "device": config.device.type,
+        "benchmark": "latency", "sluice_commit": git_commit(), "model": engine_args.model or "default",
+        "device": config.device.type,
         "device_name": config.device.name, "input_len": args.input_len, "output_len": args.output_len,
         "prompt_echo": args.prompt_echo, "temperature": args.temperature,
         "speculative_config": engine_args.speculative_config, "num_iters": args.num_iters, "results": results,
