@@ -556,16 +556,12 @@ def create_engine_config(args: EngineArgs, device: DeviceConfig | None = None) -
     max_num_seqs, max_num_batched_tokens = resolve_batch_limits(args, max_model_len, device)
     speculative = _speculative_config(args, model)
     async_scheduling = args.async_scheduling if args.async_scheduling is not None else device.type == "cuda"
-    if args.async_scheduling and speculative is not None:
-        import logging
-        logging.getLogger(__name__).warning("async_scheduling is off with speculative_config: each step's "
-                                            "proposals come from the tokens the previous step verified")
     scheduler = SchedulerConfig(
         max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens, max_model_len=max_model_len,
         policy=args.scheduling_policy,
-        # A proposal is made from the tokens the previous step verified: a speculating engine runs its steps
-        # one after the other.
-        async_scheduling=async_scheduling and speculative is None,
+        # A speculating engine runs a step that verifies proposals (or makes the next ones) one after the
+        # other, and the others asynchronously (EngineCore.step).
+        async_scheduling=async_scheduling,
         long_prefill_token_threshold=args.long_prefill_token_threshold,
         num_lookahead_tokens=speculative.num_lookahead_tokens if speculative is not None else 0)
     cache = CacheConfig(

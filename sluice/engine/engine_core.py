@@ -9,10 +9,12 @@ for the host's bookkeeping:
                  (GPU runs t)       (queued behind t)  (waits for t)  (GPU runs t+1)
 
 and the outputs a call returns are those of the previous step. The step is collected before the
-next one launches when that one needs its samples on the host (bad words), or when nothing else is
-scheduled. A step with structured outputs launches its forward first and collects the previous step
-inside the runner's launch, just before its token bitmask is filled (the matchers must have taken the
-previous samples): see DeferredGrammar.
+next one launches when that one needs its samples on the host (bad words, a speculating engine's
+verification), or when nothing else is scheduled; a speculating step is collected before the next
+one is scheduled (a speculating engine runs asynchronously only the steps in which
+``disable_by_batch_size`` turned speculation off). A step with structured outputs launches its
+forward first and collects the previous step inside the runner's launch, just before its token
+bitmask is filled (the matchers must have taken the previous samples): see DeferredGrammar.
 """
 from __future__ import annotations
 
@@ -134,6 +136,15 @@ class EngineCore:
         return self.scheduler.has_unfinished_requests()
 
     def step(self) -> list[EngineCoreOutput]:
+        verified: list[EngineCoreOutput] = []
+        if self._in_flight is not None and self._in_flight[1].spec_out is not None:
+            # A speculating step (it verified proposals, or makes the next ones) outputs a number of tokens
+            # only its collection tells, and its proposals are the next step's: collected before the next
+            # schedule.
+            verified, self._in_flight = self._finish(self._in_flight), None
+        return verified + self._step()
+
+    def _step(self) -> list[EngineCoreOutput]:
         scheduler_output = self.scheduler.schedule()
         structured, requests = self.structured_output, self.scheduler.requests
         grammars = structured.step_grammars(requests, scheduler_output)

@@ -35,6 +35,8 @@ if TYPE_CHECKING:
 
 
 class DraftModelProposer:
+    keeps_up_in_forward = True  # after_forward writes the draft's KV of every step's tokens
+
     def __init__(self, config: SpeculativeConfig) -> None:
         self.config = config
         self.num_speculative_tokens = config.num_speculative_tokens

@@ -105,6 +105,7 @@ def read_eagle_weights(folder: str) -> dict[str, torch.Tensor]:
 
 class EagleProposer(DraftModelProposer):
     """The draft-model proposer's KV cache and decode loop, with the EAGLE head's inputs (hidden states)."""
+    keeps_up_in_forward = False  # the head's KV of a step is written in propose, once the next tokens are known
 
     def __init__(self, config: SpeculativeConfig) -> None:
         super().__init__(config)

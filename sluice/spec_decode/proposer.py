@@ -30,6 +30,9 @@ if TYPE_CHECKING:
 class Proposer(Protocol):
     num_speculative_tokens: int
     kv_bytes_per_block: int  # KV bytes it keeps per block of the target's pool (0: none)
+    # Its state keeps up with the target from ``after_forward`` alone (or it has none), so a step after which
+    # it would propose nothing (disable_by_batch_size) may sample plainly, asynchronously, without ``propose``.
+    keeps_up_in_forward: bool
 
     def load(self, runner: "ModelRunner") -> None:
         """Called once the target model is loaded (a draft model loads its weights)."""
@@ -66,6 +69,7 @@ class NgramLookup:
         self.num_speculative_tokens = config.num_speculative_tokens
         self.lookup = NgramProposer(config.num_speculative_tokens, config.prompt_lookup_min, config.prompt_lookup_max)
         self.kv_bytes_per_block = 0
+        self.keeps_up_in_forward = True  # no state: it reads the tokens when it proposes
 
     def load(self, runner: "ModelRunner") -> None:
         return None

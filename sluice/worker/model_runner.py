@@ -452,8 +452,11 @@ class ModelRunner:
 
     def must_collect_first(self, scheduler_output: SchedulerOutput) -> bool:
         """Whether the previous step's samples must reach the host before this step launches: bad
-        words match the output's last token ids on the host. (Penalties and min_tokens count the
-        sample still in flight on the device: see PendingOutputs.)"""
+        words match the output's last token ids on the host; a speculating engine's verification
+        reads its rows' tokens on the host. (Penalties and min_tokens count the sample still in
+        flight on the device: see PendingOutputs.)"""
+        if self.proposer is not None and not self._samples_plainly(scheduler_output):
+            return True
         if any(new.sampling_params.reads_output_text_on_host for new in scheduler_output.scheduled_new_reqs):
             return True
         if not self._num_reading_host_output:
@@ -461,6 +464,14 @@ class ModelRunner:
         requests = self.requests
         return any(state.reads_output_on_host for r in scheduler_output.num_scheduled_tokens
                    if (state := requests.get(r)) is not None)
+
+    def _samples_plainly(self, scheduler_output: SchedulerOutput) -> bool:
+        """In a speculating engine, whether a step takes the plain sampler (and may run asynchronously): it
+        verifies no proposals, and its proposer, which keeps up from the forward alone, would make none after
+        it (``disable_by_batch_size`` at this many requests)."""
+        proposer = self.proposer
+        return (not scheduler_output.scheduled_spec_token_ids and getattr(proposer, "keeps_up_in_forward", False)
+                and not proposer.config.allows_proposals(len(scheduler_output.num_scheduled_tokens)))
 
     @torch.inference_mode()
     def execute(self, scheduler_output: SchedulerOutput,
@@ -500,7 +511,7 @@ class ModelRunner:
             return LaunchedStep(inputs.req_ids, [], [], None, None, {}, pooled)
         result, host_ids = None, None
         states = [requests[r].sampling for r in inputs.sampling_req_ids]
-        if inputs.sampling_req_ids and self.proposer is not None:
+        if inputs.sampling_req_ids and self.proposer is not None and not self._samples_plainly(scheduler_output):
             prompt_logprobs = self._prompt_logprobs(inputs, hidden) if self._num_prompt_logprobs else {}
             return self._launch_speculative(inputs, hidden, states, grammar, spec, prompt_logprobs)
         if inputs.sampling_req_ids:

@@ -310,3 +310,46 @@ def test_disable_by_batch_size_stops_proposals_for_large_batches(models):
     outputs = llm.generate([{"prompt_token_ids": prompts[4]}], params, use_tqdm=False)
     assert outputs[0].outputs[0].token_ids == expected[4]
     assert llm.llm_engine.core.make_stats().spec_decoding.num_drafts > 0
+
+
+@pytest.mark.parametrize("spec", ["ngram", "draft"])
+def test_async_scheduling_runs_the_steps_without_speculation_asynchronously(models, spec):
+    """With async scheduling, the steps in which disable_by_batch_size turns speculation off launch before the
+    previous step is collected; the speculating ones run in turn. Requests of different lengths take the batch
+    across the threshold both ways; greedy output equals transformers, penalized output the plain engine's."""
+    target, draft, prompts, expected = models
+    config = dict(NGRAM, disable_by_batch_size=4) if spec == "ngram" else \
+        {"model": str(draft), "num_speculative_tokens": 3, "disable_by_batch_size": 4}
+    llm = LLM(model=str(target), dtype="float32", device="cpu", max_model_len=128, speculative_config=config,
+              async_scheduling=True, max_num_batched_tokens=64)
+    runner = llm.llm_engine.core.runner
+    in_flight, launched_behind = [0], []  # steps launched and not collected; launches made behind one
+    launch, collect = runner.launch, runner.collect
+
+    def spy_launch(scheduler_output, *args):
+        if in_flight[0] and scheduler_output.total_num_scheduled_tokens:
+            launched_behind.append(len(scheduler_output.num_scheduled_tokens))
+        in_flight[0] += 1
+        return launch(scheduler_output, *args)
+
+    def spy_collect(step):
+        in_flight[0] -= 1
+        return collect(step)
+
+    runner.launch, runner.collect = spy_launch, spy_collect
+    lengths = [4, 6, 8, 10, 12, 14, 16, 16]
+    params = [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True) for n in lengths]
+    outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    for output, want, n in zip(outputs, expected, lengths):
+        assert output.outputs[0].token_ids == want[:n]
+    # Steps of 4 requests or more launched while the previous one ran; none of fewer (they speculate).
+    assert len(launched_behind) >= 5 and min(launched_behind) >= 4
+    assert llm.llm_engine.core.make_stats().spec_decoding.num_drafts > 0  # and speculation below 4 requests
+    assert_no_leaked_blocks(llm)
+    penalized = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True, frequency_penalty=0.7,
+                               presence_penalty=0.3)
+    batch = [{"prompt_token_ids": p} for p in prompts[:6]]
+    plain = LLM(model=str(target), dtype="float32", device="cpu", max_model_len=128)
+    assert ([o.outputs[0].token_ids for o in llm.generate(batch, penalized, use_tqdm=False)]
+            == [o.outputs[0].token_ids for o in plain.generate(batch, penalized, use_tqdm=False)])
+    assert_no_leaked_blocks(llm)
