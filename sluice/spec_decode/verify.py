@@ -48,8 +48,6 @@ def verify_proposals(logits: torch.Tensor, states: list[RequestSamplingState], n
     lengths = num_spec + 1
     row_of = np.repeat(np.arange(batch), lengths)
     col_of = np.arange(len(row_of)) - np.repeat(np.cumsum(lengths) - lengths, lengths)
-    metadata = SamplingMetadata.build(_row_states(states, row_of, col_of, spec_token_ids), vocab, device)
-    logits = Sampler.process_logits(logits.to(torch.float32), metadata)
     drafts_host = np.zeros((batch, width), dtype=np.int64)
     for i, ids in enumerate(spec_token_ids):
         drafts_host[i, :len(ids)] = ids
@@ -57,6 +55,11 @@ def verify_proposals(logits: torch.Tensor, states: list[RequestSamplingState], n
     num_draft = torch.from_numpy(num_spec.astype(np.int64)).to(device, non_blocking=True)
     flat = (torch.from_numpy(row_of * (width + 1) + col_of)).to(device, non_blocking=True)
     greedy_rows = [s.params.is_greedy for s in states]
+    if all(greedy_rows) and not any(_processes_logits(s.params) for s in states):
+        # Greedy rows with nothing to apply: the argmax in the logits' own dtype (widening keeps the order).
+        return _verify_greedy(row_argmax(logits), flat, drafts, num_draft, batch, width)
+    metadata = SamplingMetadata.build(_row_states(states, row_of, col_of, spec_token_ids), vocab, device)
+    logits = Sampler.process_logits(logits.to(torch.float32), metadata)
     if all(greedy_rows):
         return _verify_greedy(row_argmax(logits), flat, drafts, num_draft, batch, width)
     probs = _target_probs(logits, metadata)
@@ -96,6 +99,12 @@ def verified_logprobs(logits: torch.Tensor, states: list[RequestSamplingState], 
     lists = gather_logprobs(raw, chosen, [states[i].params.logprobs for i in owners.tolist()])
     ends = np.cumsum(lengths[asking])
     return {i: lists.rows(int(end - lengths[i]), int(end)) for i, end in zip(asking, ends)}
+
+
+def _processes_logits(params) -> bool:
+    """Whether the sampler changes a request's logits before choosing (bias, allowed ids, penalties, bad words,
+    min_tokens): what SamplingMetadata would carry for it."""
+    return bool(params.uses_per_step_state or params.logit_bias or params.allowed_token_ids is not None)
 
 
 def _row_states(states: list[RequestSamplingState], row_of: np.ndarray, col_of: np.ndarray,
