@@ -7,7 +7,7 @@ For each batch size: ``--num-iters-warmup`` untimed runs, then ``--num-iters`` t
 ``LLM.generate`` over that many requests of exactly ``--input-len`` prompt tokens and ``--output-len`` output
 tokens (ignore_eos, greedy unless ``--temperature``); it reports the average and the 10/25/50/75/90/99th
 percentile latency per batch, and with speculative decoding the acceptance it saw. Prompts are random token ids
-by default (vLLM's dummy prompts). ``--prompt-echo`` asks the model instead to repeat a passage word for word
+by default, one per request (vLLM's dummy prompts). ``--prompt-echo`` asks the model instead to repeat a passage word for word
 (through its chat template when it has one; the passage is cut or repeated to fill ``--input-len``), the case
 where prompt lookup (``"method": "ngram"``) pays.
 """
@@ -79,12 +79,17 @@ def run_latency_benchmark(args: argparse.Namespace, engine_args: EngineArgs, bat
     kwargs = {f.name: getattr(engine_args, f.name) for f in dataclasses.fields(EngineArgs)
               if not f.name.startswith("_") and f.name != "model"}
     llm = LLM(engine_args.model, **kwargs)
-    prompt = make_prompt(llm, args.input_len, args.prompt_echo, engine_args.seed)
+    # One prompt per request of the largest batch (random ids differ per request, as vLLM's dummy prompts do;
+    # echo requests share their passage); every iteration repeats them, so after warm-up their prefill is a
+    # prefix-cache hit in both engines and the figure is decode time.
+    largest = max(batch_sizes)
+    prompts = ([make_prompt(llm, args.input_len, True, engine_args.seed)] * largest if args.prompt_echo else
+               [make_prompt(llm, args.input_len, False, engine_args.seed + i) for i in range(largest)])
     params = SamplingParams(temperature=args.temperature, max_tokens=args.output_len,
                             ignore_eos=True, seed=engine_args.seed if args.temperature > 0 else None)
     results = []
     for batch_size in batch_sizes:
-        requests = [{"prompt_token_ids": prompt}] * batch_size
+        requests = [{"prompt_token_ids": prompt} for prompt in prompts[:batch_size]]
         for _ in range(args.num_iters_warmup):
             llm.generate(requests, params, use_tqdm=False)
         before = _spec_stats(llm)
