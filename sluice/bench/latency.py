@@ -7,9 +7,9 @@ For each batch size: ``--num-iters-warmup`` untimed runs, then ``--num-iters`` t
 ``LLM.generate`` over that many requests of exactly ``--input-len`` prompt tokens and ``--output-len`` output
 tokens (ignore_eos, greedy unless ``--temperature``); it reports the average and the 10/25/50/75/90/99th
 percentile latency per batch, and with speculative decoding the acceptance it saw. Prompts are random token ids
-by default, one per request (vLLM's dummy prompts). ``--prompt-echo`` asks the model instead to repeat a passage word for word
-(through its chat template when it has one; the passage is cut or repeated to fill ``--input-len``), the case
-where prompt lookup (``"method": "ngram"``) pays.
+by default, one per request (vLLM's dummy prompts). ``--prompt-echo`` asks the model instead to repeat a passage
+word for word (through its chat template when it has one; the passage is cut or repeated to fill
+``--input-len``), the case where prompt lookup (``"method": "ngram"``) pays.
 """
 from __future__ import annotations
 
