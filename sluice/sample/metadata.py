@@ -222,6 +222,12 @@ def _tensor(values: list, dtype: torch.dtype, device: torch.device) -> torch.Ten
     return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
 
 
+def changes_logits(params: SamplingParams) -> bool:
+    """Whether SamplingMetadata carries anything that changes a request's logits before it samples: logit
+    bias, allowed token ids, penalties, bad words or min_tokens (the builders below)."""
+    return bool(params.uses_per_step_state or params.logit_bias or params.allowed_token_ids is not None)
+
+
 def _build_penalties(states: list[RequestSamplingState], vocab_size: int, device: torch.device,
                      pending: PendingOutputs | None = None) -> PenaltyTensors | None:
     rows = [i for i, s in enumerate(states) if s.params.uses_penalties]

@@ -32,6 +32,7 @@ from torch import nn
 from sluice.sample.argmax import row_argmax
 from sluice.spec_decode.config import SpeculativeConfig
 from sluice.spec_decode.draft_model import DraftModelProposer
+from sluice.worker.input_batch import segment_offsets
 
 if TYPE_CHECKING:
     from sluice.worker.input_batch import StepInputs
@@ -160,7 +161,7 @@ class EagleProposer(DraftModelProposer):
         step_rows, starts, lengths, ends = inputs.rows[keep], starts[keep], lengths[keep], ends[keep]
         if not len(step_rows):
             return None
-        offsets = np.arange(int(lengths.sum()), dtype=np.int64) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+        offsets = segment_offsets(lengths)
         positions = np.repeat(starts, lengths) + offsets
         flat = np.repeat(inputs.query_start_loc[:-1][keep].astype(np.int64), lengths) + offsets
         token_rows = np.repeat(step_rows, lengths)

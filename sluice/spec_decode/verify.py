@@ -29,9 +29,10 @@ import torch
 from sluice.core.interface import LogprobsLists
 from sluice.sample.argmax import row_argmax
 from sluice.sample.logprobs import gather_logprobs
-from sluice.sample.metadata import RequestSamplingState, SamplingMetadata
+from sluice.sample.metadata import RequestSamplingState, SamplingMetadata, changes_logits
 from sluice.sample.sampler import Sampler, apply_min_p, apply_top_k_top_p
 from sluice.spec_decode.rejection import PLACEHOLDER, rejection_sample
+from sluice.worker.input_batch import segment_offsets
 
 
 def verify_proposals(logits: torch.Tensor, states: list[RequestSamplingState], num_spec: np.ndarray,
@@ -47,7 +48,7 @@ def verify_proposals(logits: torch.Tensor, states: list[RequestSamplingState], n
     batch, vocab = len(states), logits.shape[-1]
     lengths = num_spec + 1
     row_of = np.repeat(np.arange(batch), lengths)
-    col_of = np.arange(len(row_of)) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+    col_of = segment_offsets(lengths)
     drafts_host = np.zeros((batch, width), dtype=np.int64)
     for i, ids in enumerate(spec_token_ids):
         drafts_host[i, :len(ids)] = ids
@@ -55,7 +56,7 @@ def verify_proposals(logits: torch.Tensor, states: list[RequestSamplingState], n
     num_draft = torch.from_numpy(num_spec.astype(np.int64)).to(device, non_blocking=True)
     flat = (torch.from_numpy(row_of * (width + 1) + col_of)).to(device, non_blocking=True)
     greedy_rows = [s.params.is_greedy for s in states]
-    if all(greedy_rows) and not any(_processes_logits(s.params) for s in states):
+    if all(greedy_rows) and not any(changes_logits(s.params) for s in states):
         # Greedy rows with nothing to apply: the argmax in the logits' own dtype (widening keeps the order).
         return _verify_greedy(row_argmax(logits), flat, drafts, num_draft, batch, width)
     metadata = SamplingMetadata.build(_row_states(states, row_of, col_of, spec_token_ids), vocab, device)
@@ -91,7 +92,7 @@ def verified_logprobs(logits: torch.Tensor, states: list[RequestSamplingState], 
     device = logits.device
     lengths = num_spec + 1
     starts = np.cumsum(lengths) - lengths
-    rows = np.concatenate([np.arange(starts[i], starts[i] + lengths[i]) for i in asking])
+    rows = np.repeat(starts[asking], lengths[asking]) + segment_offsets(lengths[asking])
     owners = np.repeat(asking, lengths[asking])
     index = torch.from_numpy(np.stack([rows, owners, rows - starts[owners]])).to(device, non_blocking=True)
     chosen = out[index[1], index[2]].clamp_min(0)
@@ -99,12 +100,6 @@ def verified_logprobs(logits: torch.Tensor, states: list[RequestSamplingState], 
     lists = gather_logprobs(raw, chosen, [states[i].params.logprobs for i in owners.tolist()])
     ends = np.cumsum(lengths[asking])
     return {i: lists.rows(int(end - lengths[i]), int(end)) for i, end in zip(asking, ends)}
-
-
-def _processes_logits(params) -> bool:
-    """Whether the sampler changes a request's logits before choosing (bias, allowed ids, penalties, bad words,
-    min_tokens): what SamplingMetadata would carry for it."""
-    return bool(params.uses_per_step_state or params.logit_bias or params.allowed_token_ids is not None)
 
 
 def _row_states(states: list[RequestSamplingState], row_of: np.ndarray, col_of: np.ndarray,

@@ -24,6 +24,13 @@ import numpy as np
 from sluice.core.interface import NewRequestData
 
 
+
+def segment_offsets(lengths: np.ndarray) -> np.ndarray:
+    """For segments of ``lengths`` laid end to end, each element's index within its segment (int64):
+    [2, 3] -> [0, 1, 0, 1, 2]."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    return np.arange(int(lengths.sum()), dtype=np.int64) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+
 @dataclass(slots=True)
 class StepInputs:
     """Host-side inputs of one step, in scheduled order."""
@@ -122,8 +129,7 @@ class InputBatch:
         rows = np.repeat(np.fromiter((r for r, _, _ in diffs), dtype=np.int64, count=len(diffs)), lengths)
         starts = np.fromiter((c for _, c, _ in diffs), dtype=np.int64, count=len(diffs))
         # column of entry j of diff i: starts[i] + j
-        offsets = np.arange(int(lengths.sum()), dtype=np.int64) - np.repeat(np.cumsum(lengths) - lengths, lengths)
-        cols = np.repeat(starts, lengths) + offsets
+        cols = np.repeat(starts, lengths) + segment_offsets(lengths)
         block_ids = np.fromiter((b for _, _, ids in diffs for b in ids), dtype=np.int64, count=len(rows))
         return rows, cols, block_ids
 

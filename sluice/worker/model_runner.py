@@ -35,7 +35,7 @@ from sluice.sample.metadata import PendingOutputs, RequestSamplingState, Samplin
 from sluice.sample.sampler import Sampler, SamplerOutput
 from sluice.structured_output.manager import DeferredGrammar, GrammarBitmask, resolve_grammar
 from sluice.worker.cuda_graphs import DecodeGraphs, MixedGraphs, capture_sizes, mixed_capture_sizes
-from sluice.worker.input_batch import InputBatch, StepInputs
+from sluice.worker.input_batch import InputBatch, StepInputs, segment_offsets
 from sluice.worker.kv_cache import KVCacheSpec, allocate_kv_caches, available_gpu_kv_bytes, num_blocks_for_memory
 from sluice.worker.step_buffers import PendingSampledIds, SampledIdsReadback, StepBuffers
 
@@ -562,10 +562,9 @@ class ModelRunner:
         """The step's sampling rows: output tokens [rows, width + 1] and, for those that asked, the logprobs of
         one position per verification row."""
         from sluice.spec_decode.verify import verified_logprobs, verify_proposals
-        lengths = ks + 1
-        first = inputs.logits_indices - ks
-        offsets = np.arange(int(lengths.sum()), dtype=np.int64) - np.repeat(np.cumsum(lengths) - lengths, lengths)
-        logits = self.model.compute_logits(hidden[self._to_device(np.repeat(first, lengths) + offsets)])
+        lengths = ks + 1  # request i's rows: its last known token's position, then one per proposal
+        rows = np.repeat(inputs.logits_indices - ks, lengths) + segment_offsets(lengths)
+        logits = self.model.compute_logits(hidden[self._to_device(rows)])
         req_ids = inputs.sampling_req_ids
         proposals = [spec.get(r, []) for r in req_ids]
         if grammar is not None:  # row j of a constrained request: its grammar's mask after proposals 0..j-1

@@ -247,7 +247,10 @@ def test_a_bitmask_filled_by_a_thread_pool_equals_the_one_filled_in_turn(backend
     serial = GrammarBitmask(matchers(), vocab).fill(req_ids, proposals)
     threaded_matchers = matchers()
     with ThreadPoolExecutor(4) as pool:
+        submitted, submit = [], pool.submit
+        pool.submit = lambda *args: submitted.append(args) or submit(*args)
         threaded = GrammarBitmask(threaded_matchers, vocab, pool, num_threads=4).fill(req_ids, proposals)
+    assert len(submitted) == 3  # 51 constrained rows: three threads of at least FILL_ROWS_PER_THREAD each
     assert threaded[0] == serial[0] and torch.equal(threaded[1], serial[1])
     assert (threaded[1][serial[0]] != -1).any()  # the constrained rows were filled
     row, again = torch.full((1, serial[1].shape[1]), -1, dtype=torch.int32), matchers()
