@@ -9,7 +9,8 @@
 #     KV_SMOKE=1 OUT=/tmp/kv bash benchmarks/kv_tiers_h100.sh      # CPU rehearsal: tiny model, tiny numbers
 #
 # Knobs (environment): STAGES (default "w8 w3 w3-8k"), W8_CONVERSATIONS (200), W8_RATE (conversations/s, 2),
-# OFFLOAD_GIB (64), SWAP_GIB (32), PYTHON. Server flags of the .whl install: see benchmarks/serve_h100.sh.
+# W8_THINK (mean think time between turns, seconds, 10), OFFLOAD_GIB (64), SWAP_GIB (32), PYTHON.
+# Server flags of the .whl install: see benchmarks/serve_h100.sh.
 set -uo pipefail
 : "${OUT:?set OUT to the folder that receives the results}"
 mkdir -p "$OUT"
@@ -24,7 +25,7 @@ wanted() { [[ " $STAGES " == *" $1 "* ]]; }
 
 if [[ "$SMOKE" == 1 ]]; then
   BASE=(--device cpu --dtype float32 --load-format dummy --max-num-batched-tokens 256)
-  W8_POOL=(--num-kv-blocks 96 --block-size 16) W8_CONVERSATIONS=${W8_CONVERSATIONS:-4} W8_SCALE=0.05
+  W8_POOL=(--num-kv-blocks 96 --block-size 16) W8_CONVERSATIONS=${W8_CONVERSATIONS:-4} W8_SCALE=0.05 W8_THINK=${W8_THINK:-0.2}
   W3_POOL=(--num-kv-blocks 64) W3_N=8 W3_8K_N=4 SCALE=0.1 SCALE_8K=0.4 OFFLOAD_GIB=${OFFLOAD_GIB:-0.05} SWAP_GIB=${SWAP_GIB:-0.05}
 else
   BASE=(--dtype bfloat16 --load-format dummy)
@@ -33,6 +34,7 @@ else
   W3_POOL=(--num-kv-blocks 4096) W3_N=256 W3_8K_N=32 SCALE=1.0 SCALE_8K=4 OFFLOAD_GIB=${OFFLOAD_GIB:-64} SWAP_GIB=${SWAP_GIB:-32}
 fi
 W8_RATE=${W8_RATE:-2}
+W8_THINK=${W8_THINK:-10}
 
 WORK=$(mktemp -d)
 SERVER_PID=""
@@ -62,7 +64,7 @@ w8() {  # name, then server flags
   if (( healthy )); then
     timeout 240 "$PYTHON" -m sluice.entrypoints.cli bench serve --workload W8 --base-url "http://127.0.0.1:$port" \
       --model L8 --vocab-size "$VOCAB" --num-conversations "$W8_CONVERSATIONS" --request-rate "$W8_RATE" \
-      --length-scale "$W8_SCALE" --no-progress --output-json "$OUT/w8_$name.json" >"$OUT/w8_$name.log" 2>&1 \
+      --think-time "$W8_THINK" --length-scale "$W8_SCALE" --no-progress --output-json "$OUT/w8_$name.json" >"$OUT/w8_$name.log" 2>&1 \
       || log "bench serve W8 $name exited with $?"
     tail -25 "$OUT/w8_$name.log" | sed 's/^/    /'
   else

@@ -6,8 +6,10 @@
 
 Each turn's prompt is the whole conversation so far: the previous prompt, the tokens the server generated for it
 and the next user message. Conversations start as a W5 stream (Gamma/Poisson gaps at ``--request-rate``); a
-conversation's next turn is sent as soon as its previous turn has finished, so later turns find their history in
-the server's prefix cache, if it kept it. The generated tokens travel back as ids (``return_token_ids``, which
+conversation's next turn is sent after the user's think time (``--think-time``: exponential gaps with that mean,
+seeded; 0 sends it as soon as the previous turn finished). Think time is what makes the workload a test of KV
+tiers: while one user thinks, the others' turns fill the GPU's pool, and the next turn finds its history in the
+server's prefix cache only if the server kept it (on the device, or in a host tier). The generated tokens travel back as ids (``return_token_ids``, which
 sluice and vLLM answer); a server that does not send them gets random ids in their place (``history`` is then
 ``"synthetic"`` in the report, and its hits stop at the previous prompt).
 
@@ -35,6 +37,7 @@ CONTEXT_TOKENS = 2000
 USER_TOKENS = 300
 OUTPUT_TOKENS = 150
 JITTER = 0.2  # each length is drawn uniformly within +-20% of its nominal value
+THINK_TIME_S = 10.0  # mean pause between an answer and the user's next message
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,15 +45,21 @@ class Conversation:
     context: list[int]
     user_turns: list[list[int]]  # one user message per turn
     output_lens: list[int]  # tokens asked of the server per turn
+    think_times: list[float]  # seconds before each turn after the first (len(user_turns) - 1 of them)
 
 
 def generate_conversations(vocab_size: int, num_conversations: int = NUM_CONVERSATIONS, seed: int = 0,
-                           length_scale: float = 1.0, max_model_len: int | None = None) -> list[Conversation]:
+                           length_scale: float = 1.0, max_model_len: int | None = None,
+                           think_time_s: float = THINK_TIME_S) -> list[Conversation]:
     """W8's conversations: seeded, reproducible; turns that would not fit ``max_model_len`` are dropped (every
-    conversation keeps at least its first turn, whose context is shortened if need be)."""
+    conversation keeps at least its first turn, whose context is shortened if need be). Think times are drawn
+    from their own generator, so the token ids do not depend on them."""
     if vocab_size <= FIRST_TOKEN_ID:
         raise ValueError(f"vocab_size must exceed {FIRST_TOKEN_ID}, got {vocab_size}")
+    if think_time_s < 0:
+        raise ValueError(f"think_time_s must be at least 0, got {think_time_s}")
     rng = np.random.default_rng(seed)
+    think_rng = np.random.default_rng([seed, 1])
 
     def length(nominal: int) -> int:
         scaled = max(1, round(nominal * length_scale))
@@ -76,7 +85,9 @@ def generate_conversations(vocab_size: int, num_conversations: int = NUM_CONVERS
                 context = context[:max(1, max_model_len - len(users[0]) - outputs[0])]
                 kept = 1
             users, outputs = users[:kept], outputs[:kept]
-        conversations.append(Conversation(context, users, outputs))
+        thinks = think_rng.exponential(think_time_s, size=len(users) - 1).tolist() if think_time_s > 0 \
+            else [0.0] * (len(users) - 1)
+        conversations.append(Conversation(context, users, outputs, thinks))
     return conversations
 
 
@@ -91,7 +102,8 @@ class TurnResult:
 async def run_conversations(base_url: str, model: str, conversations: Sequence[Conversation], gaps: Sequence[float],
                             headers: dict[str, str], vocab_size: int, show_progress: bool = True,
                             timeout_s: float = 6 * 3600) -> tuple[list[TurnResult], float]:
-    """Every conversation, its turns in order; conversations start on their arrival schedule."""
+    """Every conversation, its turns in order, each after its think time; conversations start on their arrival
+    schedule."""
     import httpx
     from tqdm import tqdm
 
@@ -107,6 +119,8 @@ async def run_conversations(base_url: str, model: str, conversations: Sequence[C
             history = list(conversation.context)
             results = []
             for turn, (user, output_len) in enumerate(zip(conversation.user_turns, conversation.output_lens)):
+                if turn and conversation.think_times[turn - 1] > 0:
+                    await asyncio.sleep(conversation.think_times[turn - 1])
                 prompt = history + user
                 generated: list[int] = []
                 result = await send_completion(client, url, model, ServeRequest(prompt, len(prompt), output_len),

@@ -94,6 +94,9 @@ def add_parser(bench_subparsers: argparse._SubParsersAction) -> argparse.Argumen
     parser.add_argument("--workload", default="W5", choices=["W5", "W8"])
     parser.add_argument("--num-conversations", type=int, default=None,
                         help="W8: conversations (default 200; --num-prompts is W5's)")
+    parser.add_argument("--think-time", type=float, default=None,
+                        help="W8: mean seconds between an answer and the user's next turn (exponential; default 10; "
+                             "0: at once)")
     parser.add_argument("--base-url", default="http://127.0.0.1:8000", help="the server, without /v1")
     parser.add_argument("--endpoint", default="/v1/completions", choices=["/v1/completions"])
     parser.add_argument("--model", required=True, help="the served model name (also the tokenizer, if a path)")
@@ -251,10 +254,11 @@ def run_multiturn(args: argparse.Namespace) -> int:
     """W8 (multiturn.py): conversations on W5 arrivals; per-turn metrics and the server's prefix-cache counters."""
     import httpx
 
-    from sluice.bench.multiturn import (NUM_CONVERSATIONS, counter_deltas, generate_conversations,
+    from sluice.bench.multiturn import (NUM_CONVERSATIONS, THINK_TIME_S, counter_deltas, generate_conversations,
                                         prefix_cache_counters, run_conversations, turn_metrics)
 
     num_conversations = args.num_conversations or NUM_CONVERSATIONS
+    think_time_s = THINK_TIME_S if args.think_time is None else args.think_time
     if num_conversations < 1:
         raise ValueError(f"num_conversations must be at least 1, got {num_conversations}")
     if args.prompt_format != "token-ids":
@@ -263,7 +267,8 @@ def run_multiturn(args: argparse.Namespace) -> int:
     slos = parse_goodput(args.goodput)
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
     vocab_size, max_model_len = _vocab_and_context(args, headers)
-    conversations = generate_conversations(vocab_size, num_conversations, args.seed, args.length_scale, max_model_len)
+    conversations = generate_conversations(vocab_size, num_conversations, args.seed, args.length_scale, max_model_len,
+                                           think_time_s)
 
     def scrape() -> dict[str, float]:
         response = httpx.get(args.base_url.rstrip("/") + "/metrics", headers=headers, timeout=30)
@@ -276,6 +281,7 @@ def run_multiturn(args: argparse.Namespace) -> int:
     results = [t.result for t in turns]
     report = build_report(args, calculate_metrics(results, duration, slos), slos, results)
     report["workload"] = "W8"
+    report["think_time_s"] = think_time_s
     report["num_prompts"] = len(turns)
     report["engine"].update(turn_metrics(turns, duration, slos))
     report["engine"]["prefix_cache"] = counter_deltas(before, scrape())

@@ -128,6 +128,22 @@ def test_long_prompt_mix_reports_the_short_requests_inter_token_latency_on_its_o
 
 
 # ---- W8: multi-turn ---------------------------------------------------------------------------------------
+def test_w8_think_times_are_seeded_exponential_and_leave_the_tokens_alone():
+    from sluice.bench.multiturn import generate_conversations
+
+    slow = generate_conversations(1000, 400, seed=5, think_time_s=10.0)
+    assert slow == generate_conversations(1000, 400, seed=5, think_time_s=10.0)
+    gaps = [t for c in slow for t in c.think_times]
+    assert all(len(c.think_times) == len(c.user_turns) - 1 for c in slow)
+    assert 9.0 <= np.mean(gaps) <= 11.0 and min(gaps) >= 0 and np.median(gaps) < np.mean(gaps)  # exponential
+    at_once = generate_conversations(1000, 400, seed=5, think_time_s=0.0)
+    assert all(t == 0.0 for c in at_once for t in c.think_times)
+    assert [(c.context, c.user_turns, c.output_lens) for c in at_once] == \
+        [(c.context, c.user_turns, c.output_lens) for c in slow]
+    with pytest.raises(ValueError, match="think_time_s"):
+        generate_conversations(1000, 2, think_time_s=-1.0)
+
+
 def test_w8_conversations_are_seeded_and_fit_the_context():
     from sluice.bench.multiturn import generate_conversations
 
@@ -165,14 +181,14 @@ def test_w8_against_a_real_server_resends_histories_that_hit_the_prefix_cache(ti
     out = tmp_path / "w8.json"
     argv = ["bench", "serve", "--workload", "W8", "--base-url", server.base_url, "--model", "tiny", "--tokenizer",
             str(model), "--num-conversations", "3", "--length-scale", "0.05", "--request-rate", "40",
-            "--output-json", str(out), "--no-progress"]
+            "--think-time", "0.02", "--output-json", str(out), "--no-progress"]
     assert main(argv) == 0
     report = json.loads(out.read_text())
     engine = report["engine"]
     conversations = generate_conversations(384, 3, seed=0, length_scale=0.05, max_model_len=512)
     num_turns = sum(len(c.user_turns) for c in conversations)
-    assert (report["workload"], engine["num_turns"], engine["completed"], engine["failed"]) == \
-        ("W8", num_turns, num_turns, 0)
+    assert (report["workload"], report["think_time_s"], engine["num_turns"], engine["completed"], engine["failed"]) == \
+        ("W8", 0.02, num_turns, num_turns, 0)
     assert engine["history"] == "ids"  # the server's own tokens went back into each history
     # Turn t's prompt: context + every earlier user message and output + its own user message.
     expected_input = sum(len(c.context) * len(c.user_turns)
