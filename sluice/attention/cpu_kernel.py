@@ -1,6 +1,7 @@
-"""The native paged decode kernel (csrc/paged_decode.c): built with the system C compiler on first use, loaded by ctypes.
+"""Native CPU kernels built with the system C compiler on first use and loaded by ctypes: the paged decode kernel
+(csrc/paged_decode.c) here, and the fused elementwise kernels of layers/cpu_fused.py (``build_library``).
 
-The shared object lives in ``$SLUICE_CACHE_DIR`` (default ``~/.cache/sluice/cpu_kernels/``) under a name keyed by a
+Each shared object lives in ``$SLUICE_CACHE_DIR`` (default ``~/.cache/sluice/cpu_kernels/``) under a name keyed by a
 hash of the source, the compiler command and the CPU's flags, so a changed source or another machine builds its own;
 it is compiled to a temporary name and renamed into place, so processes starting together never load a half-written
 file. It links libgomp.so.1 by soname: the one torch already loaded serves it (one OpenMP runtime per process).
@@ -49,21 +50,39 @@ def _cpu_flags() -> str:
         return ""
 
 
-def library_path(compiler: str) -> Path:
-    key = hashlib.sha256(SOURCE.read_bytes() + " ".join((compiler,) + FLAGS).encode() + _cpu_flags().encode())
-    return cache_dir() / f"paged_decode-{key.hexdigest()[:16]}.so"
+def library_path(compiler: str, source: Path = SOURCE, flags: tuple[str, ...] = FLAGS) -> Path:
+    key = hashlib.sha256(source.read_bytes() + " ".join((compiler,) + flags).encode() + _cpu_flags().encode())
+    return cache_dir() / f"{source.stem}-{key.hexdigest()[:16]}.so"
 
 
-def _build(compiler: str, target: Path) -> None:
+def _build(compiler: str, target: Path, source: Path = SOURCE, flags: tuple[str, ...] = FLAGS) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)
     try:
-        subprocess.run([compiler, *FLAGS, "-o", tmp, str(SOURCE)], check=True, capture_output=True, timeout=60)
+        subprocess.run([compiler, *flags, "-o", tmp, str(source)], check=True, capture_output=True, timeout=60)
         os.replace(tmp, target)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def build_library(source: Path, what: str, fallback: str, compiler: str | None = None,
+                  flags: tuple[str, ...] = FLAGS) -> ctypes.CDLL | None:
+    """``source`` compiled (or found in the cache) and loaded; None, after one info line naming ``what`` is
+    unavailable and the ``fallback`` taken, when there is no compiler or the build fails."""
+    compiler = compiler or COMPILER
+    try:
+        if shutil.which(compiler) is None:
+            raise FileNotFoundError(f"no C compiler {compiler!r} on PATH")
+        path = library_path(compiler, source, flags)
+        if not path.exists():
+            _build(compiler, path, source, flags)
+        return ctypes.CDLL(str(path))
+    except (OSError, subprocess.SubprocessError) as exc:
+        detail = exc.stderr.decode(errors="replace")[-500:] if isinstance(exc, subprocess.CalledProcessError) else exc
+        logger.info("%s unavailable (%s): %s", what, detail, fallback)
+        return None
 
 
 def load_paged_decode(compiler: str | None = None):
@@ -71,18 +90,10 @@ def load_paged_decode(compiler: str | None = None):
     compiler = compiler or COMPILER
     if compiler in _loaded:
         return _loaded[compiler]
+    library = build_library(SOURCE, "CPU paged decode kernel", "decodes use SDPA", compiler)
     fn = None
-    try:
-        if shutil.which(compiler) is None:
-            raise FileNotFoundError(f"no C compiler {compiler!r} on PATH")
-        path = library_path(compiler)
-        if not path.exists():
-            _build(compiler, path)
-        fn = ctypes.CDLL(str(path)).sluice_paged_decode
+    if library is not None:
+        fn = library.sluice_paged_decode
         fn.argtypes, fn.restype = _ARGTYPES, ctypes.c_int
-    except (OSError, subprocess.SubprocessError) as exc:
-        detail = exc.stderr.decode(errors="replace")[-500:] if isinstance(exc, subprocess.CalledProcessError) else exc
-        logger.info("CPU paged decode kernel unavailable (%s): decodes use SDPA", detail)
-        fn = None
     _loaded[compiler] = fn
     return fn

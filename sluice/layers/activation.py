@@ -1,7 +1,8 @@
 """Activations of gated MLPs: each splits a merged gate_up projection in half.
 
-``SiluAndMul`` (Llama, Qwen, Phi-3) runs on CUDA as one Triton kernel (``fused_kernels.silu_and_mul``);
-elsewhere ``forward_torch`` runs: the reference the kernel follows. ``GeluTanhAndMul`` (GeGLU with
+``SiluAndMul`` (Llama, Qwen, Phi-3) runs on CUDA as one Triton kernel (``fused_kernels.silu_and_mul``) and on
+the CPU in bfloat16 as one C call (``cpu_fused.silu_and_mul``); elsewhere ``forward_torch`` runs: the reference
+the kernels follow. ``GeluTanhAndMul`` (GeGLU with
 the tanh approximation, Gemma's ``gelu_pytorch_tanh``) is plain torch everywhere.
 """
 from __future__ import annotations
@@ -10,7 +11,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-try:  # CPU-only installs have no triton; they run forward_torch
+from sluice.layers import cpu_fused
+
+try:  # CPU-only installs have no triton
     from sluice.layers import fused_kernels
 except ImportError:
     fused_kernels = None
@@ -22,6 +25,8 @@ class SiluAndMul(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if fused_kernels is not None and fused_kernels.can_silu_and_mul(x):
             return fused_kernels.silu_and_mul(x)
+        if cpu_fused.can_silu_and_mul(x):
+            return cpu_fused.silu_and_mul(x)
         return self.forward_torch(x)
 
     def forward_torch(self, x: torch.Tensor) -> torch.Tensor:

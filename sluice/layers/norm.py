@@ -4,8 +4,9 @@
 stream (``x + residual`` becomes the new residual) and returns ``(normed, new_residual)``,
 so decoder layers never materialize the add separately.
 
-On CUDA both forms run as one Triton kernel (``fused_kernels.rms_norm``); elsewhere, and for
-shapes the kernel does not take, ``forward_torch`` runs: the reference the kernel follows.
+On CUDA both forms run as one Triton kernel (``fused_kernels.rms_norm``), on the CPU in bfloat16 as one C call
+(``cpu_fused.rms_norm``); elsewhere, and for shapes the kernels do not take, ``forward_torch`` runs: the
+reference the kernels follow.
 
 ``GemmaRMSNorm`` (Gemma 2/3) scales by ``1 + weight`` and multiplies before the cast back to the
 input dtype, as transformers' Gemma norms do; on CUDA it runs the same kernel with ``1 + weight``
@@ -16,13 +17,17 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-try:  # CPU-only installs have no triton; they run forward_torch
+from sluice.layers import cpu_fused
+
+try:  # CPU-only installs have no triton
     from sluice.layers import fused_kernels
 except ImportError:
     fused_kernels = None
 
 
 class RMSNorm(nn.Module):
+    gemma = False  # the CPU kernel's variant: weight * bf16(normed), or (GemmaRMSNorm) normed * (1 + weight)
+
     def __init__(self, hidden_size: int, eps: float = 1e-6) -> None:
         super().__init__()
         self.eps = eps
@@ -44,6 +49,8 @@ class RMSNorm(nn.Module):
                 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         if fused_kernels is not None and fused_kernels.can_rms_norm(x, self.weight, residual):
             return fused_kernels.rms_norm(x, self.kernel_weight(), self.eps, residual)
+        if cpu_fused.can_rms_norm(x, self.weight, residual):
+            return cpu_fused.rms_norm(x, self.weight, self.eps, residual, self.gemma)
         return self.forward_torch(x, residual)
 
     def forward_torch(self, x: torch.Tensor, residual: torch.Tensor | None = None
@@ -56,6 +63,8 @@ class RMSNorm(nn.Module):
 
 class GemmaRMSNorm(RMSNorm):
     """x / rms(x) * (1 + weight), in float32 before the cast back (checkpoints store weight - 1)."""
+
+    gemma = True
 
     def __init__(self, hidden_size: int, eps: float = 1e-6) -> None:
         super().__init__(hidden_size, eps)

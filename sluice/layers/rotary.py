@@ -6,8 +6,9 @@ projections) rather than cached up to max_position_embeddings, which keeps memor
 no length limit.
 
 On CUDA one Triton kernel (``fused_kernels.apply_rotary_``) rotates q and k in place, computing
-cos/sin from the positions itself, for rope types with static frequencies and no attention factor;
-elsewhere ``forward_torch`` runs: the reference it follows.
+cos/sin from the positions itself, for rope types with static frequencies and no attention factor; on the CPU in
+bfloat16 one C call (``cpu_fused.apply_rotary_``) does the same; elsewhere ``forward_torch`` runs: the reference
+they follow.
 """
 from __future__ import annotations
 
@@ -20,7 +21,9 @@ from sluice.layers.rope_scaling import (
     SUPPORTED_ROPE_TYPES, RopeSettings, compute_inv_freq, dynamic_inv_freq, rotary_exponents,
 )
 
-try:  # CPU-only installs have no triton; they run forward_torch
+from sluice.layers import cpu_fused
+
+try:  # CPU-only installs have no triton
     from sluice.layers import fused_kernels
 except ImportError:
     fused_kernels = None
@@ -31,8 +34,8 @@ __all__ = ["SUPPORTED_ROPE_TYPES", "RopeSettings", "RotaryEmbedding", "compute_i
 class RotaryEmbedding(nn.Module):
     """Applies rope to packed q [T, H * D] and k [T, Hkv * D] at their absolute positions [T].
 
-    Returns the rotated (q, k). On CUDA these are the inputs themselves, rotated in place (q and k
-    may be strided column slices of the qkv projection); on CPU they are new tensors.
+    Returns the rotated (q, k). Where a fused kernel runs (CUDA; CPU bfloat16) these are the inputs themselves,
+    rotated in place (q and k may be strided column slices of the qkv projection); otherwise new tensors.
     """
 
     # (positions, its version, dtype, rope, rotary_dim, cos, sin) of the last CPU forward_torch, which the other
@@ -55,10 +58,14 @@ class RotaryEmbedding(nn.Module):
 
     def forward(self, positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor
                 ) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.fusable and fused_kernels is not None and fused_kernels.can_apply_rotary(positions, query, key, self.inv_freq,
-                                                                        self.head_dim, self.rotary_dim):
-            fused_kernels.apply_rotary_(positions, query, key, self.inv_freq, self.head_dim, self.rotary_dim)
-            return query, key
+        if self.fusable:
+            if fused_kernels is not None and fused_kernels.can_apply_rotary(positions, query, key, self.inv_freq,
+                                                                            self.head_dim, self.rotary_dim):
+                fused_kernels.apply_rotary_(positions, query, key, self.inv_freq, self.head_dim, self.rotary_dim)
+                return query, key
+            if cpu_fused.can_apply_rotary(positions, query, key, self.inv_freq, self.head_dim, self.rotary_dim):
+                cpu_fused.apply_rotary_(positions, query, key, self.inv_freq, self.head_dim, self.rotary_dim)
+                return query, key
         return self.forward_torch(positions, query, key)
 
     def forward_torch(self, positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor

@@ -1,0 +1,112 @@
+"""The fused bfloat16 CPU kernels (layers/cpu_fused.py, csrc/cpu_fused.c) against the torch references they replace.
+
+SiLU * mul and rope round exactly where the references round: bit-equal outputs. RMSNorm may differ in the order
+of its sum of squares, so a few elements may land one bfloat16 ulp apart; the residual sum is exact. float32
+(the transformers-exact oracle) never takes the kernels.
+"""
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+
+from sluice.attention import cpu_kernel
+from sluice.layers import cpu_fused
+from sluice.layers.activation import SiluAndMul
+from sluice.layers.norm import GemmaRMSNorm, RMSNorm
+from sluice.layers.rope_scaling import RopeSettings
+from sluice.layers.rotary import RotaryEmbedding
+
+
+@pytest.fixture(scope="module", autouse=True)
+def built():
+    if shutil.which(cpu_kernel.COMPILER) is None:
+        pytest.skip(f"no C compiler ({cpu_kernel.COMPILER!r}) to build the fused CPU kernels")
+    assert cpu_fused.kernels() is not None, "a compiler is present, so the kernels must build"
+
+
+def _bits_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return torch.equal(a.view(torch.int16), b.view(torch.int16))
+
+
+@pytest.mark.parametrize("rows", [1, 3, 17, 300])
+@pytest.mark.parametrize("width", [8, 100, 576, 4096])
+@pytest.mark.parametrize("norm_cls", [RMSNorm, GemmaRMSNorm])
+def test_rms_norm_matches_the_reference(rows, width, norm_cls):
+    gen = torch.Generator().manual_seed(rows * width)
+    norm = norm_cls(width, 1e-5).bfloat16()
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(width, generator=gen) * (0.1 if norm_cls is GemmaRMSNorm else 1.0))
+    x = (torch.randn(rows, width, generator=gen) * 3).bfloat16()
+    residual = torch.randn(rows, width, generator=gen).bfloat16()
+    assert cpu_fused.can_rms_norm(x, norm.weight, residual)
+    with torch.inference_mode():
+        pairs = [(norm(x), norm.forward_torch(x))]
+        (out, new_residual), (ref, ref_residual) = norm(x, residual), norm.forward_torch(x, residual)
+    assert _bits_equal(new_residual, ref_residual)  # one bfloat16 add, as torch's
+    pairs.append((out, ref))
+    for got, want in pairs:
+        diff = (got.float() - want.float()).abs()
+        assert (diff <= want.float().abs() * 2 ** -6 + 1e-30).all()  # one ulp of the normed value, times weight
+        assert (diff > 0).float().mean() < 0.01
+
+
+def test_rms_norm_reads_strided_rows_and_per_head_tensors():
+    norm = RMSNorm(64, 1e-6).bfloat16()
+    wide = torch.randn(5, 96).bfloat16()
+    x = wide[:, :64]  # a column slice: row stride 96
+    heads = torch.randn(5, 3, 64).bfloat16()  # a q/k norm's [T, heads, D]
+    assert cpu_fused.can_rms_norm(x, norm.weight, None) and cpu_fused.can_rms_norm(heads, norm.weight, None)
+    with torch.inference_mode():
+        assert _bits_equal(norm(x), norm.forward_torch(x.contiguous()))
+        out = norm(heads)
+        assert out.shape == heads.shape and _bits_equal(out, norm.forward_torch(heads))
+
+
+def test_silu_and_mul_is_bit_equal_over_every_bfloat16_gate():
+    gates = torch.arange(-(1 << 15), 1 << 15, dtype=torch.int32).to(torch.int16).view(torch.bfloat16)
+    ups = torch.randn(gates.numel(), generator=torch.Generator().manual_seed(0)).bfloat16()
+    x = torch.cat([gates, ups]).view(1, -1)
+    act = SiluAndMul()
+    with torch.inference_mode():
+        got, want = act(x), act.forward_torch(x)
+    both_nan = got.isnan() & want.isnan()
+    assert torch.equal(got.view(torch.int16)[~both_nan], want.view(torch.int16)[~both_nan])
+    batch = torch.randn(37, 2 * 320, generator=torch.Generator().manual_seed(1)).bfloat16() * 8
+    with torch.inference_mode():
+        assert _bits_equal(act(batch), act.forward_torch(batch))
+
+
+@pytest.mark.parametrize("head_dim,partial,settings", [
+    (64, 1.0, RopeSettings(rope_theta=10000.0)),
+    (128, 1.0, RopeSettings(rope_theta=500000.0, rope_type="llama3", factor=8.0, low_freq_factor=1.0,
+                            high_freq_factor=4.0, original_max_position_embeddings=8192)),
+    (32, 0.5, RopeSettings(rope_theta=10000.0, partial_rotary_factor=0.5)),
+])
+@pytest.mark.parametrize("tokens", [1, 7, 300])
+def test_rope_rotates_q_and_k_in_place_bit_equal(head_dim, partial, settings, tokens):
+    rope = RotaryEmbedding(head_dim, settings)
+    assert rope.fusable and rope.rotary_dim == int(head_dim * partial)
+    gen = torch.Generator().manual_seed(tokens)
+    qkv = (torch.randn(tokens, 12 * head_dim, generator=gen) * 2).bfloat16()  # 8 q heads, 2 k, 2 v
+    positions = torch.randint(0, 9000, (tokens,), generator=gen)
+    q, k, v = qkv[:, :8 * head_dim], qkv[:, 8 * head_dim:10 * head_dim], qkv[:, 10 * head_dim:]
+    want_q, want_k = rope.forward_torch(positions, q.clone(), k.clone())
+    v_before = v.clone()
+    with torch.inference_mode():
+        got_q, got_k = rope(positions, q, k)
+    assert got_q.data_ptr() == q.data_ptr() and got_k.data_ptr() == k.data_ptr()  # in place, in the qkv tensor
+    assert _bits_equal(got_q, want_q) and _bits_equal(got_k, want_k)
+    assert _bits_equal(v, v_before)
+
+
+def test_float32_and_the_switch_keep_the_torch_references(monkeypatch):
+    x32, w32 = torch.randn(2, 64), torch.randn(64)
+    assert not cpu_fused.can_rms_norm(x32, w32, None)
+    assert not cpu_fused.can_silu_and_mul(x32)
+    assert not cpu_fused.can_apply_rotary(torch.arange(2), x32, x32, torch.ones(8), 16, 16)
+    monkeypatch.setattr(cpu_fused, "_kernels", None)
+    monkeypatch.setenv(cpu_fused.ENV_FUSED, "0")
+    x = torch.randn(2, 64).bfloat16()
+    assert not cpu_fused.can_rms_norm(x, x[0].clone(), None) and not cpu_fused.can_silu_and_mul(x)
