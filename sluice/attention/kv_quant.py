@@ -61,4 +61,4 @@ def calculated_kv_scales(key: torch.Tensor, value: torch.Tensor) -> torch.Tensor
     """``--calculate-kv-scales``: [amax(|K|), amax(|V|)] / 448 over a batch, so it fills the float8 range
     exactly (a zero tensor keeps a tiny positive scale rather than dividing by zero)."""
     amax = torch.stack([key.detach().abs().amax(), value.detach().abs().amax()]).float()
-    return (amax / FP8_MAX).clamp_min_(torch.finfo(torch.float32).tiny)
+    return (amax / torch.full_like(amax, FP8_MAX)).clamp_min_(torch.finfo(torch.float32).tiny)  # a true quotient

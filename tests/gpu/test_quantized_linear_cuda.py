@@ -64,3 +64,21 @@ def test_cuda_rtn_layers_match_the_cpu_reference(num_tokens, tmp_path):
         expected = x.bfloat16().float() @ reference[name].weight.float().t()
         out = layer(x.to("cuda", torch.bfloat16)).float().cpu()
         torch.testing.assert_close(out, expected, rtol=2e-2, atol=2e-2 * expected.abs().max().item())
+
+
+def test_load_time_quantizers_give_the_same_codes_and_scales_on_cuda_and_cpu():
+    """RTN codes and fp8 per-row scales are computed where the weights live: CUDA must agree with the CPU bit for
+    bit (a quotient by a Python number is a multiply by its reciprocal on CUDA, an ulp away at times, which flips
+    codes at rounding boundaries)."""
+    from sluice.layers.quantization.fp8 import quantize_fp8_per_row
+    from sluice.layers.quantization.w4a16 import quantize_rtn
+
+    weight = torch.randn(512, 384, generator=torch.Generator().manual_seed(0)).bfloat16()
+    for group_size in (128, -1):
+        cpu, gpu = quantize_rtn(weight, 4, group_size), quantize_rtn(weight.cuda(), 4, group_size)
+        for name in ("codes", "zeros", "scales"):
+            assert torch.equal(cpu[name], gpu[name].cpu()), (group_size, name)
+    q_cpu, s_cpu = quantize_fp8_per_row(weight.float())
+    q_gpu, s_gpu = quantize_fp8_per_row(weight.float().cuda())
+    assert torch.equal(s_cpu, s_gpu.cpu())
+    assert torch.equal(q_cpu.view(torch.uint8), q_gpu.cpu().view(torch.uint8))

@@ -53,7 +53,8 @@ def check_fp8_device(device: torch.device) -> None:
 
 def quantize_fp8_per_row(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """x [R, C] -> (float8 [R, C], float32 scales [R, 1]) with x ~= q * scale, each row's amax at FP8_MAX."""
-    scale = x.abs().amax(dim=-1, keepdim=True).float().clamp(min=1e-12) / FP8_MAX
+    amax = x.abs().amax(dim=-1, keepdim=True).float().clamp(min=1e-12)
+    scale = amax / torch.full_like(amax, FP8_MAX)  # a true quotient on every device (see quantize_rtn)
     return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale
 
 

@@ -163,7 +163,9 @@ def quantize_rtn(weight: torch.Tensor, bits: int, group_size: int) -> dict[str, 
     low = groups.amin(dim=-1).clamp(max=0)
     high = groups.amax(dim=-1).clamp(min=0)
     maxq = (1 << bits) - 1
-    scales = ((high - low) / maxq).clamp(min=1e-10)
+    # Divided by a tensor, not a Python number: CUDA divides by a scalar as a multiply by its reciprocal, which
+    # can land an ulp away from the CPU's quotient and flip a code at a rounding boundary.
+    scales = ((high - low) / torch.full_like(high, maxq)).clamp(min=1e-10)
     zeros = (-low / scales).round().clamp(0, maxq)
     codes = (groups / scales.unsqueeze(-1)).round() + zeros.unsqueeze(-1)
     return {"codes": codes.clamp(0, maxq).to(torch.uint8).reshape(rows, cols), "zeros": zeros, "scales": scales,
