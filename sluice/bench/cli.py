@@ -11,7 +11,11 @@ and loaded with dummy weights), builds the workload's requests, times the engine
 (W4: prefix caching on and off), then each peer on the first ``--peer-num-prompts`` of the same requests, and
 reports tokens per second, ratios (engine over peer, output tokens per second: fair across subsets) and the
 roofline fraction. ``--compare`` (with ``--quantization``) also times the same flags without quantization on the
-same requests and reports quantized over unquantized output tokens per second. With ``--num-loras N`` the
+same requests and reports quantized over unquantized output tokens per second; on a workload with structured
+requests (W7, ``--structured-fraction``) and no quantization it times the same requests unconstrained twice:
+with their own output lengths (``structured_over_unconstrained``, output tokens per second), and with each
+request's output length set to what it generated constrained (``structured_over_matched``: the same tokens, so
+the grammar's cost alone; constrained requests stop when their JSON is complete). With ``--num-loras N`` the
 engine runs twice on the same requests: without LoRA (``engine_base``), then with N dummy adapters of
 ``--lora-rank`` on all seven projections, requests spread evenly over them (``engine``; ``lora_over_base`` is its
 output tokens per second over the base run's). Other benchmark subcommands (``serve``) live in their own modules
@@ -89,7 +93,9 @@ def add_throughput_parser(bench_subparsers: argparse._SubParsersAction) -> argpa
     bench.add_argument("--no-progress", action="store_true", help="no progress bar")
     bench.add_argument("--compare", action="store_true",
                        help="with --quantization: also run the unquantized model (the same flags without "
-                            "--quantization) on the same requests, and report quantized over unquantized")
+                            "--quantization) on the same requests, and report quantized over unquantized; with "
+                            "structured requests (W7): also run them unconstrained, at their own and at the "
+                            "constrained run's output lengths")
     bench.add_argument("--num-loras", type=int, default=0,
                        help="also run with this many dummy LoRA adapters (all seven projections), requests spread "
                             "evenly over them, after a run without LoRA on the same requests")
@@ -136,8 +142,10 @@ def run_throughput_command(args: argparse.Namespace) -> int:
         value = getattr(args, name)
         if value is not None and value < 1:
             raise ValueError(f"{name} must be at least 1, got {value}")
-    if args.compare and args.quantization in (None, "None", "none", ""):
-        raise ValueError("--compare runs the model with and without --quantization: pass --quantization")
+    structured = args.workload == "W7" or bool(getattr(args, "structured_fraction", None))
+    if args.compare and args.quantization in (None, "None", "none", "") and not structured:
+        raise ValueError("--compare runs the model with and without --quantization, or structured requests (W7, "
+                         "--structured-fraction) with and without their constraints: pass one of them")
     if args.compare and getattr(args, "num_loras", 0):
         raise ValueError("--compare and --num-loras each add a baseline run: give one of them")
     with tempfile.TemporaryDirectory(prefix="sluice-bench-") as scratch:
@@ -150,7 +158,7 @@ def run_throughput_command(args: argparse.Namespace) -> int:
 
 def run_throughput_benchmark(args: argparse.Namespace, model: ResolvedModel, peers: list[str]) -> dict[str, Any]:
     """Engine (and for W4 the engine without prefix caching), then peers; returns the JSON report."""
-    from sluice.bench.datasets import generate_workload
+    from sluice.bench.datasets import BenchRequest, generate_workload
     from sluice.bench.peers import PEER_RUNNERS, PeerConfig
     from sluice.bench.throughput import run_sluice
     from sluice.config import create_engine_config
@@ -174,9 +182,17 @@ def run_throughput_benchmark(args: argparse.Namespace, model: ResolvedModel, pee
     else:
         timed_args = engine_args
         runs["engine"] = run_sluice(engine_args, requests, **run_kwargs)
-    if args.compare:  # the same requests and flags, without quantization
+    if args.compare and engine_args.quantization:  # the same requests and flags, without quantization
         runs["engine_unquantized"] = run_sluice(dataclasses.replace(timed_args, quantization=None), requests,
                                                 name="sluice-unquantized", **run_kwargs)
+    elif args.compare:  # the same requests without their constraints: own lengths, then the constrained run's
+        if not any(r.json_schema is not None for r in requests):
+            raise ValueError("--compare without --quantization needs structured requests (W7, --structured-fraction)")
+        plain = [BenchRequest(r.prompt_token_ids, r.output_len) for r in requests]
+        runs["engine_unconstrained"] = run_sluice(timed_args, plain, name="sluice-unconstrained", **run_kwargs)
+        matched = [BenchRequest(r.prompt_token_ids, max(n, 1)) for r, n in zip(requests, runs["engine"].output_lens)]
+        runs["engine_unconstrained_matched"] = run_sluice(timed_args, matched, name="sluice-unconstrained-matched",
+                                                          **run_kwargs)
     peer_requests = requests[:args.peer_num_prompts] if args.peer_num_prompts else requests
     peer_config = PeerConfig(batch_size=args.hf_batch_size, vllm_pythonpath=args.vllm_pythonpath,
                              enable_prefix_caching=engine_args.enable_prefix_caching,
@@ -251,6 +267,12 @@ def build_report(args: argparse.Namespace, model: ResolvedModel, model_config: A
         report["engine_unquantized"] = {"name": base.name, **base.to_dict()}
         report["quantization"] = model.engine_args.quantization
         report["quantized_speedup"] = engine.output_tokens_per_s / base.output_tokens_per_s
+    if "engine_unconstrained" in runs:
+        for key, ratio in (("engine_unconstrained", "structured_over_unconstrained"),
+                           ("engine_unconstrained_matched", "structured_over_matched")):
+            base = runs[key].result
+            report[key] = {"name": base.name, **base.to_dict()}
+            report[ratio] = engine.output_tokens_per_s / base.output_tokens_per_s
     if "engine_base" in runs:
         base = runs["engine_base"].result
         report["engine_base"] = {"name": base.name, **base.to_dict()}
@@ -272,6 +294,10 @@ def format_table(report: dict[str, Any]) -> str:
     if "engine_base" in report:
         base = report["engine_base"]
         rows.append((base["name"], base, report["engine"]["output_tokens_per_s"] / base["output_tokens_per_s"]))
+    for key, ratio in (("engine_unconstrained", "structured_over_unconstrained"),
+                       ("engine_unconstrained_matched", "structured_over_matched")):
+        if key in report:
+            rows.append((report[key]["name"], report[key], report[ratio]))
     rows += [(name, peer, report["ratios"][name]) for name, peer in report["peers"].items()]
     header = f"{'':<28}{'requests':>9}{'req/s':>10}{'output tok/s':>14}{'total tok/s':>13}{'engine/this':>13}"
     lines = [f"{report['workload']} on {report['device']}, model {report['model']} ({report['dtype']}), "
@@ -289,6 +315,9 @@ def format_table(report: dict[str, Any]) -> str:
     if "quantized_speedup" in report:
         lines.append(f"--quantization {report['quantization']} vs unquantized ({report['dtype']}): "
                      f"{report['quantized_speedup']:.2f}x output tok/s")
+    if "structured_over_matched" in report:
+        lines.append(f"structured over unconstrained, output tok/s: {report['structured_over_unconstrained']:.3f} "
+                     f"(own lengths), {report['structured_over_matched']:.3f} (the constrained run's lengths)")
     if "lora_over_base" in report:
         lines.append(f"LoRA ({report['lora']['num_loras']} adapters, rank {report['lora']['lora_rank']}) over base, "
                      f"output tok/s: {report['lora_over_base']:.3f}")

@@ -97,6 +97,7 @@ class EngineRun:
     decode_batches: dict[int, int]
     model_config: Any  # sluice.models.model_config.ModelConfig
     num_kv_blocks: int
+    output_lens: list[int] = dataclasses.field(default_factory=list)  # tokens each request generated, in order
 
 
 def sampling_params_for(requests: Sequence[BenchRequest], detokenize: bool) -> list[Any]:
@@ -142,14 +143,16 @@ def run_sluice(engine_args: EngineArgs, requests: Sequence[BenchRequest], name: 
         logger.warning("%d Triton kernel variants were built during the timed run (%.1f s of stalls): %s",
                        len(compiles.events), compiles.seconds,
                        ", ".join(sorted({event["kernel"] for event in compiles.events})))
-    generated = sum(len(o.outputs[0].token_ids) for o in outputs)
+    output_lens = [len(o.outputs[0].token_ids) for o in outputs]
+    generated = sum(output_lens)
     cache_hit_rate = recorder.prefix_cache_hits / recorder.prefix_cache_queries if recorder.prefix_cache_queries else 0.0
     extra = {"enable_prefix_caching": engine_args.enable_prefix_caching, "enable_lora": engine_args.enable_lora,
              "avg_batch": recorder.avg_batch,
              "prefix_cache_hit_rate": cache_hit_rate, "num_preemptions": recorder.num_preemptions,
              "triton_compiles_during_run": len(compiles.events), "triton_compile_s": compiles.seconds}
     run = EngineRun(ThroughputResult.from_requests(name, requests, elapsed, output_tokens=generated, extra=extra),
-                    recorder.avg_batch, dict(recorder.decode_batches), engine.model_config, engine.config.cache.num_blocks)
+                    recorder.avg_batch, dict(recorder.decode_batches), engine.model_config, engine.config.cache.num_blocks,
+                    output_lens)
     del outputs, engine, llm
     free_device_memory()
     return run

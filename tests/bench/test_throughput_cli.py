@@ -112,7 +112,26 @@ def test_compare_runs_the_quantized_and_unquantized_model_on_the_same_requests(t
 
 def test_compare_without_quantization_says_what_is_missing(tiny_model, capsys):
     assert main(["bench", "throughput", "--model", tiny_model, "--compare", "--num-prompts", "1"]) == 1
-    assert "--compare runs the model with and without --quantization" in capsys.readouterr().err
+    assert "--compare runs the model with and without --quantization, or structured requests" \
+        in capsys.readouterr().err
+
+
+def test_compare_on_w7_runs_the_requests_unconstrained_at_their_own_and_the_constrained_lengths(tiny_model, tmp_path,
+                                                                                              capsys):
+    report = _run(tiny_model, tmp_path / "w7.json", "--workload", "W7", "--num-prompts", "3", "--compare")
+    constrained, own, matched = (report["engine"], report["engine_unconstrained"],
+                                 report["engine_unconstrained_matched"])
+    requests = generate_workload("W7", 384, 3, seed=0, max_model_len=512, length_scale=0.05)
+    assert report["structured_requests"] == 3
+    assert own["output_tokens"] == sum(r.output_len for r in requests)  # ignore_eos: every token asked for
+    assert matched["output_tokens"] == constrained["output_tokens"]  # the same tokens: the grammar's cost alone
+    assert constrained["prompt_tokens"] == own["prompt_tokens"] == matched["prompt_tokens"]
+    assert report["structured_over_unconstrained"] == pytest.approx(constrained["output_tokens_per_s"]
+                                                                    / own["output_tokens_per_s"])
+    assert report["structured_over_matched"] == pytest.approx(constrained["output_tokens_per_s"]
+                                                              / matched["output_tokens_per_s"])
+    table = capsys.readouterr().out
+    assert "sluice-unconstrained-matched" in table and "structured over unconstrained" in table
 
 
 def test_fp8_kv_cache_flag_runs_and_is_reported(tiny_model, tmp_path):
