@@ -25,12 +25,13 @@ SOURCE = Path(__file__).parent / "csrc" / "cpu_fused.c"
 FLAGS = cpu_kernel.FLAGS + ("-fno-math-errno",)  # lets the SiLU loop call the vector expf
 MAX_WIDTH = 16384  # the norm's row buffer (cpu_fused.c MAX_STACK_WIDTH)
 MAX_ROTARY_DIM = 1024
+PARALLEL_MIN_ROWS = 16  # cpu_fused.c: fewer rows run on the calling thread
 
 _P, _I, _L, _F = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_float
 _SIGNATURES = {
-    "sluice_rms_norm": (_P, _P, _P, _P, _P, _I, _I, _L, _L, _L, _L, _F, _I),
-    "sluice_silu_and_mul": (_P, _P, _I, _I, _L, _L),
-    "sluice_rope_neox": (_P, _P, _P, _P, _I, _I, _I, _I, _I, _L, _L),
+    "sluice_rms_norm": (_P, _P, _P, _P, _P, _I, _I, _L, _L, _L, _L, _F, _I, _I),
+    "sluice_silu_and_mul": (_P, _P, _I, _I, _L, _L, _I),
+    "sluice_rope_neox": (_P, _P, _P, _P, _I, _I, _I, _I, _I, _L, _L, _I),
 }
 
 
@@ -60,6 +61,12 @@ def kernels() -> _Kernels | None:
 _BF16 = torch.bfloat16
 
 
+def _threads(rows: int) -> int:
+    """torch's thread count for calls the kernels spread over threads (the OpenMP team otherwise defaults to
+    every core, whatever ``--cpu-threads`` said)."""
+    return torch.get_num_threads() if rows >= PARALLEL_MIN_ROWS else 1
+
+
 def _bf16_rows(x: torch.Tensor) -> bool:
     """A CPU bfloat16 matrix with unit column stride. These checks run several times per layer and step: each is
     an attribute read, no allocation (``x.is_cpu``, not ``x.device.type``)."""
@@ -85,7 +92,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.
     new_residual = None if residual is None else x.new_empty(shape)
     _kernels.rms_norm(x.data_ptr(), 0 if residual is None else residual.data_ptr(), weight.data_ptr(),
                       out.data_ptr(), 0 if new_residual is None else new_residual.data_ptr(), rows, width,
-                      x.stride(0), 0 if residual is None else residual.stride(0), width, width, eps, int(gemma))
+                      x.stride(0), 0 if residual is None else residual.stride(0), width, width, eps, int(gemma),
+                      _threads(rows))
     return out if residual is None else (out, new_residual)
 
 
@@ -96,7 +104,7 @@ def can_silu_and_mul(x: torch.Tensor) -> bool:
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     rows, width = x.shape
     out = x.new_empty(rows, width // 2)
-    _kernels.silu_and_mul(x.data_ptr(), out.data_ptr(), rows, width // 2, x.stride(0), width // 2)
+    _kernels.silu_and_mul(x.data_ptr(), out.data_ptr(), rows, width // 2, x.stride(0), width // 2, _threads(rows))
     return out
 
 
@@ -114,4 +122,4 @@ def apply_rotary_(positions: torch.Tensor, query: torch.Tensor, key: torch.Tenso
     """Rotates q [T, H * D] and k [T, Hkv * D] in place (they may be column slices of one qkv tensor)."""
     _kernels.rope_neox(query.data_ptr(), key.data_ptr(), positions.data_ptr(), inv_freq.data_ptr(),
                         query.shape[0], query.shape[1] // head_dim, key.shape[1] // head_dim, head_dim, rotary_dim,
-                        query.stride(0), key.stride(0))
+                        query.stride(0), key.stride(0), _threads(query.shape[0]))

@@ -6,7 +6,8 @@
  * an ulp of float32 before their bfloat16 rounding. One call replaces the 5-12 torch ops of each reference, which at
  * a decode step's few rows cost more in dispatch than in arithmetic.
  *
- * Rows are spread over OpenMP threads only when there are enough of them to pay for waking the team.
+ * Rows are spread over ``num_threads`` OpenMP threads (torch's count, passed by the caller) only when there are
+ * enough of them to pay for waking the team.
  */
 #include <math.h>
 #include <stdint.h>
@@ -60,9 +61,9 @@ static inline float exp_vec(float x) {
  * Strides are in elements, per row. */
 int sluice_rms_norm(const uint16_t *x, const uint16_t *residual, const uint16_t *weight, uint16_t *out,
                     uint16_t *new_residual, int rows, int width, int64_t stride_x, int64_t stride_r,
-                    int64_t stride_o, int64_t stride_nr, float eps, int gemma) {
+                    int64_t stride_o, int64_t stride_nr, float eps, int gemma, int num_threads) {
     if (width > MAX_STACK_WIDTH) return -1;
-#pragma omp parallel for schedule(static) if (rows >= PARALLEL_MIN_ROWS)
+#pragma omp parallel for num_threads(num_threads) schedule(static) if (rows >= PARALLEL_MIN_ROWS)
     for (int r = 0; r < rows; r++) {
         float v[MAX_STACK_WIDTH];
         const uint16_t *xr = x + r * stride_x;
@@ -105,8 +106,9 @@ static void silu_and_mul_row(const uint16_t *restrict gate, const uint16_t *rest
 }
 
 /* x [rows, 2 * d] as [gate | up] -> out [rows, d] = bf16(bf16(silu(gate)) * up) */
-int sluice_silu_and_mul(const uint16_t *x, uint16_t *out, int rows, int d, int64_t stride_x, int64_t stride_o) {
-#pragma omp parallel for schedule(static) if (rows >= PARALLEL_MIN_ROWS)
+int sluice_silu_and_mul(const uint16_t *x, uint16_t *out, int rows, int d, int64_t stride_x, int64_t stride_o,
+                        int num_threads) {
+#pragma omp parallel for num_threads(num_threads) schedule(static) if (rows >= PARALLEL_MIN_ROWS)
     for (int r = 0; r < rows; r++) silu_and_mul_row(x + r * stride_x, x + r * stride_x + d, out + r * stride_o, d);
     return 0;
 }
@@ -114,10 +116,11 @@ int sluice_silu_and_mul(const uint16_t *x, uint16_t *out, int rows, int d, int64
 /* Neox rope in place on q [tokens, hq, head_dim] and k [tokens, hk, head_dim] (token strides given): the first
  * rot_dim dims of each head rotate as two halves; cos/sin = bf16(cos/sin(position * inv_freq)). */
 int sluice_rope_neox(uint16_t *q, uint16_t *k, const int64_t *positions, const float *inv_freq, int tokens,
-                     int hq, int hk, int head_dim, int rot_dim, int64_t stride_q, int64_t stride_k) {
+                     int hq, int hk, int head_dim, int rot_dim, int64_t stride_q, int64_t stride_k,
+                     int num_threads) {
     int half = rot_dim / 2;
     if (half > 512) return -1;
-#pragma omp parallel for schedule(static) if (tokens >= PARALLEL_MIN_ROWS)
+#pragma omp parallel for num_threads(num_threads) schedule(static) if (tokens >= PARALLEL_MIN_ROWS)
     for (int t = 0; t < tokens; t++) {
         float cs[512], sn[512];
         float pos = (float)positions[t];
