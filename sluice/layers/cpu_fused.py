@@ -22,7 +22,7 @@ from sluice.attention import cpu_kernel
 
 ENV_FUSED = "SLUICE_CPU_FUSED"
 SOURCE = Path(__file__).parent / "csrc" / "cpu_fused.c"
-FLAGS = cpu_kernel.FLAGS + ("-fno-math-errno",)  # lets the SiLU loop call the vector expf
+FLAGS = cpu_kernel.FLAGS + ("-fno-math-errno",)  # sqrtf without errno: the norm loop vectorizes
 MAX_WIDTH = 16384  # the norm's row buffer (cpu_fused.c MAX_STACK_WIDTH)
 MAX_ROTARY_DIM = 1024
 PARALLEL_MIN_ROWS = 16  # cpu_fused.c: fewer rows run on the calling thread
