@@ -11,17 +11,9 @@
 # Knobs (environment): STAGES (default "w8 w3 w3-8k"), W8_CONVERSATIONS (200), W8_RATE (conversations/s, 2),
 # W8_THINK (mean think time between turns, seconds, 10), OFFLOAD_GIB (64), SWAP_GIB (32), PYTHON.
 # Server flags of the .whl install: see benchmarks/serve_h100.sh.
-set -uo pipefail
-: "${OUT:?set OUT to the folder that receives the results}"
-mkdir -p "$OUT"
-cd "$(dirname "$0")/.."
-PYTHON=${PYTHON:-python}
+source "$(dirname "$0")/device_common.sh"
 SMOKE=${KV_SMOKE:-0}
 STAGES=${STAGES:-"w8 w3 w3-8k"}
-START=$(date +%s)
-export SLUICE_COMMIT=${SLUICE_COMMIT:-$(git rev-parse HEAD 2>/dev/null || true)}
-log() { echo "[$(date +%H:%M:%S) +$(( $(date +%s) - START ))s] $*"; }
-wanted() { [[ " $STAGES " == *" $1 "* ]]; }
 
 if [[ "$SMOKE" == 1 ]]; then
   BASE=(--device cpu --dtype float32 --load-format dummy --max-num-batched-tokens 256)

@@ -16,22 +16,10 @@
 # Knobs (environment): STAGES, LIGHT_RATE (default 2.5 req/s per light adapter: 17.5 req/s alone, 37.5 with the
 # noisy one, about what the engine finishes per second on W1), ARRIVAL_S (default 40 s of arrivals per mix),
 # ENGINE_FLAGS (default: bf16, dummy weights), BUDGET_S (default 570), PYTHON.
-set -uo pipefail
-: "${OUT:?set OUT to the folder that receives the results}"
-mkdir -p "$OUT"
-cd "$(dirname "$0")/.."
-PYTHON=${PYTHON:-python}
+source "$(dirname "$0")/device_common.sh"
 SMOKE=${LORA_SMOKE:-0}
 BUDGET_S=${BUDGET_S:-570}
-START=$(date +%s)
-export SLUICE_COMMIT=${SLUICE_COMMIT:-$(git rev-parse HEAD 2>/dev/null || true)}
-log() { echo "[$(date +%H:%M:%S) +$(( $(date +%s) - START ))s] $*"; }
-stage_limit() {  # seconds a stage wanting $1 may take, leaving $2 for the rest (0: no time left)
-  local left=$(( BUDGET_S - ($(date +%s) - START) - $2 ))
-  if (( left < 15 )); then echo 0; elif (( left < $1 )); then echo "$left"; else echo "$1"; fi
-}
 STAGES=${STAGES:-"offline alone fair fcfs"}
-wanted() { [[ " $STAGES " == *" $1 "* ]]; }
 LIGHT_RATE=${LIGHT_RATE:-2.5}
 ARRIVAL_S=${ARRIVAL_S:-40}
 if [[ "$SMOKE" == 1 ]]; then

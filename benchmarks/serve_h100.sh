@@ -20,21 +20,9 @@
 # OFFLINE_FLAGS (extra flags for the offline run, e.g. --disable-detokenize), BUDGET_S (default 540: stages are
 # cut short or skipped so that the whole run ends by then), SLUICE_COMMIT (recorded in the results when the copy
 # of the tree has no .git), PYTHON.
-set -uo pipefail
-: "${OUT:?set OUT to the folder that receives the results}"
-mkdir -p "$OUT"
-cd "$(dirname "$0")/.."
-PYTHON=${PYTHON:-python}
+source "$(dirname "$0")/device_common.sh"
 SMOKE=${SERVE_SMOKE:-0}
 BUDGET_S=${BUDGET_S:-540}
-START=$(date +%s)
-export SLUICE_COMMIT=${SLUICE_COMMIT:-$(git rev-parse HEAD 2>/dev/null || true)}
-log() { echo "[$(date +%H:%M:%S) +$(( $(date +%s) - START ))s] $*"; }
-# The time limit of a stage that wants $1 seconds and must leave $2 seconds for the stages after it (0: no time).
-stage_limit() {
-  local left=$(( BUDGET_S - ($(date +%s) - START) - $2 ))
-  if (( left < 15 )); then echo 0; elif (( left < $1 )); then echo "$left"; else echo "$1"; fi
-}
 
 if [[ "$SMOKE" == 1 ]]; then
   smoke_flags="--device cpu --dtype float32 --load-format dummy --num-kv-blocks 1024 --max-num-batched-tokens 256"
@@ -48,7 +36,6 @@ else
 fi
 OFFLINE_RESERVE=170  # seconds kept for the offline run (model load, warmup, 1000 requests) and the summary
 STAGES=${STAGES:-"rate-inf rate-4 rate-16 long-prompts offline"}
-wanted() { [[ " $STAGES " == *" $1 "* ]]; }
 if ! wanted offline; then OFFLINE_RESERVE=10; fi
 API_SERVER_COUNT=${API_SERVER_COUNT:-1}
 read -r -a ENGINE <<< "$ENGINE_FLAGS"

@@ -17,18 +17,10 @@
 #            draft run gives the cost of a step that proposes and verifies k tokens, none accepted
 # Knobs (environment): STAGES, GGUF, BATCHES (L8's, default 1,8,64), INPUT_LEN (default 512), OUTPUT_LEN
 # (default 128), ITERS (default 3), BUDGET_S (default 570), PYTHON.
-set -uo pipefail
-: "${OUT:?set OUT to the folder that receives the results}"
-mkdir -p "$OUT"
-cd "$(dirname "$0")/.."
-PYTHON=${PYTHON:-python}
+source "$(dirname "$0")/device_common.sh"
 SMOKE=${SPEC_SMOKE:-0}
 BUDGET_S=${BUDGET_S:-570}
-START=$(date +%s)
-export SLUICE_COMMIT=${SLUICE_COMMIT:-$(git rev-parse HEAD 2>/dev/null || true)}
-log() { echo "[$(date +%H:%M:%S) +$(( $(date +%s) - START ))s] $*"; }
 STAGES=${STAGES:-"default l8_none l8_draft l8_disable l8_ngram"}
-wanted() { [[ " $STAGES " == *" $1 "* ]]; }
 ITERS=${ITERS:-3}
 INPUT_LEN=${INPUT_LEN:-512}
 OUTPUT_LEN=${OUTPUT_LEN:-128}
