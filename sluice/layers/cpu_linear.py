@@ -136,17 +136,17 @@ def float32_copy_rows(dtype: torch.dtype, extra_bytes: int) -> int | None:
         raise ValueError(f"{ENV_F32_PRODUCTS} must be auto, 0 or 1, got {mode!r}")
     if mode == "0":
         return None
+    min_rows = int(os.environ.get(ENV_F32_MIN_ROWS, DEFAULT_F32_MIN_ROWS))
     if mode == "auto":
         if extra_bytes > F32_MAX_EXTRA_BYTES:
             return None
         speedup = float32_products_speedup(dtype)
         if speedup < F32_MIN_SPEEDUP:
             return None
-        logger.info("CPU: %s products of >= %s rows run on float32 copies of the weights (%.1fx faster here; "
-                    "%.0f MiB more memory; %s=0 turns this off)", str(dtype).removeprefix("torch."),
-                    os.environ.get(ENV_F32_MIN_ROWS, DEFAULT_F32_MIN_ROWS), speedup, extra_bytes / 2**20,
-                    ENV_F32_PRODUCTS)
-    return int(os.environ.get(ENV_F32_MIN_ROWS, DEFAULT_F32_MIN_ROWS))
+        logger.info("CPU: %s products of >= %d rows run on float32 copies of the weights (%.1fx faster here; "
+                    "%.0f MiB more memory; %s=0 turns this off)", str(dtype).removeprefix("torch."), min_rows,
+                    speedup, extra_bytes / 2**20, ENV_F32_PRODUCTS)
+    return min_rows
 
 
 def pack_cpu_weights(model: nn.Module) -> int:

@@ -56,12 +56,13 @@ def verify_proposals(logits: torch.Tensor, states: list[RequestSamplingState], n
     num_draft = torch.from_numpy(num_spec.astype(np.int64)).to(device, non_blocking=True)
     flat = (torch.from_numpy(row_of * (width + 1) + col_of)).to(device, non_blocking=True)
     greedy_rows = [s.params.is_greedy for s in states]
-    if all(greedy_rows) and not any(changes_logits(s.params) for s in states):
+    all_greedy = all(greedy_rows)
+    if all_greedy and not any(changes_logits(s.params) for s in states):
         # Greedy rows with nothing to apply: the argmax in the logits' own dtype (widening keeps the order).
         return _verify_greedy(row_argmax(logits), flat, drafts, num_draft, batch, width)
     metadata = SamplingMetadata.build(_row_states(states, row_of, col_of, spec_token_ids), vocab, device)
     logits = Sampler.process_logits(logits.to(torch.float32), metadata)
-    if all(greedy_rows):
+    if all_greedy:
         return _verify_greedy(row_argmax(logits), flat, drafts, num_draft, batch, width)
     probs = _target_probs(logits, metadata)
     if metadata.greedy_mask is not None:  # greedy rows: one-hot at their argmax (the rule then keeps argmax)

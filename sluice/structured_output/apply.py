@@ -21,9 +21,8 @@ def apply_grammar_bitmask(logits: torch.Tensor, sampling_req_ids: list[str], gra
     rows, bitmask = filled  # one bitmask row per logits row, as the kernel takes them
     vocab_size = logits.shape[-1]
     num_bits = bitmask.shape[-1] * 32
-    indices = torch.tensor(rows, dtype=torch.int32)
-    if logits.is_cuda:  # from pinned memory: a copy from pageable memory would wait for the forward
-        indices = indices.pin_memory().to(logits.device, non_blocking=True)
+    # On CUDA from pinned memory: a copy from pageable memory would wait for the queued forward.
+    indices = torch.tensor(rows, dtype=torch.int32, pin_memory=logits.is_cuda).to(logits.device, non_blocking=True)
     xgr.apply_token_bitmask_inplace(logits, bitmask.to(logits.device, non_blocking=True),
                                     vocab_size=min(vocab_size, num_bits), indices=indices)
     if vocab_size > num_bits:

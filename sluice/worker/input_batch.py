@@ -24,12 +24,12 @@ import numpy as np
 from sluice.core.interface import NewRequestData
 
 
-
 def segment_offsets(lengths: np.ndarray) -> np.ndarray:
     """For segments of ``lengths`` laid end to end, each element's index within its segment (int64):
     [2, 3] -> [0, 1, 0, 1, 2]."""
     lengths = np.asarray(lengths, dtype=np.int64)
     return np.arange(int(lengths.sum()), dtype=np.int64) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+
 
 @dataclass(slots=True)
 class StepInputs:

@@ -470,7 +470,7 @@ class ModelRunner:
         verifies no proposals, and its proposer, which keeps up from the forward alone, would make none after
         it (``disable_by_batch_size`` at this many requests)."""
         proposer = self.proposer
-        return (not scheduler_output.scheduled_spec_token_ids and getattr(proposer, "keeps_up_in_forward", False)
+        return (not scheduler_output.scheduled_spec_token_ids and proposer.keeps_up_in_forward
                 and not proposer.config.allows_proposals(len(scheduler_output.num_scheduled_tokens)))
 
     @torch.inference_mode()

@@ -174,9 +174,20 @@ def test_prefix_cache_counters_are_read_and_differenced():
     assert result["hit_rates"] == {'sluice:prefix_cache_hit_rate{model_name="m"}': pytest.approx(0.5)}
 
 
-def test_w8_against_a_real_server_resends_histories_that_hit_the_prefix_cache(tiny_server, tmp_path):
+def test_w8_against_a_real_server_resends_histories_that_hit_the_prefix_cache(tiny_server, tmp_path, monkeypatch):
+    import asyncio
+    from collections import Counter
+
     from sluice.bench.multiturn import generate_conversations
 
+    slept = []
+    real_sleep = asyncio.sleep
+
+    async def recording_sleep(delay, *args, **kwargs):
+        slept.append(delay)
+        return await real_sleep(delay, *args, **kwargs)
+
+    monkeypatch.setattr(asyncio, "sleep", recording_sleep)
     server, model = tiny_server
     out = tmp_path / "w8.json"
     argv = ["bench", "serve", "--workload", "W8", "--base-url", server.base_url, "--model", "tiny", "--tokenizer",
@@ -199,3 +210,7 @@ def test_w8_against_a_real_server_resends_histories_that_hit_the_prefix_cache(ti
     assert engine["later_turns"]["completed"] == num_turns - 3 and engine["first_turns"]["completed"] == 3
     rates = engine["prefix_cache"]["hit_rates"]
     assert rates and all(0 < rate < 1 for rate in rates.values())  # later turns found their histories
+    # every user's think time before each later turn was waited out
+    thinks = Counter(t for c in generate_conversations(384, 3, seed=0, length_scale=0.05, max_model_len=512,
+                                                       think_time_s=0.02) for t in c.think_times)
+    assert sum(thinks.values()) == num_turns - 3 and not thinks - Counter(slept)

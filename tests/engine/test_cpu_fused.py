@@ -137,3 +137,24 @@ def test_results_do_not_depend_on_the_thread_count():
         torch.set_num_threads(previous)
     for a, b in zip(*results):
         assert _bits_equal(a, b)
+
+
+def test_the_layers_hand_bf16_cpu_tensors_to_the_kernels_and_float32_to_the_references(monkeypatch):
+    """The tests above would pass if a layer never called its kernel (the kernels equal the references): here the
+    layers' dispatch itself is watched."""
+    calls = []
+    for name in ("rms_norm", "silu_and_mul", "apply_rotary_"):
+        original = getattr(cpu_fused, name)
+        monkeypatch.setattr(cpu_fused, name, lambda *a, _f=original, _n=name, **k: calls.append(_n) or _f(*a, **k))
+    norm, act = RMSNorm(64, 1e-5), SiluAndMul()
+    rope = RotaryEmbedding(16, RopeSettings(rope_theta=10000.0))
+    positions = torch.arange(3)
+    with torch.inference_mode():
+        for dtype in (torch.float32, torch.bfloat16):
+            norm.to(dtype)
+            x = torch.randn(3, 64).to(dtype)
+            norm(x), norm(x, x.clone()), act(x)
+            rope(positions, x[:, :32], x[:, 32:48])
+            if dtype is torch.float32:
+                assert calls == []
+    assert calls == ["rms_norm", "rms_norm", "silu_and_mul", "apply_rotary_"]

@@ -65,6 +65,15 @@ def test_float32_copy_takes_products_from_the_row_threshold(bias):
         exact = F.linear(x.double(), weight.double(), None if b is None else b.double())
         assert out.dtype == torch.bfloat16 and out.shape == exact.shape
         torch.testing.assert_close(out.double(), exact, rtol=2 ** -8, atol=1e-3)  # within half a bf16 ulp
+    # Which copy each product reads (the closeness above would hold for the bf16 product too): with the bf16 copy
+    # swapped for a packed zero weight, 15 rows give the bias alone and 16 rows are unchanged.
+    large, small = torch.randn(16, 160, dtype=torch.bfloat16), torch.randn(15, 160, dtype=torch.bfloat16)
+    before = packed.linear(large, b)
+    bf16_packed = packed.packed
+    packed.packed = torch.ops.mkldnn._reorder_linear_weight(torch.zeros_like(weight), 256)
+    assert torch.equal(packed.linear(large, b), before)
+    assert torch.equal(packed.linear(small, b), torch.zeros(15, 384, dtype=torch.bfloat16) + (0 if b is None else b))
+    packed.packed = bf16_packed
     with torch.no_grad():
         weight.mul_(2)  # changed in place: both copies are packed again
     x = torch.randn(32, 160, dtype=torch.bfloat16)

@@ -42,6 +42,7 @@ class WrongProposer:
     (every proposal rejected), and the output is still the target's."""
     num_speculative_tokens = 3
     kv_bytes_per_block = 0
+    keeps_up_in_forward = False  # the Proposer protocol's flag; False: every step verifies (it always proposes)
 
     def after_forward(self, runner, inputs, hidden) -> None:
         return None
