@@ -39,7 +39,7 @@ from collections import OrderedDict
 from typing import TYPE_CHECKING, Any
 
 from sluice.sampling_params import StructuredOutputsParams
-from sluice.structured_output.backends import BACKENDS, Grammar, resolve_backend, spec_of
+from sluice.structured_output.backends import BACKENDS, Grammar, grammar_vocab_size, resolve_backend, spec_of
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -61,6 +61,7 @@ FILL_ROWS_PER_THREAD = 16
 class GrammarBitmask:
     """The grammars of one step's constrained requests; the runner asks for the bitmask of those that sample
     (it alone knows which do: a prompt chunk that stops short of the known tokens samples nothing).
+    ``vocab_size``: the ids the grammars decide over (the tokenizer's); logits past them are disallowed.
     ``pool``: ``num_threads`` threads that fill disjoint rows at once (the grammar libraries release the GIL
     while filling)."""
     __slots__ = ("grammars", "vocab_size", "pool", "num_threads")
@@ -208,6 +209,8 @@ class StructuredOutputManager:
         self.model_config = model_config
         self.backend = backend
         self.vocab_size = model_config.vocab_size
+        # the ids the grammars decide over (the bitmask's width): the tokenizer's, known once it is loaded
+        self.grammar_vocab_size = model_config.vocab_size
         self.max_workers = max_workers or max(1, min(4, (os.cpu_count() or 2) // 2))
         self._executor: ThreadPoolExecutor | None = None
         # Threads that fill a large step's bitmask together (half the cores, at most 8; 1: the step's thread).
@@ -257,7 +260,8 @@ class StructuredOutputManager:
             if backend is None:
                 if self._tokenizer is None:
                     self._tokenizer = self._load_tokenizer()
-                backend = BACKENDS[name](self._tokenizer, self.vocab_size)
+                    self.grammar_vocab_size = grammar_vocab_size(self._tokenizer, self.vocab_size)
+                backend = BACKENDS[name](self._tokenizer, self.grammar_vocab_size)
                 self._backends[name] = backend
             return backend
 
@@ -304,4 +308,4 @@ class StructuredOutputManager:
             return None
         if self._fill_pool is None and self.fill_threads > 1 and len(live) >= 2 * FILL_ROWS_PER_THREAD:
             self._fill_pool = ThreadPoolExecutor(self.fill_threads, thread_name_prefix="sluice-bitmask")
-        return GrammarBitmask(live, self.vocab_size, self._fill_pool, self.fill_threads)
+        return GrammarBitmask(live, self.grammar_vocab_size, self._fill_pool, self.fill_threads)
