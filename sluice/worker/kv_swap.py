@@ -7,12 +7,23 @@ in one copy:
     host_kv: [num_host_blocks, num_layers, 2, block_size, num_kv_heads, head_dim]     (pinned on CUDA)
     device kv_cache[layer]: [2, num_blocks, block_size, num_kv_heads, head_dim]
 
-On CUDA the copies run on their own stream, after the work already queued on the compute stream (a victim's
-last step may still be writing its KV), and the compute stream waits for them only where the step's forward
-begins: the host's preparation of the step (inputs, block tables, uploads) overlaps them. Device->host copies
-go first, so a device block freed by a victim can be refilled in the same step. On the CPU they are plain
-copies. They move bytes: an fp8 cache is copied through uint8 views of the same shape (torch has no float8
-index_copy_ on the CPU), and its host blocks are half the size of a 16-bit cache's.
+On CUDA the transfers over the host link run on their own stream and the compute stream waits only for what
+it reads, so with async scheduling a step's copies overlap the forward still running before it:
+
+    host -> device   the copy stream moves the host blocks into a device staging buffer at once (nothing
+                     queued on the compute stream touches either); the compute stream waits for that copy
+                     and scatters the staging buffer into the KV cache (a device-local copy, in order after the
+                     previous forward, which may still read those blocks: a victim's freed ones)
+    device -> host   the compute stream gathers the blocks (after the work queued before them: a victim's last
+                     step may still be writing its KV); the copy stream moves the gathered buffer to the host
+                     once the gather is done, and the compute stream goes on at once
+
+On the compute stream the gather comes before the scatter, so a device block freed by a victim can be refilled
+in the same step. On the copy stream a step's host->device copy goes before its device->host one (it does not
+wait for the gather); the two never touch the same host block in one step (core/kv_offload.py), and across steps
+the copy stream keeps them in order. On the CPU they are plain copies. They move bytes: an fp8 cache is copied
+through uint8 views of the same shape (torch has no float8 index_copy_ on the CPU), and its host blocks are half
+the size of a 16-bit cache's.
 """
 from __future__ import annotations
 
@@ -33,42 +44,67 @@ class KVSwapper:
         host_dtype = self.kv_caches[0].dtype if self.kv_caches else spec.dtype
         self.host_kv = torch.zeros(shape, dtype=host_dtype, pin_memory=device.type == "cuda")
         self.copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self.staged_event: torch.cuda.Event | None = None  # CUDA: the last host->device staging copy is done
 
     def run(self, transfers: KVTransfers) -> None:
-        """Queues the step's copies: device->host, then host->device. On CUDA the compute stream waits for them."""
+        """Queues the step's copies (device->host, then host->device, as the compute stream sees them)."""
         if self.copy_stream is None:
-            self._copy(transfers)
+            if transfers.device_to_host:
+                self._device_to_host(transfers.device_to_host)
+            if transfers.host_to_device:
+                self._scatter(transfers.host_to_device, self._stage(transfers.host_to_device))
             return
         compute = torch.cuda.current_stream(self.device)
-        self.copy_stream.wait_stream(compute)
-        with torch.cuda.stream(self.copy_stream):
-            self._copy(transfers)
-        compute.wait_stream(self.copy_stream)
-
-    def _copy(self, transfers: KVTransfers) -> None:
+        staged = None
+        if transfers.host_to_device:
+            with torch.cuda.stream(self.copy_stream):  # memory of the copy stream: no queued forward uses it
+                staged = self._stage(transfers.host_to_device)
+            self.staged_event = self.copy_stream.record_event()
+            staged.record_stream(compute)
         if transfers.device_to_host:
             self._device_to_host(transfers.device_to_host)
-        if transfers.host_to_device:
-            self._host_to_device(transfers.host_to_device)
+        if staged is not None:
+            compute.wait_event(self.staged_event)
+            self._scatter(transfers.host_to_device, staged)
 
     def _device_to_host(self, pairs: list[tuple[int, int]]) -> None:
-        device_ids = torch.tensor([d for d, _ in pairs], dtype=torch.long, device=self.device)
+        """Gathers the blocks on the current stream; on CUDA the copy stream moves them once they are gathered."""
+        device_ids = self._index([d for d, _ in pairs])
         # [n, layers, 2, block_size, heads, head_dim]: each block contiguous, one copy per run of host blocks.
         gathered = torch.stack([kv.index_select(1, device_ids) for kv in self.kv_caches], dim=0)
         gathered = gathered.permute(2, 0, 1, 3, 4, 5).contiguous()
+        if self.copy_stream is None:
+            self._to_host(pairs, gathered)
+            return
+        self.copy_stream.wait_stream(torch.cuda.current_stream(self.device))
+        gathered.record_stream(self.copy_stream)
+        with torch.cuda.stream(self.copy_stream):
+            self._to_host(pairs, gathered)
+
+    def _to_host(self, pairs: list[tuple[int, int]], gathered: torch.Tensor) -> None:
         non_blocking = self.copy_stream is not None
         for start, host, length in _host_runs([h for _, h in pairs]):
             self.host_kv[host:host + length].copy_(gathered[start:start + length], non_blocking=non_blocking)
 
-    def _host_to_device(self, pairs: list[tuple[int, int]]) -> None:
+    def _stage(self, pairs: list[tuple[int, int]]) -> torch.Tensor:
+        """The host blocks, in order, in one device buffer (on the current stream)."""
         non_blocking = self.copy_stream is not None
         staged = torch.empty((len(pairs),) + tuple(self.host_kv.shape[1:]), dtype=self.host_kv.dtype,
                              device=self.device)
         for start, host, length in _host_runs([h for h, _ in pairs]):
             staged[start:start + length].copy_(self.host_kv[host:host + length], non_blocking=non_blocking)
-        device_ids = torch.tensor([d for _, d in pairs], dtype=torch.long, device=self.device)
+        return staged
+
+    def _scatter(self, pairs: list[tuple[int, int]], staged: torch.Tensor) -> None:
+        device_ids = self._index([d for _, d in pairs])
         for layer, kv in enumerate(self.kv_caches):
             kv.index_copy_(1, device_ids, staged[:, layer].transpose(0, 1))
+
+    def _index(self, block_ids: list[int]) -> torch.Tensor:
+        """Block ids on the device, through pinned memory on CUDA (a copy from a list would wait for the
+        stream)."""
+        ids = torch.tensor(block_ids, dtype=torch.long, pin_memory=self.copy_stream is not None)
+        return ids.to(self.device, non_blocking=True)
 
 
 def _as_bytes(kv_cache: torch.Tensor) -> torch.Tensor:

@@ -1,6 +1,7 @@
-"""The CUDA copy path of swap preemption and the host prefix tier (worker/kv_swap.py): pinned host blocks, copies
-on their own stream ordered after the compute stream's queued work and before the next forward; the engine with
-forced swap preemption and a host tier gives the CPU oracle's greedy tokens (float32). Skipped without CUDA."""
+"""The CUDA copy path of swap preemption and the host prefix tier (worker/kv_swap.py): pinned host blocks; copies
+on their own stream, a swap-out after the compute stream's queued work, a swap-in's transfer alongside it (only
+its scatter into the cache waits), both before the next forward; the engine with forced swap preemption and a
+host tier gives the CPU oracle's greedy tokens (float32). Skipped without CUDA."""
 from __future__ import annotations
 
 import pytest
@@ -53,6 +54,17 @@ def test_swap_out_sees_writes_queued_before_it_and_precedes_later_writes():
     kv[:, 4] = -2.0  # the block reused by the next forward: queued after the copy on the compute stream
     torch.cuda.synchronize()
     assert bool((swapper.host_kv[1, 0] == 1.5).all())
+
+
+def test_host_to_device_transfer_overlaps_work_already_queued_on_the_compute_stream():
+    swapper = _swapper()
+    swapper.host_kv[3].fill_(5.0)
+    torch.cuda._sleep(300_000_000)  # a forward still running on the compute stream (~0.2 s)
+    swapper.run(KVTransfers(host_to_device=[(3, 12)]))
+    swapper.staged_event.synchronize()  # the transfer is done...
+    assert not torch.cuda.current_stream().query()  # ...while the compute stream is still busy
+    torch.cuda.synchronize()
+    assert all(bool((kv[:, 12] == 5.0).all()) for kv in swapper.kv_caches)
 
 
 def test_device_to_host_runs_before_host_to_device_in_one_step():
