@@ -1,4 +1,5 @@
-"""Fused bfloat16 kernels for the CPU path: add + RMSNorm, SiLU * mul and neox rope, one C call each.
+"""Fused bfloat16 kernels for the CPU path: add + RMSNorm, SiLU * mul and neox rope, one C call each; and
+structured outputs' token bitmask applied to CPU logits (exact, any float dtype).
 
 At a CPU decode step's few rows a decoder layer's elementwise work costs more in op dispatch than in arithmetic:
 the torch references (``forward_torch`` of norm.py, activation.py, rotary.py) run 5-12 ops each, 30 layers a step.
@@ -6,8 +7,8 @@ csrc/cpu_fused.c does each in one call, rounding to bfloat16 wherever the refere
 can still differ: the order of the RMS sum, and cos/sin/exp within a float32 ulp).
 
 The CUDA path's Triton kernels (fused_kernels.py) have the same ``can_*`` / op pairs; a layer asks this module
-only when those decline. float32 never comes here: the float32 CPU path stays torch, the transformers-exact oracle
-the tests trust. The library is built on first use with the system compiler (attention/cpu_kernel.py's builder
+only when those decline. float32 never comes here (but for the bitmask, which only keeps or replaces values): the
+float32 CPU path stays torch, the transformers-exact oracle the tests trust. The library is built on first use with the system compiler (attention/cpu_kernel.py's builder
 and cache); without one, or with ``SLUICE_CPU_FUSED=0``, every ``can_*`` says no and the references run.
 """
 from __future__ import annotations
@@ -27,12 +28,14 @@ MAX_WIDTH = 16384  # the norm's row buffer (cpu_fused.c MAX_STACK_WIDTH)
 MAX_ROTARY_DIM = 1024
 PARALLEL_MIN_ROWS = 16  # cpu_fused.c: fewer rows run on the calling thread
 
-_P, _I, _L, _F = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_float
+_P, _I, _L, _F, _U = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_float, ctypes.c_uint32
 _SIGNATURES = {
     "sluice_rms_norm": (_P, _P, _P, _P, _P, _I, _I, _L, _L, _L, _L, _F, _I, _I),
     "sluice_silu_and_mul": (_P, _P, _I, _I, _L, _L, _I),
     "sluice_rope_neox": (_P, _P, _P, _P, _I, _I, _I, _I, _I, _L, _L, _I),
+    "sluice_apply_bitmask": (_P, _I, _U, _L, _P, _L, _P, _I, _L, _I),
 }
+_NEG_INF_BITS = {torch.float32: 0xFF800000, torch.bfloat16: 0xFF80, torch.float16: 0xFC00}
 
 
 class _Kernels:
@@ -43,6 +46,7 @@ class _Kernels:
         self.rms_norm = library.sluice_rms_norm
         self.silu_and_mul = library.sluice_silu_and_mul
         self.rope_neox = library.sluice_rope_neox
+        self.apply_bitmask = library.sluice_apply_bitmask
 
 
 _kernels: _Kernels | None | bool = None  # None: not tried yet; False: unavailable
@@ -123,3 +127,22 @@ def apply_rotary_(positions: torch.Tensor, query: torch.Tensor, key: torch.Tenso
     _kernels.rope_neox(query.data_ptr(), key.data_ptr(), positions.data_ptr(), inv_freq.data_ptr(),
                         query.shape[0], query.shape[1] // head_dim, key.shape[1] // head_dim, head_dim, rotary_dim,
                         query.stride(0), key.stride(0), _threads(query.shape[0]))
+
+
+def can_apply_bitmask(logits: torch.Tensor, bitmask: torch.Tensor) -> bool:
+    return (logits.is_cpu and logits.dtype in _NEG_INF_BITS and logits.dim() == 2 and logits.stride(1) == 1
+            and bitmask.is_cpu and bitmask.dtype is torch.int32 and bitmask.dim() == 2 and bitmask.stride(1) == 1
+            and (_kernels or kernels()) is not None)
+
+
+def apply_bitmask_(logits: torch.Tensor, bitmask: torch.Tensor, rows: list[int], vocab_size: int) -> None:
+    """Sets logits[r, t] = -inf for each r in ``rows`` and t < ``vocab_size`` whose bit in bitmask row r is 0
+    (xgrammar's layout: bit j of word w is token 32w + j), in place: 1.2 ms for 256 rows of 49,152 float32 logits
+    on 2 cores, where xgrammar's CPU kernel takes 34 ms (67 ms when nearly every bit is 0, as in JSON)."""
+    if vocab_size > min(logits.shape[1], bitmask.shape[1] * 32) or not all(
+            0 <= r < min(logits.shape[0], bitmask.shape[0]) for r in rows):
+        raise ValueError("apply_bitmask_: rows or vocab_size outside the logits or the bitmask")
+    row_ids = torch.tensor(rows, dtype=torch.int64)
+    _kernels.apply_bitmask(logits.data_ptr(), logits.element_size(), _NEG_INF_BITS[logits.dtype], logits.stride(0),
+                           bitmask.data_ptr(), bitmask.stride(0), row_ids.data_ptr(), len(rows), vocab_size,
+                           _threads(len(rows)))

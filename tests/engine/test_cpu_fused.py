@@ -116,6 +116,7 @@ def test_float32_and_the_switch_keep_the_torch_references(monkeypatch):
     monkeypatch.setenv(cpu_fused.ENV_FUSED, "0")
     x = torch.randn(2, 64).bfloat16()
     assert not cpu_fused.can_rms_norm(x, x[0].clone(), None) and not cpu_fused.can_silu_and_mul(x)
+    assert not cpu_fused.can_apply_bitmask(x, torch.zeros(2, 2, dtype=torch.int32))  # xgrammar's kernel then
 
 
 def test_results_do_not_depend_on_the_thread_count():
@@ -158,3 +159,49 @@ def test_the_layers_hand_bf16_cpu_tensors_to_the_kernels_and_float32_to_the_refe
             if dtype is torch.float32:
                 assert calls == []
     assert calls == ["rms_norm", "rms_norm", "silu_and_mul", "apply_rotary_"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("num_rows,vocab_size", [(1, 320), (5, 333), (64, 49152), (40, 4003)])
+def test_bitmask_matches_xgrammars_kernel_on_any_rows_and_vocabulary(dtype, num_rows, vocab_size):
+    """Structured outputs' mask (any float dtype: it only keeps or replaces values): words all ones, all zeros and
+    mixed; a subset of rows; a vocabulary that ends inside a word; logits wider than the vocabulary untouched."""
+    import xgrammar as xgr
+    gen = torch.Generator().manual_seed(num_rows)
+    words = (vocab_size + 31) // 32
+    bitmask = torch.randint(-2**31, 2**31 - 1, (num_rows + 3, words), dtype=torch.int32, generator=gen)
+    bitmask[:, ::5] = -1
+    bitmask[:, 2::7] = 0
+    rows = list(range(0, num_rows + 3, 2))
+    logits = torch.randn(num_rows + 3, vocab_size + 40, generator=gen).to(dtype)
+    got, want = logits.clone(), logits.clone()
+    assert cpu_fused.can_apply_bitmask(got, bitmask)
+    cpu_fused.apply_bitmask_(got, bitmask, rows, vocab_size)
+    xgr.apply_token_bitmask_inplace(want, bitmask, vocab_size=vocab_size, indices=rows)
+    assert torch.equal(got, want)
+    assert torch.isinf(got).any() and torch.equal(got[:, vocab_size:], logits[:, vocab_size:])
+    with pytest.raises(ValueError, match="outside"):
+        cpu_fused.apply_bitmask_(got, bitmask, [num_rows + 3], vocab_size)
+
+
+def test_structured_outputs_apply_the_bitmask_with_the_cpu_kernel(monkeypatch):
+    from sluice.structured_output.apply import apply_grammar_bitmask
+    calls = []
+    kernel = cpu_fused.apply_bitmask_
+    monkeypatch.setattr(cpu_fused, "apply_bitmask_", lambda *args: (calls.append(args[2]), kernel(*args)))
+
+    class OnlyEven:  # a grammar that allows the even token ids
+        def fill_bitmask(self, bitmask, row):
+            bitmask[row] = 0x55555555
+
+        def rollback(self, num_tokens):
+            assert num_tokens == 0
+
+    from sluice.structured_output.manager import GrammarBitmask
+    logits = torch.zeros(3, 70)
+    apply_grammar_bitmask(logits, ["a", "b", "c"], GrammarBitmask({"a": OnlyEven(), "c": OnlyEven()}, 64))
+    assert calls == [[0, 2]]
+    for row in (0, 2):
+        assert torch.isinf(logits[row, 1:64:2]).all() and not torch.isinf(logits[row, 0:64:2]).any()
+        assert torch.isinf(logits[row, 64:]).all()  # past the grammars' ids
+    assert not torch.isinf(logits[1]).any()
