@@ -115,7 +115,7 @@ def decode(compiled: list, step, req_ids: list[str], logits, num_steps: int) -> 
                 backend, grammar = compiled[i % len(compiled)]
                 step.grammars[req_id] = backend.matcher(grammar)
         start = time.perf_counter()
-        rows, bitmask = step.fill(req_ids)
+        step.fill(req_ids)
         fills.append(time.perf_counter() - start)
         logits.normal_(generator=generator)
         apply_grammar_bitmask(logits, req_ids, step)

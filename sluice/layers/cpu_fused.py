@@ -8,8 +8,9 @@ can still differ: the order of the RMS sum, and cos/sin/exp within a float32 ulp
 
 The CUDA path's Triton kernels (fused_kernels.py) have the same ``can_*`` / op pairs; a layer asks this module
 only when those decline. float32 never comes here (but for the bitmask, which only keeps or replaces values): the
-float32 CPU path stays torch, the transformers-exact oracle the tests trust. The library is built on first use with the system compiler (attention/cpu_kernel.py's builder
-and cache); without one, or with ``SLUICE_CPU_FUSED=0``, every ``can_*`` says no and the references run.
+float32 CPU path stays torch, the transformers-exact oracle the tests trust. The library is built on first use
+with the system compiler (attention/cpu_kernel.py's builder and cache); without one, or with
+``SLUICE_CPU_FUSED=0``, every ``can_*`` says no and the references run.
 """
 from __future__ import annotations
 
@@ -139,8 +140,8 @@ def apply_bitmask_(logits: torch.Tensor, bitmask: torch.Tensor, rows: list[int],
     """Sets logits[r, t] = -inf for each r in ``rows`` and t < ``vocab_size`` whose bit in bitmask row r is 0
     (xgrammar's layout: bit j of word w is token 32w + j), in place: 1.2 ms for 256 rows of 49,152 float32 logits
     on 2 cores, where xgrammar's CPU kernel takes 34 ms (67 ms when nearly every bit is 0, as in JSON)."""
-    if vocab_size > min(logits.shape[1], bitmask.shape[1] * 32) or not all(
-            0 <= r < min(logits.shape[0], bitmask.shape[0]) for r in rows):
+    if vocab_size > min(logits.shape[1], bitmask.shape[1] * 32) or (
+            rows and (min(rows) < 0 or max(rows) >= min(logits.shape[0], bitmask.shape[0]))):
         raise ValueError("apply_bitmask_: rows or vocab_size outside the logits or the bitmask")
     row_ids = torch.tensor(rows, dtype=torch.int64)
     _kernels.apply_bitmask(logits.data_ptr(), logits.element_size(), _NEG_INF_BITS[logits.dtype], logits.stride(0),

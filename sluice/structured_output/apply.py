@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch
 
+from sluice.layers import cpu_fused
 from sluice.structured_output.manager import GrammarBitmask
 
 
@@ -20,17 +21,16 @@ def apply_grammar_bitmask(logits: torch.Tensor, sampling_req_ids: list[str], gra
         return
     rows, bitmask = filled  # one bitmask row per logits row, as the kernel takes them
     grammar_vocab_size = min(logits.shape[-1], grammar.vocab_size)
-    if not logits.is_cuda:
-        from sluice.layers import cpu_fused
-        if cpu_fused.can_apply_bitmask(logits, bitmask):
-            cpu_fused.apply_bitmask_(logits, bitmask, rows, grammar_vocab_size)
-            if logits.shape[-1] > grammar_vocab_size:
-                logits[rows, grammar_vocab_size:] = float("-inf")
-            return
-    import xgrammar as xgr
-    # On CUDA from pinned memory: a copy from pageable memory would wait for the queued forward.
-    indices = torch.tensor(rows, dtype=torch.int32, pin_memory=logits.is_cuda).to(logits.device, non_blocking=True)
-    xgr.apply_token_bitmask_inplace(logits, bitmask.to(logits.device, non_blocking=True),
-                                    vocab_size=grammar_vocab_size, indices=indices)
+    if not logits.is_cuda and cpu_fused.can_apply_bitmask(logits, bitmask):
+        cpu_fused.apply_bitmask_(logits, bitmask, rows, grammar_vocab_size)
+        indices = rows
+    else:
+        import xgrammar as xgr
+        # On CUDA from pinned memory: a copy from pageable memory would wait for the queued forward.
+        indices = torch.tensor(rows, dtype=torch.int32, pin_memory=logits.is_cuda).to(logits.device,
+                                                                                     non_blocking=True)
+        xgr.apply_token_bitmask_inplace(logits, bitmask.to(logits.device, non_blocking=True),
+                                        vocab_size=grammar_vocab_size, indices=indices)
+        indices = indices.long()
     if logits.shape[-1] > grammar_vocab_size:
-        logits[indices.long(), grammar_vocab_size:] = float("-inf")
+        logits[indices, grammar_vocab_size:] = float("-inf")

@@ -27,6 +27,7 @@ the size of a 16-bit cache's.
 """
 from __future__ import annotations
 
+import contextlib
 import time
 
 import torch
@@ -44,27 +45,17 @@ class KVSwapper:
         host_dtype = self.kv_caches[0].dtype if self.kv_caches else spec.dtype
         self.host_kv = torch.zeros(shape, dtype=host_dtype, pin_memory=device.type == "cuda")
         self.copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
-        self.staged_event: torch.cuda.Event | None = None  # CUDA: the last host->device staging copy is done
 
     def run(self, transfers: KVTransfers) -> None:
-        """Queues the step's copies (device->host, then host->device, as the compute stream sees them)."""
-        if self.copy_stream is None:
-            if transfers.device_to_host:
-                self._device_to_host(transfers.device_to_host)
-            if transfers.host_to_device:
-                self._scatter(transfers.host_to_device, self._stage(transfers.host_to_device))
-            return
-        compute = torch.cuda.current_stream(self.device)
-        staged = None
+        """Queues the step's copies: device->host, then host->device, as the compute stream sees them."""
+        staged = loaded = None
         if transfers.host_to_device:
-            with torch.cuda.stream(self.copy_stream):  # memory of the copy stream: no queued forward uses it
-                staged = self._stage(transfers.host_to_device)
-            self.staged_event = self.copy_stream.record_event()
-            staged.record_stream(compute)
+            staged, loaded = self._stage(transfers.host_to_device)
         if transfers.device_to_host:
             self._device_to_host(transfers.device_to_host)
         if staged is not None:
-            compute.wait_event(self.staged_event)
+            if loaded is not None:  # CUDA: the compute stream waits for the transfer alone
+                torch.cuda.current_stream(self.device).wait_event(loaded)
             self._scatter(transfers.host_to_device, staged)
 
     def _device_to_host(self, pairs: list[tuple[int, int]]) -> None:
@@ -73,27 +64,27 @@ class KVSwapper:
         # [n, layers, 2, block_size, heads, head_dim]: each block contiguous, one copy per run of host blocks.
         gathered = torch.stack([kv.index_select(1, device_ids) for kv in self.kv_caches], dim=0)
         gathered = gathered.permute(2, 0, 1, 3, 4, 5).contiguous()
-        if self.copy_stream is None:
-            self._to_host(pairs, gathered)
-            return
-        self.copy_stream.wait_stream(torch.cuda.current_stream(self.device))
-        gathered.record_stream(self.copy_stream)
-        with torch.cuda.stream(self.copy_stream):
-            self._to_host(pairs, gathered)
+        cuda = self.copy_stream is not None
+        if cuda:
+            self.copy_stream.wait_stream(torch.cuda.current_stream(self.device))
+            gathered.record_stream(self.copy_stream)
+        with torch.cuda.stream(self.copy_stream) if cuda else contextlib.nullcontext():
+            for start, host, length in _host_runs([h for _, h in pairs]):
+                self.host_kv[host:host + length].copy_(gathered[start:start + length], non_blocking=cuda)
 
-    def _to_host(self, pairs: list[tuple[int, int]], gathered: torch.Tensor) -> None:
-        non_blocking = self.copy_stream is not None
-        for start, host, length in _host_runs([h for _, h in pairs]):
-            self.host_kv[host:host + length].copy_(gathered[start:start + length], non_blocking=non_blocking)
-
-    def _stage(self, pairs: list[tuple[int, int]]) -> torch.Tensor:
-        """The host blocks, in order, in one device buffer (on the current stream)."""
-        non_blocking = self.copy_stream is not None
-        staged = torch.empty((len(pairs),) + tuple(self.host_kv.shape[1:]), dtype=self.host_kv.dtype,
-                             device=self.device)
-        for start, host, length in _host_runs([h for h, _ in pairs]):
-            staged[start:start + length].copy_(self.host_kv[host:host + length], non_blocking=non_blocking)
-        return staged
+    def _stage(self, pairs: list[tuple[int, int]]) -> tuple[torch.Tensor, "torch.cuda.Event | None"]:
+        """The host blocks, in order, in one device buffer. On CUDA the copy stream fills it at once, in memory
+        of its own (no forward queued on the compute stream uses it), and the event marks the transfer done."""
+        cuda = self.copy_stream is not None
+        with torch.cuda.stream(self.copy_stream) if cuda else contextlib.nullcontext():
+            staged = torch.empty((len(pairs),) + tuple(self.host_kv.shape[1:]), dtype=self.host_kv.dtype,
+                                 device=self.device)
+            for start, host, length in _host_runs([h for h, _ in pairs]):
+                staged[start:start + length].copy_(self.host_kv[host:host + length], non_blocking=cuda)
+        if not cuda:
+            return staged, None
+        staged.record_stream(torch.cuda.current_stream(self.device))
+        return staged, self.copy_stream.record_event()
 
     def _scatter(self, pairs: list[tuple[int, int]], staged: torch.Tensor) -> None:
         device_ids = self._index([d for _, d in pairs])

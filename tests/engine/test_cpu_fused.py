@@ -198,10 +198,16 @@ def test_structured_outputs_apply_the_bitmask_with_the_cpu_kernel(monkeypatch):
             assert num_tokens == 0
 
     from sluice.structured_output.manager import GrammarBitmask
+    step = GrammarBitmask({"a": OnlyEven(), "c": OnlyEven()}, 64)
     logits = torch.zeros(3, 70)
-    apply_grammar_bitmask(logits, ["a", "b", "c"], GrammarBitmask({"a": OnlyEven(), "c": OnlyEven()}, 64))
+    apply_grammar_bitmask(logits, ["a", "b", "c"], step)
     assert calls == [[0, 2]]
     for row in (0, 2):
         assert torch.isinf(logits[row, 1:64:2]).all() and not torch.isinf(logits[row, 0:64:2]).any()
         assert torch.isinf(logits[row, 64:]).all()  # past the grammars' ids
     assert not torch.isinf(logits[1]).any()
+    # Without the kernel (no compiler, SLUICE_CPU_FUSED=0) xgrammar's CPU kernel gives the same logits.
+    monkeypatch.setattr(cpu_fused, "can_apply_bitmask", lambda logits, bitmask: False)
+    fallback = torch.zeros(3, 70)
+    apply_grammar_bitmask(fallback, ["a", "b", "c"], step)
+    assert calls == [[0, 2]] and torch.equal(fallback, logits)

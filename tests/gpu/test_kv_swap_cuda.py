@@ -61,7 +61,7 @@ def test_host_to_device_transfer_overlaps_work_already_queued_on_the_compute_str
     swapper.host_kv[3].fill_(5.0)
     torch.cuda._sleep(300_000_000)  # a forward still running on the compute stream (~0.2 s)
     swapper.run(KVTransfers(host_to_device=[(3, 12)]))
-    swapper.staged_event.synchronize()  # the transfer is done...
+    swapper.copy_stream.synchronize()  # the transfer is done...
     assert not torch.cuda.current_stream().query()  # ...while the compute stream is still busy
     torch.cuda.synchronize()
     assert all(bool((kv[:, 12] == 5.0).all()) for kv in swapper.kv_caches)
