@@ -13,6 +13,8 @@ the matchers' accepts, single-threaded (the engine spreads the fill over threads
 
 ``--tokenizer small`` takes the benchmarks' 320-token tokenizer (model_dir.py's; W7 on the device runs with it) and
 ``--vocab-size`` the model's vocabulary: the grammars decide over the tokenizer's ids only, whatever the model pads.
+``--grammar-vocab-size`` sets the grammars' width instead (the model's, as sluice gave it before: the ids past the
+tokenizer then count as special tokens that every fill and accept checks).
 """
 from __future__ import annotations
 
@@ -42,6 +44,8 @@ def main() -> None:
                         help="the default model's tokenizer, or the benchmarks' 320-token one")
     parser.add_argument("--vocab-size", type=int, default=49152, help="the model's vocabulary (logits width)")
     parser.add_argument("--decode-steps", type=int, default=60)
+    parser.add_argument("--grammar-vocab-size", type=int, default=None,
+                        help="the grammars' width (default: the tokenizer's ids, as the engine takes them)")
     args = parser.parse_args()
     model = default_model_path()
     if args.tokenizer == "small":
@@ -51,6 +55,9 @@ def main() -> None:
     model_config = SimpleNamespace(model=model, tokenizer=None, skip_tokenizer_init=False,
                                    vocab_size=args.vocab_size)
     manager = StructuredOutputManager(model_config, args.backend, max_workers=1)
+    if args.grammar_vocab_size is not None:
+        manager._tokenizer = manager._load_tokenizer()
+        manager.grammar_vocab_size = args.grammar_vocab_size
     start = time.perf_counter()
     backend = manager._backend(args.backend)
     print(f"tokenizer + {args.backend} backend (once per engine core): {time.perf_counter() - start:.2f} s; "

@@ -22,15 +22,12 @@ def apply_grammar_bitmask(logits: torch.Tensor, sampling_req_ids: list[str], gra
     rows, bitmask = filled  # one bitmask row per logits row, as the kernel takes them
     grammar_vocab_size = min(logits.shape[-1], grammar.vocab_size)
     if not logits.is_cuda and cpu_fused.can_apply_bitmask(logits, bitmask):
-        cpu_fused.apply_bitmask_(logits, bitmask, rows, grammar_vocab_size)
-        indices = rows
-    else:
-        import xgrammar as xgr
-        # On CUDA from pinned memory: a copy from pageable memory would wait for the queued forward.
-        indices = torch.tensor(rows, dtype=torch.int32, pin_memory=logits.is_cuda).to(logits.device,
-                                                                                     non_blocking=True)
-        xgr.apply_token_bitmask_inplace(logits, bitmask.to(logits.device, non_blocking=True),
-                                        vocab_size=grammar_vocab_size, indices=indices)
-        indices = indices.long()
+        cpu_fused.apply_bitmask_(logits, bitmask, rows, grammar_vocab_size)  # the ids past the grammar's too
+        return
+    import xgrammar as xgr
+    # On CUDA from pinned memory: a copy from pageable memory would wait for the queued forward.
+    indices = torch.tensor(rows, dtype=torch.int32, pin_memory=logits.is_cuda).to(logits.device, non_blocking=True)
+    xgr.apply_token_bitmask_inplace(logits, bitmask.to(logits.device, non_blocking=True),
+                                    vocab_size=grammar_vocab_size, indices=indices)
     if logits.shape[-1] > grammar_vocab_size:
-        logits[indices, grammar_vocab_size:] = float("-inf")
+        logits[:, grammar_vocab_size:].index_fill_(0, indices.long(), float("-inf"))

@@ -165,7 +165,7 @@ def test_the_layers_hand_bf16_cpu_tensors_to_the_kernels_and_float32_to_the_refe
 @pytest.mark.parametrize("num_rows,vocab_size", [(1, 320), (5, 333), (64, 49152), (40, 4003)])
 def test_bitmask_matches_xgrammars_kernel_on_any_rows_and_vocabulary(dtype, num_rows, vocab_size):
     """Structured outputs' mask (any float dtype: it only keeps or replaces values): words all ones, all zeros and
-    mixed; a subset of rows; a vocabulary that ends inside a word; logits wider than the vocabulary untouched."""
+    mixed; a subset of rows; a vocabulary that ends inside a word; logits past the vocabulary -inf."""
     import xgrammar as xgr
     gen = torch.Generator().manual_seed(num_rows)
     words = (vocab_size + 31) // 32
@@ -178,8 +178,11 @@ def test_bitmask_matches_xgrammars_kernel_on_any_rows_and_vocabulary(dtype, num_
     assert cpu_fused.can_apply_bitmask(got, bitmask)
     cpu_fused.apply_bitmask_(got, bitmask, rows, vocab_size)
     xgr.apply_token_bitmask_inplace(want, bitmask, vocab_size=vocab_size, indices=rows)
+    want[rows, vocab_size:] = float("-inf")  # the ids past the grammar's
     assert torch.equal(got, want)
-    assert torch.isinf(got).any() and torch.equal(got[:, vocab_size:], logits[:, vocab_size:])
+    assert torch.isinf(got).any()
+    others = [r for r in range(num_rows + 3) if r not in rows]
+    assert torch.equal(got[others], logits[others])  # rows not listed are untouched
     with pytest.raises(ValueError, match="outside"):
         cpu_fused.apply_bitmask_(got, bitmask, [num_rows + 3], vocab_size)
 

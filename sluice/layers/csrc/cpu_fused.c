@@ -143,28 +143,35 @@ int sluice_rope_neox(uint16_t *q, uint16_t *k, const int64_t *positions, const f
 }
 
 /* Structured outputs' token bitmask on CPU logits (structured_output/apply.py): on each listed row, every id below
- * vocab whose bit is 0 becomes -inf; bit j of word w is id 32w + j (xgrammar's layout), and bitmask row r belongs
- * to logits row r. The logits are moved as raw bits: elem_size 4 (float32) or 2 (bfloat16, float16), neg_inf the
- * dtype's -inf. Exact: every value is kept or replaced. Words with every bit set are skipped. */
+ * vocab whose bit is 0 becomes -inf, and so does every id from vocab to width (an LM head padded past the
+ * grammar's ids); bit j of word w is id 32w + j (xgrammar's layout), and bitmask row r belongs to logits row r.
+ * The logits are moved as raw bits: elem_size 4 (float32) or 2 (bfloat16, float16), neg_inf the dtype's -inf.
+ * Exact: every value is kept or replaced. Words with every bit set are skipped. */
 int sluice_apply_bitmask(void *logits, int elem_size, uint32_t neg_inf, int64_t row_stride, const int32_t *bitmask,
-                         int64_t bitmask_stride, const int64_t *rows, int num_rows, int64_t vocab, int num_threads) {
+                         int64_t bitmask_stride, const int64_t *rows, int num_rows, int64_t vocab, int64_t width,
+                         int num_threads) {
     if (elem_size != 4 && elem_size != 2) return 1;
     int64_t num_words = (vocab + 31) / 32;
 #pragma omp parallel for num_threads(num_threads) schedule(static) if (num_rows >= PARALLEL_MIN_ROWS)
     for (int i = 0; i < num_rows; i++) {
         const uint32_t *mask = (const uint32_t *)(bitmask + rows[i] * bitmask_stride);
+        uint32_t *out32 = (uint32_t *)logits + rows[i] * row_stride;
+        uint16_t *out16 = (uint16_t *)logits + rows[i] * row_stride;
         for (int64_t w = 0; w < num_words; w++) {
             uint32_t word = mask[w];
             if (word == 0xFFFFFFFFu) continue;
             int64_t base = w * 32;
             int n = vocab - base < 32 ? (int)(vocab - base) : 32;
             if (elem_size == 4) {
-                uint32_t *out = (uint32_t *)logits + rows[i] * row_stride + base;
-                for (int j = 0; j < n; j++) out[j] = (word >> j) & 1u ? out[j] : neg_inf;
+                for (int j = 0; j < n; j++) out32[base + j] = (word >> j) & 1u ? out32[base + j] : neg_inf;
             } else {
-                uint16_t *out = (uint16_t *)logits + rows[i] * row_stride + base;
-                for (int j = 0; j < n; j++) out[j] = (word >> j) & 1u ? out[j] : (uint16_t)neg_inf;
+                for (int j = 0; j < n; j++) out16[base + j] = (word >> j) & 1u ? out16[base + j] : (uint16_t)neg_inf;
             }
+        }
+        if (elem_size == 4) {
+            for (int64_t t = vocab; t < width; t++) out32[t] = neg_inf;
+        } else {
+            for (int64_t t = vocab; t < width; t++) out16[t] = (uint16_t)neg_inf;
         }
     }
     return 0;
