@@ -90,10 +90,16 @@ def engine_error_to_openai(error: BaseException) -> OpenAIError:
     return internal_error(error)
 
 
+# JSON leaves these raw, but line readers built on str.splitlines (httpx's iter_lines, requests' with
+# decode_unicode) end a line at each, cutting an event's JSON in two; escaped, they read the same once parsed.
+_SSE_LINE_BREAKS = str.maketrans({"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"})
+
+
 def sse(payload: BaseModel | dict) -> str:
-    if isinstance(payload, BaseModel):
-        return f"data: {payload.model_dump_json()}\n\n"
-    return f"data: {json.dumps(payload)}\n\n"
+    data = payload.model_dump_json() if isinstance(payload, BaseModel) else json.dumps(payload)
+    if not data.isascii():
+        data = data.translate(_SSE_LINE_BREAKS)
+    return f"data: {data}\n\n"
 
 
 SSE_DONE = "data: [DONE]\n\n"
