@@ -197,9 +197,16 @@ def run_throughput_benchmark(args: argparse.Namespace, model: ResolvedModel, pee
     peer_config = PeerConfig(batch_size=args.hf_batch_size, vllm_pythonpath=args.vllm_pythonpath,
                              enable_prefix_caching=engine_args.enable_prefix_caching,
                              kv_cache_dtype=engine_args.kv_cache_dtype,
-                             calculate_kv_scales=engine_args.calculate_kv_scales)
+                             calculate_kv_scales=engine_args.calculate_kv_scales,
+                             cpu_kv_cache_tokens=_kv_cache_tokens(runs))
     peer_results = {name: PEER_RUNNERS[name](model_config, peer_requests, peer_config) for name in peers}
     return build_report(args, model, model_config, requests, runs, peer_results)
+
+
+def _kv_cache_tokens(runs: dict[str, Any]) -> int:
+    """Tokens the timed engine's KV cache holds (blocks x block size)."""
+    run = runs["engine"]
+    return run.num_kv_blocks * run.block_size
 
 
 def run_base_and_lora(engine_args: EngineArgs, hf_config: Any, requests: list, num_loras: int, rank: int,

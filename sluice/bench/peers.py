@@ -6,6 +6,7 @@ the real vLLM in a process of its own (vllm_peer.py).
            request's own ``output_len`` counts as useful output.
     hf-cb  transformers 5.x continuous batching: ``init_continuous_batching()`` + ``add_request(max_new_tokens=
            output_len)`` per request, attention "paged|sdpa", finished results counted with ``is_finished()``.
+           On the CPU its KV cache is the engine's size (transformers would take a share of host memory).
     vllm   vllm.LLM at its own defaults (the engine's model, dtype, max_model_len, seed, prefix caching), one
            generate over every request after a short warmup; needs --vllm-pythonpath.
 
@@ -43,6 +44,7 @@ class PeerConfig:
     enable_prefix_caching: bool = True  # vllm: as the engine ran
     kv_cache_dtype: str = "auto"  # vllm: as the engine ran (--kv-cache-dtype)
     calculate_kv_scales: bool = False
+    cpu_kv_cache_tokens: int | None = None  # hf-cb on the CPU: a KV cache of the engine's size (see _cpu_cb_config)
 
 
 def load_hf_model(model_config: ModelConfig, attn_implementation: str) -> Any:
@@ -130,8 +132,9 @@ def run_hf_continuous_batching(model_config: ModelConfig, requests: Sequence[Ben
     """transformers continuous batching with default ``ContinuousBatchingConfig``; one request per prompt."""
     model = load_hf_model(model_config, CB_ATTENTION)
     longest_output = max(r.output_len for r in requests)
+    cb_config = _cpu_cb_config(model, config)
     manager = model.init_continuous_batching(generation_config=_generation_config(longest_output),
-                                             **_workload_hints(model, requests))
+                                             **_workload_hints(model, requests), **cb_config)
     if hasattr(manager, "warmup"):  # CUDA graph capture, as generate_batch does before its requests
         manager.warmup()
     manager.start()
@@ -150,7 +153,8 @@ def run_hf_continuous_batching(model_config: ModelConfig, requests: Sequence[Ben
     del model, manager
     free_device_memory()
     return ThroughputResult.from_requests("hf-cb", requests, elapsed, output_tokens=generated,
-                                          extra={"attn_implementation": attn})
+                                          extra={"attn_implementation": attn,
+                                                 **{"num_kv_blocks": c.num_blocks for c in cb_config.values()}})
 
 
 def _workload_hints(model: Any, requests: Sequence[BenchRequest]) -> dict[str, Any]:
@@ -162,6 +166,19 @@ def _workload_hints(model: Any, requests: Sequence[BenchRequest]) -> dict[str, A
     return {"workload_hints": WorkloadHints(max_prompt_length=max(len(r.prompt_token_ids) for r in requests),
                                             max_generated_length=max(r.output_len for r in requests),
                                             num_requests=len(requests))}
+
+
+def _cpu_cb_config(model: Any, config: PeerConfig) -> dict[str, Any]:
+    """On the CPU, a KV cache as large as the engine's. Left to itself transformers sizes the cache from a share of
+    host memory and warms up at that size: tens of GiB, and 20 s of warmup for a 4-layer test model."""
+    if (model.device.type != "cpu" or not config.cpu_kv_cache_tokens
+            or "continuous_batching_config" not in inspect.signature(model.init_continuous_batching).parameters):
+        return {}
+    from transformers.generation.configuration_utils import ContinuousBatchingConfig
+
+    page_size = ContinuousBatchingConfig().page_size
+    num_blocks = max(1, -(-config.cpu_kv_cache_tokens // page_size))
+    return {"continuous_batching_config": ContinuousBatchingConfig(num_blocks=num_blocks)}
 
 
 def _collect_finished(manager: Any, num_requests: int, timeout_s: float) -> int:

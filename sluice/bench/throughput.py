@@ -97,6 +97,7 @@ class EngineRun:
     decode_batches: dict[int, int]
     model_config: Any  # sluice.models.model_config.ModelConfig
     num_kv_blocks: int
+    block_size: int  # tokens per KV block
     output_lens: list[int] = dataclasses.field(default_factory=list)  # tokens each request generated, in order
 
 
@@ -152,7 +153,7 @@ def run_sluice(engine_args: EngineArgs, requests: Sequence[BenchRequest], name: 
              "triton_compiles_during_run": len(compiles.events), "triton_compile_s": compiles.seconds}
     run = EngineRun(ThroughputResult.from_requests(name, requests, elapsed, output_tokens=generated, extra=extra),
                     recorder.avg_batch, dict(recorder.decode_batches), engine.model_config, engine.config.cache.num_blocks,
-                    output_lens)
+                    engine.config.cache.block_size, output_lens)
     del outputs, engine, llm
     free_device_memory()
     return run

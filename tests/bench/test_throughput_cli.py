@@ -37,6 +37,9 @@ def test_w1_with_both_peers_writes_a_complete_report(tiny_model, tmp_path, capsy
     assert 0 < engine["output_tokens"] <= sum(r.output_len for r in requests)
     assert engine["prompt_tokens"] == sum(len(r.prompt_token_ids) for r in requests)
     assert set(report["peers"]) == {"hf", "hf-cb"}
+    # On the CPU hf-cb's KV cache is the engine's size (256-token pages), not a share of host memory.
+    kv_tokens = report["num_kv_blocks"] * 16
+    assert report["peers"]["hf-cb"]["num_kv_blocks"] == -(-kv_tokens // 256)
     for name, peer in report["peers"].items():
         assert peer["num_requests"] == 2
         assert peer["output_tokens"] == sum(r.output_len for r in requests[:2]), name
