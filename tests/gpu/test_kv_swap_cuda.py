@@ -59,6 +59,10 @@ def test_swap_out_sees_writes_queued_before_it_and_precedes_later_writes():
 def test_host_to_device_transfer_overlaps_work_already_queued_on_the_compute_stream():
     swapper = _swapper()
     swapper.host_kv[3].fill_(5.0)
+    # Once before, so that the staging buffer and the pinned block ids come from the allocators' caches: a
+    # first cudaMalloc or cudaHostAlloc may wait for the device and hide the overlap.
+    swapper.run(KVTransfers(host_to_device=[(3, 12)]))
+    torch.cuda.synchronize()
     torch.cuda._sleep(300_000_000)  # a forward still running on the compute stream (~0.2 s)
     swapper.run(KVTransfers(host_to_device=[(3, 12)]))
     swapper.copy_stream.synchronize()  # the transfer is done...
