@@ -83,3 +83,20 @@ def assert_random_samples_are_every_ranks_tokens(llm: LLM, single: LLM, prompts:
         for i, (token_id, logprobs) in enumerate(zip(sampled.token_ids, sampled.logprobs)):
             expected = reference.prompt_logprobs[len(prompt) + i][token_id].logprob
             assert logprobs[token_id].logprob == pytest.approx(expected, abs=1e-4)
+
+
+def test_four_ranks_match_one_rank(tmp_path):
+    """TP=4: 8 heads (2 per rank) over 2 KV heads, each KV head replicated on two ranks; vocab 383 split in four
+    with padding on the last rank."""
+    path = save_tiny_model(tmp_path / "llama4", "llama", num_attention_heads=8, num_key_value_heads=2,
+                           hidden_size=128, vocab_size=383)
+    prompts = _prompts(seed=1)
+    expected = _greedy(LLM(model=str(path), **TIGHT_ENGINE), prompts)
+    assert expected == hf_greedy(path, prompts, MAX_NEW_TOKENS)
+    llm = LLM(model=str(path), tensor_parallel_size=4, **TIGHT_ENGINE)
+    try:
+        assert llm.llm_engine.core.runner.kv_spec.num_kv_heads == 1
+        assert _greedy(llm, prompts) == expected
+        assert_no_leaked_blocks(llm)
+    finally:
+        llm.llm_engine.shutdown()
