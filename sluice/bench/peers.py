@@ -73,8 +73,8 @@ def _is_tied_head(model: Any, name: str) -> bool:
 
 def _engine_weights(model_config: ModelConfig, dtype: torch.dtype):
     if model_config.is_gguf:
-        from sluice.models.gguf_loader import GGUFCheckpoint
-        return GGUFCheckpoint(model_config.model).weights(dtype=dtype)
+        from sluice.models.gguf_loader import open_gguf
+        return open_gguf(model_config.model).weights(dtype=dtype)
     from sluice.models.loader import iterate_safetensors
     return iterate_safetensors(model_config.model)
 

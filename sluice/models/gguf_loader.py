@@ -15,6 +15,7 @@ Two details that bite:
 """
 from __future__ import annotations
 
+import functools
 import os
 import re
 from collections.abc import Iterator
@@ -341,6 +342,20 @@ class GGUFCheckpoint:
 
     def __repr__(self) -> str:
         return f"GGUFCheckpoint({self.path!r}, architecture={self.architecture!r})"
+
+
+def open_gguf(path: str | os.PathLike[str]) -> GGUFCheckpoint:
+    """``GGUFCheckpoint(path)``, parsed once for the config and again for the weights only if the file changed:
+    opening a file parses its whole vocabulary in Python (1.3 s for SmolLM2's 49k tokens)."""
+    path = os.fspath(path)
+    _check_is_gguf(path)
+    stat = os.stat(path)
+    return _open_cached(os.path.abspath(path), stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=1)
+def _open_cached(path: str, mtime_ns: int, size: int) -> GGUFCheckpoint:
+    return GGUFCheckpoint(path)
 
 
 def load_gguf_tokenizer(path: str | os.PathLike[str]):  # -> transformers.PreTrainedTokenizerBase

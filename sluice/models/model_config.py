@@ -8,6 +8,7 @@ configuration lives in sluice/config.py and calls in.
 """
 from __future__ import annotations
 
+import copy
 import os
 from typing import Any
 
@@ -64,8 +65,8 @@ def read_checkpoint(model: str | None, load_format: str) -> tuple[str, Any, bool
             "nothing is downloaded)")
     is_gguf = model.endswith(".gguf") or load_format == "gguf"
     if is_gguf:
-        from sluice.models.gguf_loader import GGUFCheckpoint
-        return model, GGUFCheckpoint(model).hf_config, True
+        from sluice.models.gguf_loader import open_gguf
+        return model, copy.deepcopy(open_gguf(model).hf_config), True  # the engine's own, as from a folder
     from sluice.models.loader import load_hf_config
     return model, load_hf_config(model), False
 

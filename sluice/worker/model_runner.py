@@ -171,8 +171,8 @@ class ModelRunner:
         if cfg.load_format == "dummy":
             weights = None
         elif cfg.is_gguf:
-            from sluice.models.gguf_loader import GGUFCheckpoint
-            checkpoint = GGUFCheckpoint(cfg.model)
+            from sluice.models.gguf_loader import open_gguf
+            checkpoint = open_gguf(cfg.model)
             weights, q4_blocks = checkpoint.weights(dtype=self.dtype), checkpoint.q4_blocks()
         else:
             weights = iterate_safetensors(cfg.model)

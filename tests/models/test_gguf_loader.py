@@ -16,7 +16,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 from sluice.models.default_model import default_model_path
-from sluice.models.gguf_loader import GGUFCheckpoint, gguf_to_hf_name, llama3_freq_factors
+from sluice.models.gguf_loader import GGUFCheckpoint, gguf_to_hf_name, llama3_freq_factors, open_gguf
 
 Q8_0, F16, F32 = GGMLQuantizationType.Q8_0, GGMLQuantizationType.F16, GGMLQuantizationType.F32
 
@@ -393,3 +393,20 @@ def test_sentencepiece_vocabulary_tokenizer(tmp_path):
     assert tokenizer.convert_ids_to_tokens(ids)[1:3] == ["<0xC3>", "<0xA9>"]  # é, byte fallback
     assert tokenizer.decode(ids) == "héllo\n"
     assert (tokenizer.bos_token, tokenizer.eos_token, tokenizer.unk_token) == ("<s>", "</s>", "<unk>")
+
+
+def test_a_file_is_parsed_once_until_it_changes_and_each_engine_gets_its_own_config(tmp_path):
+    from sluice.models.model_config import read_checkpoint
+
+    path = _write_minimal_gguf(tmp_path / "m.gguf")
+    first = open_gguf(path)
+    assert open_gguf(path) is first  # the config, then the weights: one parse
+    _, config_a, is_gguf = read_checkpoint(path, "auto")
+    _, config_b, _ = read_checkpoint(path, "auto")
+    assert is_gguf and config_a is not config_b and config_a is not first.hf_config
+    config_a.sluice_max_model_len = 7  # what one engine sets on its config stays its own
+    assert not hasattr(config_b, "sluice_max_model_len") and not hasattr(first.hf_config, "sluice_max_model_len")
+    _write_minimal_gguf(tmp_path / "m.gguf", rope_freqs=llama3_freq_factors(16, 500000.0, 32.0, 1.0, 4.0, 8192))
+    os.utime(path, ns=(os.stat(path).st_atime_ns, os.stat(path).st_mtime_ns + 1_000_000_000))
+    changed = open_gguf(path)
+    assert changed is not first and changed.hf_config.rope_parameters["rope_type"] == "llama3"
