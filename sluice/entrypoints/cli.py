@@ -1,7 +1,8 @@
 """`sluice` command line: serve, generate, chat, bench. Each subcommand lives in its own module.
 
-A subcommand module exposes ``add_parser(subparsers)`` (which registers its flags and sets
-``func``) so that ``sluice --help`` lists everything without importing torch.
+A subcommand module exposes ``add_parser(subparsers)`` (which registers its flags and sets ``func``). A command
+line that names a subcommand imports that module alone (the server's modules add ~2 s to ``sluice generate``);
+``sluice`` or ``sluice --help`` imports them all to list them.
 """
 from __future__ import annotations
 
@@ -18,10 +19,14 @@ _SUBCOMMANDS = {
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """The parser, with only the subcommand ``argv`` names (its first argument) when it names one."""
     parser = argparse.ArgumentParser(prog="sluice", description="LLM inference and serving engine")
     subparsers = parser.add_subparsers(dest="command", metavar="{" + ",".join(_SUBCOMMANDS) + "}")
+    wanted = argv[0] if argv and argv[0] in _SUBCOMMANDS else None
     for name, module_name in _SUBCOMMANDS.items():
+        if wanted is not None and name != wanted:
+            continue
         try:
             module = importlib.import_module(module_name)
         except ModuleNotFoundError as e:
@@ -45,7 +50,8 @@ def _add_unavailable(subparsers: argparse._SubParsersAction, name: str, missing:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser(argv)
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()
