@@ -143,9 +143,11 @@ def test_killed_engine_core_turns_every_api_server_503_and_the_server_exits_1(mo
             except httpx.HTTPError:
                 pass
             time.sleep(0.02)
-        # An idle API server looks at the core every 0.5 s, then answers 503 for a second before it exits.
-        assert sum(status == 503 for _, status in statuses) >= 5
-        assert all(status == 503 for elapsed, status in statuses if elapsed > 0.8)
+        # An idle API server looks at the core every 0.5 s (later on a loaded machine), then answers 503 for a
+        # second before it exits: the last 200 comes soon after the kill, and only 503s follow it.
+        last_ok = max((i for i, (_, status) in enumerate(statuses) if status == 200), default=-1)
+        assert last_ok < 0 or statuses[last_ok][0] < 2.0, statuses
+        assert all(status == 503 for _, status in statuses[last_ok + 1:]) and len(statuses) - last_ok > 5, statuses
         assert server.proc.wait(30) == 1
         log = server.log()
         assert "server[api-server-0]: the engine died" in log and "server[api-server-1]: the engine died" in log
