@@ -4,14 +4,16 @@
 
 On CUDA the number of blocks comes from what is left of ``gpu_memory_utilization`` x
 total memory after weights and a profiled peak step; on CPU from ``kv_cache_memory`` (CacheConfig decides
-the default).
+the default; the CPU's pages are zeroed lazily, as blocks are first written).
 ``num_kv_blocks`` overrides both.
 """
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 logger = logging.getLogger(__name__)
@@ -41,7 +43,17 @@ def num_blocks_for_memory(spec: KVCacheSpec, available_bytes: int) -> int:
 
 def allocate_kv_caches(spec: KVCacheSpec, num_blocks: int, device: torch.device) -> list[torch.Tensor]:
     shape = (2, num_blocks, spec.block_size, spec.num_kv_heads, spec.head_dim)
-    return [torch.zeros(shape, dtype=spec.dtype, device=device) for _ in range(spec.num_layers)]
+    return [zeros(shape, spec.dtype, device) for _ in range(spec.num_layers)]
+
+
+def zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """``torch.zeros``, but on the CPU from calloc (numpy's zeros): the OS hands out zeroed pages as they are
+    first touched, so the part of the budget no request reaches costs neither time nor resident memory.
+    ``torch.zeros`` writes every byte: 0.3 s and 1 GiB resident for the default 1 GiB budget at start-up."""
+    if device.type != "cpu":
+        return torch.zeros(shape, dtype=dtype, device=device)
+    num_bytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    return torch.from_numpy(np.zeros(num_bytes, dtype=np.uint8)).view(dtype).view(shape)
 
 
 def available_gpu_kv_bytes(device: torch.device, gpu_memory_utilization: float) -> int:

@@ -33,7 +33,7 @@ import time
 import torch
 
 from sluice.core.kv_offload import KVTransfers, PreemptionCosts
-from sluice.worker.kv_cache import KVCacheSpec
+from sluice.worker.kv_cache import KVCacheSpec, zeros
 
 
 class KVSwapper:
@@ -43,7 +43,8 @@ class KVSwapper:
         self.kv_caches = [_as_bytes(kv) for kv in kv_caches]
         shape = (num_host_blocks, spec.num_layers, 2, spec.block_size, spec.num_kv_heads, spec.head_dim)
         host_dtype = self.kv_caches[0].dtype if self.kv_caches else spec.dtype
-        self.host_kv = torch.zeros(shape, dtype=host_dtype, pin_memory=device.type == "cuda")
+        self.host_kv = (torch.zeros(shape, dtype=host_dtype, pin_memory=True) if device.type == "cuda"
+                        else zeros(shape, host_dtype, device))
         self.copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
 
     def run(self, transfers: KVTransfers) -> None:
