@@ -40,7 +40,6 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from sluice import SamplingParams  # noqa: E402
 from sluice.bench.cli import device_name, git_commit, write_l8_config  # noqa: E402
 from sluice.bench.compile_log import CompileLog  # noqa: E402
 from sluice.bench.profiling import GcLog, device_kernel_times  # noqa: E402
@@ -49,15 +48,15 @@ from sluice.bench.schedule_bound import l8_shape, scheduled_step_work, step_kind
 from sluice.config import EngineArgs  # noqa: E402
 from sluice.engine.gc_heap import frozen_heap  # noqa: E402
 from sluice.engine.llm_engine import LLMEngine  # noqa: E402
+from sluice.bench.throughput import sampling_params_for  # noqa: E402
+from tests.tiny_models import build_tokenizer  # noqa: E402
 
 def run(args: argparse.Namespace, engine_args: EngineArgs, compiles: CompileLog,
         gc_log: GcLog) -> tuple[list[dict], list[dict]]:
     engine = LLMEngine.from_engine_args(engine_args)
     requests = generate_workload(args.workload, engine.model_config.vocab_size, args.num_prompts,
-                                 max_model_len=engine.max_model_len)
-    for i, req in enumerate(requests):
-        params = SamplingParams(temperature=1.0, top_p=1.0, max_tokens=req.output_len, ignore_eos=True,
-                                detokenize=False)
+                                 max_model_len=engine.max_model_len, structured_fraction=args.structured_fraction)
+    for i, (req, params) in enumerate(zip(requests, sampling_params_for(requests, detokenize=False))):
         engine.add_request(str(i), {"prompt_token_ids": req.prompt_token_ids}, params)
     scheduler = engine.core.scheduler
     original = scheduler.schedule
@@ -147,6 +146,8 @@ def main() -> int:
     parser.add_argument("--out", required=True)
     parser.add_argument("--workload", default="W1")
     parser.add_argument("--num-prompts", type=int, default=None)
+    parser.add_argument("--structured-fraction", type=float, default=None,
+                        help="constrain this fraction of the requests with a JSON schema (W7: all by default)")
     parser.add_argument("--profile-steps", nargs="*", default=[], metavar="START:END",
                         help="step ranges to run under torch.profiler (top kernels per step in the JSON)")
     parser.add_argument("--no-freeze", action="store_true",
@@ -155,6 +156,7 @@ def main() -> int:
     args = parser.parse_args()
     engine_args = EngineArgs.from_cli_args(args)
     engine_args.model = write_l8_config(tempfile.mkdtemp(prefix="sluice-steps-"))
+    build_tokenizer().save_pretrained(engine_args.model)  # the small test tokenizer: prompts are token ids
     engine_args.load_format, engine_args.dtype = "dummy", "bfloat16"
     with CompileLog() as compiles, GcLog() as gc_log:
         records, kernels = run(args, engine_args, compiles, gc_log)
