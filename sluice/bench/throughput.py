@@ -110,6 +110,20 @@ def sampling_params_for(requests: Sequence[BenchRequest], detokenize: bool) -> l
             for r in requests]
 
 
+def warmup_requests(requests: Sequence[BenchRequest], num_warmup: int) -> list[BenchRequest]:
+    """The untimed requests before the clock: the first ``num_warmup`` with at most 8 output tokens, and, where
+    some requests are constrained, 16 constrained ones whose outputs end one step apart. The grammar bitmask
+    kernel is specialised on its row count (1, a multiple of 16, any other), so those run it at each, and they
+    compile the workload's first schemas. Prompts are reversed: the same lengths, but no block the timed run
+    could find in the prefix cache."""
+    warmup = [BenchRequest(r.prompt_token_ids[::-1], min(r.output_len, 8), r.json_schema)
+              for r in requests[:num_warmup]]
+    structured = [r for r in requests if r.json_schema is not None][:16]
+    warmup += [BenchRequest(r.prompt_token_ids[::-1], min(r.output_len, i + 1), r.json_schema)
+               for i, r in enumerate(structured)]
+    return warmup
+
+
 def run_sluice(engine_args: EngineArgs, requests: Sequence[BenchRequest], name: str = "sluice",
                detokenize: bool = True, num_warmup: int = 4, use_tqdm: bool = True,
                lora_requests: Sequence[Any] | None = None) -> EngineRun:
@@ -124,11 +138,13 @@ def run_sluice(engine_args: EngineArgs, requests: Sequence[BenchRequest], name: 
     if lora_requests:  # every adapter loaded (and its kernels compiled) before the clock starts
         num_warmup = max(num_warmup, len({id(r) for r in lora_requests if r is not None}))
     if num_warmup:
-        # Reversed prompts: the same lengths, but no block the timed run could find in the prefix cache.
-        warmup = [BenchRequest(r.prompt_token_ids[::-1], min(r.output_len, 8), r.json_schema)
-                  for r in requests[:num_warmup]]
+        warmup = warmup_requests(requests, num_warmup)
+        warmup_loras = None
+        if lora_requests:
+            warmup_loras = list(lora_requests[:num_warmup])
+            warmup_loras += [None] * (len(warmup) - len(warmup_loras))
         llm.generate(_prompts(warmup), sampling_params_for(warmup, detokenize), use_tqdm=False,
-                     lora_request=list(lora_requests[:num_warmup]) if lora_requests else None)
+                     lora_request=warmup_loras)
     recorder = StepRecorder(engine.engine_core.make_stats())
     engine.stat_loggers.append(recorder)
     prompts, params = _prompts(requests), sampling_params_for(requests, detokenize)

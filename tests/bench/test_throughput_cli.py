@@ -144,3 +144,19 @@ def test_fp8_kv_cache_flag_runs_and_is_reported(tiny_model, tmp_path):
     assert report["engine"]["output_tokens"] == sum(r.output_len for r in requests)
     settings = report["engine"]["engine_args"]
     assert settings["kv_cache_dtype"] == "fp8" and settings["calculate_kv_scales"]
+
+
+def test_warmup_runs_the_bitmask_at_every_row_count_the_kernel_specialises_on():
+    from sluice.bench.throughput import warmup_requests
+
+    requests = generate_workload("W7", 384, 40, seed=0, max_model_len=512, structured_fraction=0.5)
+    structured = [r for r in requests if r.json_schema is not None]
+    warmup = warmup_requests(requests, 4)
+    assert [(w.prompt_token_ids, w.output_len) for w in warmup[:4]] == \
+        [(r.prompt_token_ids[::-1], min(r.output_len, 8)) for r in requests[:4]]
+    extra = warmup[4:]
+    assert [w.json_schema for w in extra] == [r.json_schema for r in structured[:16]]
+    # Outputs ending one step apart: 16 constrained rows, then 15, ... down to 1.
+    assert [w.output_len for w in extra] == list(range(1, 17))
+    assert all(w.output_len <= r.output_len for w, r in zip(extra, structured))
+    assert len(warmup_requests([r for r in requests if r.json_schema is None], 4)) == 4  # none constrained
