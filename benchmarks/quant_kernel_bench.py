@@ -14,6 +14,9 @@ decode steps run), in microseconds:
     fp8_torch_quant the same with the torch activation quant (the path before the Triton kernel)
     fp8_triton      fp8.fp8_linear with SLUICE_FP8_GEMM=triton: the split-K Triton GEMM (M <= 64 only)
     fp8_quant       triton_fp8.quantize_activations alone
+    fp8_tensorwise  the same quant + torch._scaled_mm with unit per-tensor scales (cuBLASLt), the per-token and
+                    per-channel scales multiplied in after; fp8_tensorwise_gemm and fp8_rowwise_gemm: each
+                    _scaled_mm alone on quantized activations (what the scaling mode costs the GEMM)
 
 ``x_bf16`` columns are bf16 time over that time (higher is better); ``w4a16_tbps`` the weight bytes
 (K * N / 2 + scales and zeros) over the time. ``--sweep`` also times a list of W4A16 tile configs at each
@@ -110,6 +113,20 @@ def measure(name: str, n: int, k: int, m: int, w: dict, sweep: bool) -> dict:
         result["fp8_torch_quant_us"] = bench_us(lambda: fp8_linear(x, w8, w8_scale, None, None, gemm="scaled_mm",
                                                                    quant="torch"))
         result["fp8_quant_us"] = bench_us(lambda: triton_fp8.quantize_activations(x))
+        # cuBLASLt's per-tensor fp8 GEMM (unit scales), the row and column scales applied after in one kernel
+        x8, scale_a = triton_fp8.quantize_activations(x)
+        one = torch.ones((), device=DEVICE)
+        w8t, w_row = w8.t(), w8_scale.view(1, -1)
+
+        def tensorwise():
+            xq, sa = triton_fp8.quantize_activations(x)
+            return torch._scaled_mm(xq, w8t, scale_a=one, scale_b=one, out_dtype=torch.bfloat16) * (sa * w_row)
+        result["fp8_tensorwise_error"] = relative_error(tensorwise(), fp8_reference)
+        result["fp8_tensorwise_us"] = bench_us(tensorwise)
+        result["fp8_tensorwise_gemm_us"] = bench_us(
+            lambda: torch._scaled_mm(x8, w8t, scale_a=one, scale_b=one, out_dtype=torch.bfloat16))
+        result["fp8_rowwise_gemm_us"] = bench_us(
+            lambda: torch._scaled_mm(x8, w8t, scale_a=scale_a.contiguous(), scale_b=w_row, out_dtype=torch.bfloat16))
         if m <= 64:
             result["fp8_triton_error"] = relative_error(fp8_linear(x, w8, w8_scale, None, None, gemm="triton"),
                                                         fp8_reference)
@@ -131,7 +148,8 @@ def measure(name: str, n: int, k: int, m: int, w: dict, sweep: bool) -> dict:
                 result["w4a16_best"] = min(timed, key=lambda r: r["us"])
     result["w4a16_tbps"] = weight_bytes / result["w4a16_us"] / 1e6
     result["bf16_tbps"] = n * k * 2 / result["bf16_us"] / 1e6
-    for key in ("w4a16", "w4a16_fused", "w4a16_dense", "fp8_scaled_mm", "fp8_torch_quant", "fp8_triton"):
+    for key in ("w4a16", "w4a16_fused", "w4a16_dense", "fp8_scaled_mm", "fp8_torch_quant", "fp8_triton",
+                "fp8_tensorwise", "fp8_tensorwise_gemm", "fp8_rowwise_gemm"):
         if f"{key}_us" in result:
             result[f"{key}_x_bf16"] = result["bf16_us"] / result[f"{key}_us"]
     return result
@@ -145,11 +163,13 @@ def format_row(r: dict) -> str:
             f"{cell('w4a16_tbps', '7.2f')}{cell('fp8_scaled_mm_us')}{cell('fp8_scaled_mm_x_bf16', '7.2f')}"
             f"{cell('fp8_torch_quant_us')}{cell('fp8_triton_us')}{cell('fp8_triton_x_bf16', '7.2f')}"
             f"{cell('fp8_quant_us', '8.1f')}{cell('w4a16_fused_us')}{cell('w4a16_dense_us')}"
+            f"{cell('fp8_tensorwise_x_bf16', '7.2f')}{cell('fp8_tensorwise_gemm_x_bf16', '7.2f')}"
+            f"{cell('fp8_rowwise_gemm_x_bf16', '7.2f')}"
             + (f"   best w4a16 {best['us']:.1f} us {tuple(best['config'].values())}" if best else ""))
 
 
 HEADER = (f"{'shape':<13}{'M':>5}{'bf16':>9}{'w4a16':>9}{'x':>7}{'TB/s':>7}{'fp8 smm':>9}{'x':>7}"
-          f"{'fp8 tq':>9}{'fp8 tri':>9}{'x':>7}{'quant':>8}{'w4 fused':>9}{'w4 dense':>9}"
+          f"{'fp8 tq':>9}{'fp8 tri':>9}{'x':>7}{'quant':>8}{'w4 fused':>9}{'w4 dense':>9}{'tw x':>7}{'twg x':>7}{'rwg x':>7}"
           "   (microseconds; x = bf16 time / this)")
 
 
@@ -189,7 +209,7 @@ def main() -> int:
         del weights
         torch.cuda.empty_cache()
     bad = [r for r in report["results"] if max(r.get("w4a16_error", 0), r.get("fp8_error", 0),
-                                                r.get("fp8_triton_error", 0)) > 2e-2]
+                                                r.get("fp8_triton_error", 0), r.get("fp8_tensorwise_error", 0)) > 2e-2]
     for r in bad:
         print(f"CHECK {r['shape']} M={r['m']}: relative errors w4a16 {r['w4a16_error']:.2e} fp8 {r['fp8_error']:.2e}"
               f" fp8_triton {r.get('fp8_triton_error', 0):.2e}", file=sys.stderr)
