@@ -74,6 +74,7 @@ class StepRecorder:
         self.prefix_cache_queries = 0
         self.prefix_cache_hits = 0
         self.num_preemptions = 0
+        self.kv_offload: dict[str, int] | None = None  # swap and host-tier counters, with either on
 
     def record(self, scheduler_stats: SchedulerStats, iteration_stats: IterationStats) -> None:
         if iteration_stats.num_generation_tokens:
@@ -83,6 +84,10 @@ class StepRecorder:
         self.prefix_cache_queries = scheduler_stats.prefix_cache_queries - self._baseline.prefix_cache_queries
         self.prefix_cache_hits = scheduler_stats.prefix_cache_hits - self._baseline.prefix_cache_hits
         self.num_preemptions = scheduler_stats.num_preemptions - self._baseline.num_preemptions
+        if scheduler_stats.kv_offload is not None:
+            base = self._baseline.kv_offload
+            self.kv_offload = {f.name: getattr(scheduler_stats.kv_offload, f.name) - (getattr(base, f.name) if base else 0)
+                               for f in dataclasses.fields(scheduler_stats.kv_offload)}
 
     @property
     def avg_batch(self) -> float:
@@ -167,6 +172,8 @@ def run_sluice(engine_args: EngineArgs, requests: Sequence[BenchRequest], name: 
              "avg_batch": recorder.avg_batch,
              "prefix_cache_hit_rate": cache_hit_rate, "num_preemptions": recorder.num_preemptions,
              "triton_compiles_during_run": len(compiles.events), "triton_compile_s": compiles.seconds}
+    if recorder.kv_offload is not None:
+        extra["kv_offload"] = recorder.kv_offload  # swapped and recomputed preemptions, bytes each way
     run = EngineRun(ThroughputResult.from_requests(name, requests, elapsed, output_tokens=generated, extra=extra),
                     recorder.avg_batch, dict(recorder.decode_batches), engine.model_config, engine.config.cache.num_blocks,
                     engine.config.cache.block_size, output_lens)

@@ -160,3 +160,19 @@ def test_warmup_runs_the_bitmask_at_every_row_count_the_kernel_specialises_on():
     assert [w.output_len for w in extra] == list(range(1, 17))
     assert all(w.output_len <= r.output_len for w, r in zip(extra, structured))
     assert len(warmup_requests([r for r in requests if r.json_schema is None], 4)) == 4  # none constrained
+
+
+def test_a_run_with_swap_space_reports_how_its_preemptions_were_made(tiny_model, tmp_path):
+    # W3's long decodes at a few blocks of KV: requests are preempted, and --preemption-mode swap swaps each out.
+    argv = ["bench", "throughput", "--model", tiny_model, "--output-json", str(tmp_path / "w3.json"),
+            "--length-scale", "0.05", "--num-kv-blocks", "12", "--num-warmup-prompts", "1", "--no-progress",
+            "--workload", "W3", "--num-prompts", "6", "--swap-space", "0.01", "--preemption-mode", "swap"]
+    assert main(argv) == 0
+    engine = json.loads((tmp_path / "w3.json").read_text())["engine"]
+    offload = engine["kv_offload"]
+    assert engine["num_preemptions"] > 0
+    assert offload["num_swapped_preemptions"] == engine["num_preemptions"]
+    assert offload["num_recomputed_preemptions"] == 0
+    assert offload["swap_out_bytes"] > 0 and offload["swap_in_bytes"] == offload["swap_out_bytes"]
+    plain = _run(tiny_model, tmp_path / "w1.json", "--workload", "W1", "--num-prompts", "2")["engine"]
+    assert "kv_offload" not in plain
