@@ -34,12 +34,15 @@ import itertools
 import logging
 import os
 import threading
+import time
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from collections import OrderedDict
 from typing import TYPE_CHECKING, Any
 
 from sluice.sampling_params import StructuredOutputsParams
-from sluice.structured_output.backends import BACKENDS, Grammar, grammar_vocab_size, resolve_backend, spec_of
+from sluice.structured_output.backends import (
+    BACKENDS, Grammar, fill_rows, grammar_vocab_size, resolve_backend, spec_of,
+)
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -53,24 +56,40 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 
-# Rows per thread below which a step's bitmask is filled on the calling thread: a fill costs about 5-70 us
-# per row (more with a larger vocabulary), a hand-off to the pool about as much as a few rows.
-FILL_ROWS_PER_THREAD = 16
+# The fill work (in seconds) that earns each of a step's fill threads: the grammar libraries' batch fills cost
+# ~0.1 ms (xgrammar) or ~0.03 ms (llguidance) more per step on several threads than on one.
+FILL_SECONDS_PER_THREAD = 5e-4
+
+
+class FillCost:
+    """What a bitmask row has cost to fill, lately (a moving average of the plain steps' fills: wall time x
+    threads / rows), and so how many threads the next step's fill gets: one per FILL_SECONDS_PER_THREAD of
+    expected work, at most ``max_threads``. A JSON row early in its document costs ~2-5 us; one deep in a
+    schema over a 128k vocabulary costs ten times that."""
+    __slots__ = ("max_threads", "seconds_per_row")
+
+    def __init__(self, max_threads: int) -> None:
+        self.max_threads = max_threads
+        self.seconds_per_row = 0.0  # nothing measured yet: the first fill runs on one thread
+
+    def threads_for(self, num_rows: int) -> int:
+        return max(1, min(self.max_threads, int(num_rows * self.seconds_per_row / FILL_SECONDS_PER_THREAD)))
+
+    def record(self, seconds: float, num_rows: int, num_threads: int) -> None:
+        self.seconds_per_row += 0.2 * (seconds * num_threads / num_rows - self.seconds_per_row)
 
 
 class GrammarBitmask:
     """The grammars of one step's constrained requests; the runner asks for the bitmask of those that sample
     (it alone knows which do: a prompt chunk that stops short of the known tokens samples nothing).
     ``vocab_size``: the ids the grammars decide over (the tokenizer's); logits past them are disallowed.
-    ``pool``: ``num_threads`` threads that fill disjoint rows at once (the grammar libraries release the GIL
-    while filling)."""
-    __slots__ = ("grammars", "vocab_size", "pool", "num_threads")
+    ``cost``: the engine's FillCost, which sets the threads of the grammar libraries' batch fill (None: one)."""
+    __slots__ = ("grammars", "vocab_size", "cost")
 
-    def __init__(self, grammars: dict[str, Grammar], vocab_size: int,
-                 pool: "ThreadPoolExecutor | None" = None, num_threads: int = 1) -> None:
+    def __init__(self, grammars: dict[str, Grammar], vocab_size: int, cost: FillCost | None = None) -> None:
         self.grammars = grammars
         self.vocab_size = vocab_size
-        self.pool, self.num_threads = pool, num_threads if pool is not None else 1
+        self.cost = cost
 
     def fill(self, sampling_req_ids: list[str], spec_token_ids: "list[list[int]] | None" = None,
              pin: bool = False) -> "tuple[list[int], torch.Tensor] | None":
@@ -78,8 +97,9 @@ class GrammarBitmask:
         every other row all-allowed); None when no sampling row is constrained. ``pin``: in pinned memory (for
         an asynchronous copy to a CUDA device).
 
-        Without ``spec_token_ids`` request i has row i. With them (speculative decoding's verification) request
-        i has ``len(spec_token_ids[i]) + 1`` rows in order, row j its mask after taking its proposals 0..j-1:
+        Without ``spec_token_ids`` request i has row i, and the rows are filled with one batch call per grammar
+        library (backends.fill_rows). With them (speculative decoding's verification) request i has
+        ``len(spec_token_ids[i]) + 1`` rows in order, row j its mask after taking its proposals 0..j-1:
 
             proposals [x y]   row 0: mask now   row 1: mask after x   row 2: mask after x y   (then rollback(2))
         """
@@ -92,21 +112,21 @@ class GrammarBitmask:
         starts = list(itertools.accumulate(lengths, initial=0))
         bitmask = torch.full((starts[-1], (self.vocab_size + 31) // 32), -1, dtype=torch.int32,
                              pin_memory=pin)  # all allowed (xgrammar's layout: bit j of word w is token 32w + j)
-        work = [(grammars[sampling_req_ids[i]], starts[i], spec_token_ids[i] if spec_token_ids is not None else ())
-                for i in constrained]
-        num_threads = min(self.num_threads, len(work) // FILL_ROWS_PER_THREAD)
-        if num_threads > 1:  # each request's rows (and matcher) belong to one thread
-            for future in [self.pool.submit(_fill_rows, bitmask, work[k::num_threads]) for k in range(num_threads)]:
-                future.result()
-        else:
-            _fill_rows(bitmask, work)
+        if spec_token_ids is None:
+            step_grammars = [grammars[sampling_req_ids[i]] for i in constrained]
+            cost = self.cost
+            if cost is None:
+                fill_rows(bitmask, step_grammars, constrained)
+            else:
+                num_threads = cost.threads_for(len(constrained))
+                start = time.perf_counter()
+                fill_rows(bitmask, step_grammars, constrained, num_threads)
+                cost.record(time.perf_counter() - start, len(constrained), num_threads)
+            return constrained, bitmask
+        for i in constrained:
+            _fill_along(grammars[sampling_req_ids[i]], bitmask, starts[i], spec_token_ids[i])
         rows = [row for i in constrained for row in range(starts[i], starts[i + 1])]
         return rows, bitmask
-
-
-def _fill_rows(bitmask: "torch.Tensor", work: "list[tuple[Grammar, int, list[int] | tuple]]") -> None:
-    for grammar, row, proposals in work:
-        _fill_along(grammar, bitmask, row, proposals)
 
 
 class DeferredGrammar:
@@ -213,9 +233,8 @@ class StructuredOutputManager:
         self.grammar_vocab_size = model_config.vocab_size
         self.max_workers = max_workers or max(1, min(4, (os.cpu_count() or 2) // 2))
         self._executor: ThreadPoolExecutor | None = None
-        # Threads that fill a large step's bitmask together (half the cores, at most 8; 1: the step's thread).
-        self.fill_threads = max(1, min(8, (os.cpu_count() or 2) // 2))
-        self._fill_pool: ThreadPoolExecutor | None = None
+        # The grammar libraries' threads for a large step's bitmask: up to half the cores, at most 8.
+        self.fill_cost = FillCost(max(1, min(8, (os.cpu_count() or 2) // 2)))
         # compiled grammars by spec, least recently used first; a request holds its own future, so evicting
         # one never touches a running request
         self._compiled: OrderedDict[tuple[str, str, str, bool], Future] = OrderedDict()
@@ -279,9 +298,8 @@ class StructuredOutputManager:
             wait(pending, timeout=timeout, return_when=FIRST_COMPLETED)
 
     def shutdown(self) -> None:
-        for pool in (self._executor, self._fill_pool):
-            if pool is not None:
-                pool.shutdown(wait=False, cancel_futures=True)
+        if self._executor is not None:
+            self._executor.shutdown(wait=False, cancel_futures=True)
 
     # ---- each step ----------------------------------------------------------------------------------
 
@@ -306,6 +324,4 @@ class StructuredOutputManager:
                 if (request := requests.get(r)) is not None and not request.is_finished()}
         if not live:
             return None
-        if self._fill_pool is None and self.fill_threads > 1 and len(live) >= 2 * FILL_ROWS_PER_THREAD:
-            self._fill_pool = ThreadPoolExecutor(self.fill_threads, thread_name_prefix="sluice-bitmask")
-        return GrammarBitmask(live, self.grammar_vocab_size, self._fill_pool, self.fill_threads)
+        return GrammarBitmask(live, self.grammar_vocab_size, self.fill_cost)

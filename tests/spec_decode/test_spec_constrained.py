@@ -220,42 +220,50 @@ def test_a_stop_token_ends_the_proposals_and_the_matcher_terminates_on_it(backen
 
 
 @pytest.mark.parametrize("backend", ["xgrammar", "guidance"])
-@pytest.mark.parametrize("speculative", [False, True])
-def test_a_bitmask_filled_by_a_thread_pool_equals_the_one_filled_in_turn(backend, speculative):
-    """Many constrained rows split over threads (each request's rows and matcher on one thread): the same bits,
-    rows and matcher states as one thread filling them all."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    from sluice.structured_output.backends import BACKENDS
-    from sluice.structured_output.manager import FILL_ROWS_PER_THREAD, GrammarBitmask
+@pytest.mark.parametrize("num_threads", [1, 3])
+def test_the_batch_fill_on_any_number_of_threads_equals_the_row_by_row_fill(backend, num_threads, monkeypatch):
+    """A step's rows filled with one batch call of the grammar library, on the threads the FillCost grants: the
+    same bits as each matcher filling its own row, and every other row all-allowed."""
+    from sluice.structured_output import backends
+    from sluice.structured_output.manager import FillCost, GrammarBitmask
     tokenizer, vocab = build_tokenizer(), 384
-    grammar_backend = BACKENDS[backend](tokenizer, vocab)
+    grammar_backend = backends.BACKENDS[backend](tokenizer, vocab)
     compiled = grammar_backend.compile("regex", REPEAT, True)
     ids = tokenizer.encode("ab,ab,", add_special_tokens=False)
-    num = 4 * FILL_ROWS_PER_THREAD
-
-    def matchers():
-        out = {}
-        for i in range(num):
-            out[f"c{i}"] = grammar_backend.matcher(compiled)
+    matchers = {}
+    for i in range(64):
+        if i % 5:
+            matchers[f"c{i}"] = grammar_backend.matcher(compiled)
             for token_id in ids[:i % len(ids)]:  # each at another point of the pattern
-                assert out[f"c{i}"].accept_token(token_id)
-        return out
+                assert matchers[f"c{i}"].accept_token(token_id)
+    req_ids = [f"c{i}" if i % 5 else f"u{i}" for i in range(64)]
+    reference = torch.full((64, (vocab + 31) // 32), -1, dtype=torch.int32)
+    for i, req_id in enumerate(req_ids):
+        if req_id in matchers:
+            matchers[req_id].fill_bitmask(reference, i)
+    library_threads = []
+    for name in ("_xgrammar_batch", "_guidance_executor"):
+        made = getattr(backends, name)
+        monkeypatch.setattr(backends, name, lambda n, made=made: library_threads.append(n) or made(n))
+    cost = FillCost(max_threads=num_threads)
+    cost.seconds_per_row = 1.0  # as if each row were slow: the step gets every thread there is
+    rows, bitmask = GrammarBitmask(matchers, vocab, cost).fill(req_ids)
+    assert rows == [i for i in range(64) if i % 5]
+    assert torch.equal(bitmask, reference)
+    assert (bitmask[rows] != -1).any() and (bitmask[::5] == -1).all()
+    # xgrammar's batch call always (one thread or more); llguidance's parallel fill only on several threads.
+    assert library_threads == ([num_threads] if backend == "xgrammar" or num_threads > 1 else [])
+    assert 0 < cost.seconds_per_row < 1.0  # the measured fill moved the estimate
 
-    req_ids = [f"c{i}" if i % 5 else f"u{i}" for i in range(num)]
-    proposals = [ids[i % 3:i % 3 + 2] for i in range(num)] if speculative else None
-    serial = GrammarBitmask(matchers(), vocab).fill(req_ids, proposals)
-    threaded_matchers = matchers()
-    with ThreadPoolExecutor(4) as pool:
-        submitted, submit = [], pool.submit
-        pool.submit = lambda *args: submitted.append(args) or submit(*args)
-        threaded = GrammarBitmask(threaded_matchers, vocab, pool, num_threads=4).fill(req_ids, proposals)
-    assert len(submitted) == 3  # 51 constrained rows: three threads of at least FILL_ROWS_PER_THREAD each
-    assert threaded[0] == serial[0] and torch.equal(threaded[1], serial[1])
-    assert (threaded[1][serial[0]] != -1).any()  # the constrained rows were filled
-    row, again = torch.full((1, serial[1].shape[1]), -1, dtype=torch.int32), matchers()
-    for req_id, matcher in threaded_matchers.items():  # every matcher rolled back to where it was
-        matcher.fill_bitmask(row, 0)
-        reference = row.clone()
-        again[req_id].fill_bitmask(row, 0)
-        assert torch.equal(row, reference), req_id
+
+def test_a_step_gets_one_fill_thread_per_half_millisecond_of_expected_work():
+    from sluice.structured_output.manager import FILL_SECONDS_PER_THREAD, FillCost
+    cost = FillCost(max_threads=8)
+    assert cost.threads_for(4096) == 1  # nothing measured yet
+    cost.record(seconds=2e-3, num_rows=100, num_threads=1)  # 20 us a row, a fifth of the way there
+    assert cost.seconds_per_row == pytest.approx(4e-6)
+    assert cost.threads_for(256) == int(256 * 4e-6 / FILL_SECONDS_PER_THREAD) == 2
+    for _ in range(100):
+        cost.record(seconds=1e-3, num_rows=200, num_threads=4)  # wall x threads: 20 us of work a row
+    assert cost.seconds_per_row == pytest.approx(2e-5)
+    assert cost.threads_for(10) == 1 and cost.threads_for(110) == 4 and cost.threads_for(10_000) == 8
