@@ -65,6 +65,10 @@ def run(args: argparse.Namespace, engine_args: EngineArgs, compiles: CompileLog,
 
     def schedule():
         out = original()
+        if not out.total_num_scheduled_tokens:  # nothing to run (the queue waits on a grammar, or drains)
+            records.append({"kind": "empty", "tokens": 0, "reqs": 0, "decode_reqs": 0, "prefill_tokens": 0,
+                            "kv_tokens": 0, "bound_ms": 0.0})
+            return out
         work = scheduled_step_work(scheduler.requests, out.num_scheduled_tokens)
         records.append({"kind": work.kind, "tokens": out.total_num_scheduled_tokens,
                         "reqs": len(out.num_scheduled_tokens), "decode_reqs": work.num_decode_tokens, "prefill_tokens": work.num_prefill_tokens,
@@ -125,6 +129,7 @@ def summarize(all_records: list[dict]) -> dict:
     records = [r for r in all_records if not r.get("profiled")]
     summary = {kind: _group([r for r in records if r["kind"] == kind]) for kind in step_kinds()}
     summary["steps_left_out"] = sum(1 for r in all_records if r.get("profiled"))
+    summary["empty_steps"] = sum(1 for r in records if r["kind"] == "empty")
     summary["total_s"] = sum(r.get("wall_ms", 0.0) for r in records) / 1e3
     summary["gpu_s"] = sum(r.get("gpu_ms", 0.0) for r in records) / 1e3
     summary["bound_s"] = sum(r["bound_ms"] for r in records) / 1e3
