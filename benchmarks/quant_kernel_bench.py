@@ -14,9 +14,10 @@ decode steps run), in microseconds:
     fp8_torch_quant the same with the torch activation quant (the path before the Triton kernel)
     fp8_triton      fp8.fp8_linear with SLUICE_FP8_GEMM=triton: the split-K Triton GEMM (M <= 64 only)
     fp8_quant       triton_fp8.quantize_activations alone
-    fp8_tensorwise  the same quant + torch._scaled_mm with unit per-tensor scales (cuBLASLt), the per-token and
-                    per-channel scales multiplied in after; fp8_tensorwise_gemm and fp8_rowwise_gemm: each
-                    _scaled_mm alone on quantized activations (what the scaling mode costs the GEMM)
+    fp8_tensorwise  fp8.fp8_linear with SLUICE_FP8_GEMM=tensorwise: the same quant, torch._scaled_mm with unit
+                    per-tensor scales (cuBLASLt) to float32, then triton_fp8.scale_rows_cols (M <= 128 only);
+                    fp8_tensorwise_gemm and fp8_rowwise_gemm: each _scaled_mm alone on quantized activations
+                    (what the scaling mode costs the GEMM)
 
 ``x_bf16`` columns are bf16 time over that time (higher is better); ``w4a16_tbps`` the weight bytes
 (K * N / 2 + scales and zeros) over the time. ``--sweep`` also times a list of W4A16 tile configs at each
@@ -42,7 +43,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from sluice.bench.cli import git_commit  # noqa: E402
 from sluice.layers.quantization import triton_fp8, triton_w4a16  # noqa: E402
-from sluice.layers.quantization.fp8 import fp8_linear, quantize_fp8_per_row  # noqa: E402
+from sluice.layers.quantization.fp8 import TENSORWISE_MAX_M, fp8_linear, quantize_fp8_per_row  # noqa: E402
 from sluice.layers.quantization.w4a16 import dequantize, quantize_rtn  # noqa: E402
 
 HIDDEN, INTERMEDIATE, Q_HEADS, KV_HEADS, HEAD_DIM = 4096, 14336, 32, 8, 128
@@ -117,12 +118,11 @@ def measure(name: str, n: int, k: int, m: int, w: dict, sweep: bool) -> dict:
         x8, scale_a = triton_fp8.quantize_activations(x)
         one = torch.ones((), device=DEVICE)
         w8t, w_row = w8.t(), w8_scale.view(1, -1)
-
-        def tensorwise():
-            xq, sa = triton_fp8.quantize_activations(x)
-            return torch._scaled_mm(xq, w8t, scale_a=one, scale_b=one, out_dtype=torch.bfloat16) * (sa * w_row)
-        result["fp8_tensorwise_error"] = relative_error(tensorwise(), fp8_reference)
-        result["fp8_tensorwise_us"] = bench_us(tensorwise)
+        if m <= TENSORWISE_MAX_M:
+            result["fp8_tensorwise_error"] = relative_error(
+                fp8_linear(x, w8, w8_scale, None, None, gemm="tensorwise"), fp8_reference)
+            result["fp8_tensorwise_us"] = bench_us(lambda: fp8_linear(x, w8, w8_scale, None, None, gemm="tensorwise",
+                                                                      quant="triton"))
         result["fp8_tensorwise_gemm_us"] = bench_us(
             lambda: torch._scaled_mm(x8, w8t, scale_a=one, scale_b=one, out_dtype=torch.bfloat16))
         result["fp8_rowwise_gemm_us"] = bench_us(

@@ -101,7 +101,7 @@ def test_fp8_linear_paths_agree_on_cuda(m, static):
     reference = fp8_linear(x.cpu().float(), weight.cpu(), weight_scale.cpu(), None if input_scale is None
                            else input_scale.cpu(), None)
     for quant in ("torch", "triton"):
-        for gemm in ("scaled_mm", "triton"):
+        for gemm in ("scaled_mm", "triton", "tensorwise"):
             out = fp8_linear(x, weight, weight_scale, input_scale, None, gemm=gemm, quant=quant).float().cpu()
             torch.testing.assert_close(out, reference, rtol=2e-2, atol=2e-2 * reference.abs().max().item())
 
@@ -127,3 +127,24 @@ def test_gemm_takes_a_per_tensor_scale_expanded_to_the_rows():
     out = triton_fp8.fp8_gemm(x_fp8.to(DEVICE), scale_a.to(DEVICE), weight.to(DEVICE), weight_scale.to(DEVICE),
                               None, torch.float32).cpu()
     torch.testing.assert_close(out, expected, rtol=0, atol=(1e-4 if DEVICE == "cuda" else 1e-5) * expected.abs().max().item())
+
+
+@pytest.mark.parametrize("m,n", [(1, 64), (7, 1500), (130, 96)])
+@pytest.mark.parametrize("dtype", [torch.float16, BF16, torch.float32], ids=["fp16", "bf16", "fp32"])
+@pytest.mark.parametrize("static", [False, True], ids=["per-token", "static"])
+def test_the_tensorwise_epilogue_scales_rows_and_columns_and_adds_the_bias(m, n, dtype, static):
+    """The float32 product of a unit-scale _scaled_mm, times scale_a per row and scale_b per column, plus the
+    bias, rounded once to the output dtype."""
+    gen = torch.Generator().manual_seed(m + n)
+    acc = torch.randn(m, n, generator=gen) * 1e4
+    scale_a = torch.tensor([[0.02]]).expand(m, 1) if static else torch.rand(m, 1, generator=gen) + 0.01
+    scale_b, bias = torch.rand(n, generator=gen) * 1e-3, torch.randn(n, generator=gen).to(dtype)
+    for with_bias in (False, True):
+        expected = acc * scale_a * scale_b.view(1, -1) + (bias.float() if with_bias else 0)
+        out = triton_fp8.scale_rows_cols(acc.to(DEVICE), scale_a.to(DEVICE), scale_b.to(DEVICE),
+                                         bias.to(DEVICE) if with_bias else None, dtype)
+        assert out.dtype == dtype and out.shape == (m, n)
+        torch.testing.assert_close(out.cpu().float(), expected.to(dtype).float(), rtol=0,
+                                   atol=torch.finfo(dtype).eps * expected.abs().max().item())
+    assert triton_fp8.scale_rows_cols(acc[:0].to(DEVICE), scale_a[:0].to(DEVICE), scale_b.to(DEVICE), None,
+                                      dtype).shape == (0, n)

@@ -11,7 +11,9 @@ W8A8 matmuls (the first two) quantize activations per token (dynamic) or with th
 row-wise scales: scale_a [M, 1], scale_b [1, N]. On CUDA it needs compute capability 8.9+ (Ada, Hopper);
 the activations are quantized by one Triton kernel (triton_fp8.py; the torch ops here are the CPU
 reference and give the same float8 values), and ``SLUICE_FP8_GEMM=triton`` swaps ``_scaled_mm`` for a
-split-K Triton GEMM at small M (decode). Block-wise weights are dequantized rather than requantized
+split-K Triton GEMM at small M (decode); ``SLUICE_FP8_GEMM=tensorwise`` runs ``_scaled_mm`` with unit per-tensor
+scales (cuBLASLt) and one Triton pass applying the row and column scales, up to ``SLUICE_FP8_TENSORWISE_MAX_M``
+rows. Block-wise weights are dequantized rather than requantized
 per channel because the latter would round them a second time: the dense weight equals the
 checkpoint's dequantized weight exactly (in float32; rounded once to 16-bit dtypes).
 """
@@ -36,12 +38,14 @@ if TYPE_CHECKING:
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8).max
-FP8_GEMM = os.environ.get("SLUICE_FP8_GEMM", "scaled_mm")  # scaled_mm | triton (small M; see fp8_linear)
+FP8_GEMM = os.environ.get("SLUICE_FP8_GEMM", "scaled_mm")  # scaled_mm | triton | tensorwise (small M; fp8_linear)
 FP8_QUANT = os.environ.get("SLUICE_FP8_QUANT", "triton")  # triton | torch: CUDA activation quantization
 TRITON_GEMM_MAX_M = int(os.environ.get("SLUICE_FP8_TRITON_MAX_M", "64"))
-if FP8_GEMM not in ("scaled_mm", "triton") or FP8_QUANT not in ("triton", "torch"):
-    raise ValueError(f"SLUICE_FP8_GEMM must be scaled_mm or triton (got {FP8_GEMM!r}), SLUICE_FP8_QUANT triton "
-                     f"or torch (got {FP8_QUANT!r})")
+TENSORWISE_MAX_M = int(os.environ.get("SLUICE_FP8_TENSORWISE_MAX_M", "128"))
+if FP8_GEMM not in ("scaled_mm", "triton", "tensorwise") or FP8_QUANT not in ("triton", "torch"):
+    raise ValueError(f"SLUICE_FP8_GEMM must be scaled_mm, triton or tensorwise (got {FP8_GEMM!r}), "
+                     f"SLUICE_FP8_QUANT triton or torch (got {FP8_QUANT!r})")
+_UNIT_SCALES: dict[torch.device, torch.Tensor] = {}  # the tensorwise GEMM's scale_a and scale_b, per device
 
 
 def check_fp8_device(device: torch.device) -> None:
@@ -81,6 +85,16 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor
         x_fp8, scale_a = quantize_fp8_static(x2, input_scale), input_scale.float().reshape(1, 1).expand(x2.shape[0], 1)
     if x.is_cuda and triton_fp8 is not None and (gemm or FP8_GEMM) == "triton" and x2.shape[0] <= TRITON_GEMM_MAX_M:
         out = triton_fp8.fp8_gemm(x_fp8, scale_a, weight, weight_scale, bias, out_dtype)
+        return out.reshape(*shape[:-1], weight.shape[0])
+    if x.is_cuda and triton_fp8 is not None and (gemm or FP8_GEMM) == "tensorwise" \
+            and x2.shape[0] <= TENSORWISE_MAX_M:
+        # cuBLASLt's per-tensor kernel with unit scales, its float32 product scaled per row and column after
+        # (row-wise scales make torch take a CUTLASS kernel that is 2-3x slower at decode sizes on the H100).
+        one = _UNIT_SCALES.get(x.device)
+        if one is None:
+            one = _UNIT_SCALES[x.device] = torch.ones((), dtype=torch.float32, device=x.device)
+        acc = torch._scaled_mm(x_fp8, weight.t(), scale_a=one, scale_b=one, out_dtype=torch.float32)
+        out = triton_fp8.scale_rows_cols(acc, scale_a, weight_scale, bias, out_dtype)
         return out.reshape(*shape[:-1], weight.shape[0])
     if x.is_cuda:  # CUDA's row-wise scaled matmul produces bfloat16 only
         out = torch._scaled_mm(x_fp8, weight.t(), scale_a=scale_a.contiguous(), scale_b=weight_scale.view(1, -1),

@@ -141,3 +141,35 @@ def fp8_gemm(x_fp8: torch.Tensor, scale_a: torch.Tensor, weight: torch.Tensor, w
 def reserve_decode_workspace(device: torch.device, out_features: int, max_rows: int) -> None:
     """At load: the split-K workspace for this layer's calls of up to ``max_rows`` rows."""
     triton_splitk.reserve(device, max_rows * out_features, triton_splitk.num_tiles(max_rows, out_features, 16, 64))
+
+
+@triton.jit(do_not_specialize=["M"])
+def _scale_rows_cols_kernel(acc_ptr, scale_a_ptr, scale_b_ptr, bias_ptr, out_ptr, M, N, stride_am, stride_om,
+                            HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask = cols < N
+    acc = tl.load(acc_ptr + row * stride_am + cols, mask=mask, other=0.0).to(tl.float32)
+    out = acc * tl.load(scale_a_ptr + row) * tl.load(scale_b_ptr + cols, mask=mask, other=0.0)
+    if HAS_BIAS:
+        out += tl.load(bias_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + row * stride_om + cols, out.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def scale_rows_cols(acc: torch.Tensor, scale_a: torch.Tensor, scale_b: torch.Tensor, bias: torch.Tensor | None,
+                    out_dtype: torch.dtype) -> torch.Tensor:
+    """acc [M, N] (an unscaled float8 product) * scale_a [M, 1] * scale_b [N] (+ bias) -> ``out_dtype``, in one
+    pass: the epilogue of a per-tensor ``_scaled_mm`` run with unit scales (fp8.py's ``tensorwise`` GEMM), which
+    cuBLASLt serves at small M two to three times faster than the row-wise kernel."""
+    m, n = acc.shape
+    out = torch.empty(m, n, dtype=out_dtype, device=acc.device)
+    if m == 0:
+        return out
+    scale_a = scale_a.reshape(m)
+    if scale_a.stride(0) != 1:  # a static (per-tensor) scale expanded to [M, 1]
+        scale_a = scale_a.contiguous()
+    block_n = min(triton.next_power_of_2(n), 1024)
+    _scale_rows_cols_kernel[(m, triton.cdiv(n, block_n))](acc, scale_a, scale_b, scale_b if bias is None else bias,
+                                                          out, m, n, acc.stride(0), out.stride(0),
+                                                          HAS_BIAS=bias is not None, BLOCK_N=block_n, num_warps=4)
+    return out
