@@ -21,6 +21,9 @@ PACKAGES=(
 # The grammar library of structured outputs (W7), fetched without its dependencies: they are torch, triton,
 # transformers and numpy, which the device has, and pydantic and typing_extensions, which come with PACKAGES.
 GRAMMAR_PACKAGES=(xgrammar==0.2.9 apache-tvm-ffi==0.1.15.post2)
+# What the GPU tests import beyond that: compressed-tensors checkpoints (tests/gpu/test_quantized_linear_cuda.py
+# skips its ct_ formats without it), with its two dependencies the device lacks.
+TEST_PACKAGES=(compressed-tensors==0.20.1 loguru==0.7.3 psutil==7.2.2)
 PLATFORMS=(--platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux_2_24_x86_64
            --platform manylinux_2_27_x86_64 --platform manylinux_2_28_x86_64)
 
@@ -28,7 +31,7 @@ mkdir -p "$DEST"
 pip download --quiet --disable-pip-version-check --only-binary=:all: --python-version "$PYTHON_VERSION" \
   "${PLATFORMS[@]}" -d "$DEST" "${PACKAGES[@]}"
 pip download --quiet --disable-pip-version-check --only-binary=:all: --no-deps --python-version "$PYTHON_VERSION" \
-  --implementation cp "${PLATFORMS[@]}" -d "$DEST" "${GRAMMAR_PACKAGES[@]}"
+  --implementation cp "${PLATFORMS[@]}" -d "$DEST" "${GRAMMAR_PACKAGES[@]}" "${TEST_PACKAGES[@]}"
 
 # The offline install the device will do, resolved here into a scratch folder.
 check_dir=$(mktemp -d)
