@@ -267,3 +267,33 @@ def test_a_step_gets_one_fill_thread_per_half_millisecond_of_expected_work():
         cost.record(seconds=1e-3, num_rows=200, num_threads=4)  # wall x threads: 20 us of work a row
     assert cost.seconds_per_row == pytest.approx(2e-5)
     assert cost.threads_for(10) == 1 and cost.threads_for(110) == 4 and cost.threads_for(10_000) == 8
+
+
+def test_a_step_mixing_grammar_libraries_fills_each_row_with_its_own():
+    """Requests of one step may use either library (auto falls back per request) or another Grammar: each
+    library's rows go to its own batch call, the others row by row."""
+    from sluice.structured_output import backends
+    from sluice.structured_output.manager import FillCost, GrammarBitmask
+    tokenizer, vocab = build_tokenizer(), 384
+
+    class OnlyEven:
+        def fill_bitmask(self, bitmask, row):
+            bitmask[row] = 0x55555555
+
+    grammars = {}
+    for name in ("xgrammar", "guidance"):
+        grammar_backend = backends.BACKENDS[name](tokenizer, vocab)
+        compiled = grammar_backend.compile("regex", REPEAT, True)
+        for i in range(3):
+            grammars[f"{name}{i}"] = grammar_backend.matcher(compiled)
+    grammars["even"] = OnlyEven()
+    req_ids = ["xgrammar0", "guidance0", "u", "even", "xgrammar1", "guidance1", "guidance2", "xgrammar2"]
+    reference = torch.full((len(req_ids), (vocab + 31) // 32), -1, dtype=torch.int32)
+    for i, req_id in enumerate(req_ids):
+        if req_id in grammars:
+            grammars[req_id].fill_bitmask(reference, i)
+    cost = FillCost(max_threads=2)
+    cost.seconds_per_row = 1.0
+    rows, bitmask = GrammarBitmask(grammars, vocab, cost).fill(req_ids)
+    assert rows == [0, 1, 3, 4, 5, 6, 7]
+    assert torch.equal(bitmask, reference) and (bitmask[3] == 0x55555555).all() and (bitmask[2] == -1).all()

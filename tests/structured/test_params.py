@@ -59,6 +59,25 @@ def test_auto_takes_xgrammar_when_it_accepts_the_spec():
     assert resolve_backend(StructuredOutputsParams(grammar='start: "a"'), "guidance") == "guidance"
 
 
+def test_a_constraint_checked_once_is_not_parsed_again_and_a_bad_one_fails_every_time(monkeypatch):
+    from sluice.structured_output import backends
+    parsed = []
+    check = backends.XgrammarBackend.check_syntax
+    monkeypatch.setattr(backends.XgrammarBackend, "check_syntax",
+                        staticmethod(lambda *args: parsed.append(args) or check(*args)))
+    backends._checked_backend.cache_clear()
+    schema = {"type": "object", "properties": {"cached": {"type": "integer"}}}
+    for _ in range(3):  # the same schema, as another dict each time
+        assert resolve_backend(StructuredOutputsParams(json=dict(schema)), "xgrammar") == "xgrammar"
+    assert len(parsed) == 1
+    assert resolve_backend(StructuredOutputsParams(json=schema, disable_any_whitespace=True), "xgrammar") == "xgrammar"
+    assert len(parsed) == 2  # another grammar: whitespace is part of the key
+    for _ in range(2):
+        with pytest.raises(ValueError, match="invalid regex"):
+            resolve_backend(StructuredOutputsParams(regex="(abc"), "xgrammar")
+    assert len(parsed) == 4
+
+
 def test_w7_constrains_every_w1_request_and_fractions_keep_the_lengths():
     w1 = generate_workload("W1", 1000, num_prompts=50)
     w7 = generate_workload("W7", 1000, num_prompts=50)
