@@ -13,7 +13,9 @@ Each step also gets its GPU time, from CUDA events recorded on the stream after 
 attribution, unlike the wall time, which with async scheduling can absorb a neighbour's GPU time),
 and its step-level lower bound (``sluice/bench/schedule_bound.py``'s serial model, from the tokens
 and contexts the scheduler actually put in it), so each kind of step shows how close it runs to
-its bound. ``--profile-steps 0:13 900:910`` adds torch.profiler's top kernels for those step ranges.
+its bound. ``--profile-steps 0:13 900:910`` adds torch.profiler's top kernels for those step ranges, and each
+range's kernel time against its wall time per step (``idle_fraction``: the GPU's idle share, at most; W7 with
+``--structured-fraction 1`` gives it for constrained decoding). Steps with nothing scheduled are "empty".
 
 It also logs Python's garbage collections by step (``gc_during_run``): LLM.generate steps with the
 start-up heap frozen (``sluice/engine/gc_heap.py``); ``--no-freeze`` shows what a full collection of
@@ -108,8 +110,15 @@ def run(args: argparse.Namespace, engine_args: EngineArgs, compiles: CompileLog,
             if profiler is not None and len(records) >= window[1]:
                 torch.cuda.synchronize()
                 profiler.__exit__(None, None, None)
-                _, table = device_kernel_times(profiler, window[1] - window[0])
-                kernels.append({"steps": list(window), "top_kernels": table})
+                n = window[1] - window[0]
+                busy_ms, table = device_kernel_times(profiler, n)
+                wall_ms = sum(r.get("wall_ms", 0.0) for r in records[window[0]:window[1]]) / n
+                # GPU idle per step: the share of a step's wall time with no kernel or copy on the device (the
+                # profiler's own host overhead counts as idle, so this is an upper bound)
+                kernels.append({"steps": list(window), "busy_ms_per_step": busy_ms, "wall_ms_per_step": wall_ms,
+                                "idle_fraction": max(0.0, 1.0 - busy_ms / wall_ms) if wall_ms else None,
+                                "reqs_per_step": sum(r["reqs"] for r in records[window[0]:window[1]]) / n,
+                                "top_kernels": table})
                 profiler = None
                 profiled.update(range(window[0], window[1] + 1))  # + the step launched after the drain
     if use_cuda:
@@ -176,6 +185,10 @@ def main() -> int:
                    "summary": summary, "compiles": compiles.events, "kernels": kernels, "gc": gc_log.events, "steps": records}, f)
     for name, group in summary.items():
         print(name, group)
+    for window in kernels:
+        print(f"steps {window['steps'][0]}-{window['steps'][1]}: {window['reqs_per_step']:.0f} requests a step, "
+              f"kernels {window['busy_ms_per_step']:.2f} ms of {window['wall_ms_per_step']:.2f} ms a step "
+              f"(idle at most {window['idle_fraction']:.1%})")
     for event in during_run:
         print(f"compile at step {event['step']}: {event['kernel']} {event['seconds']:.2f} s")
     for event in gc_log.events:
