@@ -212,7 +212,8 @@ def main() -> int:
                                                 r.get("fp8_triton_error", 0), r.get("fp8_tensorwise_error", 0)) > 2e-2]
     for r in bad:
         print(f"CHECK {r['shape']} M={r['m']}: relative errors w4a16 {r['w4a16_error']:.2e} fp8 {r['fp8_error']:.2e}"
-              f" fp8_triton {r.get('fp8_triton_error', 0):.2e}", file=sys.stderr)
+              f" fp8_triton {r.get('fp8_triton_error', 0):.2e} fp8_tensorwise {r.get('fp8_tensorwise_error', 0):.2e}",
+              file=sys.stderr)
     print(f"wrote {out}")
     return 0
 

@@ -110,14 +110,14 @@ def run(args: argparse.Namespace, engine_args: EngineArgs, compiles: CompileLog,
             if profiler is not None and len(records) >= window[1]:
                 torch.cuda.synchronize()
                 profiler.__exit__(None, None, None)
-                n = window[1] - window[0]
+                n, in_window = window[1] - window[0], records[window[0]:window[1]]
                 busy_ms, table = device_kernel_times(profiler, n)
-                wall_ms = sum(r.get("wall_ms", 0.0) for r in records[window[0]:window[1]]) / n
+                wall_ms = sum(r.get("wall_ms", 0.0) for r in in_window) / n
                 # GPU idle per step: the share of a step's wall time with no kernel or copy on the device (the
                 # profiler's own host overhead counts as idle, so this is an upper bound)
                 kernels.append({"steps": list(window), "busy_ms_per_step": busy_ms, "wall_ms_per_step": wall_ms,
                                 "idle_fraction": max(0.0, 1.0 - busy_ms / wall_ms) if wall_ms else None,
-                                "reqs_per_step": sum(r["reqs"] for r in records[window[0]:window[1]]) / n,
+                                "reqs_per_step": sum(r["reqs"] for r in in_window) / n,
                                 "top_kernels": table})
                 profiler = None
                 profiled.update(range(window[0], window[1] + 1))  # + the step launched after the drain

@@ -164,7 +164,7 @@ class XgrammarGrammar:
         _xgrammar_batch(num_threads).batch_fill_next_token_bitmask([g._matcher for g in grammars], bitmask, rows)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _xgrammar_batch(num_threads: int) -> Any:
     import xgrammar as xgr
     return xgr.BatchGrammarMatcher(max_threads=num_threads)
@@ -275,7 +275,7 @@ class GuidanceGrammar:
                                                      [(g._matcher, row) for g, row in zip(grammars, rows)], bitmask)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _guidance_executor(num_threads: int) -> Any:
     import llguidance
     return llguidance.LLExecutor(num_threads)

@@ -83,13 +83,14 @@ class GrammarBitmask:
     """The grammars of one step's constrained requests; the runner asks for the bitmask of those that sample
     (it alone knows which do: a prompt chunk that stops short of the known tokens samples nothing).
     ``vocab_size``: the ids the grammars decide over (the tokenizer's); logits past them are disallowed.
-    ``cost``: the engine's FillCost, which sets the threads of the grammar libraries' batch fill (None: one)."""
+    ``cost``: the engine's FillCost, which sets the threads of the grammar libraries' batch fill (default: one
+    thread)."""
     __slots__ = ("grammars", "vocab_size", "cost")
 
     def __init__(self, grammars: dict[str, Grammar], vocab_size: int, cost: FillCost | None = None) -> None:
         self.grammars = grammars
         self.vocab_size = vocab_size
-        self.cost = cost
+        self.cost = cost if cost is not None else FillCost(max_threads=1)
 
     def fill(self, sampling_req_ids: list[str], spec_token_ids: "list[list[int]] | None" = None,
              pin: bool = False) -> "tuple[list[int], torch.Tensor] | None":
@@ -113,15 +114,10 @@ class GrammarBitmask:
         bitmask = torch.full((starts[-1], (self.vocab_size + 31) // 32), -1, dtype=torch.int32,
                              pin_memory=pin)  # all allowed (xgrammar's layout: bit j of word w is token 32w + j)
         if spec_token_ids is None:
-            step_grammars = [grammars[sampling_req_ids[i]] for i in constrained]
-            cost = self.cost
-            if cost is None:
-                fill_rows(bitmask, step_grammars, constrained)
-            else:
-                num_threads = cost.threads_for(len(constrained))
-                start = time.perf_counter()
-                fill_rows(bitmask, step_grammars, constrained, num_threads)
-                cost.record(time.perf_counter() - start, len(constrained), num_threads)
+            num_threads = self.cost.threads_for(len(constrained))
+            start = time.perf_counter()
+            fill_rows(bitmask, [grammars[sampling_req_ids[i]] for i in constrained], constrained, num_threads)
+            self.cost.record(time.perf_counter() - start, len(constrained), num_threads)
             return constrained, bitmask
         for i in constrained:
             _fill_along(grammars[sampling_req_ids[i]], bitmask, starts[i], spec_token_ids[i])

@@ -72,24 +72,26 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor
 
     On CUDA ``quant`` (default $SLUICE_FP8_QUANT, else triton) picks how activations are quantized and
     ``gemm`` (default $SLUICE_FP8_GEMM, else scaled_mm) the matmul: ``triton`` runs triton_fp8's split-K
-    GEMM for up to TRITON_GEMM_MAX_M rows and ``_scaled_mm`` above."""
+    GEMM for up to TRITON_GEMM_MAX_M rows, ``tensorwise`` a per-tensor ``_scaled_mm`` and triton_fp8's scale
+    epilogue for up to TENSORWISE_MAX_M rows, and ``_scaled_mm`` with row-wise scales above either."""
     shape, out_dtype = x.shape, x.dtype
     x2 = x.reshape(-1, shape[-1])
     if x2.shape[0] == 0:
         return x.new_empty(*shape[:-1], weight.shape[0])
-    if x.is_cuda and triton_fp8 is not None and (quant or FP8_QUANT) == "triton":
+    kernels = x.is_cuda and triton_fp8 is not None
+    if kernels and (quant or FP8_QUANT) == "triton":
         x_fp8, scale_a = triton_fp8.quantize_activations(x2, input_scale)
     elif input_scale is None:
         x_fp8, scale_a = quantize_fp8_per_row(x2)
     else:
         x_fp8, scale_a = quantize_fp8_static(x2, input_scale), input_scale.float().reshape(1, 1).expand(x2.shape[0], 1)
-    if x.is_cuda and triton_fp8 is not None and (gemm or FP8_GEMM) == "triton" and x2.shape[0] <= TRITON_GEMM_MAX_M:
+    gemm = (gemm or FP8_GEMM) if kernels else None
+    if gemm == "triton" and x2.shape[0] <= TRITON_GEMM_MAX_M:
         out = triton_fp8.fp8_gemm(x_fp8, scale_a, weight, weight_scale, bias, out_dtype)
         return out.reshape(*shape[:-1], weight.shape[0])
-    if x.is_cuda and triton_fp8 is not None and (gemm or FP8_GEMM) == "tensorwise" \
-            and x2.shape[0] <= TENSORWISE_MAX_M:
+    if gemm == "tensorwise" and x2.shape[0] <= TENSORWISE_MAX_M:
         # cuBLASLt's per-tensor kernel with unit scales, its float32 product scaled per row and column after
-        # (row-wise scales make torch take a CUTLASS kernel that is 2-3x slower at decode sizes on the H100).
+        # (row-wise scales make torch take a CUTLASS kernel, 1.05-2.7x slower at M <= 64 on the H100).
         one = _UNIT_SCALES.get(x.device)
         if one is None:
             one = _UNIT_SCALES[x.device] = torch.ones((), dtype=torch.float32, device=x.device)

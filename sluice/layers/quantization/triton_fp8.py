@@ -160,14 +160,12 @@ def scale_rows_cols(acc: torch.Tensor, scale_a: torch.Tensor, scale_b: torch.Ten
                     out_dtype: torch.dtype) -> torch.Tensor:
     """acc [M, N] (an unscaled float8 product) * scale_a [M, 1] * scale_b [N] (+ bias) -> ``out_dtype``, in one
     pass: the epilogue of a per-tensor ``_scaled_mm`` run with unit scales (fp8.py's ``tensorwise`` GEMM), which
-    cuBLASLt serves at small M two to three times faster than the row-wise kernel."""
+    cuBLASLt serves at M <= 64 1.05-2.7x faster than torch's row-wise kernel (H100, L8's projections)."""
     m, n = acc.shape
     out = torch.empty(m, n, dtype=out_dtype, device=acc.device)
     if m == 0:
         return out
-    scale_a = scale_a.reshape(m)
-    if scale_a.stride(0) != 1:  # a static (per-tensor) scale expanded to [M, 1]
-        scale_a = scale_a.contiguous()
+    scale_a = scale_a.reshape(m).contiguous()  # a static (per-tensor) scale arrives expanded to [M, 1] (stride 0)
     block_n = min(triton.next_power_of_2(n), 1024)
     _scale_rows_cols_kernel[(m, triton.cdiv(n, block_n))](acc, scale_a, scale_b, scale_b if bias is None else bias,
                                                           out, m, n, acc.stride(0), out.stride(0),
