@@ -8,8 +8,10 @@ of decoding W7 on dummy weights (each row takes the best allowed token of random
 Cold: a fresh StructuredOutputManager per schema after the tokenizer and backend are built (their one-off cost is
 reported apart). Cached: the same spec again (a dict hit returning the finished future). Fill: ``--rows`` matchers,
 one per row, spread over the six schemas, each a few tokens into its JSON, filled as the engine core fills a step.
-Decode: ``--decode-steps`` steps of all rows, a finished row starting over on its schema; per step, the fill and
-the matchers' accepts, single-threaded (the engine spreads the fill over threads; the accepts run in turn).
+Fill ways (``--fill-threads``): the same rows filled from Python row by row on one thread and on several Python
+threads, and by the grammar library's batch call on one thread and on several. Decode: ``--decode-steps`` steps of
+all rows, a finished row starting over on its schema; per step, the fill (the library's batch call on one thread;
+the engine adds threads as the measured cost earns them) and the matchers' accepts, in turn as the engine runs them.
 
 ``--tokenizer small`` takes the benchmarks' 320-token tokenizer (model_dir.py's; W7 on the device runs with it) and
 ``--vocab-size`` the model's vocabulary: the grammars decide over the tokenizer's ids only, whatever the model pads.
@@ -44,6 +46,8 @@ def main() -> None:
                         help="the default model's tokenizer, or the benchmarks' 320-token one")
     parser.add_argument("--vocab-size", type=int, default=49152, help="the model's vocabulary (logits width)")
     parser.add_argument("--decode-steps", type=int, default=60)
+    parser.add_argument("--fill-threads", type=int, default=2,
+                        help="threads for the fill comparison: Python threads vs the grammar library's batch call")
     parser.add_argument("--grammar-vocab-size", type=int, default=None,
                         help="the grammars' width (default: the tokenizer's ids, as the engine takes them)")
     args = parser.parse_args()
@@ -101,6 +105,7 @@ def main() -> None:
     print(f"bitmask fill, {args.rows} rows: median {statistics.median(times) * 1e3:.2f} ms "
           f"(min {min(times) * 1e3:.2f}); apply to [{args.rows}, {model_config.vocab_size}] CPU logits: "
           f"median {statistics.median(apply_times) * 1e3:.2f} ms")
+    compare_fills(step, req_ids, args.fill_threads, args.repeats)
     fill_ms, accept_ms = decode(compiled, step, req_ids, logits, args.decode_steps)
     print(f"decode, {args.rows} rows, {args.decode_steps} steps: fill {fill_ms:.2f} ms and accept {accept_ms:.2f} ms "
           f"per step ({fill_ms / args.rows * 1e3:.1f} and {accept_ms / args.rows * 1e3:.1f} us per row)")
@@ -108,6 +113,40 @@ def main() -> None:
     print(json.dumps({"backend": args.backend, "rows": args.rows, "tokenizer": args.tokenizer,
                       "vocab_size": args.vocab_size, "grammar_vocab_size": manager.grammar_vocab_size,
                       "decode_fill_ms_per_step": fill_ms, "decode_accept_ms_per_step": accept_ms}))
+
+
+def compare_fills(step, req_ids: list[str], num_threads: int, repeats: int) -> None:
+    """One step's rows filled four ways (medians): row by row from Python on one thread and split over
+    ``num_threads`` Python threads (the engine before its batch fill), and the library's batch call
+    (backends.fill_rows, what the engine runs) on one thread and on ``num_threads``."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import torch
+    from sluice.structured_output.backends import fill_rows
+    grammars = [step.grammars[r] for r in req_ids]
+    rows = list(range(len(grammars)))
+    bitmask = torch.full((len(rows), (step.vocab_size + 31) // 32), -1, dtype=torch.int32)
+
+    def python_rows(part: range) -> None:
+        for row in part:
+            grammars[row].fill_bitmask(bitmask, row)
+
+    with ThreadPoolExecutor(num_threads) as pool:
+        ways = {
+            "Python loop, 1 thread": lambda: python_rows(range(len(rows))),
+            f"Python loop, {num_threads} Python threads": lambda: [
+                f.result() for f in [pool.submit(python_rows, range(k, len(rows), num_threads))
+                                     for k in range(num_threads)]],
+            "library batch call, 1 thread": lambda: fill_rows(bitmask, grammars, rows, 1),
+            f"library batch call, {num_threads} threads": lambda: fill_rows(bitmask, grammars, rows, num_threads),
+        }
+        for name, fill in ways.items():
+            times = []
+            for _ in range(repeats):
+                start = time.perf_counter()
+                fill()
+                times.append(time.perf_counter() - start)
+            print(f"fill {len(rows)} rows, {name}: median {statistics.median(times) * 1e3:.3f} ms")
 
 
 def decode(compiled: list, step, req_ids: list[str], logits, num_steps: int) -> tuple[float, float]:
