@@ -64,8 +64,9 @@ FILL_SECONDS_PER_THREAD = 5e-4
 class FillCost:
     """What a bitmask row has cost to fill, lately (a moving average of the plain steps' fills: wall time x
     threads / rows), and so how many threads the next step's fill gets: one per FILL_SECONDS_PER_THREAD of
-    expected work, at most ``max_threads``. A JSON row early in its document costs ~2-5 us; one deep in a
-    schema over a 128k vocabulary costs ten times that."""
+    expected work, at most ``max_threads``. A row early in a JSON document cost 0.4-1.3 us with xgrammar's batch
+    call and 4-15 us with llguidance's fill (benchmarks/results/2026-12-07_CPU_structured_fill_878bb3e.md); one
+    deep in a schema over a 128k vocabulary costs many times that."""
     __slots__ = ("max_threads", "seconds_per_row")
 
     def __init__(self, max_threads: int) -> None:
